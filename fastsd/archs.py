@@ -1,0 +1,147 @@
+"""Architecture configs fastsd carries itself, so nothing is downloaded.
+
+SD 1.x and 2.x are the published diffusers configs of those checkpoints (the numbers
+that define the networks); `tiny` is the same architecture at a width that runs in
+milliseconds on a CPU. Each entry is a plain dict per component, in diffusers' format.
+"""
+
+from __future__ import annotations
+
+import copy
+
+_SCHEDULER_SD = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+_UNET_SD15 = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "use_linear_projection": False,
+}
+
+_VAE_SD = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+_TEXT_SD15 = {  # CLIP ViT-L/14 text tower
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+
+_TEXT_SD21 = {  # OpenCLIP ViT-H/14 text tower, penultimate layer (23 of 24)
+    "vocab_size": 49408,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 512,
+}
+
+
+def _sd15() -> dict:
+    return {
+        "unet": _UNET_SD15,
+        "vae": _VAE_SD,
+        "text_encoder": _TEXT_SD15,
+        "scheduler": _SCHEDULER_SD,
+        "pad_token": "<|endoftext|>",
+    }
+
+
+def _sd21() -> dict:
+    unet = dict(_UNET_SD15, sample_size=96, cross_attention_dim=1024, use_linear_projection=True)
+    unet["attention_head_dim"] = [5, 10, 20, 20]
+    return {
+        "unet": unet,
+        "vae": _VAE_SD,
+        "text_encoder": _TEXT_SD21,
+        "scheduler": dict(_SCHEDULER_SD, prediction_type="v_prediction"),
+        "pad_token": "!",
+    }
+
+
+def _tiny() -> dict:
+    """SD 1.x layout at width 32/64: a latent factor of 2 and VAE scale 0.5 on purpose,
+    so nothing can silently assume SD's 8 and 0.18215."""
+    return {
+        "unet": {
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "block_out_channels": [32, 64],
+            "layers_per_block": 1,
+            "cross_attention_dim": 64,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+            "use_linear_projection": False,
+        },
+        "vae": {
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": 4,
+            "down_block_types": ["DownEncoderBlock2D"] * 2,
+            "up_block_types": ["UpDecoderBlock2D"] * 2,
+            "block_out_channels": [32, 64],
+            "layers_per_block": 1,
+            "norm_num_groups": 32,
+            "sample_size": 32,
+            "scaling_factor": 0.5,
+        },
+        "text_encoder": {
+            "vocab_size": 1000,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 1,  # hidden // 64, the rule SD 1.x and 2.x follow
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu",
+            "projection_dim": 64,
+        },
+        "scheduler": _SCHEDULER_SD,
+        "pad_token": "<|endoftext|>",
+    }
+
+
+ARCHS = {"tiny": _tiny, "sd15": _sd15, "sd21": _sd21}
+
+
+def arch(name: str) -> dict:
+    """A deep copy of the named architecture's component configs."""
+    return copy.deepcopy(ARCHS[name]())

@@ -1,0 +1,37 @@
+"""Eager PyTorch backend: the reference, and the fallback for any missing engine.
+
+On CUDA: fp16/bf16 weights, channels-last UNet and VAE, PyTorch SDPA attention
+(diffusers' default attention processor), all under inference_mode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..networks import NETWORKS, wrap
+
+
+class EagerBackend:
+    def __init__(self, ckpt, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.modules = {k: m.to(device=device, dtype=dtype).eval() for k, m in wrap(ckpt).items()}
+        if device.type == "cuda":
+            for k in ("unet", "vae_encoder", "vae_decoder"):
+                self.modules[k].to(memory_format=torch.channels_last)
+        self.backends = {k: "eager" for k in NETWORKS}
+
+    def _run(self, name: str, *args: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.modules[name](*args).float()
+
+    def text_encoder(self, input_ids):
+        return self._run("text_encoder", input_ids.to(self.device))
+
+    def unet(self, sample, timestep, encoder_hidden_states):
+        return self._run("unet", sample.to(self.dtype), timestep.float(), encoder_hidden_states.to(self.dtype))
+
+    def vae_encoder(self, images):
+        return self._run("vae_encoder", images.to(self.dtype))
+
+    def vae_decoder(self, latent):
+        return self._run("vae_decoder", latent.to(self.dtype))

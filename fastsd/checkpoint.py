@@ -1,0 +1,229 @@
+"""Find, validate, fingerprint and load a checkpoint into its four networks.
+
+Accepts a diffusers folder (model_index.json), a single SD 1.x/2.x `.safetensors`
+file (original layout, see `single_file.py`), a hub id resolved through the local hub
+cache, or `synthetic:NAME`. Everything the runtime needs to know about the model is read
+from the checkpoint's own configs into a frozen `ModelInfo`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, ModelNotFoundError, PickleRefusedError
+from .synthetic import SYNTHETIC_PREFIX, cache_dir, synthetic_path
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+WEIGHT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the runtime reads from a checkpoint's configs (never hard-coded)."""
+
+    vae_scale: float  # vae.config.scaling_factor: latents = scale * (z - shift)
+    vae_shift: float  # vae.config.shift_factor (0 for SD 1.x/2.x)
+    vae_factor: int  # image pixels per latent pixel: 2 ** (len(vae block_out_channels) - 1)
+    latent_channels: int  # vae.config.latent_channels
+    unet_in_channels: int  # 4, or 9 for inpainting UNets
+    sample_size: int  # unet.config.sample_size (latent pixels)
+    cross_attention_dim: int
+    max_tokens: int  # tokenizer.model_max_length (77)
+    scheduler: dict  # the raw scheduler config
+    fingerprint: str  # content hash of every weight and config file
+    source: str  # what the user passed
+
+    @property
+    def default_size(self) -> int:
+        return self.sample_size * self.vae_factor
+
+
+@dataclass
+class Checkpoint:
+    info: ModelInfo
+    tokenizer: Any
+    text_encoder: Any  # transformers CLIPTextModel
+    unet: Any  # diffusers UNet2DConditionModel
+    vae: Any  # diffusers AutoencoderKL
+
+
+# ---- resolving ----------------------------------------------------------------------
+
+
+def resolve(model: str) -> Path:
+    """Local path of `model` (a folder or a single file); hub ids come from the hub cache."""
+    model = str(model)
+    if model.startswith(SYNTHETIC_PREFIX):
+        return synthetic_path(model)
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if HUB_ID.match(model) and not model.endswith(WEIGHT_SUFFIXES):
+        return _hub_snapshot(model)
+    raise ModelNotFoundError(f"model not found: {model} (no such file or directory)")
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any miss here means "not in the cache"
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
+        raise ModelNotFoundError(f"{repo_id} is not in the hub cache and HF_HUB_OFFLINE is set")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001 - network, auth, missing repo: one line for the user
+        raise ModelNotFoundError(
+            f"{repo_id} is not in the hub cache and could not be downloaded ({type(e).__name__})"
+        ) from None
+
+
+# ---- validation and fingerprint -----------------------------------------------------
+
+
+def check_safetensors(path: Path) -> dict:
+    """Parse a .safetensors header and check the file is complete; returns the header."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length past end of file")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt safetensors file {path}: {e}") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise CheckpointError(f"truncated or corrupt safetensors file {path}: "
+                              f"{size} bytes, header says {8 + n + end}")
+    return header
+
+
+def _file_digest(path: Path, cache: dict) -> str:
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if key not in cache:
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        cache[key] = h.hexdigest()
+    return cache[key]
+
+
+def fingerprint(files: list[Path], root: Path) -> str:
+    """Content hash over files (names relative to root). Per-file digests are cached by
+    (path, size, mtime), so only the first load of a checkpoint reads every byte."""
+    cache_file = cache_dir() / "fingerprints.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    n_cached = len(cache)
+    h = hashlib.blake2b(digest_size=8)
+    for f in sorted(files):
+        rel = f.name if f == root else str(f.relative_to(root))
+        h.update(f"{rel}={_file_digest(f, cache)};".encode())
+    if len(cache) != n_cached:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    return h.hexdigest()
+
+
+def _folder_files(root: Path, allow_pickle: bool) -> list[Path]:
+    """The files of a diffusers folder that define the model, validated."""
+    if not (root / "model_index.json").is_file():
+        raise CheckpointError(f"{root} is not a diffusers checkpoint folder (no model_index.json)")
+    files = [root / "model_index.json"]
+    for comp in COMPONENTS:
+        d = root / comp
+        if not d.is_dir():
+            raise CheckpointError(f"{root} is missing the {comp}/ folder")
+        comp_files = sorted(p for p in d.iterdir() if p.is_file())
+        weights = [p for p in comp_files if p.suffix == ".safetensors"]
+        pickles = [p for p in comp_files if p.suffix in PICKLE_SUFFIXES]
+        if comp in ("unet", "vae", "text_encoder"):
+            if not weights and not pickles:
+                raise CheckpointError(f"{d} holds no weights")
+            if not weights and not allow_pickle:
+                raise PickleRefusedError(f"{d} has only pickle weights ({pickles[0].name}); "
+                                         "pass allow_pickle=True (--allow-pickle) if you trust it")
+        for w in weights:
+            check_safetensors(w)
+        files += [p for p in comp_files if p.suffix in (".json", ".txt") or p in weights or
+                  (not weights and p in pickles)]
+    return files
+
+
+# ---- loading ------------------------------------------------------------------------
+
+
+def load_checkpoint(model: str, *, allow_pickle: bool = False) -> Checkpoint:
+    """Load `model` in fp32 on the CPU; the backend moves and casts what it runs."""
+    path = resolve(model)
+    if path.is_file():
+        from .single_file import load_single_file
+
+        return load_single_file(path, source=str(model), allow_pickle=allow_pickle)
+    files = _folder_files(path, allow_pickle)
+    parts = _load_folder(path, allow_pickle)
+    sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    return make_checkpoint(parts, sched, fingerprint(files, path), str(model))
+
+
+def _load_folder(root: Path, allow_pickle: bool) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = {"local_files_only": True}
+    safe = None if allow_pickle else True
+    try:
+        return {
+            "tokenizer": CLIPTokenizer.from_pretrained(str(root), subfolder="tokenizer", **kw),
+            "text_encoder": CLIPTextModel.from_pretrained(str(root), subfolder="text_encoder",
+                                                          use_safetensors=safe, **kw),
+            "unet": UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", use_safetensors=safe, **kw),
+            "vae": AutoencoderKL.from_pretrained(str(root), subfolder="vae", use_safetensors=safe, **kw),
+        }
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load checkpoint {root}: {first}") from None
+
+
+def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str) -> Checkpoint:
+    unet, vae, tok = parts["unet"], parts["vae"], parts["tokenizer"]
+    for m in (parts["text_encoder"], unet, vae):
+        m.eval().requires_grad_(False)
+    info = ModelInfo(
+        vae_scale=float(vae.config.scaling_factor),
+        vae_shift=float(getattr(vae.config, "shift_factor", None) or 0.0),
+        vae_factor=2 ** (len(vae.config.block_out_channels) - 1),
+        latent_channels=int(vae.config.latent_channels),
+        unet_in_channels=int(unet.config.in_channels),
+        sample_size=int(unet.config.sample_size),
+        cross_attention_dim=int(unet.config.cross_attention_dim),
+        max_tokens=int(min(tok.model_max_length, parts["text_encoder"].config.max_position_embeddings)),
+        scheduler=scheduler,
+        fingerprint=fp,
+        source=source,
+    )
+    if info.unet_in_channels not in (info.latent_channels, 2 * info.latent_channels + 1):
+        raise CheckpointError(f"unsupported UNet with {info.unet_in_channels} input channels")
+    return Checkpoint(info, tok, parts["text_encoder"], unet, vae)

@@ -1,0 +1,40 @@
+"""The denoiser contract and its small wrappers: CFG and inpaint blending.
+
+A denoiser maps (x, t) -> model output (eps or v) for a batch of latents x (B, C, h, w)
+already scaled for the model input, and a 0-d timestep t.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def unet_denoiser(unet, text_embeddings: torch.Tensor, conditioning: torch.Tensor | None = None) -> Denoiser:
+    """Bind the UNet to its text embeddings; 9-channel inpainting UNets also get the
+    (mask, masked-image latents) conditioning concatenated on channels."""
+
+    def denoise(x, t):
+        if conditioning is not None:
+            x = torch.cat([x, conditioning], dim=1)  # (B, 4 + 1 + 4, h, w)
+        return unet(sample=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=text_embeddings)
+
+    return denoise
+
+
+def cfg_denoiser(denoise: Denoiser, guidance_scale: float) -> Denoiser:
+    """Classifier-free guidance as one batch of 2 (uncond first), Ho & Salimans 2022, eq. (6)."""
+
+    def guided(x, t):
+        out_uncond, out_text = denoise(torch.cat([x, x]), t).chunk(2)
+        return out_uncond + guidance_scale * (out_text - out_uncond)
+
+    return guided
+
+
+def blend(x: torch.Tensor, x_orig_noised: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Latent inpainting: keep the (noised) original outside the mask (mask 1 = repaint)."""
+    return (1 - mask) * x_orig_noised + mask * x

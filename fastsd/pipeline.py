@@ -1,0 +1,211 @@
+"""fastsd.Pipeline: txt2img, img2img and inpaint over any backend.
+
+encode prompt -> prepare latents -> denoise loop -> decode. Random draws happen in the
+same order and shapes as diffusers' StableDiffusion{,Img2Img,Inpaint}Pipeline, so the
+same generator gives the same image.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import images as imgs
+from .backends import BACKEND_NAMES
+from .backends.eager import EagerBackend
+from .checkpoint import Checkpoint, load_checkpoint
+from .errors import InvalidArgumentError
+from .guidance import blend, cfg_denoiser, unet_denoiser
+from .networks import VaeDecoder
+from .schedulers import SAMPLERS, SchedulerConfig, add_noise, check_sampler, first_step
+from .settings import Request, make_request
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclass
+class PipelineOutput:
+    images: Any  # list[PIL.Image] ("pil"), np.ndarray NHWC float32 ("np"), latents tensor ("latent")
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    backends: dict[str, str] = field(default_factory=dict)  # network -> backend that ran it
+
+
+@dataclass
+class _Latents:
+    """Initial latents plus what inpainting needs inside the loop."""
+
+    x: torch.Tensor  # (B, C, h, w)
+    start: int  # first schedule index to run
+    conditioning: torch.Tensor | None = None  # 9-channel UNets: (B or 2B, 1 + C, h, w)
+    x0: torch.Tensor | None = None  # 4-channel inpaint: clean image latents
+    noise: torch.Tensor | None = None  # 4-channel inpaint: the noise that made x
+    mask: torch.Tensor | None = None  # 4-channel inpaint: (B, 1, h, w), 1 = repaint
+
+
+class Pipeline:
+    def __init__(self, ckpt: Checkpoint, backend, device: torch.device, dtype: torch.dtype):
+        self.ckpt, self.info, self.tokenizer = ckpt, ckpt.info, ckpt.tokenizer
+        self.backend, self.device, self.dtype = backend, device, dtype
+        self._vae_fp32: VaeDecoder | None = None
+
+    @classmethod
+    def from_pretrained(cls, model: str, backend: str = "auto", device: str | None = None,
+                        dtype: str | None = None, engine_dir: str | None = None,
+                        allow_pickle: bool = False) -> "Pipeline":
+        if backend not in BACKEND_NAMES:
+            raise InvalidArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidArgumentError("device 'cuda' requested but CUDA is not available")
+        dtype = dtype or ("fp16" if dev.type == "cuda" else "fp32")
+        if dtype not in DTYPES:
+            raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        ckpt = load_checkpoint(model, allow_pickle=allow_pickle)
+        if backend in ("tensorrt", "onnxruntime"):
+            store = Path(engine_dir or os.environ.get("FASTSD_ENGINE_DIR", "engines"))
+            log.warning("no %s engines for %s in %s (engines are not built yet); "
+                        "every network falls back to eager", backend, ckpt.info.fingerprint, store)
+        return cls(ckpt, EagerBackend(ckpt, dev, DTYPES[dtype]), dev, DTYPES[dtype])
+
+    def __call__(self, prompt, negative_prompt=None, image=None, mask_image=None, strength=None,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5, scheduler: str = "ddim",
+                 eta: float = 0.0, generator: torch.Generator | None = None, seed: int | None = None,
+                 height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
+                 output_type: str = "pil", callback: Callable | None = None) -> PipelineOutput:
+        req = make_request(self.info, prompt, negative_prompt, image, mask_image, strength, num_inference_steps,
+                           guidance_scale, scheduler, eta, height, width, num_images_per_prompt, output_type)
+        gen = generator if generator is not None else torch.Generator().manual_seed(
+            seed if seed is not None else torch.seed())
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+        with self._timed(timings, "text_encoder"):
+            text_embeddings = self._encode_prompts(req)
+        cfg = SchedulerConfig.from_dict(self.info.scheduler, req.scheduler)
+        sampler = SAMPLERS[req.scheduler]
+        sched = sampler.schedule(cfg, req.steps, self.device)
+        with self._timed(timings, "vae_encoder"):
+            lat = self._prepare_latents(req, sched, gen)
+        with self._timed(timings, "unet"):
+            x = self._denoise(req, lat, text_embeddings, sched, sampler, cfg, gen, callback)
+        timings["unet_per_step"] = timings["unet"] / max(len(sched) - lat.start, 1)
+        with self._timed(timings, "vae_decoder"):
+            out = x if req.output_type == "latent" else self._decode(x)
+        timings["vae"] = timings["vae_encoder"] + timings["vae_decoder"]
+        timings["total"] = time.perf_counter() - t_start
+        if req.output_type == "pil":
+            out = imgs.to_pil(out)
+        return PipelineOutput(out, timings, dict(self.backend.backends))
+
+    # ---- stages ---------------------------------------------------------------------
+
+    @contextmanager
+    def _timed(self, timings: dict, stage: str):
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        timings[stage] = time.perf_counter() - t0
+
+    def _randn(self, shape, gen: torch.Generator) -> torch.Tensor:
+        """As diffusers' randn_tensor: draw on the generator's device in the model dtype."""
+        rand_device = "cpu" if gen.device.type == "cpu" else self.device
+        return torch.randn(shape, generator=gen, device=rand_device, dtype=self.dtype).to(self.device).float()
+
+    def _token_ids(self, texts: list[str]) -> torch.Tensor:
+        n = self.info.max_tokens
+        ids = self.tokenizer(texts, padding="max_length", max_length=n, truncation=True,
+                             return_tensors="pt").input_ids
+        full = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] > n:
+            dropped = self.tokenizer.batch_decode(full[:, n - 1:-1])
+            log.warning("prompt longer than %d tokens was truncated; dropped: %s", n, dropped)
+        return ids.to(self.device)
+
+    def _encode_prompts(self, req: Request) -> torch.Tensor:
+        """(B*n, 77, D) text embeddings, or (2*B*n, 77, D) [uncond; cond] with CFG."""
+        texts = (req.negative_prompts + req.prompts) if req.do_cfg else req.prompts
+        emb = self.backend.text_encoder(self._token_ids(texts))
+        return emb.repeat_interleave(req.n, dim=0)  # per prompt: n copies, as diffusers
+
+    def _encode_image(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Sample scaled latents from the VAE posterior (one draw of the mean's shape)."""
+        moments = self.backend.vae_encoder(images.to(self.device))
+        mean, logvar = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        z = mean + std * self._randn(mean.shape, gen)
+        return self.info.vae_scale * (z - self.info.vae_shift)
+
+    def _prepare_latents(self, req: Request, sched, gen) -> _Latents:
+        b = len(req.prompts) * req.n
+        f, c = self.info.vae_factor, self.info.latent_channels
+        shape = (b, c, req.height // f, req.width // f)
+        start = first_step(req.steps, req.strength)
+        if req.image is None and self.info.unet_in_channels == c:  # txt2img
+            return _Latents(self._randn(shape, gen) * sched.init_noise_sigma, start)
+        image = (imgs.image_to_tensor(req.image, req.height, req.width) if req.image is not None
+                 else torch.zeros(1, 3, req.height, req.width))
+        if req.mask_image is None and self.info.unet_in_channels == c:  # img2img
+            x0 = self._encode_image(image, gen).expand(b, -1, -1, -1)
+            return _Latents(add_noise(sched, x0, self._randn(shape, gen), start), start)
+        return self._prepare_inpaint(req, sched, gen, image, shape, start)
+
+    def _prepare_inpaint(self, req: Request, sched, gen, image, shape, start) -> _Latents:
+        """As StableDiffusionInpaintPipeline: image latents, noise, masked-image latents."""
+        b, c, h, w = shape
+        nine = self.info.unet_in_channels != c
+        full = req.strength == 1.0
+        mask = (imgs.mask_to_tensor(req.mask_image, req.height, req.width) if req.mask_image is not None
+                else torch.ones(1, 1, req.height, req.width))  # 9-channel UNet without mask: repaint all
+        x0 = None if (nine and full) else self._encode_image(image, gen).expand(b, -1, -1, -1)
+        noise = self._randn(shape, gen)
+        x = noise * sched.init_noise_sigma if full else add_noise(sched, x0, noise, start)
+        mask_lat = F.interpolate(mask, size=(h, w)).to(self.device).expand(b, -1, -1, -1)  # nearest
+        if not nine:  # diffusers encodes the masked image here even for 4-channel UNets:
+            self._randn((1, c, h, w), gen)  # consume the same draw, skip the unused encode
+            return _Latents(x, start, x0=x0, noise=noise, mask=mask_lat)
+        masked = self._encode_image(image * (mask < imgs.MASK_THRESHOLD), gen).expand(b, -1, -1, -1)
+        cond = torch.cat([mask_lat, masked], dim=1)
+        return _Latents(x, start, conditioning=torch.cat([cond, cond]) if req.do_cfg else cond)
+
+    def _denoise(self, req: Request, lat: _Latents, text_embeddings, sched, sampler, cfg, gen, callback):
+        denoise = unet_denoiser(self.backend.unet, text_embeddings, lat.conditioning)
+        if req.do_cfg:
+            denoise = cfg_denoiser(denoise, req.guidance_scale)
+        x = lat.x
+        for k, i in enumerate(range(lat.start, len(sched))):
+            out = denoise(x * sched.input_scale[i], sched.timesteps[i])
+            noise = self._randn(x.shape, gen) if sampler.draws_noise(req.eta) else None
+            x = sampler.step(x, out, sched, i, cfg, noise, req.eta)
+            if lat.mask is not None:
+                last = i + 1 == len(sched)
+                x = blend(x, lat.x0 if last else add_noise(sched, lat.x0, lat.noise, i + 1), lat.mask)
+            if callback is not None:
+                callback(k, float(sched.timesteps[i]), x)
+        return x
+
+    def _decode(self, latents: torch.Tensor) -> np.ndarray:
+        z = latents / self.info.vae_scale + self.info.vae_shift
+        images = self.backend.vae_decoder(z)
+        if not torch.isfinite(images).all():
+            log.warning("VAE decode overflowed in %s (NaN/inf); decoding again in fp32", self.dtype)
+            images = self._decode_fp32(z)
+        return imgs.to_numpy(images)
+
+    def _decode_fp32(self, z: torch.Tensor) -> torch.Tensor:
+        if self._vae_fp32 is None:
+            self._vae_fp32 = VaeDecoder(copy.deepcopy(self.ckpt.vae)).to(self.device, torch.float32).eval()
+        with torch.inference_mode():
+            return self._vae_fp32(z.float())

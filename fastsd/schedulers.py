@@ -1,0 +1,253 @@
+"""Samplers as small functions over tensors: noise tables, then pure step functions.
+
+A `Schedule` holds every table one run needs (built once, on the device); a step is a
+pure function of (x, model output, schedule, index, noise). No hidden step counters.
+Tables are built in float64 from the checkpoint's scheduler config and stored in float32.
+
+Notation: alpha_bar = prod(1 - beta) (DDPM), sigma = sqrt((1 - alpha_bar) / alpha_bar)
+(Karras et al. 2022, "Elucidating the design space", the VE view of the same process).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import InvalidArgumentError
+
+log = logging.getLogger(__name__)
+
+SAMPLER_NAMES = ("ddim", "euler", "euler_a")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+SPACINGS = ("leading", "trailing", "linspace")
+ZERO_SNR_ALPHA_BAR = 2.0**-24  # what diffusers puts in place of alpha_bar = 0 for Euler
+
+# Defaults each sampler's diffusers counterpart uses for keys absent from the checkpoint
+# config (diffusers' from_config fills missing keys from the *target* class).
+_DEFAULTS: dict[str, dict] = {
+    "ddim": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": True},
+    "euler": {"timestep_spacing": "linspace", "set_alpha_to_one": False, "clip_sample": False},
+    "euler_a": {"timestep_spacing": "linspace", "set_alpha_to_one": False, "clip_sample": False},
+}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"  # "linear" | "scaled_linear" | "squaredcos_cap_v2"
+    trained_betas: tuple[float, ...] | None = None
+    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
+    timestep_spacing: str = "leading"  # "leading" | "trailing" | "linspace"
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True  # DDIM: alpha_bar before t=0 is 1 (else alpha_bar[0])
+    clip_sample: bool = False  # DDIM: clamp x0 to [-clip_sample_range, clip_sample_range]
+    clip_sample_range: float = 1.0
+    rescale_betas_zero_snr: bool = False  # Lin et al. 2023, Algorithm 1
+
+    @classmethod
+    def from_dict(cls, raw: dict, sampler: str) -> "SchedulerConfig":
+        """Read a checkpoint's scheduler_config.json the way diffusers' SD pipelines do."""
+        check_sampler(sampler)
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known and v is not None}
+        for key, default in _DEFAULTS[sampler].items():
+            values.setdefault(key, default)
+        # StableDiffusionPipeline.__init__ forces these two on legacy configs; we do the same.
+        values["steps_offset"] = 1
+        if raw.get("clip_sample") is True:
+            values["clip_sample"] = False
+        if values.get("trained_betas") is not None:
+            values["trained_betas"] = tuple(values["trained_betas"])
+        cfg = cls(**values)
+        if cfg.prediction_type not in PREDICTION_TYPES:
+            raise InvalidArgumentError(f"unsupported prediction_type {cfg.prediction_type!r}")
+        if cfg.timestep_spacing not in SPACINGS:
+            raise InvalidArgumentError(f"unsupported timestep_spacing {cfg.timestep_spacing!r}")
+        for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+            if raw.get(flag):
+                log.warning("scheduler config sets %s, which fastsd ignores", flag)
+        return cfg
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Every table of one sampling run, indexed by step i = 0..n-1 (n+1 for sigmas)."""
+
+    timesteps: torch.Tensor  # (n,) float32: the UNet's timestep input
+    signal: torch.Tensor  # (n,) x_i = signal[i] * x0 + noise_level[i] * eps
+    noise_level: torch.Tensor  # (n,)
+    input_scale: torch.Tensor  # (n,) UNet input = x_i * input_scale[i]
+    init_noise_sigma: float  # pure-noise latents are eps * init_noise_sigma
+    alpha_bar: torch.Tensor | None = None  # (n,) DDIM
+    alpha_bar_prev: torch.Tensor | None = None  # (n,) DDIM
+    sigmas: torch.Tensor | None = None  # (n+1,) Euler, sigmas[n] = 0
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+def check_sampler(name: str) -> None:
+    if name not in SAMPLER_NAMES:
+        raise InvalidArgumentError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+
+
+# ---- tables -------------------------------------------------------------------------
+
+
+def betas(cfg: SchedulerConfig) -> np.ndarray:
+    n = cfg.num_train_timesteps
+    if cfg.trained_betas is not None:
+        return np.asarray(cfg.trained_betas, dtype=np.float64)
+    if cfg.beta_schedule == "linear":
+        return np.linspace(cfg.beta_start, cfg.beta_end, n, dtype=np.float64)
+    if cfg.beta_schedule == "scaled_linear":  # LDM: linear in sqrt(beta)
+        return np.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=np.float64) ** 2
+    if cfg.beta_schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, eq. (17)
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return np.array([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)])
+    raise InvalidArgumentError(f"unsupported beta_schedule {cfg.beta_schedule!r}")
+
+
+def alphas_cumprod(cfg: SchedulerConfig) -> np.ndarray:
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s), DDPM eq. (4); optionally zero terminal SNR."""
+    alpha_bar = np.cumprod(1.0 - betas(cfg))
+    if cfg.rescale_betas_zero_snr:  # Lin et al. 2023, Algorithm 1: shift/scale sqrt(alpha_bar)
+        root = np.sqrt(alpha_bar)
+        first, last = root[0], root[-1]
+        root = (root - last) * first / (first - last)
+        alpha_bar = root**2
+    return alpha_bar
+
+
+def spaced_timesteps(cfg: SchedulerConfig, steps: int, integer: bool) -> np.ndarray:
+    """The n timesteps of a run, high to low (Lin et al. 2023, Table 2 spacings)."""
+    n_train = cfg.num_train_timesteps
+    if steps > n_train:
+        raise InvalidArgumentError(f"num_inference_steps {steps} exceeds num_train_timesteps {n_train}")
+    if cfg.timestep_spacing == "linspace":
+        t = np.linspace(0, n_train - 1, steps)[::-1]
+        return t.round() if integer else t
+    if cfg.timestep_spacing == "leading":
+        return (np.arange(steps) * (n_train // steps)).round()[::-1] + cfg.steps_offset
+    ratio = n_train / steps  # trailing
+    return np.round(np.arange(n_train, 0, -ratio)) - 1
+
+
+def _tensor(a, device) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)
+
+
+def ddim_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
+    alpha_bar_all = alphas_cumprod(cfg)
+    t = spaced_timesteps(cfg, steps, integer=True).astype(np.int64)
+    prev = t - cfg.num_train_timesteps // steps
+    final = 1.0 if cfg.set_alpha_to_one else alpha_bar_all[0]
+    alpha_bar = alpha_bar_all[t]
+    alpha_bar_prev = np.where(prev >= 0, alpha_bar_all[np.clip(prev, 0, None)], final)
+    return Schedule(
+        timesteps=_tensor(t, device),
+        signal=_tensor(np.sqrt(alpha_bar), device),
+        noise_level=_tensor(np.sqrt(1 - alpha_bar), device),
+        input_scale=_tensor(np.ones(steps), device),
+        init_noise_sigma=1.0,
+        alpha_bar=_tensor(alpha_bar, device),
+        alpha_bar_prev=_tensor(alpha_bar_prev, device),
+    )
+
+
+def euler_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
+    alpha_bar_all = alphas_cumprod(cfg)
+    if cfg.rescale_betas_zero_snr:
+        alpha_bar_all[-1] = ZERO_SNR_ALPHA_BAR
+    t = spaced_timesteps(cfg, steps, integer=False)
+    sigma_all = np.sqrt((1 - alpha_bar_all) / alpha_bar_all)
+    sigma = np.interp(t, np.arange(len(sigma_all)), sigma_all)  # linear in t
+    sigma_max = sigma.max()
+    init = sigma_max if cfg.timestep_spacing in ("linspace", "trailing") else math.sqrt(sigma_max**2 + 1)
+    return Schedule(
+        timesteps=_tensor(t, device),
+        signal=_tensor(np.ones(steps), device),
+        noise_level=_tensor(sigma, device),
+        input_scale=_tensor(1 / np.sqrt(sigma**2 + 1), device),
+        init_noise_sigma=float(init),
+        sigmas=_tensor(np.append(sigma, 0.0), device),
+    )
+
+
+# ---- steps --------------------------------------------------------------------------
+
+
+def _x0_eps(x, out, alpha_bar, prediction_type):
+    """x0 and eps from the model output at alpha_bar (DDIM eq. (9); v: Salimans & Ho 2022)."""
+    if prediction_type == "epsilon":
+        return (x - (1 - alpha_bar) ** 0.5 * out) / alpha_bar**0.5, out
+    x0 = alpha_bar**0.5 * x - (1 - alpha_bar) ** 0.5 * out
+    eps = alpha_bar**0.5 * out + (1 - alpha_bar) ** 0.5 * x
+    return x0, eps
+
+
+def ddim_step(x, out, sched: Schedule, i: int, cfg: SchedulerConfig, noise=None, eta: float = 0.0):
+    alpha_bar, alpha_bar_prev = sched.alpha_bar[i], sched.alpha_bar_prev[i]
+    x0, eps = _x0_eps(x, out, alpha_bar, cfg.prediction_type)
+    if cfg.clip_sample:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)  # DDIM eq. (16)
+    std = eta * variance**0.5
+    x_prev = alpha_bar_prev**0.5 * x0 + (1 - alpha_bar_prev - std**2) ** 0.5 * eps  # DDIM eq. (12)
+    if noise is not None:
+        x_prev = x_prev + std * noise
+    return x_prev
+
+
+def _sigma_x0(x, out, sigma, prediction_type):
+    """x0 from the model output at noise level sigma (x = x0 + sigma * eps)."""
+    if prediction_type == "epsilon":
+        return x - sigma * out
+    return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+
+
+def euler_step(x, out, sched: Schedule, i: int, cfg: SchedulerConfig, noise=None, eta: float = 0.0):
+    sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
+    d = (x - _sigma_x0(x, out, sigma, cfg.prediction_type)) / sigma  # Karras et al. 2022, eq. (5)
+    return x + d * (sigma_next - sigma)  # Euler step, Karras et al. 2022, Algorithm 1 (no churn)
+
+
+def euler_ancestral_step(x, out, sched: Schedule, i: int, cfg: SchedulerConfig, noise=None, eta: float = 1.0):
+    sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
+    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5  # k-diffusion get_ancestral_step
+    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+    d = (x - _sigma_x0(x, out, sigma, cfg.prediction_type)) / sigma
+    return x + d * (sigma_down - sigma) + noise * sigma_up
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    schedule: Callable[..., Schedule]  # (cfg, steps, device) -> Schedule
+    step: Callable[..., torch.Tensor]  # (x, out, sched, i, cfg, noise, eta) -> x_prev
+    draws_noise: Callable[[float], bool]  # eta -> does step() take fresh noise?
+
+
+SAMPLERS = {
+    "ddim": Sampler("ddim", ddim_schedule, ddim_step, lambda eta: eta > 0),
+    "euler": Sampler("euler", euler_schedule, euler_step, lambda eta: False),
+    "euler_a": Sampler("euler_a", euler_schedule, euler_ancestral_step, lambda eta: True),
+}
+
+
+def add_noise(sched: Schedule, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+    """Noise a clean latent to step i of the schedule (forward process, DDPM eq. (4))."""
+    return sched.signal[i] * x0 + sched.noise_level[i] * noise
+
+
+def first_step(steps: int, strength: float) -> int:
+    """Index of the first step an img2img/inpaint run takes (as diffusers' get_timesteps)."""
+    init_steps = min(int(steps * strength), steps)
+    return max(steps - init_steps, 0)

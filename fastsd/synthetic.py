@@ -1,0 +1,128 @@
+"""Random-weight checkpoints of the real SD architectures, made offline.
+
+`synthetic:NAME` models are built once into the cache dir (diffusers format) and
+reused. The compute of a full-size one equals the real checkpoint's, so latency
+figures hold; the images are noise. The tokenizer is a byte-level CLIP BPE with no
+merges (one token per character): same tokenizer class and special tokens as SD's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .archs import ARCHS, arch
+from .errors import ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_PREFIX = "synthetic:"
+SYNTHETIC_VERSION = 1  # bump when what build() writes changes
+MAX_TOKENS = 77  # CLIP context length (tokenizer model_max_length)
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FASTSD_CACHE", Path.home() / ".cache" / "fastsd"))
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2 / CLIP)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def write_tokenizer(out: Path, pad_token: str) -> None:
+    from transformers import CLIPTokenizer
+
+    chars = _bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars] + [BOS, EOS]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        tok = CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token=pad_token,
+            model_max_length=MAX_TOKENS,
+        )
+        tok.save_pretrained(str(out))
+
+
+def build(
+    out: Path,
+    arch_name: str = "tiny",
+    *,
+    seed: int = 0,
+    unet_in_channels: int | None = None,  # 9 for an inpainting UNet
+    scheduler: dict | None = None,  # overrides merged into the scheduler config
+    vae_scaling_factor: float | None = None,
+) -> Path:
+    """Write a random-weight checkpoint of `arch_name` to `out` (diffusers format), atomically."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = arch(arch_name)
+    if unet_in_channels is not None:
+        spec["unet"]["in_channels"] = unet_in_channels
+    if vae_scaling_factor is not None:
+        spec["vae"]["scaling_factor"] = vae_scaling_factor
+    sched = dict(spec["scheduler"], **(scheduler or {}))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            UNet2DConditionModel(**spec["unet"]).save_pretrained(tmp / "unet")
+            AutoencoderKL(**spec["vae"]).save_pretrained(tmp / "vae")
+            text_cfg = CLIPTextConfig(**spec["text_encoder"], bos_token_id=len(_bytes_to_unicode()) * 2,
+                                      eos_token_id=len(_bytes_to_unicode()) * 2 + 1)
+            CLIPTextModel(text_cfg).save_pretrained(tmp / "text_encoder")
+        write_tokenizer(tmp / "tokenizer", spec["pad_token"])
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(_model_index(sched["_class_name"]), indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _model_index(scheduler_class: str) -> dict:
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
+        "feature_extractor": [None, None],
+        "safety_checker": [None, None],
+        "requires_safety_checker": False,
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def synthetic_path(model: str) -> Path:
+    """The folder of `synthetic:NAME`, built on first use."""
+    name = model[len(SYNTHETIC_PREFIX):]
+    if name not in ARCHS:
+        raise ModelNotFoundError(f"unknown synthetic model {name!r}; choose one of {', '.join(ARCHS)}")
+    path = cache_dir() / "synthetic" / f"{name}-v{SYNTHETIC_VERSION}"
+    if not (path / "model_index.json").exists():
+        log.info("building synthetic checkpoint %s at %s (random weights, once)", name, path)
+        build(path, name)
+    return path
