@@ -1,0 +1,89 @@
+"""Session fixtures: tiny random-weight checkpoints of the real SD architectures,
+built once per test run in diffusers format, and the diffusers pipelines that serve
+as the reference oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastsd.synthetic import build
+
+VARIANTS = {
+    # name: build kwargs
+    "eps": {},  # SD 1.x layout, epsilon, leading spacing, PNDM config
+    "v": {"scheduler": {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}, "seed": 1},
+    "inpaint9": {"unet_in_channels": 9, "seed": 2},
+    # scheduler config without timestep_spacing/set_alpha_to_one: each sampler's default applies
+    "defaults": {"scheduler": {"timestep_spacing": None, "set_alpha_to_one": None}, "seed": 3},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = torch.cuda.is_available()
+    try:
+        import tensorrt  # noqa: F401
+        has_trt = True
+    except ImportError:
+        has_trt = False
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+        if "tensorrt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="tensorrt is not importable"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep the fastsd cache (synthetic models, fingerprints) inside the test run."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FASTSD_CACHE", str(tmp_path_factory.mktemp("fastsd-cache")))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    out = {}
+    for name, kw in VARIANTS.items():
+        kw = dict(kw)
+        sched = kw.pop("scheduler", None)
+        path = build(root / name, "tiny", scheduler=sched, **kw)
+        if sched:  # None means "drop the key", as older configs do
+            import json
+            f = path / "scheduler" / "scheduler_config.json"
+            cfg = {k: v for k, v in json.loads(f.read_text()).items() if v is not None}
+            f.write_text(json.dumps(cfg))
+        out[name] = path
+    return out
+
+
+@pytest.fixture(scope="session")
+def pipes(ckpts):
+    from fastsd import Pipeline
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = Pipeline.from_pretrained(str(ckpts[name]), device="cpu")
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def init_image():
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))  # H=40, W=48
+
+
+@pytest.fixture(scope="session")
+def mask_image():
+    m = np.zeros((40, 48), dtype=np.uint8)
+    m[8:30, 10:40] = 255
+    return Image.fromarray(m)
