@@ -1,0 +1,223 @@
+"""The `fastsd` console script. Bad input: one line on stderr, exit code 2, no file written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import secrets
+import sys
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .errors import FastSDError, OutputPathError
+
+log = logging.getLogger("fastsd")
+EXIT_BAD_INPUT = 2
+PNG_KEY = "fastsd"  # PNG text chunk with the JSON settings
+PNG_PARAMETERS_KEY = "parameters"  # human-readable line, the key other SD tools read
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastsd", description="Fast Stable Diffusion inference.")
+    p.add_argument("--version", action="version", version=f"fastsd {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images from a prompt (txt2img, img2img, inpaint)")
+    g.add_argument("prompt")
+    g.add_argument("--model", required=True,
+                   help="diffusers folder, single .safetensors file, hub id, or synthetic:tiny|sd15|sd21")
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--guidance", type=float, default=7.5, help="CFG scale; <= 1 disables CFG")
+    g.add_argument("--scheduler", default="ddim", help="ddim | euler | euler_a")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
+    g.add_argument("--seed", type=int, default=None, help="default: a random seed, printed and saved")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--n", type=int, default=1, help="images per prompt")
+    g.add_argument("--image", default=None, help="init image: img2img, or inpaint with --mask")
+    g.add_argument("--mask", default=None, help="inpaint mask, white = repaint")
+    g.add_argument("--strength", type=float, default=None, help="img2img/inpaint strength (default 0.8)")
+    g.add_argument("--out", default="fastsd.png", help="output PNG; N images get -0, -1, ... suffixes")
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    g.add_argument("--backend", default="auto", help="auto | tensorrt | onnxruntime | eager")
+    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    g.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32")
+    g.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="devices, installed backends, versions")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def output_paths(out: str, count: int, overwrite: bool) -> list[Path]:
+    """The files `count` images go to; checked before any work is done."""
+    base = Path(out)
+    if base.suffix.lower() != ".png":
+        raise OutputPathError(f"output must be a .png file: {out}")
+    if not base.parent.is_dir():
+        raise OutputPathError(f"output directory does not exist: {base.parent}")
+    paths = [base] if count == 1 else [base.with_name(f"{base.stem}-{k}{base.suffix}") for k in range(count)]
+    if not overwrite:
+        for path in paths:
+            if path.exists():
+                raise OutputPathError(f"{path} exists; pass --overwrite to replace it")
+    return paths
+
+
+def write_png(image, path: Path, settings: dict, overwrite: bool) -> None:
+    """Write atomically: a temp file in the same directory, then rename (or link, so an
+    existing file is never replaced without --overwrite)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    meta.add_text(PNG_KEY, json.dumps(settings))
+    meta.add_text(PNG_PARAMETERS_KEY, _parameters_line(settings))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=meta)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise OutputPathError(f"{path} exists; pass --overwrite to replace it") from None
+            os.unlink(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _parameters_line(s: dict) -> str:
+    neg = f"\nNegative prompt: {s['negative_prompt']}" if s.get("negative_prompt") else ""
+    return (f"{s['prompt']}{neg}\nSteps: {s['steps']}, Sampler: {s['scheduler']}, CFG scale: {s['guidance']}, "
+            f"Seed: {s['seed']}, Size: {s['width']}x{s['height']}, Model hash: {s['model_fingerprint']}")
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .images import load_image
+    from .pipeline import Pipeline
+
+    if args.n < 1:
+        raise FastSDError(f"--n must be >= 1, got {args.n}")
+    paths = output_paths(args.out, args.n, args.overwrite)
+    image = load_image(args.image) if args.image else None
+    mask = load_image(args.mask) if args.mask else None
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                                    allow_pickle=args.allow_pickle)
+    bar = _progress(args)
+    out = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, mask_image=mask,
+               strength=args.strength, num_inference_steps=args.steps, guidance_scale=args.guidance,
+               scheduler=args.scheduler, eta=args.eta, generator=torch.Generator().manual_seed(seed),
+               height=args.height, width=args.width, num_images_per_prompt=args.n,
+               callback=bar.callback if bar else None)
+    if bar:
+        bar.close()
+    width, height = out.images[0].size
+    settings = {
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
+        "scheduler": args.scheduler, "guidance": args.guidance, "eta": args.eta, "seed": seed,
+        "height": height, "width": width, "strength": args.strength, "image": args.image, "mask": args.mask,
+        "model": args.model, "model_fingerprint": pipe.info.fingerprint, "fastsd": __version__,
+    }
+    for k, (im, path) in enumerate(zip(out.images, paths)):
+        write_png(im, path, dict(settings, index=k), args.overwrite)
+        print(f"wrote {path}")
+    t = out.timings
+    print(f"seed {seed} | text_encoder {t['text_encoder']:.3f}s | unet {t['unet']:.3f}s "
+          f"({t['unet_per_step'] * 1000:.1f} ms/step) | vae {t['vae']:.3f}s | total {t['total']:.3f}s")
+    print("backends: " + ", ".join(f"{k}={v}" for k, v in out.backends.items()))
+    return 0
+
+
+class _Bar:
+    """A tqdm bar opened on the first step, so input errors never leave an empty bar."""
+
+    def __init__(self, total: int):
+        self.total, self.bar = total, None
+
+    def callback(self, step, t, latents):
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc="denoising", unit="step", file=sys.stderr, leave=False)
+        self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress(args):
+    if args.no_progress:
+        return None
+    from .schedulers import first_step
+
+    strength = args.strength if args.strength is not None else (0.8 if args.image else 1.0)
+    total = args.steps - first_step(args.steps, strength)
+    return _Bar(total)
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    print(f"fastsd {__version__} | python {platform.python_version()} | torch {torch.__version__}")
+    if torch.cuda.is_available():
+        for k in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(k)
+            print(f"cuda:{k} {p.name} sm_{p.major}{p.minor} {p.total_memory / 2**30:.1f} GiB")
+    else:
+        print("cuda: not available (cpu only)")
+    for mod in ("diffusers", "transformers", "onnx", "onnxruntime", "tensorrt"):
+        try:
+            m = __import__(mod)
+            print(f"{mod} {getattr(m, '__version__', '?')}")
+        except ImportError:
+            print(f"{mod}: not installed")
+    return 0
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    logging.basicConfig(format="fastsd: %(levelname)s: %(message)s",
+                        level=logging.INFO if verbose else logging.WARNING)
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        for lib in (dlog, tlog):
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries(args.verbose)
+    try:
+        return args.func(args)
+    except FastSDError as e:
+        print(f"fastsd: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("fastsd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
