@@ -139,7 +139,18 @@ def _tiny() -> dict:
     }
 
 
-ARCHS = {"tiny": _tiny, "sd15": _sd15, "sd21": _sd21}
+def _tiny2() -> dict:
+    """`tiny` in the SD 2.x layout: linear attention projections, 64-wide heads, GELU text
+    tower, v-prediction; what the single-file loader infers for an SD 2.x file."""
+    spec = _tiny()
+    spec["unet"].update(use_linear_projection=True, attention_head_dim=[1, 1])
+    spec["text_encoder"]["hidden_act"] = "gelu"
+    spec["scheduler"] = dict(_SCHEDULER_SD, prediction_type="v_prediction")
+    spec["pad_token"] = "!"
+    return spec
+
+
+ARCHS = {"tiny": _tiny, "tiny2": _tiny2, "sd15": _sd15, "sd21": _sd21}
 
 
 def arch(name: str) -> dict:

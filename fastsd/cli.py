@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
+    g.add_argument("--prediction-type", default=None, help="epsilon | v_prediction (override the checkpoint's)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate)
 
@@ -119,7 +120,7 @@ def cmd_generate(args) -> int:
     mask = load_image(args.mask) if args.mask else None
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                                    allow_pickle=args.allow_pickle)
+                                    allow_pickle=args.allow_pickle, prediction_type=args.prediction_type)
     bar = _progress(args)
     out = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, mask_image=mask,
                strength=args.strength, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -135,7 +136,7 @@ def cmd_generate(args) -> int:
         "height": height, "width": width, "strength": args.strength, "image": args.image, "mask": args.mask,
         "model": args.model, "model_fingerprint": pipe.info.fingerprint, "fastsd": __version__,
     }
-    for k, (im, path) in enumerate(zip(out.images, paths)):
+    for k, (im, path) in enumerate(zip(out.images, paths, strict=True)):
         write_png(im, path, dict(settings, index=k), args.overwrite)
         print(f"wrote {path}")
     t = out.timings

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,13 +27,12 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .errors import InvalidArgumentError
 from .guidance import blend, cfg_denoiser, unet_denoiser
 from .networks import VaeDecoder
-from .schedulers import SAMPLERS, SchedulerConfig, add_noise, check_sampler, first_step
+from .schedulers import PREDICTION_TYPES, SAMPLERS, SchedulerConfig, add_noise, first_step
 from .settings import Request, make_request
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-OUTPUT_TYPES = ("pil", "np", "latent")
 
 
 @dataclass
@@ -64,7 +63,10 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, model: str, backend: str = "auto", device: str | None = None,
                         dtype: str | None = None, engine_dir: str | None = None,
-                        allow_pickle: bool = False) -> "Pipeline":
+                        allow_pickle: bool = False, prediction_type: str | None = None) -> "Pipeline":
+        """Load `model` (see DESIGN.md). `allow_pickle` permits .ckpt/.bin files;
+        `prediction_type` ("epsilon" | "v_prediction") overrides the checkpoint's scheduler
+        config, for single files whose config cannot be known (SD 2.x 512-base vs 768-v)."""
         if backend not in BACKEND_NAMES:
             raise InvalidArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -74,6 +76,11 @@ class Pipeline:
         if dtype not in DTYPES:
             raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         ckpt = load_checkpoint(model, allow_pickle=allow_pickle)
+        if prediction_type is not None:
+            if prediction_type not in PREDICTION_TYPES:
+                raise InvalidArgumentError(f"unknown prediction_type {prediction_type!r}; "
+                                           f"choose one of {', '.join(PREDICTION_TYPES)}")
+            ckpt.info = replace(ckpt.info, scheduler=dict(ckpt.info.scheduler, prediction_type=prediction_type))
         if backend in ("tensorrt", "onnxruntime"):
             store = Path(engine_dir or os.environ.get("FASTSD_ENGINE_DIR", "engines"))
             log.warning("no %s engines for %s in %s (engines are not built yet); "

@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from fastsd.errors import InvalidArgumentError
-from fastsd.schedulers import (SAMPLERS, SchedulerConfig, add_noise, alphas_cumprod, ddim_schedule,
-                               euler_schedule, first_step, spaced_timesteps)
+from fastsd.schedulers import (
+    SAMPLERS,
+    SchedulerConfig,
+    add_noise,
+    alphas_cumprod,
+    ddim_schedule,
+    euler_schedule,
+    first_step,
+    spaced_timesteps,
+)
 
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
       "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}
