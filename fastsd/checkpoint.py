@@ -79,17 +79,19 @@ def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+    cache = os.environ.get("HF_HUB_CACHE")  # read now, not at huggingface_hub's import
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True, cache_dir=cache))
     except Exception:  # noqa: BLE001 - any miss here means "not in the cache"
         pass
     if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
         raise ModelNotFoundError(f"{repo_id} is not in the hub cache and HF_HUB_OFFLINE is set")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache))
     except Exception as e:  # noqa: BLE001 - network, auth, missing repo: one line for the user
         raise ModelNotFoundError(
-            f"{repo_id} is not in the hub cache and could not be downloaded ({type(e).__name__})"
+            f"{repo_id} is not in the hub cache and could not be downloaded "
+            f"(offline, or no such repo: {type(e).__name__})"
         ) from None
 
 
@@ -175,6 +177,21 @@ def _folder_files(root: Path, allow_pickle: bool) -> list[Path]:
 # ---- loading ------------------------------------------------------------------------
 
 
+def load_tokenizer(folder: Path):
+    """A CLIP tokenizer from a folder that really holds one (transformers would otherwise
+    hand back an empty tokenizer without complaint)."""
+    from transformers import CLIPTokenizer
+
+    has_files = (folder / "tokenizer.json").is_file() or (
+        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+    if not has_files:
+        raise CheckpointError(f"{folder} holds no CLIP tokenizer (vocab.json + merges.txt or tokenizer.json)")
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the tokenizer in {folder}: {e}") from None
+
+
 def load_checkpoint(model: str, *, allow_pickle: bool = False) -> Checkpoint:
     """Load `model` in fp32 on the CPU; the backend moves and casts what it runs."""
     path = resolve(model)
@@ -190,13 +207,14 @@ def load_checkpoint(model: str, *, allow_pickle: bool = False) -> Checkpoint:
 
 def _load_folder(root: Path, allow_pickle: bool) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     kw = {"local_files_only": True}
     safe = None if allow_pickle else True
+    tokenizer = load_tokenizer(root / "tokenizer")
     try:
         return {
-            "tokenizer": CLIPTokenizer.from_pretrained(str(root), subfolder="tokenizer", **kw),
+            "tokenizer": tokenizer,
             "text_encoder": CLIPTextModel.from_pretrained(str(root), subfolder="text_encoder",
                                                           use_safetensors=safe, **kw),
             "unet": UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", use_safetensors=safe, **kw),

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .archs import arch
-from .checkpoint import PICKLE_SUFFIXES, Checkpoint, check_safetensors, fingerprint, make_checkpoint
+from .checkpoint import PICKLE_SUFFIXES, Checkpoint, check_safetensors, fingerprint, load_tokenizer, make_checkpoint
 from .errors import CheckpointError, PickleRefusedError
 
 log = logging.getLogger(__name__)
@@ -231,15 +231,18 @@ def read_state_dict(path: Path, allow_pickle: bool) -> dict:
 
 
 def _tokenizer(path: Path, fam: str):
-    from transformers import CLIPTokenizer
-
+    """The tokenizer folder beside the file, else the family's tokenizer in the hub cache."""
     local = path.parent / "tokenizer"
-    if (local / "tokenizer_config.json").is_file():
-        return CLIPTokenizer.from_pretrained(str(local), local_files_only=True), local
+    if local.is_dir():
+        return load_tokenizer(local), local
     repo, sub = TOKENIZER_REPOS[fam]
     try:
-        return CLIPTokenizer.from_pretrained(repo, subfolder=sub, local_files_only=True), None
-    except OSError:
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(repo, allow_patterns=[f"{sub}/*" if sub else "*.json", "*.txt"],
+                                      local_files_only=True))
+        return load_tokenizer(snap / sub), None
+    except Exception:  # noqa: BLE001 - not cached, or cached without tokenizer files
         raise CheckpointError(f"{path.name} has no tokenizer: put a diffusers tokenizer/ folder beside it, "
                               f"or have {repo} in the hub cache") from None
 

@@ -1,0 +1,151 @@
+"""Checkpoint formats, validation, fingerprints and the errors a bad file gets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fastsd import Pipeline
+from fastsd.checkpoint import load_checkpoint, resolve
+from fastsd.errors import CheckpointError, ModelNotFoundError, PickleRefusedError
+from fastsd.single_file import to_original_layout
+from fastsd.synthetic import build
+
+RUN = dict(num_inference_steps=3, output_type="np", height=16, width=24)
+
+
+def test_model_info_read_from_configs(ckpts):
+    info = load_checkpoint(str(ckpts["eps"])).info
+    assert (info.vae_scale, info.vae_factor, info.latent_channels) == (0.5, 2, 4)  # not SD's 0.18215 / 8
+    assert (info.unet_in_channels, info.sample_size, info.cross_attention_dim, info.max_tokens) == (4, 16, 64, 77)
+    assert info.default_size == 32
+    assert load_checkpoint(str(ckpts["inpaint9"])).info.unet_in_channels == 9
+    assert load_checkpoint(str(ckpts["v"])).info.scheduler["prediction_type"] == "v_prediction"
+
+
+def test_fingerprint_stable_and_content_sensitive(ckpts, tmp_path):
+    a = load_checkpoint(str(ckpts["eps"])).info.fingerprint
+    assert a == load_checkpoint(str(ckpts["eps"])).info.fingerprint
+    assert a != load_checkpoint(str(ckpts["v"])).info.fingerprint
+    copy = shutil.copytree(ckpts["eps"], tmp_path / "copy")
+    assert load_checkpoint(str(copy)).info.fingerprint == a  # content, not path
+    f = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x01  # flip one bit of one weight
+    f.write_bytes(bytes(data))
+    assert load_checkpoint(str(copy)).info.fingerprint != a
+
+
+@pytest.mark.parametrize("arch,family", [("tiny", "sd15"), ("tiny2", "sd21")])
+def test_single_file_matches_folder(tmp_path, arch, family):
+    folder = build(tmp_path / "folder", arch, vae_scaling_factor=0.18215)  # the carried SD scale
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file(to_original_layout(load_checkpoint(str(folder)), family), str(single / "model.safetensors"))
+    shutil.copytree(folder / "tokenizer", single / "tokenizer")
+    a = Pipeline.from_pretrained(str(folder))("a cat", generator=torch.Generator().manual_seed(0), **RUN).images
+    pipe = Pipeline.from_pretrained(str(single / "model.safetensors"))
+    b = pipe("a cat", generator=torch.Generator().manual_seed(0), **RUN).images
+    assert np.abs(a - b).max() == 0.0
+    assert pipe.info.scheduler["prediction_type"] == ("epsilon" if family == "sd15" else "v_prediction")
+    assert pipe.info.sample_size == (64 if family == "sd15" else 96)  # carried configs
+
+
+def test_single_file_without_tokenizer(tmp_path, ckpts):
+    save_file(to_original_layout(load_checkpoint(str(ckpts["eps"])), "sd15"), str(tmp_path / "m.safetensors"))
+    with pytest.raises(CheckpointError, match="no tokenizer"):
+        load_checkpoint(str(tmp_path / "m.safetensors"))
+
+
+def test_single_file_other_layout(tmp_path):
+    save_file({"conditioner.embedders.0.x": torch.zeros(2)}, str(tmp_path / "xl.safetensors"))
+    with pytest.raises(CheckpointError, match="not an SD 1.x/2.x"):
+        load_checkpoint(str(tmp_path / "xl.safetensors"))
+
+
+def test_prediction_type_override(ckpts):
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), prediction_type="v_prediction")
+    assert pipe.info.scheduler["prediction_type"] == "v_prediction"
+
+
+def test_missing_path():
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        load_checkpoint("/no/such/model")
+
+
+def test_folder_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="model_index.json"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_not_a_checkpoint_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(str(tmp_path / "notes.txt"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_safetensors(ckpts, tmp_path, damage):
+    copy = shutil.copytree(ckpts["eps"], tmp_path / "c")
+    f = copy / "vae" / "diffusion_pytorch_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\xff" * 64, "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_checkpoint(str(copy))
+
+
+def test_truncated_single_file(ckpts, tmp_path):
+    save_file(to_original_layout(load_checkpoint(str(ckpts["eps"])), "sd15"), str(tmp_path / "m.safetensors"))
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "m.safetensors").write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(str(tmp_path / "m.safetensors"))
+
+
+def test_pickle_refused_unless_opted_in(ckpts, tmp_path):
+    sd = to_original_layout(load_checkpoint(str(ckpts["eps"])), "sd15")
+    torch.save({"state_dict": sd}, tmp_path / "m.ckpt")
+    shutil.copytree(ckpts["eps"] / "tokenizer", tmp_path / "tokenizer")
+    with pytest.raises(PickleRefusedError, match="allow_pickle"):
+        load_checkpoint(str(tmp_path / "m.ckpt"))
+    assert load_checkpoint(str(tmp_path / "m.ckpt"), allow_pickle=True).info.unet_in_channels == 4
+
+
+def test_pickle_only_folder_refused(ckpts, tmp_path):
+    copy = shutil.copytree(ckpts["eps"], tmp_path / "p")
+    w = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file
+    torch.save(load_file(str(w)), copy / "unet" / "diffusion_pytorch_model.bin")
+    w.unlink()
+    with pytest.raises(PickleRefusedError):
+        load_checkpoint(str(copy))
+    assert load_checkpoint(str(copy), allow_pickle=True).info.unet_in_channels == 4
+
+
+def test_hub_id_from_cache(ckpts, tmp_path, monkeypatch):
+    repo = tmp_path / "hub" / "models--acme--tiny-sd"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    shutil.copytree(ckpts["eps"], repo / "snapshots" / "0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve("acme/tiny-sd") == repo / "snapshots" / "0123abcd"
+    with pytest.raises(ModelNotFoundError, match="not in the hub cache"):
+        resolve("acme/not-cached")
+
+
+def test_synthetic_unknown():
+    with pytest.raises(ModelNotFoundError, match="unknown synthetic"):
+        resolve("synthetic:sd99")
+
+
+def test_synthetic_built_once():
+    first = resolve("synthetic:tiny")
+    stamp = (first / "model_index.json").stat().st_mtime_ns
+    assert resolve("synthetic:tiny") == first
+    assert (first / "model_index.json").stat().st_mtime_ns == stamp
+    assert json.loads((first / "model_index.json").read_text())["unet"][1] == "UNet2DConditionModel"
