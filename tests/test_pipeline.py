@@ -1,0 +1,176 @@
+"""Pipeline behaviour beyond parity: argument errors, fallbacks, outputs, callbacks."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastsd import Pipeline
+from fastsd.errors import ImageError, InvalidArgumentError
+
+FAST = dict(num_inference_steps=2, output_type="np")
+
+
+@pytest.fixture
+def pipe(pipes):
+    return pipes("eps")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(height=33), "height must be a positive multiple of 2"),
+    (dict(width=0), "width must be a positive multiple"),
+    (dict(height=-8), "height must be a positive multiple"),
+    (dict(num_inference_steps=0), "num_inference_steps must be an integer >= 1"),
+    (dict(num_inference_steps=2.5), "num_inference_steps"),
+    (dict(guidance_scale=-1.0), "guidance_scale must be in"),
+    (dict(scheduler="plms"), "unknown scheduler 'plms'"),
+    (dict(output_type="tensor"), "unknown output_type"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+    (dict(strength=0.5), "strength applies to img2img/inpaint only"),
+    (dict(negative_prompt=["a", "b"]), "2 negative prompts for 1 prompts"),
+    (dict(eta=-0.1), "eta must be in"),
+])
+def test_argument_errors(pipe, kwargs, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        pipe("a cat", **{**FAST, **kwargs})
+
+
+@pytest.mark.parametrize("strength,match", [
+    (1.5, r"strength must be in \[0.0, 1.0\]"),
+    (-0.1, "strength must be in"),
+    (0.0, "denoises nothing"),
+    (0.1, "denoises nothing"),  # int(2 * 0.1) = 0 steps
+])
+def test_strength_errors(pipe, init_image, strength, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        pipe("a cat", image=init_image, strength=strength, **FAST)
+
+
+def test_prompt_errors(pipe):
+    for bad in (None, [], 3, ["ok", 4]):
+        with pytest.raises(InvalidArgumentError, match="prompt must be"):
+            pipe(bad, **FAST)
+
+
+def test_mask_without_image(pipe, mask_image):
+    with pytest.raises(InvalidArgumentError, match="mask_image needs an image"):
+        pipe("a cat", mask_image=mask_image, **FAST)
+
+
+def test_unreadable_image(pipe, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png at all")
+    with pytest.raises(ImageError, match="cannot read image"):
+        pipe("a cat", image=str(bad), **FAST)
+    with pytest.raises(ImageError, match="not found"):
+        pipe("a cat", image=str(tmp_path / "missing.png"), **FAST)
+    with pytest.raises(ImageError, match="must be a PIL image"):
+        pipe("a cat", image=np.zeros((8, 8, 3)), **FAST)
+
+
+def test_mask_of_other_size_is_resized(pipe, init_image, caplog):
+    small = Image.new("L", (12, 10), 255)
+    with caplog.at_level(logging.WARNING):
+        out = pipe("a cat", image=init_image, mask_image=small, **FAST)
+    assert out.images.shape == (1, 40, 48, 3)
+    assert "differs from the image" in caplog.text
+
+
+def test_image_size_floored_to_vae_factor(pipe):
+    out = pipe("a cat", image=Image.new("RGB", (35, 21), "gray"), **FAST)
+    assert out.images.shape == (1, 20, 34, 3)
+
+
+def test_fp16_overflow_decodes_in_fp32(pipe, monkeypatch, caplog):
+    good = pipe("a cat", seed=3, **FAST).images
+    monkeypatch.setattr(pipe.backend, "vae_decoder", lambda latent: torch.full((latent.shape[0], 3, 32, 32),
+                                                                               float("nan")))
+    with caplog.at_level(logging.WARNING):
+        out = pipe("a cat", seed=3, **FAST)
+    assert np.isfinite(out.images).all()
+    assert np.abs(out.images - good).max() < 1e-5
+    assert "decoding again in fp32" in caplog.text
+
+
+def test_long_prompt_truncated_with_warning(pipe, caplog):
+    with caplog.at_level(logging.WARNING):
+        pipe("word " * 40, **FAST)  # char-level tokenizer: ~200 tokens
+    assert "truncated" in caplog.text
+
+
+def test_cfg_batch_sizes(pipe, monkeypatch):
+    seen = []
+    unet = pipe.backend.unet
+    monkeypatch.setattr(pipe.backend, "unet", lambda **kw: seen.append(kw["sample"].shape[0]) or unet(**kw))
+    pipe(["a", "b"], guidance_scale=7.5, **FAST)
+    assert seen == [4, 4]  # one batch of 2 x 2 prompts per step
+    seen.clear()
+    pipe(["a", "b"], guidance_scale=1.0, **FAST)
+    assert seen == [2, 2]  # no CFG: a single batch
+
+
+def test_callback_timings_backends(pipe):
+    calls = []
+    out = pipe("a cat", num_inference_steps=3, callback=lambda i, t, x: calls.append((i, t, tuple(x.shape))))
+    assert [c[0] for c in calls] == [0, 1, 2]
+    assert calls[0][1] > calls[-1][1]
+    assert calls[0][2] == (1, 4, 16, 16)
+    assert set(out.timings) >= {"text_encoder", "unet", "unet_per_step", "vae", "total"}
+    assert out.timings["total"] >= out.timings["unet"] > 0
+    assert out.backends == {"text_encoder": "eager", "unet": "eager", "vae_encoder": "eager",
+                            "vae_decoder": "eager"}
+    assert isinstance(out.images[0], Image.Image) and out.images[0].size == (32, 32)
+
+
+def test_seed_equals_generator(pipe):
+    a = pipe("a cat", seed=11, **FAST).images
+    b = pipe("a cat", generator=torch.Generator().manual_seed(11), **FAST).images
+    assert np.array_equal(a, b)
+
+
+def test_latent_output(pipe):
+    out = pipe("a cat", num_inference_steps=2, output_type="latent", height=24, width=16)
+    assert out.images.shape == (1, 4, 12, 8)
+
+
+def test_nine_channel_txt2img_and_img2img(pipes, init_image):
+    """An inpainting UNet without a mask repaints everything (mask all white)."""
+    assert pipes("inpaint9")("a cat", **FAST).images.shape == (1, 32, 32, 3)
+    assert pipes("inpaint9")("a cat", image=init_image, **FAST).images.shape == (1, 40, 48, 3)
+
+
+def test_engine_backend_falls_back_to_eager(ckpts, caplog):
+    with caplog.at_level(logging.WARNING):
+        pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", device="cpu")
+    assert "falls back to eager" in caplog.text
+    assert set(pipe("a", **FAST).backends.values()) == {"eager"}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(backend="openvino"), "unknown backend"),
+    (dict(dtype="int8"), "unknown dtype"),
+    (dict(prediction_type="sample"), "unknown prediction_type"),
+])
+def test_load_argument_errors(ckpts, kwargs, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        Pipeline.from_pretrained(str(ckpts["eps"]), device="cpu", **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_cuda_unavailable(ckpts):
+    with pytest.raises(InvalidArgumentError, match="CUDA is not available"):
+        Pipeline.from_pretrained(str(ckpts["eps"]), device="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_runs_without_nan(ckpts):
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), device="cuda")
+    out = pipe("a cat", num_inference_steps=4, output_type="np", seed=0)
+    ref = Pipeline.from_pretrained(str(ckpts["eps"]), device="cpu")("a cat", num_inference_steps=4,
+                                                                     output_type="np", seed=0)
+    assert np.isfinite(out.images).all()
+    assert np.abs(out.images - ref.images).max() < 0.05  # fp16 vs fp32, same CPU generator
