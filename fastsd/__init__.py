@@ -1,7 +1,8 @@
 """fastsd: an optimized Stable Diffusion inference runtime."""
 
-from . import errors
-from .pipeline import Pipeline, PipelineOutput
-
 __version__ = "0.1.0"
+
+from . import errors  # noqa: E402
+from .pipeline import Pipeline, PipelineOutput  # noqa: E402
+
 __all__ = ["Pipeline", "PipelineOutput", "errors", "__version__"]

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, ModelNotFoundError, PickleRefusedError
-from .synthetic import SYNTHETIC_PREFIX, cache_dir, synthetic_path
+from .hashing import DigestCache
+from .synthetic import SYNTHETIC_PREFIX, synthetic_path
 
 log = logging.getLogger(__name__)
 
@@ -116,36 +117,15 @@ def check_safetensors(path: Path) -> dict:
     return header
 
 
-def _file_digest(path: Path, cache: dict) -> str:
-    st = path.stat()
-    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    if key not in cache:
-        h = hashlib.blake2b(digest_size=16)
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-        cache[key] = h.hexdigest()
-    return cache[key]
-
-
 def fingerprint(files: list[Path], root: Path) -> str:
     """Content hash over files (names relative to root). Per-file digests are cached by
     (path, size, mtime), so only the first load of a checkpoint reads every byte."""
-    cache_file = cache_dir() / "fingerprints.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    n_cached = len(cache)
+    cache = DigestCache("blake2b")
     h = hashlib.blake2b(digest_size=8)
     for f in sorted(files):
         rel = f.name if f == root else str(f.relative_to(root))
-        h.update(f"{rel}={_file_digest(f, cache)};".encode())
-    if len(cache) != n_cached:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)
+        h.update(f"{rel}={cache.digest(f)};".encode())
+    cache.save()
     return h.hexdigest()
 
 

@@ -6,6 +6,8 @@ them directly; exporters trace them. diffusers/transformers classes only hold we
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -68,3 +70,62 @@ def wrap(ckpt) -> dict[str, nn.Module]:
         "vae_encoder": VaeEncoder(ckpt.vae),
         "vae_decoder": VaeDecoder(ckpt.vae),
     }
+
+
+# ---- export spec: ONNX names, dynamic axes, shapes -------------------------------------
+
+INT_INPUTS = ("input_ids",)  # int64; every other input is a float tensor
+FP32_INPUTS = ("timestep",)  # stays float32 in fp16 graphs (the time embedding upcasts it)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one network is exported and bound: names in order, and which axes are dynamic."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_axes: dict  # tensor name -> {axis: symbol}
+
+
+SPECS = {
+    "text_encoder": Spec("text_encoder", ("input_ids",), ("text_embeddings",),
+                         {"input_ids": {0: "B"}, "text_embeddings": {0: "B"}}),
+    "unet": Spec("unet", ("sample", "timestep", "encoder_hidden_states"), ("latent",),
+                 {"sample": {0: "B", 2: "h", 3: "w"}, "timestep": {0: "B"}, "encoder_hidden_states": {0: "B"},
+                  "latent": {0: "B", 2: "h", 3: "w"}}),
+    "vae_encoder": Spec("vae_encoder", ("images",), ("latent_moments",),
+                        {"images": {0: "B", 2: "H", 3: "W"}, "latent_moments": {0: "B", 2: "h", 3: "w"}}),
+    "vae_decoder": Spec("vae_decoder", ("latent",), ("images",),
+                        {"latent": {0: "B", 2: "h", 3: "w"}, "images": {0: "B", 2: "H", 3: "W"}}),
+}
+
+
+def io_shapes(name: str, info, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of every input and output of network `name` for a call of `batch` items at
+    height x width pixels (the UNet's batch includes the CFG doubling)."""
+    f, c = info.vae_factor, info.latent_channels
+    h, w = height // f, width // f
+    tokens, dim = info.max_tokens, info.cross_attention_dim
+    return {
+        "text_encoder": {"input_ids": (batch, tokens), "text_embeddings": (batch, tokens, dim)},
+        "unet": {"sample": (batch, info.unet_in_channels, h, w), "timestep": (batch,),
+                 "encoder_hidden_states": (batch, tokens, dim), "latent": (batch, c, h, w)},
+        "vae_encoder": {"images": (batch, 3, height, width), "latent_moments": (batch, 2 * c, h, w)},
+        "vae_decoder": {"latent": (batch, c, h, w), "images": (batch, 3, height, width)},
+    }[name]
+
+
+def sample_inputs(name: str, info, batch: int, height: int, width: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Example inputs to trace network `name` with, in its ONNX input order."""
+    shapes = io_shapes(name, info, batch, height, width)
+    out = []
+    for inp in SPECS[name].inputs:
+        if inp in INT_INPUTS:
+            out.append(torch.zeros(shapes[inp], dtype=torch.int64))
+        elif inp in FP32_INPUTS:
+            out.append(torch.full(shapes[inp], 500.0))
+        else:
+            out.append(torch.randn(shapes[inp], generator=torch.Generator().manual_seed(0)).to(dtype))
+    return tuple(out)

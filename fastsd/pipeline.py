@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -22,8 +21,9 @@ import torch.nn.functional as F
 
 from . import images as imgs
 from .backends import BACKEND_NAMES
-from .backends.eager import EagerBackend
+from .backends.select import make_backend
 from .checkpoint import Checkpoint, load_checkpoint
+from .engines import default_engine_dir
 from .errors import InvalidArgumentError
 from .guidance import blend, cfg_denoiser, unet_denoiser
 from .networks import VaeDecoder
@@ -81,11 +81,8 @@ class Pipeline:
                 raise InvalidArgumentError(f"unknown prediction_type {prediction_type!r}; "
                                            f"choose one of {', '.join(PREDICTION_TYPES)}")
             ckpt.info = replace(ckpt.info, scheduler=dict(ckpt.info.scheduler, prediction_type=prediction_type))
-        if backend in ("tensorrt", "onnxruntime"):
-            store = Path(engine_dir or os.environ.get("FASTSD_ENGINE_DIR", "engines"))
-            log.warning("no %s engines for %s in %s (engines are not built yet); "
-                        "every network falls back to eager", backend, ckpt.info.fingerprint, store)
-        return cls(ckpt, EagerBackend(ckpt, dev, DTYPES[dtype]), dev, DTYPES[dtype])
+        store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
+        return cls(ckpt, make_backend(ckpt, backend, dev, DTYPES[dtype], store), dev, DTYPES[dtype])
 
     def __call__(self, prompt, negative_prompt=None, image=None, mask_image=None, strength=None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, scheduler: str = "ddim",

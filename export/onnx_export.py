@@ -1,0 +1,134 @@
+"""Export a checkpoint's four networks to ONNX into the engine store.
+
+Each network is traced with the TorchScript exporter (`dynamo=False`: one trace of the
+eager module with the I/O names and dynamic axes of its `Spec`), checked with
+onnx.checker and shape inference, simplified with onnxslim, and written into a staging
+folder that becomes the store entry only once every network and the manifest are done.
+Graphs over 2 GB keep their weights in one external-data file beside the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fastsd.checkpoint import load_checkpoint
+from fastsd.engines import Profile, Staging, base_manifest, default_engine_dir, entry_dir
+from fastsd.errors import InvalidArgumentError
+from fastsd.networks import NETWORKS, SPECS, sample_inputs, wrap
+
+log = logging.getLogger(__name__)
+
+OPSET = 17  # LayerNormalization is native from 17
+TWO_GB = 2**31  # protobuf's limit on one serialized model
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def parse_static(text: str | None, factor: int) -> tuple[int, int] | None:
+    """'512x768' -> (512, 768): height x width, each a positive multiple of the VAE factor."""
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise InvalidArgumentError(f"--static takes HxW, e.g. 512x512, got {text!r}") from None
+    if min(h, w) <= 0 or h % factor or w % factor:
+        raise InvalidArgumentError(f"static size {h}x{w}: both must be positive multiples of {factor}")
+    return h, w
+
+
+def _trace_dims(profile: Profile) -> tuple[int, int, int]:
+    return profile.opt_batch, profile.opt_size, profile.opt_width
+
+
+def export_network(module: torch.nn.Module, name: str, args: tuple, path: Path, static: bool) -> None:
+    spec = SPECS[name]
+    axes = spec.dynamic_axes
+    if static:  # keep only the batch axis dynamic
+        axes = {k: {a: s for a, s in v.items() if a == 0} for k, v in axes.items()}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), input_names=list(spec.inputs), output_names=list(spec.outputs),
+                          dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+
+
+def check_and_simplify(path: Path, simplify: bool) -> list[str]:
+    """onnx.checker + shape inference, onnxslim, then one graph file (plus one external
+    data file past 2 GB, where the exporter scatters a file per tensor). Returns the files."""
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=False)  # by path: works past 2 GB
+    onnx.shape_inference.infer_shapes_path(str(path), str(path))
+    if simplify:
+        import onnxslim
+
+        model = onnxslim.slim(str(path))
+    else:
+        model = onnx.load(str(path))
+    big = sum(len(t.raw_data) for t in model.graph.initializer) > TWO_GB * 0.9
+    _remove_graph(path)
+    data = path.name + ".data"
+    onnx.save(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+              location=data if big else None)
+    onnx.checker.check_model(str(path), full_check=False)
+    return [path.name, data] if big else [path.name]
+
+
+def _remove_graph(path: Path) -> None:
+    """Delete a graph and any external-data files the exporter scattered beside it."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        for kv in t.external_data:
+            if kv.key == "location":
+                (path.parent / kv.value).unlink(missing_ok=True)
+    path.unlink()
+
+
+def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: str = "fp32",
+                      static: str | None = None, networks: tuple[str, ...] = NETWORKS, simplify: bool = True,
+                      allow_pickle: bool = False, progress: Callable[[str], None] = log.info) -> Path:
+    """Export `model` to engine_dir/<fingerprint>/onnxruntime-<dtype>/; returns that folder."""
+    import onnx
+    import onnxruntime
+
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"unknown export dtype {dtype!r}; choose fp32 or fp16")
+    unknown = set(networks) - set(NETWORKS)
+    if unknown:
+        raise InvalidArgumentError(f"unknown networks {sorted(unknown)}; choose from {', '.join(NETWORKS)}")
+    ckpt = load_checkpoint(model, allow_pickle=allow_pickle)
+    info = ckpt.info
+    profile = Profile.for_model(info, parse_static(static, info.vae_factor))
+    final = entry_dir(Path(engine_dir) if engine_dir else default_engine_dir(), info.fingerprint, "onnxruntime",
+                      dtype)
+    modules = wrap(ckpt)
+    batch, height, width = _trace_dims(profile)
+    with Staging(final) as stage:
+        for name in networks:
+            t0 = time.perf_counter()
+            module = modules[name].to(DTYPES[dtype]).eval()
+            path = stage.dir / f"{name}.onnx"
+            export_network(module, name, sample_inputs(name, info, batch, height, width, DTYPES[dtype]), path,
+                           profile.static)
+            files = check_and_simplify(path, simplify)
+            size = sum((stage.dir / f).stat().st_size for f in files)
+            stage.add(name, files)
+            progress(f"{name}: exported in {time.perf_counter() - t0:.1f}s, {size / 2**20:.1f} MiB "
+                     f"({', '.join(files)})")
+            module.float()  # leave the checkpoint's weights as they were
+        slim_version = _version("onnxslim") if simplify else None
+        out = stage.commit(base_manifest(
+            info, "onnxruntime", dtype, profile, exporter=f"torch.onnx (TorchScript) {torch.__version__}",
+            opset=OPSET, onnx=onnx.__version__, onnxruntime=onnxruntime.__version__, simplifier=slim_version))
+    return out
+
+
+def _version(module: str) -> str:
+    return f"{module} {__import__(module).__version__}"

@@ -1,0 +1,53 @@
+"""Choosing what runs each network: engines from the store where valid, else eager."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..engines import Profile, check_entry, entry_dir
+from ..networks import NETWORKS
+from . import onnxruntime as ort_backend
+from .composite import CompositeBackend
+from .eager import EagerBackend
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+ENGINE_BACKENDS = ("tensorrt", "onnxruntime")  # fastest first, for "auto"
+
+
+def _ort_engines(ckpt, device, precision: str, engine_dir: Path, loud: bool) -> dict:
+    entry = entry_dir(engine_dir, ckpt.info.fingerprint, "onnxruntime", precision)
+    manifest, problems = check_entry(entry, ckpt.info.fingerprint)
+    engines = {}
+    for n in NETWORKS:
+        if n in problems:
+            if loud:
+                log.warning("onnxruntime %s: %s; falling back to eager", n, problems[n])
+            continue
+        files = list(manifest["networks"][n]["sha256"])
+        graph = next(f for f in files if f.endswith(".onnx"))
+        engines[n] = ort_backend.OrtRunner(entry / graph, n, ckpt.info, device, Profile(**manifest["profile"]))
+    return engines
+
+
+def make_backend(ckpt, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path):
+    """The backend for `backend` ("auto" | "tensorrt" | "onnxruntime" | "eager")."""
+    make_eager = lambda: EagerBackend(ckpt, device, dtype)  # noqa: E731
+    if backend == "eager":
+        return make_eager()
+    precision = PRECISIONS[dtype]
+    if backend == "tensorrt":
+        log.warning("the TensorRT backend is not in this build; every network falls back to eager")
+        return make_eager()
+    if not ort_backend.available():
+        if backend == "onnxruntime":
+            log.warning("onnxruntime is not installed (pip install fastsd[onnx]); falling back to eager")
+        return make_eager()
+    engines = _ort_engines(ckpt, device, precision, engine_dir, loud=backend == "onnxruntime")
+    if not engines:
+        return make_eager()
+    return CompositeBackend(engines, make_eager)
