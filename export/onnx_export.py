@@ -1,8 +1,10 @@
 """Export a checkpoint's four networks to ONNX into the engine store.
 
-Each network is traced with the TorchScript exporter (`dynamo=False`: one trace of the
-eager module with the I/O names and dynamic axes of its `Spec`), checked with
-onnx.checker and shape inference, simplified with onnxslim, and written into a staging
+Each network is traced in fp32 with the TorchScript exporter (`dynamo=False`: one trace
+of the eager module with the I/O names and dynamic axes of its `Spec`), checked with
+onnx.checker and shape inference, simplified with onnxslim, converted to fp16 by ONNX
+Runtime's converter for fp16 entries (a trace of the fp16 module on CPU mixes dtypes in
+CLIP's LayerNorms and is not a valid graph), and written into a staging
 folder that becomes the store entry only once every network and the manifest are done.
 Graphs over 2 GB keep their weights in one external-data file beside the graph.
 """
@@ -20,7 +22,7 @@ import torch
 from fastsd.checkpoint import load_checkpoint
 from fastsd.engines import Profile, Staging, base_manifest, default_engine_dir, entry_dir
 from fastsd.errors import InvalidArgumentError
-from fastsd.networks import NETWORKS, SPECS, sample_inputs, wrap
+from fastsd.networks import FP32_INPUTS, NETWORKS, SPECS, sample_inputs, wrap
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +59,25 @@ def export_network(module: torch.nn.Module, name: str, args: tuple, path: Path, 
                           dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True, dynamo=False)
 
 
-def check_and_simplify(path: Path, simplify: bool) -> list[str]:
-    """onnx.checker + shape inference, onnxslim, then one graph file (plus one external
-    data file past 2 GB, where the exporter scatters a file per tensor). Returns the files."""
+def check_and_simplify(path: Path, simplify: bool, fp16: bool) -> list[str]:
+    """onnx.checker + shape inference, onnxslim, optional fp16 conversion, then one graph
+    file (plus one external data file past 2 GB, where the exporter scatters a file per
+    tensor). Returns the files."""
     import onnx
 
     onnx.checker.check_model(str(path), full_check=False)  # by path: works past 2 GB
     onnx.shape_inference.infer_shapes_path(str(path), str(path))
+    model = onnx.load(str(path))
+    if fp16:  # ORT's converter keeps precision-critical ops in fp32 behind casts
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = convert_float_to_float16(model, keep_io_types=list(FP32_INPUTS), disable_shape_infer=True)
     if simplify:
         import onnxslim
 
-        model = onnxslim.slim(str(path))
+        model = onnxslim.slim(model)
     else:
-        model = onnx.load(str(path))
+        topological_sort(model.graph)
     big = sum(len(t.raw_data) for t in model.graph.initializer) > TWO_GB * 0.9
     _remove_graph(path)
     data = path.name + ".data"
@@ -77,6 +85,28 @@ def check_and_simplify(path: Path, simplify: bool) -> list[str]:
               location=data if big else None)
     onnx.checker.check_model(str(path), full_check=False)
     return [path.name, data] if big else [path.name]
+
+
+def topological_sort(graph) -> None:
+    """Reorder graph.node so every node comes after the producers of its inputs (Kahn)."""
+    produced_by = {out: i for i, n in enumerate(graph.node) for out in n.output}
+    deps = [{produced_by[x] for x in n.input if x in produced_by} for n in graph.node]
+    users: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for j in d:
+            users.setdefault(j, []).append(i)
+    ready = [i for i, d in enumerate(deps) if not d]
+    order = []
+    while ready:
+        i = ready.pop()
+        order.append(i)
+        for u in users.get(i, []):
+            deps[u].discard(i)
+            if not deps[u]:
+                ready.append(u)
+    nodes = [graph.node[i] for i in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _remove_graph(path: Path) -> None:
@@ -113,16 +143,14 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
     with Staging(final) as stage:
         for name in networks:
             t0 = time.perf_counter()
-            module = modules[name].to(DTYPES[dtype]).eval()
             path = stage.dir / f"{name}.onnx"
-            export_network(module, name, sample_inputs(name, info, batch, height, width, DTYPES[dtype]), path,
-                           profile.static)
-            files = check_and_simplify(path, simplify)
+            export_network(modules[name].eval(), name, sample_inputs(name, info, batch, height, width,
+                                                                     torch.float32), path, profile.static)
+            files = check_and_simplify(path, simplify, fp16=dtype == "fp16")
             size = sum((stage.dir / f).stat().st_size for f in files)
             stage.add(name, files)
             progress(f"{name}: exported in {time.perf_counter() - t0:.1f}s, {size / 2**20:.1f} MiB "
                      f"({', '.join(files)})")
-            module.float()  # leave the checkpoint's weights as they were
         slim_version = _version("onnxslim") if simplify else None
         out = stage.commit(base_manifest(
             info, "onnxruntime", dtype, profile, exporter=f"torch.onnx (TorchScript) {torch.__version__}",

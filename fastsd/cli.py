@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import FastSDError, OutputPathError
+from .networks import NETWORKS as NETWORK_NAMES
 
 log = logging.getLogger("fastsd")
 EXIT_BAD_INPUT = 2
@@ -48,10 +49,28 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", help="auto | tensorrt | onnxruntime | eager")
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32")
+    g.add_argument("--engine-dir", default=None, help="engine store (default engines/ or $FASTSD_ENGINE_DIR)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
     g.add_argument("--prediction-type", default=None, help="epsilon | v_prediction (override the checkpoint's)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("export", help="export a checkpoint's networks to ONNX into the engine store")
+    e.add_argument("--model", required=True, help="as for generate")
+    e.add_argument("--dtype", default="fp32", help="fp32 | fp16 (graph precision)")
+    e.add_argument("--static", default=None, metavar="HxW", help="fixed height x width (batch stays dynamic)")
+    e.add_argument("--engine-dir", default=None, help="engine store (default engines/ or $FASTSD_ENGINE_DIR)")
+    e.add_argument("--networks", default=",".join(NETWORK_NAMES), help="comma-separated subset to export")
+    e.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+    e.add_argument("--allow-pickle", action="store_true")
+    e.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("engines", help="list or prune the engine store")
+    s.add_argument("action", choices=["list", "prune"])
+    s.add_argument("--engine-dir", default=None)
+    s.add_argument("--all", action="store_true", help="prune: remove every entry, not only unusable ones")
+    s.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
+    s.set_defaults(func=cmd_engines)
 
     i = sub.add_parser("info", help="devices, installed backends, versions")
     i.set_defaults(func=cmd_info)
@@ -120,7 +139,7 @@ def cmd_generate(args) -> int:
     mask = load_image(args.mask) if args.mask else None
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                                    allow_pickle=args.allow_pickle, prediction_type=args.prediction_type)
+                                    engine_dir=args.engine_dir, allow_pickle=args.allow_pickle, prediction_type=args.prediction_type)
     bar = _progress(args)
     out = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, mask_image=mask,
                strength=args.strength, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -174,6 +193,43 @@ def _progress(args):
     return _Bar(total)
 
 
+def cmd_export(args) -> int:
+    try:
+        from export import export_checkpoint
+    except ImportError as e:
+        raise FastSDError(f"export needs onnx, onnxruntime and onnxslim: pip install 'fastsd[onnx]' ({e})") from None
+    import time
+
+    t0 = time.perf_counter()
+    networks = tuple(n.strip() for n in args.networks.split(",") if n.strip())
+    out = export_checkpoint(args.model, engine_dir=args.engine_dir, dtype=args.dtype, static=args.static,
+                            networks=networks, simplify=not args.no_simplify, allow_pickle=args.allow_pickle,
+                            progress=lambda line: print(line, flush=True))
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_engines(args) -> int:
+    from .engines import default_engine_dir, list_entries, prune
+
+    root = Path(args.engine_dir) if args.engine_dir else default_engine_dir()
+    if args.action == "list":
+        rows = list_entries(root)
+        if not rows:
+            print(f"no engines in {root}")
+        for r in rows:
+            state = "ok" if not r["problems"] else "UNUSABLE: " + "; ".join(r["problems"])
+            print(f"{r['checkpoint']}/{r['kind']}  {r['size'] / 2**20:9.1f} MiB  fastsd {r['fastsd']}  "
+                  f"{','.join(r['networks'])}  {r['source']}  {state}")
+        return 0
+    gone = prune(root, everything=args.all, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for p in gone:
+        print(f"{verb} {p}")
+    print(f"{verb} {len(gone)} item(s) from {root}")
+    return 0
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -184,7 +240,7 @@ def cmd_info(args) -> int:
             print(f"cuda:{k} {p.name} sm_{p.major}{p.minor} {p.total_memory / 2**30:.1f} GiB")
     else:
         print("cuda: not available (cpu only)")
-    for mod in ("diffusers", "transformers", "onnx", "onnxruntime", "tensorrt"):
+    for mod in ("diffusers", "transformers", "onnx", "onnxruntime", "onnxslim", "tensorrt"):
         try:
             m = __import__(mod)
             print(f"{mod} {getattr(m, '__version__', '?')}")

@@ -42,17 +42,17 @@ class Profile:
     min_batch: int
     opt_batch: int
     max_batch: int
-    min_size: int  # pixels, for height and width alike
-    opt_size: int
+    min_size: int  # pixels, for height and width alike (dynamic profiles)
+    opt_size: int  # height the graph was traced at (the static height)
     max_size: int
     static: bool  # built for exactly opt_size x opt_width
-    opt_width: int
+    opt_width: int  # width the graph was traced at (the static width)
 
     @classmethod
     def for_model(cls, info, static: tuple[int, int] | None = None, max_batch: int = MAX_BATCH) -> "Profile":
         if static is not None:
             h, w = static
-            return cls(1, 1, max_batch, h, h, h, True, w)
+            return cls(1, 1, max_batch, min(h, w), h, max(h, w), True, w)
         d, f = info.default_size, info.vae_factor
         return cls(1, 1, max_batch, max(f, d // 2 // f * f), d, 2 * d, False, d)
 
@@ -63,8 +63,10 @@ class Profile:
             return f"batch {batch} outside the engine's 1..{self.max_batch * doubled}"
         if network == "text_encoder":
             return None
-        if self.static and (height, width) != (self.opt_size, self.opt_width):
-            return f"size {height}x{width} is not the engine's static {self.opt_size}x{self.opt_width}"
+        if self.static:
+            if (height, width) != (self.opt_size, self.opt_width):
+                return f"size {height}x{width} is not the engine's static {self.opt_size}x{self.opt_width}"
+            return None
         if not (self.min_size <= height <= self.max_size and self.min_size <= width <= self.max_size):
             return f"size {height}x{width} outside the engine's {self.min_size}..{self.max_size}"
         return None
@@ -175,6 +177,7 @@ def list_entries(engine_dir: Path) -> list[dict]:
             continue
         manifest = read_manifest(entry) or {}
         _, problems = check_entry(entry, manifest.get("checkpoint", entry.parent.name))
+        problems = {n: p for n, p in problems.items() if n in manifest.get("networks", {})}
         size = sum(p.stat().st_size for p in entry.iterdir() if p.is_file())
         rows.append({"path": entry, "checkpoint": entry.parent.name, "kind": entry.name,
                      "source": manifest.get("source", "?"), "fastsd": manifest.get("fastsd", "?"),

@@ -1,0 +1,210 @@
+"""ONNX export, the engine store, and the ONNX Runtime backend against eager PyTorch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxslim")
+
+from export import export_checkpoint  # noqa: E402
+from export import onnx_export  # noqa: E402
+from fastsd import Pipeline  # noqa: E402
+from fastsd.backends.onnxruntime import OrtRunner  # noqa: E402
+from fastsd.checkpoint import load_checkpoint  # noqa: E402
+from fastsd.cli import main  # noqa: E402
+from fastsd.engines import Profile, entry_dir, list_entries, prune  # noqa: E402
+from fastsd.errors import InvalidArgumentError  # noqa: E402
+from fastsd.networks import NETWORKS, sample_inputs, wrap  # noqa: E402
+
+TOL = 1e-3
+ALL_ORT = {n: "onnxruntime" for n in NETWORKS}
+
+
+@pytest.fixture(scope="module")
+def store(ckpts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    for variant in ("eps", "inpaint9", "v"):
+        export_checkpoint(str(ckpts[variant]), engine_dir=root, dtype="fp32")
+    export_checkpoint(str(ckpts["eps"]), engine_dir=root, dtype="fp16")
+    return root
+
+
+def pipe_pair(ckpts, pipes, store, variant):
+    return Pipeline.from_pretrained(str(ckpts[variant]), backend="onnxruntime", engine_dir=str(store)), pipes(variant)
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("fp16", 5e-2)])
+def test_each_network_matches_pytorch(ckpts, store, network, precision, tol):
+    """Each graph alone vs its fp32 PyTorch module, at a batch and size other than the trace's.
+    fp16 graphs: max abs error <= 5e-2 relative to the output's max magnitude."""
+    ckpt = load_checkpoint(str(ckpts["eps"]))
+    info = ckpt.info
+    entry = entry_dir(store, info.fingerprint, "onnxruntime", precision)
+    profile = Profile(**json.loads((entry / "manifest.json").read_text())["profile"])
+    runner = OrtRunner(entry / f"{network}.onnx", network, info, torch.device("cpu"), profile)
+    args = sample_inputs(network, info, 3, 24, 40, torch.float32)
+    if network == "text_encoder":
+        args = (torch.randint(0, 500, (3, 77)),)
+    with torch.no_grad():
+        want = wrap(ckpt)[network](*args)
+    got = runner(*args)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= tol * max(1.0, want.abs().max())
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint4", "inpaint9"])
+def test_pipeline_onnx_matches_eager(ckpts, pipes, store, init_image, mask_image, mode, scheduler):
+    variant = "inpaint9" if mode == "inpaint9" else "eps"
+    kw = dict(num_inference_steps=4, scheduler=scheduler, output_type="np", seed=1)
+    if mode != "txt2img":
+        kw.update(image=init_image, strength=0.9)
+    if mode.startswith("inpaint"):
+        kw.update(mask_image=mask_image)
+    ours, eager = pipe_pair(ckpts, pipes, store, variant)
+    a, b = ours("a lighthouse", **kw), eager("a lighthouse", **kw)
+    assert np.abs(a.images - b.images).max() <= TOL
+    used = {"text_encoder", "unet", "vae_decoder"} | ({"vae_encoder"} if mode != "txt2img" else set())
+    assert all(a.backends[n] == "onnxruntime" for n in used)
+
+
+def test_v_prediction_onnx(ckpts, pipes, store):
+    ours, eager = pipe_pair(ckpts, pipes, store, "v")
+    kw = dict(num_inference_steps=3, scheduler="euler_a", output_type="np", seed=2, height=24, width=40)
+    assert np.abs(ours("x", **kw).images - eager("x", **kw).images).max() <= TOL
+
+
+def test_auto_picks_onnxruntime_when_engines_exist(ckpts, store):
+    assert Pipeline.from_pretrained(str(ckpts["eps"]), backend="auto", engine_dir=str(store)).backend.backends \
+        == ALL_ORT
+
+
+def test_missing_engines_fall_back(ckpts, tmp_path, caplog):
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(tmp_path))
+    out = pipe("a", num_inference_steps=2, output_type="np")
+    assert set(out.backends.values()) == {"eager"}
+    assert "no engine entry" in caplog.text
+
+
+def test_other_checkpoint_gets_its_own_entry(ckpts, tmp_path):
+    """Same architecture, other weights: a new entry; each pipeline uses its own engines."""
+    other = shutil.copytree(ckpts["eps"], tmp_path / "other")
+    unet = load_checkpoint(str(other)).unet
+    from safetensors.torch import save_file
+    sd = {k: v + 0.01 * torch.randn_like(v) for k, v in unet.state_dict().items()}
+    save_file(sd, str(other / "unet" / "diffusion_pytorch_model.safetensors"))
+    store = tmp_path / "engines"
+    a_dir = export_checkpoint(str(ckpts["eps"]), engine_dir=store)
+    b_dir = export_checkpoint(str(other), engine_dir=store)
+    assert a_dir != b_dir and a_dir.parent.name != b_dir.parent.name
+    kw = dict(num_inference_steps=3, output_type="np", seed=0)
+    for model in (ckpts["eps"], other):
+        ort = Pipeline.from_pretrained(str(model), backend="onnxruntime", engine_dir=str(store))
+        eager = Pipeline.from_pretrained(str(model), backend="eager")
+        assert np.abs(ort("x", **kw).images - eager("x", **kw).images).max() <= TOL
+    # an entry moved under another checkpoint's fingerprint is refused
+    shutil.rmtree(b_dir)
+    shutil.copytree(a_dir, b_dir)
+    pipe = Pipeline.from_pretrained(str(other), backend="onnxruntime", engine_dir=str(store))
+    assert set(pipe.backend.backends.values()) == {"eager"}
+
+
+def test_tampered_engine_refused(ckpts, tmp_path, caplog):
+    store = tmp_path / "engines"
+    entry = export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("unet", "text_encoder"))
+    graph = entry / "unet.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
+    out = pipe("a", num_inference_steps=2, output_type="np")
+    assert out.backends["unet"] == "eager" and out.backends["text_encoder"] == "onnxruntime"
+    assert "does not match its manifest hash" in caplog.text
+    assert any("does not match" in p for p in list_entries(store)[0]["problems"])
+
+
+def test_other_fastsd_version_refused(ckpts, tmp_path):
+    store = tmp_path / "engines"
+    entry = export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("text_encoder",))
+    manifest = json.loads((entry / "manifest.json").read_text())
+    (entry / "manifest.json").write_text(json.dumps({**manifest, "fastsd": "0.0.1"}))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
+    assert pipe.backend.backends["text_encoder"] == "eager"
+
+
+def test_interrupted_export_leaves_nothing(ckpts, tmp_path, monkeypatch):
+    store = tmp_path / "engines"
+    real = onnx_export.export_network
+
+    def dies_on_unet(module, name, *a, **kw):
+        if name == "unet":
+            raise KeyboardInterrupt
+        return real(module, name, *a, **kw)
+
+    monkeypatch.setattr(onnx_export, "export_network", dies_on_unet)
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(str(ckpts["eps"]), engine_dir=store)
+    leftovers = [p for p in store.rglob("*") if p.is_file()]
+    assert leftovers == []
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
+    assert set(pipe.backend.backends.values()) == {"eager"}
+
+
+def test_reexport_replaces_entry_atomically(ckpts, tmp_path):
+    store = tmp_path / "engines"
+    first = export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("text_encoder",))
+    second = export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("text_encoder", "vae_decoder"))
+    assert first == second
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no staging or retired folders
+    assert list_entries(store)[0]["networks"] == ["text_encoder", "vae_decoder"]
+
+
+def test_static_shape_entry(ckpts, pipes, tmp_path, caplog):
+    store = tmp_path / "engines"
+    export_checkpoint(str(ckpts["eps"]), engine_dir=store, static="24x40", networks=("unet",))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
+    kw = dict(num_inference_steps=2, output_type="np", seed=4)
+    out = pipe("x", height=24, width=40, **kw)
+    assert out.backends["unet"] == "onnxruntime"
+    assert np.abs(out.images - pipes("eps")("x", height=24, width=40, **kw).images).max() <= TOL
+    assert pipe("x", height=32, width=32, **kw).backends["unet"] == "eager"
+    assert "not the engine's static 24x40" in caplog.text
+
+
+def test_export_argument_errors(ckpts, tmp_path):
+    with pytest.raises(InvalidArgumentError, match="HxW"):
+        export_checkpoint(str(ckpts["eps"]), engine_dir=tmp_path, static="big")
+    with pytest.raises(InvalidArgumentError, match="multiples of 2"):
+        export_checkpoint(str(ckpts["eps"]), engine_dir=tmp_path, static="7x8")
+    with pytest.raises(InvalidArgumentError, match="fp32 or fp16"):
+        export_checkpoint(str(ckpts["eps"]), engine_dir=tmp_path, dtype="int8")
+    with pytest.raises(InvalidArgumentError, match="unknown networks"):
+        export_checkpoint(str(ckpts["eps"]), engine_dir=tmp_path, networks=("clip",))
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_export_list_prune(ckpts, tmp_path, capsys):
+    store = tmp_path / "engines"
+    assert main(["export", "--model", str(ckpts["eps"]), "--engine-dir", str(store), "--networks",
+                 "text_encoder,vae_decoder"]) == 0
+    out = capsys.readouterr().out
+    assert "text_encoder: exported in" in out and "wrote" in out
+    assert main(["engines", "list", "--engine-dir", str(store)]) == 0
+    assert "onnxruntime-fp32" in capsys.readouterr().out
+    entry = next(store.glob("*/onnxruntime-fp32"))
+    (entry.parent / ".staging-onnxruntime-fp32-dead").mkdir()  # an interrupted build
+    assert main(["engines", "prune", "--engine-dir", str(store)]) == 0
+    assert entry.exists() and not (entry.parent / ".staging-onnxruntime-fp32-dead").exists()
+    (entry / "text_encoder.onnx").write_bytes(b"tampered")
+    assert prune(store, dry_run=True) == [entry]
+    assert main(["engines", "prune", "--engine-dir", str(store)]) == 0
+    assert not store.exists() or not any(store.iterdir())
+    assert main(["export", "--model", str(ckpts["eps"]), "--engine-dir", str(store), "--static", "3x3"]) == 2
+    assert "multiples of 2" in capsys.readouterr().err
