@@ -67,17 +67,18 @@ def check_and_simplify(path: Path, simplify: bool, fp16: bool) -> list[str]:
 
     onnx.checker.check_model(str(path), full_check=False)  # by path: works past 2 GB
     onnx.shape_inference.infer_shapes_path(str(path), str(path))
-    model = onnx.load(str(path))
+    exported = _graph_bytes(path)
+    if simplify:  # past 2 GB its symbolic shape inference cannot serialize the graph: skip that pass
+        import onnxslim
+
+        model = onnxslim.slim(str(path), no_shape_infer=exported > TWO_GB * 0.9)
+    else:
+        model = onnx.load(str(path))
     if fp16:  # ORT's converter keeps precision-critical ops in fp32 behind casts
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         model = convert_float_to_float16(model, keep_io_types=list(FP32_INPUTS), disable_shape_infer=True)
-    if simplify:
-        import onnxslim
-
-        model = onnxslim.slim(model)
-    else:
-        topological_sort(model.graph)
+    topological_sort(model.graph)  # the fp16 converter appends its casts at the end
     big = sum(len(t.raw_data) for t in model.graph.initializer) > TWO_GB * 0.9
     _remove_graph(path)
     data = path.name + ".data"
@@ -109,15 +110,22 @@ def topological_sort(graph) -> None:
     graph.node.extend(nodes)
 
 
-def _remove_graph(path: Path) -> None:
-    """Delete a graph and any external-data files the exporter scattered beside it."""
+def _external_files(path: Path) -> set[Path]:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    for t in model.graph.initializer:
-        for kv in t.external_data:
-            if kv.key == "location":
-                (path.parent / kv.value).unlink(missing_ok=True)
+    return {path.parent / kv.value for t in model.graph.initializer for kv in t.external_data if kv.key == "location"}
+
+
+def _graph_bytes(path: Path) -> int:
+    """Size of a graph with its external data (files it references, counted once)."""
+    return path.stat().st_size + sum(f.stat().st_size for f in _external_files(path))
+
+
+def _remove_graph(path: Path) -> None:
+    """Delete a graph and any external-data files the exporter scattered beside it."""
+    for f in _external_files(path):
+        f.unlink(missing_ok=True)
     path.unlink()
 
 

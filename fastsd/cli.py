@@ -139,7 +139,8 @@ def cmd_generate(args) -> int:
     mask = load_image(args.mask) if args.mask else None
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                                    engine_dir=args.engine_dir, allow_pickle=args.allow_pickle, prediction_type=args.prediction_type)
+                                    engine_dir=args.engine_dir, allow_pickle=args.allow_pickle,
+                                    prediction_type=args.prediction_type)
     bar = _progress(args)
     out = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, mask_image=mask,
                strength=args.strength, num_inference_steps=args.steps, guidance_scale=args.guidance,

@@ -12,8 +12,10 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxslim")
 
-from export import export_checkpoint  # noqa: E402
-from export import onnx_export  # noqa: E402
+from export import (
+    export_checkpoint,  # noqa: E402
+    onnx_export,  # noqa: E402
+)
 from fastsd import Pipeline  # noqa: E402
 from fastsd.backends.onnxruntime import OrtRunner  # noqa: E402
 from fastsd.checkpoint import load_checkpoint  # noqa: E402

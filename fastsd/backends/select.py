@@ -28,9 +28,12 @@ def _ort_engines(ckpt, device, precision: str, engine_dir: Path, loud: bool) -> 
             if loud:
                 log.warning("onnxruntime %s: %s; falling back to eager", n, problems[n])
             continue
-        files = list(manifest["networks"][n]["sha256"])
-        graph = next(f for f in files if f.endswith(".onnx"))
-        engines[n] = ort_backend.OrtRunner(entry / graph, n, ckpt.info, device, Profile(**manifest["profile"]))
+        graph = next(f for f in manifest["networks"][n]["sha256"] if f.endswith(".onnx"))
+        try:
+            engines[n] = ort_backend.OrtRunner(entry / graph, n, ckpt.info, device, Profile(**manifest["profile"]))
+        except Exception as e:  # noqa: BLE001 - no usable provider, or a graph ORT cannot load
+            log.warning("onnxruntime %s: cannot start a session (%s); falling back to eager", n,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
     return engines
 
 
