@@ -156,8 +156,9 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
                                                                      torch.float32), path, profile.static)
             files = check_and_simplify(path, simplify, fp16=dtype == "fp16")
             size = sum((stage.dir / f).stat().st_size for f in files)
-            stage.add(name, files)
-            progress(f"{name}: exported in {time.perf_counter() - t0:.1f}s, {size / 2**20:.1f} MiB "
+            seconds = time.perf_counter() - t0
+            stage.add(name, files, export_seconds=round(seconds, 2), bytes=size)
+            progress(f"{name}: exported in {seconds:.1f}s, {size / 2**20:.1f} MiB "
                      f"({', '.join(files)})")
         slim_version = _version("onnxslim") if simplify else None
         out = stage.commit(base_manifest(

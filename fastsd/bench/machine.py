@@ -1,0 +1,116 @@
+"""Machine facts for benchmark reports, and the timing / peak-memory probes."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parents[2])
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_facts(device: torch.device) -> dict:
+    facts = {
+        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "os": platform.platform(),
+        "python": platform.python_version(), "fastsd": __version__, "git_commit": _git_commit(),
+        "torch": torch.__version__, "diffusers": _version("diffusers"), "transformers": _version("transformers"),
+        "onnxruntime": _version("onnxruntime"), "tensorrt": _version("tensorrt"), "device": device.type,
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        facts.update(gpu=p.name, compute_capability=f"{p.major}.{p.minor}",
+                     gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda, driver=_nvidia_driver())
+    return facts
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA max allocated on GPU, peak RSS (VmHWM) on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "peak_rss"
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            _reset_rss_peak()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak = _rss_peak()
+
+
+def _reset_rss_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def _rss_peak() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Clock:
+    """Wall time with a device sync at both ends (CUDA work is asynchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()

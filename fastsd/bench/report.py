@@ -1,0 +1,158 @@
+"""Benchmark reports: versioned JSON, a Markdown table, a PNG chart, and comparisons."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import InvalidArgumentError
+from .runner import SCHEMA, BenchResult
+
+NOISE_FLOOR = 0.05  # a change under 5% is never called a regression
+CHART_STAGES = ("text_encoder", "unet", "vae_decoder")
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def _mem(row: dict) -> str:
+    gib = row["peak_memory_bytes"] / 2**30
+    return f"{gib:.2f} GiB" + (" RSS" if row["memory_kind"] == "peak_rss" else "")
+
+
+def markdown(result: BenchResult | dict) -> str:
+    r = asdict(result) if isinstance(result, BenchResult) else result
+    m = r["machine"]
+    hw = m.get("gpu") or m.get("cpu")
+    lines = [f"fastsd bench: `{r['config']['model']}` on {hw} ({m['device']}), {r['created']}, "
+             f"torch {m['torch']}, fastsd {m['fastsd']} ({m.get('git_commit') or 'no git'})", "",
+             "| backend | size | batch | steps | scheduler | text enc ms | UNet ms/step | VAE dec ms "
+             "| end to end ms (median / p90) | img/s | peak memory | vs diffusers (e2e, UNet step) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        s = row["stages"]
+        ratio = row.get("vs_diffusers")
+        vs = f"{ratio['end_to_end']:.2f}x, {ratio['unet_per_step']:.2f}x" if ratio else "baseline" \
+            if row["backend"] == "diffusers" else "-"
+        fallback = sorted(n for n, b in row.get("ran", {}).items() if b == "eager" and row["backend"] != "eager")
+        name = row["backend"] + (f" ({', '.join(fallback)}: eager)" if fallback else "")
+        lines.append(
+            f"| {name} | {row['height']}x{row['width']} | {row['batch']} | {row['steps']} | "
+            f"{row['scheduler']} | {_ms(s['text_encoder']['median'])} | {_ms(s['unet_per_step']['median'])} | "
+            f"{_ms(s['vae_decoder']['median'])} | {_ms(s['end_to_end']['median'])} / {_ms(s['end_to_end']['p90'])}"
+            f" | {row['images_per_s']:.2f} | {_mem(row)} | {vs} |")
+    extras = [f"- {row['backend']}: export {row['export_seconds']:.1f} s" for row in r["rows"]
+              if row.get("export_seconds")]
+    extras += [f"- {row['backend']}: cold start (new process to first image) {row['cold_start_seconds']:.1f} s"
+               for row in r["rows"] if row.get("cold_start_seconds")]
+    notes = [f"- {n}" for n in r.get("notes", [])]
+    runs = r["config"]
+    lines += ["", f"{runs['warmup']} warm-up + {runs['runs']} timed runs per row; guidance {runs['guidance']}."]
+    return "\n".join(lines + ([""] + sorted(set(extras)) if extras else []) + ([""] + notes if notes else []))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_reports(result: BenchResult, out_dir: Path) -> list[Path]:
+    """DIR/bench.json, DIR/bench.md, DIR/bench.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "bench.json", out_dir / "bench.md", out_dir / "bench.png"]
+    _atomic_write(paths[0], json.dumps(asdict(result), indent=2).encode())
+    _atomic_write(paths[1], (markdown(result) + "\n").encode())
+    _atomic_write(paths[2], chart(result))
+    return paths
+
+
+def chart(result: BenchResult) -> bytes:
+    """Stacked bars: latency per stage for each backend and configuration."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result.rows
+    labels = [f"{r['backend']}\n{r['height']}x{r['width']} b{r['batch']} {r['steps']}st" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(rows) + 2), 4), dpi=100)
+    bottom = [0.0] * len(rows)
+    for stage in CHART_STAGES:
+        vals = [r["stages"][stage]["median"] for r in rows]
+        ax.bar(labels, vals, bottom=bottom, label=stage)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax.set_ylabel("seconds (median)")
+    ax.set_title(f"fastsd bench: {result.config['model']} ({result.machine.get('gpu') or result.machine['cpu']})",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def load_report(path: str | Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidArgumentError(f"cannot read benchmark report {path}: {e}") from None
+    if data.get("schema") != SCHEMA:
+        raise InvalidArgumentError(f"{path} is not a fastsd benchmark report (schema {data.get('schema')!r})")
+    return data
+
+
+def _row_key(report: dict, row: dict) -> tuple:
+    return (report["config"]["model"], row["backend"], row["height"], row["width"], row["batch"], row["steps"],
+            row["scheduler"])
+
+
+def compare(paths: list[str]) -> tuple[str, int]:
+    """Side-by-side end-to-end medians of the same configurations across reports (GPUs,
+    commits); a row slower than the first report by more than its noise is flagged.
+    Returns the Markdown table and the number of regressions."""
+    if len(paths) < 2:
+        raise InvalidArgumentError("bench compare needs at least two reports")
+    reports = [load_report(p) for p in paths]
+    heads = [f"{Path(p).parent.name or p} ({r['machine'].get('gpu') or r['machine']['cpu'][:24]}, "
+             f"{r['machine'].get('git_commit') or '?'})" for p, r in zip(paths, reports, strict=True)]
+    lines = ["| model | backend | size | batch | steps | sched | " + " | ".join(heads) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(heads)]
+    tables = [{_row_key(r, row): row for row in r["rows"]} for r in reports]
+    regressions = 0
+    for key in dict.fromkeys(k for t in tables for k in t):
+        cells = []
+        base = tables[0].get(key)
+        for t in tables:
+            row = t.get(key)
+            if row is None:
+                cells.append("-")
+                continue
+            e2e = row["stages"]["end_to_end"]
+            cell = f"{_ms(e2e['median'])} ms"
+            if base is not None and row is not base:
+                b = base["stages"]["end_to_end"]
+                ratio = e2e["median"] / b["median"]
+                noise = max(NOISE_FLOOR, (b["p90"] - b["median"]) / b["median"],
+                            (e2e["p90"] - e2e["median"]) / e2e["median"])
+                cell += f" ({ratio:.2f}x)"
+                if ratio > 1 + noise:
+                    cell += " REGRESSION"
+                    regressions += 1
+            cells.append(cell)
+        model, backend, h, w, batch, steps, sched = key
+        lines.append(f"| {model} | {backend} | {h}x{w} | {batch} | {steps} | {sched} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), regressions

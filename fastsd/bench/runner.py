@@ -1,0 +1,297 @@
+"""Run a benchmark matrix: fastsd backends and the diffusers baseline, side by side.
+
+Every configuration gets warm-up runs, then N timed runs; stages are summarized by median
+and p90. fastsd's stage times come from `out.timings`; diffusers' from forward hooks on
+its text encoder, UNet and VAE decoder (with a device sync on GPU). End to end is timed
+around the whole call: CUDA events on GPU, perf_counter on CPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..checkpoint import load_checkpoint, resolve
+from ..engines import default_engine_dir, entry_dir, read_manifest
+from ..pipeline import DTYPES, Pipeline
+from .machine import PeakMemory, machine_facts
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "fastsd-bench/1"
+BASELINE = "diffusers"
+FASTSD_BACKENDS = ("eager", "onnxruntime", "tensorrt")
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+                        "euler_a": "EulerAncestralDiscreteScheduler"}
+STAGES = ("text_encoder", "unet", "unet_per_step", "vae_decoder", "end_to_end")
+CPU_SIZE = 256  # default benchmark resolution on a CPU
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str
+    backends: tuple[str, ...]  # fastsd backends and/or "diffusers"
+    sizes: tuple[tuple[int, int], ...]  # (height, width)
+    batches: tuple[int, ...]  # prompts per call
+    steps: tuple[int, ...]
+    schedulers: tuple[str, ...]
+    guidance: float = 7.5
+    warmup: int = 1
+    runs: int = 3
+    device: str | None = None
+    dtype: str | None = None
+    engine_dir: str | None = None
+    export_missing: bool = False  # export ONNX engines a requested backend lacks (timed)
+    cold_start: bool = False  # also time a new process to its first image
+
+
+def default_config(model: str, device: torch.device, **overrides) -> BenchConfig:
+    """Sized to the device: small on CPU, SD 512x512 / 50 steps on a GPU."""
+    info = load_checkpoint(model).info if overrides.get("sizes") is None else None
+    if device.type == "cuda":
+        size = info.default_size if info else 0
+        base = dict(sizes=((size, size),), steps=(50,), warmup=2, runs=10)
+    else:  # SD 1.5: 256x256; never above the model's own default size
+        size = min(info.default_size, CPU_SIZE) // info.vae_factor * info.vae_factor if info else 0
+        base = dict(sizes=((size, size),), steps=(4,), warmup=1, runs=3)
+    base.update(backends=("eager", "onnxruntime", BASELINE), batches=(1,), schedulers=("ddim",))
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return BenchConfig(model=model, device=device.type, **base)
+
+
+def _timer(device: torch.device) -> Callable[[Callable], tuple[float, object]]:
+    def timed(fn):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0, out
+        t0 = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - t0, out
+
+    return timed
+
+
+def summarize(samples: list[dict]) -> dict:
+    """{stage: {"median": s, "p90": s}} over the timed runs."""
+    out = {}
+    for stage in STAGES:
+        values = sorted(s[stage] for s in samples if stage in s)
+        if values:
+            p90 = values[min(len(values) - 1, round(0.9 * (len(values) - 1)))]
+            out[stage] = {"median": statistics.median(values), "p90": p90, "n": len(values)}
+    return out
+
+
+def _measure(call: Callable[[int], dict], cfg: BenchConfig, device: torch.device) -> tuple[dict, int, str]:
+    timed = _timer(device)
+    for i in range(cfg.warmup):
+        call(i)
+    samples = []
+    with PeakMemory(device) as mem:
+        for i in range(cfg.runs):
+            seconds, stages = timed(lambda i=i: call(i))
+            samples.append({**stages, "end_to_end": seconds})
+    return summarize(samples), mem.peak, mem.kind
+
+
+# ---- fastsd ---------------------------------------------------------------------------
+
+
+def _load_fastsd(cfg: BenchConfig, backend: str, notes: list) -> tuple[Pipeline | None, float | None]:
+    kw = dict(device=cfg.device, dtype=cfg.dtype, engine_dir=cfg.engine_dir)
+    pipe = Pipeline.from_pretrained(cfg.model, backend=backend, **kw)
+    export_s = None
+    if backend != "eager" and set(pipe.backend.backends.values()) == {"eager"}:
+        if not (cfg.export_missing and backend == "onnxruntime"):
+            notes.append(f"{backend}: no engines for this checkpoint (run `fastsd export`, or bench "
+                         "--export-missing); skipped")
+            return None, None
+        from export import export_checkpoint
+
+        t0 = time.perf_counter()
+        export_checkpoint(cfg.model, engine_dir=cfg.engine_dir, dtype=_precision(pipe))
+        export_s = time.perf_counter() - t0
+        pipe = Pipeline.from_pretrained(cfg.model, backend=backend, **kw)
+    return pipe, export_s
+
+
+def _precision(pipe: Pipeline) -> str:
+    return {v: k for k, v in DTYPES.items()}[pipe.dtype]
+
+
+def _fastsd_call(pipe: Pipeline, h: int, w: int, batch: int, steps: int, sched: str, guidance: float):
+    def call(seed: int) -> dict:
+        out = pipe([PROMPT] * batch, num_inference_steps=steps, scheduler=sched, guidance_scale=guidance,
+                   height=h, width=w, seed=seed, output_type="np")
+        return {k: out.timings[k] for k in ("text_encoder", "unet", "unet_per_step", "vae_decoder")}
+
+    return call
+
+
+def _engine_export_seconds(cfg: BenchConfig, pipe: Pipeline, backend: str) -> float | None:
+    root = Path(cfg.engine_dir) if cfg.engine_dir else default_engine_dir()
+    manifest = read_manifest(entry_dir(root, pipe.info.fingerprint, backend, _precision(pipe))) or {}
+    secs = [n.get("export_seconds") for n in manifest.get("networks", {}).values()]
+    return round(sum(secs), 2) if secs and None not in secs else None
+
+
+# ---- diffusers baseline -----------------------------------------------------------------
+
+
+class _StageHooks:
+    """Accumulates wall time per module call, with a device sync on both sides."""
+
+    def __init__(self, modules: dict, device: torch.device):
+        self.device, self.totals, self._t0 = device, {}, {}
+        for name, module in modules.items():
+            module.register_forward_pre_hook(lambda m, a, name=name: self._start(name))
+            module.register_forward_hook(lambda m, a, o, name=name: self._stop(name))
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _start(self, name):
+        self._t0[name] = self._now()
+
+    def _stop(self, name):
+        self.totals[name] = self.totals.get(name, 0.0) + self._now() - self._t0[name]
+
+    def take(self) -> dict:
+        totals, self.totals = self.totals, {}
+        return totals
+
+
+def _load_diffusers(cfg: BenchConfig, device: torch.device, dtype: torch.dtype):
+    import diffusers
+
+    path = resolve(cfg.model)
+    with warnings.catch_warnings():  # newer diffusers renames torch_dtype; older ones only know it
+        warnings.simplefilter("ignore")
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, safety_checker=None,
+                                                                 requires_safety_checker=False).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    hooks = _StageHooks({"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_decoder": pipe.vae.decoder},
+                        device)
+    return pipe, hooks
+
+
+def _diffusers_call(pipe, hooks: _StageHooks, h, w, batch, steps, sched, guidance):
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[sched]).from_config(pipe.scheduler.config)
+
+    def call(seed: int) -> dict:
+        hooks.take()
+        pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=guidance, height=h, width=w,
+             generator=torch.Generator().manual_seed(seed), output_type="np")
+        t = hooks.take()
+        return {"text_encoder": t.get("text_encoder", 0.0), "unet": t.get("unet", 0.0),
+                "unet_per_step": t.get("unet", 0.0) / steps, "vae_decoder": t.get("vae_decoder", 0.0)}
+
+    return call
+
+
+# ---- the matrix ---------------------------------------------------------------------------
+
+
+@dataclass
+class BenchResult:
+    config: dict
+    machine: dict
+    rows: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    interrupted: bool = False
+    schema: str = SCHEMA
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    command: str = field(default_factory=lambda: " ".join(["fastsd"] + sys.argv[1:]) if sys.argv else "")
+
+
+def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = print) -> BenchResult:
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[cfg.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    result = BenchResult(config=asdict(cfg), machine=machine_facts(device))
+    matrix = list(itertools.product(cfg.sizes, cfg.batches, cfg.steps, cfg.schedulers))
+    total, done = len(matrix) * len(cfg.backends), 0
+    try:
+        for backend in cfg.backends:
+            runner = _backend_runner(cfg, backend, device, dtype, result.notes)
+            if runner is None:
+                done += len(matrix)
+                continue
+            make_call, extra = runner
+            for (h, w), batch, steps, sched in matrix:
+                done += 1
+                progress(f"[{done}/{total}] {backend} {h}x{w} batch {batch} {steps} steps {sched}")
+                stages, peak, kind = _measure(make_call(h, w, batch, steps, sched), cfg, device)
+                result.rows.append({"backend": backend, "height": h, "width": w, "batch": batch, "steps": steps,
+                                    "scheduler": sched, "guidance": cfg.guidance, "stages": stages,
+                                    "images_per_s": batch / stages["end_to_end"]["median"],
+                                    "peak_memory_bytes": peak, "memory_kind": kind, **extra()})
+    except KeyboardInterrupt:
+        result.interrupted = True
+        result.notes.append("interrupted: the rows above are complete, the rest was not run")
+    add_ratios(result.rows)
+    return result
+
+
+def _backend_runner(cfg, backend, device, dtype, notes):
+    if backend == BASELINE:
+        try:
+            pipe, hooks = _load_diffusers(cfg, device, dtype)
+        except Exception as e:  # noqa: BLE001 - e.g. a single-file model diffusers cannot open offline
+            notes.append(f"diffusers baseline unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            return None
+        return (lambda h, w, b, s, sc: _diffusers_call(pipe, hooks, h, w, b, s, sc, cfg.guidance)), dict
+    pipe, export_s = _load_fastsd(cfg, backend, notes)
+    if pipe is None:
+        return None
+    cold = _cold_start(cfg, backend) if cfg.cold_start else None
+
+    def extra() -> dict:
+        return {"ran": dict(pipe.backend.backends), "export_seconds": export_s or _engine_export_seconds(
+            cfg, pipe, backend) if backend != "eager" else None, "cold_start_seconds": cold}
+
+    return (lambda h, w, b, s, sc: _fastsd_call(pipe, h, w, b, s, sc, cfg.guidance)), extra
+
+
+def _cold_start(cfg: BenchConfig, backend: str) -> float:
+    """A new process, from launch to its first image written (1 step)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "fastsd", "generate", PROMPT, "--model", cfg.model, "--backend", backend,
+               "--steps", "1", "--no-progress", "--out", str(Path(tmp) / "cold.png")]
+        for flag, value in (("--device", cfg.device), ("--dtype", cfg.dtype), ("--engine-dir", cfg.engine_dir)):
+            if value:
+                cmd += [flag, str(value)]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        return time.perf_counter() - t0
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed-up of each fastsd row over the diffusers row of the same configuration."""
+    key = lambda r: (r["height"], r["width"], r["batch"], r["steps"], r["scheduler"])  # noqa: E731
+    base = {key(r): r for r in rows if r["backend"] == BASELINE}
+    for r in rows:
+        b = base.get(key(r))
+        if b is None or r["backend"] == BASELINE:
+            continue
+        r["vs_diffusers"] = {s: b["stages"][s]["median"] / r["stages"][s]["median"]
+                             for s in ("unet_per_step", "end_to_end") if r["stages"][s]["median"] > 0}
