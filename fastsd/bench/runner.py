@@ -1,8 +1,9 @@
 """Run a benchmark matrix: fastsd backends and the diffusers baseline, side by side.
 
-Every configuration gets warm-up runs, then N timed runs; stages are summarized by median
-and p90. fastsd's stage times come from `out.timings`; diffusers' from forward hooks on
-its text encoder, UNet and VAE decoder (with a device sync on GPU). End to end is timed
+Every configuration gets warm-up runs, then N timed runs taken round-robin across the
+backends; stages are summarized by median and p90. fastsd's stage times come from
+`out.timings`; diffusers' from forward hooks on its text encoder, UNet and VAE decoder
+(with a device sync on GPU). End to end is timed
 around the whole call: CUDA events on GPU, perf_counter on CPU.
 """
 
@@ -22,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from ..backends.select import make_backend
 from ..checkpoint import load_checkpoint, resolve
 from ..engines import default_engine_dir, entry_dir, read_manifest
 from ..pipeline import DTYPES, Pipeline
@@ -98,24 +100,36 @@ def summarize(samples: list[dict]) -> dict:
     return out
 
 
-def _measure(call: Callable[[int], dict], cfg: BenchConfig, device: torch.device) -> tuple[dict, int, str]:
+def _measure(calls: dict[str, Callable[[int], dict]], cfg: BenchConfig, device: torch.device,
+             progress: Callable[[str], None], label: str) -> dict[str, tuple[dict, int, str]]:
+    """Warm up every backend, then time them round-robin (run r of each backend, then run
+    r + 1), so drift in the machine's speed hits all backends alike."""
     timed = _timer(device)
     for i in range(cfg.warmup):
-        call(i)
-    samples = []
-    with PeakMemory(device) as mem:
-        for i in range(cfg.runs):
-            seconds, stages = timed(lambda i=i: call(i))
-            samples.append({**stages, "end_to_end": seconds})
-    return summarize(samples), mem.peak, mem.kind
+        for call in calls.values():
+            call(i)
+    samples: dict[str, list] = {b: [] for b in calls}
+    peaks = dict.fromkeys(calls, 0)
+    kind = "peak_rss"
+    for r in range(cfg.runs):
+        progress(f"{label}: timed run {r + 1}/{cfg.runs}")
+        for b, call in calls.items():
+            with PeakMemory(device) as mem:
+                seconds, stages = timed(lambda call=call, r=r: call(cfg.warmup + r))
+            samples[b].append({**stages, "end_to_end": seconds})
+            peaks[b], kind = max(peaks[b], mem.peak), mem.kind
+    return {b: (summarize(samples[b]), peaks[b], kind) for b in calls}
 
 
 # ---- fastsd ---------------------------------------------------------------------------
 
 
-def _load_fastsd(cfg: BenchConfig, backend: str, notes: list) -> tuple[Pipeline | None, float | None]:
-    kw = dict(device=cfg.device, dtype=cfg.dtype, engine_dir=cfg.engine_dir)
-    pipe = Pipeline.from_pretrained(cfg.model, backend=backend, **kw)
+def _load_fastsd(cfg: BenchConfig, backend: str, ckpt, device, dtype, notes: list):
+    def load():
+        root = Path(cfg.engine_dir) if cfg.engine_dir else default_engine_dir()
+        return Pipeline(ckpt, make_backend(ckpt, backend, device, dtype, root), device, dtype)
+
+    pipe = load()
     export_s = None
     if backend != "eager" and set(pipe.backend.backends.values()) == {"eager"}:
         if not (cfg.export_missing and backend == "onnxruntime"):
@@ -127,7 +141,7 @@ def _load_fastsd(cfg: BenchConfig, backend: str, notes: list) -> tuple[Pipeline 
         t0 = time.perf_counter()
         export_checkpoint(cfg.model, engine_dir=cfg.engine_dir, dtype=_precision(pipe))
         export_s = time.perf_counter() - t0
-        pipe = Pipeline.from_pretrained(cfg.model, backend=backend, **kw)
+        pipe = load()
     return pipe, export_s
 
 
@@ -179,14 +193,22 @@ class _StageHooks:
         return totals
 
 
-def _load_diffusers(cfg: BenchConfig, device: torch.device, dtype: torch.dtype):
+def _load_diffusers(cfg: BenchConfig, ckpt, device: torch.device, dtype: torch.dtype):
+    """On CPU the baseline shares fastsd's weights (memory); on GPU it loads its own copy,
+    so it runs with diffusers' own defaults (fastsd's eager path makes its UNet channels-last)."""
     import diffusers
 
-    path = resolve(cfg.model)
     with warnings.catch_warnings():  # newer diffusers renames torch_dtype; older ones only know it
         warnings.simplefilter("ignore")
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, safety_checker=None,
-                                                                 requires_safety_checker=False).to(device)
+        if device.type == "cpu" and dtype == torch.float32:
+            sched = getattr(diffusers, DIFFUSERS_SCHEDULERS["ddim"]).from_config(ckpt.info.scheduler)
+            pipe = diffusers.StableDiffusionPipeline(
+                vae=ckpt.vae, text_encoder=ckpt.text_encoder, tokenizer=ckpt.tokenizer, unet=ckpt.unet,
+                scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        else:
+            pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+                str(resolve(cfg.model)), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+            ).to(device)
     pipe.set_progress_bar_config(disable=True)
     hooks = _StageHooks({"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_decoder": pipe.vae.decoder},
                         device)
@@ -229,22 +251,23 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = print) -> Benc
     dtype = DTYPES[cfg.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     result = BenchResult(config=asdict(cfg), machine=machine_facts(device))
     matrix = list(itertools.product(cfg.sizes, cfg.batches, cfg.steps, cfg.schedulers))
-    total, done = len(matrix) * len(cfg.backends), 0
     try:
+        ckpt = load_checkpoint(cfg.model)
+        runners = {}
         for backend in cfg.backends:
-            runner = _backend_runner(cfg, backend, device, dtype, result.notes)
-            if runner is None:
-                done += len(matrix)
-                continue
-            make_call, extra = runner
-            for (h, w), batch, steps, sched in matrix:
-                done += 1
-                progress(f"[{done}/{total}] {backend} {h}x{w} batch {batch} {steps} steps {sched}")
-                stages, peak, kind = _measure(make_call(h, w, batch, steps, sched), cfg, device)
-                result.rows.append({"backend": backend, "height": h, "width": w, "batch": batch, "steps": steps,
+            progress(f"loading {backend}")
+            runner = _backend_runner(cfg, backend, ckpt, device, dtype, result.notes)
+            if runner is not None:
+                runners[backend] = runner
+        for k, ((h, w), batch, steps, sched) in enumerate(matrix):
+            label = f"[{k + 1}/{len(matrix)}] {h}x{w} batch {batch} {steps} steps {sched}"
+            calls = {b: make(h, w, batch, steps, sched) for b, (make, _) in runners.items()}
+            measured = _measure(calls, cfg, device, progress, label)
+            for b, (stages, peak, kind) in measured.items():  # rows of a configuration land together
+                result.rows.append({"backend": b, "height": h, "width": w, "batch": batch, "steps": steps,
                                     "scheduler": sched, "guidance": cfg.guidance, "stages": stages,
                                     "images_per_s": batch / stages["end_to_end"]["median"],
-                                    "peak_memory_bytes": peak, "memory_kind": kind, **extra()})
+                                    "peak_memory_bytes": peak, "memory_kind": kind, **runners[b][1]()})
     except KeyboardInterrupt:
         result.interrupted = True
         result.notes.append("interrupted: the rows above are complete, the rest was not run")
@@ -252,22 +275,22 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = print) -> Benc
     return result
 
 
-def _backend_runner(cfg, backend, device, dtype, notes):
+def _backend_runner(cfg, backend, ckpt, device, dtype, notes):
     if backend == BASELINE:
         try:
-            pipe, hooks = _load_diffusers(cfg, device, dtype)
+            pipe, hooks = _load_diffusers(cfg, ckpt, device, dtype)
         except Exception as e:  # noqa: BLE001 - e.g. a single-file model diffusers cannot open offline
             notes.append(f"diffusers baseline unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             return None
         return (lambda h, w, b, s, sc: _diffusers_call(pipe, hooks, h, w, b, s, sc, cfg.guidance)), dict
-    pipe, export_s = _load_fastsd(cfg, backend, notes)
+    pipe, export_s = _load_fastsd(cfg, backend, ckpt, device, dtype, notes)
     if pipe is None:
         return None
     cold = _cold_start(cfg, backend) if cfg.cold_start else None
 
     def extra() -> dict:
-        return {"ran": dict(pipe.backend.backends), "export_seconds": export_s or _engine_export_seconds(
-            cfg, pipe, backend) if backend != "eager" else None, "cold_start_seconds": cold}
+        export = (export_s or _engine_export_seconds(cfg, pipe, backend)) if backend != "eager" else None
+        return {"ran": dict(pipe.backend.backends), "export_seconds": export, "cold_start_seconds": cold}
 
     return (lambda h, w, b, s, sc: _fastsd_call(pipe, h, w, b, s, sc, cfg.guidance)), extra
 

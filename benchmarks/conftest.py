@@ -1,0 +1,13 @@
+"""Stage-level kernel benchmarks (pytest-benchmark). Run with `pytest benchmarks/`;
+they are not part of the test command. End-to-end comparisons: `fastsd bench`."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastsd.synthetic import build
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny")
