@@ -131,7 +131,8 @@ def _remove_graph(path: Path) -> None:
 
 def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: str = "fp32",
                       static: str | None = None, networks: tuple[str, ...] = NETWORKS, simplify: bool = True,
-                      allow_pickle: bool = False, progress: Callable[[str], None] = log.info) -> Path:
+                      allow_pickle: bool = False, clip_skip: int = 0,
+                      progress: Callable[[str], None] = log.info) -> Path:
     """Export `model` to engine_dir/<fingerprint>/onnxruntime-<dtype>/; returns that folder."""
     import onnx
     import onnxruntime
@@ -143,10 +144,13 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
         raise InvalidArgumentError(f"unknown networks {sorted(unknown)}; choose from {', '.join(NETWORKS)}")
     ckpt = load_checkpoint(model, allow_pickle=allow_pickle)
     info = ckpt.info
+    layers = ckpt.text_encoder.config.num_hidden_layers
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
+        raise InvalidArgumentError(f"clip_skip must be an integer in [0, {layers - 1}], got {clip_skip!r}")
     profile = Profile.for_model(info, parse_static(static, info.vae_factor))
     final = entry_dir(Path(engine_dir) if engine_dir else default_engine_dir(), info.fingerprint, "onnxruntime",
                       dtype)
-    modules = wrap(ckpt)
+    modules = wrap(ckpt, clip_skip)
     batch, height, width = _trace_dims(profile)
     with Staging(final) as stage:
         for name in networks:
@@ -163,7 +167,8 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
         slim_version = _version("onnxslim") if simplify else None
         out = stage.commit(base_manifest(
             info, "onnxruntime", dtype, profile, exporter=f"torch.onnx (TorchScript) {torch.__version__}",
-            opset=OPSET, onnx=onnx.__version__, onnxruntime=onnxruntime.__version__, simplifier=slim_version))
+            opset=OPSET, onnx=onnx.__version__, onnxruntime=onnxruntime.__version__, simplifier=slim_version,
+            clip_skip=clip_skip))
     return out
 
 

@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--engine-dir", default=None, help="engine store (default engines/ or $FASTSD_ENGINE_DIR)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
     g.add_argument("--prediction-type", default=None, help="epsilon | v_prediction (override the checkpoint's)")
+    g.add_argument("--clip-skip", type=int, default=0, help="text embeddings from CLIP layer -(N+1)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate)
 
@@ -62,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--engine-dir", default=None, help="engine store (default engines/ or $FASTSD_ENGINE_DIR)")
     e.add_argument("--networks", default=",".join(NETWORK_NAMES), help="comma-separated subset to export")
     e.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+    e.add_argument("--clip-skip", type=int, default=0, help="bake text embeddings from CLIP layer -(N+1)")
     e.add_argument("--allow-pickle", action="store_true")
     e.set_defaults(func=cmd_export)
 
@@ -161,7 +163,7 @@ def cmd_generate(args) -> int:
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                     engine_dir=args.engine_dir, allow_pickle=args.allow_pickle,
-                                    prediction_type=args.prediction_type)
+                                    prediction_type=args.prediction_type, clip_skip=args.clip_skip)
     bar = _progress(args)
     out = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, mask_image=mask,
                strength=args.strength, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -175,7 +177,8 @@ def cmd_generate(args) -> int:
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
         "scheduler": args.scheduler, "guidance": args.guidance, "eta": args.eta, "seed": seed,
         "height": height, "width": width, "strength": args.strength, "image": args.image, "mask": args.mask,
-        "model": args.model, "model_fingerprint": pipe.info.fingerprint, "fastsd": __version__,
+        "clip_skip": args.clip_skip, "model": args.model, "model_fingerprint": pipe.info.fingerprint,
+        "fastsd": __version__,
     }
     for k, (im, path) in enumerate(zip(out.images, paths, strict=True)):
         write_png(im, path, dict(settings, index=k), args.overwrite)
@@ -226,6 +229,7 @@ def cmd_export(args) -> int:
     networks = tuple(n.strip() for n in args.networks.split(",") if n.strip())
     out = export_checkpoint(args.model, engine_dir=args.engine_dir, dtype=args.dtype, static=args.static,
                             networks=networks, simplify=not args.no_simplify, allow_pickle=args.allow_pickle,
+                            clip_skip=args.clip_skip,
                             progress=lambda line: print(line, flush=True))
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return 0

@@ -15,14 +15,19 @@ NETWORKS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
 
 class TextEncoder(nn.Module):
-    """input_ids (B, 77) int64 -> text_embeddings (B, 77, D)."""
+    """input_ids (B, 77) int64 -> text_embeddings (B, 77, D): the last hidden state, or with
+    clip_skip = k the output of layer -(k + 1) through the final LayerNorm (as diffusers)."""
 
-    def __init__(self, clip):
+    def __init__(self, clip, clip_skip: int = 0):
         super().__init__()
-        self.clip = clip
+        self.clip, self.clip_skip = clip, clip_skip
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.clip(input_ids).last_hidden_state
+        if self.clip_skip == 0:
+            return self.clip(input_ids).last_hidden_state
+        hidden = self.clip(input_ids, output_hidden_states=True).hidden_states[-(self.clip_skip + 1)]
+        tower = getattr(self.clip, "text_model", self.clip)  # transformers 5 flattens CLIPTextModel
+        return tower.final_layer_norm(hidden)
 
 
 class UNet(nn.Module):
@@ -62,10 +67,10 @@ class VaeDecoder(nn.Module):
         return self.decoder(z)
 
 
-def wrap(ckpt) -> dict[str, nn.Module]:
+def wrap(ckpt, clip_skip: int = 0) -> dict[str, nn.Module]:
     """The four ONNX-named modules of a loaded checkpoint (sharing its weights)."""
     return {
-        "text_encoder": TextEncoder(ckpt.text_encoder),
+        "text_encoder": TextEncoder(ckpt.text_encoder, clip_skip),
         "unet": UNet(ckpt.unet),
         "vae_encoder": VaeEncoder(ckpt.vae),
         "vae_decoder": VaeDecoder(ckpt.vae),

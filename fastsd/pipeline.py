@@ -63,10 +63,13 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, model: str, backend: str = "auto", device: str | None = None,
                         dtype: str | None = None, engine_dir: str | None = None,
-                        allow_pickle: bool = False, prediction_type: str | None = None) -> "Pipeline":
+                        allow_pickle: bool = False, prediction_type: str | None = None,
+                        clip_skip: int = 0) -> "Pipeline":
         """Load `model` (see DESIGN.md). `allow_pickle` permits .ckpt/.bin files;
         `prediction_type` ("epsilon" | "v_prediction") overrides the checkpoint's scheduler
-        config, for single files whose config cannot be known (SD 2.x 512-base vs 768-v)."""
+        config, for single files whose config cannot be known (SD 2.x 512-base vs 768-v);
+        `clip_skip` = k takes text embeddings from CLIP layer -(k + 1) (as diffusers'
+        per-call clip_skip; a load-time setting here because exported engines bake it in)."""
         if backend not in BACKEND_NAMES:
             raise InvalidArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -76,13 +79,16 @@ class Pipeline:
         if dtype not in DTYPES:
             raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         ckpt = load_checkpoint(model, allow_pickle=allow_pickle)
+        layers = ckpt.text_encoder.config.num_hidden_layers
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
+            raise InvalidArgumentError(f"clip_skip must be an integer in [0, {layers - 1}], got {clip_skip!r}")
         if prediction_type is not None:
             if prediction_type not in PREDICTION_TYPES:
                 raise InvalidArgumentError(f"unknown prediction_type {prediction_type!r}; "
                                            f"choose one of {', '.join(PREDICTION_TYPES)}")
             ckpt.info = replace(ckpt.info, scheduler=dict(ckpt.info.scheduler, prediction_type=prediction_type))
         store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
-        return cls(ckpt, make_backend(ckpt, backend, dev, DTYPES[dtype], store), dev, DTYPES[dtype])
+        return cls(ckpt, make_backend(ckpt, backend, dev, DTYPES[dtype], store, clip_skip), dev, DTYPES[dtype])
 
     def __call__(self, prompt, negative_prompt=None, image=None, mask_image=None, strength=None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, scheduler: str = "ddim",

@@ -210,3 +210,18 @@ def test_cli_export_list_prune(ckpts, tmp_path, capsys):
     assert not store.exists() or not any(store.iterdir())
     assert main(["export", "--model", str(ckpts["eps"]), "--engine-dir", str(store), "--static", "3x3"]) == 2
     assert "multiples of 2" in capsys.readouterr().err
+
+
+def test_clip_skip_entries(ckpts, tmp_path):
+    store = tmp_path / "engines"
+    export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("text_encoder",))
+    skip1 = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store), clip_skip=1)
+    assert skip1.backend.backends["text_encoder"] == "eager"  # the entry holds clip_skip 0
+    export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("text_encoder",), clip_skip=1)
+    skip1 = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store), clip_skip=1)
+    eager = Pipeline.from_pretrained(str(ckpts["eps"]), backend="eager", clip_skip=1)
+    ids = torch.randint(0, 500, (2, 77))
+    assert skip1.backend.backends["text_encoder"] == "onnxruntime"
+    assert (skip1.backend.text_encoder(ids) - eager.backend.text_encoder(ids)).abs().max() < 1e-4
+    with pytest.raises(InvalidArgumentError, match="clip_skip"):
+        export_checkpoint(str(ckpts["eps"]), engine_dir=store, clip_skip=2)  # the tiny CLIP has 2 layers

@@ -139,3 +139,29 @@ def test_inpaint_keeps_unmasked_region(pipes, init_image, mask_image):
     outside = F.interpolate(mask_to_tensor(mask_image, 40, 48), size=(20, 24)) == 0
     assert outside.any()
     assert (out.images - x0).abs()[outside.expand_as(out.images)].max() < 1e-5
+
+
+def test_clip_skip(ckpts):
+    """clip_skip=1: embeddings from the penultimate CLIP layer through the final LayerNorm.
+    Reference: diffusers fed with those embeddings computed by transformers directly."""
+    import diffusers
+
+    from fastsd import Pipeline
+
+    ref, cfg = reference(ckpts["eps"], "txt2img")
+    ref.scheduler = diffusers.DDIMScheduler.from_config(cfg)
+
+    def embed(text):
+        ids = ref.tokenizer([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = ref.text_encoder(ids.input_ids, output_hidden_states=True).hidden_states[-2]
+            return getattr(ref.text_encoder, "text_model", ref.text_encoder).final_layer_norm(hidden)
+
+    kw = dict(num_inference_steps=3, height=16, width=16, output_type="np")
+    ours = Pipeline.from_pretrained(str(ckpts["eps"]), clip_skip=1)("a fox", generator=torch.Generator().manual_seed(0),
+                                                                    **kw).images
+    theirs = ref(prompt_embeds=embed("a fox"), negative_prompt_embeds=embed(""),
+                 generator=torch.Generator().manual_seed(0), **kw).images
+    plain = ref("a fox", generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.abs(ours - theirs).max() <= TOL
+    assert np.abs(ours - plain).max() > 10 * TOL  # it changes the image

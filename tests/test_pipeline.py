@@ -143,10 +143,11 @@ def test_nine_channel_txt2img_and_img2img(pipes, init_image):
     assert pipes("inpaint9")("a cat", image=init_image, **FAST).images.shape == (1, 40, 48, 3)
 
 
-def test_engine_backend_falls_back_to_eager(ckpts, caplog):
+def test_engine_backend_falls_back_to_eager(ckpts, caplog, tmp_path):
     with caplog.at_level(logging.WARNING):
-        pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", device="cpu")
-    assert "falls back to eager" in caplog.text
+        pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", device="cpu",
+                                        engine_dir=str(tmp_path))
+    assert "falling back to eager" in caplog.text
     assert set(pipe("a", **FAST).backends.values()) == {"eager"}
 
 
@@ -154,6 +155,8 @@ def test_engine_backend_falls_back_to_eager(ckpts, caplog):
     (dict(backend="openvino"), "unknown backend"),
     (dict(dtype="int8"), "unknown dtype"),
     (dict(prediction_type="sample"), "unknown prediction_type"),
+    (dict(clip_skip=2), r"clip_skip must be an integer in \[0, 1\]"),
+    (dict(clip_skip=-1), "clip_skip"),
 ])
 def test_load_argument_errors(ckpts, kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match):

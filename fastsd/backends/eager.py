@@ -12,9 +12,9 @@ from ..networks import NETWORKS, wrap
 
 
 class EagerBackend:
-    def __init__(self, ckpt, device: torch.device, dtype: torch.dtype):
+    def __init__(self, ckpt, device: torch.device, dtype: torch.dtype, clip_skip: int = 0):
         self.device, self.dtype = device, dtype
-        self.modules = {k: m.to(device=device, dtype=dtype).eval() for k, m in wrap(ckpt).items()}
+        self.modules = {k: m.to(device=device, dtype=dtype).eval() for k, m in wrap(ckpt, clip_skip).items()}
         if device.type == "cuda":
             for k in ("unet", "vae_encoder", "vae_decoder"):
                 self.modules[k].to(memory_format=torch.channels_last)

@@ -19,9 +19,9 @@ PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 ENGINE_BACKENDS = ("tensorrt", "onnxruntime")  # fastest first, for "auto"
 
 
-def _ort_engines(ckpt, device, precision: str, engine_dir: Path, loud: bool) -> dict:
+def _ort_engines(ckpt, device, precision: str, engine_dir: Path, loud: bool, clip_skip: int) -> dict:
     entry = entry_dir(engine_dir, ckpt.info.fingerprint, "onnxruntime", precision)
-    manifest, problems = check_entry(entry, ckpt.info.fingerprint)
+    manifest, problems = check_entry(entry, ckpt.info.fingerprint, {"clip_skip": clip_skip})
     engines = {}
     for n in NETWORKS:
         if n in problems:
@@ -37,9 +37,10 @@ def _ort_engines(ckpt, device, precision: str, engine_dir: Path, loud: bool) -> 
     return engines
 
 
-def make_backend(ckpt, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path):
+def make_backend(ckpt, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
+                 clip_skip: int = 0):
     """The backend for `backend` ("auto" | "tensorrt" | "onnxruntime" | "eager")."""
-    make_eager = lambda: EagerBackend(ckpt, device, dtype)  # noqa: E731
+    make_eager = lambda: EagerBackend(ckpt, device, dtype, clip_skip)  # noqa: E731
     if backend == "eager":
         return make_eager()
     precision = PRECISIONS[dtype]
@@ -50,7 +51,7 @@ def make_backend(ckpt, backend: str, device: torch.device, dtype: torch.dtype, e
         if backend == "onnxruntime":
             log.warning("onnxruntime is not installed (pip install fastsd[onnx]); falling back to eager")
         return make_eager()
-    engines = _ort_engines(ckpt, device, precision, engine_dir, loud=backend == "onnxruntime")
+    engines = _ort_engines(ckpt, device, precision, engine_dir, backend == "onnxruntime", clip_skip)
     if not engines:
         return make_eager()
     return CompositeBackend(engines, make_eager)
