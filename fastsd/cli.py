@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--strength", type=float, default=None, help="img2img/inpaint strength (default 0.8)")
     g.add_argument("--out", default="fastsd.png", help="output PNG; N images get -0, -1, ... suffixes")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    g.add_argument("--backend", default="auto", help="auto | tensorrt | onnxruntime | eager")
+    g.add_argument("--backend", default="auto", help="auto | tensorrt | compiled | onnxruntime | eager")
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32")
     g.add_argument("--engine-dir", default=None, help="engine store (default engines/ or $FASTSD_ENGINE_DIR)")
@@ -66,6 +66,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--clip-skip", type=int, default=0, help="bake text embeddings from CLIP layer -(N+1)")
     e.add_argument("--allow-pickle", action="store_true")
     e.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("build", help="build compiled engines (AOTInductor) into the engine store")
+    c.add_argument("--model", required=True, help="as for generate")
+    c.add_argument("--backend", required=True, help="compiled | tensorrt")
+    c.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default: fp16 on cuda, fp32 on cpu)")
+    c.add_argument("--static", default=None, metavar="HxW", help="image size (default: the checkpoint's)")
+    c.add_argument("--device", default=None, help="cuda | cpu: the device the engines are for")
+    c.add_argument("--engine-dir", default=None)
+    c.add_argument("--networks", default=",".join(NETWORK_NAMES), help="comma-separated subset to build")
+    c.add_argument("--clip-skip", type=int, default=0)
+    c.add_argument("--allow-pickle", action="store_true")
+    c.set_defaults(func=cmd_build)
 
     s = sub.add_parser("engines", help="list or prune the engine store")
     s.add_argument("action", choices=["list", "prune"])
@@ -231,6 +243,25 @@ def cmd_export(args) -> int:
                             networks=networks, simplify=not args.no_simplify, allow_pickle=args.allow_pickle,
                             clip_skip=args.clip_skip,
                             progress=lambda line: print(line, flush=True))
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_build(args) -> int:
+    import time
+
+    if args.backend == "tensorrt":
+        raise FastSDError("TensorRT engines cannot be built here: the native TensorRT backend is not in this build "
+                          "(use `fastsd export` and --backend onnxruntime with onnxruntime-gpu's TensorRT EP)")
+    if args.backend != "compiled":
+        raise FastSDError(f"unknown build backend {args.backend!r}; choose compiled or tensorrt")
+    from export.compiled import build_compiled
+
+    t0 = time.perf_counter()
+    networks = tuple(n.strip() for n in args.networks.split(",") if n.strip())
+    out = build_compiled(args.model, engine_dir=args.engine_dir, dtype=args.dtype, static=args.static,
+                         device=args.device, networks=networks, allow_pickle=args.allow_pickle,
+                         clip_skip=args.clip_skip, progress=lambda line: print(line, flush=True))
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-BACKEND_NAMES = ("auto", "tensorrt", "onnxruntime", "eager")
+BACKEND_NAMES = ("auto", "tensorrt", "compiled", "onnxruntime", "eager")
 
 
 class Backend(Protocol):

@@ -1,4 +1,8 @@
-"""Choosing what runs each network: engines from the store where valid, else eager."""
+"""Choosing what runs each network: engines from the store where valid, else eager.
+
+Per network, the first engine kind (in the order asked for) with a valid entry for the
+loaded checkpoint, precision, settings and this machine wins; eager PyTorch runs the rest.
+"""
 
 from __future__ import annotations
 
@@ -10,48 +14,66 @@ import torch
 from ..engines import Profile, check_entry, entry_dir
 from ..networks import NETWORKS
 from . import onnxruntime as ort_backend
+from .compiled import runtime_facts as compiled_facts
 from .composite import CompositeBackend
 from .eager import EagerBackend
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-ENGINE_BACKENDS = ("tensorrt", "onnxruntime")  # fastest first, for "auto"
+AUTO_ORDER = ("tensorrt", "compiled", "onnxruntime")  # fastest first
 
 
-def _ort_engines(ckpt, device, precision: str, engine_dir: Path, loud: bool, clip_skip: int) -> dict:
-    entry = entry_dir(engine_dir, ckpt.info.fingerprint, "onnxruntime", precision)
-    manifest, problems = check_entry(entry, ckpt.info.fingerprint, {"clip_skip": clip_skip})
+def _available(kind: str) -> str | None:
+    """Why engines of `kind` cannot run in this installation (None if they can)."""
+    if kind == "onnxruntime" and not ort_backend.available():
+        return "onnxruntime is not installed (pip install 'fastsd[onnx]')"
+    if kind == "tensorrt":
+        return "the native TensorRT backend is not in this build"
+    return None
+
+
+def _runner(kind, path, network, ckpt, device, dtype, profile):
+    if kind == "onnxruntime":
+        return ort_backend.OrtRunner(path, network, ckpt.info, device, profile)
+    from .compiled import CompiledRunner
+
+    return CompiledRunner(path, network, ckpt.info, device, profile, dtype)
+
+
+def _engines(kind, ckpt, device, dtype, engine_dir: Path, clip_skip: int, loud: bool) -> dict:
+    why = _available(kind)
+    if why:
+        if loud:
+            log.warning("%s: %s; falling back to eager", kind, why)
+        return {}
+    entry = entry_dir(engine_dir, ckpt.info.fingerprint, kind, PRECISIONS[dtype])
+    facts = {"clip_skip": clip_skip, **(compiled_facts(device) if kind == "compiled" else {})}
+    manifest, problems = check_entry(entry, ckpt.info.fingerprint, facts)
     engines = {}
     for n in NETWORKS:
         if n in problems:
             if loud:
-                log.warning("onnxruntime %s: %s; falling back to eager", n, problems[n])
+                log.warning("%s %s: %s; falling back to eager", kind, n, problems[n])
             continue
-        graph = next(f for f in manifest["networks"][n]["sha256"] if f.endswith(".onnx"))
+        graph = next(f for f in manifest["networks"][n]["sha256"] if f.endswith((".onnx", ".pt2")))
         try:
-            engines[n] = ort_backend.OrtRunner(entry / graph, n, ckpt.info, device, Profile(**manifest["profile"]))
-        except Exception as e:  # noqa: BLE001 - no usable provider, or a graph ORT cannot load
-            log.warning("onnxruntime %s: cannot start a session (%s); falling back to eager", n,
+            engines[n] = _runner(kind, entry / graph, n, ckpt, device, dtype, Profile(**manifest["profile"]))
+        except Exception as e:  # noqa: BLE001 - no usable provider, or an artifact that will not load
+            log.warning("%s %s: cannot load the engine (%s); falling back to eager", kind, n,
                         str(e).splitlines()[0] if str(e) else type(e).__name__)
     return engines
 
 
 def make_backend(ckpt, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
                  clip_skip: int = 0):
-    """The backend for `backend` ("auto" | "tensorrt" | "onnxruntime" | "eager")."""
+    """The backend for `backend` ("auto" | "tensorrt" | "compiled" | "onnxruntime" | "eager")."""
     make_eager = lambda: EagerBackend(ckpt, device, dtype, clip_skip)  # noqa: E731
     if backend == "eager":
         return make_eager()
-    precision = PRECISIONS[dtype]
-    if backend == "tensorrt":
-        log.warning("the TensorRT backend is not in this build; every network falls back to eager")
-        return make_eager()
-    if not ort_backend.available():
-        if backend == "onnxruntime":
-            log.warning("onnxruntime is not installed (pip install fastsd[onnx]); falling back to eager")
-        return make_eager()
-    engines = _ort_engines(ckpt, device, precision, engine_dir, backend == "onnxruntime", clip_skip)
-    if not engines:
-        return make_eager()
-    return CompositeBackend(engines, make_eager)
+    kinds = AUTO_ORDER if backend == "auto" else (backend,)
+    engines: dict = {}
+    for kind in kinds:
+        found = _engines(kind, ckpt, device, dtype, engine_dir, clip_skip, loud=backend != "auto")
+        engines.update({n: r for n, r in found.items() if n not in engines})
+    return CompositeBackend(engines, make_eager) if engines else make_eager()

@@ -1,0 +1,75 @@
+"""Build `compiled` engines: AOTInductor packages (.pt2) of the four networks.
+
+Each network is captured with torch.export (dynamic batch, fixed height x width: the
+profile's static size, the checkpoint's default unless --static says otherwise), compiled
+ahead of time by Inductor for this device and precision, and packaged; the runtime loads
+a package without recompiling. Packages are tied to the torch version and the device
+(GPU name and compute capability, or the CPU), which the manifest records and the
+runtime checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fastsd.backends.compiled import runtime_facts
+from fastsd.checkpoint import load_checkpoint
+from fastsd.engines import MAX_BATCH, Profile, Staging, base_manifest, default_engine_dir, entry_dir
+from fastsd.errors import InvalidArgumentError
+from fastsd.networks import NETWORKS, SPECS, sample_inputs, wrap
+
+from .onnx_export import parse_static
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _dynamic_batch(name: str) -> dict:
+    batch = torch.export.Dim("batch", min=1, max=2 * MAX_BATCH)
+    return {inp: {0: batch} for inp in SPECS[name].inputs}
+
+
+def compile_network(module: torch.nn.Module, name: str, args: tuple, path: Path) -> None:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, args, dynamic_shapes=_dynamic_batch(name))
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+
+
+def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str | None = None,
+                   static: str | None = None, device: str | None = None, networks: tuple[str, ...] = NETWORKS,
+                   allow_pickle: bool = False, clip_skip: int = 0,
+                   progress: Callable[[str], None] = log.info) -> Path:
+    """Compile `model` into engine_dir/<fingerprint>/compiled-<dtype>/; returns that folder."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or ("fp16" if dev.type == "cuda" else "fp32")
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    unknown = set(networks) - set(NETWORKS)
+    if unknown:
+        raise InvalidArgumentError(f"unknown networks {sorted(unknown)}; choose from {', '.join(NETWORKS)}")
+    ckpt = load_checkpoint(model, allow_pickle=allow_pickle)
+    info = ckpt.info
+    size = parse_static(static, info.vae_factor) or (info.default_size, info.default_size)
+    profile = Profile.for_model(info, size)
+    final = entry_dir(Path(engine_dir) if engine_dir else default_engine_dir(), info.fingerprint, "compiled", dtype)
+    modules = wrap(ckpt, clip_skip)
+    with Staging(final) as stage:
+        for name in networks:
+            t0 = time.perf_counter()
+            module = modules[name].to(dev, DTYPES[dtype]).eval()
+            args = tuple(a.to(dev) for a in sample_inputs(name, info, 2, *size, DTYPES[dtype]))
+            path = stage.dir / f"{name}.pt2"
+            compile_network(module, name, args, path)
+            seconds = time.perf_counter() - t0
+            stage.add(name, [path.name], export_seconds=round(seconds, 2), bytes=path.stat().st_size)
+            progress(f"{name}: compiled in {seconds:.1f}s, {path.stat().st_size / 2**20:.1f} MiB ({path.name})")
+        return stage.commit(base_manifest(info, "compiled", dtype, profile, exporter="AOTInductor",
+                                          clip_skip=clip_skip, **runtime_facts(dev)))

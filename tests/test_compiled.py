@@ -1,0 +1,80 @@
+"""The `compiled` backend (AOTInductor packages): build, keying, loading, fallbacks (CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from export.compiled import build_compiled
+from fastsd import Pipeline
+from fastsd.cli import main
+
+TOL = 1e-3
+KW = dict(num_inference_steps=3, output_type="np", seed=5)
+
+
+@pytest.fixture(scope="module")
+def store(ckpts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("compiled")
+    build_compiled(str(ckpts["eps"]), engine_dir=root, networks=("text_encoder", "unet", "vae_decoder"))
+    return root
+
+
+def entry(store):
+    return next(store.glob("*/compiled-fp32"))
+
+
+def test_compiled_matches_eager(ckpts, pipes, store):
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="compiled", engine_dir=str(store))
+    out = pipe("a lighthouse", **KW)
+    assert out.backends == {"text_encoder": "compiled", "unet": "compiled", "vae_encoder": "eager",
+                            "vae_decoder": "compiled"}
+    assert np.abs(out.images - pipes("eps")("a lighthouse", **KW).images).max() <= TOL
+    manifest = json.loads((entry(store) / "manifest.json").read_text())
+    assert manifest["exporter"] == "AOTInductor" and manifest["torch"] and manifest["device_key"].startswith("cpu:")
+    assert manifest["profile"]["static"] and manifest["profile"]["opt_size"] == 32
+
+
+def test_other_size_runs_eager(ckpts, store, caplog):
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="compiled", engine_dir=str(store))
+    out = pipe("x", height=24, width=24, **KW)
+    assert out.backends["unet"] == "eager" and out.backends["text_encoder"] == "compiled"
+    assert "not the engine's static 32x32" in caplog.text
+
+
+@pytest.mark.parametrize("fact,value", [("torch", "1.0.0"), ("device_key", "cuda:NVIDIA H100:sm_90")])
+def test_package_for_other_torch_or_device_refused(ckpts, store, tmp_path, fact, value, caplog):
+    copy = shutil.copytree(store, tmp_path / "s")
+    m = next(copy.glob("*/compiled-fp32")) / "manifest.json"
+    m.write_text(json.dumps({**json.loads(m.read_text()), fact: value}))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="compiled", engine_dir=str(copy))
+    assert set(pipe.backend.backends.values()) == {"eager"}
+    assert f"built for {fact}={value}" in caplog.text
+
+
+def test_auto_mixes_engine_kinds_per_network(ckpts, store, tmp_path):
+    """auto: per network, the fastest kind with a valid engine (compiled before onnxruntime)."""
+    pytest.importorskip("onnxruntime")
+    from export import export_checkpoint
+
+    mixed = shutil.copytree(store, tmp_path / "mixed")
+    export_checkpoint(str(ckpts["eps"]), engine_dir=mixed, networks=("unet", "vae_encoder"))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="auto", engine_dir=str(mixed))
+    assert pipe.backend.backends == {"text_encoder": "compiled", "unet": "compiled", "vae_encoder": "onnxruntime",
+                                     "vae_decoder": "compiled"}
+
+
+def test_build_cli(ckpts, tmp_path, capsys):
+    assert main(["build", "--model", str(ckpts["eps"]), "--backend", "tensorrt", "--engine-dir", str(tmp_path)]) == 2
+    assert "TensorRT" in capsys.readouterr().err
+    assert main(["build", "--model", str(ckpts["eps"]), "--backend", "openvino"]) == 2
+    assert main(["build", "--model", str(ckpts["eps"]), "--backend", "compiled", "--static", "9x9",
+                 "--engine-dir", str(tmp_path)]) == 2
+    assert "multiples of 2" in capsys.readouterr().err
+    assert main(["build", "--model", str(ckpts["eps"]), "--backend", "compiled", "--networks", "text_encoder",
+                 "--engine-dir", str(tmp_path)]) == 0
+    assert "text_encoder: compiled in" in capsys.readouterr().out
+    assert not [p for p in tmp_path.rglob(".staging-*")]
