@@ -28,6 +28,8 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 WEIGHT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+IGNORED_CONFIG_KEYS = ("name_or_path", "transformers_version", "torch_dtype", "dtype", "scaling_factor",
+                       "sample_size", "force_upcast", "output_hidden_states", "architectures")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class ModelInfo:
     scheduler: dict  # the raw scheduler config
     fingerprint: str  # content hash of every weight and config file
     source: str  # what the user passed
+    architecture: str = ""  # hash of the network configs: equal means same shapes (refittable engines)
 
     @property
     def default_size(self) -> int:
@@ -205,6 +208,13 @@ def _load_folder(root: Path, allow_pickle: bool) -> dict:
         raise CheckpointError(f"cannot load checkpoint {root}: {first}") from None
 
 
+def architecture_hash(*configs) -> str:
+    """Hash of the configs that fix every weight's name and shape (not the weights)."""
+    clean = [{k: v for k, v in dict(c).items() if not k.startswith("_") and k not in IGNORED_CONFIG_KEYS}
+             for c in configs]
+    return hashlib.blake2b(json.dumps(clean, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
 def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str) -> Checkpoint:
     unet, vae, tok = parts["unet"], parts["vae"], parts["tokenizer"]
     for m in (parts["text_encoder"], unet, vae):
@@ -221,6 +231,7 @@ def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str) -> Check
         scheduler=scheduler,
         fingerprint=fp,
         source=source,
+        architecture=architecture_hash(unet.config, vae.config, parts["text_encoder"].config.to_dict()),
     )
     if info.unet_in_channels not in (info.latent_channels, 2 * info.latent_channels + 1):
         raise CheckpointError(f"unsupported UNet with {info.unet_in_channels} input channels")

@@ -250,15 +250,19 @@ def cmd_export(args) -> int:
 def cmd_build(args) -> int:
     import time
 
-    if args.backend == "tensorrt":
-        raise FastSDError("TensorRT engines cannot be built here: the native TensorRT backend is not in this build "
-                          "(use `fastsd export` and --backend onnxruntime with onnxruntime-gpu's TensorRT EP)")
-    if args.backend != "compiled":
+    if args.backend not in ("compiled", "tensorrt"):
         raise FastSDError(f"unknown build backend {args.backend!r}; choose compiled or tensorrt")
-    from export.compiled import build_compiled
-
     t0 = time.perf_counter()
     networks = tuple(n.strip() for n in args.networks.split(",") if n.strip())
+    if args.backend == "tensorrt":
+        from export.tensorrt import build_tensorrt
+
+        out = build_tensorrt(args.model, engine_dir=args.engine_dir, static=args.static, networks=networks,
+                             allow_pickle=args.allow_pickle, progress=lambda line: print(line, flush=True))
+        print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+        return 0
+    from export.compiled import build_compiled
+
     out = build_compiled(args.model, engine_dir=args.engine_dir, dtype=args.dtype, static=args.static,
                          device=args.device, networks=networks, allow_pickle=args.allow_pickle,
                          clip_skip=args.clip_skip, progress=lambda line: print(line, flush=True))

@@ -117,7 +117,8 @@ class Staging:
 def base_manifest(info, backend: str, precision: str, profile: Profile, **facts) -> dict:
     return {
         "format": ENGINE_FORMAT, "fastsd": __version__, "backend": backend, "precision": precision,
-        "checkpoint": info.fingerprint, "source": info.source, "profile": asdict(profile),
+        "checkpoint": info.fingerprint, "source": info.source, "architecture": info.architecture,
+        "profile": asdict(profile),
         "host": {"machine": platform.machine(), "python": platform.python_version()}, **facts,
     }
 
@@ -202,3 +203,28 @@ def prune(engine_dir: Path, everything: bool = False, dry_run: bool = False) -> 
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
     return doomed
+
+
+def trt_shapes(network: str, info, profile: Profile) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """TensorRT optimization-profile shapes (min, opt, max) of each input of `network`."""
+    from .networks import SPECS, io_shapes
+
+    doubled = 2 if network in ("text_encoder", "unet") else 1  # CFG's batch of 2
+    lo = io_shapes(network, info, profile.min_batch, profile.min_size, profile.min_size)
+    opt = io_shapes(network, info, profile.opt_batch * doubled, profile.opt_size, profile.opt_width)
+    hi = io_shapes(network, info, profile.max_batch * doubled, profile.max_size, profile.max_size)
+    if profile.static:
+        lo = io_shapes(network, info, profile.min_batch, profile.opt_size, profile.opt_width)
+        hi = io_shapes(network, info, profile.max_batch * doubled, profile.opt_size, profile.opt_width)
+    return {name: (lo[name], opt[name], hi[name]) for name in SPECS[network].inputs}
+
+
+def refit_source(engine_dir: Path, info, backend: str, precision: str) -> Path | None:
+    """An intact entry built for another checkpoint of the same architecture, whose
+    refittable engines can take this checkpoint's weights instead of a rebuild."""
+    for row in list_entries(engine_dir):
+        manifest = read_manifest(row["path"]) or {}
+        if (row["kind"] == f"{backend}-{precision}" and row["checkpoint"] != info.fingerprint and not row["problems"]
+                and manifest.get("refittable") and manifest.get("architecture") == info.architecture):
+            return row["path"]
+    return None

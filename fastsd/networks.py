@@ -121,6 +121,15 @@ def io_shapes(name: str, info, batch: int, height: int, width: int) -> dict[str,
     }[name]
 
 
+def call_dims(network: str, info, first: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, height, width in pixels) of a call, from its first input (0, 0 for text)."""
+    if network == "text_encoder":
+        return first.shape[0], 0, 0
+    if network == "vae_encoder":
+        return first.shape[0], first.shape[2], first.shape[3]
+    return first.shape[0], first.shape[2] * info.vae_factor, first.shape[3] * info.vae_factor
+
+
 def sample_inputs(name: str, info, batch: int, height: int, width: int,
                   dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Example inputs to trace network `name` with, in its ONNX input order."""

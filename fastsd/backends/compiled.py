@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..networks import FP32_INPUTS, INT_INPUTS, SPECS
+from ..networks import FP32_INPUTS, INT_INPUTS, SPECS, call_dims
 
 
 def device_key(device: torch.device) -> str:
@@ -33,12 +33,7 @@ class CompiledRunner:
         self.spec = SPECS[network]
 
     def refuses(self, *inputs: torch.Tensor) -> str | None:
-        first, f = inputs[0], self.info.vae_factor
-        if self.network == "text_encoder":
-            return self.profile.refuses(self.network, first.shape[0], 0, 0)
-        if self.network == "vae_encoder":
-            return self.profile.refuses(self.network, first.shape[0], first.shape[2], first.shape[3])
-        return self.profile.refuses(self.network, first.shape[0], first.shape[2] * f, first.shape[3] * f)
+        return self.profile.refuses(self.network, *call_dims(self.network, self.info, inputs[0]))
 
     def _cast(self, name: str, t: torch.Tensor) -> torch.Tensor:
         if name in INT_INPUTS:

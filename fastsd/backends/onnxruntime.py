@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..networks import SPECS, io_shapes
+from ..networks import SPECS, call_dims, io_shapes
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +66,7 @@ class OrtRunner:
         self.out_type = _ORT_TO_TORCH[self.session.get_outputs()[0].type]
 
     def refuses(self, *inputs: torch.Tensor) -> str | None:
-        batch, height, width = self._dims(inputs[0])
-        return self.profile.refuses(self.network, batch, height, width)
-
-    def _dims(self, first: torch.Tensor) -> tuple[int, int, int]:
-        f = self.info.vae_factor
-        if self.network == "text_encoder":
-            return first.shape[0], 0, 0
-        if self.network == "vae_encoder":
-            return first.shape[0], first.shape[2], first.shape[3]
-        return first.shape[0], first.shape[2] * f, first.shape[3] * f
+        return self.profile.refuses(self.network, *call_dims(self.network, self.info, inputs[0]))
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         feeds = {n: t.to(self.in_types[n]).contiguous() for n, t in zip(self.spec.inputs, inputs, strict=True)}
@@ -89,7 +80,7 @@ class OrtRunner:
         dev_id = self.device.index or 0
         for n, t in feeds.items():
             binding.bind_input(n, "cuda", dev_id, _TORCH_TO_NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
-        batch, height, width = self._dims(first)
+        batch, height, width = call_dims(self.network, self.info, first)
         shape = io_shapes(self.network, self.info, batch, height, width)[self.spec.outputs[0]]
         out = torch.empty(shape, dtype=self.out_type, device=self.device)
         binding.bind_output(self.spec.outputs[0], "cuda", dev_id, _TORCH_TO_NUMPY[out.dtype], shape, out.data_ptr())

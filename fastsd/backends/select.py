@@ -14,6 +14,7 @@ import torch
 from ..engines import Profile, check_entry, entry_dir
 from ..networks import NETWORKS
 from . import onnxruntime as ort_backend
+from . import tensorrt as trt_backend
 from .compiled import runtime_facts as compiled_facts
 from .composite import CompositeBackend
 from .eager import EagerBackend
@@ -28,14 +29,16 @@ def _available(kind: str) -> str | None:
     """Why engines of `kind` cannot run in this installation (None if they can)."""
     if kind == "onnxruntime" and not ort_backend.available():
         return "onnxruntime is not installed (pip install 'fastsd[onnx]')"
-    if kind == "tensorrt":
-        return "the native TensorRT backend is not in this build"
+    if kind == "tensorrt" and not trt_backend.available():
+        return "TensorRT engines need the tensorrt package and a CUDA device"
     return None
 
 
 def _runner(kind, path, network, ckpt, device, dtype, profile):
     if kind == "onnxruntime":
         return ort_backend.OrtRunner(path, network, ckpt.info, device, profile)
+    if kind == "tensorrt":
+        return trt_backend.TrtRunner(path, network, ckpt.info, device, profile)
     from .compiled import CompiledRunner
 
     return CompiledRunner(path, network, ckpt.info, device, profile, dtype)
@@ -48,7 +51,11 @@ def _engines(kind, ckpt, device, dtype, engine_dir: Path, clip_skip: int, loud: 
             log.warning("%s: %s; falling back to eager", kind, why)
         return {}
     entry = entry_dir(engine_dir, ckpt.info.fingerprint, kind, PRECISIONS[dtype])
-    facts = {"clip_skip": clip_skip, **(compiled_facts(device) if kind == "compiled" else {})}
+    facts = {"clip_skip": clip_skip}
+    if kind == "compiled":
+        facts.update(compiled_facts(device))
+    elif kind == "tensorrt":
+        facts.update(trt_backend.runtime_facts())
     manifest, problems = check_entry(entry, ckpt.info.fingerprint, facts)
     engines = {}
     for n in NETWORKS:
@@ -56,7 +63,7 @@ def _engines(kind, ckpt, device, dtype, engine_dir: Path, clip_skip: int, loud: 
             if loud:
                 log.warning("%s %s: %s; falling back to eager", kind, n, problems[n])
             continue
-        graph = next(f for f in manifest["networks"][n]["sha256"] if f.endswith((".onnx", ".pt2")))
+        graph = next(f for f in manifest["networks"][n]["sha256"] if f.endswith((".onnx", ".pt2", ".plan")))
         try:
             engines[n] = _runner(kind, entry / graph, n, ckpt, device, dtype, Profile(**manifest["profile"]))
         except Exception as e:  # noqa: BLE001 - no usable provider, or an artifact that will not load
