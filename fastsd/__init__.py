@@ -3,6 +3,6 @@
 __version__ = "0.1.0"
 
 from . import errors  # noqa: E402
-from .pipeline import Pipeline, PipelineOutput  # noqa: E402
+from .pipeline import MemoryOptions, Pipeline, PipelineOutput  # noqa: E402
 
-__all__ = ["Pipeline", "PipelineOutput", "errors", "__version__"]
+__all__ = ["MemoryOptions", "Pipeline", "PipelineOutput", "errors", "__version__"]

@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
     g.add_argument("--prediction-type", default=None, help="epsilon | v_prediction (override the checkpoint's)")
     g.add_argument("--clip-skip", type=int, default=0, help="text embeddings from CLIP layer -(N+1)")
+    g.add_argument("--attention-slicing", action="store_true", help="less memory for attention (slower)")
+    g.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
+    g.add_argument("--vae-tiling", action="store_true", help="decode in overlapping tiles (large images)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate)
 
@@ -165,7 +168,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from .images import load_image
-    from .pipeline import Pipeline
+    from .pipeline import MemoryOptions, Pipeline
 
     if args.n < 1:
         raise FastSDError(f"--n must be >= 1, got {args.n}")
@@ -173,7 +176,10 @@ def cmd_generate(args) -> int:
     image = load_image(args.image) if args.image else None
     mask = load_image(args.mask) if args.mask else None
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    memory = MemoryOptions(attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
+                           vae_tiling=args.vae_tiling)
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                                    memory=memory,
                                     engine_dir=args.engine_dir, allow_pickle=args.allow_pickle,
                                     prediction_type=args.prediction_type, clip_skip=args.clip_skip)
     bar = _progress(args)

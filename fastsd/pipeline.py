@@ -29,10 +29,22 @@ from .guidance import blend, cfg_denoiser, unet_denoiser
 from .networks import VaeDecoder
 from .schedulers import PREDICTION_TYPES, SAMPLERS, SchedulerConfig, add_noise, first_step
 from .settings import Request, make_request
+from .tiling import decode_sliced, decode_tiled
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """Load-time memory savers for small GPUs (each costs some speed)."""
+
+    attention_slicing: bool = False  # eager UNet: attention computed in slices (diffusers' "auto")
+    vae_slicing: bool = False  # decode a batch one image at a time
+    vae_tiling: bool = False  # decode in overlapping latent tiles (large images)
+    tile: int = 64  # latent pixels per tile (512 px for SD)
+    tile_overlap: int = 16  # latent pixels shared by neighbouring tiles
 
 
 @dataclass
@@ -55,16 +67,20 @@ class _Latents:
 
 
 class Pipeline:
-    def __init__(self, ckpt: Checkpoint, backend, device: torch.device, dtype: torch.dtype):
+    def __init__(self, ckpt: Checkpoint, backend, device: torch.device, dtype: torch.dtype,
+                 memory: MemoryOptions | None = None):
         self.ckpt, self.info, self.tokenizer = ckpt, ckpt.info, ckpt.tokenizer
         self.backend, self.device, self.dtype = backend, device, dtype
+        self.memory = memory or MemoryOptions()
+        if self.memory.attention_slicing:
+            ckpt.unet.set_attention_slice("auto")
         self._vae_fp32: VaeDecoder | None = None
 
     @classmethod
     def from_pretrained(cls, model: str, backend: str = "auto", device: str | None = None,
                         dtype: str | None = None, engine_dir: str | None = None,
                         allow_pickle: bool = False, prediction_type: str | None = None,
-                        clip_skip: int = 0) -> "Pipeline":
+                        clip_skip: int = 0, memory: MemoryOptions | None = None) -> "Pipeline":
         """Load `model` (see DESIGN.md). `allow_pickle` permits .ckpt/.bin files;
         `prediction_type` ("epsilon" | "v_prediction") overrides the checkpoint's scheduler
         config, for single files whose config cannot be known (SD 2.x 512-base vs 768-v);
@@ -88,7 +104,10 @@ class Pipeline:
                                            f"choose one of {', '.join(PREDICTION_TYPES)}")
             ckpt.info = replace(ckpt.info, scheduler=dict(ckpt.info.scheduler, prediction_type=prediction_type))
         store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
-        return cls(ckpt, make_backend(ckpt, backend, dev, DTYPES[dtype], store, clip_skip), dev, DTYPES[dtype])
+        if memory is not None and not 0 <= memory.tile_overlap < memory.tile:
+            raise InvalidArgumentError(f"tile_overlap must be in [0, tile={memory.tile}), got {memory.tile_overlap}")
+        backend_ = make_backend(ckpt, backend, dev, DTYPES[dtype], store, clip_skip)
+        return cls(ckpt, backend_, dev, DTYPES[dtype], memory)
 
     def __call__(self, prompt, negative_prompt=None, image=None, mask_image=None, strength=None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, scheduler: str = "ddim",
@@ -208,14 +227,24 @@ class Pipeline:
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         z = latents / self.info.vae_scale + self.info.vae_shift
-        images = self.backend.vae_decoder(z)
+        images = self._decode_with(self.backend.vae_decoder, z)
         if not torch.isfinite(images).all():
             log.warning("VAE decode overflowed in %s (NaN/inf); decoding again in fp32", self.dtype)
-            images = self._decode_fp32(z)
+            images = self._decode_with(self._decoder_fp32(), z)
         return imgs.to_numpy(images)
 
-    def _decode_fp32(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode_with(self, decoder, z: torch.Tensor) -> torch.Tensor:
+        m = self.memory
+        if m.vae_tiling:
+            return decode_tiled(decoder, z, self.info.vae_factor, m.tile, m.tile_overlap)
+        return decode_sliced(decoder, z) if m.vae_slicing else decoder(z)
+
+    def _decoder_fp32(self):
         if self._vae_fp32 is None:
             self._vae_fp32 = VaeDecoder(copy.deepcopy(self.ckpt.vae)).to(self.device, torch.float32).eval()
-        with torch.inference_mode():
-            return self._vae_fp32(z.float())
+
+        def decode(z):
+            with torch.inference_mode():
+                return self._vae_fp32(z.float())
+
+        return decode
