@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-slicing", action="store_true", help="less memory for attention (slower)")
     g.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
     g.add_argument("--vae-tiling", action="store_true", help="decode in overlapping tiles (large images)")
+    g.add_argument("--cuda-graphs", action="store_true", help="replay the eager UNet as a CUDA graph")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate)
 
@@ -92,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark backends side by side with diffusers; or: bench compare A.json B.json")
     b.add_argument("action", nargs="*", help="empty to run, or: compare REPORT.json REPORT.json ...")
     b.add_argument("--model", default=None, help="as for generate; synthetic:sd15 etc. run offline")
-    b.add_argument("--backends", default=None, help="comma list of eager,onnxruntime,tensorrt,diffusers")
+    b.add_argument("--backends", default=None,
+                   help="comma list of eager,eager+graphs,compiled,onnxruntime,tensorrt,diffusers")
     b.add_argument("--height", type=int, default=None)
     b.add_argument("--width", type=int, default=None)
     b.add_argument("--sizes", default=None, help="comma list of HxW (instead of --height/--width)")
@@ -179,7 +181,7 @@ def cmd_generate(args) -> int:
     memory = MemoryOptions(attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
                            vae_tiling=args.vae_tiling)
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                                    memory=memory,
+                                    memory=memory, cuda_graphs=args.cuda_graphs,
                                     engine_dir=args.engine_dir, allow_pickle=args.allow_pickle,
                                     prediction_type=args.prediction_type, clip_skip=args.clip_skip)
     bar = _progress(args)

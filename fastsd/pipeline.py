@@ -80,7 +80,8 @@ class Pipeline:
     def from_pretrained(cls, model: str, backend: str = "auto", device: str | None = None,
                         dtype: str | None = None, engine_dir: str | None = None,
                         allow_pickle: bool = False, prediction_type: str | None = None,
-                        clip_skip: int = 0, memory: MemoryOptions | None = None) -> "Pipeline":
+                        clip_skip: int = 0, memory: MemoryOptions | None = None,
+                        cuda_graphs: bool = False) -> "Pipeline":
         """Load `model` (see DESIGN.md). `allow_pickle` permits .ckpt/.bin files;
         `prediction_type` ("epsilon" | "v_prediction") overrides the checkpoint's scheduler
         config, for single files whose config cannot be known (SD 2.x 512-base vs 768-v);
@@ -91,6 +92,8 @@ class Pipeline:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise InvalidArgumentError("device 'cuda' requested but CUDA is not available")
+        if cuda_graphs and dev.type != "cuda":
+            raise InvalidArgumentError("cuda_graphs needs a CUDA device")
         dtype = dtype or ("fp16" if dev.type == "cuda" else "fp32")
         if dtype not in DTYPES:
             raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -106,7 +109,7 @@ class Pipeline:
         store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
         if memory is not None and not 0 <= memory.tile_overlap < memory.tile:
             raise InvalidArgumentError(f"tile_overlap must be in [0, tile={memory.tile}), got {memory.tile_overlap}")
-        backend_ = make_backend(ckpt, backend, dev, DTYPES[dtype], store, clip_skip)
+        backend_ = make_backend(ckpt, backend, dev, DTYPES[dtype], store, clip_skip, cuda_graphs)
         return cls(ckpt, backend_, dev, DTYPES[dtype], memory)
 
     def __call__(self, prompt, negative_prompt=None, image=None, mask_image=None, strength=None,

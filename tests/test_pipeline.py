@@ -169,6 +169,22 @@ def test_cuda_unavailable(ckpts):
         Pipeline.from_pretrained(str(ckpts["eps"]), device="cuda")
 
 
+def test_cuda_graphs_need_cuda(ckpts):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only error")
+    with pytest.raises(InvalidArgumentError, match="cuda_graphs needs a CUDA device"):
+        Pipeline.from_pretrained(str(ckpts["eps"]), device="cpu", cuda_graphs=True)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_match_eager(ckpts):
+    kw = dict(num_inference_steps=4, output_type="np", seed=0)
+    plain = Pipeline.from_pretrained(str(ckpts["eps"]), device="cuda")("a cat", **kw).images
+    graphed = Pipeline.from_pretrained(str(ckpts["eps"]), device="cuda", cuda_graphs=True)
+    first, again = graphed("a cat", **kw).images, graphed("a cat", **kw).images
+    assert np.abs(first - plain).max() < 1e-2 and np.array_equal(first, again)
+
+
 @pytest.mark.gpu
 def test_cuda_fp16_runs_without_nan(ckpts):
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), device="cuda")

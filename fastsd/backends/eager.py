@@ -12,12 +12,18 @@ from ..networks import NETWORKS, wrap
 
 
 class EagerBackend:
-    def __init__(self, ckpt, device: torch.device, dtype: torch.dtype, clip_skip: int = 0):
+    def __init__(self, ckpt, device: torch.device, dtype: torch.dtype, clip_skip: int = 0,
+                 cuda_graphs: bool = False):
         self.device, self.dtype = device, dtype
         self.modules = {k: m.to(device=device, dtype=dtype).eval() for k, m in wrap(ckpt, clip_skip).items()}
         if device.type == "cuda":
             for k in ("unet", "vae_encoder", "vae_decoder"):
                 self.modules[k].to(memory_format=torch.channels_last)
+        self._graphed_unet = None
+        if cuda_graphs:  # one graph per (batch, height, width), captured on first use
+            from .cuda_graphs import GraphedCall
+
+            self._graphed_unet = GraphedCall(self._unet_fp)
         self.backends = {k: "eager" for k in NETWORKS}
 
     def _run(self, name: str, *args: torch.Tensor) -> torch.Tensor:
@@ -27,8 +33,15 @@ class EagerBackend:
     def text_encoder(self, input_ids):
         return self._run("text_encoder", input_ids.to(self.device))
 
+    def _unet_fp(self, sample, timestep, encoder_hidden_states):
+        with torch.inference_mode():
+            return self.modules["unet"](sample, timestep, encoder_hidden_states)
+
     def unet(self, sample, timestep, encoder_hidden_states):
-        return self._run("unet", sample.to(self.dtype), timestep.float(), encoder_hidden_states.to(self.dtype))
+        args = (sample.to(self.dtype), timestep.float().contiguous(), encoder_hidden_states.to(self.dtype))
+        if self._graphed_unet is not None:
+            return self._graphed_unet(*args).float()
+        return self._run("unet", *args)
 
     def vae_encoder(self, images):
         return self._run("vae_encoder", images.to(self.dtype))

@@ -73,9 +73,9 @@ def _engines(kind, ckpt, device, dtype, engine_dir: Path, clip_skip: int, loud: 
 
 
 def make_backend(ckpt, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
-                 clip_skip: int = 0):
+                 clip_skip: int = 0, cuda_graphs: bool = False):
     """The backend for `backend` ("auto" | "tensorrt" | "compiled" | "onnxruntime" | "eager")."""
-    make_eager = lambda: EagerBackend(ckpt, device, dtype, clip_skip)  # noqa: E731
+    make_eager = lambda: EagerBackend(ckpt, device, dtype, clip_skip, cuda_graphs)  # noqa: E731
     if backend == "eager":
         return make_eager()
     kinds = AUTO_ORDER if backend == "auto" else (backend,)

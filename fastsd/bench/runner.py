@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "fastsd-bench/1"
 BASELINE = "diffusers"
-FASTSD_BACKENDS = ("eager", "onnxruntime", "tensorrt")
+FASTSD_BACKENDS = ("eager", "eager+graphs", "compiled", "onnxruntime", "tensorrt")
+GRAPHS = "eager+graphs"  # eager PyTorch with the UNet replayed as a CUDA graph
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
                         "euler_a": "EulerAncestralDiscreteScheduler"}
@@ -127,14 +128,20 @@ def _measure(calls: dict[str, Callable[[int], dict]], cfg: BenchConfig, device: 
 def _load_fastsd(cfg: BenchConfig, backend: str, ckpt, device, dtype, notes: list):
     def load():
         root = Path(cfg.engine_dir) if cfg.engine_dir else default_engine_dir()
-        return Pipeline(ckpt, make_backend(ckpt, backend, device, dtype, root), device, dtype)
+        kind = "eager" if backend == GRAPHS else backend
+        return Pipeline(ckpt, make_backend(ckpt, kind, device, dtype, root, cuda_graphs=backend == GRAPHS), device,
+                        dtype)
 
+    if backend == GRAPHS and device.type != "cuda":
+        notes.append(f"{GRAPHS}: needs a CUDA device; skipped")
+        return None, None
     pipe = load()
     export_s = None
-    if backend != "eager" and set(pipe.backend.backends.values()) == {"eager"}:
+    if backend not in ("eager", GRAPHS) and set(pipe.backend.backends.values()) == {"eager"}:
         if not (cfg.export_missing and backend == "onnxruntime"):
-            notes.append(f"{backend}: no engines for this checkpoint (run `fastsd export`, or bench "
-                         "--export-missing); skipped")
+            how = "fastsd export, or bench --export-missing" if backend == "onnxruntime" else \
+                f"fastsd build --backend {backend}"
+            notes.append(f"{backend}: no engines for this checkpoint (run {how}); skipped")
             return None, None
         from export import export_checkpoint
 
@@ -289,7 +296,8 @@ def _backend_runner(cfg, backend, ckpt, device, dtype, notes):
     cold = _cold_start(cfg, backend) if cfg.cold_start else None
 
     def extra() -> dict:
-        export = (export_s or _engine_export_seconds(cfg, pipe, backend)) if backend != "eager" else None
+        export = (export_s or _engine_export_seconds(cfg, pipe, backend)) if backend not in ("eager", GRAPHS) \
+            else None
         return {"ran": dict(pipe.backend.backends), "export_seconds": export, "cold_start_seconds": cold}
 
     return (lambda h, w, b, s, sc: _fastsd_call(pipe, h, w, b, s, sc, cfg.guidance)), extra
