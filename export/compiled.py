@@ -19,12 +19,11 @@ from typing import Callable
 import torch
 
 from fastsd.backends.compiled import runtime_facts
-from fastsd.checkpoint import load_checkpoint
 from fastsd.engines import MAX_BATCH, Profile, Staging, base_manifest, default_engine_dir, entry_dir
 from fastsd.errors import InvalidArgumentError
 from fastsd.networks import NETWORKS, SPECS, sample_inputs, wrap
 
-from .onnx_export import parse_static
+from .onnx_export import load_for_build, parse_static
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +51,7 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
     dtype = dtype or ("fp16" if dev.type == "cuda" else "fp32")
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    unknown = set(networks) - set(NETWORKS)
-    if unknown:
-        raise InvalidArgumentError(f"unknown networks {sorted(unknown)}; choose from {', '.join(NETWORKS)}")
-    ckpt = load_checkpoint(model, allow_pickle=allow_pickle)
+    ckpt = load_for_build(model, networks, allow_pickle, clip_skip)
     info = ckpt.info
     size = parse_static(static, info.vae_factor) or (info.default_size, info.default_size)
     profile = Profile.for_model(info, size)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from fastsd.checkpoint import load_checkpoint
+from fastsd.checkpoint import check_clip_skip, load_checkpoint
 from fastsd.engines import Profile, Staging, base_manifest, default_engine_dir, entry_dir
 from fastsd.errors import InvalidArgumentError
 from fastsd.networks import FP32_INPUTS, NETWORKS, SPECS, sample_inputs, wrap
@@ -129,6 +129,16 @@ def _remove_graph(path: Path) -> None:
     path.unlink()
 
 
+def load_for_build(model: str, networks: tuple[str, ...], allow_pickle: bool, clip_skip: int):
+    """Check a build's arguments, then load the checkpoint (shared by every builder)."""
+    unknown = set(networks) - set(NETWORKS)
+    if unknown:
+        raise InvalidArgumentError(f"unknown networks {sorted(unknown)}; choose from {', '.join(NETWORKS)}")
+    ckpt = load_checkpoint(model, allow_pickle=allow_pickle)
+    check_clip_skip(ckpt, clip_skip)
+    return ckpt
+
+
 def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: str = "fp32",
                       static: str | None = None, networks: tuple[str, ...] = NETWORKS, simplify: bool = True,
                       allow_pickle: bool = False, clip_skip: int = 0,
@@ -139,14 +149,8 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
 
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"unknown export dtype {dtype!r}; choose fp32 or fp16")
-    unknown = set(networks) - set(NETWORKS)
-    if unknown:
-        raise InvalidArgumentError(f"unknown networks {sorted(unknown)}; choose from {', '.join(NETWORKS)}")
-    ckpt = load_checkpoint(model, allow_pickle=allow_pickle)
+    ckpt = load_for_build(model, networks, allow_pickle, clip_skip)
     info = ckpt.info
-    layers = ckpt.text_encoder.config.num_hidden_layers
-    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
-        raise InvalidArgumentError(f"clip_skip must be an integer in [0, {layers - 1}], got {clip_skip!r}")
     profile = Profile.for_model(info, parse_static(static, info.vae_factor))
     final = entry_dir(Path(engine_dir) if engine_dir else default_engine_dir(), info.fingerprint, "onnxruntime",
                       dtype)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, ModelNotFoundError, PickleRefusedError
+from .errors import CheckpointError, InvalidArgumentError, ModelNotFoundError, PickleRefusedError
 from .hashing import DigestCache
 from .synthetic import SYNTHETIC_PREFIX, synthetic_path
 
@@ -213,6 +213,12 @@ def architecture_hash(*configs) -> str:
     clean = [{k: v for k, v in dict(c).items() if not k.startswith("_") and k not in IGNORED_CONFIG_KEYS}
              for c in configs]
     return hashlib.blake2b(json.dumps(clean, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
+def check_clip_skip(ckpt: Checkpoint, clip_skip) -> None:
+    layers = ckpt.text_encoder.config.num_hidden_layers
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
+        raise InvalidArgumentError(f"clip_skip must be an integer in [0, {layers - 1}], got {clip_skip!r}")
 
 
 def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str) -> Checkpoint:

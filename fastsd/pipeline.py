@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import images as imgs
 from .backends import BACKEND_NAMES
 from .backends.select import make_backend
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, check_clip_skip, load_checkpoint
 from .engines import default_engine_dir
 from .errors import InvalidArgumentError
 from .guidance import blend, cfg_denoiser, unet_denoiser
@@ -98,9 +98,7 @@ class Pipeline:
         if dtype not in DTYPES:
             raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         ckpt = load_checkpoint(model, allow_pickle=allow_pickle)
-        layers = ckpt.text_encoder.config.num_hidden_layers
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
-            raise InvalidArgumentError(f"clip_skip must be an integer in [0, {layers - 1}], got {clip_skip!r}")
+        check_clip_skip(ckpt, clip_skip)
         if prediction_type is not None:
             if prediction_type not in PREDICTION_TYPES:
                 raise InvalidArgumentError(f"unknown prediction_type {prediction_type!r}; "
