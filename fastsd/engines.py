@@ -28,6 +28,7 @@ ENGINE_FORMAT = 1  # bump when what an entry holds changes meaning
 MANIFEST = "manifest.json"
 STAGING_PREFIX = ".staging-"
 RETIRED_PREFIX = ".retired-"
+FACT_DEFAULTS = {"clip_skip": 0}  # what entries written before a fact was recorded were built with
 MAX_BATCH = 4  # default profile: images per call (CFG doubles text encoder / UNet batches)
 
 
@@ -164,8 +165,9 @@ def _entry_problem(manifest: dict, fingerprint: str, runtime_facts: dict) -> str
     if manifest.get("checkpoint") != fingerprint:
         return f"built from other weights ({manifest.get('checkpoint')}, loaded {fingerprint})"
     for key, value in runtime_facts.items():
-        if manifest.get(key) != value:
-            return f"built for {key}={manifest.get(key)}, running with {value}"
+        built = manifest.get(key, FACT_DEFAULTS.get(key))
+        if built != value:
+            return f"built for {key}={built}, running with {value}"
     return None
 
 

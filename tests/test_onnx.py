@@ -132,6 +132,18 @@ def test_tampered_engine_refused(ckpts, tmp_path, caplog):
     assert any("does not match" in p for p in list_entries(store)[0]["problems"])
 
 
+def test_manifest_without_clip_skip_means_zero(ckpts, tmp_path):
+    store = tmp_path / "engines"
+    entry = export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("text_encoder",))
+    manifest = json.loads((entry / "manifest.json").read_text())
+    del manifest["clip_skip"]
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    assert Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store)
+                                    ).backend.backends["text_encoder"] == "onnxruntime"
+    assert Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store), clip_skip=1
+                                    ).backend.backends["text_encoder"] == "eager"
+
+
 def test_other_fastsd_version_refused(ckpts, tmp_path):
     store = tmp_path / "engines"
     entry = export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("text_encoder",))
