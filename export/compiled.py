@@ -39,7 +39,9 @@ def compile_network(module: torch.nn.Module, name: str, args: tuple, path: Path)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(module, args, dynamic_shapes=_dynamic_batch(name))
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        # freezing: weights become constants, folded and prepacked (measured on the CPU, SD 1.5
+        # UNet at 256x256: 3.70 s -> 2.75 s per CFG step; eager 2.82 s)
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={"freezing": True})
 
 
 def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str | None = None,
