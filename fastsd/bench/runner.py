@@ -61,17 +61,21 @@ class BenchConfig:
 
 
 def default_config(model: str, device: torch.device, **overrides) -> BenchConfig:
-    """Sized to the device: small on CPU, SD 512x512 / 50 steps on a GPU."""
-    info = load_checkpoint(model).info if overrides.get("sizes") is None else None
+    """Sized to the device: small on CPU, SD 512x512 / 50 steps on a GPU. `sizes` left
+    empty means the model's own: its default size on a GPU, at most 256 px on a CPU."""
     if device.type == "cuda":
-        size = info.default_size if info else 0
-        base = dict(sizes=((size, size),), steps=(50,), warmup=2, runs=10)
-    else:  # SD 1.5: 256x256; never above the model's own default size
-        size = min(info.default_size, CPU_SIZE) // info.vae_factor * info.vae_factor if info else 0
-        base = dict(sizes=((size, size),), steps=(4,), warmup=1, runs=3)
+        base = dict(sizes=(), steps=(50,), warmup=2, runs=10)
+    else:
+        base = dict(sizes=(), steps=(4,), warmup=1, runs=3)
     base.update(backends=("eager", "onnxruntime", BASELINE), batches=(1,), schedulers=("ddim",))
     base.update({k: v for k, v in overrides.items() if v is not None})
     return BenchConfig(model=model, device=device.type, **base)
+
+
+def default_sizes(info, device: torch.device) -> tuple[tuple[int, int], ...]:
+    size = info.default_size if device.type == "cuda" else min(info.default_size, CPU_SIZE)
+    size = size // info.vae_factor * info.vae_factor
+    return ((size, size),)
 
 
 def _timer(device: torch.device) -> Callable[[Callable], tuple[float, object]]:
@@ -257,9 +261,11 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = print) -> Benc
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[cfg.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     result = BenchResult(config=asdict(cfg), machine=machine_facts(device))
-    matrix = list(itertools.product(cfg.sizes, cfg.batches, cfg.steps, cfg.schedulers))
     try:
         ckpt = load_checkpoint(cfg.model)
+        sizes = cfg.sizes or default_sizes(ckpt.info, device)
+        result.config["sizes"] = [list(s) for s in sizes]
+        matrix = list(itertools.product(sizes, cfg.batches, cfg.steps, cfg.schedulers))
         runners = {}
         for backend in cfg.backends:
             progress(f"loading {backend}")
