@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 from fastsd.backends.tensorrt import runtime_facts
-from fastsd.checkpoint import load_checkpoint
 from fastsd.engines import (
     Profile,
     Staging,
@@ -96,12 +95,12 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
                    networks: tuple[str, ...] = NETWORKS, allow_pickle: bool = False,
                    progress: Callable[[str], None] = log.info) -> Path:
     """Refit the engines of a same-architecture entry if one exists, else build them."""
-    from .onnx_export import parse_static
+    from .onnx_export import load_for_build, parse_static
 
     trt = _trt()
     logger = trt.Logger(trt.Logger.WARNING)
     root = Path(engine_dir) if engine_dir else default_engine_dir()
-    info = load_checkpoint(model, allow_pickle=allow_pickle).info
+    info = load_for_build(model, networks, allow_pickle, clip_skip=0).info
     src, onnx_manifest = _onnx_entry(root, info)
     donor = None if static else refit_source(root, info, "tensorrt", PRECISION)
     profile = Profile(**read_manifest(donor)["profile"]) if donor else Profile.for_model(

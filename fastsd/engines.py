@@ -32,6 +32,11 @@ FACT_DEFAULTS = {"clip_skip": 0}  # what entries written before a fact was recor
 MAX_BATCH = 4  # default profile: images per call (CFG doubles text encoder / UNet batches)
 
 
+def cfg_batch_factor(network: str) -> int:
+    """CFG runs the text encoder and the UNet on a batch of 2 per image."""
+    return 2 if network in ("text_encoder", "unet") else 1
+
+
 def default_engine_dir() -> Path:
     return Path(os.environ.get("FASTSD_ENGINE_DIR", "engines"))
 
@@ -59,7 +64,7 @@ class Profile:
 
     def refuses(self, network: str, batch: int, height: int, width: int) -> str | None:
         """Why a call of `batch` at height x width is outside this profile (None if it fits)."""
-        doubled = 2 if network in ("text_encoder", "unet") else 1  # CFG's batch of 2
+        doubled = cfg_batch_factor(network)
         if not self.min_batch <= batch <= self.max_batch * doubled:
             return f"batch {batch} outside the engine's 1..{self.max_batch * doubled}"
         if network == "text_encoder":
@@ -182,7 +187,7 @@ def list_entries(engine_dir: Path) -> list[dict]:
         _, problems = check_entry(entry, manifest.get("checkpoint", entry.parent.name))
         problems = {n: p for n, p in problems.items() if n in manifest.get("networks", {})}
         size = sum(p.stat().st_size for p in entry.iterdir() if p.is_file())
-        rows.append({"path": entry, "checkpoint": entry.parent.name, "kind": entry.name,
+        rows.append({"path": entry, "checkpoint": entry.parent.name, "kind": entry.name, "manifest": manifest,
                      "source": manifest.get("source", "?"), "fastsd": manifest.get("fastsd", "?"),
                      "size": size, "networks": sorted(manifest.get("networks", {})),
                      "problems": sorted(set(problems.values())) if manifest else ["no manifest"]})
@@ -211,7 +216,7 @@ def trt_shapes(network: str, info, profile: Profile) -> dict[str, tuple[tuple, t
     """TensorRT optimization-profile shapes (min, opt, max) of each input of `network`."""
     from .networks import SPECS, io_shapes
 
-    doubled = 2 if network in ("text_encoder", "unet") else 1  # CFG's batch of 2
+    doubled = cfg_batch_factor(network)
     lo = io_shapes(network, info, profile.min_batch, profile.min_size, profile.min_size)
     opt = io_shapes(network, info, profile.opt_batch * doubled, profile.opt_size, profile.opt_width)
     hi = io_shapes(network, info, profile.max_batch * doubled, profile.max_size, profile.max_size)
@@ -225,7 +230,7 @@ def refit_source(engine_dir: Path, info, backend: str, precision: str) -> Path |
     """An intact entry built for another checkpoint of the same architecture, whose
     refittable engines can take this checkpoint's weights instead of a rebuild."""
     for row in list_entries(engine_dir):
-        manifest = read_manifest(row["path"]) or {}
+        manifest = row["manifest"]
         if (row["kind"] == f"{backend}-{precision}" and row["checkpoint"] != info.fingerprint and not row["problems"]
                 and manifest.get("refittable") and manifest.get("architecture") == info.architecture):
             return row["path"]

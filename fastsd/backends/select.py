@@ -44,7 +44,9 @@ def _runner(kind, path, network, ckpt, device, dtype, profile):
     return CompiledRunner(path, network, ckpt.info, device, profile, dtype)
 
 
-def _engines(kind, ckpt, device, dtype, engine_dir: Path, clip_skip: int, loud: bool) -> dict:
+def _engines(kind, ckpt, device, dtype, engine_dir: Path, clip_skip: int, loud: bool,
+             wanted: tuple[str, ...] = NETWORKS) -> dict:
+    """Runners of `kind` for the `wanted` networks that have a valid engine."""
     why = _available(kind)
     if why:
         if loud:
@@ -58,7 +60,7 @@ def _engines(kind, ckpt, device, dtype, engine_dir: Path, clip_skip: int, loud: 
         facts.update(trt_backend.runtime_facts())
     manifest, problems = check_entry(entry, ckpt.info.fingerprint, facts)
     engines = {}
-    for n in NETWORKS:
+    for n in wanted:
         if n in problems:
             if loud:
                 log.warning("%s %s: %s; falling back to eager", kind, n, problems[n])
@@ -80,7 +82,8 @@ def make_backend(ckpt, backend: str, device: torch.device, dtype: torch.dtype, e
         return make_eager()
     kinds = AUTO_ORDER if backend == "auto" else (backend,)
     engines: dict = {}
-    for kind in kinds:
-        found = _engines(kind, ckpt, device, dtype, engine_dir, clip_skip, loud=backend != "auto")
-        engines.update({n: r for n, r in found.items() if n not in engines})
+    for kind in kinds:  # a slower kind only loads what a faster one left unserved
+        wanted = tuple(n for n in NETWORKS if n not in engines)
+        if wanted:
+            engines.update(_engines(kind, ckpt, device, dtype, engine_dir, clip_skip, backend != "auto", wanted))
     return CompositeBackend(engines, make_eager) if engines else make_eager()

@@ -24,10 +24,12 @@ def available() -> bool:
 
 
 def runtime_facts() -> dict:
+    """Manifest facts a plan must match: the TensorRT version and the GPU it was built on."""
     import tensorrt as trt
 
-    p = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return {"tensorrt": trt.__version__, "device_key": f"cuda:{p.name}:sm_{p.major}{p.minor}"}
+    from .compiled import device_key
+
+    return {"tensorrt": trt.__version__, "device_key": device_key(torch.device("cuda", torch.cuda.current_device()))}
 
 
 class TrtRunner:
