@@ -19,9 +19,10 @@ from typing import Callable
 import torch
 
 from fastsd.backends.compiled import runtime_facts
-from fastsd.engines import MAX_BATCH, Profile, Staging, base_manifest, default_engine_dir, entry_dir
+from fastsd.engines import MAX_BATCH, Profile, Staging, base_manifest, entry_dir
 from fastsd.errors import InvalidArgumentError
 from fastsd.networks import NETWORKS, SPECS, sample_inputs, wrap
+from fastsd.pipeline import parse_device
 
 from .onnx_export import load_for_build, parse_static
 
@@ -49,15 +50,15 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
                    allow_pickle: bool = False, clip_skip: int = 0,
                    progress: Callable[[str], None] = log.info) -> Path:
     """Compile `model` into engine_dir/<fingerprint>/compiled-<dtype>/; returns that folder."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = parse_device(device)
     dtype = dtype or ("fp16" if dev.type == "cuda" else "fp32")
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    ckpt = load_for_build(model, networks, allow_pickle, clip_skip)
+    ckpt, root = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir)
     info = ckpt.info
     size = parse_static(static, info.vae_factor) or (info.default_size, info.default_size)
     profile = Profile.for_model(info, size)
-    final = entry_dir(Path(engine_dir) if engine_dir else default_engine_dir(), info.fingerprint, "compiled", dtype)
+    final = entry_dir(root, info.fingerprint, "compiled", dtype)
     modules = wrap(ckpt, clip_skip)
     with Staging(final) as stage:
         for name in networks:

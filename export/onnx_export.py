@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from fastsd.checkpoint import check_clip_skip, load_checkpoint
-from fastsd.engines import Profile, Staging, base_manifest, default_engine_dir, entry_dir
+from fastsd.engines import Profile, Staging, base_manifest, default_engine_dir, entry_dir, writable_store
 from fastsd.errors import InvalidArgumentError
 from fastsd.networks import FP32_INPUTS, NETWORKS, SPECS, sample_inputs, wrap
 
@@ -44,8 +44,16 @@ def parse_static(text: str | None, factor: int) -> tuple[int, int] | None:
     return h, w
 
 
-def _trace_dims(profile: Profile) -> tuple[int, int, int]:
-    return profile.opt_batch, profile.opt_size, profile.opt_width
+def _trace_dims(profile: Profile, name: str, info) -> tuple[int, int, int]:
+    """Batch, height, width to trace `name` at. A dynamic UNet is traced at an odd latent
+    size: diffusers' UNet then passes each up block the size of its skip tensor (as it
+    does in eager for any size not a multiple of 2**upsamplers), so the graph derives the
+    upsample sizes from the skips' shapes and serves every size, odd latents included."""
+    height, width = profile.opt_size, profile.opt_width
+    if name == "unet" and not profile.static:
+        f = info.vae_factor
+        height, width = (s + f if (s // f) % 2 == 0 else s for s in (height, width))
+    return profile.opt_batch, height, width
 
 
 def export_network(module: torch.nn.Module, name: str, args: tuple, path: Path, static: bool) -> None:
@@ -129,14 +137,19 @@ def _remove_graph(path: Path) -> None:
     path.unlink()
 
 
-def load_for_build(model: str, networks: tuple[str, ...], allow_pickle: bool, clip_skip: int):
-    """Check a build's arguments, then load the checkpoint (shared by every builder)."""
+def load_for_build(model: str, networks: tuple[str, ...], allow_pickle: bool, clip_skip: int,
+                   engine_dir: str | Path | None):
+    """Check a build's arguments and the store, then load the checkpoint (shared by every
+    builder). Returns (checkpoint, store root)."""
     unknown = set(networks) - set(NETWORKS)
     if unknown:
         raise InvalidArgumentError(f"unknown networks {sorted(unknown)}; choose from {', '.join(NETWORKS)}")
+    if not networks:
+        raise InvalidArgumentError(f"no networks to build; choose from {', '.join(NETWORKS)}")
+    root = writable_store(Path(engine_dir) if engine_dir else default_engine_dir())
     ckpt = load_checkpoint(model, allow_pickle=allow_pickle)
     check_clip_skip(ckpt, clip_skip)
-    return ckpt
+    return ckpt, root
 
 
 def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: str = "fp32",
@@ -149,19 +162,17 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
 
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"unknown export dtype {dtype!r}; choose fp32 or fp16")
-    ckpt = load_for_build(model, networks, allow_pickle, clip_skip)
+    ckpt, root = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir)
     info = ckpt.info
     profile = Profile.for_model(info, parse_static(static, info.vae_factor))
-    final = entry_dir(Path(engine_dir) if engine_dir else default_engine_dir(), info.fingerprint, "onnxruntime",
-                      dtype)
+    final = entry_dir(root, info.fingerprint, "onnxruntime", dtype)
     modules = wrap(ckpt, clip_skip)
-    batch, height, width = _trace_dims(profile)
     with Staging(final) as stage:
         for name in networks:
             t0 = time.perf_counter()
             path = stage.dir / f"{name}.onnx"
-            export_network(modules[name].eval(), name, sample_inputs(name, info, batch, height, width,
-                                                                     torch.float32), path, profile.static)
+            args = sample_inputs(name, info, *_trace_dims(profile, name, info), torch.float32)
+            export_network(modules[name].eval(), name, args, path, profile.static)
             files = check_and_simplify(path, simplify, fp16=dtype == "fp16")
             size = sum((stage.dir / f).stat().st_size for f in files)
             seconds = time.perf_counter() - t0

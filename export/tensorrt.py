@@ -25,8 +25,8 @@ from fastsd.engines import (
     Staging,
     base_manifest,
     check_entry,
-    default_engine_dir,
     entry_dir,
+    graph_file,
     read_manifest,
     refit_source,
     trt_shapes,
@@ -99,15 +99,15 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
 
     trt = _trt()
     logger = trt.Logger(trt.Logger.WARNING)
-    root = Path(engine_dir) if engine_dir else default_engine_dir()
-    info = load_for_build(model, networks, allow_pickle, clip_skip=0).info
+    ckpt, root = load_for_build(model, networks, allow_pickle, 0, engine_dir)
+    info = ckpt.info
     src, onnx_manifest = _onnx_entry(root, info)
     donor = None if static else refit_source(root, info, "tensorrt", PRECISION)
     profile = Profile(**read_manifest(donor)["profile"]) if donor else Profile.for_model(
         info, parse_static(static, info.vae_factor))
     with Staging(entry_dir(root, info.fingerprint, "tensorrt", PRECISION)) as stage:
         for name in networks:
-            graph = src / next(f for f in onnx_manifest["networks"][name]["sha256"] if f.endswith(".onnx"))
+            graph = src / graph_file(name, onnx_manifest["networks"][name])
             t0 = time.perf_counter()
             if donor is not None:
                 plan = refit_engine(trt, (donor / f"{name}.plan").read_bytes(), graph, logger)

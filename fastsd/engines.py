@@ -12,23 +12,36 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
+import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from . import __version__
-from .hashing import DigestCache
+from .errors import OutputPathError
+from .hashing import DigestCache, digest_file
 from .networks import NETWORKS
 
 log = logging.getLogger(__name__)
 
-ENGINE_FORMAT = 1  # bump when what an entry holds changes meaning
+ENGINE_FORMAT = 2  # bump when what an entry holds changes meaning (2: UNet graphs take any latent size)
 MANIFEST = "manifest.json"
+ENTRY_MARKER = ".fastsd-entry"  # written first into every folder the store makes: proof that prune may remove it
 STAGING_PREFIX = ".staging-"
 RETIRED_PREFIX = ".retired-"
+GRAPH_SUFFIXES = (".onnx", ".pt2", ".plan")
+NOT_IN_ENTRY = "not in the engine entry"
+FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")  # checkpoint fingerprints: 8-byte blake2b, hex
+KIND = re.compile(r"^(onnxruntime|compiled|tensorrt)-(fp32|fp16|bf16)$")
+SAFE_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a plain name inside the entry: no "/", "..", or "~"
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MANIFEST_FIELDS = {"format": int, "fastsd": str, "backend": str, "precision": str, "checkpoint": str,
+                   "profile": dict, "networks": dict}
 FACT_DEFAULTS = {"clip_skip": 0}  # what entries written before a fact was recorded were built with
+PER_BUILD = ("networks", "created", "source")  # manifest keys that may differ between builds of one entry
 MAX_BATCH = 4  # default profile: images per call (CFG doubles text encoder / UNet batches)
 
 
@@ -39,6 +52,19 @@ def cfg_batch_factor(network: str) -> int:
 
 def default_engine_dir() -> Path:
     return Path(os.environ.get("FASTSD_ENGINE_DIR", "engines"))
+
+
+def writable_store(root: Path) -> Path:
+    """`root`, created if missing, after checking that entries can be written into it."""
+    if root.exists() and not root.is_dir():
+        raise OutputPathError(f"engine store {root} is not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=STAGING_PREFIX + "probe-", dir=root)
+        os.rmdir(probe)
+    except OSError as e:
+        raise OutputPathError(f"cannot write to the engine store {root}: {e.strerror or e}") from None
+    return root
 
 
 @dataclass(frozen=True)
@@ -92,6 +118,7 @@ class Staging:
 
     def __enter__(self) -> "Staging":
         self.dir.mkdir(parents=True)
+        (self.dir / ENTRY_MARKER).write_text("fastsd engine entry\n")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -106,6 +133,7 @@ class Staging:
         for net in self.networks.values():
             net["sha256"] = {f: digests.digest(self.dir / f) for f in net.pop("files")}
         digests.save()
+        self._keep_other_networks(manifest)
         manifest = {**manifest, "networks": self.networks, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         tmp = self.dir / f"{MANIFEST}.tmp"
         tmp.write_text(json.dumps(manifest, indent=2))
@@ -119,6 +147,27 @@ class Staging:
             shutil.rmtree(retired, ignore_errors=True)
         return self.final
 
+    def _keep_other_networks(self, manifest: dict) -> None:
+        """Building a subset of networks keeps the intact others of the entry it replaces,
+        when that entry was built the same way (same checkpoint, profile and settings)."""
+        old, problems = check_entry(self.final, manifest["checkpoint"], verify=True)
+        others = {n: r for n, r in old.get("networks", {}).items() if n not in self.networks and n not in problems}
+        if not others:
+            return
+        same = {k: v for k, v in old.items() if k not in PER_BUILD} == {
+            k: v for k, v in manifest.items() if k not in PER_BUILD}
+        if not same:
+            log.warning("%s: replacing an entry built with other settings; its %s are dropped",
+                        self.final, ", ".join(sorted(others)))
+            return
+        for n, record in others.items():
+            for f in record["sha256"]:
+                try:  # the old entry is retired below; a hard link keeps the file
+                    os.link(self.final / f, self.dir / f)
+                except OSError:
+                    shutil.copy2(self.final / f, self.dir / f)
+            self.networks[n] = record
+
 
 def base_manifest(info, backend: str, precision: str, profile: Profile, **facts) -> dict:
     return {
@@ -129,34 +178,109 @@ def base_manifest(info, backend: str, precision: str, profile: Profile, **facts)
     }
 
 
-def read_manifest(entry: Path) -> dict | None:
+# ---- what an entry may contain ---------------------------------------------------------
+
+def graph_file(network: str, record: dict) -> str:
+    """The graph (or engine) file of a validated manifest's network record."""
+    return next(f for f in record["sha256"] if f in {network + s for s in GRAPH_SUFFIXES})
+
+
+def _profile_problem(profile) -> str | None:
+    names = {f.name: f.type for f in fields(Profile)}
+    if not isinstance(profile, dict) or set(profile) != set(names):
+        return "profile fields are not those of a shape profile"
+    for key, value in profile.items():
+        want_bool = names[key] in (bool, "bool")
+        if isinstance(value, bool) != want_bool or not isinstance(value, int) or (not want_bool and value < 1):
+            return f"profile field {key!r} has an invalid value {value!r}"
+    p = Profile(**profile)
+    if not (p.min_batch <= p.opt_batch <= p.max_batch and p.min_size <= p.max_size):
+        return "profile bounds are out of order"
+    return None
+
+
+def _network_problem(network: str, record) -> str | None:
+    if network not in NETWORKS:
+        return f"unknown network {network!r}"
+    hashes = record.get("sha256") if isinstance(record, dict) else None
+    if not isinstance(hashes, dict) or not hashes:
+        return f"{network}: no file hashes"
+    for name, digest in hashes.items():
+        if not (isinstance(name, str) and SAFE_FILE.match(name) and name.startswith(network + ".")):
+            return f"{network}: file name {name!r} is not one of this network's files in the entry"
+        if not (isinstance(digest, str) and SHA256.match(digest)):
+            return f"{network}: {name} has no valid sha256"
+    if sum(name in {network + s for s in GRAPH_SUFFIXES} for name in hashes) != 1:
+        return f"{network}: no graph file ({network}.onnx / .pt2 / .plan)"
+    return None
+
+
+def manifest_problem(manifest, entry: Path) -> str | None:
+    """Why `manifest` is not a well-formed manifest of the entry folder `entry` (None if it is).
+    Beyond types: file names are plain names of the network's own files, and every file in
+    the folder is hashed by the manifest, so nothing the runtime loads goes unverified."""
+    if not isinstance(manifest, dict):
+        return "the manifest is not a JSON object"
+    for key, kind in MANIFEST_FIELDS.items():
+        value = manifest.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"manifest field {key!r} is missing or not a {kind.__name__}"
+    if f"{manifest['backend']}-{manifest['precision']}" != entry.name:
+        return f"the manifest describes a {manifest['backend']}-{manifest['precision']} entry, not {entry.name}"
+    why = _profile_problem(manifest["profile"])
+    if why is None:
+        why = next(filter(None, (_network_problem(n, r) for n, r in manifest["networks"].items())), None)
+    if why is not None:
+        return why
+    hashed = [f for r in manifest["networks"].values() for f in r["sha256"]]
+    if len(hashed) != len(set(hashed)):
+        return "a file is claimed by two networks"
+    try:
+        present = {p.name for p in entry.iterdir() if p.name not in (MANIFEST, ENTRY_MARKER)}
+    except OSError as e:
+        return f"cannot list the entry ({e.strerror})"
+    unhashed = sorted(present - set(hashed))
+    if unhashed:
+        return f"{unhashed[0]} is in the entry but not hashed by its manifest"
+    return None
+
+
+def read_manifest(entry: Path):
+    """The parsed manifest.json of `entry` (any JSON value), or None if absent or not JSON."""
     try:
         return json.loads((entry / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
 
 
-def check_entry(entry: Path, fingerprint: str, runtime_facts: dict | None = None) -> tuple[dict, dict[str, str]]:
+def check_entry(entry: Path, fingerprint: str, runtime_facts: dict | None = None,
+                verify: bool = False) -> tuple[dict, dict[str, str]]:
     """Validate an entry: returns (manifest or {}, {network: problem}) for networks it cannot serve.
-    A network absent from the result's problems is usable."""
-    manifest = read_manifest(entry)
-    if manifest is None:
-        return {}, {n: f"no engine entry at {entry}" for n in NETWORKS}
+    A network absent from the result's problems is usable. `verify` re-reads every file
+    (for files about to be loaded); otherwise digests may come from the cache."""
+    raw = read_manifest(entry)
+    if raw is None:
+        why = "the entry has no manifest (unfinished)" if entry.is_dir() else f"no engine entry at {entry}"
+        return {}, {n: why for n in NETWORKS}
+    why = manifest_problem(raw, entry)
+    if why is not None:
+        return {}, {n: f"invalid manifest ({why})" for n in NETWORKS}
+    manifest: dict = raw
     problems = {}
     whole = _entry_problem(manifest, fingerprint, runtime_facts or {})
     digests = DigestCache("sha256")
     for n in NETWORKS:
-        net = manifest.get("networks", {}).get(n)
+        net = manifest["networks"].get(n)
         if whole:
             problems[n] = whole
         elif net is None:
-            problems[n] = "not in the engine entry"
+            problems[n] = NOT_IN_ENTRY
         else:
-            for f, want in net.get("sha256", {}).items():
+            for f, want in net["sha256"].items():
                 path = entry / f
-                if not path.is_file():
+                if path.is_symlink() or not path.is_file():
                     problems[n] = f"engine file {f} is missing"
-                elif digests.digest(path) != want:
+                elif (digest_file(path, "sha256") if verify else digests.digest(path)) != want:
                     problems[n] = f"engine file {f} does not match its manifest hash (modified or corrupt)"
     digests.save()
     return manifest, problems
@@ -164,7 +288,7 @@ def check_entry(entry: Path, fingerprint: str, runtime_facts: dict | None = None
 
 def _entry_problem(manifest: dict, fingerprint: str, runtime_facts: dict) -> str | None:
     if manifest.get("format") != ENGINE_FORMAT:
-        return f"engine format {manifest.get('format')} (this fastsd reads {ENGINE_FORMAT})"
+        return f"engine format {manifest.get('format')} (this fastsd reads {ENGINE_FORMAT}); rebuild it"
     if manifest.get("fastsd") != __version__:
         return f"built by fastsd {manifest.get('fastsd')} (this is {__version__}); rebuild it"
     if manifest.get("checkpoint") != fingerprint:
@@ -176,39 +300,82 @@ def _entry_problem(manifest: dict, fingerprint: str, runtime_facts: dict) -> str
     return None
 
 
+# ---- walking the store: only what fastsd made -----------------------------------------
+
+def _real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _checkpoint_dirs(root: Path) -> list[Path]:
+    """Folders of the store named like a checkpoint fingerprint (symlinks are not followed)."""
+    try:
+        return sorted(d for d in root.iterdir() if FINGERPRINT.match(d.name) and _real_dir(d))
+    except OSError:  # no store yet, or not a folder
+        return []
+
+
+def _is_fastsd_folder(folder: Path) -> bool:
+    """Provably made by fastsd: our marker file, or a manifest that names this folder's checkpoint."""
+    marker = folder / ENTRY_MARKER
+    if marker.is_file() and not marker.is_symlink():
+        return True
+    manifest = read_manifest(folder)
+    return (isinstance(manifest, dict) and not (folder / MANIFEST).is_symlink()
+            and isinstance(manifest.get("format"), int) and manifest.get("checkpoint") == folder.parent.name)
+
+
+def _entries(root: Path) -> list[Path]:
+    return [e for d in _checkpoint_dirs(root) for e in sorted(d.iterdir())
+            if KIND.match(e.name) and _real_dir(e) and _is_fastsd_folder(e)]
+
+
 def list_entries(engine_dir: Path) -> list[dict]:
-    """Every entry in the store with its size and whether its files are intact."""
+    """Every fastsd entry in the store with its size and whether its files are intact."""
     rows = []
-    root = Path(engine_dir)
-    for entry in sorted(root.glob("*/*")):
-        if not entry.is_dir() or entry.name.startswith("."):
-            continue
-        manifest = read_manifest(entry) or {}
-        _, problems = check_entry(entry, manifest.get("checkpoint", entry.parent.name))
-        problems = {n: p for n, p in problems.items() if n in manifest.get("networks", {})}
-        size = sum(p.stat().st_size for p in entry.iterdir() if p.is_file())
+    for entry in _entries(Path(engine_dir)):
+        raw = read_manifest(entry)
+        manifest = raw if isinstance(raw, dict) and manifest_problem(raw, entry) is None else {}
+        _, problems = check_entry(entry, entry.parent.name)
+        if manifest:
+            problems = {n: p for n, p in problems.items() if n in manifest["networks"]}
+        size = sum(p.lstat().st_size for p in entry.iterdir() if p.is_file() and not p.is_symlink())
         rows.append({"path": entry, "checkpoint": entry.parent.name, "kind": entry.name, "manifest": manifest,
-                     "source": manifest.get("source", "?"), "fastsd": manifest.get("fastsd", "?"),
+                     "source": str(manifest.get("source", "?")), "fastsd": str(manifest.get("fastsd", "?")),
                      "size": size, "networks": sorted(manifest.get("networks", {})),
-                     "problems": sorted(set(problems.values())) if manifest else ["no manifest"]})
+                     "problems": sorted(set(problems.values()))})
     return rows
+
+
+def _leftovers(root: Path) -> list[Path]:
+    """Staging and retired folders of interrupted builds: ours by marker or manifest, or empty."""
+    out = []
+    for d in _checkpoint_dirs(root):
+        for p in sorted(d.iterdir()):
+            if p.name.startswith((STAGING_PREFIX, RETIRED_PREFIX)) and _real_dir(p):
+                if _is_fastsd_folder(p) or not any(p.iterdir()):
+                    out.append(p)
+    return out
 
 
 def prune(engine_dir: Path, everything: bool = False, dry_run: bool = False) -> list[Path]:
     """Remove leftovers of interrupted builds and entries that can never be used (no
-    manifest, other format or fastsd version, files not matching their hashes); with
-    `everything`, all entries. Returns what was (or would be) removed."""
+    manifest, invalid manifest, other format or fastsd version, files not matching their
+    hashes); with `everything`, all entries. Only folders fastsd provably made, directly
+    under <store>/<fingerprint>/, are candidates; symlinks are never followed.
+    Returns what was (or would be) removed."""
     root = Path(engine_dir)
-    doomed = [p for p in root.glob("*/.*") if p.name.startswith((STAGING_PREFIX, RETIRED_PREFIX))]
+    doomed = _leftovers(root)
     for row in list_entries(root):
         if everything or any("other weights" not in p for p in row["problems"]):
             doomed.append(row["path"])
+    real_root = root.resolve()
+    doomed = [p for p in doomed if p.resolve().parent.parent == real_root]
     if not dry_run:
         for p in doomed:
-            shutil.rmtree(p, ignore_errors=True)
-        for d in root.glob("*"):
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
+            shutil.rmtree(p, ignore_errors=True)  # removes links inside, never what they point to
+            parent = p.parent
+            if _real_dir(parent) and not any(parent.iterdir()):
+                parent.rmdir()
     return doomed
 
 

@@ -27,3 +27,7 @@ class ImageError(FastSDError):
 
 class OutputPathError(FastSDError):
     """An output path in a missing directory, or an existing file without overwrite."""
+
+
+class NumericalError(FastSDError):
+    """The arithmetic overflowed (NaN or infinite latents or pixels): no image is returned."""

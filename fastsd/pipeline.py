@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -22,18 +23,25 @@ import torch.nn.functional as F
 from . import images as imgs
 from .backends import BACKEND_NAMES
 from .backends.select import make_backend
+from .budget import check_fits, widths_of
 from .checkpoint import Checkpoint, check_clip_skip, load_checkpoint
 from .engines import default_engine_dir
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, NumericalError
 from .guidance import blend, cfg_denoiser, unet_denoiser
 from .networks import VaeDecoder
 from .schedulers import PREDICTION_TYPES, SAMPLERS, SchedulerConfig, add_noise, first_step
-from .settings import Request, make_request
+from .settings import Request, check_seed, make_request
 from .tiling import decode_sliced, decode_tiled
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SHOWN_CHARS = 100  # of dropped prompt text in the truncation warning
+
+
+def _shorten(text: str) -> str:
+    text = " ".join(text.split())
+    return repr(text) if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]!r}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -66,11 +74,30 @@ class _Latents:
     mask: torch.Tensor | None = None  # 4-channel inpaint: (B, 1, h, w), 1 = repaint
 
 
+def parse_device(device) -> torch.device:
+    """"cpu", "cuda" or "cuda:N" (None: cuda if available), checked against this machine."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device) if isinstance(device, (str, torch.device)) else None
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"unsupported device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InvalidArgumentError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 class Pipeline:
     def __init__(self, ckpt: Checkpoint, backend, device: torch.device, dtype: torch.dtype,
                  memory: MemoryOptions | None = None):
         self.ckpt, self.info, self.tokenizer = ckpt, ckpt.info, ckpt.tokenizer
         self.backend, self.device, self.dtype = backend, device, dtype
+        self._widths = widths_of(ckpt)
+        self._tokenizer_lock = threading.Lock()  # tokenizers keep truncation/padding state between calls
         self.memory = memory or MemoryOptions()
         if self.memory.attention_slicing:
             ckpt.unet.set_attention_slice("auto")
@@ -89,9 +116,7 @@ class Pipeline:
         per-call clip_skip; a load-time setting here because exported engines bake it in)."""
         if backend not in BACKEND_NAMES:
             raise InvalidArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise InvalidArgumentError("device 'cuda' requested but CUDA is not available")
+        dev = parse_device(device)
         if cuda_graphs and dev.type != "cuda":
             raise InvalidArgumentError("cuda_graphs needs a CUDA device")
         dtype = dtype or ("fp16" if dev.type == "cuda" else "fp32")
@@ -117,8 +142,8 @@ class Pipeline:
                  output_type: str = "pil", callback: Callable | None = None) -> PipelineOutput:
         req = make_request(self.info, prompt, negative_prompt, image, mask_image, strength, num_inference_steps,
                            guidance_scale, scheduler, eta, height, width, num_images_per_prompt, output_type)
-        gen = generator if generator is not None else torch.Generator().manual_seed(
-            seed if seed is not None else torch.seed())
+        check_fits(self.info, self._widths, req, self.dtype, self.device, self.memory)
+        gen = self._generator(generator, seed)
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         with self._timed(timings, "text_encoder"):
@@ -130,6 +155,9 @@ class Pipeline:
             lat = self._prepare_latents(req, sched, gen)
         with self._timed(timings, "unet"):
             x = self._denoise(req, lat, text_embeddings, sched, sampler, cfg, gen, callback)
+        if not torch.isfinite(x).all():  # one check after the loop, none inside it
+            raise NumericalError(f"the latents became NaN or infinite while denoising in {self.dtype} "
+                                 f"(guidance_scale {req.guidance_scale}); try a lower guidance_scale or dtype='fp32'")
         timings["unet_per_step"] = timings["unet"] / max(len(sched) - lat.start, 1)
         with self._timed(timings, "vae_decoder"):
             out = x if req.output_type == "latent" else self._decode(x)
@@ -140,6 +168,15 @@ class Pipeline:
         return PipelineOutput(out, timings, dict(self.backend.backends))
 
     # ---- stages ---------------------------------------------------------------------
+
+    @staticmethod
+    def _generator(generator, seed) -> torch.Generator:
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise InvalidArgumentError(f"generator must be a torch.Generator, not {type(generator).__name__}")
+            return generator
+        seed = check_seed(seed)
+        return torch.Generator().manual_seed(seed if seed is not None else torch.seed())
 
     @contextmanager
     def _timed(self, timings: dict, stage: str):
@@ -156,12 +193,15 @@ class Pipeline:
 
     def _token_ids(self, texts: list[str]) -> torch.Tensor:
         n = self.info.max_tokens
-        ids = self.tokenizer(texts, padding="max_length", max_length=n, truncation=True,
-                             return_tensors="pt").input_ids
-        full = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] > n:
-            dropped = self.tokenizer.batch_decode(full[:, n - 1:-1])
-            log.warning("prompt longer than %d tokens was truncated; dropped: %s", n, dropped)
+        with self._tokenizer_lock:
+            ids = self.tokenizer(texts, padding="max_length", max_length=n, truncation=True,
+                                 return_tensors="pt").input_ids
+            for text in dict.fromkeys(texts):  # each distinct prompt once, in order
+                full = self.tokenizer(text, truncation=False, verbose=False).input_ids  # [BOS, ..., EOS]
+                if len(full) > n:
+                    dropped = self.tokenizer.decode(full[n - 1:-1])
+                    log.warning("prompt longer than %d tokens was truncated; %d tokens dropped: %s",
+                                n, len(full) - n, _shorten(dropped))
         return ids.to(self.device)
 
     def _encode_prompts(self, req: Request) -> torch.Tensor:
@@ -232,6 +272,8 @@ class Pipeline:
         if not torch.isfinite(images).all():
             log.warning("VAE decode overflowed in %s (NaN/inf); decoding again in fp32", self.dtype)
             images = self._decode_with(self._decoder_fp32(), z)
+            if not torch.isfinite(images).all():
+                raise NumericalError("the VAE decoder gave NaN or infinite pixels even in fp32")
         return imgs.to_numpy(images)
 
     def _decode_with(self, decoder, z: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +15,9 @@ from .schedulers import check_sampler, first_step
 log = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+MAX_GUIDANCE = 100.0  # front ends stop at 30; far beyond, fp16 latents overflow to NaN
+MAX_ETA = 1.0  # DDIM: eta > 1 takes the square root of a negative variance
+SEED_LIMIT = 2**64  # torch.Generator seeds are unsigned 64-bit
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,22 @@ def _prompt_list(prompt, what: str) -> list[str]:
     items = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, str) for p in items):
         raise InvalidArgumentError(f"{what} must be a string or a non-empty list of strings")
+    for p in items:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: not text any tokenizer can read
+            raise InvalidArgumentError(f"{what} is not valid Unicode text (lone surrogate {p[e.start]!r} "
+                                       f"at position {e.start})") from None
     return list(items)
+
+
+def check_seed(seed) -> int | None:
+    """A seed torch.Generator.manual_seed takes without wrapping: an integer in [0, 2**64)."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT:
+        raise InvalidArgumentError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
 
 
 def _size(value, default: int, factor: int, what: str) -> int:
@@ -51,8 +71,8 @@ def _size(value, default: int, factor: int, what: str) -> int:
 
 
 def _number(value, what: str, lo: float | None = None, hi: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise InvalidArgumentError(f"{what} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise InvalidArgumentError(f"{what} must be a finite number, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise InvalidArgumentError(f"{what} must be in {bounds}, got {value}")
@@ -76,8 +96,8 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
     check_sampler(scheduler)
     if output_type not in OUTPUT_TYPES:
         raise InvalidArgumentError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
-    guidance = _number(guidance_scale, "guidance_scale", lo=0.0)
-    eta = _number(eta, "eta", lo=0.0)
+    guidance = _number(guidance_scale, "guidance_scale", lo=0.0, hi=MAX_GUIDANCE)
+    eta = _number(eta, "eta", lo=0.0, hi=MAX_ETA)
     if image is None:
         if strength is not None and strength != 1.0:
             raise InvalidArgumentError("strength applies to img2img/inpaint only: pass an image too")

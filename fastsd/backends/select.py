@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..engines import Profile, check_entry, entry_dir
+from ..engines import NOT_IN_ENTRY, Profile, check_entry, entry_dir, graph_file
 from ..networks import NETWORKS
 from . import onnxruntime as ort_backend
 from . import tensorrt as trt_backend
@@ -58,14 +58,21 @@ def _engines(kind, ckpt, device, dtype, engine_dir: Path, clip_skip: int, loud: 
         facts.update(compiled_facts(device))
     elif kind == "tensorrt":
         facts.update(trt_backend.runtime_facts())
-    manifest, problems = check_entry(entry, ckpt.info.fingerprint, facts)
+    manifest, problems = check_entry(entry, ckpt.info.fingerprint, facts, verify=True)
+    if not loud and manifest:  # auto: an entry that exists but cannot serve is worth one line
+        broken = sorted({p for n, p in problems.items() if n in wanted and p != NOT_IN_ENTRY})
+        if broken:
+            log.warning("%s engines in %s not used (%s); running eager instead", kind, entry, "; ".join(broken))
+    elif not loud and entry.is_dir() and problems:
+        log.warning("%s engines in %s not used (%s); running eager instead", kind, entry,
+                    next(iter(problems.values())))
     engines = {}
     for n in wanted:
         if n in problems:
             if loud:
                 log.warning("%s %s: %s; falling back to eager", kind, n, problems[n])
             continue
-        graph = next(f for f in manifest["networks"][n]["sha256"] if f.endswith((".onnx", ".pt2", ".plan")))
+        graph = graph_file(n, manifest["networks"][n])
         try:
             engines[n] = _runner(kind, entry / graph, n, ckpt, device, dtype, Profile(**manifest["profile"]))
         except Exception as e:  # noqa: BLE001 - no usable provider, or an artifact that will not load

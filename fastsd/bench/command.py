@@ -34,8 +34,8 @@ def _sizes(args) -> tuple[tuple[int, int], ...] | None:
 
 
 def cmd_bench(args) -> int:
-    import torch
 
+    from ..pipeline import parse_device
     from . import compare, default_config, markdown, run_bench, write_reports
     from .runner import BASELINE, FASTSD_BACKENDS
 
@@ -55,7 +55,7 @@ def cmd_bench(args) -> int:
     for n in (args.warmup, args.runs):
         if n is not None and n < (0 if n is args.warmup else 1):
             raise FastSDError("--warmup must be >= 0 and --runs >= 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(args.device)
     cfg = default_config(args.model, device, backends=backends, sizes=_sizes(args), batches=_ints(args.batch, "batch"),
                          steps=_ints(args.steps, "steps"), schedulers=tuple(args.schedulers.split(","))
                          if args.schedulers else None, guidance=args.guidance, warmup=args.warmup, runs=args.runs,

@@ -25,7 +25,7 @@ import torch
 
 from ..backends.select import make_backend
 from ..checkpoint import load_checkpoint, resolve
-from ..engines import default_engine_dir, entry_dir, read_manifest
+from ..engines import check_entry, default_engine_dir, entry_dir
 from ..pipeline import DTYPES, Pipeline
 from .machine import PeakMemory, machine_facts
 
@@ -171,7 +171,7 @@ def _fastsd_call(pipe: Pipeline, h: int, w: int, batch: int, steps: int, sched: 
 
 def _engine_export_seconds(cfg: BenchConfig, pipe: Pipeline, backend: str) -> float | None:
     root = Path(cfg.engine_dir) if cfg.engine_dir else default_engine_dir()
-    manifest = read_manifest(entry_dir(root, pipe.info.fingerprint, backend, _precision(pipe))) or {}
+    manifest, _ = check_entry(entry_dir(root, pipe.info.fingerprint, backend, _precision(pipe)), pipe.info.fingerprint)
     secs = [n.get("export_seconds") for n in manifest.get("networks", {}).values()]
     return round(sum(secs), 2) if secs and None not in secs else None
 
