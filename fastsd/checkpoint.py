@@ -102,8 +102,13 @@ def _hub_snapshot(repo_id: str) -> Path:
 # ---- validation and fingerprint -----------------------------------------------------
 
 
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                      "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
 def check_safetensors(path: Path) -> dict:
-    """Parse a .safetensors header and check the file is complete; returns the header."""
+    """Parse a .safetensors header and check it describes the file exactly (every tensor's
+    dtype, shape and byte range, nothing past the end); returns the header."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -111,13 +116,37 @@ def check_safetensors(path: Path) -> dict:
             if n <= 0 or 8 + n > size:
                 raise ValueError("header length past end of file")
             header = json.loads(f.read(n))
+        end = _check_header(header, size - 8 - n)
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupt safetensors file {path}: {e}") from None
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end != size:
         raise CheckpointError(f"truncated or corrupt safetensors file {path}: "
                               f"{size} bytes, header says {8 + n + end}")
     return header
+
+
+def _check_header(header, data_bytes: int) -> int:
+    """Validate a parsed header (ValueError on anything malformed); returns the data's end."""
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(t, dict) or not {"dtype", "shape", "data_offsets"} <= t.keys():
+            raise ValueError(f"tensor {name!r} lacks dtype, shape or data_offsets")
+        dtype, shape, offsets = t["dtype"], t["shape"], t["data_offsets"]
+        ints = lambda xs: isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731
+        if dtype not in SAFETENSORS_DTYPES or not ints(shape) or not ints(offsets) or len(offsets) != 2:
+            raise ValueError(f"tensor {name!r} has a malformed dtype, shape or data_offsets")
+        begin, stop = offsets
+        count = 1
+        for d in shape:
+            count *= d
+        if stop - begin != count * SAFETENSORS_DTYPES[dtype] or stop > data_bytes:
+            raise ValueError(f"tensor {name!r}: bytes {begin}..{stop} do not hold a {dtype} tensor of shape {shape}")
+        end = max(end, stop)
+    return end
 
 
 def fingerprint(files: list[Path], root: Path) -> str:
@@ -136,12 +165,15 @@ def _folder_files(root: Path, allow_pickle: bool) -> list[Path]:
     """The files of a diffusers folder that define the model, validated."""
     if not (root / "model_index.json").is_file():
         raise CheckpointError(f"{root} is not a diffusers checkpoint folder (no model_index.json)")
+    _check_json(root / "model_index.json")
     files = [root / "model_index.json"]
     for comp in COMPONENTS:
         d = root / comp
         if not d.is_dir():
             raise CheckpointError(f"{root} is missing the {comp}/ folder")
         comp_files = sorted(p for p in d.iterdir() if p.is_file())
+        for cfg in (p for p in comp_files if p.suffix == ".json"):
+            _check_json(cfg)
         weights = [p for p in comp_files if p.suffix == ".safetensors"]
         pickles = [p for p in comp_files if p.suffix in PICKLE_SUFFIXES]
         if comp in ("unet", "vae", "text_encoder"):
@@ -155,6 +187,17 @@ def _folder_files(root: Path, allow_pickle: bool) -> list[Path]:
         files += [p for p in comp_files if p.suffix in (".json", ".txt") or p in weights or
                   (not weights and p in pickles)]
     return files
+
+
+def _check_json(path: Path) -> None:
+    """A config file that parses as a JSON object (libraries report a broken one as a
+    failed download, which misleads)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"invalid config file {path}: {e}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"invalid config file {path}: not a JSON object")
 
 
 # ---- loading ------------------------------------------------------------------------
@@ -195,17 +238,20 @@ def _load_folder(root: Path, allow_pickle: bool) -> dict:
     kw = {"local_files_only": True}
     safe = None if allow_pickle else True
     tokenizer = load_tokenizer(root / "tokenizer")
-    try:
-        return {
-            "tokenizer": tokenizer,
-            "text_encoder": CLIPTextModel.from_pretrained(str(root), subfolder="text_encoder",
-                                                          use_safetensors=safe, **kw),
-            "unet": UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", use_safetensors=safe, **kw),
-            "vae": AutoencoderKL.from_pretrained(str(root), subfolder="vae", use_safetensors=safe, **kw),
-        }
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load checkpoint {root}: {first}") from None
+    parts = {"tokenizer": tokenizer}
+    for name, cls in (("text_encoder", CLIPTextModel), ("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        try:
+            model, loading = cls.from_pretrained(str(root), subfolder=name, use_safetensors=safe,
+                                                 output_loading_info=True, **kw)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"cannot load checkpoint {root}: {first}") from None
+        missing = sorted(k for k in loading.get("missing_keys", ()) if not k.endswith("position_ids"))
+        if missing:  # the libraries would fill these with random values and only log it
+            raise CheckpointError(f"{root / name} is incomplete: {len(missing)} weight(s) missing, "
+                                  f"e.g. {missing[0]}")
+        parts[name] = model
+    return parts
 
 
 def architecture_hash(*configs) -> str:

@@ -118,23 +118,52 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def output_paths(out: str, count: int, overwrite: bool) -> list[Path]:
-    """The files `count` images go to; checked before any work is done."""
+    """The files `count` images go to; checked (names, folder, writability) before any work."""
     base = Path(out)
     if base.suffix.lower() != ".png":
         raise OutputPathError(f"output must be a .png file: {out}")
     if not base.parent.is_dir():
         raise OutputPathError(f"output directory does not exist: {base.parent}")
     paths = [base] if count == 1 else [base.with_name(f"{base.stem}-{k}{base.suffix}") for k in range(count)]
-    if not overwrite:
-        for path in paths:
-            if path.exists():
-                raise OutputPathError(f"{path} exists; pass --overwrite to replace it")
+    for path in paths:
+        if path.is_dir():
+            raise OutputPathError(f"{path} is a folder, not a file")
+        if path.exists() and not overwrite:
+            raise OutputPathError(f"{path} exists; pass --overwrite to replace it")
+    try:  # a read-only folder, a pseudo file system, a full disk: find out now, not after generating
+        fd, probe = tempfile.mkstemp(prefix=".fastsd-probe-", dir=base.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputPathError(f"cannot write to {base.parent}: {e.strerror or e}") from None
     return paths
 
 
-def write_png(image, path: Path, settings: dict, overwrite: bool) -> None:
-    """Write atomically: a temp file in the same directory, then rename (or link, so an
-    existing file is never replaced without --overwrite)."""
+def write_pngs(images: list, paths: list[Path], settings: dict, overwrite: bool) -> None:
+    """Write every image or none: each goes to a temp file in its folder first, then all are
+    moved into place; if one cannot be placed, those already placed are undone (files they
+    replaced are restored). An existing file is never replaced without `overwrite`."""
+    mode = 0o666 & ~_umask()  # as open() would create them (mkstemp makes 0600)
+    temps: list[str] = []
+    try:
+        for k, (image, path) in enumerate(zip(images, paths, strict=True)):
+            temps.append(_write_temp(image, path, dict(settings, index=k), mode))
+        _place_all(temps, paths, overwrite)
+    except OSError as e:
+        raise OutputPathError(f"cannot write {e.filename or 'the output'}: {e.strerror or e}") from None
+    finally:
+        for tmp in temps:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_temp(image, path: Path, settings: dict, mode: int) -> str:
     from PIL.PngImagePlugin import PngInfo
 
     meta = PngInfo()
@@ -143,21 +172,41 @@ def write_png(image, path: Path, settings: dict, overwrite: bool) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
             image.save(f, format="PNG", pnginfo=meta)
             f.flush()
             os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise OutputPathError(f"{path} exists; pass --overwrite to replace it") from None
-            os.unlink(tmp)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
+    return tmp
+
+
+def _place_all(temps: list[str], paths: list[Path], overwrite: bool) -> None:
+    placed: list[tuple[Path, str | None]] = []  # (path, backup of the file it replaced)
+    try:
+        for tmp, path in zip(temps, paths, strict=True):
+            if overwrite and path.exists():
+                backup = str(path.with_name(f".{path.name}.{secrets.token_hex(4)}.bak"))
+                os.link(path, backup)
+                placed.append((path, backup))
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)  # fails if the name was taken meanwhile: never clobber
+                except FileExistsError:
+                    raise OutputPathError(f"{path} exists; pass --overwrite to replace it") from None
+                placed.append((path, None))
+    except BaseException:
+        for path, backup in reversed(placed):
+            if backup is None:
+                path.unlink(missing_ok=True)
+            else:
+                os.replace(backup, path)
+        raise
+    for _, backup in placed:
+        if backup is not None:
+            os.unlink(backup)
 
 
 def _parameters_line(s: dict) -> str:
@@ -171,9 +220,12 @@ def cmd_generate(args) -> int:
 
     from .images import load_image
     from .pipeline import MemoryOptions, Pipeline
+    from .settings import check_seed
 
     if args.n < 1:
         raise FastSDError(f"--n must be >= 1, got {args.n}")
+    check_seed(args.seed)
+    args.prompt, args.negative_prompt = _argv_text(args.prompt), _argv_text(args.negative_prompt)
     paths = output_paths(args.out, args.n, args.overwrite)
     image = load_image(args.image) if args.image else None
     mask = load_image(args.mask) if args.mask else None
@@ -200,14 +252,31 @@ def cmd_generate(args) -> int:
         "clip_skip": args.clip_skip, "model": args.model, "model_fingerprint": pipe.info.fingerprint,
         "fastsd": __version__,
     }
-    for k, (im, path) in enumerate(zip(out.images, paths, strict=True)):
-        write_png(im, path, dict(settings, index=k), args.overwrite)
+    write_pngs(out.images, paths, settings, args.overwrite)
+    for path in paths:
         print(f"wrote {path}")
     t = out.timings
     print(f"seed {seed} | text_encoder {t['text_encoder']:.3f}s | unet {t['unet']:.3f}s "
           f"({t['unet_per_step'] * 1000:.1f} ms/step) | vae {t['vae']:.3f}s | total {t['total']:.3f}s")
     print("backends: " + ", ".join(f"{k}={v}" for k, v in out.backends.items()))
     return 0
+
+
+def _argv_text(text: str | None) -> str | None:
+    """Command-line text as Unicode: bytes that are not UTF-8 (kept by Python as lone
+    surrogates) become U+FFFD, with a warning, instead of failing in the tokenizer."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            fixed = os.fsencode(text).decode("utf-8", errors="replace")
+        except UnicodeEncodeError:  # a surrogate that did not come from undecodable bytes
+            fixed = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+        log.warning("the prompt is not valid UTF-8; undecodable bytes were replaced: %r", fixed)
+        return fixed
 
 
 class _Bar:

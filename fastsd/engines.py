@@ -157,7 +157,7 @@ class Staging:
         same = {k: v for k, v in old.items() if k not in PER_BUILD} == {
             k: v for k, v in manifest.items() if k not in PER_BUILD}
         if not same:
-            log.warning("%s: replacing an entry built with other settings; its %s are dropped",
+            log.warning("%s: replacing an entry built with other settings; networks dropped: %s",
                         self.final, ", ".join(sorted(others)))
             return
         for n, record in others.items():

@@ -17,6 +17,7 @@ from .errors import ImageError
 
 log = logging.getLogger(__name__)
 MASK_THRESHOLD = 0.5  # mask pixels >= this repaint
+WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # single-channel modes wider than 8 bits
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -26,6 +27,9 @@ def load_image(path: str | Path) -> Image.Image:
             return im.copy()
     except FileNotFoundError:
         raise ImageError(f"image not found: {path}") from None
+    except Image.DecompressionBombError:
+        limit = Image.MAX_IMAGE_PIXELS * 2
+        raise ImageError(f"image {path} is too large to read safely (over {limit} pixels)") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ImageError(f"cannot read image {path}: {e}") from None
 
@@ -42,16 +46,34 @@ def _resized(im: Image.Image, height: int, width: int) -> Image.Image:
     return im if im.size == (width, height) else im.resize((width, height), Image.LANCZOS)
 
 
+def _eight_bit(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float images as 8-bit grayscale, scaled by their value
+    range (PIL's convert clamps them, so a 16-bit mid-gray would come out white):
+    16-bit modes by 65535; float by 1 when their values lie in [0, 1], else by 255;
+    32-bit integers by 255, or by 65535 when larger values occur."""
+    if im.mode not in WIDE_MODES:
+        return im
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16"):
+        scale = 65535.0
+    elif im.mode == "F":
+        scale = 1.0 if a.size and np.nanmin(a) >= 0.0 and np.nanmax(a) <= 1.0 else 255.0
+    else:
+        scale = 65535.0 if a.size and a.max() > 255 else 255.0
+    a = np.nan_to_num(a / scale, nan=0.0).clip(0.0, 1.0)
+    return Image.fromarray((a * 255.0).round().astype(np.uint8), mode="L")
+
+
 def image_to_tensor(image, height: int, width: int) -> torch.Tensor:
     """PIL image -> (1, 3, H, W) float32 in [-1, 1]."""
-    im = _resized(_as_pil(image, "image").convert("RGB"), height, width)
+    im = _resized(_eight_bit(_as_pil(image, "image")).convert("RGB"), height, width)
     x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     return 2.0 * x - 1.0
 
 
 def mask_to_tensor(mask, height: int, width: int) -> torch.Tensor:
     """PIL mask -> (1, 1, H, W) float32 in {0, 1}; 1 (white) = repaint."""
-    im = _as_pil(mask, "mask_image")
+    im = _eight_bit(_as_pil(mask, "mask_image"))
     m = torch.from_numpy(np.asarray(_resized(im.convert("L"), height, width), dtype=np.float32) / 255.0)
     return (m >= MASK_THRESHOLD).float()[None, None]
 

@@ -188,6 +188,14 @@ def text_config(sd: dict, fam: str) -> dict:
 # ---- loading ------------------------------------------------------------------------
 
 
+def _squeezed(shape) -> tuple[int, ...]:
+    """A shape without trailing 1s: (C, C, 1, 1) and (C, C) are the same weight."""
+    dims = list(shape)
+    while len(dims) > 1 and dims[-1] == 1:
+        dims.pop()
+    return tuple(dims)
+
+
 def _gather(model, source: dict, key_of, what: str) -> None:
     """Fill `model` from `source` via key_of(model_key) -> source key (or (key, qkv third))."""
     target = model.state_dict()
@@ -202,9 +210,9 @@ def _gather(model, source: dict, key_of, what: str) -> None:
         v = source[src_key]
         if third is not None:
             v = v.chunk(3, dim=0)[third]
-        if v.numel() != t.numel():
+        if _squeezed(v.shape) != _squeezed(t.shape):  # exact, up to 1x1 conv <-> linear (VAE attention)
             raise CheckpointError(f"{what} weight {src_key} has shape {tuple(v.shape)}, expected {tuple(t.shape)}")
-        out[k] = v.reshape(t.shape).to(t.dtype)  # VAE attention: 1x1 conv <-> linear
+        out[k] = v.reshape(t.shape).to(t.dtype)
     model.load_state_dict(out, strict=True)
 
 
@@ -254,7 +262,12 @@ def load_single_file(path: Path, *, source: str, allow_pickle: bool) -> Checkpoi
     sd = read_state_dict(path, allow_pickle)
     fam = family(sd)
     tok, tok_dir = _tokenizer(path, fam)
-    ucfg, vcfg, tcfg = unet_config(sd, fam), vae_config(sd, fam), text_config(sd, fam)
+    try:
+        ucfg, vcfg, tcfg = unet_config(sd, fam), vae_config(sd, fam), text_config(sd, fam)
+    except (KeyError, StopIteration, IndexError, AttributeError) as e:
+        missing = e.args[0] if isinstance(e, KeyError) else "an attention weight"
+        raise CheckpointError(f"{path.name} is incomplete: {missing} is missing, so its architecture "
+                              "cannot be inferred") from None
     unet, vae = UNet2DConditionModel(**ucfg), AutoencoderKL(**vcfg)
     text = CLIPTextModel(CLIPTextConfig(**tcfg, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
     up_attn = [t.startswith("CrossAttn") for t in ucfg["up_block_types"]]

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from fastsd import Pipeline
-from fastsd.cli import main, write_png
+from fastsd.cli import main, write_pngs
+from fastsd.errors import OutputPathError
 
 
 @pytest.fixture
@@ -134,9 +135,10 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
             f.write(b"half")
             raise OSError("disk full")
 
-    with pytest.raises(OSError):
-        write_png(Boom(), tmp_path / "x.png", {"prompt": "p", "steps": 1, "scheduler": "ddim", "guidance": 1,
-                                                  "seed": 1, "width": 8, "height": 8, "model_fingerprint": "f"}, False)
+    with pytest.raises(OutputPathError, match="disk full"):
+        write_pngs([Boom()], [tmp_path / "x.png"], {"prompt": "p", "steps": 1, "scheduler": "ddim", "guidance": 1,
+                                                    "seed": 1, "width": 8, "height": 8, "model_fingerprint": "f"},
+                   False)
     assert list(tmp_path.iterdir()) == []
 
 

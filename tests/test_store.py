@@ -1,0 +1,298 @@
+"""The engine store under attack: prune deletes only what fastsd made, nothing tampered
+or unverified runs, a bad manifest never crashes, and builds never lose an entry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastsd
+from fastsd import Pipeline
+from fastsd.checkpoint import load_checkpoint
+from fastsd.cli import main
+from fastsd.engines import (
+    ENGINE_FORMAT,
+    ENTRY_MARKER,
+    Profile,
+    Staging,
+    list_entries,
+    manifest_problem,
+    prune,
+)
+from fastsd.hashing import DigestCache
+
+FP = "0123456789abcdef"
+PROFILE = asdict(Profile(1, 1, 4, 16, 32, 64, False, 32))
+
+
+def fake_entry(root: Path, fp: str = FP, kind: str = "onnxruntime-fp32", payload: bytes = b"graph") -> Path:
+    """A committed entry as fastsd writes one (marker, hashed file, manifest), no real graph."""
+    backend, precision = kind.split("-")
+    with Staging(root / fp / kind) as stage:
+        (stage.dir / "unet.onnx").write_bytes(payload)
+        stage.add("unet", ["unet.onnx"])
+        return stage.commit({"format": ENGINE_FORMAT, "fastsd": fastsd.__version__, "backend": backend,
+                             "precision": precision, "checkpoint": fp, "profile": PROFILE})
+
+
+def files_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def rewrite_in_place(path: Path, offset: int) -> None:
+    """Flip one byte without changing the size, then put the mtime back."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+# ---- 1. prune ---------------------------------------------------------------------------
+
+
+def test_prune_leaves_an_unrelated_engines_folder_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FASTSD_ENGINE_DIR", raising=False)
+    store = tmp_path / "engines"  # the default store, but somebody else's folder
+    for f in ("physics/src/solver.py", "render/shaders/sky.glsl", f"{FP}/onnxruntime-fp32/notes.txt",
+              f"{FP}/.staging-onnxruntime-fp32-1234/keep.txt"):
+        (store / f).parent.mkdir(parents=True, exist_ok=True)
+        (store / f).write_text("precious")
+    (store / "empty").mkdir()
+    before = files_under(store)
+    assert prune(store, everything=True, dry_run=True) == []
+    assert main(["engines", "prune"]) == 0 and main(["engines", "prune", "--all"]) == 0
+    assert main(["engines", "list"]) == 0
+    assert files_under(store) == before and (store / "empty").is_dir()
+    assert "removed 0 item(s)" in capsys.readouterr().out
+
+
+def test_prune_never_follows_symlinks(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    outside_entry = fake_entry(elsewhere)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / FP).symlink_to(elsewhere / FP)  # a fingerprint folder that is a link
+    (store / "fedcba9876543210").mkdir()
+    (store / "fedcba9876543210" / "onnxruntime-fp32").symlink_to(outside_entry)  # an entry that is a link
+    assert prune(store, everything=True) == []
+    assert (outside_entry / "unet.onnx").read_bytes() == b"graph"
+    ours = fake_entry(store, fp="1111111111111111")
+    (ours / "link.txt").symlink_to(victim)  # a link inside an entry of ours
+    assert prune(store, everything=True) == [ours]
+    assert not ours.exists() and victim.read_text() == "precious"
+    assert (outside_entry / "unet.onnx").is_file()
+
+
+def test_prune_of_a_source_tree_finds_nothing():
+    repo = Path(fastsd.__file__).resolve().parent.parent
+    assert prune(repo, everything=True, dry_run=True) == []
+    assert prune(repo / "fastsd", everything=True, dry_run=True) == []
+
+
+def test_prune_removes_what_fastsd_made_and_cannot_use(tmp_path):
+    store = tmp_path / "store"
+    good = fake_entry(store)
+    tampered = fake_entry(store, fp="2222222222222222")
+    (tampered / "unet.onnx").write_bytes(b"other")
+    broken = fake_entry(store, fp="3333333333333333")
+    (broken / "manifest.json").write_text("[]")
+    leftover = store / FP / ".staging-onnxruntime-fp16-deadbeef"
+    leftover.mkdir()
+    (leftover / ENTRY_MARKER).write_text("")
+    (leftover / "unet.onnx").write_bytes(b"half")
+    empty = store / FP / ".staging-compiled-fp32-0badf00d"
+    empty.mkdir()
+    (store / "unrelated").mkdir()
+    assert sorted(prune(store, dry_run=True)) == sorted([tampered, broken, leftover, empty])
+    prune(store)
+    assert good.is_dir() and not tampered.parent.exists() and not broken.exists() and not leftover.exists()
+    assert (store / "unrelated").is_dir()
+    assert prune(store, everything=True) == [good] and not (store / FP).exists()
+
+
+# ---- 2. digests ---------------------------------------------------------------------------
+
+
+def test_digest_cache_sees_an_in_place_rewrite(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(bytes(range(256)) * 64)
+    cache = DigestCache("sha256")
+    first = cache.digest(f)
+    cache.save()
+    rewrite_in_place(f, 100)
+    assert DigestCache("sha256").digest(f) == hashlib.sha256(f.read_bytes()).hexdigest() != first
+
+
+def test_checkpoint_edited_in_place_gets_a_new_fingerprint(ckpts, tmp_path):
+    copy = shutil.copytree(ckpts["eps"], tmp_path / "copy")
+    before = load_checkpoint(str(copy)).info.fingerprint
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    rewrite_in_place(weights, weights.stat().st_size - 3)
+    assert load_checkpoint(str(copy)).info.fingerprint != before
+
+
+# ---- 3. manifests -------------------------------------------------------------------------
+
+
+def test_manifest_names_are_confined_to_the_entry(tmp_path):
+    entry = fake_entry(tmp_path)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    digest = manifest["networks"]["unet"]["sha256"]["unet.onnx"]
+    for name in ("../../../outside/unet.onnx", "/etc/unet.onnx", "unet/../unet.onnx", "text_encoder.onnx"):
+        bad = {**manifest, "networks": {"unet": {"sha256": {name: digest}}}}
+        assert "not one of this network's files" in manifest_problem(bad, entry), name
+    assert manifest_problem(manifest, entry) is None
+    (entry / "unet.onnx.data").write_bytes(b"weights nobody hashed")
+    assert "unet.onnx.data is in the entry but not hashed" in manifest_problem(manifest, entry)
+
+
+# ---- with real ONNX graphs -------------------------------------------------------------------
+
+onnx_only = pytest.mark.skipif(
+    not all(__import__("importlib").util.find_spec(m) for m in ("onnxruntime", "onnxslim")),
+    reason="needs onnxruntime and onnxslim")
+
+
+@pytest.fixture(scope="module")
+def exported(ckpts, tmp_path_factory):
+    from export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("store")
+    return export_checkpoint(str(ckpts["eps"]), engine_dir=root, networks=("text_encoder", "unet"))
+
+
+def _copy_store(entry: Path, tmp_path: Path) -> tuple[Path, Path]:
+    store = tmp_path / "engines"
+    shutil.copytree(entry.parent.parent, store)
+    return store, store / entry.parent.name / entry.name
+
+
+def _external_data(manifest: dict, entry: Path) -> dict:
+    """unet.onnx re-saved with its weights in unet.onnx.data; only the graph is hashed."""
+    import onnx
+
+    model = onnx.load(str(entry / "unet.onnx"))
+    onnx.save(model, str(entry / "unet.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="unet.onnx.data", size_threshold=0)
+    graph = hashlib.sha256((entry / "unet.onnx").read_bytes()).hexdigest()
+    manifest["networks"]["unet"]["sha256"] = {"unet.onnx": graph}
+    return manifest
+
+
+def _set(path: list, value):
+    def change(m, entry):
+        target = m
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        return m
+    return change
+
+
+BAD_MANIFESTS = {
+    "a list": lambda m, e: [],
+    "a string": lambda m, e: "manifest",
+    "networks as a list": _set(["networks"], ["unet"]),
+    "empty sha256": _set(["networks", "unet", "sha256"], {}),
+    "profile field of the wrong type": _set(["profile", "max_size"], "64"),
+    "profile missing a field": lambda m, e: {**m, "profile": {"static": False}},
+    "unet points at the text encoder's file": lambda m, e: _set(
+        ["networks", "unet", "sha256"], dict(m["networks"]["text_encoder"]["sha256"]))(m, e),
+    "a path outside the entry": lambda m, e: _set(
+        ["networks", "unet", "sha256"], {"../../../outside/unet.onnx": "0" * 64})(m, e),
+    "an absolute path": lambda m, e: _set(["networks", "unet", "sha256"], {"/tmp/unet.onnx": "0" * 64})(m, e),
+    "external data not hashed": _external_data,
+}
+
+
+@onnx_only
+@pytest.mark.parametrize("case", sorted(BAD_MANIFESTS))
+def test_bad_manifest_falls_back_with_one_warning(exported, ckpts, tmp_path, caplog, capsys, case):
+    store, entry = _copy_store(exported, tmp_path)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    (entry / "manifest.json").write_text(json.dumps(BAD_MANIFESTS[case](manifest, entry)))
+    with caplog.at_level(logging.WARNING):
+        pipe = Pipeline.from_pretrained(str(ckpts["eps"]), engine_dir=str(store))  # auto
+    assert set(pipe.backend.backends.values()) == {"eager"}
+    warnings = [r.getMessage() for r in caplog.records if "invalid manifest" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert pipe("a", num_inference_steps=1, output_type="np").images.shape == (1, 32, 32, 3)
+    assert main(["engines", "list", "--engine-dir", str(store)]) == 0
+    assert "UNUSABLE: invalid manifest" in capsys.readouterr().out
+    assert prune(store, dry_run=True) == [entry]
+
+
+@onnx_only
+def test_tampered_engine_with_same_size_and_mtime_is_refused(exported, ckpts, tmp_path, caplog):
+    store, entry = _copy_store(exported, tmp_path)
+    first = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
+    assert first.backend.backends["unet"] == "onnxruntime"  # digests are now cached
+    graph = entry / "unet.onnx"
+    rewrite_in_place(graph, graph.stat().st_size - 100)  # a weight byte
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
+    assert pipe.backend.backends["unet"] == "eager" and pipe.backend.backends["text_encoder"] == "onnxruntime"
+    assert "unet.onnx does not match its manifest hash" in caplog.text
+
+
+# ---- 5. odd latent sizes ---------------------------------------------------------------------
+
+
+@onnx_only
+def test_odd_latent_sizes_run_on_the_onnx_unet(exported, ckpts, pipes, caplog):
+    store = exported.parent.parent
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), engine_dir=str(store))  # auto
+    kw = dict(num_inference_steps=2, output_type="np", seed=3)
+    for h, w in ((34, 34), (38, 26)):  # latents 17x17 and 19x13: the up block's 2x would not fit the skip
+        out = pipe("a lighthouse", height=h, width=w, **kw)
+        assert out.backends["unet"] == "onnxruntime"
+        want = pipes("eps")("a lighthouse", height=h, width=w, **kw).images
+        assert np.abs(out.images - want).max() <= 1e-3
+    assert "refused" not in caplog.text
+
+
+# ---- 12. export arguments and merging ---------------------------------------------------------
+
+
+@onnx_only
+def test_export_store_errors_are_one_line(ckpts, tmp_path, capsys):
+    model = str(ckpts["eps"])
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    for store, message in ((a_file, "is not a folder"), (a_file / "sub", "cannot write to the engine store"),
+                           (Path("/proc/fastsd-engines"), "cannot write to the engine store")):
+        assert main(["export", "--model", model, "--engine-dir", str(store), "--networks", "unet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert main(["export", "--model", model, "--engine-dir", str(tmp_path / "s"), "--networks", ","]) == 2
+    assert "no networks to build" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").rglob("manifest.json"))
+
+
+@onnx_only
+def test_exporting_a_subset_keeps_the_rest_of_the_entry(exported, ckpts, tmp_path, caplog):
+    from export import export_checkpoint
+
+    store, entry = _copy_store(exported, tmp_path)
+    again = export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("unet",))
+    assert again == entry
+    assert list_entries(store)[0]["networks"] == ["text_encoder", "unet"] and not list_entries(store)[0]["problems"]
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
+    assert pipe.backend.backends["text_encoder"] == pipe.backend.backends["unet"] == "onnxruntime"
+    export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("unet",), static="24x40")
+    assert list_entries(store)[0]["networks"] == ["unet"]  # other profile: not mixed into one entry
+    assert "built with other settings; networks dropped: text_encoder" in caplog.text
