@@ -59,18 +59,10 @@ def _engines(kind, ckpt, device, dtype, engine_dir: Path, clip_skip: int, loud: 
     elif kind == "tensorrt":
         facts.update(trt_backend.runtime_facts())
     manifest, problems = check_entry(entry, ckpt.info.fingerprint, facts, verify=True)
-    if not loud and manifest:  # auto: an entry that exists but cannot serve is worth one line
-        broken = sorted({p for n, p in problems.items() if n in wanted and p != NOT_IN_ENTRY})
-        if broken:
-            log.warning("%s engines in %s not used (%s); running eager instead", kind, entry, "; ".join(broken))
-    elif not loud and entry.is_dir() and problems:
-        log.warning("%s engines in %s not used (%s); running eager instead", kind, entry,
-                    next(iter(problems.values())))
+    _warn_unusable(kind, {n: problems[n] for n in wanted if n in problems}, loud or entry.is_dir(), loud)
     engines = {}
     for n in wanted:
         if n in problems:
-            if loud:
-                log.warning("%s %s: %s; falling back to eager", kind, n, problems[n])
             continue
         graph = graph_file(n, manifest["networks"][n])
         try:
@@ -79,6 +71,17 @@ def _engines(kind, ckpt, device, dtype, engine_dir: Path, clip_skip: int, loud: 
             log.warning("%s %s: cannot load the engine (%s); falling back to eager", kind, n,
                         str(e).splitlines()[0] if str(e) else type(e).__name__)
     return engines
+
+
+def _warn_unusable(kind: str, problems: dict[str, str], exists: bool, loud: bool) -> None:
+    """One warning per distinct reason. Under auto, only for an entry that exists (a
+    missing entry, or a network it does not hold, is the normal case there)."""
+    by_reason: dict[str, list[str]] = {}
+    for n, why in problems.items():
+        if exists and (loud or why != NOT_IN_ENTRY):
+            by_reason.setdefault(why, []).append(n)
+    for why, nets in by_reason.items():
+        log.warning("%s %s: %s; falling back to eager", kind, ", ".join(nets), why)
 
 
 def make_backend(ckpt, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
