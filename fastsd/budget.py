@@ -65,6 +65,8 @@ def peak_bytes(info, widths: Widths, req, itemsize: int, memory) -> int:
         decode_w = min(decode_w, memory.tile * info.vae_factor)
     vae = decode_batch * widths.vae * decode_h * decode_w * itemsize * VAE_LIVE
     output = images * 3 * req.height * req.width * 4 * 2  # float32 images and their numpy copy
+    if req.output_type == "latent" and req.image is None:  # no VAE at all
+        vae = output = 0
     return max(unet, vae, text) + output
 
 
