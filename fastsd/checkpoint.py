@@ -151,7 +151,7 @@ def _check_header(header, data_bytes: int) -> int:
 
 def fingerprint(files: list[Path], root: Path) -> str:
     """Content hash over files (names relative to root). Per-file digests are cached by
-    (path, size, mtime), so only the first load of a checkpoint reads every byte."""
+    (path, inode, size, mtime, ctime), so only the first load of a checkpoint reads every byte."""
     cache = DigestCache("blake2b")
     h = hashlib.blake2b(digest_size=8)
     for f in sorted(files):

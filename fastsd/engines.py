@@ -150,8 +150,9 @@ class Staging:
     def _keep_other_networks(self, manifest: dict) -> None:
         """Building a subset of networks keeps the intact others of the entry it replaces,
         when that entry was built the same way (same checkpoint, profile and settings)."""
-        old, problems = check_entry(self.final, manifest["checkpoint"], verify=True)
-        others = {n: r for n, r in old.get("networks", {}).items() if n not in self.networks and n not in problems}
+        keep = tuple(n for n in NETWORKS if n not in self.networks)
+        old, problems = check_entry(self.final, manifest["checkpoint"], verify=True, networks=keep)
+        others = {n: r for n, r in old.get("networks", {}).items() if n in keep and n not in problems}
         if not others:
             return
         same = {k: v for k, v in old.items() if k not in PER_BUILD} == {
@@ -253,23 +254,24 @@ def read_manifest(entry: Path):
         return None
 
 
-def check_entry(entry: Path, fingerprint: str, runtime_facts: dict | None = None,
-                verify: bool = False) -> tuple[dict, dict[str, str]]:
-    """Validate an entry: returns (manifest or {}, {network: problem}) for networks it cannot serve.
-    A network absent from the result's problems is usable. `verify` re-reads every file
-    (for files about to be loaded); otherwise digests may come from the cache."""
+def check_entry(entry: Path, fingerprint: str, runtime_facts: dict | None = None, verify: bool = False,
+                networks: tuple[str, ...] = NETWORKS) -> tuple[dict, dict[str, str]]:
+    """Validate an entry for `networks`: returns (manifest or {}, {network: problem}) for those
+    it cannot serve. A network of `networks` absent from the problems is usable. `verify`
+    re-reads their files (for files about to be loaded); otherwise digests may come from
+    the cache. Files of other networks are not read."""
     raw = read_manifest(entry)
     if raw is None:
         why = "the entry has no manifest (unfinished)" if entry.is_dir() else f"no engine entry at {entry}"
-        return {}, {n: why for n in NETWORKS}
+        return {}, {n: why for n in networks}
     why = manifest_problem(raw, entry)
     if why is not None:
-        return {}, {n: f"invalid manifest ({why})" for n in NETWORKS}
+        return {}, {n: f"invalid manifest ({why})" for n in networks}
     manifest: dict = raw
     problems = {}
     whole = _entry_problem(manifest, fingerprint, runtime_facts or {})
     digests = DigestCache("sha256")
-    for n in NETWORKS:
+    for n in networks:
         net = manifest["networks"].get(n)
         if whole:
             problems[n] = whole
@@ -333,9 +335,7 @@ def list_entries(engine_dir: Path) -> list[dict]:
     """Every fastsd entry in the store with its size and whether its files are intact."""
     rows = []
     for entry in _entries(Path(engine_dir)):
-        raw = read_manifest(entry)
-        manifest = raw if isinstance(raw, dict) and manifest_problem(raw, entry) is None else {}
-        _, problems = check_entry(entry, entry.parent.name)
+        manifest, problems = check_entry(entry, entry.parent.name)  # manifest is {} unless valid
         if manifest:
             problems = {n: p for n, p in problems.items() if n in manifest["networks"]}
         size = sum(p.lstat().st_size for p in entry.iterdir() if p.is_file() and not p.is_symlink())

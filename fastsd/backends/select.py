@@ -58,8 +58,8 @@ def _engines(kind, ckpt, device, dtype, engine_dir: Path, clip_skip: int, loud: 
         facts.update(compiled_facts(device))
     elif kind == "tensorrt":
         facts.update(trt_backend.runtime_facts())
-    manifest, problems = check_entry(entry, ckpt.info.fingerprint, facts, verify=True)
-    _warn_unusable(kind, {n: problems[n] for n in wanted if n in problems}, loud or entry.is_dir(), loud)
+    manifest, problems = check_entry(entry, ckpt.info.fingerprint, facts, verify=True, networks=wanted)
+    _warn_unusable(kind, problems, loud, entry.is_dir())
     engines = {}
     for n in wanted:
         if n in problems:
@@ -73,12 +73,12 @@ def _engines(kind, ckpt, device, dtype, engine_dir: Path, clip_skip: int, loud: 
     return engines
 
 
-def _warn_unusable(kind: str, problems: dict[str, str], exists: bool, loud: bool) -> None:
-    """One warning per distinct reason. Under auto, only for an entry that exists (a
-    missing entry, or a network it does not hold, is the normal case there)."""
+def _warn_unusable(kind: str, problems: dict[str, str], loud: bool, exists: bool) -> None:
+    """One warning per distinct reason. Under auto (not `loud`), only for an entry that
+    exists, and not for networks it does not hold: both are the normal case there."""
     by_reason: dict[str, list[str]] = {}
     for n, why in problems.items():
-        if exists and (loud or why != NOT_IN_ENTRY):
+        if loud or (exists and why != NOT_IN_ENTRY):
             by_reason.setdefault(why, []).append(n)
     for why, nets in by_reason.items():
         log.warning("%s %s: %s; falling back to eager", kind, ", ".join(nets), why)

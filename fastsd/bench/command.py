@@ -34,7 +34,6 @@ def _sizes(args) -> tuple[tuple[int, int], ...] | None:
 
 
 def cmd_bench(args) -> int:
-
     from ..pipeline import parse_device
     from . import compare, default_config, markdown, run_bench, write_reports
     from .runner import BASELINE, FASTSD_BACKENDS
