@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from . import images as imgs
-from .backends import BACKEND_NAMES
+from .backends import BACKEND_NAMES, work_stream
 from .backends.select import make_backend
 from .budget import check_fits, widths_of
 from .checkpoint import Checkpoint, check_clip_skip, load_checkpoint
 from .engines import default_engine_dir
 from .errors import InvalidArgumentError, NumericalError
-from .guidance import blend, cfg_denoiser, unet_denoiser
+from .loop import StepGraphs, StepInputs, StepKey, make_step, run_steps, step_rows
 from .networks import VaeDecoder
 from .schedulers import PREDICTION_TYPES, SAMPLERS, SchedulerConfig, add_noise, first_step
 from .settings import Request, check_seed, make_request
@@ -72,6 +72,7 @@ class _Latents:
     x0: torch.Tensor | None = None  # 4-channel inpaint: clean image latents
     noise: torch.Tensor | None = None  # 4-channel inpaint: the noise that made x
     mask: torch.Tensor | None = None  # 4-channel inpaint: (B, 1, h, w), 1 = repaint
+    step_noise: torch.Tensor | None = None  # (steps, B, C, h, w): fresh noise of each step, if the sampler takes it
 
 
 def parse_device(device) -> torch.device:
@@ -93,8 +94,11 @@ def parse_device(device) -> torch.device:
 
 class Pipeline:
     def __init__(self, ckpt: Checkpoint, backend, device: torch.device, dtype: torch.dtype,
-                 memory: MemoryOptions | None = None):
+                 memory: MemoryOptions | None = None, cuda_graphs: bool = False):
+        if cuda_graphs and device.type != "cuda":
+            raise InvalidArgumentError("cuda_graphs needs a CUDA device")
         self.ckpt, self.info, self.tokenizer = ckpt, ckpt.info, ckpt.tokenizer
+        self._graphs = StepGraphs() if cuda_graphs else None  # whole-step graphs, one per shape and setting
         self.backend, self.device, self.dtype = backend, device, dtype
         self._widths = widths_of(ckpt)
         self._tokenizer_lock = threading.Lock()  # tokenizers keep truncation/padding state between calls
@@ -133,7 +137,7 @@ class Pipeline:
         if memory is not None and not 0 <= memory.tile_overlap < memory.tile:
             raise InvalidArgumentError(f"tile_overlap must be in [0, tile={memory.tile}), got {memory.tile_overlap}")
         backend_ = make_backend(ckpt, backend, dev, DTYPES[dtype], store, clip_skip, cuda_graphs)
-        return cls(ckpt, backend_, dev, DTYPES[dtype], memory)
+        return cls(ckpt, backend_, dev, DTYPES[dtype], memory, cuda_graphs)
 
     def __call__(self, prompt, negative_prompt=None, image=None, mask_image=None, strength=None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, scheduler: str = "ddim",
@@ -144,6 +148,24 @@ class Pipeline:
                            guidance_scale, scheduler, eta, height, width, num_images_per_prompt, output_type)
         check_fits(self.info, self._widths, req, self.dtype, self.device, self.memory)
         gen = self._generator(generator, seed)
+        with self._on_work_stream():
+            return self._generate(req, gen, callback)
+
+    @contextmanager
+    def _on_work_stream(self):
+        """On CUDA, run on fastsd's work stream, ordered after the caller's stream both ways."""
+        if self.device.type != "cuda":
+            yield
+            return
+        caller, work = torch.cuda.current_stream(self.device), work_stream(self.device)
+        work.wait_stream(caller)
+        try:
+            with torch.cuda.stream(work):
+                yield
+        finally:
+            caller.wait_stream(work)
+
+    def _generate(self, req: Request, gen: torch.Generator, callback) -> PipelineOutput:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         with self._timed(timings, "text_encoder"):
@@ -153,8 +175,10 @@ class Pipeline:
         sched = sampler.schedule(cfg, req.steps, self.device)
         with self._timed(timings, "vae_encoder"):
             lat = self._prepare_latents(req, sched, gen)
+            if sampler.draws_noise(req.eta):  # every step's noise, drawn now in diffusers' order
+                lat.step_noise = self._randn_steps(lat.x.shape, len(sched) - lat.start, gen)
         with self._timed(timings, "unet"):
-            x = self._denoise(req, lat, text_embeddings, sched, sampler, cfg, gen, callback)
+            x = self._denoise(req, lat, text_embeddings, sched, cfg, callback)
         if not torch.isfinite(x).all():  # one check after the loop, none inside it
             raise NumericalError(f"the latents became NaN or infinite while denoising in {self.dtype} "
                                  f"(guidance_scale {req.guidance_scale}); try a lower guidance_scale or dtype='fp32'")
@@ -190,6 +214,13 @@ class Pipeline:
         """As diffusers' randn_tensor: draw on the generator's device in the model dtype."""
         rand_device = "cpu" if gen.device.type == "cpu" else self.device
         return torch.randn(shape, generator=gen, device=rand_device, dtype=self.dtype).to(self.device).float()
+
+    def _randn_steps(self, shape, steps: int, gen: torch.Generator) -> torch.Tensor:
+        """`steps` draws of `shape`, one after the other as a sampler draws them in diffusers'
+        loop (the generator is used for nothing else in between), moved to the device at once."""
+        rand_device = "cpu" if gen.device.type == "cpu" else self.device
+        draws = [torch.randn(shape, generator=gen, device=rand_device, dtype=self.dtype) for _ in range(steps)]
+        return torch.stack(draws).to(self.device).float()
 
     def _token_ids(self, texts: list[str]) -> torch.Tensor:
         n = self.info.max_tokens
@@ -250,21 +281,19 @@ class Pipeline:
         cond = torch.cat([mask_lat, masked], dim=1)
         return _Latents(x, start, conditioning=torch.cat([cond, cond]) if req.do_cfg else cond)
 
-    def _denoise(self, req: Request, lat: _Latents, text_embeddings, sched, sampler, cfg, gen, callback):
-        denoise = unet_denoiser(self.backend.unet, text_embeddings, lat.conditioning)
-        if req.do_cfg:
-            denoise = cfg_denoiser(denoise, req.guidance_scale)
-        x = lat.x
-        for k, i in enumerate(range(lat.start, len(sched))):
-            out = denoise(x * sched.input_scale[i], sched.timesteps[i])
-            noise = self._randn(x.shape, gen) if sampler.draws_noise(req.eta) else None
-            x = sampler.step(x, out, sched, i, cfg, noise, req.eta)
-            if lat.mask is not None:
-                last = i + 1 == len(sched)
-                x = blend(x, lat.x0 if last else add_noise(sched, lat.x0, lat.noise, i + 1), lat.mask)
-            if callback is not None:
-                callback(k, float(sched.timesteps[i]), x)
-        return x
+    def _denoise(self, req: Request, lat: _Latents, text_embeddings, sched, cfg, callback):
+        """The loop (see fastsd/loop.py): rows and noise are ready before it starts."""
+        rows = step_rows(sched, req.scheduler, cfg, req.eta)[lat.start:]
+        inputs = StepInputs(text_embeddings, lat.conditioning, lat.x0, lat.noise, lat.mask)
+        shapes = tuple((n, tuple(t.shape)) for n, t in {"x": lat.x, **inputs.tensors()}.items())
+        key = StepKey(req.scheduler, cfg, req.guidance_scale, req.do_cfg, lat.step_noise is not None, shapes)
+        host_t = sched.host_timesteps[lat.start:]
+        if self._graphs is not None:
+            x = self._graphs.run(self.backend.unet, key, inputs, lat.x, rows, lat.step_noise, host_t, callback)
+            if x is not None:
+                return x
+        step = make_step(self.backend.unet, key, inputs)
+        return run_steps(step, lat.x, rows, lat.step_noise, host_t, callback)
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         z = latents / self.info.vae_scale + self.info.vae_shift

@@ -88,6 +88,7 @@ class Schedule:
     alpha_bar: torch.Tensor | None = None  # (n,) DDIM
     alpha_bar_prev: torch.Tensor | None = None  # (n,) DDIM
     sigmas: torch.Tensor | None = None  # (n+1,) Euler, sigmas[n] = 0
+    host_timesteps: tuple[float, ...] = ()  # the timesteps on the host, for callbacks (no device read)
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -153,6 +154,7 @@ def ddim_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
     alpha_bar_prev = np.where(prev >= 0, alpha_bar_all[np.clip(prev, 0, None)], final)
     return Schedule(
         timesteps=_tensor(t, device),
+        host_timesteps=tuple(float(v) for v in t.astype(np.float32)),
         signal=_tensor(np.sqrt(alpha_bar), device),
         noise_level=_tensor(np.sqrt(1 - alpha_bar), device),
         input_scale=_tensor(np.ones(steps), device),
@@ -173,6 +175,7 @@ def euler_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
     init = sigma_max if cfg.timestep_spacing in ("linspace", "trailing") else math.sqrt(sigma_max**2 + 1)
     return Schedule(
         timesteps=_tensor(t, device),
+        host_timesteps=tuple(float(v) for v in t.astype(np.float32)),
         signal=_tensor(np.ones(steps), device),
         noise_level=_tensor(sigma, device),
         input_scale=_tensor(1 / np.sqrt(sigma**2 + 1), device),
@@ -182,63 +185,86 @@ def euler_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
 
 
 # ---- steps --------------------------------------------------------------------------
+#
+# Each sampler precomputes one row of float32 coefficients per step from its tables (the
+# same float32 operations its step would otherwise do per step, so results are bit for bit
+# those of computing them in the loop); a step is then a pure function of (x, model output,
+# that row, noise). Nothing in a step reads a device value on the host, and a step can be
+# replayed inside a CUDA graph with the row copied into a static buffer.
 
 
-def _x0_eps(x, out, alpha_bar, prediction_type):
-    """x0 and eps from the model output at alpha_bar (DDIM eq. (9); v: Salimans & Ho 2022)."""
-    if prediction_type == "epsilon":
-        return (x - (1 - alpha_bar) ** 0.5 * out) / alpha_bar**0.5, out
-    x0 = alpha_bar**0.5 * x - (1 - alpha_bar) ** 0.5 * out
-    eps = alpha_bar**0.5 * out + (1 - alpha_bar) ** 0.5 * x
-    return x0, eps
+def ddim_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0) -> torch.Tensor:
+    """(n, 5): sqrt(alpha_bar), sqrt(1 - alpha_bar), the DDIM eq. (12) weights of x0 and
+    eps, and the std of the fresh noise (DDIM eq. (16), times eta)."""
+    alpha_bar, alpha_bar_prev = sched.alpha_bar, sched.alpha_bar_prev
+    variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
+    std = eta * variance**0.5
+    return torch.stack([alpha_bar**0.5, (1 - alpha_bar) ** 0.5, alpha_bar_prev**0.5,
+                        (1 - alpha_bar_prev - std**2) ** 0.5, std], dim=1)
 
 
-def ddim_step(x, out, sched: Schedule, i: int, cfg: SchedulerConfig, noise=None, eta: float = 0.0):
-    alpha_bar, alpha_bar_prev = sched.alpha_bar[i], sched.alpha_bar_prev[i]
-    x0, eps = _x0_eps(x, out, alpha_bar, cfg.prediction_type)
+def ddim_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None):
+    root_ab, root_1m_ab, w_x0, w_eps, std = c[0], c[1], c[2], c[3], c[4]
+    if cfg.prediction_type == "epsilon":  # DDIM eq. (9)
+        x0, eps = (x - root_1m_ab * out) / root_ab, out
+    else:  # v: Salimans & Ho 2022
+        x0, eps = root_ab * x - root_1m_ab * out, root_ab * out + root_1m_ab * x
     if cfg.clip_sample:
         x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-    variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)  # DDIM eq. (16)
-    std = eta * variance**0.5
-    x_prev = alpha_bar_prev**0.5 * x0 + (1 - alpha_bar_prev - std**2) ** 0.5 * eps  # DDIM eq. (12)
+    x_prev = w_x0 * x0 + w_eps * eps  # DDIM eq. (12)
     if noise is not None:
         x_prev = x_prev + std * noise
     return x_prev
 
 
-def _sigma_x0(x, out, sigma, prediction_type):
-    """x0 from the model output at noise level sigma (x = x0 + sigma * eps)."""
-    if prediction_type == "epsilon":
-        return x - sigma * out
-    return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+def _sigma_rows(sigma: torch.Tensor, step_to: torch.Tensor) -> list[torch.Tensor]:
+    """sigma, the step in sigma, and the v-prediction weights of x0 = a * out + x / b."""
+    return [sigma, step_to - sigma, -sigma / (sigma**2 + 1) ** 0.5, sigma**2 + 1]
 
 
-def euler_step(x, out, sched: Schedule, i: int, cfg: SchedulerConfig, noise=None, eta: float = 0.0):
-    sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
-    d = (x - _sigma_x0(x, out, sigma, cfg.prediction_type)) / sigma  # Karras et al. 2022, eq. (5)
-    return x + d * (sigma_next - sigma)  # Euler step, Karras et al. 2022, Algorithm 1 (no churn)
+def euler_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0) -> torch.Tensor:
+    """(n, 4): Euler from sigma to sigma_next (Karras et al. 2022, Algorithm 1, no churn)."""
+    return torch.stack(_sigma_rows(sched.sigmas[:-1], sched.sigmas[1:]), dim=1)
 
 
-def euler_ancestral_step(x, out, sched: Schedule, i: int, cfg: SchedulerConfig, noise=None, eta: float = 1.0):
-    sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
-    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5  # k-diffusion get_ancestral_step
+def euler_ancestral_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 1.0) -> torch.Tensor:
+    """(n, 5): Euler to sigma_down, then fresh noise of std sigma_up (k-diffusion get_ancestral_step)."""
+    sigma, sigma_next = sched.sigmas[:-1], sched.sigmas[1:]
+    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
     sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-    d = (x - _sigma_x0(x, out, sigma, cfg.prediction_type)) / sigma
-    return x + d * (sigma_down - sigma) + noise * sigma_up
+    return torch.stack(_sigma_rows(sigma, sigma_down) + [sigma_up], dim=1)
+
+
+def _sigma_x0(x, out, c, prediction_type):
+    """x0 from the model output at noise level sigma = c[0] (x = x0 + sigma * eps)."""
+    if prediction_type == "epsilon":
+        return x - c[0] * out
+    return out * c[2] + x / c[3]
+
+
+def euler_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None):
+    d = (x - _sigma_x0(x, out, c, cfg.prediction_type)) / c[0]  # Karras et al. 2022, eq. (5)
+    return x + d * c[1]
+
+
+def euler_ancestral_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None):
+    return euler_step(x, out, c, cfg) + noise * c[4]
 
 
 @dataclass(frozen=True)
 class Sampler:
     name: str
     schedule: Callable[..., Schedule]  # (cfg, steps, device) -> Schedule
-    step: Callable[..., torch.Tensor]  # (x, out, sched, i, cfg, noise, eta) -> x_prev
+    coefficients: Callable[..., torch.Tensor]  # (sched, cfg, eta) -> (n, K) float32, one row per step
+    step: Callable[..., torch.Tensor]  # (x, out, row, cfg, noise) -> x_prev
     draws_noise: Callable[[float], bool]  # eta -> does step() take fresh noise?
 
 
 SAMPLERS = {
-    "ddim": Sampler("ddim", ddim_schedule, ddim_step, lambda eta: eta > 0),
-    "euler": Sampler("euler", euler_schedule, euler_step, lambda eta: False),
-    "euler_a": Sampler("euler_a", euler_schedule, euler_ancestral_step, lambda eta: True),
+    "ddim": Sampler("ddim", ddim_schedule, ddim_coefficients, ddim_step, lambda eta: eta > 0),
+    "euler": Sampler("euler", euler_schedule, euler_coefficients, euler_step, lambda eta: False),
+    "euler_a": Sampler("euler_a", euler_schedule, euler_ancestral_coefficients, euler_ancestral_step,
+                       lambda eta: True),
 }
 
 

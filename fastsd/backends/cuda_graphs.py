@@ -1,8 +1,10 @@
-"""CUDA-graph replay of a tensor function: one graph per input shape, static buffers.
+"""CUDA-graph replay of one network call (the UNet): one graph per input shape, static
+buffers, one memory pool shared by all of them. The pipeline's whole-step graphs
+(fastsd/loop.py) are preferred; this is the fallback where a step cannot be captured.
 
 The first call of a shape warms the function up on a side stream, then captures it;
 later calls copy their inputs into the static buffers and replay. NOT VERIFIED on a GPU
-yet (the test is marked `gpu`).
+yet (the tests are marked `gpu`).
 """
 
 from __future__ import annotations
@@ -18,26 +20,31 @@ class GraphedCall:
     def __init__(self, fn: Callable[..., torch.Tensor]):
         self.fn = fn
         self.graphs: dict[tuple, tuple] = {}  # input shapes/dtypes -> (graph, static inputs, static output)
+        self.pool = None  # one pool for every shape: only one replays at a time
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]) -> tuple:
         static_in = tuple(t.clone() for t in inputs)
+        caller = torch.cuda.current_stream()
         side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side.wait_stream(caller)
         with torch.cuda.stream(side):
             for _ in range(WARMUP_CALLS):
                 self.fn(*static_in)
-        torch.cuda.current_stream().wait_stream(side)
+        caller.wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self.pool):
             static_out = self.fn(*static_in)
         return graph, static_in, static_out
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The output as a float32 tensor of its own (one copy out of the static buffer)."""
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(inputs)
+            self.graphs[key] = self._capture(inputs)  # stored only once the capture succeeded
         graph, static_in, static_out = self.graphs[key]
         for buf, t in zip(static_in, inputs, strict=True):
             buf.copy_(t)
         graph.replay()
-        return static_out.clone()
+        return static_out.to(torch.float32, copy=True)

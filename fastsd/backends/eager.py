@@ -39,8 +39,8 @@ class EagerBackend:
 
     def unet(self, sample, timestep, encoder_hidden_states):
         args = (sample.to(self.dtype), timestep.float().contiguous(), encoder_hidden_states.to(self.dtype))
-        if self._graphed_unet is not None:
-            return self._graphed_unet(*args).float()
+        if self._graphed_unet is not None and not torch.cuda.is_current_stream_capturing():
+            return self._graphed_unet(*args)  # inside a whole-step capture the UNet is captured with it
         return self._run("unet", *args)
 
     def vae_encoder(self, images):

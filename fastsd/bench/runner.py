@@ -133,8 +133,9 @@ def _load_fastsd(cfg: BenchConfig, backend: str, ckpt, device, dtype, notes: lis
     def load():
         root = Path(cfg.engine_dir) if cfg.engine_dir else default_engine_dir()
         kind = "eager" if backend == GRAPHS else backend
-        return Pipeline(ckpt, make_backend(ckpt, kind, device, dtype, root, cuda_graphs=backend == GRAPHS), device,
-                        dtype)
+        graphs = backend == GRAPHS
+        return Pipeline(ckpt, make_backend(ckpt, kind, device, dtype, root, cuda_graphs=graphs), device, dtype,
+                        cuda_graphs=graphs)
 
     if backend == GRAPHS and device.type != "cuda":
         notes.append(f"{GRAPHS}: needs a CUDA device; skipped")

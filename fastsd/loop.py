@@ -1,0 +1,158 @@
+"""The denoising loop: one step function, run step by step or replayed as one CUDA graph.
+
+A step is the UNet (+ CFG) + the sampler update (+ the inpaint blend). It is a function
+of the latents x, one row of per-step numbers (timestep, UNet input scale, the inpaint
+re-noising weights, the sampler's coefficients) and that step's noise, drawn before the
+loop. What else it reads (text embeddings, inpaint latents and mask, 9-channel
+conditioning) is bound once per call. Nothing in the loop reads a device value on the
+host, so on CUDA the loop never waits for the GPU.
+
+With `cuda_graphs`, the whole step is captured once per shape and setting (`StepKey`) and
+replayed for every step: per step, the row and the noise are copied into the graph's
+static buffers and the graph runs, one launch instead of hundreds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+
+from .guidance import blend, cfg_denoiser, unet_denoiser
+from .schedulers import SAMPLERS, Schedule, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+ROW_T, ROW_SCALE, ROW_SIGNAL, ROW_LEVEL, ROW_COEF = 0, 1, 2, 3, 4  # columns of a step row
+WARMUP_CALLS = 2  # before a capture: cuDNN/cuBLAS choices and lazy allocations happen here
+
+
+@dataclass
+class StepInputs:
+    """Tensors a step reads besides x: bound once per call (static buffers in a graph)."""
+
+    text_embeddings: torch.Tensor  # (B or 2B, 77, D), [uncond; cond] with CFG
+    conditioning: torch.Tensor | None = None  # 9-channel UNets: mask + masked-image latents
+    x0: torch.Tensor | None = None  # 4-channel inpaint: clean image latents
+    noise: torch.Tensor | None = None  # 4-channel inpaint: the noise that made the first latents
+    mask: torch.Tensor | None = None  # 4-channel inpaint: 1 = repaint
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """What a step bakes in besides tensors: settings, and every tensor's shape."""
+
+    sampler: str
+    cfg: SchedulerConfig
+    guidance_scale: float
+    do_cfg: bool
+    draws_noise: bool
+    shapes: tuple  # ((name, shape), ...) of x and the StepInputs
+
+
+def step_rows(sched: Schedule, sampler: str, cfg: SchedulerConfig, eta: float) -> torch.Tensor:
+    """(n, 4 + K) float32 on the schedule's device: one row per step. The inpaint weights of
+    row i re-noise the clean latents to step i + 1 (the last row: the clean latents)."""
+    signal_next = torch.cat([sched.signal[1:], sched.signal.new_ones(1)])
+    level_next = torch.cat([sched.noise_level[1:], sched.noise_level.new_zeros(1)])
+    fixed = torch.stack([sched.timesteps, sched.input_scale, signal_next, level_next], dim=1)
+    return torch.cat([fixed, SAMPLERS[sampler].coefficients(sched, cfg, eta)], dim=1)
+
+
+def make_step(unet: Callable, key: StepKey, inputs: StepInputs) -> Callable:
+    """step(x, row, noise) -> the latents after one step."""
+    sampler = SAMPLERS[key.sampler]
+    denoise = unet_denoiser(unet, inputs.text_embeddings, inputs.conditioning)
+    if key.do_cfg:
+        denoise = cfg_denoiser(denoise, key.guidance_scale)
+
+    def step(x, row, noise):
+        out = denoise(x * row[ROW_SCALE], row[ROW_T])
+        x = sampler.step(x, out, row[ROW_COEF:], key.cfg, noise)
+        if inputs.mask is not None:
+            x = blend(x, row[ROW_SIGNAL] * inputs.x0 + row[ROW_LEVEL] * inputs.noise, inputs.mask)
+        return x
+
+    return step
+
+
+def run_steps(step: Callable, x: torch.Tensor, rows: torch.Tensor, noises: torch.Tensor | None,
+              host_t: tuple[float, ...], callback: Callable | None) -> torch.Tensor:
+    for k in range(len(rows)):
+        x = step(x, rows[k], None if noises is None else noises[k])
+        if callback is not None:
+            callback(k, host_t[k], x)
+    return x
+
+
+class _StepGraph:
+    """One captured step: static x, row, noise and inputs; the graph writes x in place."""
+
+    def __init__(self, unet, key: StepKey, inputs: StepInputs, x, row, noise, pool):
+        self.inputs = StepInputs(**{n: t.clone() for n, t in inputs.tensors().items()})
+        self.x, self.row = x.clone(), row.clone()
+        self.noise = None if noise is None else noise.clone()
+        step = make_step(unet, key, self.inputs)
+        caller = torch.cuda.current_stream(x.device)
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(caller)
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_CALLS):
+                step(self.x, self.row, self.noise)
+        caller.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self.x.copy_(step(self.x, self.row, self.noise))
+        self.graph = graph  # kept only once the capture succeeded
+
+    def run(self, inputs: StepInputs, x, rows, noises, host_t, callback) -> torch.Tensor:
+        for name, t in inputs.tensors().items():
+            getattr(self.inputs, name).copy_(t)
+        self.x.copy_(x)
+        for k in range(len(rows)):
+            self.row.copy_(rows[k])
+            if self.noise is not None:
+                self.noise.copy_(noises[k])
+            self.graph.replay()
+            if callback is not None:
+                callback(k, host_t[k], self.x.clone())
+        return self.x.clone()
+
+
+class StepGraphs:
+    """Whole-step CUDA graphs of one pipeline: one per StepKey, sharing one memory pool.
+    Replays share static buffers, so one call replays at a time (a lock). A step that
+    cannot be captured (an engine that synchronises, for example ONNX Runtime) is run
+    step by step from then on, with a warning once."""
+
+    def __init__(self):
+        self.graphs: dict[StepKey, _StepGraph] = {}
+        self.refused: set[StepKey] = set()
+        self.pool = None
+        self.lock = threading.Lock()
+
+    def run(self, unet, key: StepKey, inputs: StepInputs, x, rows, noises, host_t, callback):
+        """The final latents, or None where this step cannot run as a graph."""
+        if key in self.refused:
+            return None
+        with self.lock:
+            graph = self.graphs.get(key)
+            if graph is None:
+                if self.pool is None:
+                    self.pool = torch.cuda.graph_pool_handle()
+                try:
+                    graph = _StepGraph(unet, key, inputs, x, rows[0], None if noises is None else noises[0],
+                                       self.pool)
+                except Exception as e:  # noqa: BLE001 - anything that cannot be captured runs uncaptured
+                    self.refused.add(key)
+                    log.warning("cannot capture the denoising step as a CUDA graph (%s); running it step by step",
+                                str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    return None
+                self.graphs[key] = graph
+            return graph.run(inputs, x, rows, noises, host_t, callback)

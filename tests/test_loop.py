@@ -1,0 +1,132 @@
+"""The denoising loop: nothing inside it touches the generator or reads the device on the
+host (noise drawn before it, coefficient rows precomputed), and on CUDA the whole step
+replays as one graph. Parity with diffusers of the same loop: tests/test_parity.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastsd import Pipeline
+from fastsd.loop import ROW_LEVEL, ROW_SIGNAL, ROW_T, step_rows
+from fastsd.schedulers import SAMPLERS, SchedulerConfig
+
+SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+
+@pytest.mark.parametrize("scheduler,eta", [("euler_a", 0.0), ("ddim", 0.6), ("ddim", 0.0), ("euler", 0.0)])
+def test_generator_untouched_inside_the_loop(pipes, scheduler, eta):
+    """Every draw happens before the first step: the generator's state is the same at
+    every callback, and it is the state the call leaves behind."""
+    gen = torch.Generator().manual_seed(5)
+    states = []
+    pipes("eps")("a cat", num_inference_steps=4, scheduler=scheduler, eta=eta, generator=gen, output_type="latent",
+                 callback=lambda i, t, x: states.append(gen.get_state()))
+    assert len(states) == 4 and all(torch.equal(s, gen.get_state()) for s in states)
+
+
+def test_callback_timesteps_are_host_floats(pipes):
+    seen = []
+    pipes("eps")("a cat", num_inference_steps=3, output_type="latent", callback=lambda i, t, x: seen.append(t))
+    assert all(type(t) is float for t in seen) and seen == sorted(seen, reverse=True)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_step_rows(sampler):
+    cfg = SchedulerConfig.from_dict(SD, sampler)
+    sched = SAMPLERS[sampler].schedule(cfg, 6)
+    rows = step_rows(sched, sampler, cfg, 0.3)
+    assert rows.dtype == torch.float32 and rows.shape[0] == 6
+    assert torch.equal(rows[:, ROW_T], sched.timesteps)
+    assert list(sched.host_timesteps) == sched.timesteps.tolist()
+    # row i re-noises the clean latents to step i + 1; the last row keeps them clean
+    assert torch.equal(rows[:-1, ROW_SIGNAL], sched.signal[1:]) and rows[-1, ROW_SIGNAL] == 1
+    assert torch.equal(rows[:-1, ROW_LEVEL], sched.noise_level[1:]) and rows[-1, ROW_LEVEL] == 0
+    assert torch.isfinite(rows).all()
+
+
+def test_pre_drawn_noise_is_diffusers_order(pipes):
+    """N draws of one shape in a row: the same numbers whether drawn in the loop or before it."""
+    pipe = pipes("eps")
+    a = pipe._randn_steps((2, 4, 3, 3), 3, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    b = torch.stack([pipe._randn((2, 4, 3, 3), g) for _ in range(3)])
+    assert torch.equal(a, b)
+
+
+# ---- CUDA ---------------------------------------------------------------------------------
+
+CASES = {
+    "txt2img ddim": dict(),
+    "txt2img euler_a": dict(scheduler="euler_a"),
+    "ddim eta, no cfg": dict(eta=0.5, guidance_scale=1.0),
+    "inpaint": dict(strength=0.8, scheduler="euler_a"),
+}
+
+
+def _kwargs(name, init_image, mask_image):
+    kw = dict(CASES[name])
+    if name == "inpaint":
+        kw.update(image=init_image, mask_image=mask_image)
+    return kw
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_loop_never_synchronises(ckpts, monkeypatch, name, init_image, mask_image):
+    """The loop runs under torch.cuda.set_sync_debug_mode("error"): any host sync raises."""
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), device="cuda", backend="eager")
+    denoise = Pipeline._denoise
+
+    def strict(self, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return denoise(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(Pipeline, "_denoise", strict)
+    out = pipe(["a cat", "a dog"], num_inference_steps=4, seed=0, output_type="np",
+               callback=lambda i, t, x: None, **_kwargs(name, init_image, mask_image))
+    assert np.isfinite(out.images).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_whole_step_graphs_match_plain_loop(ckpts, name, init_image, mask_image):
+    """fp32 on CUDA: replaying the captured step gives the plain loop's latents; one capture
+    serves every call of the same shape and settings, whatever the number of steps."""
+    kw = dict(seed=0, output_type="latent", dtype="fp32", **_kwargs(name, init_image, mask_image))
+    kw_load = dict(device="cuda", backend="eager", dtype=kw.pop("dtype"))
+    plain = Pipeline.from_pretrained(str(ckpts["eps"]), **kw_load)
+    graphed = Pipeline.from_pretrained(str(ckpts["eps"]), cuda_graphs=True, **kw_load)
+    for steps in (4, 6):
+        want = plain(["a cat", "a dog"], num_inference_steps=steps, **kw).images
+        got = graphed(["a cat", "a dog"], num_inference_steps=steps, **kw).images
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (steps, (got - want).abs().max())
+    assert len(graphed._graphs.graphs) == 1 and not graphed._graphs.refused
+    again = graphed(["a cat", "a dog"], num_inference_steps=6, **kw).images
+    assert torch.equal(again, got)
+
+
+@pytest.mark.gpu
+def test_whole_step_graph_fp16_and_unet_graph_fallback(ckpts, caplog):
+    """fp16 whole-step replay stays within fp16 noise of the plain loop; a step that cannot
+    be captured falls back to the UNet-only graph with one warning."""
+    kw = dict(num_inference_steps=4, seed=0, output_type="np")
+    plain = Pipeline.from_pretrained(str(ckpts["eps"]), device="cuda", backend="eager")("a cat", **kw).images
+    graphed = Pipeline.from_pretrained(str(ckpts["eps"]), device="cuda", backend="eager", cuda_graphs=True)
+    assert np.abs(graphed("a cat", **kw).images - plain).max() < 1e-2
+    broken = Pipeline.from_pretrained(str(ckpts["eps"]), device="cuda", backend="eager", cuda_graphs=True)
+    unet = broken.backend.unet
+
+    def refuses_capture(**inputs):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("not capturable")
+        return unet(**inputs)
+
+    broken.backend.unet = refuses_capture
+    out = broken("a cat", **kw).images
+    assert "cannot capture the denoising step" in caplog.text and len(broken._graphs.refused) == 1
+    assert np.abs(out - plain).max() < 1e-2
