@@ -1,25 +1,37 @@
 """Build TensorRT engines from the exported ONNX graphs, or refit existing ones.
 
-Written against the TensorRT 10 Python API (tensor names, optimization profiles, timing
-cache, REFIT). NOT VERIFIED: TensorRT cannot be installed where fastsd is developed;
-tests of this module skip without `tensorrt`, while the parts shared with other backends
-(profiles -> min/opt/max shapes, the store, refit bookkeeping) are tested everywhere.
+Written against the TensorRT 10/11 Python API (strongly typed networks, tensor names,
+optimization profiles, timing cache, refit). NOT VERIFIED: TensorRT cannot be installed
+where fastsd is developed; tests of this module's TensorRT calls skip without `tensorrt`,
+while the decisions (build mode by version, profile shapes, donor choice, timing-cache
+handling, the engine-vs-eager check) are tested everywhere against stand-ins.
 
-Build: engine_dir/<fp>/onnxruntime-fp32/*.onnx (made by `fastsd export`) -> one .plan per
-network in engine_dir/<fp>/tensorrt-fp16/, fp16, one optimization profile (dynamic or
-static), refittable, with a timing cache shared across builds in engine_dir/.trt-timing.cache.
-Refit: for a new checkpoint of the same architecture, copy the plans of an existing entry
-and refit them from the new checkpoint's ONNX graphs: seconds instead of minutes.
+Build: engine_dir/<fp>/onnxruntime-fp16/*.onnx (`fastsd export --dtype fp16`) -> one
+.plan per network in engine_dir/<fp>/tensorrt-fp16/, as a strongly typed network (the
+ONNX graph's types are the engine's: TensorRT 11 has no FP16 builder flag and treats every
+network as strongly typed; 10.12 deprecated the flag). A TensorRT without strongly typed
+networks builds from the fp32 graphs with the FP16 flag instead. The optimization profile
+is the ONNX entry's (its manifest), so the engines serve exactly the shapes the graphs
+were exported for. Engines are refittable only when asked (`--refittable`): TensorRT
+documents refittable engines as possibly slower. Every built engine runs on its sample
+inputs against the eager network before the entry is committed. A timing cache shared
+across builds lives in engine_dir/.trt-timing.cache (written atomically).
+Refit: for a new checkpoint of the same architecture, an intact refittable entry built by
+the same TensorRT on the same GPU donates its plans, refitted from the new ONNX graphs.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-from fastsd.backends.tensorrt import runtime_facts
+import torch
+
+from fastsd.backends.tensorrt import deserialize, runtime_facts
 from fastsd.engines import (
     Profile,
     Staging,
@@ -32,14 +44,14 @@ from fastsd.engines import (
     trt_shapes,
 )
 from fastsd.errors import FastSDError
-from fastsd.networks import NETWORKS
+from fastsd.networks import NETWORKS, sample_inputs, wrap
 
 log = logging.getLogger(__name__)
 
 PRECISION = "fp16"
-ONNX_SOURCE = "onnxruntime-fp32"  # the graphs TensorRT parses (it applies fp16 itself)
 WORKSPACE = 8 << 30
 TIMING_CACHE = ".trt-timing.cache"
+ENGINE_TOLERANCE = 2e-2  # max |engine - eager fp32| / max |eager fp32| on the sample inputs (fp16 engines)
 
 
 def _trt():
@@ -50,27 +62,80 @@ def _trt():
     return trt
 
 
-def _onnx_entry(engine_dir: Path, info) -> tuple[Path, dict]:
-    src = entry_dir(engine_dir, info.fingerprint, "onnxruntime", "fp32")
-    manifest, problems = check_entry(src, info.fingerprint)
-    if problems.keys() & set(NETWORKS) == set(NETWORKS) or not manifest:
-        raise FastSDError(f"no fp32 ONNX graphs for this checkpoint in {src.parent}: run `fastsd export` first")
+def build_mode(trt) -> tuple[str, str]:
+    """(how, ONNX source precision): "strongly_typed" from the fp16 graphs where this
+    TensorRT has strongly typed networks (10.x, 11), else "fp16_flag" from the fp32 graphs
+    with BuilderFlag.FP16 (TensorRT before strong typing)."""
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        return "strongly_typed", "fp16"
+    if hasattr(trt.BuilderFlag, "FP16"):
+        return "fp16_flag", "fp32"
+    raise FastSDError(f"TensorRT {getattr(trt, '__version__', '?')} has neither strongly typed networks nor "
+                      "an FP16 builder flag")
+
+
+def _onnx_entry(engine_dir: Path, info, precision: str, networks: tuple[str, ...]) -> tuple[Path, dict]:
+    src = entry_dir(engine_dir, info.fingerprint, "onnxruntime", precision)
+    manifest, problems = check_entry(src, info.fingerprint, networks=networks)
+    if not manifest or problems:
+        why = "; ".join(sorted({f"{n}: {p}" for n, p in problems.items()})) or "no valid entry"
+        raise FastSDError(f"no usable {precision} ONNX graphs for this checkpoint in {src} ({why}): run "
+                          f"`fastsd export --dtype {precision}` first")
     return src, manifest
 
 
-def build_engine(trt, onnx_path: Path, shapes: dict, cache_file: Path, logger) -> bytes:
+def entry_profile(onnx_manifest: dict, static: tuple[int, int] | None) -> Profile:
+    """The profile engines are built for: the ONNX entry's. `--static` must agree with it."""
+    profile = Profile(**onnx_manifest["profile"])
+    if static is not None and (not profile.static or (profile.opt_size, profile.opt_width) != static):
+        have = f"static {profile.opt_size}x{profile.opt_width}" if profile.static else "dynamic"
+        raise FastSDError(f"the ONNX graphs were exported {have}; export them with --static "
+                          f"{static[0]}x{static[1]} before building static engines")
+    return profile
+
+
+def load_timing_cache(config, cache_file: Path):
+    """The shared timing cache, or a fresh one where the file does not match this TensorRT/GPU."""
+    data = cache_file.read_bytes() if cache_file.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    log.warning("%s does not match this TensorRT or GPU; building with a fresh timing cache", cache_file)
+    cache = config.create_timing_cache(b"")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise FastSDError("TensorRT refused an empty timing cache")
+    return cache
+
+
+def save_timing_cache(config, cache_file: Path) -> None:
+    """Atomically: a build interrupted mid-write never leaves a truncated cache behind."""
+    data = bytes(config.get_timing_cache().serialize())
+    fd, tmp = tempfile.mkstemp(prefix=f".{cache_file.name}.", dir=cache_file.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, cache_file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_engine(trt, onnx_path: Path, shapes: dict, cache_file: Path, logger, refittable: bool) -> bytes:
+    mode, _ = build_mode(trt)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if mode == "strongly_typed" else 0
+    network = builder.create_network(flags)  # explicit batch is the only mode since TensorRT 10
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # reads external data beside the graph
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise FastSDError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
-    config.set_flag(trt.BuilderFlag.FP16)
-    config.set_flag(trt.BuilderFlag.REFIT)
+    if mode == "fp16_flag":
+        config.set_flag(trt.BuilderFlag.FP16)
+    if refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE)
-    cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.exists() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    load_timing_cache(config, cache_file)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
@@ -78,12 +143,12 @@ def build_engine(trt, onnx_path: Path, shapes: dict, cache_file: Path, logger) -
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise FastSDError(f"TensorRT failed to build an engine from {onnx_path.name}")
-    cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))
+    save_timing_cache(config, cache_file)
     return bytes(plan)
 
 
 def refit_engine(trt, plan: bytes, onnx_path: Path, logger) -> bytes:
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    engine = deserialize(trt, logger, plan, f"the donor plan for {onnx_path.stem}")
     refitter = trt.Refitter(engine, logger)
     parser_refitter = trt.OnnxParserRefitter(refitter, logger)
     if not parser_refitter.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
@@ -91,20 +156,46 @@ def refit_engine(trt, plan: bytes, onnx_path: Path, logger) -> bytes:
     return bytes(engine.serialize())
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (inf where got has NaN/inf)."""
+    got, want = got.float(), want.float()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
+
+
+def check_engine(name: str, run: Callable, module: torch.nn.Module, inputs: tuple, bound: float) -> float:
+    """Run the engine (`run`) and the eager fp32 network on the same sample inputs; refuse
+    an engine whose relative error exceeds `bound`. Returns the error."""
+    with torch.inference_mode():
+        want = module(*inputs)
+    err = relative_error(run(*inputs), want)
+    if not err <= bound:
+        raise FastSDError(f"the TensorRT {name} engine disagrees with eager PyTorch on its sample inputs "
+                          f"(relative error {err:.3g} > {bound}); nothing was written")
+    return err
+
+
 def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str | None = None,
-                   networks: tuple[str, ...] = NETWORKS, allow_pickle: bool = False,
+                   networks: tuple[str, ...] = NETWORKS, allow_pickle: bool = False, refittable: bool = False,
                    progress: Callable[[str], None] = log.info) -> Path:
     """Refit the engines of a same-architecture entry if one exists, else build them."""
+    from fastsd.backends.tensorrt import TrtRunner
+
     from .onnx_export import load_for_build, parse_static
 
     trt = _trt()
     logger = trt.Logger(trt.Logger.WARNING)
+    mode, source = build_mode(trt)
     ckpt, root = load_for_build(model, networks, allow_pickle, 0, engine_dir)
     info = ckpt.info
-    src, onnx_manifest = _onnx_entry(root, info)
-    donor = None if static else refit_source(root, info, "tensorrt", PRECISION)
-    profile = Profile(**read_manifest(donor)["profile"]) if donor else Profile.for_model(
-        info, parse_static(static, info.vae_factor))
+    src, onnx_manifest = _onnx_entry(root, info, source, networks)
+    profile = entry_profile(onnx_manifest, parse_static(static, info.vae_factor))
+    facts = runtime_facts()
+    donor = refit_source(root, info, "tensorrt", PRECISION, facts, profile)
+    clip_skip = onnx_manifest.get("clip_skip", 0)
+    modules = wrap(ckpt, clip_skip)
+    device = torch.device("cuda", torch.cuda.current_device())
     with Staging(entry_dir(root, info.fingerprint, "tensorrt", PRECISION)) as stage:
         for name in networks:
             graph = src / graph_file(name, onnx_manifest["networks"][name])
@@ -112,14 +203,28 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
             if donor is not None:
                 plan = refit_engine(trt, (donor / f"{name}.plan").read_bytes(), graph, logger)
             else:
-                plan = build_engine(trt, graph, trt_shapes(name, info, profile), root / TIMING_CACHE, logger)
-            (stage.dir / f"{name}.plan").write_bytes(plan)
+                plan = build_engine(trt, graph, trt_shapes(name, info, profile), root / TIMING_CACHE, logger,
+                                    refittable)
+            path = stage.dir / f"{name}.plan"
+            path.write_bytes(plan)
             seconds = time.perf_counter() - t0
-            stage.add(name, [f"{name}.plan"], export_seconds=round(seconds, 2), bytes=len(plan))
-            progress(f"{name}: {'refitted' if donor else 'built'} in {seconds:.1f}s, {len(plan) / 2**20:.1f} MiB")
-        facts = runtime_facts()
-        donor_fp = read_manifest(donor)["checkpoint"] if donor else None
-        return stage.commit(base_manifest(info, "tensorrt", PRECISION, profile, refittable=True,
-                                          weights=info.fingerprint, refitted_from=donor_fp,
-                                          clip_skip=onnx_manifest.get("clip_skip", 0), **facts))
-
+            batch = 2 if name in ("text_encoder", "unet") else 1
+            inputs = tuple(t.to(device) for t in sample_inputs(name, info, batch, profile.opt_size,
+                                                                profile.opt_width, torch.float32))
+            runner = TrtRunner(path, name, info, device, profile, cuda_graphs=False)
+            err = check_engine(name, runner, modules[name].to(device, torch.float32).eval(), inputs,
+                               ENGINE_TOLERANCE)
+            modules[name].to("cpu")
+            del runner
+            stage.add(name, [path.name], export_seconds=round(seconds, 2), bytes=len(plan),
+                      relative_error=round(err, 6))
+            progress(f"{name}: {'refitted' if donor else 'built'} in {seconds:.1f}s, {len(plan) / 2**20:.1f} MiB, "
+                     f"relative error vs eager {err:.2e}")
+        donor_manifest = read_manifest(donor) if donor else None
+        return stage.commit(base_manifest(info, "tensorrt", PRECISION, profile,
+                                          refittable=bool(donor_manifest and donor_manifest.get("refittable"))
+                                          or refittable,
+                                          build_mode=mode, onnx_source=f"onnxruntime-{source}",
+                                          weights=info.fingerprint,
+                                          refitted_from=donor_manifest["checkpoint"] if donor_manifest else None,
+                                          clip_skip=clip_skip, **facts))

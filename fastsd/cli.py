@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--engine-dir", default=None)
     c.add_argument("--networks", default=",".join(NETWORK_NAMES), help="comma-separated subset to build")
     c.add_argument("--clip-skip", type=int, default=0)
+    c.add_argument("--refittable", action="store_true",
+                   help="tensorrt: build engines that can take other weights by refit (may run slower)")
     c.add_argument("--allow-pickle", action="store_true")
     c.set_defaults(func=cmd_build)
 
@@ -329,13 +331,16 @@ def cmd_build(args) -> int:
 
     if args.backend not in ("compiled", "tensorrt"):
         raise FastSDError(f"unknown build backend {args.backend!r}; choose compiled or tensorrt")
+    if args.refittable and args.backend != "tensorrt":
+        raise FastSDError("--refittable applies to tensorrt builds only")
     t0 = time.perf_counter()
     networks = tuple(n.strip() for n in args.networks.split(",") if n.strip())
     if args.backend == "tensorrt":
         from export.tensorrt import build_tensorrt
 
         out = build_tensorrt(args.model, engine_dir=args.engine_dir, static=args.static, networks=networks,
-                             allow_pickle=args.allow_pickle, progress=lambda line: print(line, flush=True))
+                             allow_pickle=args.allow_pickle, refittable=args.refittable,
+                             progress=lambda line: print(line, flush=True))
         print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
         return 0
     from export.compiled import build_compiled

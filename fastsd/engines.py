@@ -393,12 +393,17 @@ def trt_shapes(network: str, info, profile: Profile) -> dict[str, tuple[tuple, t
     return {name: (lo[name], opt[name], hi[name]) for name in SPECS[network].inputs}
 
 
-def refit_source(engine_dir: Path, info, backend: str, precision: str) -> Path | None:
+def refit_source(engine_dir: Path, info, backend: str, precision: str, runtime_facts: dict | None = None,
+                 profile: Profile | None = None) -> Path | None:
     """An intact entry built for another checkpoint of the same architecture, whose
-    refittable engines can take this checkpoint's weights instead of a rebuild."""
+    refittable engines can take this checkpoint's weights instead of a rebuild: built with
+    the same runtime facts (for TensorRT: its version and the GPU; a plan from another one
+    does not even deserialize) and, where given, for the same shape profile."""
     for row in list_entries(engine_dir):
         manifest = row["manifest"]
         if (row["kind"] == f"{backend}-{precision}" and row["checkpoint"] != info.fingerprint and not row["problems"]
-                and manifest.get("refittable") and manifest.get("architecture") == info.architecture):
+                and manifest.get("refittable") and manifest.get("architecture") == info.architecture
+                and all(manifest.get(k) == v for k, v in (runtime_facts or {}).items())
+                and (profile is None or manifest.get("profile") == asdict(profile))):
             return row["path"]
     return None

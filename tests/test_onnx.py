@@ -237,3 +237,28 @@ def test_clip_skip_entries(ckpts, tmp_path):
     assert (skip1.backend.text_encoder(ids) - eager.backend.text_encoder(ids)).abs().max() < 1e-4
     with pytest.raises(InvalidArgumentError, match="clip_skip"):
         export_checkpoint(str(ckpts["eps"]), engine_dir=store, clip_skip=2)  # the tiny CLIP has 2 layers
+
+
+def test_provider_chains():
+    from fastsd.backends.onnxruntime import providers_for
+
+    assert providers_for(torch.device("cpu")) == ["CPUExecutionProvider"]
+    with pytest.raises(RuntimeError, match="no CUDAExecutionProvider"):
+        providers_for(torch.device("cuda", 0), have=["CPUExecutionProvider"])
+
+
+@pytest.mark.gpu
+def test_cuda_provider_runs_on_the_work_stream():
+    """ORT gets fastsd's non-default work stream (a null stream would be ignored), and the
+    TensorRT EP goes first where asked for and present."""
+    from fastsd.backends import work_stream
+    from fastsd.backends.onnxruntime import providers_for
+
+    dev = torch.device("cuda", 0)
+    have = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    chain = providers_for(dev, use_tensorrt=True, have=have)
+    assert [c[0] if isinstance(c, tuple) else c for c in chain] == have
+    stream = chain[1][1]["user_compute_stream"]
+    assert stream == str(work_stream(dev).cuda_stream) and stream != "0"
+    assert chain[0][1]["user_compute_stream"] == stream
+    assert [c[0] if isinstance(c, tuple) else c for c in providers_for(dev, have=have)] == have[1:]

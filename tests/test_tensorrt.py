@@ -33,7 +33,7 @@ def test_static_profile_shapes(info):
     assert s["images"] == ((1, 3, 24, 40), (1, 3, 24, 40), (4, 3, 24, 40))
 
 
-def _plan_entry(root, info, fingerprint, refittable=True):
+def _plan_entry(root, info, fingerprint, refittable=True, facts=None):
     from dataclasses import replace
 
     donor_info = replace(info, fingerprint=fingerprint)
@@ -41,7 +41,7 @@ def _plan_entry(root, info, fingerprint, refittable=True):
         (stage.dir / "unet.plan").write_bytes(b"plan bytes")
         stage.add("unet", ["unet.plan"])
         return stage.commit(base_manifest(donor_info, "tensorrt", "fp16", Profile.for_model(info),
-                                          refittable=refittable, weights=fingerprint))
+                                          refittable=refittable, weights=fingerprint, **(facts or {})))
 
 
 def test_refit_source_same_architecture_only(info, ckpts, tmp_path):
@@ -52,6 +52,17 @@ def test_refit_source_same_architecture_only(info, ckpts, tmp_path):
     assert refit_source(tmp_path, info, "tensorrt", "fp32") is None
     (donor / "unet.plan").write_bytes(b"corrupt")  # a damaged donor is never refitted from
     assert refit_source(tmp_path, info, "tensorrt", "fp16") is None
+
+
+def test_refit_source_needs_same_runtime_and_profile(info, tmp_path):
+    """A plan from another TensorRT or GPU does not deserialize; one for other shapes cannot
+    serve this profile: neither is a donor."""
+    donor = _plan_entry(tmp_path, info, "cccccccccccccccc", facts={"tensorrt": "10.13.0", "device_key": "cuda:H100"})
+    same = {"tensorrt": "10.13.0", "device_key": "cuda:H100"}
+    assert refit_source(tmp_path, info, "tensorrt", "fp16", same, Profile.for_model(info)) == donor
+    assert refit_source(tmp_path, info, "tensorrt", "fp16", {**same, "tensorrt": "11.0.0"}) is None
+    assert refit_source(tmp_path, info, "tensorrt", "fp16", {**same, "device_key": "cuda:L4"}) is None
+    assert refit_source(tmp_path, info, "tensorrt", "fp16", same, Profile.for_model(info, (32, 32))) is None
 
 
 def test_refit_source_skips_own_and_non_refittable(info, tmp_path):
@@ -79,15 +90,17 @@ def test_build_refit_and_run(ckpts, tmp_path):
     """Build fp16 engines, run them against eager fp16, then refit them to other weights."""
     import shutil
 
+    import tensorrt as trt
     import torch
     from safetensors.torch import save_file
 
     from export import export_checkpoint
-    from export.tensorrt import build_tensorrt
+    from export.tensorrt import build_mode, build_tensorrt
 
     store = tmp_path / "engines"
-    export_checkpoint(str(ckpts["eps"]), engine_dir=store)
-    built = build_tensorrt(str(ckpts["eps"]), engine_dir=store)
+    source = build_mode(trt)[1]  # the ONNX precision this TensorRT builds from
+    export_checkpoint(str(ckpts["eps"]), engine_dir=store, dtype=source)
+    built = build_tensorrt(str(ckpts["eps"]), engine_dir=store, refittable=True)
     kw = dict(num_inference_steps=4, output_type="np", seed=0)
     trt_pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="tensorrt", engine_dir=str(store))
     out = trt_pipe("a fox", **kw)
@@ -98,7 +111,157 @@ def test_build_refit_and_run(ckpts, tmp_path):
     unet = load_checkpoint(str(other)).unet
     save_file({k: v + 0.01 * torch.randn_like(v) for k, v in unet.state_dict().items()},
               str(other / "unet" / "diffusion_pytorch_model.safetensors"))
-    export_checkpoint(str(other), engine_dir=store)
+    export_checkpoint(str(other), engine_dir=store, dtype=source)
     refitted = build_tensorrt(str(other), engine_dir=store)
     assert refitted != built
     assert (refitted / "manifest.json").read_text().count(built.parent.name) == 1  # refitted_from
+
+
+# ---- the build's decisions, against a stand-in for the tensorrt module -------------------
+
+
+class _Flags:
+    def __init__(self, **members):
+        for name, value in members.items():
+            setattr(self, name, value)
+
+
+class _FakeTrt:
+    """Records what build_engine asks of TensorRT. `strongly_typed`/`fp16_flag`: which of
+    the two the stand-in version has (TensorRT 11: only the first; 8.6: only the second)."""
+
+    def __init__(self, strongly_typed=True, fp16_flag=True, cache_matches=True):
+        self.NetworkDefinitionCreationFlag = _Flags(**({"STRONGLY_TYPED": 1} if strongly_typed else {}))
+        self.BuilderFlag = _Flags(REFIT=2, **({"FP16": 3} if fp16_flag else {}))
+        self.MemoryPoolType = _Flags(WORKSPACE=0)
+        self.cache_matches, self.calls = cache_matches, []
+        trt = self
+
+        class Config:
+            def set_flag(self, flag):
+                trt.calls.append(("flag", flag))
+
+            def set_memory_pool_limit(self, pool, size):
+                pass
+
+            def create_timing_cache(self, data):
+                trt.calls.append(("cache", bytes(data)))
+                return _Flags(serialize=lambda: b"new timing cache")
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                ok = trt.cache_matches or trt.calls[-1] == ("cache", b"")
+                trt.calls.append(("set_cache", ok))
+                return ok
+
+            def get_timing_cache(self):
+                return _Flags(serialize=lambda: b"new timing cache")
+
+            def add_optimization_profile(self, profile):
+                pass
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                trt.calls.append(("network", flags))
+                return "network"
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return _Flags(set_shape=lambda name, lo, opt, hi: trt.calls.append(("shape", name, lo, opt, hi)))
+
+            def build_serialized_network(self, network, config):
+                return b"plan"
+
+        self.Builder = Builder
+        self.OnnxParser = lambda network, logger: _Flags(parse_from_file=lambda path: True)
+
+
+@pytest.mark.parametrize("strongly,fp16,want", [
+    (True, False, ("strongly_typed", "fp16")),  # TensorRT 11: no FP16 flag at all
+    (True, True, ("strongly_typed", "fp16")),  # 10.x: both; the FP16 flag is deprecated from 10.12
+    (False, True, ("fp16_flag", "fp32")),  # before strongly typed networks
+])
+def test_build_mode_by_version(strongly, fp16, want):
+    from export.tensorrt import build_mode
+
+    assert build_mode(_FakeTrt(strongly, fp16)) == want
+
+
+def test_build_mode_neither_is_an_error():
+    from export.tensorrt import build_mode
+    from fastsd.errors import FastSDError
+
+    with pytest.raises(FastSDError, match="neither strongly typed"):
+        build_mode(_FakeTrt(False, False))
+
+
+@pytest.mark.parametrize("strongly,fp16,refit", [(True, False, False), (True, True, True), (False, True, False)])
+def test_build_engine_flags(info, tmp_path, strongly, fp16, refit):
+    from export.tensorrt import build_engine
+
+    trt = _FakeTrt(strongly, fp16)
+    shapes = trt_shapes("unet", info, Profile.for_model(info))
+    assert build_engine(trt, tmp_path / "unet.onnx", shapes, tmp_path / "cache", None, refit) == b"plan"
+    flags = [c[1] for c in trt.calls if c[0] == "flag"]
+    assert [c[1] for c in trt.calls if c[0] == "network"] == [1 << 1 if strongly else 0]
+    assert (3 in flags) == (not strongly)  # FP16 only without strong typing
+    assert (2 in flags) == refit  # REFIT only when asked
+    assert [c[1:] for c in trt.calls if c[0] == "shape"] == [(n, *s) for n, s in shapes.items()]
+    assert (tmp_path / "cache").read_bytes() == b"new timing cache"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # no temporary file left behind
+
+
+def test_mismatched_timing_cache_is_replaced(info, tmp_path, caplog):
+    from export.tensorrt import build_engine
+
+    (tmp_path / "cache").write_bytes(b"from another GPU")
+    trt = _FakeTrt(cache_matches=False)
+    build_engine(trt, tmp_path / "unet.onnx", {}, tmp_path / "cache", None, False)
+    assert [c for c in trt.calls if c[0] in ("cache", "set_cache")] == [
+        ("cache", b"from another GPU"), ("set_cache", False), ("cache", b""), ("set_cache", True)]
+    assert "fresh timing cache" in caplog.text
+
+
+def test_profile_comes_from_the_onnx_entry(info):
+    from dataclasses import asdict
+
+    from export.tensorrt import entry_profile
+    from fastsd.errors import FastSDError
+
+    dynamic, static = Profile.for_model(info), Profile.for_model(info, (24, 40))
+    assert entry_profile({"profile": asdict(dynamic)}, None) == dynamic
+    assert entry_profile({"profile": asdict(static)}, None) == static
+    assert entry_profile({"profile": asdict(static)}, (24, 40)) == static
+    with pytest.raises(FastSDError, match="exported dynamic; export them with --static 24x40"):
+        entry_profile({"profile": asdict(dynamic)}, (24, 40))
+    with pytest.raises(FastSDError, match="exported static 24x40"):
+        entry_profile({"profile": asdict(static)}, (32, 32))
+
+
+def test_engine_check_refuses_disagreeing_engines():
+    import torch
+
+    from export.tensorrt import check_engine
+    from fastsd.errors import FastSDError
+
+    module = torch.nn.Linear(4, 3)
+    x = (torch.randn(2, 4),)
+    with torch.no_grad():
+        exact = module(*x)
+    assert check_engine("unet", lambda t: exact.half(), module, x, 2e-2) < 2e-2
+    with pytest.raises(FastSDError, match="disagrees with eager"):
+        check_engine("unet", lambda t: exact + 1.0, module, x, 2e-2)
+    with pytest.raises(FastSDError, match="relative error inf"):
+        check_engine("unet", lambda t: exact * float("nan"), module, x, 2e-2)
+
+
+def test_undeserializable_plan_is_a_clear_error():
+    from fastsd.backends.tensorrt import deserialize
+
+    trt = _Flags(Runtime=lambda logger: _Flags(deserialize_cuda_engine=lambda plan: None))
+    with pytest.raises(RuntimeError, match="cannot deserialize unet .*another TensorRT version or GPU"):
+        deserialize(trt, None, b"plan", "unet (unet.plan)")

@@ -1,8 +1,13 @@
 """ONNX Runtime runner for one exported network.
 
 CPU: tensors are handed over as numpy views (no copy for contiguous float32). CUDA: I/O
-binding to torch tensors on the device, with ORT on torch's current stream, so latents
-never leave the GPU between steps. TensorRT EP is used when installed and asked for.
+binding to torch tensors on the device, with ORT on fastsd's work stream (the stream the
+pipeline runs on; see `work_stream`), so latents never leave the GPU between steps and
+ORT never reads an input before torch has written it. Runs skip ORT's end-of-run device
+synchronisation: the shared stream already orders what comes next. The TensorRT
+execution provider is put first where onnxruntime has it (engines cached under the fastsd
+cache, not in the engine store, whose entries hold only hashed files).
+NOT VERIFIED on a GPU: onnxruntime-gpu is not installed where fastsd is developed.
 """
 
 from __future__ import annotations
@@ -31,19 +36,28 @@ def available() -> bool:
     return True
 
 
-def providers_for(device: torch.device, use_tensorrt: bool = False) -> list:
-    import onnxruntime as ort
-
-    have = ort.get_available_providers()
+def providers_for(device: torch.device, use_tensorrt: bool = False, have: list[str] | None = None) -> list:
+    """The provider chain for `device`: CPU; or CUDA on fastsd's work stream (TensorRT EP
+    first when asked for and present), with the CPU for what neither runs."""
     if device.type != "cuda":
         return ["CPUExecutionProvider"]
+    if have is None:
+        import onnxruntime as ort
+
+        have = ort.get_available_providers()
     if "CUDAExecutionProvider" not in have:
         raise RuntimeError("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
-    cuda = ("CUDAExecutionProvider", {"device_id": device.index or 0,
-                                      "user_compute_stream": str(torch.cuda.current_stream(device).cuda_stream)})
-    chain = [cuda, "CPUExecutionProvider"]
+    from . import work_stream
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = str(work_stream(device).cuda_stream)  # never 0: ORT ignores a null user stream
+    chain = [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": stream}), "CPUExecutionProvider"]
     if use_tensorrt and "TensorrtExecutionProvider" in have:
-        chain.insert(0, ("TensorrtExecutionProvider", {"device_id": device.index or 0, "trt_fp16_enable": True}))
+        from ..synthetic import cache_dir
+
+        chain.insert(0, ("TensorrtExecutionProvider", {
+            "device_id": index, "user_compute_stream": stream, "trt_fp16_enable": True,
+            "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir() / "ort-tensorrt")}))
     return chain
 
 
@@ -52,14 +66,18 @@ class OrtRunner:
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, network: str, info, device: torch.device, profile, threads: int = 0):
+    def __init__(self, path: Path, network: str, info, device: torch.device, profile, threads: int = 0,
+                 use_tensorrt: bool = False):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads  # 0: one per physical core
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), opts, providers=providers_for(device))
+        self.session = ort.InferenceSession(str(path), opts, providers=providers_for(device, use_tensorrt))
+        self.run_options = ort.RunOptions()
+        if device.type == "cuda":  # the work stream orders the next kernels; no device-wide wait per run
+            self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self.network, self.info, self.device, self.profile = network, info, device, profile
         self.spec = SPECS[network]
         self.in_types = {i.name: _ORT_TO_TORCH[i.type] for i in self.session.get_inputs()}
@@ -69,20 +87,33 @@ class OrtRunner:
         return self.profile.refuses(self.network, *call_dims(self.network, self.info, inputs[0]))
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        feeds = {n: t.to(self.in_types[n]).contiguous() for n, t in zip(self.spec.inputs, inputs, strict=True)}
         if self.device.type == "cuda":
-            return self._run_bound(feeds, inputs[0]).float()
-        out = self.session.run(None, {n: t.numpy() for n, t in feeds.items()})[0]
+            from . import work_stream
+
+            caller, work = torch.cuda.current_stream(self.device), work_stream(self.device)
+            if caller != work:  # called outside a pipeline: run on the work stream, ordered both ways
+                work.wait_stream(caller)
+                with torch.cuda.stream(work):
+                    out = self._run_bound(inputs)
+                caller.wait_stream(work)
+                return out
+            return self._run_bound(inputs)
+        feeds = self._feeds(inputs)
+        out = self.session.run(None, {n: t.numpy() for n, t in feeds.items()}, self.run_options)[0]
         return torch.from_numpy(out).float()
 
-    def _run_bound(self, feeds: dict, first: torch.Tensor) -> torch.Tensor:
+    def _feeds(self, inputs) -> dict[str, torch.Tensor]:
+        return {n: t.to(self.in_types[n]).contiguous() for n, t in zip(self.spec.inputs, inputs, strict=True)}
+
+    def _run_bound(self, inputs) -> torch.Tensor:
+        feeds, first = self._feeds(inputs), inputs[0]
         binding = self.session.io_binding()
-        dev_id = self.device.index or 0
+        dev_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         for n, t in feeds.items():
             binding.bind_input(n, "cuda", dev_id, _TORCH_TO_NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
         batch, height, width = call_dims(self.network, self.info, first)
         shape = io_shapes(self.network, self.info, batch, height, width)[self.spec.outputs[0]]
         out = torch.empty(shape, dtype=self.out_type, device=self.device)
         binding.bind_output(self.spec.outputs[0], "cuda", dev_id, _TORCH_TO_NUMPY[out.dtype], shape, out.data_ptr())
-        self.session.run_with_iobinding(binding)
-        return out
+        self.session.run_with_iobinding(binding, self.run_options)
+        return out.float()

@@ -36,7 +36,7 @@ def _available(kind: str) -> str | None:
 
 def _runner(kind, path, network, ckpt, device, dtype, profile):
     if kind == "onnxruntime":
-        return ort_backend.OrtRunner(path, network, ckpt.info, device, profile)
+        return ort_backend.OrtRunner(path, network, ckpt.info, device, profile, use_tensorrt=device.type == "cuda")
     if kind == "tensorrt":
         return trt_backend.TrtRunner(path, network, ckpt.info, device, profile)
     from .compiled import CompiledRunner
