@@ -24,6 +24,17 @@ def _mem(row: dict) -> str:
     return f"{gib:.2f} GiB" + (" RSS" if row["memory_kind"] == "peak_rss" else "")
 
 
+def _vs(row: dict) -> str:
+    ratio = row.get("vs_diffusers")
+    if row["backend"] == "diffusers":
+        return "baseline" + (f" (noisy: {row['noisy']})" if row.get("noisy") else "")
+    if not ratio:
+        return "-"
+    if "noisy" in ratio:
+        return f"noisy ({ratio['noisy']})"
+    return f"{ratio['end_to_end']:.2f}x, {ratio['unet_per_step']:.2f}x"
+
+
 def markdown(result: BenchResult | dict) -> str:
     r = asdict(result) if isinstance(result, BenchResult) else result
     m = r["machine"]
@@ -35,9 +46,7 @@ def markdown(result: BenchResult | dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         s = row["stages"]
-        ratio = row.get("vs_diffusers")
-        vs = f"{ratio['end_to_end']:.2f}x, {ratio['unet_per_step']:.2f}x" if ratio else "baseline" \
-            if row["backend"] == "diffusers" else "-"
+        vs = _vs(row)
         fallback = sorted(n for n, b in row.get("ran", {}).items() if b == "eager" and row["backend"] != "eager")
         name = row["backend"] + (f" ({', '.join(fallback)}: eager)" if fallback else "")
         lines.append(
@@ -51,7 +60,11 @@ def markdown(result: BenchResult | dict) -> str:
                for row in r["rows"] if row.get("cold_start_seconds")]
     notes = [f"- {n}" for n in r.get("notes", [])]
     runs = r["config"]
-    lines += ["", f"{runs['warmup']} warm-up + {runs['runs']} timed runs per row; guidance {runs['guidance']}."]
+    kind = {"peak_rss": "peak RSS of the row's own process",
+            "cuda_process_driver": "device memory its own process holds (driver view)"}
+    kinds = sorted({kind.get(row["memory_kind"], row["memory_kind"]) for row in r["rows"]})
+    lines += ["", f"{runs['warmup']} warm-up + {runs['runs']} timed runs per row, each backend in its own process, "
+              f"runs interleaved; guidance {runs['guidance']}; memory: {', '.join(kinds) or '-'}."]
     return "\n".join(lines + ([""] + sorted(set(extras)) if extras else []) + ([""] + notes if notes else []))
 
 
@@ -110,7 +123,7 @@ def load_report(path: str | Path) -> dict:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise InvalidArgumentError(f"cannot read benchmark report {path}: {e}") from None
-    if data.get("schema") != SCHEMA:
+    if data.get("schema") not in (SCHEMA, "fastsd-bench/1"):  # /1: one process for every backend
         raise InvalidArgumentError(f"{path} is not a fastsd benchmark report (schema {data.get('schema')!r})")
     return data
 

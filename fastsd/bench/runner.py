@@ -1,45 +1,47 @@
 """Run a benchmark matrix: fastsd backends and the diffusers baseline, side by side.
 
-Every configuration gets warm-up runs, then N timed runs taken round-robin across the
-backends; stages are summarized by median and p90. fastsd's stage times come from
-`out.timings`; diffusers' from forward hooks on its text encoder, UNet and VAE decoder
-(with a device sync on GPU). End to end is timed
-around the whole call: CUDA events on GPU, perf_counter on CPU.
+Each backend runs in a worker process of its own (fastsd/bench/worker.py): no backend
+competes with another inside one process, and each row's peak memory is its own. Every
+configuration gets warm-up runs, then N timed runs taken round-robin across the workers
+(run r of each backend, then run r + 1), one worker computing at a time, so drift in the
+machine's speed hits all backends alike. Stages are summarized by median and p90.
+fastsd's stage times come from `out.timings`; diffusers' from forward hooks, which on
+CUDA add two synchronisations per UNet step, so there diffusers is timed end to end
+without them and its stage figures come from one separate hooked run. End to end is
+timed around the whole call: CUDA events on GPU, perf_counter on CPU.
+
+A row whose runs were not steady (p90 above NOISY_SPREAD x median, or major page faults
+during its timed runs: the machine was paging) gets no speed-up ratio: "noisy" instead,
+with the reason. A benchmark that overstates a lead is worse than none.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..backends.select import make_backend
-from ..checkpoint import load_checkpoint, resolve
-from ..engines import check_entry, default_engine_dir, entry_dir
-from ..pipeline import DTYPES, Pipeline
-from .machine import PeakMemory, machine_facts
+from .machine import machine_facts
+from .worker import BASELINE, GRAPHS, PROMPT
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "fastsd-bench/1"
-BASELINE = "diffusers"
-FASTSD_BACKENDS = ("eager", "eager+graphs", "compiled", "onnxruntime", "tensorrt")
-GRAPHS = "eager+graphs"  # eager PyTorch with the UNet replayed as a CUDA graph
-PROMPT = "a lighthouse on a cliff at dusk, oil painting"
-DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-                        "euler_a": "EulerAncestralDiscreteScheduler"}
+SCHEMA = "fastsd-bench/2"
+FASTSD_BACKENDS = ("eager", GRAPHS, "compiled", "onnxruntime", "tensorrt")
 STAGES = ("text_encoder", "unet", "unet_per_step", "vae_decoder", "end_to_end")
-CPU_SIZE = 256  # default benchmark resolution on a CPU
+NOISY_SPREAD = 1.25  # p90 / median of end to end above this: not steady
+NOISY_FAULTS = 100  # major page faults in one timed run above this: the machine was paging
 
 
 @dataclass(frozen=True)
@@ -56,13 +58,14 @@ class BenchConfig:
     device: str | None = None
     dtype: str | None = None
     engine_dir: str | None = None
-    export_missing: bool = False  # export ONNX engines a requested backend lacks (timed)
+    export_missing: bool = False  # export ONNX / build compiled engines a requested backend lacks (timed)
     cold_start: bool = False  # also time a new process to its first image
 
 
 def default_config(model: str, device: torch.device, **overrides) -> BenchConfig:
     """Sized to the device: small on CPU, SD 512x512 / 50 steps on a GPU. `sizes` left
-    empty means the model's own: its default size on a GPU, at most 256 px on a CPU."""
+    empty means the model's own: its default size on a GPU, at most 256 px on a CPU
+    (worker.default_size)."""
     if device.type == "cuda":
         base = dict(sizes=(), steps=(50,), warmup=2, runs=10)
     else:
@@ -70,28 +73,6 @@ def default_config(model: str, device: torch.device, **overrides) -> BenchConfig
     base.update(backends=("eager", "onnxruntime", BASELINE), batches=(1,), schedulers=("ddim",))
     base.update({k: v for k, v in overrides.items() if v is not None})
     return BenchConfig(model=model, device=device.type, **base)
-
-
-def default_sizes(info, device: torch.device) -> tuple[tuple[int, int], ...]:
-    size = info.default_size if device.type == "cuda" else min(info.default_size, CPU_SIZE)
-    size = size // info.vae_factor * info.vae_factor
-    return ((size, size),)
-
-
-def _timer(device: torch.device) -> Callable[[Callable], tuple[float, object]]:
-    def timed(fn):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1000.0, out
-        t0 = time.perf_counter()
-        out = fn()
-        return time.perf_counter() - t0, out
-
-    return timed
 
 
 def summarize(samples: list[dict]) -> dict:
@@ -103,145 +84,6 @@ def summarize(samples: list[dict]) -> dict:
             p90 = values[min(len(values) - 1, round(0.9 * (len(values) - 1)))]
             out[stage] = {"median": statistics.median(values), "p90": p90, "n": len(values)}
     return out
-
-
-def _measure(calls: dict[str, Callable[[int], dict]], cfg: BenchConfig, device: torch.device,
-             progress: Callable[[str], None], label: str) -> dict[str, tuple[dict, int, str]]:
-    """Warm up every backend, then time them round-robin (run r of each backend, then run
-    r + 1), so drift in the machine's speed hits all backends alike."""
-    timed = _timer(device)
-    for i in range(cfg.warmup):
-        for call in calls.values():
-            call(i)
-    samples: dict[str, list] = {b: [] for b in calls}
-    peaks = dict.fromkeys(calls, 0)
-    kind = "peak_rss"
-    for r in range(cfg.runs):
-        progress(f"{label}: timed run {r + 1}/{cfg.runs}")
-        for b, call in calls.items():
-            with PeakMemory(device) as mem:
-                seconds, stages = timed(lambda call=call, r=r: call(cfg.warmup + r))
-            samples[b].append({**stages, "end_to_end": seconds})
-            peaks[b], kind = max(peaks[b], mem.peak), mem.kind
-    return {b: (summarize(samples[b]), peaks[b], kind) for b in calls}
-
-
-# ---- fastsd ---------------------------------------------------------------------------
-
-
-def _load_fastsd(cfg: BenchConfig, backend: str, ckpt, device, dtype, notes: list):
-    def load():
-        root = Path(cfg.engine_dir) if cfg.engine_dir else default_engine_dir()
-        kind = "eager" if backend == GRAPHS else backend
-        graphs = backend == GRAPHS
-        return Pipeline(ckpt, make_backend(ckpt, kind, device, dtype, root, cuda_graphs=graphs), device, dtype,
-                        cuda_graphs=graphs)
-
-    if backend == GRAPHS and device.type != "cuda":
-        notes.append(f"{GRAPHS}: needs a CUDA device; skipped")
-        return None, None
-    pipe = load()
-    export_s = None
-    if backend not in ("eager", GRAPHS) and set(pipe.backend.backends.values()) == {"eager"}:
-        if not (cfg.export_missing and backend == "onnxruntime"):
-            how = "fastsd export, or bench --export-missing" if backend == "onnxruntime" else \
-                f"fastsd build --backend {backend}"
-            notes.append(f"{backend}: no engines for this checkpoint (run {how}); skipped")
-            return None, None
-        from export import export_checkpoint
-
-        t0 = time.perf_counter()
-        export_checkpoint(cfg.model, engine_dir=cfg.engine_dir, dtype=_precision(pipe))
-        export_s = time.perf_counter() - t0
-        pipe = load()
-    return pipe, export_s
-
-
-def _precision(pipe: Pipeline) -> str:
-    return {v: k for k, v in DTYPES.items()}[pipe.dtype]
-
-
-def _fastsd_call(pipe: Pipeline, h: int, w: int, batch: int, steps: int, sched: str, guidance: float):
-    def call(seed: int) -> dict:
-        out = pipe([PROMPT] * batch, num_inference_steps=steps, scheduler=sched, guidance_scale=guidance,
-                   height=h, width=w, seed=seed, output_type="np")
-        return {k: out.timings[k] for k in ("text_encoder", "unet", "unet_per_step", "vae_decoder")}
-
-    return call
-
-
-def _engine_export_seconds(cfg: BenchConfig, pipe: Pipeline, backend: str) -> float | None:
-    root = Path(cfg.engine_dir) if cfg.engine_dir else default_engine_dir()
-    entry = entry_dir(root, pipe.info.fingerprint, backend, _precision(pipe))
-    manifest, _ = check_entry(entry, pipe.info.fingerprint, networks=())  # a valid manifest; no file is read
-    secs = [n.get("export_seconds") for n in manifest.get("networks", {}).values()]
-    return round(sum(secs), 2) if secs and None not in secs else None
-
-
-# ---- diffusers baseline -----------------------------------------------------------------
-
-
-class _StageHooks:
-    """Accumulates wall time per module call, with a device sync on both sides."""
-
-    def __init__(self, modules: dict, device: torch.device):
-        self.device, self.totals, self._t0 = device, {}, {}
-        for name, module in modules.items():
-            module.register_forward_pre_hook(lambda m, a, name=name: self._start(name))
-            module.register_forward_hook(lambda m, a, o, name=name: self._stop(name))
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def _start(self, name):
-        self._t0[name] = self._now()
-
-    def _stop(self, name):
-        self.totals[name] = self.totals.get(name, 0.0) + self._now() - self._t0[name]
-
-    def take(self) -> dict:
-        totals, self.totals = self.totals, {}
-        return totals
-
-
-def _load_diffusers(cfg: BenchConfig, ckpt, device: torch.device, dtype: torch.dtype):
-    """On CPU the baseline shares fastsd's weights (memory); on GPU it loads its own copy,
-    so it runs with diffusers' own defaults (fastsd's eager path makes its UNet channels-last)."""
-    import diffusers
-
-    with warnings.catch_warnings():  # newer diffusers renames torch_dtype; older ones only know it
-        warnings.simplefilter("ignore")
-        if device.type == "cpu" and dtype == torch.float32:
-            sched = getattr(diffusers, DIFFUSERS_SCHEDULERS["ddim"]).from_config(ckpt.info.scheduler)
-            pipe = diffusers.StableDiffusionPipeline(
-                vae=ckpt.vae, text_encoder=ckpt.text_encoder, tokenizer=ckpt.tokenizer, unet=ckpt.unet,
-                scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        else:
-            pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-                str(resolve(cfg.model)), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-            ).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    hooks = _StageHooks({"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_decoder": pipe.vae.decoder},
-                        device)
-    return pipe, hooks
-
-
-def _diffusers_call(pipe, hooks: _StageHooks, h, w, batch, steps, sched, guidance):
-    import diffusers
-
-    pipe.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[sched]).from_config(pipe.scheduler.config)
-
-    def call(seed: int) -> dict:
-        hooks.take()
-        pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=guidance, height=h, width=w,
-             generator=torch.Generator().manual_seed(seed), output_type="np")
-        t = hooks.take()
-        return {"text_encoder": t.get("text_encoder", 0.0), "unet": t.get("unet", 0.0),
-                "unet_per_step": t.get("unet", 0.0) / steps, "vae_decoder": t.get("vae_decoder", 0.0)}
-
-    return call
 
 
 # ---- the matrix ---------------------------------------------------------------------------
@@ -259,56 +101,172 @@ class BenchResult:
     command: str = field(default_factory=lambda: " ".join(["fastsd"] + sys.argv[1:]) if sys.argv else "")
 
 
-def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = print) -> BenchResult:
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[cfg.dtype or ("fp16" if device.type == "cuda" else "fp32")]
-    result = BenchResult(config=asdict(cfg), machine=machine_facts(device))
+class Worker:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, cfg: BenchConfig, backend: str, log_dir: Path):
+        self.backend = backend
+        self.log_path = log_dir / f"{backend.replace('+', '_')}.log"
+        self._log = open(self.log_path, "w")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                                        os.environ.get("PYTHONPATH")])))
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastsd.bench.worker", json.dumps(asdict(cfg)), backend],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     bufsize=1, env=env)
+
+    def receive(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"worker exited (code {self.proc.returncode}); {self.tail()}")
+        msg = json.loads(line)
+        if "error" in msg:
+            raise RuntimeError(msg["error"])
+        return msg
+
+    def ask(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self.receive()
+
+    def tail(self) -> str:
+        try:
+            lines = [ln for ln in self.log_path.read_text().splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1][:300] if lines else "no output"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is none)."""
     try:
-        ckpt = load_checkpoint(cfg.model)
-        sizes = cfg.sizes or default_sizes(ckpt.info, device)
-        result.config["sizes"] = [list(s) for s in sizes]
-        matrix = list(itertools.product(sizes, cfg.batches, cfg.steps, cfg.schedulers))
-        runners = {}
-        for backend in cfg.backends:
-            progress(f"loading {backend}")
-            runner = _backend_runner(cfg, backend, ckpt, device, dtype, result.notes)
-            if runner is not None:
-                runners[backend] = runner
-        for k, ((h, w), batch, steps, sched) in enumerate(matrix):
-            label = f"[{k + 1}/{len(matrix)}] {h}x{w} batch {batch} {steps} steps {sched}"
-            calls = {b: make(h, w, batch, steps, sched) for b, (make, _) in runners.items()}
-            measured = _measure(calls, cfg, device, progress, label)
-            for b, (stages, peak, kind) in measured.items():  # rows of a configuration land together
-                result.rows.append({"backend": b, "height": h, "width": w, "batch": batch, "steps": steps,
-                                    "scheduler": sched, "guidance": cfg.guidance, "stages": stages,
-                                    "images_per_s": batch / stages["end_to_end"]["median"],
-                                    "peak_memory_bytes": peak, "memory_kind": kind, **runners[b][1]()})
-    except KeyboardInterrupt:
-        result.interrupted = True
-        result.notes.append("interrupted: the rows above are complete, the rest was not run")
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _measure(workers: dict[str, Worker], cfg: BenchConfig, call: dict, progress: Callable[[str], None],
+             label: str, device: torch.device, notes: list) -> dict[str, dict]:
+    """Warm-ups for every worker, then the timed runs round-robin. Returns per backend its
+    samples, peak memory, major faults and the least free memory seen before its runs."""
+    for i in range(cfg.warmup):
+        for w in workers.values():
+            w.ask(op="run", seed=i, **call)
+    got = {b: {"samples": [], "memory": 0, "faults": [], "free": None} for b in workers}
+    for r in range(cfg.runs):
+        progress(f"{label}: timed run {r + 1}/{cfg.runs}")
+        for b, w in workers.items():
+            free = mem_available()
+            msg = w.ask(op="run", seed=cfg.warmup + r, **call)
+            g = got[b]
+            g["samples"].append(msg["stages"])
+            g["memory"] = max(g["memory"], msg["memory"])
+            g["faults"].append(msg["major_faults"])
+            if free is not None:
+                g["free"] = free if g["free"] is None else min(g["free"], free)
+    if BASELINE in workers and device.type == "cuda":  # stage figures from one hooked run
+        stages = workers[BASELINE].ask(op="run", seed=0, hooked=True, **call)["stages"]
+        for sample in got[BASELINE]["samples"]:
+            sample.update({k: v for k, v in stages.items() if k != "end_to_end"})
+        notes.append("diffusers: end to end timed without hooks; its stage figures come from one separate "
+                     "hooked run (hooks synchronise the GPU)")
+    return got
+
+
+def steadiness(stages: dict, faults: list[int]) -> str | None:
+    """Why a row's timings cannot be trusted for a ratio (None if they can)."""
+    e2e = stages["end_to_end"]
+    if e2e["median"] > 0 and e2e["p90"] / e2e["median"] > NOISY_SPREAD:
+        return f"p90 {e2e['p90'] / e2e['median']:.2f}x the median"
+    if faults and max(faults) > NOISY_FAULTS:
+        return f"{max(faults)} major page faults in one run (the machine was paging)"
+    return None
+
+
+def _start_workers(cfg: BenchConfig, progress, notes: list, log_dir: Path) -> tuple[dict[str, Worker], int | None]:
+    """One worker per backend, started one after another (each measures its own load).
+    Also returns the model's default benchmark size, as the first worker reports it."""
+    workers, size = {}, None
+    for backend in cfg.backends:
+        progress(f"loading {backend}")
+        w = Worker(cfg, backend, log_dir)
+        try:
+            msg = w.receive()
+        except RuntimeError as e:
+            what = "diffusers baseline unavailable" if backend == BASELINE else f"{backend}: failed to load"
+            notes.append(f"{what}: {e}")
+            w.close()
+            continue
+        notes.extend(msg["notes"])
+        size = size or msg.get("size")
+        if msg["skip"]:
+            notes.append(msg["skip"])
+            w.close()
+            continue
+        workers[backend] = w
+    return workers, size
+
+
+def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = print) -> BenchResult:
+    from ..checkpoint import resolve
+
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    result = BenchResult(config=asdict(cfg), machine=machine_facts(device))
+    resolve(cfg.model)  # builds a synthetic model once, before any worker needs it
+    workers: dict[str, Worker] = {}
+    with tempfile.TemporaryDirectory(prefix="fastsd-bench-") as log_dir:
+        try:
+            workers, size = _start_workers(cfg, progress, result.notes, Path(log_dir))
+            sizes = cfg.sizes or (((size, size),) if size else ())  # the model's own, as its workers say
+            result.config["sizes"] = [list(s) for s in sizes]
+            matrix = list(itertools.product(sizes, cfg.batches, cfg.steps, cfg.schedulers))
+            cold = {b: _cold_start(cfg, b) for b in workers if cfg.cold_start and b != BASELINE}
+            extras = {}
+            for k, ((h, w), batch, steps, sched) in enumerate(matrix):
+                label = f"[{k + 1}/{len(matrix)}] {h}x{w} batch {batch} {steps} steps {sched}"
+                call = dict(h=h, w=w, batch=batch, steps=steps, sched=sched, guidance=cfg.guidance)
+                measured = _measure(workers, cfg, call, progress, label, device, result.notes)
+                for b, m in measured.items():  # rows of a configuration land together
+                    if b not in extras:
+                        extras[b] = workers[b].ask(op="extra")
+                    stages = summarize(m["samples"])
+                    result.rows.append({
+                        "backend": b, "height": h, "width": w, "batch": batch, "steps": steps, "scheduler": sched,
+                        "guidance": cfg.guidance, "stages": stages,
+                        "images_per_s": batch / stages["end_to_end"]["median"],
+                        "peak_memory_bytes": m["memory"], "memory_kind": _memory_kind(device),
+                        "major_faults": sum(m["faults"]), "min_free_memory_bytes": m["free"],
+                        "noisy": steadiness(stages, m["faults"]), **extras[b],
+                        **({"cold_start_seconds": cold[b]} if b in cold else {})})
+        except KeyboardInterrupt:
+            result.interrupted = True
+            result.notes.append("interrupted: the rows above are complete, the rest was not run")
+        except RuntimeError as e:  # a worker died mid-run: keep what is complete
+            result.notes.append(f"stopped: {e}")
+        finally:
+            for w in workers.values():
+                w.close()
+    result.notes = list(dict.fromkeys(result.notes))
     add_ratios(result.rows)
     return result
 
 
-def _backend_runner(cfg, backend, ckpt, device, dtype, notes):
-    if backend == BASELINE:
-        try:
-            pipe, hooks = _load_diffusers(cfg, ckpt, device, dtype)
-        except Exception as e:  # noqa: BLE001 - e.g. a single-file model diffusers cannot open offline
-            notes.append(f"diffusers baseline unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            return None
-        return (lambda h, w, b, s, sc: _diffusers_call(pipe, hooks, h, w, b, s, sc, cfg.guidance)), dict
-    pipe, export_s = _load_fastsd(cfg, backend, ckpt, device, dtype, notes)
-    if pipe is None:
-        return None
-    cold = _cold_start(cfg, backend) if cfg.cold_start else None
-
-    def extra() -> dict:
-        export = (export_s or _engine_export_seconds(cfg, pipe, backend)) if backend not in ("eager", GRAPHS) \
-            else None
-        return {"ran": dict(pipe.backend.backends), "export_seconds": export, "cold_start_seconds": cold}
-
-    return (lambda h, w, b, s, sc: _fastsd_call(pipe, h, w, b, s, sc, cfg.guidance)), extra
+def _memory_kind(device: torch.device) -> str:
+    return "cuda_process_driver" if device.type == "cuda" else "peak_rss"
 
 
 def _cold_start(cfg: BenchConfig, backend: str) -> float:
@@ -325,12 +283,17 @@ def _cold_start(cfg: BenchConfig, backend: str) -> float:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Speed-up of each fastsd row over the diffusers row of the same configuration."""
+    """Speed-up of each fastsd row over the diffusers row of the same configuration, or
+    "noisy" (and why) where either row's timings were not steady."""
     key = lambda r: (r["height"], r["width"], r["batch"], r["steps"], r["scheduler"])  # noqa: E731
     base = {key(r): r for r in rows if r["backend"] == BASELINE}
     for r in rows:
         b = base.get(key(r))
         if b is None or r["backend"] == BASELINE:
+            continue
+        why = r.get("noisy") or (b.get("noisy") and f"diffusers: {b['noisy']}")
+        if why:
+            r["vs_diffusers"] = {"noisy": why}
             continue
         r["vs_diffusers"] = {s: b["stages"][s]["median"] / r["stages"][s]["median"]
                              for s in ("unet_per_step", "end_to_end") if r["stages"][s]["median"] > 0}

@@ -1,0 +1,286 @@
+"""One benchmark worker process: one fastsd backend, or the diffusers baseline.
+
+`fastsd bench` runs every backend in a process of its own, so no row competes with
+another for memory inside one process or reports another's weights as its own peak. The
+parent sends one request at a time (JSON lines on stdin) and waits for the reply (on the
+stdout it was started with; anything libraries print goes to stderr), so only one worker
+computes at any moment and runs of different backends interleave.
+
+Memory, per worker: on CPU the process's peak RSS during the run (VmHWM, reset before
+it); on CUDA the device memory the process holds, from the driver (total - free, which
+counts TensorRT, ONNX Runtime and AOTInductor allocations that torch's allocator
+statistics miss), accumulated over the moments only this worker runs (its load, its
+runs), since allocators keep what they reserved at their peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .machine import _reset_rss_peak, _rss_peak
+
+BASELINE = "diffusers"
+GRAPHS = "eager+graphs"  # eager PyTorch with whole-step CUDA graphs
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+                        "euler_a": "EulerAncestralDiscreteScheduler"}
+
+
+CPU_SIZE = 256  # default benchmark resolution on a CPU
+
+
+def default_size(size: int, vae_factor: int, device: torch.device) -> int:
+    """The model's own size on a GPU, at most CPU_SIZE on a CPU, a multiple of the VAE factor."""
+    size = size if device.type == "cuda" else min(size, CPU_SIZE)
+    return size // vae_factor * vae_factor
+
+
+def _timer(device: torch.device) -> Callable[[Callable], tuple[float, object]]:
+    def timed(fn):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0, out
+        t0 = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - t0, out
+
+    return timed
+
+
+class ProcessMemory:
+    """What this process holds: peak RSS over a block (CPU), or device memory held (CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.held = device, 0
+        self.kind = "cuda_process_driver" if device.type == "cuda" else "peak_rss"
+        if device.type == "cuda":
+            torch.cuda.init()
+            self._used()  # creates the context; the baseline excludes it
+
+    def _used(self) -> int:
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
+
+    def measure(self, fn: Callable):
+        """Run fn; returns (its result, the peak memory of this process so far)."""
+        if self.device.type != "cuda":
+            _reset_rss_peak()
+            out = fn()
+            return out, _rss_peak()
+        torch.cuda.synchronize(self.device)
+        before = self._used()
+        out = fn()
+        torch.cuda.synchronize(self.device)
+        self.held += max(self._used() - before, 0)
+        return out, self.held
+
+
+# ---- fastsd ---------------------------------------------------------------------------
+
+
+class FastSDWorker:
+    def __init__(self, cfg, backend: str, device: torch.device, dtype: torch.dtype):
+        from ..backends.select import make_backend
+        from ..checkpoint import load_checkpoint
+        from ..engines import default_engine_dir
+        from ..pipeline import Pipeline
+
+        self.cfg, self.backend, self.notes, self.export_s, self.skip = cfg, backend, [], None, None
+        ckpt = load_checkpoint(cfg.model)
+        self.info = ckpt.info
+        self.size = default_size(ckpt.info.default_size, ckpt.info.vae_factor, device)
+        root = Path(cfg.engine_dir) if cfg.engine_dir else default_engine_dir()
+        graphs = backend == GRAPHS
+        kind = "eager" if graphs else backend
+        if graphs and device.type != "cuda":
+            self.skip = f"{GRAPHS}: needs a CUDA device; skipped"
+            return
+
+        def load():
+            return Pipeline(ckpt, make_backend(ckpt, kind, device, dtype, root, cuda_graphs=graphs), device, dtype,
+                            cuda_graphs=graphs)
+
+        self.pipe = load()
+        if kind != "eager" and set(self.pipe.backend.backends.values()) == {"eager"}:
+            if not (cfg.export_missing and backend in ("onnxruntime", "compiled")):
+                how = "fastsd export, or bench --export-missing" if backend == "onnxruntime" else \
+                    f"fastsd build --backend {backend}" + (", or bench --export-missing" if backend == "compiled"
+                                                           else "")
+                self.skip = f"{backend}: no engines for this checkpoint (run {how}); skipped"
+                return
+            t0 = time.perf_counter()
+            precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+            if backend == "onnxruntime":
+                from export import export_checkpoint
+
+                export_checkpoint(cfg.model, engine_dir=cfg.engine_dir, dtype=precision)
+            else:
+                from export.compiled import build_compiled
+
+                build_compiled(cfg.model, engine_dir=cfg.engine_dir, dtype=precision, device=str(device))
+            self.export_s = time.perf_counter() - t0
+            self.pipe = load()
+
+    def call(self, h, w, batch, steps, sched, guidance, seed) -> dict:
+        out = self.pipe([PROMPT] * batch, num_inference_steps=steps, scheduler=sched, guidance_scale=guidance,
+                        height=h, width=w, seed=seed, output_type="np")
+        return {k: out.timings[k] for k in ("text_encoder", "unet", "unet_per_step", "vae_decoder")}
+
+    def extra(self) -> dict:
+        from ..engines import check_entry, default_engine_dir, entry_dir
+
+        export = self.export_s
+        if export is None and self.backend not in ("eager", GRAPHS):
+            root = Path(self.cfg.engine_dir) if self.cfg.engine_dir else default_engine_dir()
+            precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.pipe.dtype]
+            manifest, _ = check_entry(entry_dir(root, self.info.fingerprint, self.backend, precision),
+                                      self.info.fingerprint, networks=())  # a valid manifest; no file is read
+            secs = [n.get("export_seconds") for n in manifest.get("networks", {}).values()]
+            export = round(sum(secs), 2) if secs and None not in secs else None
+        return {"ran": dict(self.pipe.backend.backends), "export_seconds": export}
+
+
+# ---- diffusers baseline -----------------------------------------------------------------
+
+
+class _StageHooks:
+    """Wall time per module call, with a device sync on both sides (so only for stage figures:
+    on CUDA the timed runs go without them)."""
+
+    def __init__(self, modules: dict, device: torch.device):
+        self.device, self.totals, self._t0 = device, {}, {}
+        self.handles = []
+        for name, module in modules.items():
+            self.handles.append(module.register_forward_pre_hook(lambda m, a, name=name: self._start(name)))
+            self.handles.append(module.register_forward_hook(lambda m, a, o, name=name: self._stop(name)))
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _start(self, name):
+        self._t0[name] = self._now()
+
+    def _stop(self, name):
+        self.totals[name] = self.totals.get(name, 0.0) + self._now() - self._t0[name]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+class DiffusersWorker:
+    """diffusers' StableDiffusionPipeline with its own defaults (its own copy of the weights)."""
+
+    def __init__(self, cfg, device: torch.device, dtype: torch.dtype):
+        import diffusers
+
+        from ..checkpoint import resolve
+
+        self.cfg, self.device, self.notes, self.skip = cfg, device, [], None
+        with warnings.catch_warnings():  # newer diffusers renames torch_dtype; older ones only know it
+            warnings.simplefilter("ignore")
+            self.pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+                str(resolve(cfg.model)), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+            ).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        factor = self.pipe.vae_scale_factor
+        self.size = default_size(self.pipe.unet.config.sample_size * factor, factor, device)
+
+    def _scheduler(self, sched: str):
+        import diffusers
+
+        self.pipe.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[sched]).from_config(self.pipe.scheduler.config)
+
+    def call(self, h, w, batch, steps, sched, guidance, seed, hooked: bool | None = None) -> dict:
+        """Stage figures from hooks on CPU (no syncs there); on CUDA end to end only, unless
+        `hooked` (the separate run that gives diffusers' stage figures)."""
+        self._scheduler(sched)
+        hooked = self.device.type != "cuda" if hooked is None else hooked
+        hooks = _StageHooks({"text_encoder": self.pipe.text_encoder, "unet": self.pipe.unet,
+                             "vae_decoder": self.pipe.vae.decoder}, self.device) if hooked else None
+        try:
+            self.pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=guidance, height=h, width=w,
+                      generator=torch.Generator().manual_seed(seed), output_type="np")
+        finally:
+            if hooks is not None:
+                hooks.remove()
+        if hooks is None:
+            return {}
+        t = hooks.totals
+        return {"text_encoder": t.get("text_encoder", 0.0), "unet": t.get("unet", 0.0),
+                "unet_per_step": t.get("unet", 0.0) / steps, "vae_decoder": t.get("vae_decoder", 0.0)}
+
+    def extra(self) -> dict:
+        return {}
+
+
+# ---- the process ------------------------------------------------------------------------
+
+
+def _run_once(worker, memory: ProcessMemory, timed: Callable, req: dict) -> dict:
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+    (seconds, stages), peak = memory.measure(lambda: timed(lambda: worker.call(**req)))
+    return {"stages": {**stages, "end_to_end": seconds}, "memory": peak,
+            "major_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults}
+
+
+def serve(cfg_json: str, backend: str) -> None:
+    from .runner import BenchConfig
+
+    proto = os.fdopen(os.dup(1), "w", buffering=1)  # replies; library prints go to stderr
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def reply(**msg):
+        proto.write(json.dumps(msg) + "\n")
+
+    cfg = BenchConfig(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+                         for k, v in json.loads(cfg_json).items()})
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
+        cfg.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    memory = ProcessMemory(device)
+    try:
+        worker, held = memory.measure(lambda: DiffusersWorker(cfg, device, dtype) if backend == BASELINE
+                                      else FastSDWorker(cfg, backend, device, dtype))
+    except Exception as e:  # noqa: BLE001 - e.g. a single-file model diffusers cannot open offline
+        reply(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+        return
+    reply(ready=True, skip=worker.skip, notes=worker.notes, memory=held, memory_kind=memory.kind,
+          size=worker.size)
+    if worker.skip:
+        return
+    timed = _timer(device)
+    for line in sys.stdin:
+        req = json.loads(line)
+        op = req.pop("op")
+        if op == "quit":
+            break
+        try:
+            if op == "extra":
+                reply(**worker.extra())
+                continue
+            if backend != BASELINE:
+                req.pop("hooked", None)
+            reply(**_run_once(worker, memory, timed, req))
+        except Exception as e:  # noqa: BLE001 - reported in the parent's notes
+            reply(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], sys.argv[2])
