@@ -109,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None)
     b.add_argument("--dtype", default=None)
     b.add_argument("--engine-dir", default=None)
-    b.add_argument("--export-missing", action="store_true", help="export ONNX engines a backend lacks (timed)")
+    b.add_argument("--export-missing", action="store_true",
+                   help="export ONNX / build compiled engines a backend lacks (timed)")
     b.add_argument("--cold-start", action="store_true", help="also time a new process to its first image")
     b.add_argument("--out", default="fastsd-bench", help="folder for bench.json, bench.md, bench.png")
     b.set_defaults(func=_cmd_bench)

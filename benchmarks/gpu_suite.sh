@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The whole GPU verification in one command, each part under 10 minutes on one H100.
+#
+#   bash benchmarks/gpu_suite.sh [tests|bench|extra|all] OUTDIR
+#
+#   tests  the GPU-marked tests, then fp16 vs fp32 per network on synthetic SD 1.5
+#   bench  fastsd bench, synthetic SD 1.5, 512x512, 50 DDIM steps, CFG 7.5, batch 1:
+#          diffusers fp16 (its defaults), eager, eager + whole-step graphs, compiled
+#          (AOTInductor, built inside the run, its build time reported)
+#   extra  for the two fastest fastsd rows of `bench`: 1 step without CFG at 512x512,
+#          and 50 steps at 1024x1024 (compiled rebuilt static at 1024 first)
+#   all    the three in turn (about 3 x 10 minutes)
+#
+# Installs nothing: it runs where torch with CUDA and fastsd's dependencies import
+# (PYTHON, default python3; put the repository on PYTHONPATH). Everything goes under
+# OUTDIR: JSON, Markdown, logs, and summary.md.
+set -uo pipefail
+
+PART=all
+if [ $# -eq 2 ]; then PART=$1; OUT=$2
+elif [ $# -eq 1 ]; then OUT=$1
+else echo "usage: gpu_suite.sh [tests|bench|extra|all] OUTDIR" >&2; exit 2; fi
+case "$PART" in tests|bench|extra|all) ;; *) echo "gpu_suite: unknown part '$PART' (tests, bench, extra or all)" >&2; exit 2;; esac
+
+PY=${PYTHON:-python3}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+cd "$HERE" || exit 2
+export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_suite: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine" >&2
+    exit 2
+fi
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+LOG="$OUT/suite.log"
+MODEL=${FASTSD_SUITE_MODEL:-synthetic:sd15}
+ENGINES="$OUT/engines"
+status=0
+
+say() { echo "[gpu_suite $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
+
+run_tests() {
+    say "machine"; "$PY" -m fastsd info 2>&1 | tee "$OUT/info.txt" >>"$LOG"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv \
+        >"$OUT/nvidia-smi.csv" 2>&1 || true
+    say "GPU-marked tests"
+    "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+    local rc=$?
+    tail -n 5 "$OUT/tests.log" | tee -a "$LOG"
+    [ $rc -eq 0 ] || { say "GPU tests FAILED (rc $rc): see tests.log"; status=1; }
+    say "fp16 vs fp32 per network ($MODEL)"
+    "$PY" benchmarks/precision.py --model "$MODEL" --device cuda --dtype fp16 --out "$OUT/precision" \
+        >"$OUT/precision.log" 2>&1
+    rc=$?
+    cat "$OUT/precision/precision.md" 2>/dev/null | tee -a "$LOG"
+    [ $rc -eq 0 ] || { say "precision check FAILED (rc $rc): see precision.log"; status=1; }
+}
+
+bench() {  # bench NAME ARGS...
+    local name=$1; shift
+    say "bench $name: fastsd bench $*"
+    "$PY" -m fastsd bench --model "$MODEL" --engine-dir "$ENGINES" --out "$OUT/$name" "$@" \
+        >"$OUT/$name.log" 2>&1
+    local rc=$?
+    cat "$OUT/$name/bench.md" 2>/dev/null | tee -a "$LOG"
+    [ $rc -eq 0 ] || { say "bench $name FAILED (rc $rc): see $name.log"; status=1; }
+}
+
+run_bench() {
+    bench bench-512 --height 512 --width 512 --steps 50 --schedulers ddim --guidance 7.5 --batch 1 \
+        --backends diffusers,eager,eager+graphs,compiled --export-missing --warmup 2 --runs 10
+}
+
+fastest_two() {  # the two fastest fastsd rows of bench-512 (end to end median, steady or not)
+    "$PY" - "$OUT/bench-512/bench.json" <<'EOF'
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r["backend"] != "diffusers"]
+rows.sort(key=lambda r: r["stages"]["end_to_end"]["median"])
+print(",".join(r["backend"] for r in rows[:2]))
+EOF
+}
+
+run_extra() {
+    local two
+    two=$(fastest_two 2>>"$LOG") || { say "extra needs bench-512/bench.json: run the bench part first"; status=1; return; }
+    say "fastest two at 512x512: $two"
+    bench one-step --height 512 --width 512 --steps 1 --guidance 1.0 --backends "diffusers,$two" \
+        --export-missing --warmup 3 --runs 20
+    if [[ ",$two," == *",compiled,"* ]]; then
+        say "compiled: static 1024x1024 build"
+        ENGINES="$OUT/engines-1024"
+        "$PY" -m fastsd build --model "$MODEL" --backend compiled --static 1024x1024 --engine-dir "$ENGINES" \
+            >"$OUT/build-1024.log" 2>&1 || { say "compiled 1024 build FAILED: see build-1024.log"; status=1; }
+    fi
+    bench bench-1024 --height 1024 --width 1024 --steps 50 --schedulers ddim --guidance 7.5 --batch 1 \
+        --backends "diffusers,$two" --warmup 1 --runs 5
+}
+
+summary() {
+    {
+        echo "# fastsd GPU suite, $(date -u +%Y-%m-%d), $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+        echo
+        echo "command: bash benchmarks/gpu_suite.sh $PART $OUT (commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+        for f in precision/precision.md bench-512/bench.md one-step/bench.md bench-1024/bench.md; do
+            [ -f "$OUT/$f" ] && { echo; cat "$OUT/$f"; }
+        done
+        [ -f "$OUT/tests.log" ] && { echo; echo "GPU tests: $(tail -n 1 "$OUT/tests.log")"; }
+    } >"$OUT/summary.md"
+}
+
+case "$PART" in
+    tests) run_tests ;;
+    bench) run_bench ;;
+    extra) run_extra ;;
+    all) run_tests; run_bench; run_extra ;;
+esac
+summary
+say "done ($PART): status $status; summary in $OUT/summary.md"
+exit $status

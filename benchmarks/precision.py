@@ -1,0 +1,101 @@
+"""fp16 (or bf16) against fp32, per network: the error a half-precision run adds.
+
+For each of the four networks of a checkpoint: the same sample inputs (fixed seed) through
+the eager fp32 network and the eager half-precision one, on one device; the relative error
+max |half - fp32| / max |fp32|, NaN/inf counted as a failure, against a stated bound.
+Writes JSON and a Markdown table; exits 1 if any network is over its bound.
+
+    python3 benchmarks/precision.py --model synthetic:sd15 --device cuda --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from fastsd.checkpoint import load_checkpoint  # noqa: E402
+from fastsd.networks import FP32_INPUTS, INT_INPUTS, NETWORKS, SPECS, sample_inputs, wrap  # noqa: E402
+
+# fp16 keeps ~3 decimal digits per operation; a network of a few dozen layers stays near
+# 1e-3 relative. The VAE decoder upsamples to large activations and is the loosest. bf16
+# has 3 fewer mantissa bits than fp16: bounds 5x looser.
+BOUNDS = {"fp16": {"text_encoder": 1e-2, "unet": 1e-2, "vae_encoder": 2e-2, "vae_decoder": 2e-2},
+          "bf16": {"text_encoder": 5e-2, "unet": 5e-2, "vae_encoder": 1e-1, "vae_decoder": 1e-1}}
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+
+
+def check(model: str, device: str, half: str, size: int | None, batch: int = 2) -> list[dict]:
+    ckpt = load_checkpoint(model)
+    info = ckpt.info
+    size = size or info.default_size
+    rows = []
+    for name in NETWORKS:
+        module = wrap(ckpt)[name].to(device, torch.float32).eval()
+        inputs = sample_inputs(name, info, batch, size, size, torch.float32)
+        if name == "vae_encoder":  # images in [-1, 1], as the pipeline feeds it
+            inputs = (inputs[0].clamp(-1, 1),)
+        with torch.inference_mode():
+            want = module(*(t.to(device) for t in inputs)).float()
+            module.to(dtype=HALF[half])
+            t0 = time.perf_counter()
+            got = module(*(t.to(device) if n in INT_INPUTS + FP32_INPUTS else t.to(device, HALF[half])
+                           for n, t in zip(SPECS[name].inputs, inputs, strict=True))).float()
+            seconds = time.perf_counter() - t0
+        err = relative_error(got, want)
+        bound = BOUNDS[half][name]
+        rows.append({"network": name, "relative_error": err, "bound": bound, "ok": err <= bound,
+                     "finite": bool(torch.isfinite(got).all()), "shape": list(got.shape),
+                     "half_seconds": round(seconds, 4)})
+        module.to("cpu")
+        del module
+    return rows
+
+
+def markdown(rows: list[dict], model: str, device: str, half: str) -> str:
+    lines = [f"{half} vs fp32, eager, `{model}` on {device}", "",
+             "| network | relative error (max abs / max abs ref) | bound | ok |", "|---|---|---|---|"]
+    lines += [f"| {r['network']} | {r['relative_error']:.2e} | {r['bound']:.0e} | {'yes' if r['ok'] else 'NO'} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="synthetic:sd15")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="fp16", choices=sorted(HALF))
+    ap.add_argument("--size", type=int, default=None, help="pixels (default: the model's own)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("precision: no CUDA device", file=sys.stderr)
+        return 2
+    rows = check(args.model, args.device, args.dtype, args.size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "precision.json").write_text(json.dumps({"model": args.model, "device": args.device,
+                                                    "dtype": args.dtype, "rows": rows}, indent=2))
+    text = markdown(rows, args.model, args.device, args.dtype)
+    (out / "precision.md").write_text(text + "\n")
+    print(text)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The one-command GPU suite's parts that run anywhere: its refusal without CUDA, and the
+fp16-vs-fp32 per-network check (run here on the CPU with the tiny checkpoint)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def precision():
+    spec = importlib.util.spec_from_file_location("fastsd_precision", ROOT / "benchmarks" / "precision.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_suite_fails_fast_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only refusal")
+    out = tmp_path / "gpu"
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "tests", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip().splitlines() == [
+        "gpu_suite: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine"]
+    assert not out.exists()
+    bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "everything", str(out)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown part 'everything'" in bad.stderr
+
+
+def test_precision_check_per_network(precision, ckpts, tmp_path, monkeypatch):
+    assert precision.main(["--model", str(ckpts["eps"]), "--device", "cpu", "--dtype", "fp16",
+                           "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "precision.json").read_text())
+    assert [r["network"] for r in report["rows"]] == ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
+    for row in report["rows"]:
+        assert row["finite"] and 0 < row["relative_error"] <= row["bound"]  # fp16 differs, within its bound
+    monkeypatch.setitem(precision.BOUNDS, "fp16", dict.fromkeys(precision.BOUNDS["fp16"], 1e-9))
+    assert precision.main(["--model", str(ckpts["eps"]), "--device", "cpu", "--out", str(tmp_path)]) == 1
+    assert "| NO |" in (tmp_path / "precision.md").read_text()
+
+
+def test_relative_error_counts_nan_as_failure(precision):
+    ref = torch.ones(3)
+    assert precision.relative_error(ref * 1.001, ref) == pytest.approx(1e-3, rel=1e-3)
+    assert precision.relative_error(ref * float("nan"), ref) == float("inf")
