@@ -90,6 +90,8 @@ class OrtRunner:
         if self.device.type == "cuda":
             from . import work_stream
 
+            if torch.cuda.is_current_stream_capturing():  # ORT's kernels would run outside the graph
+                raise RuntimeError("ONNX Runtime runs cannot be captured in a CUDA graph")
             caller, work = torch.cuda.current_stream(self.device), work_stream(self.device)
             if caller != work:  # called outside a pipeline: run on the work stream, ordered both ways
                 work.wait_stream(caller)
