@@ -19,7 +19,8 @@ def test_scheduler_step(benchmark, sampler):
     spec = SAMPLERS[sampler]
     sched = spec.schedule(cfg, 50)
     x, out, noise = torch.randn(LATENT), torch.randn(LATENT), torch.randn(LATENT)
-    benchmark(spec.step, x, out, sched, 10, cfg, noise if spec.draws_noise(1.0) else None, 0.0)
+    row = spec.coefficients(sched, cfg, 1.0)[10]  # precomputed once per call, as in the pipeline
+    benchmark(spec.step, x, out, row, cfg, noise if spec.draws_noise(1.0) else None)
 
 
 def test_cfg_combine(benchmark):
