@@ -23,8 +23,6 @@ the same TensorRT on the same GPU donates its plans, refitted from the new ONNX 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -44,6 +42,7 @@ from fastsd.engines import (
     trt_shapes,
 )
 from fastsd.errors import FastSDError
+from fastsd.files import atomic_write
 from fastsd.networks import NETWORKS, sample_inputs, wrap
 
 log = logging.getLogger(__name__)
@@ -109,15 +108,7 @@ def load_timing_cache(config, cache_file: Path):
 
 def save_timing_cache(config, cache_file: Path) -> None:
     """Atomically: a build interrupted mid-write never leaves a truncated cache behind."""
-    data = bytes(config.get_timing_cache().serialize())
-    fd, tmp = tempfile.mkstemp(prefix=f".{cache_file.name}.", dir=cache_file.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, cache_file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(cache_file, bytes(config.get_timing_cache().serialize()))
 
 
 def build_engine(trt, onnx_path: Path, shapes: dict, cache_file: Path, logger, refittable: bool) -> bytes:

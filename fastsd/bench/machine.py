@@ -92,13 +92,26 @@ def _reset_rss_peak() -> None:
         pass
 
 
-def _rss_peak() -> int:
+def _proc_kib(path: str, key: str) -> int | None:
+    """A "Key:   N kB" line of a /proc file, in bytes (None where there is none)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes."""
+    return _proc_kib("/proc/meminfo", "MemAvailable")
+
+
+def _rss_peak() -> int:
+    peak = _proc_kib("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
+from ..files import atomic_write
 from .runner import SCHEMA, BenchResult
 
 NOISE_FLOOR = 0.05  # a change under 5% is never called a regression
@@ -68,24 +67,13 @@ def markdown(result: BenchResult | dict) -> str:
     return "\n".join(lines + ([""] + sorted(set(extras)) if extras else []) + ([""] + notes if notes else []))
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_reports(result: BenchResult, out_dir: Path) -> list[Path]:
     """DIR/bench.json, DIR/bench.md, DIR/bench.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "bench.json", out_dir / "bench.md", out_dir / "bench.png"]
-    _atomic_write(paths[0], json.dumps(asdict(result), indent=2).encode())
-    _atomic_write(paths[1], (markdown(result) + "\n").encode())
-    _atomic_write(paths[2], chart(result))
+    atomic_write(paths[0], json.dumps(asdict(result), indent=2).encode())
+    atomic_write(paths[1], (markdown(result) + "\n").encode())
+    atomic_write(paths[2], chart(result))
     return paths
 
 

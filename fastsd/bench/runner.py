@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from .machine import machine_facts
+from .machine import machine_facts, mem_available
 from .worker import BASELINE, GRAPHS, PROMPT
 
 log = logging.getLogger(__name__)
@@ -146,17 +146,6 @@ class Worker:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
-
-
-def mem_available() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (None where there is none)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _measure(workers: dict[str, Worker], cfg: BenchConfig, call: dict, progress: Callable[[str], None],
