@@ -42,6 +42,11 @@ FASTSD_BACKENDS = ("eager", GRAPHS, "compiled", "onnxruntime", "tensorrt")
 STAGES = ("text_encoder", "unet", "unet_per_step", "vae_decoder", "end_to_end")
 NOISY_SPREAD = 1.25  # p90 / median of end to end above this: not steady
 NOISY_FAULTS = 100  # major page faults in one timed run above this: the machine was paging
+# Every worker, fastsd's and diffusers' alike: torch's CPU allocator asks for transparent
+# huge pages. Without it, the same fp32 SD 1.5 UNet step ran at 2.6 s in some processes and
+# 3.3 s in others on the 2-core development VM (bimodal, by process); with it, 2.65-2.72 s
+# in every process. One process per backend would otherwise turn that luck into ratios.
+WORKER_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 
 @dataclass(frozen=True)
@@ -108,8 +113,9 @@ class Worker:
         self.backend = backend
         self.log_path = log_dir / f"{backend.replace('+', '_')}.log"
         self._log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
-                                                                        os.environ.get("PYTHONPATH")])))
+        env = dict(WORKER_ENV, **os.environ)  # the user's own settings win
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                          os.environ.get("PYTHONPATH")]))
         self.proc = subprocess.Popen([sys.executable, "-m", "fastsd.bench.worker", json.dumps(asdict(cfg)), backend],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                      bufsize=1, env=env)
