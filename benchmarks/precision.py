@@ -23,7 +23,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fastsd.checkpoint import load_checkpoint  # noqa: E402
-from fastsd.networks import FP32_INPUTS, INT_INPUTS, NETWORKS, SPECS, sample_inputs, wrap  # noqa: E402
+from fastsd.networks import (  # noqa: E402
+    FP32_INPUTS,
+    INT_INPUTS,
+    NETWORKS,
+    SPECS,
+    relative_error,
+    sample_inputs,
+    wrap,
+)
 
 # fp16 keeps ~3 decimal digits per operation; a network of a few dozen layers stays near
 # 1e-3 relative. The VAE decoder upsamples to large activations and is the loosest. bf16
@@ -31,13 +39,6 @@ from fastsd.networks import FP32_INPUTS, INT_INPUTS, NETWORKS, SPECS, sample_inp
 BOUNDS = {"fp16": {"text_encoder": 1e-2, "unet": 1e-2, "vae_encoder": 2e-2, "vae_decoder": 2e-2},
           "bf16": {"text_encoder": 5e-2, "unet": 5e-2, "vae_encoder": 1e-1, "vae_decoder": 1e-1}}
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double(), want.double()
-    if not torch.isfinite(got).all():
-        return float("inf")
-    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
 
 
 def check(model: str, device: str, half: str, size: int | None, batch: int = 2) -> list[dict]:

@@ -34,6 +34,7 @@ from fastsd.engines import (
     Profile,
     Staging,
     base_manifest,
+    cfg_batch_factor,
     check_entry,
     entry_dir,
     graph_file,
@@ -43,7 +44,7 @@ from fastsd.engines import (
 )
 from fastsd.errors import FastSDError
 from fastsd.files import atomic_write
-from fastsd.networks import NETWORKS, sample_inputs, wrap
+from fastsd.networks import NETWORKS, relative_error, sample_inputs, wrap
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +148,6 @@ def refit_engine(trt, plan: bytes, onnx_path: Path, logger) -> bytes:
     return bytes(engine.serialize())
 
 
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got - want| / max |want| (inf where got has NaN/inf)."""
-    got, want = got.float(), want.float()
-    if not torch.isfinite(got).all():
-        return float("inf")
-    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
-
-
 def check_engine(name: str, run: Callable, module: torch.nn.Module, inputs: tuple, bound: float) -> float:
     """Run the engine (`run`) and the eager fp32 network on the same sample inputs; refuse
     an engine whose relative error exceeds `bound`. Returns the error."""
@@ -199,8 +192,7 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
             path = stage.dir / f"{name}.plan"
             path.write_bytes(plan)
             seconds = time.perf_counter() - t0
-            batch = 2 if name in ("text_encoder", "unet") else 1
-            inputs = tuple(t.to(device) for t in sample_inputs(name, info, batch, profile.opt_size,
+            inputs = tuple(t.to(device) for t in sample_inputs(name, info, cfg_batch_factor(name), profile.opt_size,
                                                                 profile.opt_width, torch.float32))
             runner = TrtRunner(path, name, info, device, profile, cuda_graphs=False)
             err = check_engine(name, runner, modules[name].to(device, torch.float32).eval(), inputs,

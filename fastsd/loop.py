@@ -21,13 +21,13 @@ from typing import Callable
 
 import torch
 
+from .backends.cuda_graphs import capture
 from .guidance import blend, cfg_denoiser, unet_denoiser
 from .schedulers import SAMPLERS, Schedule, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
 ROW_T, ROW_SCALE, ROW_SIGNAL, ROW_LEVEL, ROW_COEF = 0, 1, 2, 3, 4  # columns of a step row
-WARMUP_CALLS = 2  # before a capture: cuDNN/cuBLAS choices and lazy allocations happen here
 
 
 @dataclass
@@ -99,17 +99,8 @@ class _StepGraph:
         self.x, self.row = x.clone(), row.clone()
         self.noise = None if noise is None else noise.clone()
         step = make_step(unet, key, self.inputs)
-        caller = torch.cuda.current_stream(x.device)
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(caller)
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_CALLS):
-                step(self.x, self.row, self.noise)
-        caller.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            self.x.copy_(step(self.x, self.row, self.noise))
-        self.graph = graph  # kept only once the capture succeeded
+        # the graph writes the new latents into its own input; run() sets x before each call
+        self.graph, _ = capture(lambda: self.x.copy_(step(self.x, self.row, self.noise)), pool, x.device)
 
     def run(self, inputs: StepInputs, x, rows, noises, host_t, callback) -> torch.Tensor:
         for name, t in inputs.tensors().items():

@@ -143,3 +143,12 @@ def sample_inputs(name: str, info, batch: int, height: int, width: int,
         else:
             out.append(torch.randn(shapes[inp], generator=torch.Generator().manual_seed(0)).to(dtype))
     return tuple(out)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """How far a network output is from a reference: max |got - want| / max |want|, in
+    float64; inf where `got` holds NaN or inf (which no bound may let through)."""
+    got, want = got.double(), want.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))

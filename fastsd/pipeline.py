@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import images as imgs
-from .backends import BACKEND_NAMES, work_stream
+from .backends import BACKEND_NAMES, on_work_stream
 from .backends.select import make_backend
 from .budget import check_fits, widths_of
 from .checkpoint import Checkpoint, check_clip_skip, load_checkpoint
@@ -148,22 +148,8 @@ class Pipeline:
                            guidance_scale, scheduler, eta, height, width, num_images_per_prompt, output_type)
         check_fits(self.info, self._widths, req, self.dtype, self.device, self.memory)
         gen = self._generator(generator, seed)
-        with self._on_work_stream():
+        with on_work_stream(self.device):  # on CUDA: fastsd's one work stream, shared with the engines
             return self._generate(req, gen, callback)
-
-    @contextmanager
-    def _on_work_stream(self):
-        """On CUDA, run on fastsd's work stream, ordered after the caller's stream both ways."""
-        if self.device.type != "cuda":
-            yield
-            return
-        caller, work = torch.cuda.current_stream(self.device), work_stream(self.device)
-        work.wait_stream(caller)
-        try:
-            with torch.cuda.stream(work):
-                yield
-        finally:
-            caller.wait_stream(work)
 
     def _generate(self, req: Request, gen: torch.Generator, callback) -> PipelineOutput:
         timings: dict[str, float] = {}
@@ -210,17 +196,18 @@ class Pipeline:
             torch.cuda.synchronize(self.device)
         timings[stage] = time.perf_counter() - t0
 
-    def _randn(self, shape, gen: torch.Generator) -> torch.Tensor:
+    def _draw(self, shape, gen: torch.Generator) -> torch.Tensor:
         """As diffusers' randn_tensor: draw on the generator's device in the model dtype."""
         rand_device = "cpu" if gen.device.type == "cpu" else self.device
-        return torch.randn(shape, generator=gen, device=rand_device, dtype=self.dtype).to(self.device).float()
+        return torch.randn(shape, generator=gen, device=rand_device, dtype=self.dtype)
+
+    def _randn(self, shape, gen: torch.Generator) -> torch.Tensor:
+        return self._draw(shape, gen).to(self.device).float()
 
     def _randn_steps(self, shape, steps: int, gen: torch.Generator) -> torch.Tensor:
         """`steps` draws of `shape`, one after the other as a sampler draws them in diffusers'
         loop (the generator is used for nothing else in between), moved to the device at once."""
-        rand_device = "cpu" if gen.device.type == "cpu" else self.device
-        draws = [torch.randn(shape, generator=gen, device=rand_device, dtype=self.dtype) for _ in range(steps)]
-        return torch.stack(draws).to(self.device).float()
+        return torch.stack([self._draw(shape, gen) for _ in range(steps)]).to(self.device).float()
 
     def _token_ids(self, texts: list[str]) -> torch.Tensor:
         n = self.info.max_tokens

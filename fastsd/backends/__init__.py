@@ -8,7 +8,8 @@ returned in float32 on that device. Precision inside is the backend's business.
 from __future__ import annotations
 
 import threading
-from typing import Protocol
+from contextlib import contextmanager
+from typing import Iterator, Protocol
 
 import torch
 
@@ -28,6 +29,26 @@ def work_stream(device: torch.device) -> torch.cuda.Stream:
         if index not in _streams:
             _streams[index] = torch.cuda.Stream(device=torch.device("cuda", index))
         return _streams[index]
+
+
+@contextmanager
+def on_work_stream(device: torch.device) -> Iterator[None]:
+    """Run the block on `work_stream(device)`, ordered after the caller's stream and the
+    caller's stream after it. Nothing to do on the CPU, when already on the work stream,
+    or inside a CUDA-graph capture (the capture's stream holds the work)."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        yield
+        return
+    caller, work = torch.cuda.current_stream(device), work_stream(device)
+    if caller == work:
+        yield
+        return
+    work.wait_stream(caller)
+    try:
+        with torch.cuda.stream(work):
+            yield
+    finally:
+        caller.wait_stream(work)
 
 
 class Backend(Protocol):

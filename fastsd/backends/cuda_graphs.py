@@ -13,7 +13,25 @@ from typing import Callable
 
 import torch
 
-WARMUP_CALLS = 2
+WARMUP_CALLS = 2  # before a capture: cuDNN/cuBLAS choices and lazy allocations happen here
+
+
+def capture(fn: Callable[[], object], pool, device: torch.device) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Warm `fn` up on a side stream, then capture one call of it into a graph on `device`
+    using the memory pool `pool`. Returns (graph, what the captured call returned: its
+    static output)."""
+    with torch.cuda.device(device):
+        caller = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(caller)
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_CALLS):
+                fn()
+        caller.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+    return graph, out
 
 
 class GraphedCall:
@@ -24,18 +42,9 @@ class GraphedCall:
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]) -> tuple:
         static_in = tuple(t.clone() for t in inputs)
-        caller = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(caller)
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_CALLS):
-                self.fn(*static_in)
-        caller.wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            static_out = self.fn(*static_in)
+        graph, static_out = capture(lambda: self.fn(*static_in), self.pool, inputs[0].device)
         return graph, static_in, static_out
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:

@@ -88,18 +88,12 @@ class OrtRunner:
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
-            from . import work_stream
+            from . import on_work_stream
 
             if torch.cuda.is_current_stream_capturing():  # ORT's kernels would run outside the graph
                 raise RuntimeError("ONNX Runtime runs cannot be captured in a CUDA graph")
-            caller, work = torch.cuda.current_stream(self.device), work_stream(self.device)
-            if caller != work:  # called outside a pipeline: run on the work stream, ordered both ways
-                work.wait_stream(caller)
-                with torch.cuda.stream(work):
-                    out = self._run_bound(inputs)
-                caller.wait_stream(work)
-                return out
-            return self._run_bound(inputs)
+            with on_work_stream(self.device):  # the stream ORT was given (a no-op inside a pipeline)
+                return self._run_bound(inputs)
         feeds = self._feeds(inputs)
         out = self.session.run(None, {n: t.numpy() for n, t in feeds.items()}, self.run_options)[0]
         return torch.from_numpy(out).float()

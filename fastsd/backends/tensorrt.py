@@ -105,16 +105,10 @@ class TrtRunner:
             raise RuntimeError(f"TensorRT {self.network} execution failed")
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        from . import work_stream
+        from . import on_work_stream
 
-        caller, work = torch.cuda.current_stream(self.device), work_stream(self.device)
-        if caller != work and not torch.cuda.is_current_stream_capturing():
-            work.wait_stream(caller)  # called outside a pipeline: run on the work stream, ordered both ways
-            with torch.cuda.stream(work):
-                out = self._run(inputs)
-            caller.wait_stream(work)
-            return out
-        return self._run(inputs)
+        with on_work_stream(self.device):  # a no-op inside a pipeline, or inside a whole-step capture
+            return self._run(inputs)
 
     def _run(self, inputs) -> torch.Tensor:
         slot = self._slot(inputs)

@@ -110,7 +110,7 @@ class Worker:
     """The parent's handle on one worker process."""
 
     def __init__(self, cfg: BenchConfig, backend: str, log_dir: Path):
-        self.backend = backend
+        self.backend, self.memory_kind = backend, None
         self.log_path = log_dir / f"{backend.replace('+', '_')}.log"
         self._log = open(self.log_path, "w")
         env = dict(WORKER_ENV, **os.environ)  # the user's own settings win
@@ -207,6 +207,7 @@ def _start_workers(cfg: BenchConfig, progress, notes: list, log_dir: Path) -> tu
             w.close()
             continue
         notes.extend(msg["notes"])
+        w.memory_kind = msg["memory_kind"]  # what its peak memory figures are, as the worker measures them
         size = size or msg.get("size")
         if msg["skip"]:
             notes.append(msg["skip"])
@@ -243,7 +244,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = print) -> Benc
                         "backend": b, "height": h, "width": w, "batch": batch, "steps": steps, "scheduler": sched,
                         "guidance": cfg.guidance, "stages": stages,
                         "images_per_s": batch / stages["end_to_end"]["median"],
-                        "peak_memory_bytes": m["memory"], "memory_kind": _memory_kind(device),
+                        "peak_memory_bytes": m["memory"], "memory_kind": workers[b].memory_kind,
                         "major_faults": sum(m["faults"]), "min_free_memory_bytes": m["free"],
                         "noisy": steadiness(stages, m["faults"]), **extras[b],
                         **({"cold_start_seconds": cold[b]} if b in cold else {})})
@@ -258,10 +259,6 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = print) -> Benc
     result.notes = list(dict.fromkeys(result.notes))
     add_ratios(result.rows)
     return result
-
-
-def _memory_kind(device: torch.device) -> str:
-    return "cuda_process_driver" if device.type == "cuda" else "peak_rss"
 
 
 def _cold_start(cfg: BenchConfig, backend: str) -> float:

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from ..backends.select import PRECISIONS
 from .machine import _reset_rss_peak, _rss_peak
 
 BASELINE = "diffusers"
@@ -122,7 +123,7 @@ class FastSDWorker:
                 self.skip = f"{backend}: no engines for this checkpoint (run {how}); skipped"
                 return
             t0 = time.perf_counter()
-            precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+            precision = PRECISIONS[dtype]
             if backend == "onnxruntime":
                 from export import export_checkpoint
 
@@ -145,8 +146,7 @@ class FastSDWorker:
         export = self.export_s
         if export is None and self.backend not in ("eager", GRAPHS):
             root = Path(self.cfg.engine_dir) if self.cfg.engine_dir else default_engine_dir()
-            precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.pipe.dtype]
-            manifest, _ = check_entry(entry_dir(root, self.info.fingerprint, self.backend, precision),
+            manifest, _ = check_entry(entry_dir(root, self.info.fingerprint, self.backend, PRECISIONS[self.pipe.dtype]),
                                       self.info.fingerprint, networks=())  # a valid manifest; no file is read
             secs = [n.get("export_seconds") for n in manifest.get("networks", {}).values()]
             export = round(sum(secs), 2) if secs and None not in secs else None
