@@ -1,12 +1,12 @@
-"""Machine facts for benchmark reports, and the timing / peak-memory probes."""
+"""Machine facts for benchmark reports, and the memory probes of a bench worker."""
 
 from __future__ import annotations
 
 import os
 import platform
 import subprocess
-import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -62,27 +62,32 @@ def _nvidia_driver() -> str | None:
         return None
 
 
-class PeakMemory:
-    """Peak memory over a block: CUDA max allocated on GPU, peak RSS (VmHWM) on CPU."""
+class ProcessMemory:
+    """What this process holds: peak RSS over a block (CPU), or device memory held (CUDA)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
-        self.kind = "cuda_max_allocated" if device.type == "cuda" else "peak_rss"
+        self.device, self.held = device, 0
+        self.kind = "cuda_process_driver" if device.type == "cuda" else "peak_rss"
+        if device.type == "cuda":
+            torch.cuda.init()
+            self._used()  # creates the context; the baseline excludes it
 
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
+    def _used(self) -> int:
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
+
+    def measure(self, fn: Callable):
+        """Run fn; returns (its result, the peak memory of this process so far)."""
+        if self.device.type != "cuda":
             _reset_rss_peak()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self.peak = _rss_peak()
+            out = fn()
+            return out, _rss_peak()
+        torch.cuda.synchronize(self.device)
+        before = self._used()
+        out = fn()
+        torch.cuda.synchronize(self.device)
+        self.held += max(self._used() - before, 0)
+        return out, self.held
 
 
 def _reset_rss_peak() -> None:
@@ -115,15 +120,3 @@ def _rss_peak() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class Clock:
-    """Wall time with a device sync at both ends (CUDA work is asynchronous)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from ..backends.select import PRECISIONS
-from .machine import _reset_rss_peak, _rss_peak
+from .machine import ProcessMemory
 
 BASELINE = "diffusers"
 GRAPHS = "eager+graphs"  # eager PyTorch with whole-step CUDA graphs
@@ -59,34 +59,6 @@ def _timer(device: torch.device) -> Callable[[Callable], tuple[float, object]]:
         return time.perf_counter() - t0, out
 
     return timed
-
-
-class ProcessMemory:
-    """What this process holds: peak RSS over a block (CPU), or device memory held (CUDA)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.held = device, 0
-        self.kind = "cuda_process_driver" if device.type == "cuda" else "peak_rss"
-        if device.type == "cuda":
-            torch.cuda.init()
-            self._used()  # creates the context; the baseline excludes it
-
-    def _used(self) -> int:
-        free, total = torch.cuda.mem_get_info(self.device)
-        return total - free
-
-    def measure(self, fn: Callable):
-        """Run fn; returns (its result, the peak memory of this process so far)."""
-        if self.device.type != "cuda":
-            _reset_rss_peak()
-            out = fn()
-            return out, _rss_peak()
-        torch.cuda.synchronize(self.device)
-        before = self._used()
-        out = fn()
-        torch.cuda.synchronize(self.device)
-        self.held += max(self._used() - before, 0)
-        return out, self.held
 
 
 # ---- fastsd ---------------------------------------------------------------------------
