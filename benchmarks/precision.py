@@ -23,15 +23,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fastsd.checkpoint import load_checkpoint  # noqa: E402
-from fastsd.networks import (  # noqa: E402
-    FP32_INPUTS,
-    INT_INPUTS,
-    NETWORKS,
-    SPECS,
-    relative_error,
-    sample_inputs,
-    wrap,
-)
+from fastsd.families import family_for  # noqa: E402
+from fastsd.networks import FLOAT, NETWORKS, relative_error, wrap  # noqa: E402
 
 # fp16 keeps ~3 decimal digits per operation; a network of a few dozen layers stays near
 # 1e-3 relative. The VAE decoder upsamples to large activations and is the loosest. bf16
@@ -43,20 +36,20 @@ HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 def check(model: str, device: str, half: str, size: int | None, batch: int = 2) -> list[dict]:
     ckpt = load_checkpoint(model)
-    info = ckpt.info
+    info, specs = ckpt.info, family_for(ckpt).specs
     size = size or info.default_size
     rows = []
     for name in NETWORKS:
         module = wrap(ckpt)[name].to(device, torch.float32).eval()
-        inputs = sample_inputs(name, info, batch, size, size, torch.float32)
+        inputs = specs[name].sample_inputs(batch, size, size, torch.float32)
         if name == "vae_encoder":  # images in [-1, 1], as the pipeline feeds it
             inputs = (inputs[0].clamp(-1, 1),)
         with torch.inference_mode():
             want = module(*(t.to(device) for t in inputs)).float()
             module.to(dtype=HALF[half])
             t0 = time.perf_counter()
-            got = module(*(t.to(device) if n in INT_INPUTS + FP32_INPUTS else t.to(device, HALF[half])
-                           for n, t in zip(SPECS[name].inputs, inputs, strict=True))).float()
+            got = module(*(t.to(device, HALF[half]) if spec.kind == FLOAT else t.to(device)
+                           for spec, t in zip(specs[name].inputs, inputs, strict=True))).float()
             seconds = time.perf_counter() - t0
         err = relative_error(got, want)
         bound = BOUNDS[half][name]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastsd.guidance import blend
-from fastsd.networks import NETWORKS, sample_inputs
+from fastsd.networks import NETWORKS
 from fastsd.schedulers import SAMPLERS, SchedulerConfig
 
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
@@ -46,12 +46,12 @@ def test_network_call(benchmark, tiny, tmp_path_factory, backend, network):
     engine_dir = tmp_path_factory.getbasetemp() / "engines"
     if backend == "onnxruntime":
         pytest.importorskip("onnxruntime")
-        from export import export_checkpoint
+        from fastsd.export import export_checkpoint
 
         if not engine_dir.exists():
             export_checkpoint(str(tiny), engine_dir=engine_dir)
     pipe = Pipeline.from_pretrained(str(tiny), backend=backend, device="cpu", engine_dir=str(engine_dir))
-    args = sample_inputs(network, pipe.info, 2, 32, 32, torch.float32)
-    fn = getattr(pipe.backend, network)
-    benchmark(fn, *args)
+    spec = pipe.family.specs[network]
+    inputs = dict(zip(spec.input_names, spec.sample_inputs(2, 32, 32, torch.float32), strict=True))
+    benchmark(pipe.backend.run, network, inputs)
     assert pipe.backend.backends[network] == backend

@@ -11,7 +11,6 @@ runtime checks.
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -19,27 +18,27 @@ from typing import Callable
 import torch
 
 from fastsd.backends.compiled import runtime_facts
-from fastsd.engines import MAX_BATCH, Profile, Staging, base_manifest, entry_dir
+from fastsd.devices import parse_device
+from fastsd.engines import MAX_BATCH, Profile
 from fastsd.errors import InvalidArgumentError
-from fastsd.networks import NETWORKS, SPECS, sample_inputs, wrap
-from fastsd.pipeline import parse_device
+from fastsd.networks import BATCH, NETWORKS, NetworkSpec, wrap
 
-from .onnx_export import load_for_build, parse_static
+from .common import build_entry, load_for_build, parse_static
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _dynamic_batch(name: str) -> dict:
+def _dynamic_batch(spec: NetworkSpec) -> dict:
     batch = torch.export.Dim("batch", min=1, max=2 * MAX_BATCH)
-    return {inp: {0: batch} for inp in SPECS[name].inputs}
+    return {t.name: {0: batch} for t in spec.inputs if t.shape[0] == BATCH}
 
 
-def compile_network(module: torch.nn.Module, name: str, args: tuple, path: Path) -> None:
+def compile_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, path: Path) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(module, args, dynamic_shapes=_dynamic_batch(name))
+        program = torch.export.export(module, args, dynamic_shapes=_dynamic_batch(spec))
         # freezing: weights become constants, folded and prepacked (measured on the CPU, SD 1.5
         # UNet at 256x256: 3.70 s -> 2.75 s per CFG step; eager 2.82 s)
         torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={"freezing": True})
@@ -54,21 +53,19 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
     dtype = dtype or ("fp16" if dev.type == "cuda" else "fp32")
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    ckpt, root = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir)
+    ckpt, specs, root = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir)
     info = ckpt.info
     size = parse_static(static, info.vae_factor) or (info.default_size, info.default_size)
     profile = Profile.for_model(info, size)
-    final = entry_dir(root, info.fingerprint, "compiled", dtype)
     modules = wrap(ckpt, clip_skip)
-    with Staging(final) as stage:
-        for name in networks:
-            t0 = time.perf_counter()
-            module = modules[name].to(dev, DTYPES[dtype]).eval()
-            args = tuple(a.to(dev) for a in sample_inputs(name, info, 2, *size, DTYPES[dtype]))
-            path = stage.dir / f"{name}.pt2"
-            compile_network(module, name, args, path)
-            seconds = time.perf_counter() - t0
-            stage.add(name, [path.name], export_seconds=round(seconds, 2), bytes=path.stat().st_size)
-            progress(f"{name}: compiled in {seconds:.1f}s, {path.stat().st_size / 2**20:.1f} MiB ({path.name})")
-        return stage.commit(base_manifest(info, "compiled", dtype, profile, exporter="AOTInductor",
-                                          clip_skip=clip_skip, **runtime_facts(dev)))
+
+    def make(name: str, folder: Path) -> tuple[list[str], dict, str]:
+        module = modules[name].to(dev, DTYPES[dtype]).eval()
+        args = tuple(a.to(dev) for a in specs[name].sample_inputs(2, *size, DTYPES[dtype]))
+        path = folder / f"{name}.pt2"
+        compile_network(module, specs[name], args, path)
+        return [path.name], {}, ""
+
+    return build_entry(root, info, "compiled", dtype, profile, networks, make,
+                       dict(exporter="AOTInductor", clip_skip=clip_skip, **runtime_facts(dev)), progress,
+                       verb="compiled")

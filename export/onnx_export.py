@@ -12,36 +12,23 @@ Graphs over 2 GB keep their weights in one external-data file beside the graph.
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from fastsd.checkpoint import check_clip_skip, load_checkpoint
-from fastsd.engines import Profile, Staging, base_manifest, default_engine_dir, entry_dir, writable_store
+from fastsd.engines import Profile
 from fastsd.errors import InvalidArgumentError
-from fastsd.networks import FP32_INPUTS, NETWORKS, SPECS, sample_inputs, wrap
+from fastsd.networks import FLOAT32, NETWORKS, NetworkSpec, wrap
+
+from .common import build_entry, load_for_build, parse_static
 
 log = logging.getLogger(__name__)
 
 OPSET = 17  # LayerNormalization is native from 17
 TWO_GB = 2**31  # protobuf's limit on one serialized model
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-def parse_static(text: str | None, factor: int) -> tuple[int, int] | None:
-    """'512x768' -> (512, 768): height x width, each a positive multiple of the VAE factor."""
-    if text is None:
-        return None
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise InvalidArgumentError(f"--static takes HxW, e.g. 512x512, got {text!r}") from None
-    if min(h, w) <= 0 or h % factor or w % factor:
-        raise InvalidArgumentError(f"static size {h}x{w}: both must be positive multiples of {factor}")
-    return h, w
 
 
 def _trace_dims(profile: Profile, name: str, info) -> tuple[int, int, int]:
@@ -56,18 +43,15 @@ def _trace_dims(profile: Profile, name: str, info) -> tuple[int, int, int]:
     return profile.opt_batch, height, width
 
 
-def export_network(module: torch.nn.Module, name: str, args: tuple, path: Path, static: bool) -> None:
-    spec = SPECS[name]
-    axes = spec.dynamic_axes
-    if static:  # keep only the batch axis dynamic
-        axes = {k: {a: s for a, s in v.items() if a == 0} for k, v in axes.items()}
+def export_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, path: Path, static: bool) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), input_names=list(spec.inputs), output_names=list(spec.outputs),
-                          dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+        torch.onnx.export(module, args, str(path), input_names=list(spec.input_names),
+                          output_names=list(spec.output_names), dynamic_axes=spec.dynamic_axes(static),
+                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
 
 
-def check_and_simplify(path: Path, simplify: bool, fp16: bool) -> list[str]:
+def check_and_simplify(path: Path, simplify: bool, fp16: bool, spec: NetworkSpec) -> list[str]:
     """onnx.checker + shape inference, onnxslim, optional fp16 conversion, then one graph
     file (plus one external data file past 2 GB, where the exporter scatters a file per
     tensor). Returns the files."""
@@ -85,7 +69,8 @@ def check_and_simplify(path: Path, simplify: bool, fp16: bool) -> list[str]:
     if fp16:  # ORT's converter keeps precision-critical ops in fp32 behind casts
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        model = convert_float_to_float16(model, keep_io_types=list(FP32_INPUTS), disable_shape_infer=True)
+        keep = [t.name for t in spec.inputs if t.kind == FLOAT32]
+        model = convert_float_to_float16(model, keep_io_types=keep, disable_shape_infer=True)
     topological_sort(model.graph)  # the fp16 converter appends its casts at the end
     big = sum(len(t.raw_data) for t in model.graph.initializer) > TWO_GB * 0.9
     _remove_graph(path)
@@ -137,21 +122,6 @@ def _remove_graph(path: Path) -> None:
     path.unlink()
 
 
-def load_for_build(model: str, networks: tuple[str, ...], allow_pickle: bool, clip_skip: int,
-                   engine_dir: str | Path | None):
-    """Check a build's arguments and the store, then load the checkpoint (shared by every
-    builder). Returns (checkpoint, store root)."""
-    unknown = set(networks) - set(NETWORKS)
-    if unknown:
-        raise InvalidArgumentError(f"unknown networks {sorted(unknown)}; choose from {', '.join(NETWORKS)}")
-    if not networks:
-        raise InvalidArgumentError(f"no networks to build; choose from {', '.join(NETWORKS)}")
-    root = writable_store(Path(engine_dir) if engine_dir else default_engine_dir())
-    ckpt = load_checkpoint(model, allow_pickle=allow_pickle)
-    check_clip_skip(ckpt, clip_skip)
-    return ckpt, root
-
-
 def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: str = "fp32",
                       static: str | None = None, networks: tuple[str, ...] = NETWORKS, simplify: bool = True,
                       allow_pickle: bool = False, clip_skip: int = 0,
@@ -162,29 +132,21 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
 
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"unknown export dtype {dtype!r}; choose fp32 or fp16")
-    ckpt, root = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir)
+    ckpt, specs, root = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir)
     info = ckpt.info
     profile = Profile.for_model(info, parse_static(static, info.vae_factor))
-    final = entry_dir(root, info.fingerprint, "onnxruntime", dtype)
     modules = wrap(ckpt, clip_skip)
-    with Staging(final) as stage:
-        for name in networks:
-            t0 = time.perf_counter()
-            path = stage.dir / f"{name}.onnx"
-            args = sample_inputs(name, info, *_trace_dims(profile, name, info), torch.float32)
-            export_network(modules[name].eval(), name, args, path, profile.static)
-            files = check_and_simplify(path, simplify, fp16=dtype == "fp16")
-            size = sum((stage.dir / f).stat().st_size for f in files)
-            seconds = time.perf_counter() - t0
-            stage.add(name, files, export_seconds=round(seconds, 2), bytes=size)
-            progress(f"{name}: exported in {seconds:.1f}s, {size / 2**20:.1f} MiB "
-                     f"({', '.join(files)})")
-        slim_version = _version("onnxslim") if simplify else None
-        out = stage.commit(base_manifest(
-            info, "onnxruntime", dtype, profile, exporter=f"torch.onnx (TorchScript) {torch.__version__}",
-            opset=OPSET, onnx=onnx.__version__, onnxruntime=onnxruntime.__version__, simplifier=slim_version,
-            clip_skip=clip_skip))
-    return out
+
+    def make(name: str, folder: Path) -> tuple[list[str], dict, str]:
+        path = folder / f"{name}.onnx"
+        args = specs[name].sample_inputs(*_trace_dims(profile, name, info), torch.float32)
+        export_network(modules[name].eval(), specs[name], args, path, profile.static)
+        return check_and_simplify(path, simplify, dtype == "fp16", specs[name]), {}, ""
+
+    return build_entry(root, info, "onnxruntime", dtype, profile, networks, make, dict(
+        exporter=f"torch.onnx (TorchScript) {torch.__version__}", opset=OPSET, onnx=onnx.__version__,
+        onnxruntime=onnxruntime.__version__, simplifier=_version("onnxslim") if simplify else None,
+        clip_skip=clip_skip), progress, verb="exported")
 
 
 def _version(module: str) -> str:

@@ -23,28 +23,18 @@ the same TensorRT on the same GPU donates its plans, refitted from the new ONNX 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from fastsd.backends.tensorrt import deserialize, runtime_facts
-from fastsd.engines import (
-    Profile,
-    Staging,
-    base_manifest,
-    cfg_batch_factor,
-    check_entry,
-    entry_dir,
-    graph_file,
-    read_manifest,
-    refit_source,
-    trt_shapes,
-)
+from fastsd.engines import Profile, check_entry, entry_dir, graph_file, read_manifest, refit_source
 from fastsd.errors import FastSDError
 from fastsd.files import atomic_write
-from fastsd.networks import NETWORKS, relative_error, sample_inputs, wrap
+from fastsd.networks import NETWORKS, relative_error, wrap
+
+from .common import build_entry, load_for_build, parse_static
 
 log = logging.getLogger(__name__)
 
@@ -166,48 +156,39 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
     """Refit the engines of a same-architecture entry if one exists, else build them."""
     from fastsd.backends.tensorrt import TrtRunner
 
-    from .onnx_export import load_for_build, parse_static
-
     trt = _trt()
     logger = trt.Logger(trt.Logger.WARNING)
     mode, source = build_mode(trt)
-    ckpt, root = load_for_build(model, networks, allow_pickle, 0, engine_dir)
+    ckpt, specs, root = load_for_build(model, networks, allow_pickle, 0, engine_dir)
     info = ckpt.info
     src, onnx_manifest = _onnx_entry(root, info, source, networks)
     profile = entry_profile(onnx_manifest, parse_static(static, info.vae_factor))
-    facts = runtime_facts()
+    device = torch.device("cuda", torch.cuda.current_device())
+    facts = runtime_facts(device)
     donor = refit_source(root, info, "tensorrt", PRECISION, facts, profile)
     clip_skip = onnx_manifest.get("clip_skip", 0)
     modules = wrap(ckpt, clip_skip)
-    device = torch.device("cuda", torch.cuda.current_device())
-    with Staging(entry_dir(root, info.fingerprint, "tensorrt", PRECISION)) as stage:
-        for name in networks:
-            graph = src / graph_file(name, onnx_manifest["networks"][name])
-            t0 = time.perf_counter()
-            if donor is not None:
-                plan = refit_engine(trt, (donor / f"{name}.plan").read_bytes(), graph, logger)
-            else:
-                plan = build_engine(trt, graph, trt_shapes(name, info, profile), root / TIMING_CACHE, logger,
-                                    refittable)
-            path = stage.dir / f"{name}.plan"
-            path.write_bytes(plan)
-            seconds = time.perf_counter() - t0
-            inputs = tuple(t.to(device) for t in sample_inputs(name, info, cfg_batch_factor(name), profile.opt_size,
-                                                                profile.opt_width, torch.float32))
-            runner = TrtRunner(path, name, info, device, profile, cuda_graphs=False)
-            err = check_engine(name, runner, modules[name].to(device, torch.float32).eval(), inputs,
-                               ENGINE_TOLERANCE)
-            modules[name].to("cpu")
-            del runner
-            stage.add(name, [path.name], export_seconds=round(seconds, 2), bytes=len(plan),
-                      relative_error=round(err, 6))
-            progress(f"{name}: {'refitted' if donor else 'built'} in {seconds:.1f}s, {len(plan) / 2**20:.1f} MiB, "
-                     f"relative error vs eager {err:.2e}")
-        donor_manifest = read_manifest(donor) if donor else None
-        return stage.commit(base_manifest(info, "tensorrt", PRECISION, profile,
-                                          refittable=bool(donor_manifest and donor_manifest.get("refittable"))
-                                          or refittable,
-                                          build_mode=mode, onnx_source=f"onnxruntime-{source}",
-                                          weights=info.fingerprint,
-                                          refitted_from=donor_manifest["checkpoint"] if donor_manifest else None,
-                                          clip_skip=clip_skip, **facts))
+
+    def make(name: str, folder: Path) -> tuple[list[str], dict, str]:
+        spec, graph = specs[name], src / graph_file(name, onnx_manifest["networks"][name])
+        if donor is not None:
+            plan = refit_engine(trt, (donor / f"{name}.plan").read_bytes(), graph, logger)
+        else:
+            plan = build_engine(trt, graph, spec.profile_shapes(profile), root / TIMING_CACHE, logger, refittable)
+        path = folder / f"{name}.plan"
+        path.write_bytes(plan)
+        batch = 2 if spec.cfg_doubled else 1
+        inputs = tuple(t.to(device) for t in spec.sample_inputs(batch, profile.opt_size, profile.opt_width,
+                                                                torch.float32))
+        runner = TrtRunner(path, spec, device, profile, cuda_graphs=False)
+        err = check_engine(name, lambda *args: runner(**dict(zip(spec.input_names, args, strict=True))),
+                           modules[name].to(device, torch.float32).eval(), inputs, ENGINE_TOLERANCE)
+        modules[name].to("cpu")
+        return [path.name], {"relative_error": round(err, 6)}, f", relative error vs eager {err:.2e}"
+
+    donor_manifest = read_manifest(donor) if donor else None
+    return build_entry(root, info, "tensorrt", PRECISION, profile, networks, make, dict(
+        refittable=bool(donor_manifest and donor_manifest.get("refittable")) or refittable, build_mode=mode,
+        onnx_source=f"onnxruntime-{source}", weights=info.fingerprint,
+        refitted_from=donor_manifest["checkpoint"] if donor_manifest else None, clip_skip=clip_skip, **facts),
+        progress, verb="refitted" if donor is not None else "built")

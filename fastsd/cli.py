@@ -12,9 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import __version__
 from .errors import FastSDError, OutputPathError
 from .networks import NETWORKS as NETWORK_NAMES
+from .version import __version__
 
 log = logging.getLogger("fastsd")
 EXIT_BAD_INPUT = 2
@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=1, help="images per prompt")
     g.add_argument("--image", default=None, help="init image: img2img, or inpaint with --mask")
     g.add_argument("--mask", default=None, help="inpaint mask, white = repaint")
-    g.add_argument("--strength", type=float, default=None, help="img2img/inpaint strength (default 0.8)")
+    g.add_argument("--strength", type=float, default=None,
+                   help="img2img/inpaint strength (default: 0.8 img2img, 1.0 inpaint)")
     g.add_argument("--out", default="fastsd.png", help="output PNG; N images get -0, -1, ... suffixes")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--backend", default="auto", help="auto | tensorrt | compiled | onnxruntime | eager")
@@ -73,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("build", help="build compiled engines (AOTInductor) into the engine store")
     c.add_argument("--model", required=True, help="as for generate")
-    c.add_argument("--backend", required=True, help="compiled | tensorrt")
+    c.add_argument("--backend", required=True, help="an engine kind: tensorrt | compiled | onnxruntime")
     c.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default: fp16 on cuda, fp32 on cpu)")
     c.add_argument("--static", default=None, metavar="HxW", help="image size (default: the checkpoint's)")
     c.add_argument("--device", default=None, help="cuda | cpu: the device the engines are for")
@@ -81,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--networks", default=",".join(NETWORK_NAMES), help="comma-separated subset to build")
     c.add_argument("--clip-skip", type=int, default=0)
     c.add_argument("--refittable", action="store_true",
-                   help="tensorrt: build engines that can take other weights by refit (may run slower)")
+                   help="engines that can take other weights by refit (tensorrt; may run slower)")
     c.add_argument("--allow-pickle", action="store_true")
     c.set_defaults(func=cmd_build)
 
@@ -304,53 +305,48 @@ def _progress(args):
     if args.no_progress:
         return None
     from .schedulers import first_step
+    from .settings import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 
-    strength = args.strength if args.strength is not None else (0.8 if args.image else 1.0)
+    strength = args.strength
+    if strength is None:
+        strength = 1.0 if not args.image else INPAINT_STRENGTH if args.mask else IMG2IMG_STRENGTH
     total = args.steps - first_step(args.steps, strength)
     return _Bar(total)
 
 
-def cmd_export(args) -> int:
-    try:
-        from export import export_checkpoint
-    except ImportError as e:
-        raise FastSDError(f"export needs onnx, onnxruntime and onnxslim: pip install 'fastsd[onnx]' ({e})") from None
+def _build(kind_name: str, args, **options) -> int:
+    """Build (or export) an entry of one engine kind, with the options the command has."""
     import time
 
+    from .backends.kind import BuildOptions
+    from .backends.registry import ENGINE_KINDS
+
+    kind = ENGINE_KINDS.get(kind_name)
+    if kind is None:
+        raise FastSDError(f"unknown build backend {kind_name!r}; choose one of {', '.join(ENGINE_KINDS)}")
+    if options.get("refittable") and not kind.refits:
+        refitting = ", ".join(k.name for k in ENGINE_KINDS.values() if k.refits)
+        raise FastSDError(f"--refittable applies to engine kinds that refit ({refitting}), not {kind.name}")
     t0 = time.perf_counter()
     networks = tuple(n.strip() for n in args.networks.split(",") if n.strip())
-    out = export_checkpoint(args.model, engine_dir=args.engine_dir, dtype=args.dtype, static=args.static,
-                            networks=networks, simplify=not args.no_simplify, allow_pickle=args.allow_pickle,
-                            clip_skip=args.clip_skip,
-                            progress=lambda line: print(line, flush=True))
+    opts = BuildOptions(args.model, engine_dir=args.engine_dir, networks=networks, allow_pickle=args.allow_pickle,
+                        clip_skip=args.clip_skip, static=args.static, progress=lambda line: print(line, flush=True),
+                        **options)
+    try:
+        out = kind.build(opts)
+    except ImportError as e:
+        raise FastSDError(f"building {kind.name} engines needs packages that are not installed ({e}); "
+                          "for ONNX: pip install 'fastsd[onnx]'") from None
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def cmd_export(args) -> int:
+    return _build("onnxruntime", args, dtype=args.dtype, simplify=not args.no_simplify)
 
 
 def cmd_build(args) -> int:
-    import time
-
-    if args.backend not in ("compiled", "tensorrt"):
-        raise FastSDError(f"unknown build backend {args.backend!r}; choose compiled or tensorrt")
-    if args.refittable and args.backend != "tensorrt":
-        raise FastSDError("--refittable applies to tensorrt builds only")
-    t0 = time.perf_counter()
-    networks = tuple(n.strip() for n in args.networks.split(",") if n.strip())
-    if args.backend == "tensorrt":
-        from export.tensorrt import build_tensorrt
-
-        out = build_tensorrt(args.model, engine_dir=args.engine_dir, static=args.static, networks=networks,
-                             allow_pickle=args.allow_pickle, refittable=args.refittable,
-                             progress=lambda line: print(line, flush=True))
-        print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
-        return 0
-    from export.compiled import build_compiled
-
-    out = build_compiled(args.model, engine_dir=args.engine_dir, dtype=args.dtype, static=args.static,
-                         device=args.device, networks=networks, allow_pickle=args.allow_pickle,
-                         clip_skip=args.clip_skip, progress=lambda line: print(line, flush=True))
-    print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
-    return 0
+    return _build(args.backend, args, dtype=args.dtype, device=args.device, refittable=args.refittable)
 
 
 def cmd_engines(args) -> int:

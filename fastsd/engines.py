@@ -20,10 +20,13 @@ import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from . import __version__
+import torch
+
+from .backends.registry import ENGINE_KINDS
 from .errors import OutputPathError
 from .hashing import DigestCache, digest_file
 from .networks import NETWORKS
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +35,10 @@ MANIFEST = "manifest.json"
 ENTRY_MARKER = ".fastsd-entry"  # written first into every folder the store makes: proof that prune may remove it
 STAGING_PREFIX = ".staging-"
 RETIRED_PREFIX = ".retired-"
-GRAPH_SUFFIXES = (".onnx", ".pt2", ".plan")
-NOT_IN_ENTRY = "not in the engine entry"
+GRAPH_SUFFIXES = tuple(k.suffix for k in ENGINE_KINDS.values())
 FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")  # checkpoint fingerprints: 8-byte blake2b, hex
-KIND = re.compile(r"^(onnxruntime|compiled|tensorrt)-(fp32|fp16|bf16)$")
+PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+KIND = re.compile(rf"^({'|'.join(ENGINE_KINDS)})-({'|'.join(PRECISIONS.values())})$")
 SAFE_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a plain name inside the entry: no "/", "..", or "~"
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MANIFEST_FIELDS = {"format": int, "fastsd": str, "backend": str, "precision": str, "checkpoint": str,
@@ -44,10 +47,21 @@ FACT_DEFAULTS = {"clip_skip": 0}  # what entries written before a fact was recor
 PER_BUILD = ("networks", "created", "source")  # manifest keys that may differ between builds of one entry
 MAX_BATCH = 4  # default profile: images per call (CFG doubles text encoder / UNet batches)
 
+# Why an entry cannot serve a network: a code to decide on, with the text users read.
+NO_ENTRY, UNFINISHED, INVALID, FORMAT, VERSION = "no-entry", "unfinished", "invalid", "format", "version"
+OTHER_WEIGHTS, OTHER_FACTS, NOT_IN_ENTRY = "other-weights", "other-facts", "not-in-entry"
+FILE_MISSING, FILE_CHANGED = "file-missing", "file-changed"
 
-def cfg_batch_factor(network: str) -> int:
-    """CFG runs the text encoder and the UNet on a batch of 2 per image."""
-    return 2 if network in ("text_encoder", "unet") else 1
+
+class Problem(str):
+    """The text of a problem (what users read), carrying its `code` (what code decides on)."""
+
+    code: str
+
+    def __new__(cls, code: str, text: str) -> "Problem":
+        problem = super().__new__(cls, text)
+        problem.code = code
+        return problem
 
 
 def default_engine_dir() -> Path:
@@ -87,21 +101,6 @@ class Profile:
             return cls(1, 1, max_batch, min(h, w), h, max(h, w), True, w)
         d, f = info.default_size, info.vae_factor
         return cls(1, 1, max_batch, max(f, d // 2 // f * f), d, 2 * d, False, d)
-
-    def refuses(self, network: str, batch: int, height: int, width: int) -> str | None:
-        """Why a call of `batch` at height x width is outside this profile (None if it fits)."""
-        doubled = cfg_batch_factor(network)
-        if not self.min_batch <= batch <= self.max_batch * doubled:
-            return f"batch {batch} outside the engine's 1..{self.max_batch * doubled}"
-        if network == "text_encoder":
-            return None
-        if self.static:
-            if (height, width) != (self.opt_size, self.opt_width):
-                return f"size {height}x{width} is not the engine's static {self.opt_size}x{self.opt_width}"
-            return None
-        if not (self.min_size <= height <= self.max_size and self.min_size <= width <= self.max_size):
-            return f"size {height}x{width} outside the engine's {self.min_size}..{self.max_size}"
-        return None
 
 
 def entry_dir(engine_dir: Path, fingerprint: str, backend: str, precision: str) -> Path:
@@ -262,11 +261,12 @@ def check_entry(entry: Path, fingerprint: str, runtime_facts: dict | None = None
     the cache. Files of other networks are not read."""
     raw = read_manifest(entry)
     if raw is None:
-        why = "the entry has no manifest (unfinished)" if entry.is_dir() else f"no engine entry at {entry}"
+        why = (Problem(UNFINISHED, "the entry has no manifest (unfinished)") if entry.is_dir()
+               else Problem(NO_ENTRY, f"no engine entry at {entry}"))
         return {}, {n: why for n in networks}
     why = manifest_problem(raw, entry)
     if why is not None:
-        return {}, {n: f"invalid manifest ({why})" for n in networks}
+        return {}, {n: Problem(INVALID, f"invalid manifest ({why})") for n in networks}
     manifest: dict = raw
     problems = {}
     whole = _entry_problem(manifest, fingerprint, runtime_facts or {})
@@ -276,29 +276,31 @@ def check_entry(entry: Path, fingerprint: str, runtime_facts: dict | None = None
         if whole:
             problems[n] = whole
         elif net is None:
-            problems[n] = NOT_IN_ENTRY
+            problems[n] = Problem(NOT_IN_ENTRY, "not in the engine entry")
         else:
             for f, want in net["sha256"].items():
                 path = entry / f
                 if path.is_symlink() or not path.is_file():
-                    problems[n] = f"engine file {f} is missing"
+                    problems[n] = Problem(FILE_MISSING, f"engine file {f} is missing")
                 elif (digest_file(path, "sha256") if verify else digests.digest(path)) != want:
-                    problems[n] = f"engine file {f} does not match its manifest hash (modified or corrupt)"
+                    problems[n] = Problem(FILE_CHANGED,
+                                          f"engine file {f} does not match its manifest hash (modified or corrupt)")
     digests.save()
     return manifest, problems
 
 
-def _entry_problem(manifest: dict, fingerprint: str, runtime_facts: dict) -> str | None:
+def _entry_problem(manifest: dict, fingerprint: str, runtime_facts: dict) -> Problem | None:
     if manifest.get("format") != ENGINE_FORMAT:
-        return f"engine format {manifest.get('format')} (this fastsd reads {ENGINE_FORMAT}); rebuild it"
+        return Problem(FORMAT, f"engine format {manifest.get('format')} (this fastsd reads {ENGINE_FORMAT}); "
+                               "rebuild it")
     if manifest.get("fastsd") != __version__:
-        return f"built by fastsd {manifest.get('fastsd')} (this is {__version__}); rebuild it"
+        return Problem(VERSION, f"built by fastsd {manifest.get('fastsd')} (this is {__version__}); rebuild it")
     if manifest.get("checkpoint") != fingerprint:
-        return f"built from other weights ({manifest.get('checkpoint')}, loaded {fingerprint})"
+        return Problem(OTHER_WEIGHTS, f"built from other weights ({manifest.get('checkpoint')}, loaded {fingerprint})")
     for key, value in runtime_facts.items():
         built = manifest.get(key, FACT_DEFAULTS.get(key))
         if built != value:
-            return f"built for {key}={built}, running with {value}"
+            return Problem(OTHER_FACTS, f"built for {key}={built}, running with {value}")
     return None
 
 
@@ -342,7 +344,7 @@ def list_entries(engine_dir: Path) -> list[dict]:
         rows.append({"path": entry, "checkpoint": entry.parent.name, "kind": entry.name, "manifest": manifest,
                      "source": str(manifest.get("source", "?")), "fastsd": str(manifest.get("fastsd", "?")),
                      "size": size, "networks": sorted(manifest.get("networks", {})),
-                     "problems": sorted(set(problems.values()))})
+                     "problems": sorted(set(problems.values()))})  # Problems: text with a code
     return rows
 
 
@@ -366,7 +368,7 @@ def prune(engine_dir: Path, everything: bool = False, dry_run: bool = False) -> 
     root = Path(engine_dir)
     doomed = _leftovers(root)
     for row in list_entries(root):
-        if everything or any("other weights" not in p for p in row["problems"]):
+        if everything or any(p.code != OTHER_WEIGHTS for p in row["problems"]):
             doomed.append(row["path"])
     real_root = root.resolve()
     doomed = [p for p in doomed if p.resolve().parent.parent == real_root]
@@ -377,20 +379,6 @@ def prune(engine_dir: Path, everything: bool = False, dry_run: bool = False) -> 
             if _real_dir(parent) and not any(parent.iterdir()):
                 parent.rmdir()
     return doomed
-
-
-def trt_shapes(network: str, info, profile: Profile) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """TensorRT optimization-profile shapes (min, opt, max) of each input of `network`."""
-    from .networks import SPECS, io_shapes
-
-    doubled = cfg_batch_factor(network)
-    lo = io_shapes(network, info, profile.min_batch, profile.min_size, profile.min_size)
-    opt = io_shapes(network, info, profile.opt_batch * doubled, profile.opt_size, profile.opt_width)
-    hi = io_shapes(network, info, profile.max_batch * doubled, profile.max_size, profile.max_size)
-    if profile.static:
-        lo = io_shapes(network, info, profile.min_batch, profile.opt_size, profile.opt_width)
-        hi = io_shapes(network, info, profile.max_batch * doubled, profile.opt_size, profile.opt_width)
-    return {name: (lo[name], opt[name], hi[name]) for name in SPECS[network].inputs}
 
 
 def refit_source(engine_dir: Path, info, backend: str, precision: str, runtime_facts: dict | None = None,

@@ -13,14 +13,15 @@ import torch
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def unet_denoiser(unet, text_embeddings: torch.Tensor, conditioning: torch.Tensor | None = None) -> Denoiser:
-    """Bind the UNet to its text embeddings; 9-channel inpainting UNets also get the
-    (mask, masked-image latents) conditioning concatenated on channels."""
+def unet_denoiser(unet, unet_inputs: dict[str, torch.Tensor], conditioning: torch.Tensor | None = None) -> Denoiser:
+    """Bind the UNet to its conditioning inputs (the model family's: text embeddings and
+    whatever else its UNet takes); 9-channel inpainting UNets also get the (mask,
+    masked-image latents) conditioning concatenated on channels."""
 
     def denoise(x, t):
         if conditioning is not None:
             x = torch.cat([x, conditioning], dim=1)  # (B, 4 + 1 + 4, h, w)
-        return unet(sample=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=text_embeddings)
+        return unet(sample=x, timestep=t.expand(x.shape[0]), **unet_inputs)
 
     return denoise
 

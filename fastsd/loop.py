@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import Callable
 
 import torch
@@ -34,14 +35,22 @@ ROW_T, ROW_SCALE, ROW_SIGNAL, ROW_LEVEL, ROW_COEF = 0, 1, 2, 3, 4  # columns of 
 class StepInputs:
     """Tensors a step reads besides x: bound once per call (static buffers in a graph)."""
 
-    text_embeddings: torch.Tensor  # (B or 2B, 77, D), [uncond; cond] with CFG
+    unet_inputs: dict[str, torch.Tensor]  # the family's UNet conditioning, [uncond; cond] with CFG
     conditioning: torch.Tensor | None = None  # 9-channel UNets: mask + masked-image latents
     x0: torch.Tensor | None = None  # 4-channel inpaint: clean image latents
     noise: torch.Tensor | None = None  # 4-channel inpaint: the noise that made the first latents
     mask: torch.Tensor | None = None  # 4-channel inpaint: 1 = repaint
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        out = {f"unet.{n}": t for n, t in self.unet_inputs.items()}
+        out.update((f.name, getattr(self, f.name)) for f in fields(self)
+                   if f.name != "unet_inputs" and getattr(self, f.name) is not None)
+        return out
+
+    def clone(self) -> "StepInputs":
+        same = lambda t: None if t is None else t.clone()  # noqa: E731
+        return StepInputs({n: t.clone() for n, t in self.unet_inputs.items()}, same(self.conditioning),
+                          same(self.x0), same(self.noise), same(self.mask))
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,7 @@ def step_rows(sched: Schedule, sampler: str, cfg: SchedulerConfig, eta: float) -
 def make_step(unet: Callable, key: StepKey, inputs: StepInputs) -> Callable:
     """step(x, row, noise) -> the latents after one step."""
     sampler = SAMPLERS[key.sampler]
-    denoise = unet_denoiser(unet, inputs.text_embeddings, inputs.conditioning)
+    denoise = unet_denoiser(unet, inputs.unet_inputs, inputs.conditioning)
     if key.do_cfg:
         denoise = cfg_denoiser(denoise, key.guidance_scale)
 
@@ -92,19 +101,22 @@ def run_steps(step: Callable, x: torch.Tensor, rows: torch.Tensor, noises: torch
 
 
 class _StepGraph:
-    """One captured step: static x, row, noise and inputs; the graph writes x in place."""
+    """One captured step: static x, row, noise and inputs; the graph writes x in place.
+    `ran` is what ran each network during the capture (what every replay runs)."""
 
     def __init__(self, unet, key: StepKey, inputs: StepInputs, x, row, noise, pool):
-        self.inputs = StepInputs(**{n: t.clone() for n, t in inputs.tensors().items()})
+        self.inputs = inputs.clone()
         self.x, self.row = x.clone(), row.clone()
         self.noise = None if noise is None else noise.clone()
-        step = make_step(unet, key, self.inputs)
+        self.ran: dict[str, str] = {}
+        step = make_step(partial(unet, ran=self.ran), key, self.inputs)
         # the graph writes the new latents into its own input; run() sets x before each call
         self.graph, _ = capture(lambda: self.x.copy_(step(self.x, self.row, self.noise)), pool, x.device)
 
-    def run(self, inputs: StepInputs, x, rows, noises, host_t, callback) -> torch.Tensor:
-        for name, t in inputs.tensors().items():
-            getattr(self.inputs, name).copy_(t)
+    def run(self, inputs: StepInputs, x, rows, noises, host_t, callback, ran: dict) -> torch.Tensor:
+        for static, t in zip(self.inputs.tensors().values(), inputs.tensors().values(), strict=True):
+            static.copy_(t)
+        ran.update(self.ran)
         self.x.copy_(x)
         for k in range(len(rows)):
             self.row.copy_(rows[k])
@@ -128,8 +140,9 @@ class StepGraphs:
         self.pool = None
         self.lock = threading.Lock()
 
-    def run(self, unet, key: StepKey, inputs: StepInputs, x, rows, noises, host_t, callback):
-        """The final latents, or None where this step cannot run as a graph."""
+    def run(self, unet, key: StepKey, inputs: StepInputs, x, rows, noises, host_t, callback, ran: dict):
+        """The final latents, or None where this step cannot run as a graph. `unet` is the
+        backend's (it records what ran into the capture's own dict, copied into `ran`)."""
         if key in self.refused:
             return None
         with self.lock:
@@ -146,4 +159,4 @@ class StepGraphs:
                                 str(e).splitlines()[0] if str(e) else type(e).__name__)
                     return None
                 self.graphs[key] = graph
-            return graph.run(inputs, x, rows, noises, host_t, callback)
+            return graph.run(inputs, x, rows, noises, host_t, callback, ran)

@@ -77,72 +77,139 @@ def wrap(ckpt, clip_skip: int = 0) -> dict[str, nn.Module]:
     }
 
 
-# ---- export spec: ONNX names, dynamic axes, shapes -------------------------------------
+# ---- NetworkSpec: one per network, the contract every exporter and runner reads ------------
 
-INT_INPUTS = ("input_ids",)  # int64; every other input is a float tensor
-FP32_INPUTS = ("timestep",)  # stays float32 in fp16 graphs (the time embedding upcasts it)
+FLOAT, FLOAT32, INT64 = "float", "float32", "int64"  # tensor kinds: the engine's precision, always fp32, ids
+BATCH, LATENT_H, LATENT_W, PIXEL_H, PIXEL_W = "B", "h", "w", "H", "W"  # dynamic axis symbols
 
 
 @dataclass(frozen=True)
-class Spec:
-    """How one network is exported and bound: names in order, and which axes are dynamic."""
+class TensorSpec:
+    """One input or output: its name, its shape (ints are fixed, letters are the dynamic
+    axes: B batch, h x w latent pixels, H x W image pixels) and its kind of dtype."""
 
     name: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    dynamic_axes: dict  # tensor name -> {axis: symbol}
+    shape: tuple[int | str, ...]
+    kind: str = FLOAT  # FLOAT: the engine's precision; FLOAT32: fp32 in every graph; INT64
+    sample: float | None = None  # value of the sample input (None: random normal, or zeros for ids)
+
+    def shape_for(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(sizes[d] if isinstance(d, str) else d for d in self.shape)
+
+    def dtype(self, precision: torch.dtype) -> torch.dtype:
+        return {FLOAT: precision, FLOAT32: torch.float32, INT64: torch.int64}[self.kind]
 
 
-SPECS = {
-    "text_encoder": Spec("text_encoder", ("input_ids",), ("text_embeddings",),
-                         {"input_ids": {0: "B"}, "text_embeddings": {0: "B"}}),
-    "unet": Spec("unet", ("sample", "timestep", "encoder_hidden_states"), ("latent",),
-                 {"sample": {0: "B", 2: "h", 3: "w"}, "timestep": {0: "B"}, "encoder_hidden_states": {0: "B"},
-                  "latent": {0: "B", 2: "h", 3: "w"}}),
-    "vae_encoder": Spec("vae_encoder", ("images",), ("latent_moments",),
-                        {"images": {0: "B", 2: "H", 3: "W"}, "latent_moments": {0: "B", 2: "h", 3: "w"}}),
-    "vae_decoder": Spec("vae_decoder", ("latent",), ("images",),
-                        {"latent": {0: "B", 2: "h", 3: "w"}, "images": {0: "B", 2: "H", 3: "W"}}),
-}
+@dataclass(frozen=True)
+class NetworkSpec:
+    """Names, dtypes, dynamic axes, CFG doubling, sample inputs and profile shapes of one
+    network, in one place (the TensorRT demo's BaseModel, without the building)."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    cfg_doubled: bool  # CFG runs it on a batch of 2 per image (text encoder, UNet)
+    vae_factor: int  # image pixels per latent pixel
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    @property
+    def sized(self) -> bool:
+        """Whether its shapes depend on the image size (all but the text encoder)."""
+        return any(d in (LATENT_H, PIXEL_H) for t in self.inputs for d in t.shape)
+
+    def dynamic_axes(self, static: bool = False) -> dict[str, dict[int, str]]:
+        """ONNX dynamic axes per tensor; `static` keeps only the batch axis dynamic."""
+        return {t.name: {a: d for a, d in enumerate(t.shape) if isinstance(d, str) and (d == BATCH or not static)}
+                for t in self.inputs + self.outputs}
+
+    def shapes(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        """Every input and output shape for `batch` rows at height x width image pixels."""
+        f = self.vae_factor
+        sizes = {BATCH: batch, PIXEL_H: height, PIXEL_W: width, LATENT_H: height // f, LATENT_W: width // f}
+        return {t.name: t.shape_for(sizes) for t in self.inputs + self.outputs}
+
+    def dims(self, inputs: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+        """(batch, height, width in image pixels) of a call (0, 0 for the text encoder)."""
+        sizes: dict[str, int] = {}
+        for t in self.inputs:
+            sizes.update((d, n) for d, n in zip(t.shape, inputs[t.name].shape, strict=True) if isinstance(d, str))
+        f = self.vae_factor
+        return (sizes[BATCH], sizes.get(PIXEL_H, sizes.get(LATENT_H, 0) * f),
+                sizes.get(PIXEL_W, sizes.get(LATENT_W, 0) * f))
+
+    def sample_inputs(self, batch: int, height: int, width: int, precision: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Inputs to trace or check the network with, in input order."""
+        shapes, out = self.shapes(batch, height, width), []
+        for t in self.inputs:
+            if t.kind == INT64:
+                out.append(torch.zeros(shapes[t.name], dtype=torch.int64))
+            elif t.sample is not None:
+                out.append(torch.full(shapes[t.name], t.sample, dtype=t.dtype(precision)))
+            else:
+                out.append(torch.randn(shapes[t.name], generator=torch.Generator().manual_seed(0)).to(
+                    t.dtype(precision)))
+        return tuple(out)
+
+    def cast(self, inputs: dict[str, torch.Tensor], device: torch.device,
+             precision: torch.dtype) -> dict[str, torch.Tensor]:
+        """The inputs in spec order, each in its dtype on `device` (contiguous)."""
+        return {t.name: inputs[t.name].to(device, t.dtype(precision)).contiguous() for t in self.inputs}
+
+    def refuses(self, profile, inputs: dict[str, torch.Tensor]) -> str | None:
+        """The one shape check of every engine: why a call is outside the engine's shape
+        profile (None if the engine serves it)."""
+        batch, height, width = self.dims(inputs)
+        most = profile.max_batch * (2 if self.cfg_doubled else 1)
+        if not profile.min_batch <= batch <= most:
+            return f"batch {batch} outside the engine's 1..{most}"
+        if not self.sized:
+            return None
+        if profile.static:
+            if (height, width) != (profile.opt_size, profile.opt_width):
+                return f"size {height}x{width} is not the engine's static {profile.opt_size}x{profile.opt_width}"
+            return None
+        if not (profile.min_size <= height <= profile.max_size and profile.min_size <= width <= profile.max_size):
+            return f"size {height}x{width} outside the engine's {profile.min_size}..{profile.max_size}"
+        return None
+
+    def profile_shapes(self, profile) -> dict[str, tuple[tuple, tuple, tuple]]:
+        """TensorRT optimization-profile shapes (min, opt, max) of each input."""
+        doubled = 2 if self.cfg_doubled else 1
+        lo_h, lo_w, hi_h, hi_w = profile.min_size, profile.min_size, profile.max_size, profile.max_size
+        if profile.static:
+            lo_h = hi_h = profile.opt_size
+            lo_w = hi_w = profile.opt_width
+        lo = self.shapes(profile.min_batch, lo_h, lo_w)
+        opt = self.shapes(profile.opt_batch * doubled, profile.opt_size, profile.opt_width)
+        hi = self.shapes(profile.max_batch * doubled, hi_h, hi_w)
+        return {name: (lo[name], opt[name], hi[name]) for name in self.input_names}
 
 
-def io_shapes(name: str, info, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of every input and output of network `name` for a call of `batch` items at
-    height x width pixels (the UNet's batch includes the CFG doubling)."""
+def network_specs(info, extra_unet_inputs: tuple[TensorSpec, ...] = ()) -> dict[str, NetworkSpec]:
+    """The four networks' specs for a checkpoint. `extra_unet_inputs` are the model
+    family's (or a ControlNet's) UNet inputs after sample, timestep, encoder_hidden_states."""
     f, c = info.vae_factor, info.latent_channels
-    h, w = height // f, width // f
-    tokens, dim = info.max_tokens, info.cross_attention_dim
+    text = (BATCH, info.max_tokens, info.cross_attention_dim)
+    latent = TensorSpec("latent", (BATCH, c, LATENT_H, LATENT_W))
+    images = TensorSpec("images", (BATCH, 3, PIXEL_H, PIXEL_W))
     return {
-        "text_encoder": {"input_ids": (batch, tokens), "text_embeddings": (batch, tokens, dim)},
-        "unet": {"sample": (batch, info.unet_in_channels, h, w), "timestep": (batch,),
-                 "encoder_hidden_states": (batch, tokens, dim), "latent": (batch, c, h, w)},
-        "vae_encoder": {"images": (batch, 3, height, width), "latent_moments": (batch, 2 * c, h, w)},
-        "vae_decoder": {"latent": (batch, c, h, w), "images": (batch, 3, height, width)},
-    }[name]
-
-
-def call_dims(network: str, info, first: torch.Tensor) -> tuple[int, int, int]:
-    """(batch, height, width in pixels) of a call, from its first input (0, 0 for text)."""
-    if network == "text_encoder":
-        return first.shape[0], 0, 0
-    if network == "vae_encoder":
-        return first.shape[0], first.shape[2], first.shape[3]
-    return first.shape[0], first.shape[2] * info.vae_factor, first.shape[3] * info.vae_factor
-
-
-def sample_inputs(name: str, info, batch: int, height: int, width: int,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """Example inputs to trace network `name` with, in its ONNX input order."""
-    shapes = io_shapes(name, info, batch, height, width)
-    out = []
-    for inp in SPECS[name].inputs:
-        if inp in INT_INPUTS:
-            out.append(torch.zeros(shapes[inp], dtype=torch.int64))
-        elif inp in FP32_INPUTS:
-            out.append(torch.full(shapes[inp], 500.0))
-        else:
-            out.append(torch.randn(shapes[inp], generator=torch.Generator().manual_seed(0)).to(dtype))
-    return tuple(out)
+        "text_encoder": NetworkSpec("text_encoder", (TensorSpec("input_ids", (BATCH, info.max_tokens), INT64),),
+                                    (TensorSpec("text_embeddings", text),), True, f),
+        "unet": NetworkSpec("unet", (TensorSpec("sample", (BATCH, info.unet_in_channels, LATENT_H, LATENT_W)),
+                                     TensorSpec("timestep", (BATCH,), FLOAT32, sample=500.0),
+                                     TensorSpec("encoder_hidden_states", text)) + tuple(extra_unet_inputs),
+                            (latent,), True, f),
+        "vae_encoder": NetworkSpec("vae_encoder", (images,),
+                                   (TensorSpec("latent_moments", (BATCH, 2 * c, LATENT_H, LATENT_W)),), False, f),
+        "vae_decoder": NetworkSpec("vae_decoder", (latent,), (images,), False, f),
+    }
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -7,12 +7,12 @@ same generator gives the same image.
 
 from __future__ import annotations
 
-import copy
 import logging
-import threading
+import secrets
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,34 +21,30 @@ import torch
 import torch.nn.functional as F
 
 from . import images as imgs
-from .backends import BACKEND_NAMES, on_work_stream
+from .backends import on_work_stream
+from .backends.registry import BACKEND_NAMES
 from .backends.select import make_backend
 from .budget import check_fits, widths_of
 from .checkpoint import Checkpoint, check_clip_skip, load_checkpoint
+from .devices import parse_device
 from .engines import default_engine_dir
 from .errors import InvalidArgumentError, NumericalError
+from .families import family_for
 from .loop import StepGraphs, StepInputs, StepKey, make_step, run_steps, step_rows
-from .networks import VaeDecoder
 from .schedulers import PREDICTION_TYPES, SAMPLERS, SchedulerConfig, add_noise, first_step
-from .settings import Request, check_seed, make_request
+from .settings import SEED_LIMIT, Request, check_seed, make_request
 from .tiling import decode_sliced, decode_tiled
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-SHOWN_CHARS = 100  # of dropped prompt text in the truncation warning
-
-
-def _shorten(text: str) -> str:
-    text = " ".join(text.split())
-    return repr(text) if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]!r}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
 class MemoryOptions:
     """Load-time memory savers for small GPUs (each costs some speed)."""
 
-    attention_slicing: bool = False  # eager UNet: attention computed in slices (diffusers' "auto")
+    attention_slicing: bool = False  # eager UNet: attention in slices (diffusers' "auto"); set when loading
     vae_slicing: bool = False  # decode a batch one image at a time
     vae_tiling: bool = False  # decode in overlapping latent tiles (large images)
     tile: int = 64  # latent pixels per tile (512 px for SD)
@@ -59,7 +55,8 @@ class MemoryOptions:
 class PipelineOutput:
     images: Any  # list[PIL.Image] ("pil"), np.ndarray NHWC float32 ("np"), latents tensor ("latent")
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
-    backends: dict[str, str] = field(default_factory=dict)  # network -> backend that ran it
+    backends: dict[str, str] = field(default_factory=dict)  # network -> backend that ran it in this call
+    seed: int | None = None  # the seed used; None when the caller passed a generator
 
 
 @dataclass
@@ -75,21 +72,13 @@ class _Latents:
     step_noise: torch.Tensor | None = None  # (steps, B, C, h, w): fresh noise of each step, if the sampler takes it
 
 
-def parse_device(device) -> torch.device:
-    """"cpu", "cuda" or "cuda:N" (None: cuda if available), checked against this machine."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device) if isinstance(device, (str, torch.device)) else None
-    except (RuntimeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise InvalidArgumentError(f"unsupported device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgumentError(f"device {device!r} requested but CUDA is not available")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InvalidArgumentError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
+@dataclass
+class _Call:
+    """One call's own state: its settings, its generator, and what ran each network."""
+
+    req: Request
+    gen: torch.Generator
+    ran: dict[str, str] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -97,15 +86,11 @@ class Pipeline:
                  memory: MemoryOptions | None = None, cuda_graphs: bool = False):
         if cuda_graphs and device.type != "cuda":
             raise InvalidArgumentError("cuda_graphs needs a CUDA device")
-        self.ckpt, self.info, self.tokenizer = ckpt, ckpt.info, ckpt.tokenizer
+        self.ckpt, self.info, self.family = ckpt, ckpt.info, family_for(ckpt)
         self._graphs = StepGraphs() if cuda_graphs else None  # whole-step graphs, one per shape and setting
         self.backend, self.device, self.dtype = backend, device, dtype
         self._widths = widths_of(ckpt)
-        self._tokenizer_lock = threading.Lock()  # tokenizers keep truncation/padding state between calls
         self.memory = memory or MemoryOptions()
-        if self.memory.attention_slicing:
-            ckpt.unet.set_attention_slice("auto")
-        self._vae_fp32: VaeDecoder | None = None
 
     @classmethod
     def from_pretrained(cls, model: str, backend: str = "auto", device: str | None = None,
@@ -136,7 +121,8 @@ class Pipeline:
         store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
         if memory is not None and not 0 <= memory.tile_overlap < memory.tile:
             raise InvalidArgumentError(f"tile_overlap must be in [0, tile={memory.tile}), got {memory.tile_overlap}")
-        backend_ = make_backend(ckpt, backend, dev, DTYPES[dtype], store, clip_skip, cuda_graphs)
+        backend_ = make_backend(ckpt, family_for(ckpt).specs, backend, dev, DTYPES[dtype], store, clip_skip,
+                                cuda_graphs, attention_slicing=bool(memory and memory.attention_slicing))
         return cls(ckpt, backend_, dev, DTYPES[dtype], memory, cuda_graphs)
 
     def __call__(self, prompt, negative_prompt=None, image=None, mask_image=None, strength=None,
@@ -147,46 +133,52 @@ class Pipeline:
         req = make_request(self.info, prompt, negative_prompt, image, mask_image, strength, num_inference_steps,
                            guidance_scale, scheduler, eta, height, width, num_images_per_prompt, output_type)
         check_fits(self.info, self._widths, req, self.dtype, self.device, self.memory)
-        gen = self._generator(generator, seed)
+        gen, seed = self._generator(generator, seed)
         with on_work_stream(self.device):  # on CUDA: fastsd's one work stream, shared with the engines
-            return self._generate(req, gen, callback)
+            out = self._generate(_Call(req, gen), callback)
+        out.seed = seed
+        return out
 
-    def _generate(self, req: Request, gen: torch.Generator, callback) -> PipelineOutput:
-        timings: dict[str, float] = {}
+    def _generate(self, call: _Call, callback) -> PipelineOutput:
+        req, timings = call.req, {}
         t_start = time.perf_counter()
         with self._timed(timings, "text_encoder"):
-            text_embeddings = self._encode_prompts(req)
+            unet_inputs = self.family.encode(partial(self.backend.text_encoder, ran=call.ran), req.prompts,
+                                             req.negative_prompts, req.do_cfg, req.n, self.device)
         cfg = SchedulerConfig.from_dict(self.info.scheduler, req.scheduler)
         sampler = SAMPLERS[req.scheduler]
         sched = sampler.schedule(cfg, req.steps, self.device)
         with self._timed(timings, "vae_encoder"):
-            lat = self._prepare_latents(req, sched, gen)
+            lat = self._prepare_latents(call, sched)
             if sampler.draws_noise(req.eta):  # every step's noise, drawn now in diffusers' order
-                lat.step_noise = self._randn_steps(lat.x.shape, len(sched) - lat.start, gen)
+                lat.step_noise = self._randn_steps(lat.x.shape, len(sched) - lat.start, call.gen)
         with self._timed(timings, "unet"):
-            x = self._denoise(req, lat, text_embeddings, sched, cfg, callback)
+            x = self._denoise(call, lat, unet_inputs, sched, cfg, callback)
         if not torch.isfinite(x).all():  # one check after the loop, none inside it
             raise NumericalError(f"the latents became NaN or infinite while denoising in {self.dtype} "
                                  f"(guidance_scale {req.guidance_scale}); try a lower guidance_scale or dtype='fp32'")
         timings["unet_per_step"] = timings["unet"] / max(len(sched) - lat.start, 1)
         with self._timed(timings, "vae_decoder"):
-            out = x if req.output_type == "latent" else self._decode(x)
+            out = x if req.output_type == "latent" else self._decode(x, call.ran)
         timings["vae"] = timings["vae_encoder"] + timings["vae_decoder"]
         timings["total"] = time.perf_counter() - t_start
         if req.output_type == "pil":
             out = imgs.to_pil(out)
-        return PipelineOutput(out, timings, dict(self.backend.backends))
+        return PipelineOutput(out, timings, {n: call.ran[n] for n in self.backend.backends if n in call.ran})
 
     # ---- stages ---------------------------------------------------------------------
 
     @staticmethod
-    def _generator(generator, seed) -> torch.Generator:
+    def _generator(generator, seed) -> tuple[torch.Generator, int | None]:
+        """The call's generator and its seed. Without either, the seed comes from the OS
+        (torch's global generator is never read nor re-seeded)."""
         if generator is not None:
             if not isinstance(generator, torch.Generator):
                 raise InvalidArgumentError(f"generator must be a torch.Generator, not {type(generator).__name__}")
-            return generator
+            return generator, None
         seed = check_seed(seed)
-        return torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+        seed = secrets.randbelow(SEED_LIMIT) if seed is None else seed
+        return torch.Generator().manual_seed(seed), seed
 
     @contextmanager
     def _timed(self, timings: dict, stage: str):
@@ -209,34 +201,16 @@ class Pipeline:
         loop (the generator is used for nothing else in between), moved to the device at once."""
         return torch.stack([self._draw(shape, gen) for _ in range(steps)]).to(self.device).float()
 
-    def _token_ids(self, texts: list[str]) -> torch.Tensor:
-        n = self.info.max_tokens
-        with self._tokenizer_lock:
-            ids = self.tokenizer(texts, padding="max_length", max_length=n, truncation=True,
-                                 return_tensors="pt").input_ids
-            for text in dict.fromkeys(texts):  # each distinct prompt once, in order
-                full = self.tokenizer(text, truncation=False, verbose=False).input_ids  # [BOS, ..., EOS]
-                if len(full) > n:
-                    dropped = self.tokenizer.decode(full[n - 1:-1])
-                    log.warning("prompt longer than %d tokens was truncated; %d tokens dropped: %s",
-                                n, len(full) - n, _shorten(dropped))
-        return ids.to(self.device)
-
-    def _encode_prompts(self, req: Request) -> torch.Tensor:
-        """(B*n, 77, D) text embeddings, or (2*B*n, 77, D) [uncond; cond] with CFG."""
-        texts = (req.negative_prompts + req.prompts) if req.do_cfg else req.prompts
-        emb = self.backend.text_encoder(self._token_ids(texts))
-        return emb.repeat_interleave(req.n, dim=0)  # per prompt: n copies, as diffusers
-
-    def _encode_image(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def _encode_image(self, images: torch.Tensor, gen: torch.Generator, ran: dict | None = None) -> torch.Tensor:
         """Sample scaled latents from the VAE posterior (one draw of the mean's shape)."""
-        moments = self.backend.vae_encoder(images.to(self.device))
+        moments = self.backend.vae_encoder(images.to(self.device), ran=ran)
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         z = mean + std * self._randn(mean.shape, gen)
         return self.info.vae_scale * (z - self.info.vae_shift)
 
-    def _prepare_latents(self, req: Request, sched, gen) -> _Latents:
+    def _prepare_latents(self, call: _Call, sched) -> _Latents:
+        req, gen = call.req, call.gen
         b = len(req.prompts) * req.n
         f, c = self.info.vae_factor, self.info.latent_channels
         shape = (b, c, req.height // f, req.width // f)
@@ -246,48 +220,51 @@ class Pipeline:
         image = (imgs.image_to_tensor(req.image, req.height, req.width) if req.image is not None
                  else torch.zeros(1, 3, req.height, req.width))
         if req.mask_image is None and self.info.unet_in_channels == c:  # img2img
-            x0 = self._encode_image(image, gen).expand(b, -1, -1, -1)
+            x0 = self._encode_image(image, gen, call.ran).expand(b, -1, -1, -1)
             return _Latents(add_noise(sched, x0, self._randn(shape, gen), start), start)
-        return self._prepare_inpaint(req, sched, gen, image, shape, start)
+        return self._prepare_inpaint(call, sched, image, shape, start)
 
-    def _prepare_inpaint(self, req: Request, sched, gen, image, shape, start) -> _Latents:
+    def _prepare_inpaint(self, call: _Call, sched, image, shape, start) -> _Latents:
         """As StableDiffusionInpaintPipeline: image latents, noise, masked-image latents."""
+        req, gen = call.req, call.gen
         b, c, h, w = shape
         nine = self.info.unet_in_channels != c
         full = req.strength == 1.0
         mask = (imgs.mask_to_tensor(req.mask_image, req.height, req.width) if req.mask_image is not None
                 else torch.ones(1, 1, req.height, req.width))  # 9-channel UNet without mask: repaint all
-        x0 = None if (nine and full) else self._encode_image(image, gen).expand(b, -1, -1, -1)
+        x0 = None if (nine and full) else self._encode_image(image, gen, call.ran).expand(b, -1, -1, -1)
         noise = self._randn(shape, gen)
         x = noise * sched.init_noise_sigma if full else add_noise(sched, x0, noise, start)
         mask_lat = F.interpolate(mask, size=(h, w)).to(self.device).expand(b, -1, -1, -1)  # nearest
         if not nine:  # diffusers encodes the masked image here even for 4-channel UNets:
             self._randn((1, c, h, w), gen)  # consume the same draw, skip the unused encode
             return _Latents(x, start, x0=x0, noise=noise, mask=mask_lat)
-        masked = self._encode_image(image * (mask < imgs.MASK_THRESHOLD), gen).expand(b, -1, -1, -1)
+        masked = self._encode_image(image * (mask < imgs.MASK_THRESHOLD), gen, call.ran).expand(b, -1, -1, -1)
         cond = torch.cat([mask_lat, masked], dim=1)
         return _Latents(x, start, conditioning=torch.cat([cond, cond]) if req.do_cfg else cond)
 
-    def _denoise(self, req: Request, lat: _Latents, text_embeddings, sched, cfg, callback):
+    def _denoise(self, call: _Call, lat: _Latents, unet_inputs: dict, sched, cfg, callback):
         """The loop (see fastsd/loop.py): rows and noise are ready before it starts."""
+        req = call.req
         rows = step_rows(sched, req.scheduler, cfg, req.eta)[lat.start:]
-        inputs = StepInputs(text_embeddings, lat.conditioning, lat.x0, lat.noise, lat.mask)
+        inputs = StepInputs(unet_inputs, lat.conditioning, lat.x0, lat.noise, lat.mask)
         shapes = tuple((n, tuple(t.shape)) for n, t in {"x": lat.x, **inputs.tensors()}.items())
         key = StepKey(req.scheduler, cfg, req.guidance_scale, req.do_cfg, lat.step_noise is not None, shapes)
         host_t = sched.host_timesteps[lat.start:]
         if self._graphs is not None:
-            x = self._graphs.run(self.backend.unet, key, inputs, lat.x, rows, lat.step_noise, host_t, callback)
+            x = self._graphs.run(self.backend.unet, key, inputs, lat.x, rows, lat.step_noise, host_t, callback,
+                                 call.ran)
             if x is not None:
                 return x
-        step = make_step(self.backend.unet, key, inputs)
+        step = make_step(partial(self.backend.unet, ran=call.ran), key, inputs)
         return run_steps(step, lat.x, rows, lat.step_noise, host_t, callback)
 
-    def _decode(self, latents: torch.Tensor) -> np.ndarray:
+    def _decode(self, latents: torch.Tensor, ran: dict) -> np.ndarray:
         z = latents / self.info.vae_scale + self.info.vae_shift
-        images = self._decode_with(self.backend.vae_decoder, z)
+        images = self._decode_with(partial(self.backend.vae_decoder, ran=ran), z)
         if not torch.isfinite(images).all():
             log.warning("VAE decode overflowed in %s (NaN/inf); decoding again in fp32", self.dtype)
-            images = self._decode_with(self._decoder_fp32(), z)
+            images = self._decode_with(partial(self.backend.vae_decoder_fp32, ran=ran), z)
             if not torch.isfinite(images).all():
                 raise NumericalError("the VAE decoder gave NaN or infinite pixels even in fp32")
         return imgs.to_numpy(images)
@@ -297,13 +274,3 @@ class Pipeline:
         if m.vae_tiling:
             return decode_tiled(decoder, z, self.info.vae_factor, m.tile, m.tile_overlap)
         return decode_sliced(decoder, z) if m.vae_slicing else decoder(z)
-
-    def _decoder_fp32(self):
-        if self._vae_fp32 is None:
-            self._vae_fp32 = VaeDecoder(copy.deepcopy(self.ckpt.vae)).to(self.device, torch.float32).eval()
-
-        def decode(z):
-            with torch.inference_mode():
-                return self._vae_fp32(z.float())
-
-        return decode

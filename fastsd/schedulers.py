@@ -2,7 +2,9 @@
 
 A `Schedule` holds every table one run needs (built once, on the device); a step is a
 pure function of (x, model output, schedule, index, noise). No hidden step counters.
-Tables are built in float64 from the checkpoint's scheduler config and stored in float32.
+Tables are built from the checkpoint's scheduler config in float32 with diffusers' own
+operations (betas by torch.linspace, alpha_bar by torch.cumprod), so they match its
+schedulers bit for bit.
 
 Notation: alpha_bar = prod(1 - beta) (DDPM), sigma = sqrt((1 - alpha_bar) / alpha_bar)
 (Karras et al. 2022, "Elucidating the design space", the VE view of the same process).
@@ -102,29 +104,34 @@ def check_sampler(name: str) -> None:
 # ---- tables -------------------------------------------------------------------------
 
 
-def betas(cfg: SchedulerConfig) -> np.ndarray:
+def betas(cfg: SchedulerConfig) -> torch.Tensor:
+    """(num_train_timesteps,) float32, built with diffusers' float32 torch ops (so every table
+    derived from it matches diffusers' schedulers bit for bit)."""
     n = cfg.num_train_timesteps
     if cfg.trained_betas is not None:
-        return np.asarray(cfg.trained_betas, dtype=np.float64)
+        return torch.tensor(cfg.trained_betas, dtype=torch.float32)
     if cfg.beta_schedule == "linear":
-        return np.linspace(cfg.beta_start, cfg.beta_end, n, dtype=np.float64)
+        return torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float32)
     if cfg.beta_schedule == "scaled_linear":  # LDM: linear in sqrt(beta)
-        return np.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=np.float64) ** 2
-    if cfg.beta_schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, eq. (17)
+        return torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=torch.float32) ** 2
+    if cfg.beta_schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, eq. (17), in float64, then float32
         f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-        return np.array([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)])
+        return torch.tensor([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=torch.float32)
     raise InvalidArgumentError(f"unsupported beta_schedule {cfg.beta_schedule!r}")
 
 
-def alphas_cumprod(cfg: SchedulerConfig) -> np.ndarray:
-    """alpha_bar_t = prod_{s<=t} (1 - beta_s), DDPM eq. (4); optionally zero terminal SNR."""
-    alpha_bar = np.cumprod(1.0 - betas(cfg))
-    if cfg.rescale_betas_zero_snr:  # Lin et al. 2023, Algorithm 1: shift/scale sqrt(alpha_bar)
-        root = np.sqrt(alpha_bar)
-        first, last = root[0], root[-1]
-        root = (root - last) * first / (first - last)
+def alphas_cumprod(cfg: SchedulerConfig) -> torch.Tensor:
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s), DDPM eq. (4), float32; optionally zero
+    terminal SNR (Lin et al. 2023, Algorithm 1: shift and scale sqrt(alpha_bar), then back
+    to betas, as diffusers does it)."""
+    beta = betas(cfg)
+    if cfg.rescale_betas_zero_snr:
+        root = torch.cumprod(1.0 - beta, dim=0).sqrt()
+        first, last = root[0].clone(), root[-1].clone()
+        root = (root - last) * (first / (first - last))
         alpha_bar = root**2
-    return alpha_bar
+        beta = 1 - torch.cat([alpha_bar[0:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return torch.cumprod(1.0 - beta, dim=0)
 
 
 def spaced_timesteps(cfg: SchedulerConfig, steps: int, integer: bool) -> np.ndarray:
@@ -132,8 +139,8 @@ def spaced_timesteps(cfg: SchedulerConfig, steps: int, integer: bool) -> np.ndar
     n_train = cfg.num_train_timesteps
     if steps > n_train:
         raise InvalidArgumentError(f"num_inference_steps {steps} exceeds num_train_timesteps {n_train}")
-    if cfg.timestep_spacing == "linspace":
-        t = np.linspace(0, n_train - 1, steps)[::-1]
+    if cfg.timestep_spacing == "linspace":  # Euler (not integer) spaces them in float32, as diffusers
+        t = np.linspace(0, n_train - 1, steps, dtype=np.float64 if integer else np.float32)[::-1]
         return t.round() if integer else t
     if cfg.timestep_spacing == "leading":
         return (np.arange(steps) * (n_train // steps)).round()[::-1] + cfg.steps_offset
@@ -146,7 +153,7 @@ def _tensor(a, device) -> torch.Tensor:
 
 
 def ddim_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
-    alpha_bar_all = alphas_cumprod(cfg)
+    alpha_bar_all = alphas_cumprod(cfg).numpy()
     t = spaced_timesteps(cfg, steps, integer=True).astype(np.int64)
     prev = t - cfg.num_train_timesteps // steps
     final = 1.0 if cfg.set_alpha_to_one else alpha_bar_all[0]
@@ -169,10 +176,10 @@ def euler_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
     if cfg.rescale_betas_zero_snr:
         alpha_bar_all[-1] = ZERO_SNR_ALPHA_BAR
     t = spaced_timesteps(cfg, steps, integer=False)
-    sigma_all = np.sqrt((1 - alpha_bar_all) / alpha_bar_all)
-    sigma = np.interp(t, np.arange(len(sigma_all)), sigma_all)  # linear in t
-    sigma_max = sigma.max()
-    init = sigma_max if cfg.timestep_spacing in ("linspace", "trailing") else math.sqrt(sigma_max**2 + 1)
+    sigma_all = (((1 - alpha_bar_all) / alpha_bar_all) ** 0.5).numpy()  # float32, as diffusers
+    sigma = np.interp(t, np.arange(len(sigma_all)), sigma_all).astype(np.float32)  # linear in t
+    sigma_max = torch.tensor(sigma.max())
+    init = sigma_max if cfg.timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
     return Schedule(
         timesteps=_tensor(t, device),
         host_timesteps=tuple(float(v) for v in t.astype(np.float32)),

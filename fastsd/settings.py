@@ -18,6 +18,8 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 MAX_GUIDANCE = 100.0  # front ends stop at 30; far beyond, fp16 latents overflow to NaN
 MAX_ETA = 1.0  # DDIM: eta > 1 takes the square root of a negative variance
 SEED_LIMIT = 2**64  # torch.Generator seeds are unsigned 64-bit
+IMG2IMG_STRENGTH = 0.8  # StableDiffusionImg2ImgPipeline's default
+INPAINT_STRENGTH = 1.0  # StableDiffusionInpaintPipeline's default
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,9 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
         default_h = default_w = info.default_size
     else:
         image = _as_pil(image, "image")
-        strength = _number(0.8 if strength is None else strength, "strength", lo=0.0, hi=1.0)
+        if strength is None:  # diffusers' defaults: img2img 0.8, inpainting 1.0
+            strength = IMG2IMG_STRENGTH if mask_image is None else INPAINT_STRENGTH
+        strength = _number(strength, "strength", lo=0.0, hi=1.0)
         default_h, default_w = (image.height // info.vae_factor * info.vae_factor,
                                 image.width // info.vae_factor * info.vae_factor)
         if mask_image is not None:

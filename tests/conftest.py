@@ -9,7 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from fastsd.backends.kind import export_module
 from fastsd.synthetic import build
+
+export_module("onnx_export")  # fastsd.export also where the tests run from a source tree that was not installed
 
 VARIANTS = {
     # name: build kwargs

@@ -80,9 +80,9 @@ def test_nan_in_the_latents_is_an_error_not_a_black_image(ckpts, monkeypatch):
 
 def test_vae_nan_even_in_fp32_is_an_error(ckpts, monkeypatch):
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), device="cpu")
-    nan = lambda latent: torch.full((latent.shape[0], 3, 32, 32), float("nan"))  # noqa: E731
+    nan = lambda latent, ran=None: torch.full((latent.shape[0], 3, 32, 32), float("nan"))  # noqa: E731
     monkeypatch.setattr(pipe.backend, "vae_decoder", nan)
-    monkeypatch.setattr(pipe, "_decoder_fp32", lambda: nan)
+    monkeypatch.setattr(pipe.backend, "vae_decoder_fp32", nan)
     with pytest.raises(NumericalError, match="even in fp32"):
         pipe("a cat", **FAST)
 
@@ -115,13 +115,13 @@ def test_tokenizer_under_thread_contention(pipe):
     """The shared tokenizer keeps truncation/padding state between calls: without a lock,
     one thread's ids come out padded to another thread's length (about 1 call in 20 here)."""
     texts = [["a"], ["x" * 120], ["a red fox", ""], ["b" * 40, "c"]]
-    want = [pipe._token_ids(t) for t in texts]
+    want = [pipe.family.token_ids(t, pipe.device) for t in texts]
     wrong = []
 
     def worker(k):
         for i in range(200):
             j = (i + k) % len(texts)
-            got = pipe._token_ids(texts[j])
+            got = pipe.family.token_ids(texts[j], pipe.device)
             if got.shape != want[j].shape or not torch.equal(got, want[j]):
                 wrong.append(tuple(got.shape))
 

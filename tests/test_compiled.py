@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from export.compiled import build_compiled
+from fastsd.export.compiled import build_compiled
 from fastsd import Pipeline
 from fastsd.cli import main
 
@@ -58,7 +58,7 @@ def test_package_for_other_torch_or_device_refused(ckpts, store, tmp_path, fact,
 def test_auto_mixes_engine_kinds_per_network(ckpts, store, tmp_path):
     """auto: per network, the fastest kind with a valid engine (compiled before onnxruntime)."""
     pytest.importorskip("onnxruntime")
-    from export import export_checkpoint
+    from fastsd.export import export_checkpoint
 
     mixed = shutil.copytree(store, tmp_path / "mixed")
     export_checkpoint(str(ckpts["eps"]), engine_dir=mixed, networks=("unet", "vae_encoder"))

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxslim")
 
-from export import (
+from fastsd.export import (
     export_checkpoint,  # noqa: E402
     onnx_export,  # noqa: E402
 )
@@ -22,7 +22,8 @@ from fastsd.checkpoint import load_checkpoint  # noqa: E402
 from fastsd.cli import main  # noqa: E402
 from fastsd.engines import Profile, entry_dir, list_entries, prune  # noqa: E402
 from fastsd.errors import InvalidArgumentError  # noqa: E402
-from fastsd.networks import NETWORKS, sample_inputs, wrap  # noqa: E402
+from fastsd.families import family_for  # noqa: E402
+from fastsd.networks import NETWORKS, wrap  # noqa: E402
 
 TOL = 1e-3
 ALL_ORT = {n: "onnxruntime" for n in NETWORKS}
@@ -50,13 +51,14 @@ def test_each_network_matches_pytorch(ckpts, store, network, precision, tol):
     info = ckpt.info
     entry = entry_dir(store, info.fingerprint, "onnxruntime", precision)
     profile = Profile(**json.loads((entry / "manifest.json").read_text())["profile"])
-    runner = OrtRunner(entry / f"{network}.onnx", network, info, torch.device("cpu"), profile)
-    args = sample_inputs(network, info, 3, 24, 40, torch.float32)
+    spec = family_for(ckpt).specs[network]
+    runner = OrtRunner(entry / f"{network}.onnx", spec, torch.device("cpu"), profile)
+    args = spec.sample_inputs(3, 24, 40, torch.float32)
     if network == "text_encoder":
         args = (torch.randint(0, 500, (3, 77)),)
     with torch.no_grad():
         want = wrap(ckpt)[network](*args)
-    got = runner(*args)
+    got = runner(**dict(zip(spec.input_names, args, strict=True)))
     assert got.shape == want.shape
     assert (got - want).abs().max() <= tol * max(1.0, want.abs().max())
 
@@ -157,10 +159,10 @@ def test_interrupted_export_leaves_nothing(ckpts, tmp_path, monkeypatch):
     store = tmp_path / "engines"
     real = onnx_export.export_network
 
-    def dies_on_unet(module, name, *a, **kw):
-        if name == "unet":
+    def dies_on_unet(module, spec, *a, **kw):
+        if spec.name == "unet":
             raise KeyboardInterrupt
-        return real(module, name, *a, **kw)
+        return real(module, spec, *a, **kw)
 
     monkeypatch.setattr(onnx_export, "export_network", dies_on_unet)
     with pytest.raises(KeyboardInterrupt):

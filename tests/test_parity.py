@@ -69,6 +69,25 @@ def test_txt2img(ckpts, pipes, variant, scheduler, guidance):
     assert diff <= TOL
 
 
+@pytest.mark.parametrize("guidance", GUIDANCE)
+@pytest.mark.parametrize("variant", ["eps", "v"])
+def test_txt2img_ddim_bit_exact(ckpts, pipes, variant, guidance):
+    """Same float32 tables and the same text-encoder calls as diffusers: eager DDIM is the
+    same arithmetic, so the images are identical, not just close."""
+    diff, _ = run_both(ckpts, pipes, variant, "txt2img", "ddim", prompt=["a red fox", "snow"],
+                       negative_prompt=["blurry", "dark"], num_inference_steps=8, guidance_scale=guidance,
+                       height=24, width=40)
+    assert diff == 0.0
+
+
+@pytest.mark.parametrize("variant", ["eps", "inpaint9"])
+def test_inpaint_default_strength(ckpts, pipes, init_image, mask_image, variant):
+    """strength=None is diffusers' inpainting default (1.0), not img2img's 0.8."""
+    diff, _ = run_both(ckpts, pipes, variant, "inpaint", "ddim", prompt="a stone wall", image=init_image,
+                       mask_image=mask_image, num_inference_steps=6, height=40, width=48)
+    assert diff <= TOL
+
+
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_txt2img_batch_negative(ckpts, pipes, scheduler):
     diff, out = run_both(ckpts, pipes, "eps", "txt2img", scheduler, prompt=["a fox", "a boat at dusk"],

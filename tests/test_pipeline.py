@@ -87,11 +87,11 @@ def test_image_size_floored_to_vae_factor(pipe):
 
 def test_fp16_overflow_decodes_in_fp32(pipe, monkeypatch, caplog):
     good = pipe("a cat", seed=3, **FAST).images
-    monkeypatch.setattr(pipe.backend, "vae_decoder", lambda latent: torch.full((latent.shape[0], 3, 32, 32),
-                                                                               float("nan")))
+    monkeypatch.setattr(pipe.backend, "vae_decoder", lambda latent, ran=None: torch.full(
+        (latent.shape[0], 3, 32, 32), float("nan")))
     with caplog.at_level(logging.WARNING):
         out = pipe("a cat", seed=3, **FAST)
-    assert np.isfinite(out.images).all()
+    assert np.isfinite(out.images).all() and out.backends["vae_decoder"] == "eager-fp32"
     assert np.abs(out.images - good).max() < 1e-5
     assert "decoding again in fp32" in caplog.text
 
@@ -121,8 +121,7 @@ def test_callback_timings_backends(pipe):
     assert calls[0][2] == (1, 4, 16, 16)
     assert set(out.timings) >= {"text_encoder", "unet", "unet_per_step", "vae", "total"}
     assert out.timings["total"] >= out.timings["unet"] > 0
-    assert out.backends == {"text_encoder": "eager", "unet": "eager", "vae_encoder": "eager",
-                            "vae_decoder": "eager"}
+    assert out.backends == {"text_encoder": "eager", "unet": "eager", "vae_decoder": "eager"}  # what ran
     assert isinstance(out.images[0], Image.Image) and out.images[0].size == (32, 32)
 
 

@@ -39,13 +39,15 @@ def test_alphas_cumprod_closed_form():
     alpha_bar = alphas_cumprod(c)
     t = 500
     betas = [(0.00085**0.5 + s * (0.012**0.5 - 0.00085**0.5) / 999) ** 2 for s in range(1000)]
-    assert alpha_bar[t] == pytest.approx(math.prod(1 - b for b in betas[: t + 1]), rel=1e-12)
+    # float32 tables (as diffusers builds them): within float32 accumulation of the float64 product
+    assert alpha_bar.dtype == torch.float32
+    assert float(alpha_bar[t]) == pytest.approx(math.prod(1 - b for b in betas[: t + 1]), rel=1e-5)
 
 
 def test_zero_snr_rescale():
     alpha_bar = alphas_cumprod(cfg(rescale_betas_zero_snr=True))
     assert alpha_bar[-1] == pytest.approx(0.0, abs=1e-20)
-    assert alpha_bar[0] == pytest.approx(alphas_cumprod(cfg())[0], rel=1e-12)  # first SNR unchanged
+    assert float(alpha_bar[0]) == pytest.approx(float(alphas_cumprod(cfg())[0]), rel=1e-6)  # first SNR unchanged
 
 
 @pytest.mark.parametrize("spacing,expected", [
@@ -66,7 +68,7 @@ def test_ddim_step_is_eq12():
     i = 3
     t = int(s.timesteps[i])
     ab_all = alphas_cumprod(c)
-    a, a_prev = ab_all[t], ab_all[t - 100]
+    a, a_prev = float(ab_all[t]), float(ab_all[t - 100])
     x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
     want = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
     got = _step("ddim", x, eps, s, i, c)
@@ -77,7 +79,7 @@ def test_ddim_last_step_uses_final_alpha():
     s = ddim_schedule(cfg(set_alpha_to_one=True), 10)
     assert float(s.alpha_bar_prev[-1]) == 1.0
     s = ddim_schedule(cfg(set_alpha_to_one=False), 10)
-    assert float(s.alpha_bar_prev[-1]) == pytest.approx(alphas_cumprod(cfg())[0], rel=1e-6)
+    assert float(s.alpha_bar_prev[-1]) == float(alphas_cumprod(cfg())[0])
 
 
 def test_ddim_clean_prediction_is_fixed_point():
@@ -115,7 +117,7 @@ def test_euler_sigmas_closed_form():
     t = np.linspace(0, 999, 4)[::-1]
     for k, tk in enumerate(t):
         lo, hi = int(math.floor(tk)), min(int(math.floor(tk)) + 1, 999)
-        sig = lambda j: math.sqrt((1 - ab[j]) / ab[j])  # noqa: E731
+        sig = lambda j: math.sqrt((1 - float(ab[j])) / float(ab[j]))  # noqa: E731
         want = sig(lo) + (tk - lo) * (sig(hi) - sig(lo))
         assert float(s.sigmas[k]) == pytest.approx(want, rel=1e-5)
     assert float(s.sigmas[-1]) == 0.0
@@ -148,7 +150,10 @@ def test_euler_ancestral_noise_split():
     up = math.sqrt(nxt**2 * (sig**2 - nxt**2) / sig**2)
     down = math.sqrt(nxt**2 - up**2)
     assert torch.allclose(out, x0 + down * eps + up * noise, atol=1e-5)
-    assert down**2 + up**2 == pytest.approx(nxt**2)
+    row = SAMPLERS["euler_a"].coefficients(s, c, 1.0)[1]  # the step's own sigma_down and sigma_up
+    code_down, code_up = sig + float(row[1]), float(row[4])
+    assert code_up == pytest.approx(up, rel=1e-5) and code_down == pytest.approx(down, rel=1e-5)
+    assert code_down**2 + code_up**2 == pytest.approx(nxt**2, rel=1e-5)
 
 
 def test_first_step_matches_diffusers_get_timesteps():
@@ -174,10 +179,11 @@ def test_tables_match_diffusers(spacing, zero_snr):
     d.set_timesteps(7)
     s = ddim_schedule(cfg(**raw), 7)
     assert s.timesteps.tolist() == d.timesteps.float().tolist()
-    assert torch.allclose(s.alpha_bar, d.alphas_cumprod[d.timesteps], rtol=1e-5, atol=1e-7)
+    assert torch.equal(alphas_cumprod(cfg(**raw)), d.alphas_cumprod)  # float32, bit for bit
+    assert torch.equal(s.alpha_bar, d.alphas_cumprod[d.timesteps])
     e = EulerDiscreteScheduler.from_config(raw)
     e.set_timesteps(7)
     s = euler_schedule(cfg("euler", **raw), 7)
-    assert torch.allclose(s.timesteps, e.timesteps, rtol=1e-6)
-    assert torch.allclose(s.sigmas, e.sigmas, rtol=1e-4)
-    assert s.init_noise_sigma == pytest.approx(float(e.init_noise_sigma), rel=1e-4)
+    assert torch.equal(s.timesteps, e.timesteps)
+    assert torch.equal(s.sigmas, e.sigmas)
+    assert s.init_noise_sigma == float(e.init_noise_sigma)

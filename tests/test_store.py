@@ -170,7 +170,7 @@ onnx_only = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def exported(ckpts, tmp_path_factory):
-    from export import export_checkpoint
+    from fastsd.export import export_checkpoint
 
     root = tmp_path_factory.mktemp("store")
     return export_checkpoint(str(ckpts["eps"]), engine_dir=root, networks=("text_encoder", "unet"))
@@ -285,7 +285,7 @@ def test_export_store_errors_are_one_line(ckpts, tmp_path, capsys):
 
 @onnx_only
 def test_exporting_a_subset_keeps_the_rest_of_the_entry(exported, ckpts, tmp_path, caplog):
-    from export import export_checkpoint
+    from fastsd.export import export_checkpoint
 
     store, entry = _copy_store(exported, tmp_path)
     again = export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("unet",))

@@ -10,12 +10,17 @@ import pytest
 from fastsd import Pipeline
 from fastsd.checkpoint import load_checkpoint
 from fastsd.cli import main
-from fastsd.engines import Profile, Staging, base_manifest, entry_dir, refit_source, trt_shapes
+from fastsd.engines import Profile, Staging, base_manifest, entry_dir, refit_source
+from fastsd.families import family_for
 
 
 @pytest.fixture(scope="module")
 def info(ckpts):
     return load_checkpoint(str(ckpts["eps"])).info
+
+
+def trt_shapes(network, info, profile):
+    return family_for(load_checkpoint(info.source)).specs[network].profile_shapes(profile)
 
 
 def test_dynamic_profile_shapes(info):
@@ -94,8 +99,8 @@ def test_build_refit_and_run(ckpts, tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from export import export_checkpoint
-    from export.tensorrt import build_mode, build_tensorrt
+    from fastsd.export import export_checkpoint
+    from fastsd.export.tensorrt import build_mode, build_tensorrt
 
     store = tmp_path / "engines"
     source = build_mode(trt)[1]  # the ONNX precision this TensorRT builds from
@@ -186,13 +191,13 @@ class _FakeTrt:
     (False, True, ("fp16_flag", "fp32")),  # before strongly typed networks
 ])
 def test_build_mode_by_version(strongly, fp16, want):
-    from export.tensorrt import build_mode
+    from fastsd.export.tensorrt import build_mode
 
     assert build_mode(_FakeTrt(strongly, fp16)) == want
 
 
 def test_build_mode_neither_is_an_error():
-    from export.tensorrt import build_mode
+    from fastsd.export.tensorrt import build_mode
     from fastsd.errors import FastSDError
 
     with pytest.raises(FastSDError, match="neither strongly typed"):
@@ -201,7 +206,7 @@ def test_build_mode_neither_is_an_error():
 
 @pytest.mark.parametrize("strongly,fp16,refit", [(True, False, False), (True, True, True), (False, True, False)])
 def test_build_engine_flags(info, tmp_path, strongly, fp16, refit):
-    from export.tensorrt import build_engine
+    from fastsd.export.tensorrt import build_engine
 
     trt = _FakeTrt(strongly, fp16)
     shapes = trt_shapes("unet", info, Profile.for_model(info))
@@ -216,7 +221,7 @@ def test_build_engine_flags(info, tmp_path, strongly, fp16, refit):
 
 
 def test_mismatched_timing_cache_is_replaced(info, tmp_path, caplog):
-    from export.tensorrt import build_engine
+    from fastsd.export.tensorrt import build_engine
 
     (tmp_path / "cache").write_bytes(b"from another GPU")
     trt = _FakeTrt(cache_matches=False)
@@ -229,7 +234,7 @@ def test_mismatched_timing_cache_is_replaced(info, tmp_path, caplog):
 def test_profile_comes_from_the_onnx_entry(info):
     from dataclasses import asdict
 
-    from export.tensorrt import entry_profile
+    from fastsd.export.tensorrt import entry_profile
     from fastsd.errors import FastSDError
 
     dynamic, static = Profile.for_model(info), Profile.for_model(info, (24, 40))
@@ -245,7 +250,7 @@ def test_profile_comes_from_the_onnx_entry(info):
 def test_engine_check_refuses_disagreeing_engines():
     import torch
 
-    from export.tensorrt import check_engine
+    from fastsd.export.tensorrt import check_engine
     from fastsd.errors import FastSDError
 
     module = torch.nn.Linear(4, 3)

@@ -1,8 +1,10 @@
-"""The backend protocol: four callables named like the ONNX graphs' inputs.
+"""The backend protocol: the four networks, called by their NetworkSpec's input names.
 
 The pipeline only ever calls these; it never branches on which backend it holds.
 Inputs arrive in float32 (input_ids int64) on the pipeline's device; outputs are
-returned in float32 on that device. Precision inside is the backend's business.
+returned in float32 on that device. Precision inside is the backend's business. Each
+call may pass `ran`, a dict of its own, where the backend records what ran each network
+(so a pipeline called from several threads reports each call's own backends).
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ from contextlib import contextmanager
 from typing import Iterator, Protocol
 
 import torch
-
-BACKEND_NAMES = ("auto", "tensorrt", "compiled", "onnxruntime", "eager")
 
 _streams: dict[int, torch.cuda.Stream] = {}
 _streams_lock = threading.Lock()
@@ -51,14 +51,34 @@ def on_work_stream(device: torch.device) -> Iterator[None]:
         caller.wait_stream(work)
 
 
+def record(ran: dict | None, network: str, what: str) -> None:
+    if ran is not None:
+        ran[network] = what
+
+
 class Backend(Protocol):
-    backends: dict[str, str]  # network name -> what runs it, e.g. {"unet": "eager"}
+    backends: dict[str, str]  # network -> what serves it when the call's shapes fit (fixed at load)
 
-    def text_encoder(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+    def run(self, network: str, inputs: dict[str, torch.Tensor], ran: dict | None = None) -> torch.Tensor: ...
 
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor,
-             encoder_hidden_states: torch.Tensor) -> torch.Tensor: ...
+    def vae_decoder_fp32(self, latent: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor:
+        """The VAE decoder in eager fp32: the retry when a lower precision overflows."""
 
-    def vae_encoder(self, images: torch.Tensor) -> torch.Tensor: ...
 
-    def vae_decoder(self, latent: torch.Tensor) -> torch.Tensor: ...
+class Networks:
+    """The four network calls in terms of `run` (by the specs' input names)."""
+
+    def run(self, network: str, inputs: dict[str, torch.Tensor], ran: dict | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def text_encoder(self, input_ids: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor:
+        return self.run("text_encoder", {"input_ids": input_ids}, ran)
+
+    def unet(self, *, ran: dict | None = None, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.run("unet", inputs, ran)
+
+    def vae_encoder(self, images: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor:
+        return self.run("vae_encoder", {"images": images}, ran)
+
+    def vae_decoder(self, latent: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor:
+        return self.run("vae_decoder", {"latent": latent}, ran)

@@ -1,4 +1,5 @@
-"""Runner for `compiled` engines: AOTInductor packages loaded without recompiling."""
+"""The `compiled` engine kind: AOTInductor packages (.pt2) loaded without recompiling.
+Packages are tied to the torch version and the device, which the manifest records."""
 
 from __future__ import annotations
 
@@ -6,17 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..networks import FP32_INPUTS, INT_INPUTS, SPECS, call_dims
-
-
-def device_key(device: torch.device) -> str:
-    """What a compiled package is tied to: the GPU model and compute capability, or the CPU."""
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        return f"cuda:{p.name}:sm_{p.major}{p.minor}"
-    from ..bench.machine import _cpu_name
-
-    return f"cpu:{_cpu_name()}"
+from ..devices import device_key
+from .kind import BuildOptions, EngineKind, EngineRunner, export_module
 
 
 def runtime_facts(device: torch.device) -> dict:
@@ -24,24 +16,29 @@ def runtime_facts(device: torch.device) -> dict:
     return {"torch": torch.__version__, "device_key": device_key(device)}
 
 
-class CompiledRunner:
+class CompiledRunner(EngineRunner):
     name = "compiled"
 
-    def __init__(self, path: Path, network: str, info, device: torch.device, profile, dtype: torch.dtype):
+    def __init__(self, path: Path, spec, device: torch.device, profile, dtype: torch.dtype):
+        super().__init__(spec, profile)
         self.model = torch._inductor.aoti_load_package(str(path))
-        self.network, self.info, self.device, self.profile, self.dtype = network, info, device, profile, dtype
-        self.spec = SPECS[network]
+        self.device, self.dtype = device, dtype
 
-    def refuses(self, *inputs: torch.Tensor) -> str | None:
-        return self.profile.refuses(self.network, *call_dims(self.network, self.info, inputs[0]))
-
-    def _cast(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        if name in INT_INPUTS:
-            return t.to(self.device, torch.int64)
-        return t.to(self.device, torch.float32 if name in FP32_INPUTS else self.dtype).contiguous()
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        args = [self._cast(n, t) for n, t in zip(self.spec.inputs, inputs, strict=True)]
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        args = self.spec.cast(inputs, self.device, self.dtype)
         with torch.inference_mode():
-            out = self.model(*args)
+            out = self.model(*args.values())
         return (out[0] if isinstance(out, (list, tuple)) else out).float()
+
+
+def _build(opts: BuildOptions) -> Path:
+    return export_module("compiled").build_compiled(
+        opts.model, engine_dir=opts.engine_dir, dtype=opts.dtype, static=opts.static, device=opts.device,
+        networks=opts.networks, allow_pickle=opts.allow_pickle, clip_skip=opts.clip_skip, progress=opts.progress)
+
+
+def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile) -> CompiledRunner:
+    return CompiledRunner(path, spec, device, profile, dtype)
+
+
+KIND = EngineKind("compiled", ".pt2", lambda: None, runtime_facts, _load, _build, build_command="fastsd build --backend compiled", builds_alone=True, refits=False)

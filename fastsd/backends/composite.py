@@ -4,46 +4,43 @@ PyTorch for the rest and for any call whose shapes the engine was not built for.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable
 
 from ..networks import NETWORKS
+from . import Networks, record
+from .kind import Runner
 
 log = logging.getLogger(__name__)
 
 
-class CompositeBackend:
-    def __init__(self, engines: dict, make_eager: Callable):
+class CompositeBackend(Networks):
+    def __init__(self, engines: dict[str, Runner], make_eager: Callable):
         self.engines, self._make_eager, self._eager = engines, make_eager, None
-        self.backends = {n: engines[n].name if n in engines else "eager" for n in NETWORKS}
+        self.backends = {n: engines[n].name if n in engines else "eager" for n in NETWORKS}  # fixed at load
         self._warned: set = set()
+        self._lock = threading.Lock()
 
     @property
     def eager(self):
-        if self._eager is None:  # built only when some network needs it
-            self._eager = self._make_eager()
-        return self._eager
+        with self._lock:
+            if self._eager is None:  # built only when some network needs it
+                self._eager = self._make_eager()
+            return self._eager
 
-    def _run(self, network: str, *inputs):
+    def run(self, network: str, inputs: dict, ran: dict | None = None):
         engine = self.engines.get(network)
         if engine is not None:
-            why = engine.refuses(*inputs)
+            why = engine.fits(inputs)
             if why is None:
-                self.backends[network] = engine.name
-                return engine(*inputs)
-            if (network, why) not in self._warned:
+                record(ran, network, engine.name)
+                return engine(**inputs)
+            with self._lock:
+                first = (network, why) not in self._warned
                 self._warned.add((network, why))
+            if first:
                 log.warning("%s engine refused this call (%s); running it in eager PyTorch", network, why)
-        self.backends[network] = "eager"
-        return getattr(self.eager, network)(*inputs)
+        return self.eager.run(network, inputs, ran)
 
-    def text_encoder(self, input_ids):
-        return self._run("text_encoder", input_ids)
-
-    def unet(self, sample, timestep, encoder_hidden_states):
-        return self._run("unet", sample, timestep, encoder_hidden_states)
-
-    def vae_encoder(self, images):
-        return self._run("vae_encoder", images)
-
-    def vae_decoder(self, latent):
-        return self._run("vae_decoder", latent)
+    def vae_decoder_fp32(self, latent, *, ran: dict | None = None):
+        return self.eager.vae_decoder_fp32(latent, ran=ran)

@@ -9,6 +9,7 @@ yet (the tests are marked `gpu`).
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -39,6 +40,7 @@ class GraphedCall:
         self.fn = fn
         self.graphs: dict[tuple, tuple] = {}  # input shapes/dtypes -> (graph, static inputs, static output)
         self.pool = None  # one pool for every shape: only one replays at a time
+        self.lock = threading.Lock()  # static buffers: one call at a time (threads sharing a pipeline)
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]) -> tuple:
         static_in = tuple(t.clone() for t in inputs)
@@ -50,10 +52,11 @@ class GraphedCall:
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         """The output as a float32 tensor of its own (one copy out of the static buffer)."""
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(inputs)  # stored only once the capture succeeded
-        graph, static_in, static_out = self.graphs[key]
-        for buf, t in zip(static_in, inputs, strict=True):
-            buf.copy_(t)
-        graph.replay()
-        return static_out.to(torch.float32, copy=True)
+        with self.lock:
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(inputs)  # stored only once the capture succeeded
+            graph, static_in, static_out = self.graphs[key]
+            for buf, t in zip(static_in, inputs, strict=True):
+                buf.copy_(t)
+            graph.replay()
+            return static_out.to(torch.float32, copy=True)

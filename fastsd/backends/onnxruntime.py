@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..networks import SPECS, call_dims, io_shapes
+from .kind import BuildOptions, EngineKind, EngineRunner, export_module
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,12 @@ _TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.i
                    torch.int32: np.int32}
 
 
-def available() -> bool:
+def unavailable() -> str | None:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return "onnxruntime is not installed (pip install 'fastsd[onnx]')"
+    return None
 
 
 def providers_for(device: torch.device, use_tensorrt: bool = False, have: list[str] | None = None) -> list:
@@ -61,15 +61,16 @@ def providers_for(device: torch.device, use_tensorrt: bool = False, have: list[s
     return chain
 
 
-class OrtRunner:
-    """Runs one network's graph; inputs in ONNX order, returns a float32 torch tensor."""
+class OrtRunner(EngineRunner):
+    """Runs one network's graph; inputs by name, returns a float32 torch tensor."""
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, network: str, info, device: torch.device, profile, threads: int = 0,
+    def __init__(self, path: Path, spec, device: torch.device, profile, threads: int = 0,
                  use_tensorrt: bool = False):
         import onnxruntime as ort
 
+        super().__init__(spec, profile)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads  # 0: one per physical core
@@ -78,15 +79,11 @@ class OrtRunner:
         self.run_options = ort.RunOptions()
         if device.type == "cuda":  # the work stream orders the next kernels; no device-wide wait per run
             self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        self.network, self.info, self.device, self.profile = network, info, device, profile
-        self.spec = SPECS[network]
+        self.device = device
         self.in_types = {i.name: _ORT_TO_TORCH[i.type] for i in self.session.get_inputs()}
         self.out_type = _ORT_TO_TORCH[self.session.get_outputs()[0].type]
 
-    def refuses(self, *inputs: torch.Tensor) -> str | None:
-        return self.profile.refuses(self.network, *call_dims(self.network, self.info, inputs[0]))
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             from . import on_work_stream
 
@@ -99,17 +96,34 @@ class OrtRunner:
         return torch.from_numpy(out).float()
 
     def _feeds(self, inputs) -> dict[str, torch.Tensor]:
-        return {n: t.to(self.in_types[n]).contiguous() for n, t in zip(self.spec.inputs, inputs, strict=True)}
+        return {n: inputs[n].to(self.in_types[n]).contiguous() for n in self.spec.input_names}
 
     def _run_bound(self, inputs) -> torch.Tensor:
-        feeds, first = self._feeds(inputs), inputs[0]
+        feeds = self._feeds(inputs)
         binding = self.session.io_binding()
         dev_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         for n, t in feeds.items():
             binding.bind_input(n, "cuda", dev_id, _TORCH_TO_NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
-        batch, height, width = call_dims(self.network, self.info, first)
-        shape = io_shapes(self.network, self.info, batch, height, width)[self.spec.outputs[0]]
+        name = self.spec.output_names[0]
+        shape = self.spec.shapes(*self.spec.dims(inputs))[name]
         out = torch.empty(shape, dtype=self.out_type, device=self.device)
-        binding.bind_output(self.spec.outputs[0], "cuda", dev_id, _TORCH_TO_NUMPY[out.dtype], shape, out.data_ptr())
+        binding.bind_output(name, "cuda", dev_id, _TORCH_TO_NUMPY[out.dtype], shape, out.data_ptr())
         self.session.run_with_iobinding(binding, self.run_options)
         return out.float()
+
+
+def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile) -> OrtRunner:
+    return OrtRunner(path, spec, device, profile, use_tensorrt=device.type == "cuda")
+
+
+def _build(opts: BuildOptions) -> Path:
+    if opts.device is not None:
+        log.info("ONNX graphs are device independent; --device %s is not needed", opts.device)
+    return export_module("onnx_export").export_checkpoint(
+        opts.model, engine_dir=opts.engine_dir, dtype=opts.dtype or "fp32", static=opts.static,
+        networks=opts.networks, simplify=opts.simplify, allow_pickle=opts.allow_pickle, clip_skip=opts.clip_skip,
+        progress=opts.progress)
+
+
+KIND = EngineKind("onnxruntime", ".onnx", unavailable, lambda device: {}, _load, _build,
+                  build_command="fastsd export", builds_alone=True, refits=False)

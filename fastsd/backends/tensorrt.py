@@ -14,32 +14,34 @@ NOT VERIFIED: TensorRT cannot be installed where fastsd is developed.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import torch
 
-from ..networks import SPECS, call_dims, io_shapes
+from ..devices import device_key
+from .kind import BuildOptions, EngineKind, EngineRunner, export_module
 
 log = logging.getLogger(__name__)
 
 CAPTURE_AFTER = 2  # launches of a shape before its graph is captured (shape setup and tactics are warm)
 
 
-def available() -> bool:
+def unavailable() -> str | None:
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        return False
-    return torch.cuda.is_available()
+        return "TensorRT engines need the tensorrt package and a CUDA device"
+    return None if torch.cuda.is_available() else "TensorRT engines need a CUDA device"
 
 
-def runtime_facts() -> dict:
+def runtime_facts(device: torch.device | None = None) -> dict:
     """Manifest facts a plan must match: the TensorRT version and the GPU it was built on."""
     import tensorrt as trt
 
-    from .compiled import device_key
-
-    return {"tensorrt": trt.__version__, "device_key": device_key(torch.device("cuda", torch.cuda.current_device()))}
+    device = device if device is not None and device.type == "cuda" else torch.device("cuda",
+                                                                                        torch.cuda.current_device())
+    return {"tensorrt": trt.__version__, "device_key": device_key(device)}
 
 
 def deserialize(trt, logger, plan: bytes, what: str):
@@ -57,23 +59,24 @@ def _scratch_bytes(engine) -> int:
     return int(size if size is not None else engine.device_memory_size)
 
 
-class TrtRunner:
+class TrtRunner(EngineRunner):
+    """Slots (contexts, buffers, graphs) and the scratch memory are shared state: one call
+    runs at a time (a lock), so threads sharing a pipeline never mix their buffers."""
+
     name = "tensorrt"
 
-    def __init__(self, path: Path, network: str, info, device: torch.device, profile, cuda_graphs: bool = True):
+    def __init__(self, path: Path, spec, device: torch.device, profile, cuda_graphs: bool = True):
         import tensorrt as trt
 
+        super().__init__(spec, profile)
         self.trt, self.logger = trt, trt.Logger(trt.Logger.WARNING)
-        self.engine = deserialize(trt, self.logger, path.read_bytes(), f"{network} ({path.name})")
-        self.network, self.info, self.device, self.profile = network, info, device, profile
-        self.spec, self.cuda_graphs = SPECS[network], cuda_graphs
-        names = self.spec.inputs + self.spec.outputs
+        self.engine = deserialize(trt, self.logger, path.read_bytes(), f"{spec.name} ({path.name})")
+        self.network, self.device, self.cuda_graphs = spec.name, device, cuda_graphs
+        names = self.spec.input_names + self.spec.output_names
         self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
         self.scratch = torch.empty(max(_scratch_bytes(self.engine), 1), dtype=torch.uint8, device=device)
         self.slots: dict[tuple, dict] = {}  # input shapes -> context, buffers, graph
-
-    def refuses(self, *inputs: torch.Tensor) -> str | None:
-        return self.profile.refuses(self.network, *call_dims(self.network, self.info, inputs[0]))
+        self.lock = threading.Lock()
 
     def _context(self):
         trt = self.trt
@@ -84,14 +87,14 @@ class TrtRunner:
             context.device_memory = self.scratch.data_ptr()
         return context
 
-    def _slot(self, inputs) -> dict:
-        key = tuple(tuple(t.shape) for t in inputs)
+    def _slot(self, inputs: dict) -> dict:
+        key = tuple(tuple(inputs[n].shape) for n in self.spec.input_names)
         if key not in self.slots:
-            shapes = io_shapes(self.network, self.info, *call_dims(self.network, self.info, inputs[0]))
+            shapes = self.spec.shapes(*self.spec.dims(inputs))
             bufs = {n: torch.empty(shapes[n], dtype=self.dtypes[n], device=self.device)
-                    for n in self.spec.inputs + self.spec.outputs}
+                    for n in self.spec.input_names + self.spec.output_names}
             context = self._context()
-            for n in self.spec.inputs:
+            for n in self.spec.input_names:
                 if not context.set_input_shape(n, tuple(bufs[n].shape)):
                     raise RuntimeError(f"TensorRT {self.network}: shape {tuple(bufs[n].shape)} of {n} is outside "
                                        "the engine's profile")
@@ -104,17 +107,17 @@ class TrtRunner:
         if not slot["context"].execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError(f"TensorRT {self.network} execution failed")
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         from . import on_work_stream
 
-        with on_work_stream(self.device):  # a no-op inside a pipeline, or inside a whole-step capture
+        with self.lock, on_work_stream(self.device):  # a no-op inside a pipeline, or inside a whole-step capture
             return self._run(inputs)
 
-    def _run(self, inputs) -> torch.Tensor:
+    def _run(self, inputs: dict) -> torch.Tensor:
         slot = self._slot(inputs)
         bufs = slot["bufs"]
-        for n, t in zip(self.spec.inputs, inputs, strict=True):
-            bufs[n].copy_(t)
+        for n in self.spec.input_names:
+            bufs[n].copy_(inputs[n])
         if torch.cuda.is_current_stream_capturing():  # inside the pipeline's whole-step graph
             self._launch(slot)
         elif slot["graph"] is not None:
@@ -124,7 +127,7 @@ class TrtRunner:
             slot["runs"] += 1
             if self.cuda_graphs and slot["capture"] and slot["runs"] == CAPTURE_AFTER:
                 slot["graph"] = self._capture(slot)
-        out = bufs[self.spec.outputs[0]]
+        out = bufs[self.spec.output_names[0]]
         return out.to(torch.float32, copy=True)  # one copy out of the static buffer
 
     def _capture(self, slot: dict):
@@ -144,3 +147,19 @@ class TrtRunner:
 def _torch_dtype(trt, dt) -> torch.dtype:
     return {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
             trt.int32: torch.int32, trt.int64: torch.int64}[dt]
+
+
+def _build(opts: BuildOptions) -> Path:
+    if opts.dtype not in (None, "fp16"):
+        from ..errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"TensorRT engines are built in fp16, not {opts.dtype}")
+    return export_module("tensorrt").build_tensorrt(
+        opts.model, engine_dir=opts.engine_dir, static=opts.static, networks=opts.networks,
+        allow_pickle=opts.allow_pickle, refittable=opts.refittable, progress=opts.progress)
+
+
+KIND = EngineKind("tensorrt", ".plan", unavailable, runtime_facts,
+                  lambda path, spec, device, dtype, profile: TrtRunner(path, spec, device, profile), _build,
+                  build_command="fastsd export --dtype fp16, then fastsd build --backend tensorrt",
+                  builds_alone=False, refits=True)

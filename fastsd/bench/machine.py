@@ -10,7 +10,8 @@ from typing import Callable
 
 import torch
 
-from .. import __version__
+from ..devices import cpu_name
+from ..version import __version__
 
 
 def _version(module: str) -> str | None:
@@ -18,16 +19,6 @@ def _version(module: str) -> str | None:
         return __import__(module).__version__
     except ImportError:
         return None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _git_commit() -> str | None:
@@ -41,7 +32,7 @@ def _git_commit() -> str | None:
 
 def machine_facts(device: torch.device) -> dict:
     facts = {
-        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "os": platform.platform(),
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "os": platform.platform(),
         "python": platform.python_version(), "fastsd": __version__, "git_commit": _git_commit(),
         "torch": torch.__version__, "diffusers": _version("diffusers"), "transformers": _version("transformers"),
         "onnxruntime": _version("onnxruntime"), "tensorrt": _version("tensorrt"), "device": device.type,

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from ..backends.select import PRECISIONS
+from ..engines import PRECISIONS
 from .machine import ProcessMemory
 
 BASELINE = "diffusers"
@@ -66,9 +66,12 @@ def _timer(device: torch.device) -> Callable[[Callable], tuple[float, object]]:
 
 class FastSDWorker:
     def __init__(self, cfg, backend: str, device: torch.device, dtype: torch.dtype):
+        from ..backends.kind import BuildOptions
+        from ..backends.registry import ENGINE_KINDS
         from ..backends.select import make_backend
         from ..checkpoint import load_checkpoint
         from ..engines import default_engine_dir
+        from ..families import family_for
         from ..pipeline import Pipeline
 
         self.cfg, self.backend, self.notes, self.export_s, self.skip = cfg, backend, [], None, None
@@ -83,27 +86,19 @@ class FastSDWorker:
             return
 
         def load():
-            return Pipeline(ckpt, make_backend(ckpt, kind, device, dtype, root, cuda_graphs=graphs), device, dtype,
-                            cuda_graphs=graphs)
+            backend_ = make_backend(ckpt, family_for(ckpt).specs, kind, device, dtype, root, cuda_graphs=graphs)
+            return Pipeline(ckpt, backend_, device, dtype, cuda_graphs=graphs)
 
         self.pipe = load()
-        if kind != "eager" and set(self.pipe.backend.backends.values()) == {"eager"}:
-            if not (cfg.export_missing and backend in ("onnxruntime", "compiled")):
-                how = "fastsd export, or bench --export-missing" if backend == "onnxruntime" else \
-                    f"fastsd build --backend {backend}" + (", or bench --export-missing" if backend == "compiled"
-                                                           else "")
+        engine_kind = ENGINE_KINDS.get(kind)
+        if engine_kind is not None and set(self.pipe.backend.backends.values()) == {"eager"}:
+            if not (cfg.export_missing and engine_kind.builds_alone):
+                how = engine_kind.build_command + (", or bench --export-missing" if engine_kind.builds_alone else "")
                 self.skip = f"{backend}: no engines for this checkpoint (run {how}); skipped"
                 return
             t0 = time.perf_counter()
-            precision = PRECISIONS[dtype]
-            if backend == "onnxruntime":
-                from export import export_checkpoint
-
-                export_checkpoint(cfg.model, engine_dir=cfg.engine_dir, dtype=precision)
-            else:
-                from export.compiled import build_compiled
-
-                build_compiled(cfg.model, engine_dir=cfg.engine_dir, dtype=precision, device=str(device))
+            engine_kind.build(BuildOptions(cfg.model, engine_dir=cfg.engine_dir, dtype=PRECISIONS[dtype],
+                                           device=str(device)))
             self.export_s = time.perf_counter() - t0
             self.pipe = load()
 

@@ -1,0 +1,97 @@
+"""What an engine kind is (one unit: availability, runtime facts, artifact suffix, build,
+load, refit) and what every engine runner shares (its spec, its profile, the one shape
+check). Each kind module (onnxruntime.py, compiled.py, tensorrt.py) defines its `KIND`;
+registry.py lists them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from ..networks import NETWORKS, NetworkSpec
+
+log = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """One engine serving one network, called with the spec's input names."""
+
+    name: str  # the engine kind, reported in out.backends
+
+    def fits(self, inputs: dict[str, torch.Tensor]) -> str | None:
+        """None when the engine serves these shapes; else why it does not."""
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor: ...
+
+
+class EngineRunner:
+    """The part every runner shares: the network's spec, the entry's shape profile and the
+    shape check against it."""
+
+    name = "engine"
+
+    def __init__(self, spec: NetworkSpec, profile):
+        self.spec, self.profile = spec, profile
+
+    def fits(self, inputs: dict[str, torch.Tensor]) -> str | None:
+        return self.spec.refuses(self.profile, inputs)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What a build is asked for (the CLI's `export` / `build` options); a kind refuses
+    what it cannot do."""
+
+    model: str
+    engine_dir: str | Path | None = None  # None: the default store
+    dtype: str | None = None  # precision; None: the kind's default for the device
+    static: str | None = None  # "HxW": a static-shape entry
+    device: str | None = None  # the device the engines are for (kinds tied to one)
+    networks: tuple[str, ...] = NETWORKS
+    allow_pickle: bool = False
+    clip_skip: int = 0
+    refittable: bool = False  # engines that take other weights by refit
+    simplify: bool = True  # ONNX: run onnxslim
+    progress: Callable[[str], None] = log.info  # one line per network built
+
+
+@dataclass(frozen=True)
+class EngineKind:
+    name: str  # also the store's folder prefix: <name>-<precision>
+    suffix: str  # the graph / engine file of a network: <network><suffix>
+    unavailable: Callable[[], str | None]  # why this installation cannot run it (None: it can)
+    runtime_facts: Callable[[torch.device], dict]  # manifest facts an entry must match to run here
+    load: Callable[..., Runner]  # (path, spec, device, dtype, profile) -> a runner
+    build: Callable[[BuildOptions], Path]  # builds (or refits) an entry; returns its folder
+    build_command: str  # how a user builds this kind's entries
+    builds_alone: bool  # builds from the checkpoint alone (bench --export-missing may build it)
+    refits: bool  # a build for a new checkpoint of a known architecture refits instead of rebuilding
+
+
+def export_module(name: str):
+    """fastsd.export.<name>, the build-time tools (the top-level export/ folder, installed
+    as fastsd.export). From a source tree that was not installed (PYTHONPATH=.), the folder
+    beside fastsd/ is registered under that name first."""
+    try:
+        return importlib.import_module(f"fastsd.export.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != "fastsd.export":
+            raise
+    source = Path(__file__).resolve().parents[2] / "export"
+    spec = importlib.util.spec_from_file_location("fastsd.export", source / "__init__.py",
+                                                  submodule_search_locations=[str(source)])
+    if spec is None or not (source / "__init__.py").is_file():
+        raise ModuleNotFoundError("fastsd.export is not installed and no export/ folder is beside fastsd/",
+                                  name="fastsd.export")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["fastsd.export"] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module(f"fastsd.export.{name}")

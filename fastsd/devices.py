@@ -1,0 +1,46 @@
+"""Devices: parsing the user's device, and the key a compiled engine is tied to."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+from .errors import InvalidArgumentError
+
+
+def parse_device(device) -> torch.device:
+    """"cpu", "cuda" or "cuda:N" (None: cuda if available), checked against this machine."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device) if isinstance(device, (str, torch.device)) else None
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"unsupported device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InvalidArgumentError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_key(device: torch.device) -> str:
+    """What a compiled package or TensorRT plan is tied to: the GPU model and compute
+    capability, or the CPU."""
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"cuda:{p.name}:sm_{p.major}{p.minor}"
+    return f"cpu:{cpu_name()}"
