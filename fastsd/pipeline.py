@@ -21,16 +21,17 @@ import torch
 import torch.nn.functional as F
 
 from . import images as imgs
-from .backends import on_work_stream
+from .backends import Backend, on_work_stream
 from .backends.registry import BACKEND_NAMES
 from .backends.select import make_backend
 from .budget import check_fits, widths_of
-from .checkpoint import Checkpoint, check_clip_skip, load_checkpoint
+from .checkpoint import check_clip_skip, load_checkpoint
 from .devices import parse_device
 from .engines import default_engine_dir
 from .errors import InvalidArgumentError, NumericalError
 from .families import family_for
 from .loop import StepGraphs, StepInputs, StepKey, make_step, run_steps, step_rows
+from .model_files import Checkpoint
 from .schedulers import PREDICTION_TYPES, SAMPLERS, SchedulerConfig, add_noise, first_step
 from .settings import SEED_LIMIT, Request, check_seed, make_request
 from .tiling import decode_sliced, decode_tiled
@@ -82,7 +83,7 @@ class _Call:
 
 
 class Pipeline:
-    def __init__(self, ckpt: Checkpoint, backend, device: torch.device, dtype: torch.dtype,
+    def __init__(self, ckpt: Checkpoint, backend: Backend, device: torch.device, dtype: torch.dtype,
                  memory: MemoryOptions | None = None, cuda_graphs: bool = False):
         if cuda_graphs and device.type != "cuda":
             raise InvalidArgumentError("cuda_graphs needs a CUDA device")

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from .archs import arch
-from .checkpoint import PICKLE_SUFFIXES, Checkpoint, check_safetensors, fingerprint, load_tokenizer, make_checkpoint
 from .errors import CheckpointError, PickleRefusedError
+from .model_files import PICKLE_SUFFIXES, Checkpoint, check_safetensors, fingerprint, load_tokenizer, make_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -58,8 +58,13 @@ def test_generate_n_images_img2img_inpaint(model, tmp_path, init_image, mask_ima
 
 
 def test_random_seed_is_recorded(model, tmp_path):
+    """Without --seed each run draws its own seed, and the recorded one reproduces the image."""
     assert main(gen(model, tmp_path / "a.png")) == 0
-    assert isinstance(json.loads(Image.open(tmp_path / "a.png").text["fastsd"])["seed"], int)
+    assert main(gen(model, tmp_path / "b.png")) == 0
+    seeds = [json.loads(Image.open(tmp_path / f).text["fastsd"])["seed"] for f in ("a.png", "b.png")]
+    assert seeds[0] != seeds[1]
+    again = Pipeline.from_pretrained(model)("a lighthouse", num_inference_steps=2, seed=seeds[0])
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(Image.open(tmp_path / "a.png").convert("RGB")))
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -154,6 +159,18 @@ def test_console_script_bad_input_no_traceback(model, tmp_path):
 
 
 def test_info(capsys):
+    import importlib.util
+
+    import torch
+
+    from fastsd import __version__
+
     assert main(["info"]) == 0
-    out = capsys.readouterr().out
-    assert "torch" in out and "diffusers" in out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"fastsd {__version__} | python ") and lines[0].endswith(f"torch {torch.__version__}")
+    for mod in ("diffusers", "onnxruntime", "tensorrt"):
+        line = next(x for x in lines if x.startswith(mod))
+        if importlib.util.find_spec(mod) is None:
+            assert line == f"{mod}: not installed"
+        else:
+            assert line == f"{mod} {__import__(mod).__version__}"

@@ -7,8 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from fastsd.export.compiled import build_compiled
+
 from fastsd import Pipeline
 from fastsd.cli import main
 

@@ -45,11 +45,17 @@ def test_options_keep_the_image(ckpts, pipes, options):
     assert np.abs(got - plain).max() < 1e-4
 
 
-def test_tiled_large_image(ckpts):
+def test_tiled_large_image(ckpts, pipes):
+    """A large image decoded in 16-latent tiles agrees with the plain decode: the tiny VAE's
+    mid-block attention is global, so tiles differ near seams (measured: mean 0.03, correlation
+    0.97), but a misplaced or dropped tile is far off (a tile-sized shift: mean 0.18)."""
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), memory=MemoryOptions(vae_tiling=True, tile=16,
                                                                             tile_overlap=4))
-    out = pipe("a", num_inference_steps=1, output_type="np", height=96, width=80, seed=0)
-    assert out.images.shape == (1, 96, 80, 3) and np.isfinite(out.images).all()
+    kw = dict(num_inference_steps=1, output_type="np", height=96, width=80, seed=0)
+    tiled, plain = pipe("a", **kw).images, pipes("eps")("a", **kw).images
+    assert tiled.shape == plain.shape == (1, 96, 80, 3)
+    assert np.abs(tiled - plain).mean() < 0.3 * plain.std()
+    assert np.corrcoef(tiled.ravel(), plain.ravel())[0, 1] > 0.9
 
 
 def test_bad_memory_options(ckpts):

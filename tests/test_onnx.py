@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from fastsd.export import (
     export_checkpoint,  # noqa: E402
     onnx_export,  # noqa: E402
 )
+
 from fastsd import Pipeline  # noqa: E402
 from fastsd.backends.onnxruntime import OrtRunner  # noqa: E402
 from fastsd.checkpoint import load_checkpoint  # noqa: E402
@@ -192,6 +194,22 @@ def test_static_shape_entry(ckpts, pipes, tmp_path, caplog):
     assert np.abs(out.images - pipes("eps")("x", height=24, width=40, **kw).images).max() <= TOL
     assert pipe("x", height=32, width=32, **kw).backends["unet"] == "eager"
     assert "not the engine's static 24x40" in caplog.text
+    # out.backends is each call's own: threads calling at both sizes at once each see what ran them
+    sizes = [(24, 40), (32, 32)] * 4
+    got: list = [None] * len(sizes)
+    barrier = threading.Barrier(4)
+
+    def worker(k):
+        barrier.wait()
+        for i in range(k, len(sizes), 4):
+            got[i] = pipe("x", height=sizes[i][0], width=sizes[i][1], **kw).backends["unet"]
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == ["onnxruntime", "eager"] * 4
 
 
 def test_export_argument_errors(ckpts, tmp_path):

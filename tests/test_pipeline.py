@@ -192,3 +192,17 @@ def test_cuda_fp16_runs_without_nan(ckpts):
                                                                      output_type="np", seed=0)
     assert np.isfinite(out.images).all()
     assert np.abs(out.images - ref.images).max() < 0.05  # fp16 vs fp32, same CPU generator
+
+
+def test_unseeded_calls_draw_their_seed_from_the_os(pipe):
+    """No seed and no generator: the seed comes from the OS (torch's global generator is
+    neither read nor re-seeded), differs per call, and reproduces the image."""
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    kw = dict(num_inference_steps=2, output_type="np")
+    a, b = pipe("a cat", **kw), pipe("a cat", **kw)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert isinstance(a.seed, int) and a.seed != b.seed
+    assert np.array_equal(pipe("a cat", seed=a.seed, **kw).images, a.images)
+    assert pipe("a cat", seed=5, **kw).seed == 5
+    assert pipe("a cat", generator=torch.Generator().manual_seed(5), **kw).seed is None

@@ -97,10 +97,9 @@ def test_build_refit_and_run(ckpts, tmp_path):
 
     import tensorrt as trt
     import torch
-    from safetensors.torch import save_file
-
     from fastsd.export import export_checkpoint
     from fastsd.export.tensorrt import build_mode, build_tensorrt
+    from safetensors.torch import save_file
 
     store = tmp_path / "engines"
     source = build_mode(trt)[1]  # the ONNX precision this TensorRT builds from
@@ -198,6 +197,7 @@ def test_build_mode_by_version(strongly, fp16, want):
 
 def test_build_mode_neither_is_an_error():
     from fastsd.export.tensorrt import build_mode
+
     from fastsd.errors import FastSDError
 
     with pytest.raises(FastSDError, match="neither strongly typed"):
@@ -235,6 +235,7 @@ def test_profile_comes_from_the_onnx_entry(info):
     from dataclasses import asdict
 
     from fastsd.export.tensorrt import entry_profile
+
     from fastsd.errors import FastSDError
 
     dynamic, static = Profile.for_model(info), Profile.for_model(info, (24, 40))
@@ -249,8 +250,8 @@ def test_profile_comes_from_the_onnx_entry(info):
 
 def test_engine_check_refuses_disagreeing_engines():
     import torch
-
     from fastsd.export.tensorrt import check_engine
+
     from fastsd.errors import FastSDError
 
     module = torch.nn.Linear(4, 3)

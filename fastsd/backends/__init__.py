@@ -57,9 +57,20 @@ def record(ran: dict | None, network: str, what: str) -> None:
 
 
 class Backend(Protocol):
+    """What the pipeline holds (EagerBackend, CompositeBackend): `run` by network name, the
+    four calls `Networks` derives from it, and the fp32 VAE retry."""
+
     backends: dict[str, str]  # network -> what serves it when the call's shapes fit (fixed at load)
 
     def run(self, network: str, inputs: dict[str, torch.Tensor], ran: dict | None = None) -> torch.Tensor: ...
+
+    def text_encoder(self, input_ids: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor: ...
+
+    def unet(self, *, ran: dict | None = None, **inputs: torch.Tensor) -> torch.Tensor: ...
+
+    def vae_encoder(self, images: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor: ...
+
+    def vae_decoder(self, latent: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor: ...
 
     def vae_decoder_fp32(self, latent: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor:
         """The VAE decoder in eager fp32: the retry when a lower precision overflows."""

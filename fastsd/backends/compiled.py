@@ -41,4 +41,5 @@ def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile) -
     return CompiledRunner(path, spec, device, profile, dtype)
 
 
-KIND = EngineKind("compiled", ".pt2", lambda: None, runtime_facts, _load, _build, build_command="fastsd build --backend compiled", builds_alone=True, refits=False)
+KIND = EngineKind("compiled", ".pt2", lambda: None, runtime_facts, _load, _build,
+                  build_command="fastsd build --backend compiled", builds_alone=True, refits=False)
