@@ -32,13 +32,14 @@ from typing import Callable
 
 import torch
 
+from ..backends.registry import ENGINE_KINDS
 from .machine import machine_facts, mem_available
 from .worker import BASELINE, GRAPHS, PROMPT
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "fastsd-bench/2"
-FASTSD_BACKENDS = ("eager", GRAPHS, "compiled", "onnxruntime", "tensorrt")
+FASTSD_BACKENDS = ("eager", GRAPHS, *ENGINE_KINDS)
 STAGES = ("text_encoder", "unet", "unet_per_step", "vae_decoder", "end_to_end")
 NOISY_SPREAD = 1.25  # p90 / median of end to end above this: not steady
 NOISY_FAULTS = 100  # major page faults in one timed run above this: the machine was paging

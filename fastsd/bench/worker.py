@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from ..backends.registry import ENGINE_KINDS
 from ..engines import PRECISIONS
 from .machine import ProcessMemory
 
@@ -67,7 +68,6 @@ def _timer(device: torch.device) -> Callable[[Callable], tuple[float, object]]:
 class FastSDWorker:
     def __init__(self, cfg, backend: str, device: torch.device, dtype: torch.dtype):
         from ..backends.kind import BuildOptions
-        from ..backends.registry import ENGINE_KINDS
         from ..backends.select import make_backend
         from ..checkpoint import load_checkpoint
         from ..engines import default_engine_dir
@@ -111,7 +111,7 @@ class FastSDWorker:
         from ..engines import check_entry, default_engine_dir, entry_dir
 
         export = self.export_s
-        if export is None and self.backend not in ("eager", GRAPHS):
+        if export is None and self.backend in ENGINE_KINDS:
             root = Path(self.cfg.engine_dir) if self.cfg.engine_dir else default_engine_dir()
             manifest, _ = check_entry(entry_dir(root, self.info.fingerprint, self.backend, PRECISIONS[self.pipe.dtype]),
                                       self.info.fingerprint, networks=())  # a valid manifest; no file is read
