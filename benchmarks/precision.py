@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
 
 from fastsd.checkpoint import load_checkpoint  # noqa: E402
 from fastsd.families import family_for  # noqa: E402
-from fastsd.networks import FLOAT, NETWORKS, relative_error, wrap  # noqa: E402
+from fastsd.networks import FLOAT, NETWORKS, relative_error  # noqa: E402
 
 # fp16 keeps ~3 decimal digits per operation; a network of a few dozen layers stays near
 # 1e-3 relative. The VAE decoder upsamples to large activations and is the loosest. bf16
@@ -36,11 +36,12 @@ HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 def check(model: str, device: str, half: str, size: int | None, batch: int = 2) -> list[dict]:
     ckpt = load_checkpoint(model)
-    info, specs = ckpt.info, family_for(ckpt).specs
+    info, family = ckpt.info, family_for(ckpt)
+    specs = family.specs
     size = size or info.default_size
     rows = []
     for name in NETWORKS:
-        module = wrap(ckpt)[name].to(device, torch.float32).eval()
+        module = family.modules(ckpt)[name].to(device, torch.float32).eval()
         inputs = specs[name].sample_inputs(batch, size, size, torch.float32)
         if name == "vae_encoder":  # images in [-1, 1], as the pipeline feeds it
             inputs = (inputs[0].clamp(-1, 1),)

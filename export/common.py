@@ -34,7 +34,7 @@ def parse_static(text: str | None, factor: int) -> tuple[int, int] | None:
 def load_for_build(model: str, networks: tuple[str, ...], allow_pickle: bool, clip_skip: int,
                    engine_dir: str | Path | None):
     """Check a build's arguments and the store, then load the checkpoint. Returns
-    (checkpoint, its network specs, store root)."""
+    (checkpoint, its model family, store root)."""
     unknown = set(networks) - set(NETWORKS)
     if unknown:
         raise InvalidArgumentError(f"unknown networks {sorted(unknown)}; choose from {', '.join(NETWORKS)}")
@@ -43,7 +43,7 @@ def load_for_build(model: str, networks: tuple[str, ...], allow_pickle: bool, cl
     root = writable_store(Path(engine_dir) if engine_dir else default_engine_dir())
     ckpt = load_checkpoint(model, allow_pickle=allow_pickle)
     check_clip_skip(ckpt, clip_skip)
-    return ckpt, family_for(ckpt).specs, root
+    return ckpt, family_for(ckpt), root
 
 
 def build_entry(root: Path, info, kind: str, precision: str, profile: Profile, networks: tuple[str, ...],

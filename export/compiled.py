@@ -21,7 +21,7 @@ from fastsd.backends.compiled import runtime_facts
 from fastsd.devices import parse_device
 from fastsd.engines import MAX_BATCH, Profile
 from fastsd.errors import InvalidArgumentError
-from fastsd.networks import BATCH, NETWORKS, NetworkSpec, wrap
+from fastsd.networks import BATCH, NETWORKS, NetworkSpec
 
 from .common import build_entry, load_for_build, parse_static
 
@@ -53,11 +53,12 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
     dtype = dtype or ("fp16" if dev.type == "cuda" else "fp32")
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    ckpt, specs, root = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir)
+    ckpt, family, root = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir)
+    specs = family.specs
     info = ckpt.info
     size = parse_static(static, info.vae_factor) or (info.default_size, info.default_size)
     profile = Profile.for_model(info, size)
-    modules = wrap(ckpt, clip_skip)
+    modules = family.modules(ckpt, clip_skip)
 
     def make(name: str, folder: Path) -> tuple[list[str], dict, str]:
         module = modules[name].to(dev, DTYPES[dtype]).eval()

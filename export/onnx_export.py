@@ -20,7 +20,7 @@ import torch
 
 from fastsd.engines import Profile
 from fastsd.errors import InvalidArgumentError
-from fastsd.networks import FLOAT32, NETWORKS, NetworkSpec, wrap
+from fastsd.networks import FLOAT32, NETWORKS, NetworkSpec
 
 from .common import build_entry, load_for_build, parse_static
 
@@ -132,10 +132,11 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
 
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"unknown export dtype {dtype!r}; choose fp32 or fp16")
-    ckpt, specs, root = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir)
+    ckpt, family, root = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir)
+    specs = family.specs
     info = ckpt.info
     profile = Profile.for_model(info, parse_static(static, info.vae_factor))
-    modules = wrap(ckpt, clip_skip)
+    modules = family.modules(ckpt, clip_skip)
 
     def make(name: str, folder: Path) -> tuple[list[str], dict, str]:
         path = folder / f"{name}.onnx"

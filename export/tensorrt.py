@@ -32,7 +32,7 @@ from fastsd.backends.tensorrt import deserialize, runtime_facts
 from fastsd.engines import Profile, check_entry, entry_dir, graph_file, read_manifest, refit_source
 from fastsd.errors import FastSDError
 from fastsd.files import atomic_write
-from fastsd.networks import NETWORKS, relative_error, wrap
+from fastsd.networks import NETWORKS, relative_error
 
 from .common import build_entry, load_for_build, parse_static
 
@@ -159,7 +159,8 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
     trt = _trt()
     logger = trt.Logger(trt.Logger.WARNING)
     mode, source = build_mode(trt)
-    ckpt, specs, root = load_for_build(model, networks, allow_pickle, 0, engine_dir)
+    ckpt, family, root = load_for_build(model, networks, allow_pickle, 0, engine_dir)
+    specs = family.specs
     info = ckpt.info
     src, onnx_manifest = _onnx_entry(root, info, source, networks)
     profile = entry_profile(onnx_manifest, parse_static(static, info.vae_factor))
@@ -167,7 +168,7 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
     facts = runtime_facts(device)
     donor = refit_source(root, info, "tensorrt", PRECISION, facts, profile)
     clip_skip = onnx_manifest.get("clip_skip", 0)
-    modules = wrap(ckpt, clip_skip)
+    modules = family.modules(ckpt, clip_skip)
 
     def make(name: str, folder: Path) -> tuple[list[str], dict, str]:
         spec, graph = specs[name], src / graph_file(name, onnx_manifest["networks"][name])

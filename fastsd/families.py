@@ -14,8 +14,9 @@ import threading
 from typing import Callable
 
 import torch
+from torch import nn
 
-from .networks import NetworkSpec, TensorSpec, network_specs
+from .networks import NetworkSpec, TensorSpec, UNet, network_specs, wrap
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,16 @@ class StableDiffusion:
 
     name = "sd"
     extra_unet_inputs: tuple[TensorSpec, ...] = ()  # only sample, timestep, encoder_hidden_states
+    unet_module: type[nn.Module] = UNet  # forward arguments: the UNet spec's inputs, in order
 
     def __init__(self, info, tokenizer):
         self.info, self.tokenizer = info, tokenizer
         self.specs: dict[str, NetworkSpec] = network_specs(info, self.extra_unet_inputs)
         self._lock = threading.Lock()  # tokenizers keep truncation/padding state between calls
+
+    def modules(self, ckpt, clip_skip: int = 0) -> dict[str, nn.Module]:
+        """The four networks as modules named and ordered like their specs."""
+        return wrap(ckpt, clip_skip, self.unet_module)
 
     def token_ids(self, texts: list[str], device: torch.device) -> torch.Tensor:
         """(len(texts), 77) int64, truncated with a warning that shows what was dropped."""

@@ -67,11 +67,13 @@ class VaeDecoder(nn.Module):
         return self.decoder(z)
 
 
-def wrap(ckpt, clip_skip: int = 0) -> dict[str, nn.Module]:
-    """The four ONNX-named modules of a loaded checkpoint (sharing its weights)."""
+def wrap(ckpt, clip_skip: int = 0, unet_module: type[nn.Module] | None = None) -> dict[str, nn.Module]:
+    """The four ONNX-named modules of a loaded checkpoint (sharing its weights). A model
+    family whose UNet takes more inputs passes its own `unet_module` (forward arguments
+    named as its spec's inputs)."""
     return {
         "text_encoder": TextEncoder(ckpt.text_encoder, clip_skip),
-        "unet": UNet(ckpt.unet),
+        "unet": (unet_module or UNet)(ckpt.unet),
         "vae_encoder": VaeEncoder(ckpt.vae),
         "vae_decoder": VaeDecoder(ckpt.vae),
     }

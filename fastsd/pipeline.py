@@ -122,7 +122,7 @@ class Pipeline:
         store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
         if memory is not None and not 0 <= memory.tile_overlap < memory.tile:
             raise InvalidArgumentError(f"tile_overlap must be in [0, tile={memory.tile}), got {memory.tile_overlap}")
-        backend_ = make_backend(ckpt, family_for(ckpt).specs, backend, dev, DTYPES[dtype], store, clip_skip,
+        backend_ = make_backend(ckpt, family_for(ckpt), backend, dev, DTYPES[dtype], store, clip_skip,
                                 cuda_graphs, attention_slicing=bool(memory and memory.attention_slicing))
         return cls(ckpt, backend_, dev, DTYPES[dtype], memory, cuda_graphs)
 

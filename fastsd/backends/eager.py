@@ -13,17 +13,17 @@ import threading
 
 import torch
 
-from ..networks import NETWORKS, VaeDecoder, wrap
+from ..networks import NETWORKS, VaeDecoder
 from . import Networks, record
 
 
 class EagerBackend(Networks):
-    def __init__(self, ckpt, specs: dict, device: torch.device, dtype: torch.dtype, clip_skip: int = 0,
+    def __init__(self, ckpt, family, device: torch.device, dtype: torch.dtype, clip_skip: int = 0,
                  cuda_graphs: bool = False, attention_slicing: bool = False):
-        self.ckpt, self.specs, self.device, self.dtype = ckpt, specs, device, dtype
+        self.ckpt, self.specs, self.device, self.dtype = ckpt, family.specs, device, dtype
         if attention_slicing:  # attention computed in slices (diffusers' "auto"): less memory, slower
             ckpt.unet.set_attention_slice("auto")
-        self.modules = {k: m.to(device=device, dtype=dtype).eval() for k, m in wrap(ckpt, clip_skip).items()}
+        self.modules = {k: m.to(device=device, dtype=dtype).eval() for k, m in family.modules(ckpt, clip_skip).items()}
         if device.type == "cuda":
             for k in ("unet", "vae_encoder", "vae_decoder"):
                 self.modules[k].to(memory_format=torch.channels_last)
@@ -31,7 +31,7 @@ class EagerBackend(Networks):
         if cuda_graphs:  # one graph per input shape, captured on first use
             from .cuda_graphs import GraphedCall
 
-            names = specs["unet"].input_names
+            names = self.specs["unet"].input_names
             self._graphed_unet = GraphedCall(
                 lambda *args: self._forward("unet", dict(zip(names, args, strict=True))))
         self.backends = {k: "eager" for k in NETWORKS}

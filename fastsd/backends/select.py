@@ -57,12 +57,14 @@ def _warn_unusable(kind: str, problems: dict, loud: bool, exists: bool) -> None:
         log.warning("%s %s: %s; falling back to eager", kind, ", ".join(nets), why)
 
 
-def make_backend(ckpt, specs: dict, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
+def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
                  clip_skip: int = 0, cuda_graphs: bool = False, attention_slicing: bool = False):
     """The backend for `backend` ("auto", "eager" or an engine kind's name) over the
-    networks `specs` describes."""
+    networks of the checkpoint's model `family`."""
+    specs = family.specs
+
     def make_eager():
-        return EagerBackend(ckpt, specs, device, dtype, clip_skip, cuda_graphs, attention_slicing)
+        return EagerBackend(ckpt, family, device, dtype, clip_skip, cuda_graphs, attention_slicing)
 
     if backend == "eager":
         return make_eager()

@@ -86,7 +86,7 @@ class FastSDWorker:
             return
 
         def load():
-            backend_ = make_backend(ckpt, family_for(ckpt).specs, kind, device, dtype, root, cuda_graphs=graphs)
+            backend_ = make_backend(ckpt, family_for(ckpt), kind, device, dtype, root, cuda_graphs=graphs)
             return Pipeline(ckpt, backend_, device, dtype, cuda_graphs=graphs)
 
         self.pipe = load()
