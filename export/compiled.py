@@ -19,7 +19,7 @@ import torch
 
 from fastsd.backends.compiled import runtime_facts
 from fastsd.devices import parse_device
-from fastsd.engines import MAX_BATCH, Profile
+from fastsd.engines import DTYPES, MAX_BATCH, Profile
 from fastsd.errors import InvalidArgumentError
 from fastsd.networks import BATCH, NETWORKS, NetworkSpec
 
@@ -27,7 +27,6 @@ from .common import build_entry, load_for_build, parse_static
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _dynamic_batch(spec: NetworkSpec) -> dict:

@@ -27,7 +27,7 @@ from .backends.select import make_backend
 from .budget import check_fits, widths_of
 from .checkpoint import check_clip_skip, load_checkpoint
 from .devices import parse_device
-from .engines import default_engine_dir
+from .engines import DTYPES, default_engine_dir
 from .errors import InvalidArgumentError, NumericalError
 from .families import family_for
 from .loop import StepGraphs, StepInputs, StepKey, make_step, run_steps, step_rows
@@ -38,7 +38,6 @@ from .tiling import decode_sliced, decode_tiled
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -84,10 +83,11 @@ class _Call:
 
 class Pipeline:
     def __init__(self, ckpt: Checkpoint, backend: Backend, device: torch.device, dtype: torch.dtype,
-                 memory: MemoryOptions | None = None, cuda_graphs: bool = False):
+                 memory: MemoryOptions | None = None, cuda_graphs: bool = False, family=None):
         if cuda_graphs and device.type != "cuda":
             raise InvalidArgumentError("cuda_graphs needs a CUDA device")
-        self.ckpt, self.info, self.family = ckpt, ckpt.info, family_for(ckpt)
+        self.ckpt, self.info = ckpt, ckpt.info
+        self.family = family or family_for(ckpt)  # the one the backend was made for, when given
         self._graphs = StepGraphs() if cuda_graphs else None  # whole-step graphs, one per shape and setting
         self.backend, self.device, self.dtype = backend, device, dtype
         self._widths = widths_of(ckpt)
@@ -122,9 +122,10 @@ class Pipeline:
         store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
         if memory is not None and not 0 <= memory.tile_overlap < memory.tile:
             raise InvalidArgumentError(f"tile_overlap must be in [0, tile={memory.tile}), got {memory.tile_overlap}")
-        backend_ = make_backend(ckpt, family_for(ckpt), backend, dev, DTYPES[dtype], store, clip_skip,
+        family = family_for(ckpt)
+        backend_ = make_backend(ckpt, family, backend, dev, DTYPES[dtype], store, clip_skip,
                                 cuda_graphs, attention_slicing=bool(memory and memory.attention_slicing))
-        return cls(ckpt, backend_, dev, DTYPES[dtype], memory, cuda_graphs)
+        return cls(ckpt, backend_, dev, DTYPES[dtype], memory, cuda_graphs, family)
 
     def __call__(self, prompt, negative_prompt=None, image=None, mask_image=None, strength=None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, scheduler: str = "ddim",

@@ -11,7 +11,7 @@ from fastsd import Pipeline
 from fastsd.checkpoint import load_checkpoint
 from fastsd.cli import main
 from fastsd.engines import Profile, Staging, base_manifest, entry_dir, refit_source
-from fastsd.families import family_for
+from fastsd.networks import network_specs
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def info(ckpts):
 
 
 def trt_shapes(network, info, profile):
-    return family_for(load_checkpoint(info.source)).specs[network].profile_shapes(profile)
+    return network_specs(info)[network].profile_shapes(profile)
 
 
 def test_dynamic_profile_shapes(info):

@@ -35,12 +35,13 @@ def unavailable() -> str | None:
     return None if torch.cuda.is_available() else "TensorRT engines need a CUDA device"
 
 
-def runtime_facts(device: torch.device | None = None) -> dict:
-    """Manifest facts a plan must match: the TensorRT version and the GPU it was built on."""
+def runtime_facts(device: torch.device) -> dict:
+    """Manifest facts a plan must match: the TensorRT version and the GPU it was built on
+    (for a pipeline on the CPU: the current GPU, as plans only run on one)."""
     import tensorrt as trt
 
-    device = device if device is not None and device.type == "cuda" else torch.device("cuda",
-                                                                                        torch.cuda.current_device())
+    if device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     return {"tensorrt": trt.__version__, "device_key": device_key(device)}
 
 

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from ..backends.registry import ENGINE_KINDS
-from ..engines import PRECISIONS
+from ..engines import DTYPES, PRECISIONS
 from .machine import ProcessMemory
 
 BASELINE = "diffusers"
@@ -85,9 +85,11 @@ class FastSDWorker:
             self.skip = f"{GRAPHS}: needs a CUDA device; skipped"
             return
 
+        family = family_for(ckpt)
+
         def load():
-            backend_ = make_backend(ckpt, family_for(ckpt), kind, device, dtype, root, cuda_graphs=graphs)
-            return Pipeline(ckpt, backend_, device, dtype, cuda_graphs=graphs)
+            backend_ = make_backend(ckpt, family, kind, device, dtype, root, cuda_graphs=graphs)
+            return Pipeline(ckpt, backend_, device, dtype, cuda_graphs=graphs, family=family)
 
         self.pipe = load()
         engine_kind = ENGINE_KINDS.get(kind)
@@ -219,8 +221,7 @@ def serve(cfg_json: str, backend: str) -> None:
     cfg = BenchConfig(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
                          for k, v in json.loads(cfg_json).items()})
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
-        cfg.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    dtype = DTYPES[cfg.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     memory = ProcessMemory(device)
     try:
         worker, held = memory.measure(lambda: DiffusersWorker(cfg, device, dtype) if backend == BASELINE
