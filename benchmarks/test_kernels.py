@@ -20,7 +20,8 @@ def test_scheduler_step(benchmark, sampler):
     sched = spec.schedule(cfg, 50)
     x, out, noise = torch.randn(LATENT), torch.randn(LATENT), torch.randn(LATENT)
     row = spec.coefficients(sched, cfg, 1.0)[10]  # precomputed once per call, as in the pipeline
-    benchmark(spec.step, x, out, row, cfg, noise if spec.draws_noise(1.0) else None)
+    history = ((torch.randn(LATENT),) * spec.history,) if spec.history else ()
+    benchmark(spec.step, x, out, row, cfg, noise if spec.draws_noise(1.0) else None, *history)
 
 
 def test_cfg_combine(benchmark):

@@ -50,7 +50,7 @@ def build_entry(root: Path, info, kind: str, precision: str, profile: Profile, n
                 make: MakeNetwork, facts: dict, progress: Callable[[str], None], verb: str = "built") -> Path:
     """Make each network's files in a staging folder (timed), then commit the entry with
     its manifest; an interrupted or failed build leaves nothing behind. Returns the entry."""
-    with Staging(entry_dir(root, info.fingerprint, kind, precision)) as stage:
+    with Staging(entry_dir(root, info.fingerprint, kind, precision, profile)) as stage:
         for name in networks:
             t0 = time.perf_counter()
             files, extra, note = make(name, stage.dir)

@@ -64,13 +64,15 @@ def build_mode(trt) -> tuple[str, str]:
                       "an FP16 builder flag")
 
 
-def _onnx_entry(engine_dir: Path, info, precision: str, networks: tuple[str, ...]) -> tuple[Path, dict]:
-    src = entry_dir(engine_dir, info.fingerprint, "onnxruntime", precision)
+def _onnx_entry(engine_dir: Path, info, precision: str, networks: tuple[str, ...],
+                static: tuple[int, int] | None = None) -> tuple[Path, dict]:
+    src = entry_dir(engine_dir, info.fingerprint, "onnxruntime", precision, Profile.for_model(info, static))
     manifest, problems = check_entry(src, info.fingerprint, networks=networks)
     if not manifest or problems:
         why = "; ".join(sorted({f"{n}: {p}" for n, p in problems.items()})) or "no valid entry"
         raise FastSDError(f"no usable {precision} ONNX graphs for this checkpoint in {src} ({why}): run "
-                          f"`fastsd export --dtype {precision}` first")
+                          f"`fastsd export --dtype {precision}"
+                          f"{f' --static {static[0]}x{static[1]}' if static else ''}` first")
     return src, manifest
 
 
@@ -162,8 +164,9 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
     ckpt, family, root = load_for_build(model, networks, allow_pickle, 0, engine_dir)
     specs = family.specs
     info = ckpt.info
-    src, onnx_manifest = _onnx_entry(root, info, source, networks)
-    profile = entry_profile(onnx_manifest, parse_static(static, info.vae_factor))
+    size = parse_static(static, info.vae_factor)
+    src, onnx_manifest = _onnx_entry(root, info, source, networks, size)
+    profile = entry_profile(onnx_manifest, size)
     device = torch.device("cuda", torch.cuda.current_device())
     facts = runtime_facts(device)
     donor = refit_source(root, info, "tensorrt", PRECISION, facts, profile)

@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--guidance", type=float, default=7.5, help="CFG scale; <= 1 disables CFG")
-    g.add_argument("--scheduler", default="ddim", help="ddim | euler | euler_a")
+    g.add_argument("--scheduler", default=None,
+                   help="ddim | pndm | euler | euler_a (default: the checkpoint's own, as diffusers)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
     g.add_argument("--seed", type=int, default=None, help="default: a random seed, printed and saved")
     g.add_argument("--height", type=int, default=None)
@@ -103,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--sizes", default=None, help="comma list of HxW (instead of --height/--width)")
     b.add_argument("--batch", default=None, help="comma list of prompts per call")
     b.add_argument("--steps", default=None, help="comma list of step counts")
-    b.add_argument("--schedulers", default=None, help="comma list of ddim,euler,euler_a")
+    b.add_argument("--schedulers", default=None, help="comma list of ddim,pndm,euler,euler_a")
     b.add_argument("--guidance", type=float, default=None)
     b.add_argument("--warmup", type=int, default=None)
     b.add_argument("--runs", type=int, default=None)
@@ -240,7 +241,7 @@ def cmd_generate(args) -> int:
                                     memory=memory, cuda_graphs=args.cuda_graphs,
                                     engine_dir=args.engine_dir, allow_pickle=args.allow_pickle,
                                     prediction_type=args.prediction_type, clip_skip=args.clip_skip)
-    bar = _progress(args)
+    bar = _progress(args, args.scheduler or pipe.scheduler.name)
     out = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, mask_image=mask,
                strength=args.strength, num_inference_steps=args.steps, guidance_scale=args.guidance,
                scheduler=args.scheduler, eta=args.eta, generator=torch.Generator().manual_seed(seed),
@@ -251,7 +252,7 @@ def cmd_generate(args) -> int:
     width, height = out.images[0].size
     settings = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
-        "scheduler": args.scheduler, "guidance": args.guidance, "eta": args.eta, "seed": seed,
+        "scheduler": args.scheduler or pipe.scheduler.name, "guidance": args.guidance, "eta": args.eta, "seed": seed,
         "height": height, "width": width, "strength": args.strength, "image": args.image, "mask": args.mask,
         "clip_skip": args.clip_skip, "model": args.model, "model_fingerprint": pipe.info.fingerprint,
         "fastsd": __version__,
@@ -301,16 +302,16 @@ class _Bar:
             self.bar.close()
 
 
-def _progress(args):
+def _progress(args, scheduler: str):
     if args.no_progress:
         return None
-    from .schedulers import first_step
+    from .schedulers import SAMPLERS, first_step
     from .settings import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 
     strength = args.strength
     if strength is None:
         strength = 1.0 if not args.image else INPAINT_STRENGTH if args.mask else IMG2IMG_STRENGTH
-    total = args.steps - first_step(args.steps, strength)
+    total = SAMPLERS[scheduler].loop_steps(args.steps) - first_step(args.steps, strength)
     return _Bar(total)
 
 
@@ -359,8 +360,8 @@ def cmd_engines(args) -> int:
             print(f"no engines in {root}")
         for r in rows:
             state = "ok" if not r["problems"] else "UNUSABLE: " + "; ".join(r["problems"])
-            print(f"{r['checkpoint']}/{r['kind']}  {r['size'] / 2**20:9.1f} MiB  fastsd {r['fastsd']}  "
-                  f"{','.join(r['networks'])}  {r['source']}  {state}")
+            print(f"{r['checkpoint']}/{r['kind']}  {r['size'] / 2**20:9.1f} MiB  {r['profile']}  "
+                  f"fastsd {r['fastsd']}  {','.join(r['networks'])}  {r['source']}  {state}")
         return 0
     gone = prune(root, everything=args.all, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"

@@ -26,6 +26,7 @@ from .backends.registry import ENGINE_KINDS
 from .errors import OutputPathError
 from .hashing import DigestCache, digest_file
 from .networks import NETWORKS
+from .paths import default_engine_dir  # noqa: F401 - re-exported: callers take the default from here
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ GRAPH_SUFFIXES = tuple(k.suffix for k in ENGINE_KINDS.values())
 FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")  # checkpoint fingerprints: 8-byte blake2b, hex
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # precision name -> dtype
 PRECISIONS = {dtype: name for name, dtype in DTYPES.items()}
-KIND = re.compile(rf"^({'|'.join(ENGINE_KINDS)})-({'|'.join(PRECISIONS.values())})$")
+# entry folders: <kind>-<precision> (dynamic shapes) or <kind>-<precision>-<H>x<W> (static)
+KIND = re.compile(rf"^({'|'.join(ENGINE_KINDS)})-({'|'.join(PRECISIONS.values())})(?:-([1-9][0-9]*)x([1-9][0-9]*))?$")
 SAFE_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a plain name inside the entry: no "/", "..", or "~"
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MANIFEST_FIELDS = {"format": int, "fastsd": str, "backend": str, "precision": str, "checkpoint": str,
@@ -63,10 +65,6 @@ class Problem(str):
         problem = super().__new__(cls, text)
         problem.code = code
         return problem
-
-
-def default_engine_dir() -> Path:
-    return Path(os.environ.get("FASTSD_ENGINE_DIR", "engines"))
 
 
 def writable_store(root: Path) -> Path:
@@ -95,6 +93,11 @@ class Profile:
     static: bool  # built for exactly opt_size x opt_width
     opt_width: int  # width the graph was traced at (the static width)
 
+    def describe(self) -> str:
+        size = (f"static {self.opt_size}x{self.opt_width}" if self.static
+                else f"dynamic {self.min_size}-{self.max_size} px")
+        return f"{size}, batch {self.min_batch}-{self.max_batch}"
+
     @classmethod
     def for_model(cls, info, static: tuple[int, int] | None = None, max_batch: int = MAX_BATCH) -> "Profile":
         if static is not None:
@@ -104,8 +107,30 @@ class Profile:
         return cls(1, 1, max_batch, max(f, d // 2 // f * f), d, 2 * d, False, d)
 
 
-def entry_dir(engine_dir: Path, fingerprint: str, backend: str, precision: str) -> Path:
-    return Path(engine_dir) / fingerprint / f"{backend}-{precision}"
+def entry_name(backend: str, precision: str, profile: Profile | None = None) -> str:
+    """The entry's folder name: entries of other profiles (dynamic, each static size) coexist."""
+    size = f"-{profile.opt_size}x{profile.opt_width}" if profile is not None and profile.static else ""
+    return f"{backend}-{precision}{size}"
+
+
+def entry_dir(engine_dir: Path, fingerprint: str, backend: str, precision: str, profile: Profile | None = None) -> Path:
+    return Path(engine_dir) / fingerprint / entry_name(backend, precision, profile)
+
+
+def kind_entries(engine_dir: Path, fingerprint: str, backend: str, precision: str) -> list[Path]:
+    """The checkpoint's entries of one kind and precision, whatever their profile: static
+    ones first (a graph built for one size is the faster one where it fits), largest first."""
+    folder = Path(engine_dir) / fingerprint
+    try:
+        names = [d.name for d in folder.iterdir() if _real_dir(d)]
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        m = KIND.match(name)
+        if m and (m.group(1), m.group(2)) == (backend, precision):
+            found.append((0 if m.group(3) else 1, -int(m.group(3) or 0) * int(m.group(4) or 0), name))
+    return [folder / name for *_, name in sorted(found)]
 
 
 class Staging:
@@ -226,9 +251,10 @@ def manifest_problem(manifest, entry: Path) -> str | None:
         value = manifest.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             return f"manifest field {key!r} is missing or not a {kind.__name__}"
-    if f"{manifest['backend']}-{manifest['precision']}" != entry.name:
-        return f"the manifest describes a {manifest['backend']}-{manifest['precision']} entry, not {entry.name}"
     why = _profile_problem(manifest["profile"])
+    name = None if why else entry_name(manifest["backend"], manifest["precision"], Profile(**manifest["profile"]))
+    if name is not None and name != entry.name:
+        return f"the manifest describes a {name} entry, not {entry.name}"
     if why is None:
         why = next(filter(None, (_network_problem(n, r) for n, r in manifest["networks"].items())), None)
     if why is not None:
@@ -342,7 +368,9 @@ def list_entries(engine_dir: Path) -> list[dict]:
         if manifest:
             problems = {n: p for n, p in problems.items() if n in manifest["networks"]}
         size = sum(p.lstat().st_size for p in entry.iterdir() if p.is_file() and not p.is_symlink())
+        profile = Profile(**manifest["profile"]).describe() if manifest else "?"
         rows.append({"path": entry, "checkpoint": entry.parent.name, "kind": entry.name, "manifest": manifest,
+                     "profile": profile,
                      "source": str(manifest.get("source", "?")), "fastsd": str(manifest.get("fastsd", "?")),
                      "size": size, "networks": sorted(manifest.get("networks", {})),
                      "problems": sorted(set(problems.values()))})  # Problems: text with a code
@@ -390,7 +418,9 @@ def refit_source(engine_dir: Path, info, backend: str, precision: str, runtime_f
     does not even deserialize) and, where given, for the same shape profile."""
     for row in list_entries(engine_dir):
         manifest = row["manifest"]
-        if (row["kind"] == f"{backend}-{precision}" and row["checkpoint"] != info.fingerprint and not row["problems"]
+        m = KIND.match(row["kind"])
+        if (m and (m.group(1), m.group(2)) == (backend, precision) and row["checkpoint"] != info.fingerprint
+                and not row["problems"]
                 and manifest.get("refittable") and manifest.get("architecture") == info.architecture
                 and all(manifest.get(k) == v for k, v in (runtime_facts or {}).items())
                 and (profile is None or manifest.get("profile") == asdict(profile))):

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from .synthetic import cache_dir
+from .paths import cache_dir
 
 CHUNK = 1 << 24
 CACHE_FORMAT = 2  # bump when the key changes (old tables are dropped, never trusted)

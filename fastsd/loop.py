@@ -65,13 +65,14 @@ class StepKey:
     shapes: tuple  # ((name, shape), ...) of x and the StepInputs
 
 
-def step_rows(sched: Schedule, sampler: str, cfg: SchedulerConfig, eta: float) -> torch.Tensor:
-    """(n, 4 + K) float32 on the schedule's device: one row per step. The inpaint weights of
-    row i re-noise the clean latents to step i + 1 (the last row: the clean latents)."""
+def step_rows(sched: Schedule, sampler: str, cfg: SchedulerConfig, eta: float, start: int = 0) -> torch.Tensor:
+    """(n - start, 4 + K) float32 on the schedule's device: one row per step run, from step
+    `start`. The inpaint weights of row i re-noise the clean latents to step i + 1 (the
+    last row: the clean latents)."""
     signal_next = torch.cat([sched.signal[1:], sched.signal.new_ones(1)])
     level_next = torch.cat([sched.noise_level[1:], sched.noise_level.new_zeros(1)])
     fixed = torch.stack([sched.timesteps, sched.input_scale, signal_next, level_next], dim=1)
-    return torch.cat([fixed, SAMPLERS[sampler].coefficients(sched, cfg, eta)], dim=1)
+    return torch.cat([fixed, SAMPLERS[sampler].coefficients(sched, cfg, eta, start)], dim=1)[start:]
 
 
 def make_step(unet: Callable, key: StepKey, inputs: StepInputs) -> Callable:
@@ -81,51 +82,65 @@ def make_step(unet: Callable, key: StepKey, inputs: StepInputs) -> Callable:
     if key.do_cfg:
         denoise = cfg_denoiser(denoise, key.guidance_scale)
 
-    def step(x, row, noise):
+    def step(state, row, noise):
+        x = state[0]
         out = denoise(x * row[ROW_SCALE], row[ROW_T])
-        x = sampler.step(x, out, row[ROW_COEF:], key.cfg, noise)
+        if sampler.history:  # a multistep sampler carries its history in the state
+            x, history = sampler.step(x, out, row[ROW_COEF:], key.cfg, noise, state[1:])
+        else:
+            x, history = sampler.step(x, out, row[ROW_COEF:], key.cfg, noise), ()
         if inputs.mask is not None:
             x = blend(x, row[ROW_SIGNAL] * inputs.x0 + row[ROW_LEVEL] * inputs.noise, inputs.mask)
-        return x
+        return (x, *history)
 
     return step
 
 
-def run_steps(step: Callable, x: torch.Tensor, rows: torch.Tensor, noises: torch.Tensor | None,
+def initial_state(sampler: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The loop's state before the first step: the latents, then the sampler's history (zeros)."""
+    return (x, *(torch.zeros_like(x) for _ in range(SAMPLERS[sampler].history)))
+
+
+def run_steps(step: Callable, state: tuple, rows: torch.Tensor, noises: torch.Tensor | None,
               host_t: tuple[float, ...], callback: Callable | None) -> torch.Tensor:
     for k in range(len(rows)):
-        x = step(x, rows[k], None if noises is None else noises[k])
+        state = step(state, rows[k], None if noises is None else noises[k])
         if callback is not None:
-            callback(k, host_t[k], x)
-    return x
+            callback(k, host_t[k], state[0])
+    return state[0]
 
 
 class _StepGraph:
     """One captured step: static x, row, noise and inputs; the graph writes x in place.
     `ran` is what ran each network during the capture (what every replay runs)."""
 
-    def __init__(self, unet, key: StepKey, inputs: StepInputs, x, row, noise, pool):
+    def __init__(self, unet, key: StepKey, inputs: StepInputs, state, row, noise, pool):
         self.inputs = inputs.clone()
-        self.x, self.row = x.clone(), row.clone()
+        self.state, self.row = tuple(t.clone() for t in state), row.clone()
         self.noise = None if noise is None else noise.clone()
         self.ran: dict[str, str] = {}
         step = make_step(partial(unet, ran=self.ran), key, self.inputs)
-        # the graph writes the new latents into its own input; run() sets x before each call
-        self.graph, _ = capture(lambda: self.x.copy_(step(self.x, self.row, self.noise)), pool, x.device)
 
-    def run(self, inputs: StepInputs, x, rows, noises, host_t, callback, ran: dict) -> torch.Tensor:
+        def replayed():  # the graph writes the new state into its own input; run() sets it first
+            for static, new in zip(self.state, step(self.state, self.row, self.noise), strict=True):
+                static.copy_(new)
+
+        self.graph, _ = capture(replayed, pool, row.device)
+
+    def run(self, inputs: StepInputs, state, rows, noises, host_t, callback, ran: dict) -> torch.Tensor:
         for static, t in zip(self.inputs.tensors().values(), inputs.tensors().values(), strict=True):
             static.copy_(t)
         ran.update(self.ran)
-        self.x.copy_(x)
+        for static, t in zip(self.state, state, strict=True):
+            static.copy_(t)
         for k in range(len(rows)):
             self.row.copy_(rows[k])
             if self.noise is not None:
                 self.noise.copy_(noises[k])
             self.graph.replay()
             if callback is not None:
-                callback(k, host_t[k], self.x.clone())
-        return self.x.clone()
+                callback(k, host_t[k], self.state[0].clone())
+        return self.state[0].clone()
 
 
 class StepGraphs:
@@ -140,7 +155,7 @@ class StepGraphs:
         self.pool = None
         self.lock = threading.Lock()
 
-    def run(self, unet, key: StepKey, inputs: StepInputs, x, rows, noises, host_t, callback, ran: dict):
+    def run(self, unet, key: StepKey, inputs: StepInputs, state, rows, noises, host_t, callback, ran: dict):
         """The final latents, or None where this step cannot run as a graph. `unet` is the
         backend's (it records what ran into the capture's own dict, copied into `ran`)."""
         if key in self.refused:
@@ -151,7 +166,7 @@ class StepGraphs:
                 if self.pool is None:
                     self.pool = torch.cuda.graph_pool_handle()
                 try:
-                    graph = _StepGraph(unet, key, inputs, x, rows[0], None if noises is None else noises[0],
+                    graph = _StepGraph(unet, key, inputs, state, rows[0], None if noises is None else noises[0],
                                        self.pool)
                 except Exception as e:  # noqa: BLE001 - anything that cannot be captured runs uncaptured
                     self.refused.add(key)
@@ -159,4 +174,4 @@ class StepGraphs:
                                 str(e).splitlines()[0] if str(e) else type(e).__name__)
                     return None
                 self.graphs[key] = graph
-            return graph.run(inputs, x, rows, noises, host_t, callback, ran)
+            return graph.run(inputs, state, rows, noises, host_t, callback, ran)

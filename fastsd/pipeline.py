@@ -30,9 +30,18 @@ from .devices import parse_device
 from .engines import DTYPES, default_engine_dir
 from .errors import InvalidArgumentError, NumericalError
 from .families import family_for
-from .loop import StepGraphs, StepInputs, StepKey, make_step, run_steps, step_rows
+from .loop import StepGraphs, StepInputs, StepKey, initial_state, make_step, run_steps, step_rows
 from .model_files import Checkpoint
-from .schedulers import PREDICTION_TYPES, SAMPLERS, SchedulerConfig, add_noise, first_step
+from .schedulers import (
+    PREDICTION_TYPES,
+    SAMPLERS,
+    SchedulerChoice,
+    add_noise,
+    choose_scheduler,
+    default_scheduler,
+    first_step,
+    pipeline_scheduler_config,
+)
 from .settings import SEED_LIMIT, Request, check_seed, make_request
 from .tiling import decode_sliced, decode_tiled
 
@@ -92,6 +101,20 @@ class Pipeline:
         self.backend, self.device, self.dtype = backend, device, dtype
         self._widths = widths_of(ckpt)
         self.memory = memory or MemoryOptions()
+        self._scheduler = default_scheduler(pipeline_scheduler_config(self.info.scheduler))
+
+    @property
+    def scheduler(self) -> SchedulerChoice:
+        """The sampler a call with scheduler=None runs (at load: the checkpoint's own). `.name`
+        is fastsd's name, `.config` a diffusers config: `pipe.scheduler =
+        EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)` works as in diffusers."""
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, value) -> None:
+        """A fastsd sampler name or a diffusers scheduler object (mapped by class and config);
+        one fastsd cannot run raises InvalidArgumentError and leaves the scheduler as it was."""
+        self._scheduler = choose_scheduler(value, self._scheduler.config)
 
     @classmethod
     def from_pretrained(cls, model: str, backend: str = "auto", device: str | None = None,
@@ -128,12 +151,13 @@ class Pipeline:
         return cls(ckpt, backend_, dev, DTYPES[dtype], memory, cuda_graphs, family)
 
     def __call__(self, prompt, negative_prompt=None, image=None, mask_image=None, strength=None,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5, scheduler: str = "ddim",
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5, scheduler=None,
                  eta: float = 0.0, generator: torch.Generator | None = None, seed: int | None = None,
                  height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
                  output_type: str = "pil", callback: Callable | None = None) -> PipelineOutput:
+        choice = self._scheduler if scheduler is None else choose_scheduler(scheduler, self._scheduler.config)
         req = make_request(self.info, prompt, negative_prompt, image, mask_image, strength, num_inference_steps,
-                           guidance_scale, scheduler, eta, height, width, num_images_per_prompt, output_type)
+                           guidance_scale, choice, eta, height, width, num_images_per_prompt, output_type)
         check_fits(self.info, self._widths, req, self.dtype, self.device, self.memory)
         gen, seed = self._generator(generator, seed)
         with on_work_stream(self.device):  # on CUDA: fastsd's one work stream, shared with the engines
@@ -147,7 +171,7 @@ class Pipeline:
         with self._timed(timings, "text_encoder"):
             unet_inputs = self.family.encode(partial(self.backend.text_encoder, ran=call.ran), req.prompts,
                                              req.negative_prompts, req.do_cfg, req.n, self.device)
-        cfg = SchedulerConfig.from_dict(self.info.scheduler, req.scheduler)
+        cfg = req.scheduler_config
         sampler = SAMPLERS[req.scheduler]
         sched = sampler.schedule(cfg, req.steps, self.device)
         with self._timed(timings, "vae_encoder"):
@@ -248,18 +272,19 @@ class Pipeline:
     def _denoise(self, call: _Call, lat: _Latents, unet_inputs: dict, sched, cfg, callback):
         """The loop (see fastsd/loop.py): rows and noise are ready before it starts."""
         req = call.req
-        rows = step_rows(sched, req.scheduler, cfg, req.eta)[lat.start:]
+        rows = step_rows(sched, req.scheduler, cfg, req.eta, lat.start)
         inputs = StepInputs(unet_inputs, lat.conditioning, lat.x0, lat.noise, lat.mask)
         shapes = tuple((n, tuple(t.shape)) for n, t in {"x": lat.x, **inputs.tensors()}.items())
         key = StepKey(req.scheduler, cfg, req.guidance_scale, req.do_cfg, lat.step_noise is not None, shapes)
         host_t = sched.host_timesteps[lat.start:]
+        state = initial_state(req.scheduler, lat.x)
         if self._graphs is not None:
-            x = self._graphs.run(self.backend.unet, key, inputs, lat.x, rows, lat.step_noise, host_t, callback,
+            x = self._graphs.run(self.backend.unet, key, inputs, state, rows, lat.step_noise, host_t, callback,
                                  call.ran)
             if x is not None:
                 return x
         step = make_step(partial(self.backend.unet, ran=call.ran), key, inputs)
-        return run_steps(step, lat.x, rows, lat.step_noise, host_t, callback)
+        return run_steps(step, state, rows, lat.step_noise, host_t, callback)
 
     def _decode(self, latents: torch.Tensor, ran: dict) -> np.ndarray:
         z = latents / self.info.vae_scale + self.info.vae_shift

@@ -24,7 +24,7 @@ from .errors import InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
-SAMPLER_NAMES = ("ddim", "euler", "euler_a")
+SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_a")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SPACINGS = ("leading", "trailing", "linspace")
 ZERO_SNR_ALPHA_BAR = 2.0**-24  # what diffusers puts in place of alpha_bar = 0 for Euler
@@ -33,6 +33,7 @@ ZERO_SNR_ALPHA_BAR = 2.0**-24  # what diffusers puts in place of alpha_bar = 0 f
 # config (diffusers' from_config fills missing keys from the *target* class).
 _DEFAULTS: dict[str, dict] = {
     "ddim": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": True},
+    "pndm": {"timestep_spacing": "leading", "set_alpha_to_one": False, "clip_sample": False},
     "euler": {"timestep_spacing": "linspace", "set_alpha_to_one": False, "clip_sample": False},
     "euler_a": {"timestep_spacing": "linspace", "set_alpha_to_one": False, "clip_sample": False},
 }
@@ -55,16 +56,15 @@ class SchedulerConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, sampler: str) -> "SchedulerConfig":
-        """Read a checkpoint's scheduler_config.json the way diffusers' SD pipelines do."""
+        """Read a diffusers scheduler config as `XScheduler.from_config(raw)` does: keys the
+        config lists in `_use_default_values`, and keys it lacks, take the target class's
+        defaults."""
         check_sampler(sampler)
         known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in raw.items() if k in known and v is not None}
+        defaulted = set(raw.get("_use_default_values") or ())
+        values = {k: v for k, v in raw.items() if k in known and k not in defaulted and v is not None}
         for key, default in _DEFAULTS[sampler].items():
             values.setdefault(key, default)
-        # StableDiffusionPipeline.__init__ forces these two on legacy configs; we do the same.
-        values["steps_offset"] = 1
-        if raw.get("clip_sample") is True:
-            values["clip_sample"] = False
         if values.get("trained_betas") is not None:
             values["trained_betas"] = tuple(values["trained_betas"])
         cfg = cls(**values)
@@ -72,9 +72,6 @@ class SchedulerConfig:
             raise InvalidArgumentError(f"unsupported prediction_type {cfg.prediction_type!r}")
         if cfg.timestep_spacing not in SPACINGS:
             raise InvalidArgumentError(f"unsupported timestep_spacing {cfg.timestep_spacing!r}")
-        for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
-            if raw.get(flag):
-                log.warning("scheduler config sets %s, which fastsd ignores", flag)
         return cfg
 
 
@@ -99,6 +96,98 @@ class Schedule:
 def check_sampler(name: str) -> None:
     if name not in SAMPLER_NAMES:
         raise InvalidArgumentError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+
+
+# diffusers scheduler classes fastsd runs, and the options each must have for it to.
+DIFFUSERS_CLASSES = {"DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
+                     "EulerAncestralDiscreteScheduler": "euler_a"}
+CLASS_OF = {name: cls for cls, name in DIFFUSERS_CLASSES.items()}
+_SIGMA_OPTIONS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                  "use_flow_sigmas": False}
+_NEEDS: dict[str, dict] = {  # option -> the only value fastsd runs (absent keys take diffusers' defaults)
+    "ddim": {"thresholding": False},
+    "pndm": {"skip_prk_steps": True},  # PLMS; PNDM's Runge-Kutta warm-up is not implemented
+    "euler": dict(_SIGMA_OPTIONS, interpolation_type="linear", timestep_type="discrete", sigma_min=None,
+                  sigma_max=None, final_sigmas_type="zero"),
+    "euler_a": dict(_SIGMA_OPTIONS),
+}
+_CLASS_DEFAULTS = {"skip_prk_steps": False, "interpolation_type": "linear", "timestep_type": "discrete",
+                   "final_sigmas_type": "zero"}
+
+
+class SchedulerChoice:
+    """What `pipe.scheduler` holds: a fastsd sampler and the diffusers-style config it reads.
+    `.config` is a diffusers config dict (with `_class_name`), so diffusers' idiom
+    `pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)`
+    works unchanged."""
+
+    def __init__(self, name: str | None, config: dict, problem: str | None = None):
+        """`name` None: the checkpoint's own scheduler is one fastsd cannot run (`problem`
+        says why); its config still serves `XScheduler.from_config(pipe.scheduler.config)`."""
+        self.name, self.problem = name, problem
+        self._config = dict(config) if name is None else dict(config, _class_name=CLASS_OF[name])
+        self.settings = None if name is None else SchedulerConfig.from_dict(self._config, name)  # validates it
+
+    @property
+    def config(self) -> dict:
+        return dict(self._config)
+
+    def __repr__(self) -> str:
+        return f"SchedulerChoice({self.name!r}, {self.settings})"
+
+
+def pipeline_scheduler_config(raw: dict) -> dict:
+    """A checkpoint's scheduler config as StableDiffusionPipeline.__init__ leaves it: legacy
+    configs get steps_offset = 1 and clip_sample = False."""
+    config = dict(raw, steps_offset=1)
+    if config.get("clip_sample") is True:
+        config["clip_sample"] = False
+    return config
+
+
+def default_scheduler(config: dict) -> SchedulerChoice:
+    """The checkpoint's own scheduler, or, where fastsd cannot run it, a choice that says why
+    (an error when a call relies on it, a warning now)."""
+    try:
+        return choose_scheduler(None, config)
+    except InvalidArgumentError as e:
+        log.warning("%s", e)
+        return SchedulerChoice(None, config, str(e))
+
+
+def choose_scheduler(value, config: dict) -> SchedulerChoice:
+    """`value` as fastsd runs it: None (the class `config` names: the checkpoint's own), a
+    fastsd sampler name (reading `config` as its diffusers class's from_config would), a
+    SchedulerChoice, or a diffusers scheduler object (mapped by class and config). One
+    fastsd cannot run is an InvalidArgumentError, never replaced by another."""
+    if isinstance(value, SchedulerChoice):
+        if value.name is None:
+            raise InvalidArgumentError(value.problem)
+        return value
+    if value is None:
+        cls = config.get("_class_name")
+        if cls not in DIFFUSERS_CLASSES:
+            raise InvalidArgumentError(f"the checkpoint's scheduler {cls} is not one fastsd runs; pass scheduler= "
+                                       f"one of {', '.join(SAMPLER_NAMES)} (or set pipe.scheduler)")
+        name, what = DIFFUSERS_CLASSES[cls], f"the checkpoint's {cls}"
+    elif isinstance(value, str):
+        check_sampler(value)
+        name, what = value, f"scheduler {value!r}"
+        config = dict(config, skip_prk_steps=True) if value == "pndm" else config  # the name means PLMS
+    elif hasattr(value, "config") and type(value).__name__.endswith("Scheduler"):
+        cls = type(value).__name__
+        if cls not in DIFFUSERS_CLASSES:
+            raise InvalidArgumentError(f"fastsd cannot run diffusers' {cls}; it runs "
+                                       f"{', '.join(DIFFUSERS_CLASSES)} (or the names {', '.join(SAMPLER_NAMES)})")
+        name, what, config = DIFFUSERS_CLASSES[cls], cls, dict(value.config)
+    else:
+        raise InvalidArgumentError(f"scheduler must be a name ({', '.join(SAMPLER_NAMES)}) or a diffusers "
+                                   f"scheduler object, not {type(value).__name__}")
+    for key, needed in _NEEDS[name].items():
+        have = config.get(key, _CLASS_DEFAULTS.get(key, needed))
+        if have != needed:
+            raise InvalidArgumentError(f"fastsd cannot run {what} with {key}={have!r} (it runs {key}={needed!r})")
+    return SchedulerChoice(name, config)
 
 
 # ---- tables -------------------------------------------------------------------------
@@ -149,7 +238,7 @@ def spaced_timesteps(cfg: SchedulerConfig, steps: int, integer: bool) -> np.ndar
 
 
 def _tensor(a, device) -> torch.Tensor:
-    return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)
+    return torch.as_tensor(np.array(a), dtype=torch.float32, device=device)  # a copy: positive strides
 
 
 def ddim_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
@@ -168,6 +257,23 @@ def ddim_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
         init_noise_sigma=1.0,
         alpha_bar=_tensor(alpha_bar, device),
         alpha_bar_prev=_tensor(alpha_bar_prev, device),
+    )
+
+
+def pndm_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
+    """PLMS (PNDMScheduler with skip_prk_steps): the n spaced timesteps with the second one
+    repeated, n + 1 UNet calls (the repeat is the second-order start of PLMS)."""
+    alpha_bar_all = alphas_cumprod(cfg).numpy()
+    t = spaced_timesteps(cfg, steps, integer=True).astype(np.int64)[::-1]  # ascending, as diffusers builds it
+    t = np.concatenate([t[:-1], t[-2:-1], t[-1:]])[::-1]
+    alpha_bar = alpha_bar_all[t]
+    return Schedule(
+        timesteps=_tensor(t, device),
+        host_timesteps=tuple(float(v) for v in t.astype(np.float32)),
+        signal=_tensor(np.sqrt(alpha_bar), device),
+        noise_level=_tensor(np.sqrt(1 - alpha_bar), device),
+        input_scale=_tensor(np.ones(len(t)), device),
+        init_noise_sigma=1.0,
     )
 
 
@@ -200,7 +306,7 @@ def euler_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
 # replayed inside a CUDA graph with the row copied into a static buffer.
 
 
-def ddim_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0) -> torch.Tensor:
+def ddim_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, start: int = 0) -> torch.Tensor:
     """(n, 5): sqrt(alpha_bar), sqrt(1 - alpha_bar), the DDIM eq. (12) weights of x0 and
     eps, and the std of the fresh noise (DDIM eq. (16), times eta)."""
     alpha_bar, alpha_bar_prev = sched.alpha_bar, sched.alpha_bar_prev
@@ -224,17 +330,67 @@ def ddim_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None):
     return x_prev
 
 
+# PLMS: linear multistep over the last model outputs (Liu et al. 2022, "Pseudo numerical
+# methods", eq. (12); the PLMS of latent-diffusion, as diffusers' PNDMScheduler.step_plms).
+# The history (the first step's sample, the last three outputs) is carried explicitly:
+# step k of a run (k counts from the first step run, as diffusers' counter) reads one row
+# of weights, so every step has the same arithmetic and can be one CUDA graph.
+_PLMS_WEIGHTS = {0: ((1, 0, 0, 0), 1), 1: ((1, 1, 0, 0), 2), 2: ((3, -1, 0, 0), 2), 3: ((23, -16, 5, 0), 12),
+                 4: ((55, -59, 37, -9), 24)}
+PNDM_HISTORY = 4  # carried tensors: the first step's sample, then outputs e1 (newest), e2, e3
+
+
+def pndm_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, start: int = 0) -> torch.Tensor:
+    """(n, 14): per step the weights of (out, e1, e2, e3) and their divisor; the weights of x
+    and of the kept first sample in the sample stepped from; whether the output joins the
+    history; whether x is kept as the first sample; then sqrt(alpha_bar_t), sqrt(1 -
+    alpha_bar_t), sqrt(ab_prev / ab_t), ab_prev - ab_t and the update's denominator, in
+    float32 with diffusers' operations."""
+    alpha_bar_all = alphas_cumprod(cfg)
+    final = torch.tensor(1.0) if cfg.set_alpha_to_one else alpha_bar_all[0]
+    ratio = cfg.num_train_timesteps // max(len(sched) - 1, 1)  # n + 1 timesteps for n steps
+    rows = []
+    for i, t_given in enumerate(sched.host_timesteps):
+        k = max(i - start, 0)  # diffusers' counter: counts from the first step run
+        t, prev = int(t_given), int(t_given) - ratio
+        if k == 1:  # the repeated timestep: a second-order step from the first sample, t + ratio -> t
+            t, prev = t + ratio, t
+        ab = alpha_bar_all[t]
+        ab_prev = alpha_bar_all[prev] if prev >= 0 else final
+        weights, divisor = _PLMS_WEIGHTS[min(k, 4)]
+        denom = ab * (1 - ab_prev) ** 0.5 + (ab * (1 - ab) * ab_prev) ** 0.5
+        flags = (0.0, 1.0, 0.0, 0.0) if k == 1 else (1.0, 0.0, 1.0, 1.0 if k == 0 else 0.0)
+        row = [*weights, divisor, *flags, ab**0.5, (1 - ab) ** 0.5, (ab_prev / ab) ** 0.5, ab_prev - ab, denom]
+        rows.append(torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in row]))
+    return torch.stack(rows).to(sched.timesteps.device)
+
+
+def pndm_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None, history=None):
+    """-> (x_prev, history'); history = (first sample, e1, e2, e3), zeros before the first step."""
+    first, e1, e2, e3 = history
+    eps = (c[0] * out + c[1] * e1 + c[2] * e2 + c[3] * e3) / c[4]
+    sample = c[5] * x + c[6] * first
+    if cfg.prediction_type == "v_prediction":
+        eps = c[9] * eps + c[10] * sample
+    x_prev = c[11] * sample - c[12] * eps / c[13]
+    push, take = c[7], c[8]
+    kept = 1 - push
+    history = (take * x + (1 - take) * first, push * out + kept * e1, push * e1 + kept * e2, push * e2 + kept * e3)
+    return x_prev, history
+
+
 def _sigma_rows(sigma: torch.Tensor, step_to: torch.Tensor) -> list[torch.Tensor]:
     """sigma, the step in sigma, and the v-prediction weights of x0 = a * out + x / b."""
     return [sigma, step_to - sigma, -sigma / (sigma**2 + 1) ** 0.5, sigma**2 + 1]
 
 
-def euler_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0) -> torch.Tensor:
+def euler_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, start: int = 0) -> torch.Tensor:
     """(n, 4): Euler from sigma to sigma_next (Karras et al. 2022, Algorithm 1, no churn)."""
     return torch.stack(_sigma_rows(sched.sigmas[:-1], sched.sigmas[1:]), dim=1)
 
 
-def euler_ancestral_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 1.0) -> torch.Tensor:
+def euler_ancestral_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 1.0,
+                                 start: int = 0) -> torch.Tensor:
     """(n, 5): Euler to sigma_down, then fresh noise of std sigma_up (k-diffusion get_ancestral_step)."""
     sigma, sigma_next = sched.sigmas[:-1], sched.sigmas[1:]
     sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
@@ -262,13 +418,17 @@ def euler_ancestral_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=No
 class Sampler:
     name: str
     schedule: Callable[..., Schedule]  # (cfg, steps, device) -> Schedule
-    coefficients: Callable[..., torch.Tensor]  # (sched, cfg, eta) -> (n, K) float32, one row per step
-    step: Callable[..., torch.Tensor]  # (x, out, row, cfg, noise) -> x_prev
+    coefficients: Callable[..., torch.Tensor]  # (sched, cfg, eta, start) -> (n, K) float32, one row per step
+    step: Callable[..., torch.Tensor]  # (x, out, row, cfg, noise[, history]) -> x_prev[, history']
     draws_noise: Callable[[float], bool]  # eta -> does step() take fresh noise?
+    history: int = 0  # multistep samplers: how many tensors of x's shape a step carries to the next
+    loop_steps: Callable[[int], int] = lambda steps: steps  # schedule length (UNet calls) for `steps`
 
 
 SAMPLERS = {
     "ddim": Sampler("ddim", ddim_schedule, ddim_coefficients, ddim_step, lambda eta: eta > 0),
+    "pndm": Sampler("pndm", pndm_schedule, pndm_coefficients, pndm_step, lambda eta: False, PNDM_HISTORY,
+                    lambda steps: steps + 1 if steps > 1 else 1),
     "euler": Sampler("euler", euler_schedule, euler_coefficients, euler_step, lambda eta: False),
     "euler_a": Sampler("euler_a", euler_schedule, euler_ancestral_coefficients, euler_ancestral_step,
                        lambda eta: True),

@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import InvalidArgumentError
 from .images import _as_pil
-from .schedulers import check_sampler, first_step
+from .schedulers import SchedulerChoice, SchedulerConfig, choose_scheduler, first_step
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ class Request:
     strength: float
     steps: int
     guidance_scale: float
-    scheduler: str
+    scheduler: str  # the fastsd sampler
+    scheduler_config: SchedulerConfig
     eta: float
     height: int
     width: int
@@ -95,7 +96,7 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
         raise InvalidArgumentError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InvalidArgumentError(f"num_images_per_prompt must be an integer >= 1, got {n!r}")
-    check_sampler(scheduler)
+    choice: SchedulerChoice = choose_scheduler(scheduler, {})  # raises where the default is not runnable
     if output_type not in OUTPUT_TYPES:
         raise InvalidArgumentError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
     guidance = _number(guidance_scale, "guidance_scale", lo=0.0, hi=MAX_GUIDANCE)
@@ -122,5 +123,5 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
                                    "raise strength or num_inference_steps")
     h = _size(height, default_h, info.vae_factor, "height")
     w = _size(width, default_w, info.vae_factor, "width")
-    return Request(prompts, negatives, image, mask_image, strength, steps, guidance, scheduler, eta, h, w, n,
-                   output_type)
+    return Request(prompts, negatives, image, mask_image, strength, steps, guidance, choice.name, choice.settings,
+                   eta, h, w, n, output_type)

@@ -19,6 +19,7 @@ import torch
 
 from .archs import ARCHS, arch
 from .errors import ModelNotFoundError
+from .paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,6 @@ SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_VERSION = 1  # bump when what build() writes changes
 MAX_TOKENS = 77  # CLIP context length (tokenizer model_max_length)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FASTSD_CACHE", Path.home() / ".cache" / "fastsd"))
 
 
 def _bytes_to_unicode() -> list[str]:

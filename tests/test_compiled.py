@@ -24,7 +24,7 @@ def store(ckpts, tmp_path_factory):
 
 
 def entry(store):
-    return next(store.glob("*/compiled-fp32"))
+    return next(store.glob("*/compiled-fp32-*"))
 
 
 def test_compiled_matches_eager(ckpts, pipes, store):
@@ -48,7 +48,7 @@ def test_other_size_runs_eager(ckpts, store, caplog):
 @pytest.mark.parametrize("fact,value", [("torch", "1.0.0"), ("device_key", "cuda:NVIDIA H100:sm_90")])
 def test_package_for_other_torch_or_device_refused(ckpts, store, tmp_path, fact, value, caplog):
     copy = shutil.copytree(store, tmp_path / "s")
-    m = next(copy.glob("*/compiled-fp32")) / "manifest.json"
+    m = next(copy.glob("*/compiled-fp32-*")) / "manifest.json"
     m.write_text(json.dumps({**json.loads(m.read_text()), fact: value}))
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="compiled", engine_dir=str(copy))
     assert set(pipe.backend.backends.values()) == {"eager"}
@@ -65,6 +65,12 @@ def test_auto_mixes_engine_kinds_per_network(ckpts, store, tmp_path):
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="auto", engine_dir=str(mixed))
     assert pipe.backend.backends == {"text_encoder": "compiled", "unet": "compiled", "vae_encoder": "onnxruntime",
                                      "vae_decoder": "compiled"}
+    # per call, the fastest engine whose profile fits: the static compiled UNet at its size,
+    # the dynamic ONNX UNet at another; eager only where no engine fits (the VAE decoder)
+    size = json.loads((entry(mixed) / "manifest.json").read_text())["profile"]["opt_size"]
+    assert pipe("x", height=size, width=size, **KW).backends["unet"] == "compiled"
+    other = pipe("x", height=size + 8, width=size - 8, **KW).backends
+    assert other == {"text_encoder": "compiled", "unet": "onnxruntime", "vae_decoder": "eager"}
 
 
 def test_build_cli(ckpts, tmp_path, capsys):

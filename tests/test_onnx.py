@@ -96,7 +96,7 @@ def test_missing_engines_fall_back(ckpts, tmp_path, caplog):
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(tmp_path))
     out = pipe("a", num_inference_steps=2, output_type="np")
     assert set(out.backends.values()) == {"eager"}
-    assert "no engine entry" in caplog.text
+    assert "no fp32 entry for this checkpoint" in caplog.text
 
 
 def test_other_checkpoint_gets_its_own_entry(ckpts, tmp_path):
@@ -210,6 +210,26 @@ def test_static_shape_entry(ckpts, pipes, tmp_path, caplog):
     for t in threads:
         t.join()
     assert got == ["onnxruntime", "eager"] * 4
+
+
+def test_static_and_dynamic_entries_coexist(ckpts, tmp_path, capsys):
+    """`export --static` adds an entry beside the dynamic one (it used to replace it): a call
+    at the static size and a call at any other size both run on ONNX Runtime."""
+    store = tmp_path / "engines"
+    dynamic = export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("unet",))
+    static = export_checkpoint(str(ckpts["eps"]), engine_dir=store, static="24x40", networks=("unet",))
+    assert dynamic.is_dir() and static.is_dir() and dynamic != static
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="auto", engine_dir=str(store))
+    kw = dict(num_inference_steps=2, output_type="latent", seed=4)
+    assert pipe("x", height=24, width=40, **kw).backends["unet"] == "onnxruntime"
+    assert pipe("x", height=32, width=16, **kw).backends["unet"] == "onnxruntime"
+    runners = pipe.backend.engines["unet"]
+    assert [r.profile.static for r in runners] == [True, False]  # the static graph first where it fits
+    assert runners[0].runner is not None and runners[1].runner is not None
+    capsys.readouterr()
+    assert main(["engines", "list", "--engine-dir", str(store)]) == 0
+    listing = capsys.readouterr().out
+    assert "static 24x40" in listing and "dynamic" in listing
 
 
 def test_export_argument_errors(ckpts, tmp_path):

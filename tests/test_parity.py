@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fastsd.images import image_to_tensor, mask_to_tensor
 
 TOL = 1e-3
-DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
                         "euler_a": "EulerAncestralDiscreteScheduler"}
 _REF_CACHE: dict = {}
 WORST: dict[str, float] = {}  # mode -> worst difference seen, printed at the end
@@ -55,7 +55,7 @@ def _report_worst():
     print("\nworst parity difference per mode:", {k: f"{v:.2e}" for k, v in sorted(WORST.items())})
 
 
-SCHEDULERS = ["ddim", "euler", "euler_a"]
+SCHEDULERS = ["ddim", "pndm", "euler", "euler_a"]
 GUIDANCE = [7.5, 1.0]  # with and without CFG
 
 
@@ -178,9 +178,74 @@ def test_clip_skip(ckpts):
 
     kw = dict(num_inference_steps=3, height=16, width=16, output_type="np")
     ours = Pipeline.from_pretrained(str(ckpts["eps"]), clip_skip=1)("a fox", generator=torch.Generator().manual_seed(0),
-                                                                    **kw).images
+                                                                    scheduler="ddim", **kw).images
     theirs = ref(prompt_embeds=embed("a fox"), negative_prompt_embeds=embed(""),
                  generator=torch.Generator().manual_seed(0), **kw).images
     plain = ref("a fox", generator=torch.Generator().manual_seed(0), **kw).images
     assert np.abs(ours - theirs).max() <= TOL
     assert np.abs(ours - plain).max() > 10 * TOL  # it changes the image
+
+
+# ---- the scheduler a diffusers user gets ------------------------------------------------
+
+
+def test_default_scheduler_is_the_checkpoints(ckpts, pipes):
+    """scheduler=None runs the checkpoint's own scheduler (PNDM/PLMS for SD 1.5), as a plain
+    diffusers pipeline does: no scheduler swap on either side."""
+    import diffusers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(str(ckpts["eps"]), safety_checker=None,
+                                                            requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    assert type(ref.scheduler).__name__ == "PNDMScheduler"
+    pipe = pipes("eps")
+    assert pipe.scheduler.name == "pndm"
+    kw = dict(prompt="a fox", num_inference_steps=6, height=16, width=24, output_type="np")
+    ours = pipe(generator=torch.Generator().manual_seed(3), **kw).images
+    theirs = ref(generator=torch.Generator().manual_seed(3), **kw).images
+    ddim = pipe(generator=torch.Generator().manual_seed(3), scheduler="ddim", **kw).images
+    assert np.abs(ours - theirs).max() <= TOL
+    assert np.abs(ours - ddim).max() > 10 * TOL  # not DDIM under another name
+
+
+def test_scheduler_object_is_honoured(ckpts):
+    """pipe.scheduler = XScheduler.from_config(pipe.scheduler.config, ...) as in diffusers:
+    the class and its options (timestep spacing, prediction type) are what runs."""
+    import diffusers
+
+    from fastsd import Pipeline
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(str(ckpts["eps"]), safety_checker=None,
+                                                            requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]))
+    kw = dict(prompt="a fox", num_inference_steps=5, height=16, width=16, output_type="np")
+    for cls, options in [("EulerAncestralDiscreteScheduler", {}),
+                         ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+                         ("DDIMScheduler", {"timestep_spacing": "trailing", "set_alpha_to_one": True})]:
+        ref.scheduler = getattr(diffusers, cls).from_config(ref.scheduler.config, **options)
+        pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **options)
+        assert pipe.scheduler.config["_class_name"] == cls
+        ours = pipe(generator=torch.Generator().manual_seed(1), **kw).images
+        theirs = ref(generator=torch.Generator().manual_seed(1), **kw).images
+        assert np.abs(ours - theirs).max() <= TOL, cls
+    pipe.scheduler = "pndm"
+    assert pipe.scheduler.name == "pndm" and pipe.scheduler.config["_class_name"] == "PNDMScheduler"
+
+
+def test_scheduler_fastsd_cannot_run_is_an_error(ckpts):
+    import diffusers
+
+    from fastsd import Pipeline
+    from fastsd.errors import InvalidArgumentError
+
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]))
+    with pytest.raises(InvalidArgumentError, match="HeunDiscreteScheduler"):
+        pipe.scheduler = diffusers.HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(InvalidArgumentError, match="use_karras_sigmas"):
+        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    with pytest.raises(InvalidArgumentError, match="skip_prk_steps"):
+        pipe.scheduler = diffusers.PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=False)
+    with pytest.raises(InvalidArgumentError, match="unknown scheduler"):
+        pipe("x", scheduler="dpm_fast", num_inference_steps=1)
+    assert pipe.scheduler.name == "pndm"  # a refused scheduler leaves the old one

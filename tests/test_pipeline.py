@@ -106,17 +106,17 @@ def test_cfg_batch_sizes(pipe, monkeypatch):
     seen = []
     unet = pipe.backend.unet
     monkeypatch.setattr(pipe.backend, "unet", lambda **kw: seen.append(kw["sample"].shape[0]) or unet(**kw))
-    pipe(["a", "b"], guidance_scale=7.5, **FAST)
+    pipe(["a", "b"], guidance_scale=7.5, scheduler="ddim", **FAST)
     assert seen == [4, 4]  # one batch of 2 x 2 prompts per step
     seen.clear()
-    pipe(["a", "b"], guidance_scale=1.0, **FAST)
+    pipe(["a", "b"], guidance_scale=1.0, scheduler="ddim", **FAST)
     assert seen == [2, 2]  # no CFG: a single batch
 
 
 def test_callback_timings_backends(pipe):
     calls = []
     out = pipe("a cat", num_inference_steps=3, callback=lambda i, t, x: calls.append((i, t, tuple(x.shape))))
-    assert [c[0] for c in calls] == [0, 1, 2]
+    assert [c[0] for c in calls] == [0, 1, 2, 3]  # PLMS, the checkpoint's scheduler: n + 1 UNet calls
     assert calls[0][1] > calls[-1][1]
     assert calls[0][2] == (1, 4, 16, 16)
     assert set(out.timings) >= {"text_encoder", "unet", "unet_per_step", "vae", "total"}

@@ -185,3 +185,10 @@ def test_tables_match_diffusers(spacing, zero_snr):
     assert torch.equal(s.timesteps, e.timesteps)
     assert torch.equal(s.sigmas, e.sigmas)
     assert s.init_noise_sigma == float(e.init_noise_sigma)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_loop_steps_is_the_schedule_length(steps):
+    for name, sampler in SAMPLERS.items():
+        cfg = SchedulerConfig.from_dict(SD, name)
+        assert len(sampler.schedule(cfg, steps)) == sampler.loop_steps(steps), name

@@ -23,6 +23,7 @@ from fastsd.engines import (
     ENTRY_MARKER,
     Profile,
     Staging,
+    default_engine_dir,
     list_entries,
     manifest_problem,
     prune,
@@ -63,9 +64,8 @@ def rewrite_in_place(path: Path, offset: int) -> None:
 
 
 def test_prune_leaves_an_unrelated_engines_folder_alone(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("FASTSD_ENGINE_DIR", raising=False)
     store = tmp_path / "engines"  # the default store, but somebody else's folder
+    monkeypatch.setenv("FASTSD_ENGINE_DIR", str(store))
     for f in ("physics/src/solver.py", "render/shaders/sky.glsl", f"{FP}/onnxruntime-fp32/notes.txt",
               f"{FP}/.staging-onnxruntime-fp32-1234/keep.txt"):
         (store / f).parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +77,31 @@ def test_prune_leaves_an_unrelated_engines_folder_alone(tmp_path, monkeypatch, c
     assert main(["engines", "list"]) == 0
     assert files_under(store) == before and (store / "empty").is_dir()
     assert "removed 0 item(s)" in capsys.readouterr().out
+
+
+def test_default_store_does_not_depend_on_the_working_directory(tmp_path, monkeypatch, ckpts):
+    """Engines exported with the default store are found from any other folder (the default
+    used to be engines/ under the working directory: elsewhere, everything ran eager)."""
+    from fastsd.export import export_checkpoint
+
+    monkeypatch.delenv("FASTSD_ENGINE_DIR", raising=False)
+    monkeypatch.setenv("FASTSD_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    default = default_engine_dir()
+    assert default == tmp_path / "cache" / "engines" and default.is_absolute()
+    export_checkpoint(str(ckpts["eps"]), networks=("unet",))
+    monkeypatch.chdir(tmp_path / "b")
+    assert default_engine_dir() == default
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]))
+    assert pipe.backend.backends["unet"] == "onnxruntime"
+    assert not (tmp_path / "a" / "engines").exists()
+    monkeypatch.setenv("FASTSD_ENGINE_DIR", str(tmp_path / "mine"))  # the variable, then engine_dir=, override it
+    assert default_engine_dir() == tmp_path / "mine"
+    assert Pipeline.from_pretrained(str(ckpts["eps"])).backend.backends["unet"] == "eager"
+    again = Pipeline.from_pretrained(str(ckpts["eps"]), engine_dir=str(default))
+    assert again.backend.backends["unet"] == "onnxruntime"
 
 
 def test_prune_never_follows_symlinks(tmp_path):
@@ -293,6 +318,9 @@ def test_exporting_a_subset_keeps_the_rest_of_the_entry(exported, ckpts, tmp_pat
     assert list_entries(store)[0]["networks"] == ["text_encoder", "unet"] and not list_entries(store)[0]["problems"]
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
     assert pipe.backend.backends["text_encoder"] == pipe.backend.backends["unet"] == "onnxruntime"
-    export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("unet",), static="24x40")
-    assert list_entries(store)[0]["networks"] == ["unet"]  # other profile: not mixed into one entry
-    assert "built with other settings; networks dropped: text_encoder" in caplog.text
+    static = export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("unet",), static="24x40")
+    # another profile is another entry: the dynamic one stays as it was
+    assert static != entry and static.name.endswith("-24x40")
+    rows = {row["path"]: row for row in list_entries(store)}
+    assert rows[entry]["networks"] == ["text_encoder", "unet"] and rows[static]["networks"] == ["unet"]
+    assert not rows[entry]["problems"] and not rows[static]["problems"]

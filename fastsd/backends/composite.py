@@ -1,5 +1,5 @@
-"""A backend made of one runner per network: an engine where a valid one exists, eager
-PyTorch for the rest and for any call whose shapes the engine was not built for."""
+"""A backend made of engines per network, tried in order for each call: the first whose
+shape profile fits the call's shapes runs it; eager PyTorch runs what none fits."""
 
 from __future__ import annotations
 
@@ -7,17 +7,51 @@ import logging
 import threading
 from typing import Callable
 
-from ..networks import NETWORKS
+from ..networks import NETWORKS, NetworkSpec
 from . import Networks, record
-from .kind import Runner
+from .kind import EngineKind, Runner
 
 log = logging.getLogger(__name__)
 
 
+class LazyRunner:
+    """One store entry's engine for one network: its profile is known from the manifest,
+    the engine itself is loaded the first time a call fits it (a fallback entry that no
+    call needs costs nothing). An engine that will not load is refused from then on."""
+
+    def __init__(self, kind: EngineKind, path, spec: NetworkSpec, device, dtype, profile):
+        self.name, self.kind, self.path = kind.name, kind, path
+        self.spec, self.device, self.dtype, self.profile = spec, device, dtype, profile
+        self.runner: Runner | None = None
+        self.failed: str | None = None
+        self._lock = threading.Lock()
+
+    def fits(self, inputs) -> str | None:
+        return self.failed or self.spec.refuses(self.profile, inputs)
+
+    def load(self) -> bool:
+        with self._lock:
+            if self.runner is None and self.failed is None:
+                try:
+                    self.runner = self.kind.load(self.path, self.spec, self.device, self.dtype, self.profile)
+                except Exception as e:  # noqa: BLE001 - no usable provider, or an artifact that will not load
+                    self.failed = f"cannot load {self.path.parent.name}: " + (
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    log.warning("%s %s: %s; trying the next engine, else eager", self.name, self.spec.name,
+                                self.failed)
+            return self.runner is not None
+
+    def __call__(self, **inputs):
+        return self.runner(**inputs)
+
+
 class CompositeBackend(Networks):
-    def __init__(self, engines: dict[str, Runner], make_eager: Callable):
-        self.engines, self._make_eager, self._eager = engines, make_eager, None
-        self.backends = {n: engines[n].name if n in engines else "eager" for n in NETWORKS}  # fixed at load
+    def __init__(self, engines: dict[str, list], make_eager: Callable):
+        """`engines`: per network, its engines fastest first (LazyRunner or any Runner)."""
+        self.engines = {n: list(r) for n, r in engines.items() if r}
+        self._make_eager, self._eager = make_eager, None
+        self.backends = {n: self.engines[n][0].name if n in self.engines else "eager"
+                         for n in NETWORKS}  # what serves calls that fit the first engine (fixed at load)
         self._warned: set = set()
         self._lock = threading.Lock()
 
@@ -29,17 +63,20 @@ class CompositeBackend(Networks):
             return self._eager
 
     def run(self, network: str, inputs: dict, ran: dict | None = None):
-        engine = self.engines.get(network)
-        if engine is not None:
+        refusals = []
+        for engine in self.engines.get(network, ()):
             why = engine.fits(inputs)
-            if why is None:
+            if why is None and (not isinstance(engine, LazyRunner) or engine.load()):
                 record(ran, network, engine.name)
                 return engine(**inputs)
+            refusals.append(f"{engine.name}: {why or engine.fits(inputs)}")
+        if refusals:
+            why = "; ".join(refusals)
             with self._lock:
                 first = (network, why) not in self._warned
                 self._warned.add((network, why))
             if first:
-                log.warning("%s engine refused this call (%s); running it in eager PyTorch", network, why)
+                log.warning("no %s engine fits this call (%s); running it in eager PyTorch", network, why)
         return self.eager.run(network, inputs, ran)
 
     def vae_decoder_fp32(self, latent, *, ran: dict | None = None):

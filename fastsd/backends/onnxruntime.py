@@ -53,7 +53,7 @@ def providers_for(device: torch.device, use_tensorrt: bool = False, have: list[s
     stream = str(work_stream(device).cuda_stream)  # never 0: ORT ignores a null user stream
     chain = [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": stream}), "CPUExecutionProvider"]
     if use_tensorrt and "TensorrtExecutionProvider" in have:
-        from ..synthetic import cache_dir
+        from ..paths import cache_dir
 
         chain.insert(0, ("TensorrtExecutionProvider", {
             "device_id": index, "user_compute_stream": stream, "trt_fp16_enable": True,

@@ -1,49 +1,56 @@
 """Choosing what runs each network: engines from the store where valid, else eager.
 
-Per network, the first engine kind (in the order asked for) with a valid entry for the
-loaded checkpoint, precision, settings and this machine wins; eager PyTorch runs the rest.
+Per network, every valid entry (of the kinds asked for, for the loaded checkpoint,
+precision, settings and this machine) is a candidate, fastest kind first and within a
+kind static profiles before the dynamic one; each call runs on the first candidate whose
+profile fits its shapes, and on eager PyTorch when none does.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import torch
 
-from ..engines import NOT_IN_ENTRY, PRECISIONS, Profile, check_entry, entry_dir, graph_file
+from ..engines import NOT_IN_ENTRY, PRECISIONS, Profile, check_entry, graph_file, kind_entries
 from ..networks import NETWORKS
-from .composite import CompositeBackend
+from .composite import CompositeBackend, LazyRunner
 from .eager import EagerBackend
 from .kind import EngineKind
 from .registry import ENGINE_KINDS
 
 log = logging.getLogger(__name__)
+_told: set = set()  # (store, checkpoint, networks) already logged as running eager for want of an engine
+_told_lock = threading.Lock()
 
 
-def _engines(kind: EngineKind, ckpt, specs: dict, device, dtype, engine_dir: Path, clip_skip: int, loud: bool,
-             wanted: tuple[str, ...] = NETWORKS) -> dict:
-    """Runners of `kind` for the `wanted` networks that have a valid engine."""
+def _engines(kind: EngineKind, ckpt, specs: dict, device, dtype, engine_dir: Path, clip_skip: int,
+             loud: bool) -> dict[str, list[LazyRunner]]:
+    """Per network, candidates of `kind`: one per valid entry that holds it."""
     why = kind.unavailable()
     if why:
         if loud:
             log.warning("%s: %s; falling back to eager", kind.name, why)
         return {}
-    entry = entry_dir(engine_dir, ckpt.info.fingerprint, kind.name, PRECISIONS[dtype])
     facts = {"clip_skip": clip_skip, **kind.runtime_facts(device)}
-    manifest, problems = check_entry(entry, ckpt.info.fingerprint, facts, verify=True, networks=wanted)
-    _warn_unusable(kind.name, problems, loud, entry.is_dir())
-    engines = {}
-    for n in wanted:
-        if n in problems:
-            continue
-        graph = graph_file(n, manifest["networks"][n])
-        try:
-            engines[n] = kind.load(entry / graph, specs[n], device, dtype, Profile(**manifest["profile"]))
-        except Exception as e:  # noqa: BLE001 - no usable provider, or an artifact that will not load
-            log.warning("%s %s: cannot load the engine (%s); falling back to eager", kind.name, n,
-                        str(e).splitlines()[0] if str(e) else type(e).__name__)
-    return engines
+    precision = PRECISIONS[dtype]
+    entries = kind_entries(engine_dir, ckpt.info.fingerprint, kind.name, precision)
+    if not entries and loud:
+        log.warning("%s: no %s entry for this checkpoint in %s; falling back to eager (build one with `%s`)",
+                    kind.name, precision, engine_dir, kind.build_command)
+    found: dict[str, list[LazyRunner]] = {}
+    for entry in entries:
+        manifest, problems = check_entry(entry, ckpt.info.fingerprint, facts, verify=True)
+        _warn_unusable(f"{kind.name} ({entry.name})", problems, loud, True)
+        for n in NETWORKS:
+            if n in problems or n not in manifest.get("networks", {}):
+                continue
+            graph = graph_file(n, manifest["networks"][n])
+            found.setdefault(n, []).append(LazyRunner(kind, entry / graph, specs[n], device, dtype,
+                                                      Profile(**manifest["profile"])))
+    return found
 
 
 def _warn_unusable(kind: str, problems: dict, loud: bool, exists: bool) -> None:
@@ -69,10 +76,21 @@ def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.
     if backend == "eager":
         return make_eager()
     kinds = tuple(ENGINE_KINDS.values()) if backend == "auto" else (ENGINE_KINDS[backend],)
-    engines: dict = {}
-    for kind in kinds:  # a slower kind only loads what a faster one left unserved
-        wanted = tuple(n for n in NETWORKS if n not in engines)
-        if wanted:
-            engines.update(_engines(kind, ckpt, specs, device, dtype, engine_dir, clip_skip, backend != "auto",
-                                    wanted))
-    return CompositeBackend(engines, make_eager) if engines else make_eager()
+    engines: dict[str, list[LazyRunner]] = {}
+    for kind in kinds:  # fastest kind first
+        for n, runners in _engines(kind, ckpt, specs, device, dtype, engine_dir, clip_skip, backend != "auto").items():
+            engines.setdefault(n, []).extend(runners)
+    for runners in engines.values():  # the first choice loads now: its failure is known at load time
+        while runners and not runners[0].load():
+            runners.pop(0)
+    missing = [n for n in NETWORKS if not engines.get(n)]
+    if backend == "auto" and missing:
+        key = (str(Path(engine_dir).resolve()), ckpt.info.fingerprint, tuple(missing))
+        with _told_lock:
+            first, _ = key not in _told, _told.add(key)
+        if first:  # a warning where engines exist for other networks, a note (-v) where none do
+            level = logging.WARNING if len(missing) < len(NETWORKS) else logging.INFO
+            log.log(level, "no engine in %s for %s of this checkpoint: running %s in eager PyTorch (build engines "
+                    "with `fastsd export --model ...` or `fastsd build`)", engine_dir, ", ".join(missing),
+                    "it" if len(missing) == 1 else "them")
+    return CompositeBackend(engines, make_eager) if any(engines.values()) else make_eager()

@@ -28,13 +28,12 @@ import torch
 
 from ..backends.registry import ENGINE_KINDS
 from ..engines import DTYPES, PRECISIONS
+from ..schedulers import CLASS_OF
 from .machine import ProcessMemory
 
 BASELINE = "diffusers"
 GRAPHS = "eager+graphs"  # eager PyTorch with whole-step CUDA graphs
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
-DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-                        "euler_a": "EulerAncestralDiscreteScheduler"}
 
 
 CPU_SIZE = 256  # default benchmark resolution on a CPU
@@ -173,7 +172,7 @@ class DiffusersWorker:
     def _scheduler(self, sched: str):
         import diffusers
 
-        self.pipe.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[sched]).from_config(self.pipe.scheduler.config)
+        self.pipe.scheduler = getattr(diffusers, CLASS_OF[sched]).from_config(self.pipe.scheduler.config)
 
     def call(self, h, w, batch, steps, sched, guidance, seed, hooked: bool | None = None) -> dict:
         """Stage figures from hooks on CPU (no syncs there); on CUDA end to end only, unless
