@@ -36,8 +36,9 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # ---- resolving ----------------------------------------------------------------------
 
 
-def resolve(model: str) -> Path:
-    """Local path of `model` (a folder or a single file); hub ids come from the hub cache."""
+def resolve(model: str, local_files_only: bool = False) -> Path:
+    """Local path of `model` (a folder or a single file); hub ids come from the hub cache
+    (downloaded where missing, unless offline or `local_files_only`)."""
     model = str(model)
     if model.startswith(SYNTHETIC_PREFIX):
         return synthetic_path(model)
@@ -45,21 +46,22 @@ def resolve(model: str) -> Path:
     if path.exists():
         return path
     if HUB_ID.match(model) and not model.endswith(WEIGHT_SUFFIXES):
-        return _hub_snapshot(model)
+        return _hub_snapshot(model, local_files_only)
     raise ModelNotFoundError(f"model not found: {model} (no such file or directory)")
 
 
-def _hub_snapshot(repo_id: str) -> Path:
+def _hub_snapshot(repo_id: str, local_files_only: bool = False) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+    patterns = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]  # variants included
     cache = os.environ.get("HF_HUB_CACHE")  # read now, not at huggingface_hub's import
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True, cache_dir=cache))
     except Exception:  # noqa: BLE001 - any miss here means "not in the cache"
         pass
-    if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
-        raise ModelNotFoundError(f"{repo_id} is not in the hub cache and HF_HUB_OFFLINE is set")
+    if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") or local_files_only:
+        why = "local_files_only is set" if local_files_only else "HF_HUB_OFFLINE is set"
+        raise ModelNotFoundError(f"{repo_id} is not in the hub cache and {why}")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache))
     except Exception as e:  # noqa: BLE001 - network, auth, missing repo: one line for the user
@@ -72,12 +74,46 @@ def _hub_snapshot(repo_id: str) -> Path:
 # ---- validation and fingerprint -----------------------------------------------------
 
 
-def _folder_files(root: Path, allow_pickle: bool) -> list[Path]:
-    """The files of a diffusers folder that define the model, validated."""
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def _variant_of(path: Path) -> str | None:
+    """'fp16' for model.fp16.safetensors (and its shards), None for model.safetensors."""
+    parts = path.name.split(".")
+    return _SHARD.sub("", parts[-2]) if len(parts) >= 3 else None
+
+
+def _weights_of(d: Path, files: list[Path], variant: str | None) -> tuple[list[Path], str | None]:
+    """The weight files of one component folder for `variant`, and the variant they are.
+    Without a variant: the plain files, or, where the folder holds only one variant (an
+    fp16-only download), that one."""
+    weights = [p for p in files if p.suffix in WEIGHT_SUFFIXES]
+    by_variant: dict[str | None, list[Path]] = {}
+    for p in weights:
+        by_variant.setdefault(_variant_of(p), []).append(p)
+    if variant is not None:
+        if variant not in by_variant:
+            have = ", ".join(sorted(str(v) for v in by_variant if v)) or "none"
+            raise CheckpointError(f"{d} has no {variant!r} variant weights (variants there: {have})")
+        return by_variant[variant], variant
+    if None in by_variant or not by_variant:
+        return by_variant.get(None, []), None
+    if len(by_variant) == 1:
+        only = next(iter(by_variant))
+        log.info("%s holds only %r variant weights; loading those", d, only)
+        return by_variant[only], only
+    raise CheckpointError(f"{d} holds only variant weights ({', '.join(sorted(by_variant))}); pass variant= "
+                          "(--variant) to choose one")
+
+
+def _folder_files(root: Path, allow_pickle: bool, variant: str | None = None) -> tuple[list[Path], dict]:
+    """The files of a diffusers folder that define the model, validated, and the variant
+    each weighted component loads (None: the plain files)."""
     if not (root / "model_index.json").is_file():
         raise CheckpointError(f"{root} is not a diffusers checkpoint folder (no model_index.json)")
     _check_json(root / "model_index.json")
     files = [root / "model_index.json"]
+    variants = {}
     for comp in COMPONENTS:
         d = root / comp
         if not d.is_dir():
@@ -85,19 +121,20 @@ def _folder_files(root: Path, allow_pickle: bool) -> list[Path]:
         comp_files = sorted(p for p in d.iterdir() if p.is_file())
         for cfg in (p for p in comp_files if p.suffix == ".json"):
             _check_json(cfg)
-        weights = [p for p in comp_files if p.suffix == ".safetensors"]
-        pickles = [p for p in comp_files if p.suffix in PICKLE_SUFFIXES]
+        chosen: list[Path] = []
         if comp in ("unet", "vae", "text_encoder"):
-            if not weights and not pickles:
+            chosen, variants[comp] = _weights_of(d, comp_files, variant)
+            if not chosen:
                 raise CheckpointError(f"{d} holds no weights")
+            weights = [p for p in chosen if p.suffix == ".safetensors"]
             if not weights and not allow_pickle:
-                raise PickleRefusedError(f"{d} has only pickle weights ({pickles[0].name}); "
+                raise PickleRefusedError(f"{d} has only pickle weights ({chosen[0].name}); "
                                          "pass allow_pickle=True (--allow-pickle) if you trust it")
-        for w in weights:
-            check_safetensors(w)
-        files += [p for p in comp_files if p.suffix in (".json", ".txt") or p in weights or
-                  (not weights and p in pickles)]
-    return files
+            chosen = weights or chosen
+            for w in weights:
+                check_safetensors(w)
+        files += [p for p in comp_files if p.suffix in (".json", ".txt")] + chosen
+    return files, variants
 
 
 def _check_json(path: Path) -> None:
@@ -114,18 +151,22 @@ def _check_json(path: Path) -> None:
 # ---- loading ------------------------------------------------------------------------
 
 
-def load_checkpoint(model: str, *, allow_pickle: bool = False) -> Checkpoint:
-    """Load `model` in fp32 on the CPU; the backend moves and casts what it runs."""
-    path = resolve(model)
+def load_checkpoint(model: str, *, allow_pickle: bool = False, variant: str | None = None,
+                    local_files_only: bool = False) -> Checkpoint:
+    """Load `model` in fp32 on the CPU; the backend moves and casts what it runs. `variant`
+    picks a diffusers folder's variant weights (model.fp16.safetensors for "fp16")."""
+    path = resolve(model, local_files_only)
     if path.is_file():
+        if variant is not None:
+            raise InvalidArgumentError(f"variant={variant!r} applies to diffusers folders, not the single file {path}")
         return load_single_file(path, source=str(model), allow_pickle=allow_pickle)
-    files = _folder_files(path, allow_pickle)
-    parts = _load_folder(path, allow_pickle)
+    files, variants = _folder_files(path, allow_pickle, variant)
+    parts = _load_folder(path, allow_pickle, variants)
     sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     return make_checkpoint(parts, sched, fingerprint(files, path), str(model))
 
 
-def _load_folder(root: Path, allow_pickle: bool) -> dict:
+def _load_folder(root: Path, allow_pickle: bool, variants: dict) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -136,10 +177,10 @@ def _load_folder(root: Path, allow_pickle: bool) -> dict:
     for name, cls in (("text_encoder", CLIPTextModel), ("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
         try:
             model, loading = cls.from_pretrained(str(root), subfolder=name, use_safetensors=safe,
-                                                 output_loading_info=True, **kw)
+                                                 variant=variants.get(name), output_loading_info=True, **kw)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"cannot load checkpoint {root}: {first}") from None
+            raise CheckpointError(f"cannot load {root / name}: {first}") from None
         missing = sorted(k for k in loading.get("missing_keys", ()) if not k.endswith("position_ids"))
         if missing:  # the libraries would fill these with random values and only log it
             raise CheckpointError(f"{root / name} is incomplete: {len(missing)} weight(s) missing, "

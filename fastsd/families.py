@@ -59,13 +59,22 @@ class StableDiffusion:
         return ids.to(device)
 
     def encode(self, text_encoder: Callable, prompts: list[str], negatives: list[str], do_cfg: bool, n: int,
-               device: torch.device) -> dict[str, torch.Tensor]:
+               device: torch.device, prompt_embeds: torch.Tensor | None = None,
+               negative_prompt_embeds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The UNet's conditioning inputs: encoder_hidden_states (B*n, 77, D), or with CFG
         (2*B*n, 77, D) [uncond; cond]. Prompts and negatives are encoded in two calls, as
-        diffusers does (CPU kernels round a batch of 2B differently)."""
-        emb = text_encoder(self.token_ids(prompts, device))
+        diffusers does (CPU kernels round a batch of 2B differently). Embeddings given by
+        the caller are used as they are (diffusers' prompt_embeds / negative_prompt_embeds)."""
+        if prompt_embeds is not None:
+            emb = prompt_embeds.to(device).float()
+        else:
+            emb = text_encoder(self.token_ids(prompts, device))
         if do_cfg:
-            emb = torch.cat([text_encoder(self.token_ids(negatives, device)), emb])
+            if negative_prompt_embeds is not None:
+                neg = negative_prompt_embeds.to(device).float()
+            else:
+                neg = text_encoder(self.token_ids(negatives, device))
+            emb = torch.cat([neg, emb])
         return {"encoder_hidden_states": emb.repeat_interleave(n, dim=0)}  # per prompt: n copies, as diffusers
 
 

@@ -26,12 +26,20 @@ def unet_denoiser(unet, unet_inputs: dict[str, torch.Tensor], conditioning: torc
     return denoise
 
 
-def cfg_denoiser(denoise: Denoiser, guidance_scale: float) -> Denoiser:
-    """Classifier-free guidance as one batch of 2 (uncond first), Ho & Salimans 2022, eq. (6)."""
+def cfg_denoiser(denoise: Denoiser, guidance_scale: float, guidance_rescale: float = 0.0) -> Denoiser:
+    """Classifier-free guidance as one batch of 2 (uncond first), Ho & Salimans 2022, eq. (6);
+    with `guidance_rescale`, the guided output's std is pulled back towards the text-conditioned
+    one's (Lin et al. 2023, "Common diffusion noise schedules...", section 3.4, eq. (15)-(16),
+    as diffusers' rescale_noise_cfg)."""
 
     def guided(x, t):
         out_uncond, out_text = denoise(torch.cat([x, x]), t).chunk(2)
-        return out_uncond + guidance_scale * (out_text - out_uncond)
+        out = out_uncond + guidance_scale * (out_text - out_uncond)
+        if guidance_rescale > 0:
+            dims = list(range(1, out.ndim))
+            rescaled = out * (out_text.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+            out = guidance_rescale * rescaled + (1 - guidance_rescale) * out
+        return out
 
     return guided
 

@@ -42,6 +42,91 @@ def _as_pil(image, what: str) -> Image.Image:
     return image
 
 
+# ---- images as diffusers takes them: PIL, paths, numpy arrays, tensors, or lists of one kind ----
+
+
+def check_images(value, what: str):
+    """`value` read and checked as diffusers' VaeImageProcessor takes it: a PIL image (or a
+    path), a numpy array (H, W, C) / (N, H, W, C) in [0, 1] (uint8: [0, 255]), a tensor
+    (C, H, W) / (N, C, H, W) in [0, 1] (or [-1, 1]), masks also (H, W) / (N, H, W), or a
+    list of one of these kinds. Returns a list (paths loaded), or the array / tensor."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise ImageError(f"{what} is an empty list")
+    items = [load_image(i) if isinstance(i, (str, Path)) else i for i in items]
+    kinds = {type(i) for i in items}
+    if all(isinstance(i, Image.Image) for i in items):
+        return items
+    if len(kinds) > 1 or not isinstance(items[0], (np.ndarray, torch.Tensor)):
+        names = ", ".join(sorted(k.__name__ for k in kinds))
+        raise ImageError(f"{what} must be a PIL image, a path, a numpy array, a torch tensor or a list of one "
+                         f"of these kinds, not {names}")
+    for i in items:
+        size = i.numel() if isinstance(i, torch.Tensor) else i.size
+        if i.ndim not in (2, 3, 4) or size == 0:
+            raise ImageError(f"{what}: an array or tensor of shape {tuple(i.shape)} is not an image")
+        data = i.float() if isinstance(i, torch.Tensor) else np.asarray(i, dtype=np.float32)
+        finite = torch.isfinite(data).all() if isinstance(i, torch.Tensor) else np.isfinite(data).all()
+        if not finite:
+            raise ImageError(f"{what} holds NaN or infinite values")
+    return items if len(items) > 1 else items[0]
+
+
+def image_size(images) -> tuple[int, int]:
+    """(height, width) of the first image of a checked input."""
+    first = images[0] if isinstance(images, list) else images
+    if isinstance(first, Image.Image):
+        return first.height, first.width
+    if isinstance(first, torch.Tensor):
+        return tuple(first.shape[-2:])
+    return tuple(first.shape[-3:-1]) if first.ndim >= 3 else tuple(first.shape)  # numpy: channels last
+
+
+def _to_float_tensor(items, mask: bool) -> torch.Tensor:
+    """numpy or torch input -> (N, C, H, W) float32, as VaeImageProcessor.preprocess stacks it."""
+    if isinstance(items, list):
+        four = items[0].ndim == 4
+        items = (np.concatenate(items) if four else np.stack(items)) if isinstance(items[0], np.ndarray) else \
+            (torch.cat(items) if four else torch.stack(items))
+    if isinstance(items, np.ndarray):
+        a = items.astype(np.float32) / 255.0 if items.dtype == np.uint8 else items.astype(np.float32)
+        if mask and a.ndim == 3:  # grayscale: (H, W, 1) is one mask, (N, H, W) a batch
+            a = a[None] if a.shape[-1] == 1 else a[..., None]
+        a = a[None] if a.ndim == 3 else a[None, ..., None] if a.ndim == 2 else a
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+    t = items.float() if items.dtype != torch.uint8 else items.float() / 255.0
+    if mask and t.ndim == 3:
+        t = t.unsqueeze(1)
+    return t[None, None] if t.ndim == 2 else t[None] if t.ndim == 3 else t
+
+
+def image_batch(images, height: int, width: int, latent_channels: int) -> tuple[torch.Tensor, bool]:
+    """A checked image input -> ((N, 3, H, W) float32 in [-1, 1], False), or, for a tensor
+    with the latent channel count, (those latents, True), as VaeImageProcessor.preprocess."""
+    if isinstance(images, list) and isinstance(images[0], Image.Image):
+        return torch.cat([image_to_tensor(im, height, width) for im in images]), False
+    t = _to_float_tensor(images, mask=False)
+    if t.shape[1] == latent_channels and isinstance(images if not isinstance(images, list) else images[0],
+                                                    torch.Tensor):
+        return t, True
+    if t.shape[1] != 3:
+        raise ImageError(f"image has {t.shape[1]} channels; fastsd takes RGB images (3 channels)"
+                         f" or latents ({latent_channels} channels)")
+    t = torch.nn.functional.interpolate(t, size=(height, width))  # nearest, as diffusers resizes arrays
+    return (t if t.min() < 0 else 2.0 * t - 1.0), False
+
+
+def mask_batch(masks, height: int, width: int) -> torch.Tensor:
+    """A checked mask input -> (N, 1, H, W) float32 in {0, 1}, 1 (white) = repaint."""
+    if isinstance(masks, list) and isinstance(masks[0], Image.Image):
+        return torch.cat([mask_to_tensor(m, height, width) for m in masks])
+    t = _to_float_tensor(masks, mask=True)
+    if t.shape[1] != 1:
+        raise ImageError(f"mask_image has {t.shape[1]} channels; a mask is single-channel")
+    t = torch.nn.functional.interpolate(t, size=(height, width))
+    return (t >= MASK_THRESHOLD).float()
+
+
 def _resized(im: Image.Image, height: int, width: int) -> Image.Image:
     return im if im.size == (width, height) else im.resize((width, height), Image.LANCZOS)
 
@@ -79,8 +164,8 @@ def mask_to_tensor(mask, height: int, width: int) -> torch.Tensor:
 
 
 def to_numpy(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) float32 in [0, 1]."""
-    return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) float32 numpy."""
+    return images.permute(0, 2, 3, 1).float().cpu().numpy()
 
 
 def to_pil(images: np.ndarray) -> list[Image.Image]:

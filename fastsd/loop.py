@@ -63,6 +63,7 @@ class StepKey:
     do_cfg: bool
     draws_noise: bool
     shapes: tuple  # ((name, shape), ...) of x and the StepInputs
+    guidance_rescale: float = 0.0
 
 
 def step_rows(sched: Schedule, sampler: str, cfg: SchedulerConfig, eta: float, start: int = 0) -> torch.Tensor:
@@ -80,7 +81,7 @@ def make_step(unet: Callable, key: StepKey, inputs: StepInputs) -> Callable:
     sampler = SAMPLERS[key.sampler]
     denoise = unet_denoiser(unet, inputs.unet_inputs, inputs.conditioning)
     if key.do_cfg:
-        denoise = cfg_denoiser(denoise, key.guidance_scale)
+        denoise = cfg_denoiser(denoise, key.guidance_scale, key.guidance_rescale)
 
     def step(state, row, noise):
         x = state[0]
@@ -103,10 +104,13 @@ def initial_state(sampler: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def run_steps(step: Callable, state: tuple, rows: torch.Tensor, noises: torch.Tensor | None,
               host_t: tuple[float, ...], callback: Callable | None) -> torch.Tensor:
+    """The loop; `callback(k, t, latents)` after each step may return latents to go on with."""
     for k in range(len(rows)):
         state = step(state, rows[k], None if noises is None else noises[k])
         if callback is not None:
-            callback(k, host_t[k], state[0])
+            replaced = callback(k, host_t[k], state[0])
+            if replaced is not None:
+                state = (replaced.to(state[0].device, state[0].dtype), *state[1:])
     return state[0]
 
 
@@ -139,7 +143,9 @@ class _StepGraph:
                 self.noise.copy_(noises[k])
             self.graph.replay()
             if callback is not None:
-                callback(k, host_t[k], self.state[0].clone())
+                replaced = callback(k, host_t[k], self.state[0].clone())
+                if replaced is not None:
+                    self.state[0].copy_(replaced)
         return self.state[0].clone()
 
 

@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -27,7 +26,7 @@ from .backends.select import make_backend
 from .budget import check_fits, widths_of
 from .checkpoint import check_clip_skip, load_checkpoint
 from .devices import parse_device
-from .engines import DTYPES, default_engine_dir
+from .engines import DTYPES, PRECISIONS, default_engine_dir
 from .errors import InvalidArgumentError, NumericalError
 from .families import family_for
 from .loop import StepGraphs, StepInputs, StepKey, initial_state, make_step, run_steps, step_rows
@@ -49,6 +48,27 @@ log = logging.getLogger(__name__)
 
 
 
+def _dtype_name(dtype, torch_dtype) -> str | None:
+    """fastsd's precision name from dtype= ("fp16", or a torch dtype) and diffusers' torch_dtype=."""
+    names = []
+    for what, value in (("dtype", dtype), ("torch_dtype", torch_dtype)):
+        if value is None:
+            continue
+        if isinstance(value, torch.dtype) and value in PRECISIONS:
+            names.append(PRECISIONS[value])
+        elif isinstance(value, str) and value in DTYPES:
+            names.append(value)
+        elif isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype) and \
+                getattr(torch, value) in PRECISIONS:
+            names.append(PRECISIONS[getattr(torch, value)])
+        else:
+            raise InvalidArgumentError(f"unknown {what} {value!r}; choose one of {', '.join(DTYPES)} "
+                                       "(or torch.float16, torch.bfloat16, torch.float32)")
+    if len(set(names)) > 1:
+        raise InvalidArgumentError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree")
+    return names[0] if names else None
+
+
 @dataclass(frozen=True)
 class MemoryOptions:
     """Load-time memory savers for small GPUs (each costs some speed)."""
@@ -66,6 +86,12 @@ class PipelineOutput:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     backends: dict[str, str] = field(default_factory=dict)  # network -> backend that ran it in this call
     seed: int | None = None  # the seed used; None when the caller passed a generator
+
+    def __getitem__(self, key):
+        """out[0] / out["images"]: the images, as diffusers' pipeline outputs index."""
+        if key in (0, "images"):
+            return self.images
+        raise KeyError(key)
 
 
 @dataclass
@@ -86,7 +112,8 @@ class _Call:
     """One call's own state: its settings, its generator, and what ran each network."""
 
     req: Request
-    gen: torch.Generator
+    gen: torch.Generator | list[torch.Generator]
+    text_encoder: Callable  # the backend's, for the call's clip_skip
     ran: dict[str, str] = field(default_factory=dict)
 
 
@@ -102,6 +129,8 @@ class Pipeline:
         self._widths = widths_of(ckpt)
         self.memory = memory or MemoryOptions()
         self._scheduler = default_scheduler(pipeline_scheduler_config(self.info.scheduler))
+        self._progress_config: dict = {"disable": True}
+        self._remake: Callable | None = None  # (device, dtype, cuda_graphs, attention_slicing) -> Backend
 
     @property
     def scheduler(self) -> SchedulerChoice:
@@ -121,21 +150,38 @@ class Pipeline:
                         dtype: str | None = None, engine_dir: str | None = None,
                         allow_pickle: bool = False, prediction_type: str | None = None,
                         clip_skip: int = 0, memory: MemoryOptions | None = None,
-                        cuda_graphs: bool = False) -> "Pipeline":
+                        cuda_graphs: bool = False, *, torch_dtype=None, variant: str | None = None,
+                        safety_checker=None, requires_safety_checker: bool | None = None,
+                        feature_extractor=None, use_safetensors: bool | None = None,
+                        local_files_only: bool = False, **unsupported) -> "Pipeline":
         """Load `model` (see DESIGN.md). `allow_pickle` permits .ckpt/.bin files;
         `prediction_type` ("epsilon" | "v_prediction") overrides the checkpoint's scheduler
         config, for single files whose config cannot be known (SD 2.x 512-base vs 768-v);
-        `clip_skip` = k takes text embeddings from CLIP layer -(k + 1) (as diffusers'
-        per-call clip_skip; a load-time setting here because exported engines bake it in)."""
+        `clip_skip` = k takes text embeddings from CLIP layer -(k + 1) by default (engines
+        bake it in; a call may ask another where the text encoder runs eagerly).
+        diffusers' loading arguments work as there: `torch_dtype` (torch.float16, ...; same as
+        dtype="fp16"), `variant` ("fp16": model.fp16.safetensors), `safety_checker=None` (fastsd
+        has none), `use_safetensors`, `local_files_only`; others raise InvalidArgumentError."""
+        if unsupported:
+            raise InvalidArgumentError(f"from_pretrained does not support the argument {next(iter(unsupported))!r}")
+        for name, value in (("safety_checker", safety_checker), ("feature_extractor", feature_extractor)):
+            if value is not None:
+                raise InvalidArgumentError(f"fastsd runs no safety checker: pass {name}=None (or leave it out)")
+        if use_safetensors is False and not allow_pickle:
+            raise InvalidArgumentError("use_safetensors=False loads pickle files, which run code: "
+                                       "pass allow_pickle=True")
+        dtype = _dtype_name(dtype, torch_dtype)
         if backend not in BACKEND_NAMES:
             raise InvalidArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
         dev = parse_device(device)
         if cuda_graphs and dev.type != "cuda":
             raise InvalidArgumentError("cuda_graphs needs a CUDA device")
         dtype = dtype or ("fp16" if dev.type == "cuda" else "fp32")
-        if dtype not in DTYPES:
-            raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        ckpt = load_checkpoint(model, allow_pickle=allow_pickle)
+        if variant is not None and not isinstance(variant, str):
+            raise InvalidArgumentError(f"variant must be a string such as 'fp16', got {variant!r}")
+        if memory is not None and not 0 <= memory.tile_overlap < memory.tile:
+            raise InvalidArgumentError(f"tile_overlap must be in [0, tile={memory.tile}), got {memory.tile_overlap}")
+        ckpt = load_checkpoint(model, allow_pickle=allow_pickle, variant=variant, local_files_only=local_files_only)
         check_clip_skip(ckpt, clip_skip)
         if prediction_type is not None:
             if prediction_type not in PREDICTION_TYPES:
@@ -143,37 +189,122 @@ class Pipeline:
                                            f"choose one of {', '.join(PREDICTION_TYPES)}")
             ckpt.info = replace(ckpt.info, scheduler=dict(ckpt.info.scheduler, prediction_type=prediction_type))
         store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
-        if memory is not None and not 0 <= memory.tile_overlap < memory.tile:
-            raise InvalidArgumentError(f"tile_overlap must be in [0, tile={memory.tile}), got {memory.tile_overlap}")
         family = family_for(ckpt)
-        backend_ = make_backend(ckpt, family, backend, dev, DTYPES[dtype], store, clip_skip,
-                                cuda_graphs, attention_slicing=bool(memory and memory.attention_slicing))
-        return cls(ckpt, backend_, dev, DTYPES[dtype], memory, cuda_graphs, family)
 
-    def __call__(self, prompt, negative_prompt=None, image=None, mask_image=None, strength=None,
+        def remake(dev: torch.device, dt: torch.dtype, graphs: bool, slicing: bool) -> Backend:
+            return make_backend(ckpt, family, backend, dev, dt, store, clip_skip, graphs, attention_slicing=slicing)
+
+        pipe = cls(ckpt, remake(dev, DTYPES[dtype], cuda_graphs, bool(memory and memory.attention_slicing)), dev,
+                   DTYPES[dtype], memory, cuda_graphs, family)
+        pipe._remake = remake
+        return pipe
+
+    # ---- diffusers' pipeline methods -------------------------------------------------
+
+    def to(self, *args, **kwargs) -> "Pipeline":
+        """As diffusers: pipe.to("cuda"), pipe.to(torch.float16), pipe.to("cuda", torch.float16),
+        pipe.to(device=..., dtype=...). Moving reloads the backend for the new device and
+        precision (engines are per device and precision). Returns the pipeline."""
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        if kwargs:
+            raise InvalidArgumentError(f"to() does not take {next(iter(kwargs))!r}")
+        for a in args:
+            if isinstance(a, torch.dtype) or (isinstance(a, str) and a in DTYPES):
+                dtype = a
+            elif isinstance(a, (str, torch.device)):
+                device = a
+            else:
+                raise InvalidArgumentError(f"to() takes a device and/or a dtype, not {type(a).__name__}")
+        dev = self.device if device is None else parse_device(str(device))
+        dt = self.dtype if dtype is None else DTYPES[_dtype_name(None, dtype)]
+        if (dev, dt) == (self.device, self.dtype):
+            return self
+        if self._graphs is not None and dev.type != "cuda":
+            raise InvalidArgumentError("this pipeline was loaded with cuda_graphs, which need a CUDA device")
+        if self._remake is None:
+            raise InvalidArgumentError("this pipeline was built around a given backend; load it with "
+                                       "Pipeline.from_pretrained(..., device=, dtype=) instead")
+        self.backend = self._remake(dev, dt, self._graphs is not None, self.memory.attention_slicing)
+        self.device, self.dtype = dev, dt
+        if self._graphs is not None:
+            self._graphs = StepGraphs()
+        return self
+
+    def enable_attention_slicing(self, slice_size="auto") -> None:
+        """Attention in slices in the eager UNet (less memory, slower); engines keep theirs."""
+        self.ckpt.unet.set_attention_slice(slice_size)
+        self.memory = replace(self.memory, attention_slicing=slice_size is not None)
+        if self._graphs is not None:
+            self._graphs = StepGraphs()  # captured steps hold the old attention
+
+    def disable_attention_slicing(self) -> None:
+        self.enable_attention_slicing(None)
+
+    def enable_vae_slicing(self) -> None:
+        """Decode a batch one image at a time."""
+        self.memory = replace(self.memory, vae_slicing=True)
+
+    def disable_vae_slicing(self) -> None:
+        self.memory = replace(self.memory, vae_slicing=False)
+
+    def enable_vae_tiling(self) -> None:
+        """Decode in overlapping latent tiles (large images in bounded memory)."""
+        self.memory = replace(self.memory, vae_tiling=True)
+
+    def disable_vae_tiling(self) -> None:
+        self.memory = replace(self.memory, vae_tiling=False)
+
+    def __call__(self, prompt=None, negative_prompt=None, image=None, mask_image=None, strength=None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, scheduler=None,
-                 eta: float = 0.0, generator: torch.Generator | None = None, seed: int | None = None,
+                 eta: float = 0.0, generator=None, seed: int | None = None,
                  height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
-                 output_type: str = "pil", callback: Callable | None = None) -> PipelineOutput:
+                 output_type: str = "pil", callback: Callable | None = None, callback_steps: int = 1,
+                 callback_on_step_end: Callable | None = None,
+                 callback_on_step_end_tensor_inputs=("latents",), latents=None, prompt_embeds=None,
+                 negative_prompt_embeds=None, guidance_rescale: float = 0.0, timesteps=None, sigmas=None,
+                 clip_skip: int | None = None, return_dict: bool = True, **unsupported):
+        """Generate images; keyword names and defaults are diffusers' (see the README).
+        Returns a PipelineOutput, or with return_dict=False the tuple (images, None) as diffusers'
+        (images, nsfw flags) without a safety checker."""
+        if unsupported:
+            name = next(iter(unsupported))
+            raise InvalidArgumentError(f"fastsd's pipeline does not support the argument {name!r}"
+                                       + (f" (nor {', '.join(map(repr, list(unsupported)[1:]))})"
+                                          if len(unsupported) > 1 else ""))
         choice = self._scheduler if scheduler is None else choose_scheduler(scheduler, self._scheduler.config)
         req = make_request(self.info, prompt, negative_prompt, image, mask_image, strength, num_inference_steps,
-                           guidance_scale, choice, eta, height, width, num_images_per_prompt, output_type)
+                           guidance_scale, choice, eta, height, width, num_images_per_prompt, output_type,
+                           guidance_rescale=guidance_rescale, timesteps=timesteps, sigmas=sigmas,
+                           clip_skip=clip_skip, prompt_embeds=prompt_embeds,
+                           negative_prompt_embeds=negative_prompt_embeds, latents=latents,
+                           text_width=self.info.cross_attention_dim,
+                           clip_layers=self.ckpt.text_encoder.config.num_hidden_layers)
+        text_encoder = self.backend.text_encoder_for(req.clip_skip)  # refuses a clip_skip an engine cannot give
         check_fits(self.info, self._widths, req, self.dtype, self.device, self.memory)
-        gen, seed = self._generator(generator, seed)
-        with on_work_stream(self.device):  # on CUDA: fastsd's one work stream, shared with the engines
-            out = self._generate(_Call(req, gen), callback)
+        gen, seed = self._generator(generator, seed, req.batch)
+        total = SAMPLERS[req.scheduler].loop_steps(req.steps) - first_step(req.steps, req.strength)
+        step_callback, bar = self._step_callback(callback, callback_steps, callback_on_step_end,
+                                                 callback_on_step_end_tensor_inputs, total)
+        try:
+            with on_work_stream(self.device):  # on CUDA: fastsd's one work stream, shared with the engines
+                out = self._generate(_Call(req, gen, text_encoder), step_callback)
+        finally:
+            if bar is not None:
+                bar.close()
         out.seed = seed
-        return out
+        return out if return_dict else (out.images, None)
 
     def _generate(self, call: _Call, callback) -> PipelineOutput:
         req, timings = call.req, {}
         t_start = time.perf_counter()
         with self._timed(timings, "text_encoder"):
-            unet_inputs = self.family.encode(partial(self.backend.text_encoder, ran=call.ran), req.prompts,
-                                             req.negative_prompts, req.do_cfg, req.n, self.device)
+            unet_inputs = self.family.encode(partial(call.text_encoder, ran=call.ran), req.prompts,
+                                             req.negative_prompts, req.do_cfg, req.n, self.device,
+                                             req.prompt_embeds, req.negative_prompt_embeds)
         cfg = req.scheduler_config
         sampler = SAMPLERS[req.scheduler]
-        sched = sampler.schedule(cfg, req.steps, self.device)
+        custom = {k: v for k, v in (("timesteps", req.timesteps), ("sigmas", req.sigmas)) if v is not None}
+        sched = sampler.schedule(cfg, req.steps, self.device, **custom)
         with self._timed(timings, "vae_encoder"):
             lat = self._prepare_latents(call, sched)
             if sampler.draws_noise(req.eta):  # every step's noise, drawn now in diffusers' order
@@ -188,23 +319,75 @@ class Pipeline:
             out = x if req.output_type == "latent" else self._decode(x, call.ran)
         timings["vae"] = timings["vae_encoder"] + timings["vae_decoder"]
         timings["total"] = time.perf_counter() - t_start
-        if req.output_type == "pil":
-            out = imgs.to_pil(out)
+        if req.output_type in ("pil", "np"):
+            out = imgs.to_numpy(out)
+            out = imgs.to_pil(out) if req.output_type == "pil" else out
         return PipelineOutput(out, timings, {n: call.ran[n] for n in self.backend.backends if n in call.ran})
 
     # ---- stages ---------------------------------------------------------------------
 
     @staticmethod
-    def _generator(generator, seed) -> tuple[torch.Generator, int | None]:
-        """The call's generator and its seed. Without either, the seed comes from the OS
-        (torch's global generator is never read nor re-seeded)."""
+    def _generator(generator, seed, batch: int) -> tuple[torch.Generator | list[torch.Generator], int | None]:
+        """The call's generator (or diffusers' list of one per image) and its seed. Without
+        either, the seed comes from the OS (torch's global generator is never read nor re-seeded)."""
         if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise InvalidArgumentError(f"generator must be a torch.Generator, not {type(generator).__name__}")
-            return generator, None
+            gens = generator if isinstance(generator, (list, tuple)) else [generator]
+            if not gens or not all(isinstance(g, torch.Generator) for g in gens):
+                raise InvalidArgumentError("generator must be a torch.Generator or a list of them, not "
+                                           f"{type(generator).__name__}")
+            if isinstance(generator, (list, tuple)) and len(gens) != batch:
+                raise InvalidArgumentError(f"a list of {len(gens)} generators for {batch} images: pass one per "
+                                           "image (len(prompts) x num_images_per_prompt)")
+            return (gens[0] if len(gens) == 1 else list(gens)), None
         seed = check_seed(seed)
         seed = secrets.randbelow(SEED_LIMIT) if seed is None else seed
         return torch.Generator().manual_seed(seed), seed
+
+    def _step_callback(self, callback, callback_steps, on_step_end, tensor_inputs, total: int):
+        """One per-step callback of the loop, callback(k, t, latents) -> new latents or None,
+        from diffusers' two kinds: the legacy callback(step, t, latents) every `callback_steps`
+        steps, and callback_on_step_end(pipe, step, t, {"latents": ...}) -> dict, whose
+        "latents" replace the loop's. Also returns the progress bar (None unless enabled)."""
+        for what, fn in (("callback", callback), ("callback_on_step_end", on_step_end)):
+            if fn is not None and not callable(fn):
+                raise InvalidArgumentError(f"{what} must be callable, not {type(fn).__name__}")
+        if isinstance(callback_steps, bool) or not isinstance(callback_steps, int) or callback_steps < 1:
+            raise InvalidArgumentError(f"callback_steps must be an integer >= 1, got {callback_steps!r}")
+        names = [tensor_inputs] if isinstance(tensor_inputs, str) else list(tensor_inputs or ())
+        if any(n != "latents" for n in names):
+            raise InvalidArgumentError(f"callback_on_step_end_tensor_inputs: fastsd passes only 'latents', "
+                                       f"not {', '.join(repr(n) for n in names if n != 'latents')}")
+        bar = self._progress_bar(total)
+        if callback is None and on_step_end is None and bar is None:
+            return None, None
+
+        def step_callback(k, t, latents):
+            if bar is not None:
+                bar.update(1)
+            if callback is not None and k % callback_steps == 0:
+                callback(k, t, latents)
+            if on_step_end is not None:
+                got = on_step_end(self, k, torch.tensor(t), {n: latents for n in names})
+                if isinstance(got, dict) and got.get("latents") is not None:
+                    if not isinstance(got["latents"], torch.Tensor) or got["latents"].shape != latents.shape:
+                        raise InvalidArgumentError(f"callback_on_step_end returned latents that are not a tensor of "
+                                                   f"shape {tuple(latents.shape)}")
+                    return got["latents"]
+            return None
+
+        return step_callback, bar
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """As diffusers: options of the per-call tqdm progress bar (`disable=False` shows it;
+        fastsd shows none by default: apps that count milliseconds do not want one)."""
+        self._progress_config = dict(self._progress_config, **kwargs)
+
+    def _progress_bar(self, total: int):
+        if self._progress_config.get("disable", True):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, **{k: v for k, v in self._progress_config.items() if k != "disable"})
 
     @contextmanager
     def _timed(self, timings: dict, stage: str):
@@ -214,40 +397,66 @@ class Pipeline:
             torch.cuda.synchronize(self.device)
         timings[stage] = time.perf_counter() - t0
 
-    def _draw(self, shape, gen: torch.Generator) -> torch.Tensor:
-        """As diffusers' randn_tensor: draw on the generator's device in the model dtype."""
-        rand_device = "cpu" if gen.device.type == "cpu" else self.device
+    def _draw(self, shape, gen) -> torch.Tensor:
+        """As diffusers' randn_tensor: draw on the generator's device in the model dtype; with a
+        list of generators, image i draws from generator i."""
+        first = gen[0] if isinstance(gen, list) else gen
+        rand_device = "cpu" if first.device.type == "cpu" else self.device
+        if isinstance(gen, list):
+            one = (1, *shape[1:])
+            return torch.cat([torch.randn(one, generator=gen[i], device=rand_device, dtype=self.dtype)
+                              for i in range(shape[0])])
         return torch.randn(shape, generator=gen, device=rand_device, dtype=self.dtype)
 
-    def _randn(self, shape, gen: torch.Generator) -> torch.Tensor:
+    def _randn(self, shape, gen) -> torch.Tensor:
         return self._draw(shape, gen).to(self.device).float()
 
-    def _randn_steps(self, shape, steps: int, gen: torch.Generator) -> torch.Tensor:
+    def _randn_steps(self, shape, steps: int, gen) -> torch.Tensor:
         """`steps` draws of `shape`, one after the other as a sampler draws them in diffusers'
         loop (the generator is used for nothing else in between), moved to the device at once."""
         return torch.stack([self._draw(shape, gen) for _ in range(steps)]).to(self.device).float()
 
-    def _encode_image(self, images: torch.Tensor, gen: torch.Generator, ran: dict | None = None) -> torch.Tensor:
-        """Sample scaled latents from the VAE posterior (one draw of the mean's shape)."""
+    def _encode_image(self, images: torch.Tensor, gen, ran: dict | None = None) -> torch.Tensor:
+        """Sample scaled latents from the VAE posterior (one draw of the mean's shape; with a
+        list of generators, image i from generator i)."""
         moments = self.backend.vae_encoder(images.to(self.device), ran=ran)
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         z = mean + std * self._randn(mean.shape, gen)
         return self.info.vae_scale * (z - self.info.vae_shift)
 
+    @staticmethod
+    def _spread(t: torch.Tensor, b: int, what: str) -> torch.Tensor:
+        """`t` repeated to batch `b` (copies of the whole batch, as diffusers repeats it)."""
+        if t.shape[0] == b:
+            return t
+        if t.shape[0] > b or b % t.shape[0]:
+            raise InvalidArgumentError(f"{t.shape[0]} {what}s cannot be spread over {b} images")
+        return t.repeat(b // t.shape[0], 1, 1, 1)
+
     def _prepare_latents(self, call: _Call, sched) -> _Latents:
         req, gen = call.req, call.gen
-        b = len(req.prompts) * req.n
+        b = req.batch
         f, c = self.info.vae_factor, self.info.latent_channels
         shape = (b, c, req.height // f, req.width // f)
         start = first_step(req.steps, req.strength)
         if req.image is None and self.info.unet_in_channels == c:  # txt2img
-            return _Latents(self._randn(shape, gen) * sched.init_noise_sigma, start)
-        image = (imgs.image_to_tensor(req.image, req.height, req.width) if req.image is not None
-                 else torch.zeros(1, 3, req.height, req.width))
+            noise = self._randn(shape, gen) if req.latents is None else req.latents.to(self.device).float()
+            return _Latents(noise * sched.init_noise_sigma, start)
+        if req.image is None:  # a 9-channel UNet without an image: repaint everything
+            return self._prepare_inpaint(call, sched, torch.zeros(1, 3, req.height, req.width), shape, start)
+        image, is_latent = imgs.image_batch(req.image, req.height, req.width, c)
         if req.mask_image is None and self.info.unet_in_channels == c:  # img2img
-            x0 = self._encode_image(image, gen, call.ran).expand(b, -1, -1, -1)
-            return _Latents(add_noise(sched, x0, self._randn(shape, gen), start), start)
+            if is_latent:  # latents given as the image: used as they are (diffusers)
+                x0 = image.to(self.device).float()
+            else:
+                if isinstance(gen, list):  # one encode per image, each with its own generator
+                    image = self._spread(image, b, "image")
+                x0 = self._encode_image(image, gen, call.ran)
+            x0 = self._spread(x0, b, "image")
+            return _Latents(add_noise(sched, x0, self._randn(x0.shape, gen), start), start)
+        if is_latent:
+            raise InvalidArgumentError("inpainting takes RGB images, not latents")
         return self._prepare_inpaint(call, sched, image, shape, start)
 
     def _prepare_inpaint(self, call: _Call, sched, image, shape, start) -> _Latents:
@@ -256,16 +465,22 @@ class Pipeline:
         b, c, h, w = shape
         nine = self.info.unet_in_channels != c
         full = req.strength == 1.0
-        mask = (imgs.mask_to_tensor(req.mask_image, req.height, req.width) if req.mask_image is not None
+        mask = (imgs.mask_batch(req.mask_image, req.height, req.width) if req.mask_image is not None
                 else torch.ones(1, 1, req.height, req.width))  # 9-channel UNet without mask: repaint all
-        x0 = None if (nine and full) else self._encode_image(image, gen, call.ran).expand(b, -1, -1, -1)
-        noise = self._randn(shape, gen)
-        x = noise * sched.init_noise_sigma if full else add_noise(sched, x0, noise, start)
-        mask_lat = F.interpolate(mask, size=(h, w)).to(self.device).expand(b, -1, -1, -1)  # nearest
+        needs_x0 = not nine or (req.latents is None and not full)
+        x0 = self._spread(self._encode_image(image, gen, call.ran), b, "image") if needs_x0 else None
+        if req.latents is None:
+            noise = self._randn(shape, gen)
+            x = noise * sched.init_noise_sigma if full else add_noise(sched, x0, noise, start)
+        else:  # given latents are the noise, scaled as pure noise whatever the strength (diffusers)
+            noise = req.latents.to(self.device).float()
+            x = noise * sched.init_noise_sigma
+        mask_lat = self._spread(F.interpolate(mask, size=(h, w)), b, "mask").to(self.device)  # nearest
+        masked_image = image * (mask < imgs.MASK_THRESHOLD)
         if not nine:  # diffusers encodes the masked image here even for 4-channel UNets:
-            self._randn((1, c, h, w), gen)  # consume the same draw, skip the unused encode
+            self._randn((masked_image.shape[0], c, h, w), gen)  # consume the same draws, skip the unused encode
             return _Latents(x, start, x0=x0, noise=noise, mask=mask_lat)
-        masked = self._encode_image(image * (mask < imgs.MASK_THRESHOLD), gen, call.ran).expand(b, -1, -1, -1)
+        masked = self._spread(self._encode_image(masked_image, gen, call.ran), b, "image")
         cond = torch.cat([mask_lat, masked], dim=1)
         return _Latents(x, start, conditioning=torch.cat([cond, cond]) if req.do_cfg else cond)
 
@@ -275,7 +490,8 @@ class Pipeline:
         rows = step_rows(sched, req.scheduler, cfg, req.eta, lat.start)
         inputs = StepInputs(unet_inputs, lat.conditioning, lat.x0, lat.noise, lat.mask)
         shapes = tuple((n, tuple(t.shape)) for n, t in {"x": lat.x, **inputs.tensors()}.items())
-        key = StepKey(req.scheduler, cfg, req.guidance_scale, req.do_cfg, lat.step_noise is not None, shapes)
+        key = StepKey(req.scheduler, cfg, req.guidance_scale, req.do_cfg, lat.step_noise is not None, shapes,
+                      req.guidance_rescale)
         host_t = sched.host_timesteps[lat.start:]
         state = initial_state(req.scheduler, lat.x)
         if self._graphs is not None:
@@ -286,7 +502,8 @@ class Pipeline:
         step = make_step(partial(self.backend.unet, ran=call.ran), key, inputs)
         return run_steps(step, state, rows, lat.step_noise, host_t, callback)
 
-    def _decode(self, latents: torch.Tensor, ran: dict) -> np.ndarray:
+    def _decode(self, latents: torch.Tensor, ran: dict) -> torch.Tensor:
+        """(B, 3, H, W) float32 in [0, 1] on the device (diffusers' "pt" output)."""
         z = latents / self.info.vae_scale + self.info.vae_shift
         images = self._decode_with(partial(self.backend.vae_decoder, ran=ran), z)
         if not torch.isfinite(images).all():
@@ -294,7 +511,7 @@ class Pipeline:
             images = self._decode_with(partial(self.backend.vae_decoder_fp32, ran=ran), z)
             if not torch.isfinite(images).all():
                 raise NumericalError("the VAE decoder gave NaN or infinite pixels even in fp32")
-        return imgs.to_numpy(images)
+        return (images / 2 + 0.5).clamp(0, 1)
 
     def _decode_with(self, decoder, z: torch.Tensor) -> torch.Tensor:
         m = self.memory

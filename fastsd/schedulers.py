@@ -277,23 +277,43 @@ def pndm_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
     )
 
 
-def euler_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
+def _sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
+    """The (fractional) training timestep of a noise level: linear in log sigma between the
+    two neighbouring training steps (as diffusers' EulerDiscreteScheduler._sigma_to_t)."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
+
+
+def euler_schedule(cfg: SchedulerConfig, steps: int, device="cpu", timesteps=None, sigmas=None) -> Schedule:
+    """Euler's sigmas at the spaced timesteps, or at custom `timesteps`, or custom `sigmas`
+    (their last value is where sampling ends), as EulerDiscreteScheduler.set_timesteps."""
     alpha_bar_all = alphas_cumprod(cfg)
     if cfg.rescale_betas_zero_snr:
         alpha_bar_all[-1] = ZERO_SNR_ALPHA_BAR
-    t = spaced_timesteps(cfg, steps, integer=False)
     sigma_all = (((1 - alpha_bar_all) / alpha_bar_all) ** 0.5).numpy()  # float32, as diffusers
-    sigma = np.interp(t, np.arange(len(sigma_all)), sigma_all).astype(np.float32)  # linear in t
-    sigma_max = torch.tensor(sigma.max())
+    if sigmas is not None:
+        sigma_ext = np.array(sigmas).astype(np.float32)
+        t = np.array([_sigma_to_t(v, np.log(sigma_all)) for v in sigma_ext[:-1]]).astype(np.float32)
+        sigma = sigma_ext[:-1]
+    else:
+        t = np.array(timesteps).astype(np.float32) if timesteps is not None else \
+            spaced_timesteps(cfg, steps, integer=False)
+        sigma = np.interp(t, np.arange(len(sigma_all)), sigma_all).astype(np.float32)  # linear in t
+        sigma_ext = np.append(sigma, np.float32(0.0)).astype(np.float32)
+    sigma_max = torch.tensor(sigma_ext.max())
     init = sigma_max if cfg.timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
     return Schedule(
         timesteps=_tensor(t, device),
         host_timesteps=tuple(float(v) for v in t.astype(np.float32)),
-        signal=_tensor(np.ones(steps), device),
+        signal=_tensor(np.ones(len(t)), device),
         noise_level=_tensor(sigma, device),
         input_scale=_tensor(1 / np.sqrt(sigma**2 + 1), device),
         init_noise_sigma=float(init),
-        sigmas=_tensor(np.append(sigma, 0.0), device),
+        sigmas=_tensor(sigma_ext, device),
     )
 
 
@@ -423,13 +443,15 @@ class Sampler:
     draws_noise: Callable[[float], bool]  # eta -> does step() take fresh noise?
     history: int = 0  # multistep samplers: how many tensors of x's shape a step carries to the next
     loop_steps: Callable[[int], int] = lambda steps: steps  # schedule length (UNet calls) for `steps`
+    custom_schedule: bool = False  # schedule() takes timesteps= / sigmas= (as its diffusers class's set_timesteps)
 
 
 SAMPLERS = {
     "ddim": Sampler("ddim", ddim_schedule, ddim_coefficients, ddim_step, lambda eta: eta > 0),
     "pndm": Sampler("pndm", pndm_schedule, pndm_coefficients, pndm_step, lambda eta: False, PNDM_HISTORY,
                     lambda steps: steps + 1 if steps > 1 else 1),
-    "euler": Sampler("euler", euler_schedule, euler_coefficients, euler_step, lambda eta: False),
+    "euler": Sampler("euler", euler_schedule, euler_coefficients, euler_step, lambda eta: False,
+                     custom_schedule=True),
     "euler_a": Sampler("euler_a", euler_schedule, euler_ancestral_coefficients, euler_ancestral_step,
                        lambda eta: True),
 }

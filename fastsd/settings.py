@@ -8,13 +8,16 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
+
 from .errors import InvalidArgumentError
-from .images import _as_pil
-from .schedulers import SchedulerChoice, SchedulerConfig, choose_scheduler, first_step
+from .images import check_images, image_size
+from .schedulers import SAMPLERS, SchedulerChoice, SchedulerConfig, choose_scheduler, first_step
 
 log = logging.getLogger(__name__)
 
-OUTPUT_TYPES = ("pil", "np", "latent")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_GUIDANCE = 100.0  # front ends stop at 30; far beyond, fp16 latents overflow to NaN
 MAX_ETA = 1.0  # DDIM: eta > 1 takes the square root of a negative variance
 SEED_LIMIT = 2**64  # torch.Generator seeds are unsigned 64-bit
@@ -24,10 +27,10 @@ INPAINT_STRENGTH = 1.0  # StableDiffusionInpaintPipeline's default
 
 @dataclass(frozen=True)
 class Request:
-    prompts: list[str]
+    prompts: list[str]  # with prompt_embeds: one "" per embedding (only their count is used)
     negative_prompts: list[str]
-    image: Any  # PIL image or None
-    mask_image: Any  # PIL image or None
+    image: Any  # checked image input (list of PIL images, array or tensor) or None
+    mask_image: Any  # checked mask input or None
     strength: float
     steps: int
     guidance_scale: float
@@ -38,10 +41,21 @@ class Request:
     width: int
     n: int  # images per prompt
     output_type: str
+    guidance_rescale: float = 0.0  # Lin et al. 2023, section 3.4 (diffusers' rescale_noise_cfg)
+    timesteps: tuple[float, ...] | None = None  # custom schedule (samplers that take one)
+    sigmas: tuple[float, ...] | None = None
+    clip_skip: int | None = None  # None: the load-time setting
+    prompt_embeds: Any = None  # (B, 77, D) tensors instead of prompts
+    negative_prompt_embeds: Any = None
+    latents: Any = None  # (B*n, C, h, w): the initial noise instead of drawing it
 
     @property
     def do_cfg(self) -> bool:
         return self.guidance_scale > 1.0  # <= 1: one UNet batch, no guidance (as diffusers)
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.n
 
 
 def _prompt_list(prompt, what: str) -> list[str]:
@@ -82,9 +96,52 @@ def _number(value, what: str, lo: float | None = None, hi: float | None = None) 
     return float(value)
 
 
+def _embeds(value, what: str, width: int | None, tokens: int | None = None):
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor) or value.ndim != 3 or not value.is_floating_point():
+        raise InvalidArgumentError(f"{what} must be a float tensor (batch, tokens, features), got "
+                                   f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+    if width is not None and value.shape[-1] != width:
+        raise InvalidArgumentError(f"{what} has {value.shape[-1]} features; this checkpoint's UNet takes {width}")
+    if tokens is not None and value.shape[1] != tokens:
+        raise InvalidArgumentError(f"{what} has {value.shape[1]} tokens; this checkpoint's text encoder "
+                                   f"gives {tokens}")
+    if not torch.isfinite(value).all():
+        raise InvalidArgumentError(f"{what} holds NaN or infinite values")
+    return value
+
+
+def _schedule_list(value, what: str):
+    if value is None:
+        return None
+    items = value.tolist() if isinstance(value, (torch.Tensor, np.ndarray)) else value
+    if not isinstance(items, (list, tuple)) or not items or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in items):
+        raise InvalidArgumentError(f"{what} must be a non-empty list of finite numbers >= 0")
+    return tuple(float(v) for v in items)
+
+
 def make_request(info, prompt, negative_prompt, image, mask_image, strength, steps, guidance_scale,
-                 scheduler, eta, height, width, n, output_type) -> Request:
-    prompts = _prompt_list(prompt, "prompt")
+                 scheduler, eta, height, width, n, output_type, *, guidance_rescale=0.0, timesteps=None, sigmas=None,
+                 clip_skip=None, prompt_embeds=None, negative_prompt_embeds=None, latents=None,
+                 text_width: int | None = None, clip_layers: int | None = None) -> Request:
+    prompt_embeds = _embeds(prompt_embeds, "prompt_embeds", text_width, info.max_tokens)
+    negative_prompt_embeds = _embeds(negative_prompt_embeds, "negative_prompt_embeds", text_width, info.max_tokens)
+    if prompt_embeds is not None:
+        if prompt is not None:
+            raise InvalidArgumentError("pass prompt or prompt_embeds, not both")
+        prompts = [""] * prompt_embeds.shape[0]
+    elif prompt is None:
+        raise InvalidArgumentError("prompt must be a string or a non-empty list of strings (or pass prompt_embeds)")
+    else:
+        prompts = _prompt_list(prompt, "prompt")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise InvalidArgumentError("pass negative_prompt or negative_prompt_embeds, not both")
+    if negative_prompt_embeds is not None:
+        if prompt_embeds is None or negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise InvalidArgumentError("negative_prompt_embeds needs prompt_embeds of the same shape, got "
+                                       f"{tuple(negative_prompt_embeds.shape)}")
     negatives = [""] * len(prompts) if negative_prompt is None else _prompt_list(negative_prompt, "negative_prompt")
     if len(negatives) == 1 and len(prompts) > 1:
         negatives = negatives * len(prompts)
@@ -92,36 +149,61 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
         raise InvalidArgumentError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
     if mask_image is not None and image is None:
         raise InvalidArgumentError("mask_image needs an image to inpaint")
+    timesteps, sigmas = _schedule_list(timesteps, "timesteps"), _schedule_list(sigmas, "sigmas")
+    if timesteps is not None and sigmas is not None:
+        raise InvalidArgumentError("pass timesteps or sigmas, not both")
+    if timesteps is not None or sigmas is not None:
+        steps = len(timesteps) if timesteps is not None else len(sigmas) - 1  # as diffusers' retrieve_timesteps
+        if steps < 1:
+            raise InvalidArgumentError("sigmas needs at least two values (the last is where sampling ends)")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InvalidArgumentError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InvalidArgumentError(f"num_images_per_prompt must be an integer >= 1, got {n!r}")
     choice: SchedulerChoice = choose_scheduler(scheduler, {})  # raises where the default is not runnable
+    if (timesteps is not None or sigmas is not None) and not SAMPLERS[choice.name].custom_schedule:
+        raise InvalidArgumentError(f"scheduler {choice.name!r} does not take custom timesteps or sigmas (as its "
+                                   "diffusers class); use 'euler'")
     if output_type not in OUTPUT_TYPES:
         raise InvalidArgumentError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
     guidance = _number(guidance_scale, "guidance_scale", lo=0.0, hi=MAX_GUIDANCE)
+    rescale = _number(guidance_rescale, "guidance_rescale", lo=0.0, hi=1.0)
     eta = _number(eta, "eta", lo=0.0, hi=MAX_ETA)
+    if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not
+                                  0 <= clip_skip < (clip_layers or 10**6)):
+        raise InvalidArgumentError(f"clip_skip must be an integer in [0, {(clip_layers or 1) - 1}], got {clip_skip!r}")
+    default_h = default_w = info.default_size
     if image is None:
         if strength is not None and strength != 1.0:
             raise InvalidArgumentError("strength applies to img2img/inpaint only: pass an image too")
         strength = 1.0
-        default_h = default_w = info.default_size
     else:
-        image = _as_pil(image, "image")
+        image = check_images(image, "image")
         if strength is None:  # diffusers' defaults: img2img 0.8, inpainting 1.0
             strength = IMG2IMG_STRENGTH if mask_image is None else INPAINT_STRENGTH
         strength = _number(strength, "strength", lo=0.0, hi=1.0)
-        default_h, default_w = (image.height // info.vae_factor * info.vae_factor,
-                                image.width // info.vae_factor * info.vae_factor)
-        if mask_image is not None:
-            mask_image = _as_pil(mask_image, "mask_image")
-            if mask_image.size != image.size:
+        if mask_image is None:  # img2img: the image's size (inpaint: the checkpoint's, as diffusers)
+            h, w = image_size(image)
+            default_h, default_w = h // info.vae_factor * info.vae_factor, w // info.vae_factor * info.vae_factor
+            if latents is not None:
+                raise InvalidArgumentError("latents applies to txt2img and inpaint (diffusers' img2img takes none)")
+        else:
+            mask_image = check_images(mask_image, "mask_image")
+            if image_size(mask_image) != image_size(image):
                 log.warning("mask size %dx%d differs from the image's %dx%d; resizing it",
-                            *mask_image.size, *image.size)
+                            *image_size(mask_image)[::-1], *image_size(image)[::-1])
     if strength == 0.0 or first_step(steps, strength) >= steps:
         raise InvalidArgumentError(f"strength {strength} with {steps} steps denoises nothing: "
                                    "raise strength or num_inference_steps")
     h = _size(height, default_h, info.vae_factor, "height")
     w = _size(width, default_w, info.vae_factor, "width")
+    if latents is not None:
+        shape = (len(prompts) * n, info.latent_channels, h // info.vae_factor, w // info.vae_factor)
+        if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise InvalidArgumentError(f"latents must be a tensor of shape {shape} for this call, got {got}")
+        if not torch.isfinite(latents).all():
+            raise InvalidArgumentError("latents holds NaN or infinite values")
     return Request(prompts, negatives, image, mask_image, strength, steps, guidance, choice.name, choice.settings,
-                   eta, h, w, n, output_type)
+                   eta, h, w, n, output_type, rescale, timesteps, sigmas, clip_skip, prompt_embeds,
+                   negative_prompt_embeds, latents)

@@ -68,16 +68,21 @@ def test_unreadable_image(pipe, tmp_path):
         pipe("a cat", image=str(bad), **FAST)
     with pytest.raises(ImageError, match="not found"):
         pipe("a cat", image=str(tmp_path / "missing.png"), **FAST)
-    with pytest.raises(ImageError, match="must be a PIL image"):
-        pipe("a cat", image=np.zeros((8, 8, 3)), **FAST)
+    with pytest.raises(ImageError, match="must be a PIL image, a path, a numpy array"):
+        pipe("a cat", image={"pixels": 1}, **FAST)
+    with pytest.raises(ImageError, match="not an image"):
+        pipe("a cat", image=np.zeros((2, 2, 2, 2, 3)), **FAST)
+    with pytest.raises(ImageError, match="NaN"):
+        pipe("a cat", image=np.full((8, 8, 3), np.nan), **FAST)
 
 
 def test_mask_of_other_size_is_resized(pipe, init_image, caplog):
     small = Image.new("L", (12, 10), 255)
     with caplog.at_level(logging.WARNING):
         out = pipe("a cat", image=init_image, mask_image=small, **FAST)
-    assert out.images.shape == (1, 40, 48, 3)
+    assert out.images.shape == (1, 32, 32, 3)  # inpaint: the checkpoint's size by default, as diffusers
     assert "differs from the image" in caplog.text
+    assert pipe("a cat", image=init_image, **FAST).images.shape == (1, 40, 48, 3)  # img2img: the image's
 
 
 def test_image_size_floored_to_vae_factor(pipe):

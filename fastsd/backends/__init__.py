@@ -75,6 +75,10 @@ class Backend(Protocol):
     def vae_decoder_fp32(self, latent: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor:
         """The VAE decoder in eager fp32: the retry when a lower precision overflows."""
 
+    def text_encoder_for(self, clip_skip: int | None):
+        """The text encoder call for a per-call clip_skip (None: the load-time one); an
+        InvalidArgumentError where an engine bakes in another."""
+
 
 class Networks:
     """The four network calls in terms of `run` (by the specs' input names)."""

@@ -7,6 +7,7 @@ import logging
 import threading
 from typing import Callable
 
+from ..errors import InvalidArgumentError
 from ..networks import NETWORKS, NetworkSpec
 from . import Networks, record
 from .kind import EngineKind, Runner
@@ -46,9 +47,11 @@ class LazyRunner:
 
 
 class CompositeBackend(Networks):
-    def __init__(self, engines: dict[str, list], make_eager: Callable):
-        """`engines`: per network, its engines fastest first (LazyRunner or any Runner)."""
+    def __init__(self, engines: dict[str, list], make_eager: Callable, clip_skip: int = 0):
+        """`engines`: per network, its engines fastest first (LazyRunner or any Runner), all
+        built for `clip_skip`."""
         self.engines = {n: list(r) for n, r in engines.items() if r}
+        self.clip_skip = clip_skip
         self._make_eager, self._eager = make_eager, None
         self.backends = {n: self.engines[n][0].name if n in self.engines else "eager"
                          for n in NETWORKS}  # what serves calls that fit the first engine (fixed at load)
@@ -78,6 +81,18 @@ class CompositeBackend(Networks):
             if first:
                 log.warning("no %s engine fits this call (%s); running it in eager PyTorch", network, why)
         return self.eager.run(network, inputs, ran)
+
+    def text_encoder_for(self, clip_skip: int | None):
+        """The text encoder for a call's clip_skip: engines bake theirs in, so another one
+        runs in eager PyTorch where no text-encoder engine is loaded, and is refused where one is."""
+        if clip_skip is None or clip_skip == self.clip_skip:
+            return self.text_encoder
+        if self.engines.get("text_encoder"):
+            raise InvalidArgumentError(
+                f"clip_skip={clip_skip}: the text encoder runs on a {self.backends['text_encoder']} engine built "
+                f"with clip_skip={self.clip_skip}; load the pipeline with clip_skip={clip_skip} (engines built "
+                "for it, or eager) to use another")
+        return self.eager.text_encoder_for(clip_skip)
 
     def vae_decoder_fp32(self, latent, *, ran: dict | None = None):
         return self.eager.vae_decoder_fp32(latent, ran=ran)

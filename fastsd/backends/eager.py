@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-from ..networks import NETWORKS, VaeDecoder
+from ..networks import NETWORKS, TextEncoder, VaeDecoder
 from . import Networks, record
 
 
@@ -21,6 +21,7 @@ class EagerBackend(Networks):
     def __init__(self, ckpt, family, device: torch.device, dtype: torch.dtype, clip_skip: int = 0,
                  cuda_graphs: bool = False, attention_slicing: bool = False):
         self.ckpt, self.specs, self.device, self.dtype = ckpt, family.specs, device, dtype
+        self.clip_skip = clip_skip
         if attention_slicing:  # attention computed in slices (diffusers' "auto"): less memory, slower
             ckpt.unet.set_attention_slice("auto")
         self.modules = {k: m.to(device=device, dtype=dtype).eval() for k, m in family.modules(ckpt, clip_skip).items()}
@@ -48,6 +49,21 @@ class EagerBackend(Networks):
         if network == "unet" and self._graphed_unet is not None and not torch.cuda.is_current_stream_capturing():
             return self._graphed_unet(*args.values())  # inside a whole-step capture the UNet is captured with it
         return self._forward(network, args).float()
+
+    def text_encoder_for(self, clip_skip: int | None):
+        """The text encoder giving the embeddings of CLIP layer -(clip_skip + 1) (None: the
+        load-time clip_skip); any clip_skip runs here, on the same weights."""
+        if clip_skip is None or clip_skip == self.clip_skip:
+            return self.text_encoder
+        module = TextEncoder(self.modules["text_encoder"].clip, clip_skip)
+
+        def encode(input_ids: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor:
+            record(ran, "text_encoder", "eager")
+            args = self.specs["text_encoder"].cast({"input_ids": input_ids}, self.device, self.dtype)
+            with torch.inference_mode():
+                return module(**args).float()
+
+        return encode
 
     def vae_decoder_fp32(self, latent: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor:
         with self._lock:  # built once, on the first overflow

@@ -93,4 +93,4 @@ def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.
             log.log(level, "no engine in %s for %s of this checkpoint: running %s in eager PyTorch (build engines "
                     "with `fastsd export --model ...` or `fastsd build`)", engine_dir, ", ".join(missing),
                     "it" if len(missing) == 1 else "them")
-    return CompositeBackend(engines, make_eager) if any(engines.values()) else make_eager()
+    return CompositeBackend(engines, make_eager, clip_skip) if any(engines.values()) else make_eager()
