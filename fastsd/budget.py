@@ -61,8 +61,8 @@ def peak_bytes(info, widths: Widths, req, itemsize: int, memory) -> int:
     decode_batch = 1 if memory.vae_slicing or memory.vae_tiling else images
     decode_h, decode_w = req.height, req.width
     if memory.vae_tiling:
-        decode_h = min(decode_h, memory.tile * info.vae_factor)
-        decode_w = min(decode_w, memory.tile * info.vae_factor)
+        decode_h = min(decode_h, (memory.tile or info.sample_size) * info.vae_factor)
+        decode_w = min(decode_w, (memory.tile or info.sample_size) * info.vae_factor)
     vae = decode_batch * widths.vae * decode_h * decode_w * itemsize * VAE_LIVE
     output = images * 3 * req.height * req.width * 4 * 2  # float32 images and their numpy copy
     if req.output_type == "latent" and req.image is None:  # no VAE at all

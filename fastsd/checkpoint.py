@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import CheckpointError, InvalidArgumentError, ModelNotFoundError, PickleRefusedError
+from .errors import CheckpointError, FastSDError, InvalidArgumentError, ModelNotFoundError, PickleRefusedError
 from .model_files import (
     PICKLE_SUFFIXES,
     Checkpoint,
@@ -69,6 +69,35 @@ def _hub_snapshot(repo_id: str, local_files_only: bool = False) -> Path:
             f"{repo_id} is not in the hub cache and could not be downloaded "
             f"(offline, or no such repo: {type(e).__name__})"
         ) from None
+
+
+def peek_vae_factor(model: str) -> int | None:
+    """The VAE factor (image pixels per latent pixel) from configs alone, where that is
+    cheap: synthetic names, diffusers folders, hub ids already cached; 8 for single files
+    (every SD 1.x/2.x layout). None where it cannot be known without loading."""
+    model = str(model)
+    if model.startswith(SYNTHETIC_PREFIX):
+        from .archs import ARCHS, arch
+
+        name = model[len(SYNTHETIC_PREFIX):]
+        config = arch(name).get("vae", {}) if name in ARCHS else {}
+    else:
+        path = Path(model).expanduser()
+        if path.is_file():
+            return 8
+        if not path.is_dir():
+            if not HUB_ID.match(model):
+                return None
+            try:
+                path = _hub_snapshot(model, local_files_only=True)
+            except FastSDError:
+                return None
+        try:
+            config = json.loads((path / "vae" / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+    channels = config.get("block_out_channels") if isinstance(config, dict) else None
+    return 2 ** (len(channels) - 1) if isinstance(channels, list) and channels else None
 
 
 # ---- validation and fingerprint -----------------------------------------------------

@@ -7,13 +7,14 @@ import json
 import logging
 import os
 import platform
+import re
 import secrets
 import sys
 import tempfile
 from pathlib import Path
 
 from .errors import FastSDError, OutputPathError
-from .networks import NETWORKS as NETWORK_NAMES
+from .files import created_mode
 from .version import __version__
 
 log = logging.getLogger("fastsd")
@@ -22,25 +23,63 @@ PNG_KEY = "fastsd"  # PNG text chunk with the JSON settings
 PNG_PARAMETERS_KEY = "parameters"  # human-readable line, the key other SD tools read
 
 
+# API parameter names as the user typed them on the command line (errors name the flag)
+FLAGS = {"guidance_scale": "--guidance", "num_inference_steps": "--steps", "num_images_per_prompt": "--n",
+         "negative_prompt": "--negative-prompt", "mask_image": "--mask", "clip_skip": "--clip-skip",
+         "prediction_type": "--prediction-type", "engine_dir": "--engine-dir", "allow_pickle": "--allow-pickle",
+         "cuda_graphs": "--cuda-graphs", "height": "--height", "width": "--width", "strength": "--strength",
+         "eta": "--eta", "seed": "--seed", "scheduler": "--scheduler", "dtype": "--dtype", "device": "--device",
+         "backend": "--backend", "variant": "--variant", "image": "--image"}
+_LEADING = re.compile(r"^(unknown |)([a-z_]+)\b")
+
+
+def flag_message(text: str) -> str:
+    """An API error as the CLI user should read it: parameter names become the flags typed
+    (`guidance_scale must be ...` -> `--guidance must be ...`). Only the leading parameter and
+    unmistakable snake_case names are replaced, never ordinary words elsewhere."""
+    m = _LEADING.match(text)
+    if m and m.group(2) in FLAGS:
+        text = m.group(1) + FLAGS[m.group(2)] + text[m.end():]
+    for name, flag in FLAGS.items():
+        if "_" in name:
+            text = re.sub(rf"(?<![-\w]){name}\b", flag, text)
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `fastsd: error: ...`, exit code 2, no usage dump."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"fastsd: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastsd", description="Fast Stable Diffusion inference.")
+    common = argparse.ArgumentParser(add_help=False)  # options every subcommand takes, after its name too
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress details (also before the subcommand)")
+    p = _Parser(prog="fastsd", description="Fast Stable Diffusion inference.")
     p.add_argument("--version", action="version", version=f"fastsd {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add = sub.add_parser
 
-    g = sub.add_parser("generate", help="generate images from a prompt (txt2img, img2img, inpaint)")
-    g.add_argument("prompt")
+    def sub_parser(name, **kw):
+        return add(name, parents=[common], **kw)
+
+    g = sub_parser("generate", help="generate images from a prompt (txt2img, img2img, inpaint)")
+    g.add_argument("prompt", help="what to draw")
     g.add_argument("--model", required=True,
                    help="diffusers folder, single .safetensors file, hub id, or synthetic:tiny|sd15|sd21")
-    g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
+    g.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     g.add_argument("--guidance", type=float, default=7.5, help="CFG scale; <= 1 disables CFG")
     g.add_argument("--scheduler", default=None,
                    help="ddim | pndm | euler | euler_a (default: the checkpoint's own, as diffusers)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
     g.add_argument("--seed", type=int, default=None, help="default: a random seed, printed and saved")
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--height", type=int, default=None,
+                   help="pixels, a multiple of the VAE factor (default: the checkpoint's; img2img: the image's)")
+    g.add_argument("--width", type=int, default=None, help="pixels, as --height")
     g.add_argument("--n", type=int, default=1, help="images per prompt")
     g.add_argument("--image", default=None, help="init image: img2img, or inpaint with --mask")
     g.add_argument("--mask", default=None, help="inpaint mask, white = repaint")
@@ -51,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", help="auto | tensorrt | compiled | onnxruntime | eager")
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32")
-    g.add_argument("--engine-dir", default=None, help="engine store (default engines/ or $FASTSD_ENGINE_DIR)")
+    g.add_argument("--engine-dir", default=None,
+                   help="engine store (default: $FASTSD_ENGINE_DIR, else ~/.cache/fastsd/engines)")
+    g.add_argument("--variant", default=None, help="diffusers folder weight variant, e.g. fp16")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
     g.add_argument("--prediction-type", default=None, help="epsilon | v_prediction (override the checkpoint's)")
     g.add_argument("--clip-skip", type=int, default=0, help="text embeddings from CLIP layer -(N+1)")
@@ -62,62 +103,63 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("export", help="export a checkpoint's networks to ONNX into the engine store")
+    e = sub_parser("export", help="export a checkpoint's networks to ONNX into the engine store")
     e.add_argument("--model", required=True, help="as for generate")
     e.add_argument("--dtype", default="fp32", help="fp32 | fp16 (graph precision)")
     e.add_argument("--static", default=None, metavar="HxW", help="fixed height x width (batch stays dynamic)")
-    e.add_argument("--engine-dir", default=None, help="engine store (default engines/ or $FASTSD_ENGINE_DIR)")
-    e.add_argument("--networks", default=",".join(NETWORK_NAMES), help="comma-separated subset to export")
+    e.add_argument("--engine-dir", default=None,
+                   help="engine store (default: $FASTSD_ENGINE_DIR, else ~/.cache/fastsd/engines)")
+    e.add_argument("--networks", default=None, help="comma-separated subset to export (default: all four)")
     e.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     e.add_argument("--clip-skip", type=int, default=0, help="bake text embeddings from CLIP layer -(N+1)")
-    e.add_argument("--allow-pickle", action="store_true")
+    e.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
     e.set_defaults(func=cmd_export)
 
-    c = sub.add_parser("build", help="build compiled engines (AOTInductor) into the engine store")
+    c = sub_parser("build", help="build compiled engines (AOTInductor) into the engine store")
     c.add_argument("--model", required=True, help="as for generate")
     c.add_argument("--backend", required=True, help="an engine kind: tensorrt | compiled | onnxruntime")
     c.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default: fp16 on cuda, fp32 on cpu)")
     c.add_argument("--static", default=None, metavar="HxW", help="image size (default: the checkpoint's)")
     c.add_argument("--device", default=None, help="cuda | cpu: the device the engines are for")
-    c.add_argument("--engine-dir", default=None)
-    c.add_argument("--networks", default=",".join(NETWORK_NAMES), help="comma-separated subset to build")
-    c.add_argument("--clip-skip", type=int, default=0)
+    c.add_argument("--engine-dir", default=None, help="engine store (as for export)")
+    c.add_argument("--networks", default=None, help="comma-separated subset to build (default: all four)")
+    c.add_argument("--clip-skip", type=int, default=0, help="bake text embeddings from CLIP layer -(N+1)")
     c.add_argument("--refittable", action="store_true",
                    help="engines that can take other weights by refit (tensorrt; may run slower)")
-    c.add_argument("--allow-pickle", action="store_true")
+    c.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
     c.set_defaults(func=cmd_build)
 
-    s = sub.add_parser("engines", help="list or prune the engine store")
-    s.add_argument("action", choices=["list", "prune"])
-    s.add_argument("--engine-dir", default=None)
+    s = sub_parser("engines", help="list or prune the engine store")
+    s.add_argument("action", choices=["list", "prune"], help="list entries (with profiles), or prune unusable ones")
+    s.add_argument("--engine-dir", default=None, help="engine store (as for export)")
     s.add_argument("--all", action="store_true", help="prune: remove every entry, not only unusable ones")
     s.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
     s.set_defaults(func=cmd_engines)
 
-    b = sub.add_parser("bench", help="benchmark backends side by side with diffusers; or: bench compare A.json B.json")
+    b = sub_parser("bench", help="benchmark backends side by side with diffusers; or: bench compare A.json B.json")
     b.add_argument("action", nargs="*", help="empty to run, or: compare REPORT.json REPORT.json ...")
     b.add_argument("--model", default=None, help="as for generate; synthetic:sd15 etc. run offline")
     b.add_argument("--backends", default=None,
                    help="comma list of eager,eager+graphs,compiled,onnxruntime,tensorrt,diffusers")
-    b.add_argument("--height", type=int, default=None)
-    b.add_argument("--width", type=int, default=None)
+    b.add_argument("--height", type=int, default=None, help="image height (default: the model's, <= 256 on CPU)")
+    b.add_argument("--width", type=int, default=None, help="image width (as --height)")
     b.add_argument("--sizes", default=None, help="comma list of HxW (instead of --height/--width)")
     b.add_argument("--batch", default=None, help="comma list of prompts per call")
     b.add_argument("--steps", default=None, help="comma list of step counts")
     b.add_argument("--schedulers", default=None, help="comma list of ddim,pndm,euler,euler_a")
-    b.add_argument("--guidance", type=float, default=None)
-    b.add_argument("--warmup", type=int, default=None)
-    b.add_argument("--runs", type=int, default=None)
-    b.add_argument("--device", default=None)
-    b.add_argument("--dtype", default=None)
-    b.add_argument("--engine-dir", default=None)
+    b.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5)")
+    b.add_argument("--warmup", type=int, default=None, help="untimed calls per configuration")
+    b.add_argument("--runs", type=int, default=None, help="timed calls per configuration (median, p90)")
+    b.add_argument("--device", default=None, help="cuda | cpu")
+    b.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32")
+    b.add_argument("--engine-dir", default=None, help="engine store (as for export)")
     b.add_argument("--export-missing", action="store_true",
                    help="export ONNX / build compiled engines a backend lacks (timed)")
     b.add_argument("--cold-start", action="store_true", help="also time a new process to its first image")
     b.add_argument("--out", default="fastsd-bench", help="folder for bench.json, bench.md, bench.png")
     b.set_defaults(func=_cmd_bench)
 
-    i = sub.add_parser("info", help="devices, installed backends, versions")
+    i = sub_parser("info", help="devices, installed backends, versions")
     i.set_defaults(func=cmd_info)
     return p
 
@@ -148,7 +190,7 @@ def write_pngs(images: list, paths: list[Path], settings: dict, overwrite: bool)
     """Write every image or none: each goes to a temp file in its folder first, then all are
     moved into place; if one cannot be placed, those already placed are undone (files they
     replaced are restored). An existing file is never replaced without `overwrite`."""
-    mode = 0o666 & ~_umask()  # as open() would create them (mkstemp makes 0600)
+    mode = created_mode()  # as open() would create them (mkstemp makes 0600)
     temps: list[str] = []
     try:
         for k, (image, path) in enumerate(zip(images, paths, strict=True)):
@@ -160,12 +202,6 @@ def write_pngs(images: list, paths: list[Path], settings: dict, overwrite: bool)
         for tmp in temps:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _write_temp(image, path: Path, settings: dict, mode: int) -> str:
@@ -220,16 +256,38 @@ def _parameters_line(s: dict) -> str:
             f"Seed: {s['seed']}, Size: {s['width']}x{s['height']}, Model hash: {s['model_fingerprint']}")
 
 
+def _check_generate(args) -> None:
+    """What can be checked before the model loads, in the flags' own names."""
+    from .checkpoint import peek_vae_factor
+    from .schedulers import SAMPLER_NAMES
+    from .settings import MAX_ETA, MAX_GUIDANCE, check_seed
+
+    if args.n < 1:
+        raise FastSDError(f"--n must be >= 1, got {args.n}")
+    if args.steps < 1:
+        raise FastSDError(f"--steps must be >= 1, got {args.steps}")
+    if args.scheduler is not None and args.scheduler not in SAMPLER_NAMES:
+        raise FastSDError(f"unknown --scheduler {args.scheduler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+    for flag, value, hi in (("--guidance", args.guidance, MAX_GUIDANCE), ("--eta", args.eta, MAX_ETA),
+                            ("--strength", args.strength, 1.0)):
+        if value is not None and not 0 <= value <= hi:  # NaN fails too
+            raise FastSDError(f"{flag} must be in [0, {hi}], got {value}")
+    if args.clip_skip < 0:
+        raise FastSDError(f"--clip-skip must be >= 0, got {args.clip_skip}")
+    factor = peek_vae_factor(args.model) or 1
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and (value <= 0 or value % factor):
+            raise FastSDError(f"{flag} must be a positive multiple of {factor}, got {value}")
+    check_seed(args.seed)
+
+
 def cmd_generate(args) -> int:
     import torch
 
     from .images import load_image
     from .pipeline import MemoryOptions, Pipeline
-    from .settings import check_seed
 
-    if args.n < 1:
-        raise FastSDError(f"--n must be >= 1, got {args.n}")
-    check_seed(args.seed)
+    _check_generate(args)
     args.prompt, args.negative_prompt = _argv_text(args.prompt), _argv_text(args.negative_prompt)
     paths = output_paths(args.out, args.n, args.overwrite)
     image = load_image(args.image) if args.image else None
@@ -240,7 +298,8 @@ def cmd_generate(args) -> int:
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                     memory=memory, cuda_graphs=args.cuda_graphs,
                                     engine_dir=args.engine_dir, allow_pickle=args.allow_pickle,
-                                    prediction_type=args.prediction_type, clip_skip=args.clip_skip)
+                                    prediction_type=args.prediction_type, clip_skip=args.clip_skip,
+                                    variant=args.variant)
     bar = _progress(args, args.scheduler or pipe.scheduler.name)
     out = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, mask_image=mask,
                strength=args.strength, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -329,7 +388,9 @@ def _build(kind_name: str, args, **options) -> int:
         refitting = ", ".join(k.name for k in ENGINE_KINDS.values() if k.refits)
         raise FastSDError(f"--refittable applies to engine kinds that refit ({refitting}), not {kind.name}")
     t0 = time.perf_counter()
-    networks = tuple(n.strip() for n in args.networks.split(",") if n.strip())
+    from .networks import NETWORKS
+
+    networks = tuple(n.strip() for n in args.networks.split(",") if n.strip()) if args.networks else NETWORKS
     opts = BuildOptions(args.model, engine_dir=args.engine_dir, networks=networks, allow_pickle=args.allow_pickle,
                         clip_skip=args.clip_skip, static=args.static, progress=lambda line: print(line, flush=True),
                         **options)
@@ -378,15 +439,34 @@ def _cmd_bench(args) -> int:
 
 
 def cmd_info(args) -> int:
+    import os
+
     import torch
 
+    from .backends.registry import ENGINE_KINDS
+    from .devices import cpu_name
+    from .engines import default_engine_dir, list_entries
+
     print(f"fastsd {__version__} | python {platform.python_version()} | torch {torch.__version__}")
+    print("devices:")
+    print(f"  cpu: {cpu_name()}, {os.cpu_count()} cores")
     if torch.cuda.is_available():
         for k in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(k)
-            print(f"cuda:{k} {p.name} sm_{p.major}{p.minor} {p.total_memory / 2**30:.1f} GiB")
+            print(f"  cuda:{k} {p.name} sm_{p.major}{p.minor} {p.total_memory / 2**30:.1f} GiB")
     else:
-        print("cuda: not available (cpu only)")
+        print("  cuda: not available (cpu only)")
+    store = default_engine_dir()
+    origin = "$FASTSD_ENGINE_DIR" if os.environ.get("FASTSD_ENGINE_DIR") else "default; set $FASTSD_ENGINE_DIR"
+    entries = list_entries(store)
+    print(f"engine store: {store} ({origin} or --engine-dir to use another); {len(entries)} entr"
+          f"{'y' if len(entries) == 1 else 'ies'}")
+    print("engine kinds (auto tries them in this order, then eager PyTorch):")
+    for kind in ENGINE_KINDS.values():
+        why = kind.unavailable()
+        state = f"not available: {why}" if why else f"available ({kind.details()})"
+        print(f"  {kind.name}: {state}")
+        print(f"    needs: {kind.needs}; built by `{kind.build_command}`")
     for mod in ("diffusers", "transformers", "onnx", "onnxruntime", "onnxslim", "tensorrt"):
         try:
             m = __import__(mod)
@@ -416,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FastSDError as e:
-        print(f"fastsd: error: {e}", file=sys.stderr)
+        print(f"fastsd: error: {flag_message(str(e))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("fastsd: interrupted", file=sys.stderr)

@@ -42,7 +42,7 @@ from .schedulers import (
     pipeline_scheduler_config,
 )
 from .settings import SEED_LIMIT, Request, check_seed, make_request
-from .tiling import decode_sliced, decode_tiled
+from .tiling import decode_sliced, decode_tiled, encode_tiled
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ class MemoryOptions:
     attention_slicing: bool = False  # eager UNet: attention in slices (diffusers' "auto"); set when loading
     vae_slicing: bool = False  # decode a batch one image at a time
     vae_tiling: bool = False  # decode in overlapping latent tiles (large images)
-    tile: int = 64  # latent pixels per tile (512 px for SD)
-    tile_overlap: int = 16  # latent pixels shared by neighbouring tiles
+    tile: int | None = None  # latent pixels per tile; None: the VAE's sample size (64 for SD), as diffusers
+    tile_overlap: int | None = None  # latent pixels shared by neighbouring tiles; None: a quarter tile
 
 
 @dataclass
@@ -179,7 +179,11 @@ class Pipeline:
         dtype = dtype or ("fp16" if dev.type == "cuda" else "fp32")
         if variant is not None and not isinstance(variant, str):
             raise InvalidArgumentError(f"variant must be a string such as 'fp16', got {variant!r}")
-        if memory is not None and not 0 <= memory.tile_overlap < memory.tile:
+        if memory is not None and memory.tile is not None and (isinstance(memory.tile, bool) or not isinstance(
+                memory.tile, int) or memory.tile < 1):
+            raise InvalidArgumentError(f"tile must be a positive integer (latent pixels), got {memory.tile!r}")
+        if memory is not None and memory.tile_overlap is not None and not 0 <= memory.tile_overlap < (
+                memory.tile or 10**9):
             raise InvalidArgumentError(f"tile_overlap must be in [0, tile={memory.tile}), got {memory.tile_overlap}")
         ckpt = load_checkpoint(model, allow_pickle=allow_pickle, variant=variant, local_files_only=local_files_only)
         check_clip_skip(ckpt, clip_skip)
@@ -229,6 +233,24 @@ class Pipeline:
         if self._graphs is not None:
             self._graphs = StepGraphs()
         return self
+
+    @property
+    def vae(self):
+        """The checkpoint's VAE (diffusers' AutoencoderKL): `pipe.vae.enable_slicing()` and
+        `enable_tiling()` (diffusers >= 0.35's spelling) apply to fastsd's decode too."""
+        return self.ckpt.vae
+
+    @property
+    def unet(self):
+        return self.ckpt.unet
+
+    @property
+    def text_encoder(self):
+        return self.ckpt.text_encoder
+
+    @property
+    def tokenizer(self):
+        return self.ckpt.tokenizer
 
     def enable_attention_slicing(self, slice_size="auto") -> None:
         """Attention in slices in the eager UNet (less memory, slower); engines keep theirs."""
@@ -419,7 +441,9 @@ class Pipeline:
     def _encode_image(self, images: torch.Tensor, gen, ran: dict | None = None) -> torch.Tensor:
         """Sample scaled latents from the VAE posterior (one draw of the mean's shape; with a
         list of generators, image i from generator i)."""
-        moments = self.backend.vae_encoder(images.to(self.device), ran=ran)
+        encoder, tiling = partial(self.backend.vae_encoder, ran=ran), self._tiling()
+        images = images.to(self.device)
+        moments = encoder(images) if tiling is None else encode_tiled(encoder, images, self.info.vae_factor, *tiling)
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         z = mean + std * self._randn(mean.shape, gen)
@@ -513,8 +537,26 @@ class Pipeline:
                 raise NumericalError("the VAE decoder gave NaN or infinite pixels even in fp32")
         return (images / 2 + 0.5).clamp(0, 1)
 
+    def _tiling(self) -> tuple[int, int] | None:
+        """(tile, overlap) in latent pixels when VAE tiling is on (MemoryOptions.vae_tiling or
+        diffusers' pipe.vae.enable_tiling()): by default diffusers' own geometry, the VAE's
+        sample size and a quarter of it."""
+        m, vae = self.memory, self.ckpt.vae
+        if not (m.vae_tiling or getattr(vae, "use_tiling", False)):
+            return None
+        size = vae.config.sample_size
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        tile = m.tile or max(int(size / self.info.vae_factor), 1)
+        overlap = m.tile_overlap if m.tile_overlap is not None else tile - int(tile * 0.75)
+        if not 0 <= overlap < tile:
+            raise InvalidArgumentError(f"tile_overlap {overlap} must be in [0, tile={tile})")
+        return tile, overlap
+
     def _decode_with(self, decoder, z: torch.Tensor) -> torch.Tensor:
-        m = self.memory
-        if m.vae_tiling:
-            return decode_tiled(decoder, z, self.info.vae_factor, m.tile, m.tile_overlap)
-        return decode_sliced(decoder, z) if m.vae_slicing else decoder(z)
+        tiling = self._tiling()
+        if self.memory.vae_slicing or getattr(self.ckpt.vae, "use_slicing", False):  # one image at a time
+            return decode_sliced(lambda one: self._decode_one(decoder, one, tiling), z)
+        return self._decode_one(decoder, z, tiling)
+
+    def _decode_one(self, decoder, z: torch.Tensor, tiling) -> torch.Tensor:
+        return decoder(z) if tiling is None else decode_tiled(decoder, z, self.info.vae_factor, *tiling)

@@ -84,22 +84,40 @@ def test_reports_written(report):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_compare_flags_regressions(report, tmp_path):
-    _, (js, _, _) = report
-    slow = json.loads(js.read_text())
-    faster = copy.deepcopy(slow)
-    for row in slow["rows"]:
+def _steady(data: dict, scale: float = 1.0, spread: float = 1.01) -> dict:
+    data = copy.deepcopy(data)
+    for row in data["rows"]:
         e2e = row["stages"]["end_to_end"]
-        e2e["median"], e2e["p90"] = e2e["median"] * 3, e2e["median"] * 3.01
-    for row in faster["rows"]:
-        row["stages"]["end_to_end"]["median"] *= 0.99
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    (tmp_path / "a" / "bench.json").write_text(json.dumps(slow))
-    (tmp_path / "b" / "bench.json").write_text(json.dumps(faster))
-    table, regressions = compare([str(js), str(tmp_path / "a" / "bench.json"), str(tmp_path / "b" / "bench.json")])
-    assert regressions == 3  # every row of the 3x slower run, none of the 1% faster one
-    assert table.count("REGRESSION") == 3
+        e2e["median"] *= scale
+        e2e["p90"] = e2e["median"] * spread
+    return data
+
+
+def test_compare_flags_regressions(report, tmp_path, capsys):
+    _, (js, _, _) = report
+    base = json.loads(js.read_text())
+    assert base["config"]["checkpoint"]  # rows are matched on the weights' fingerprint
+    for name, data in (("base", _steady(base)), ("slow", _steady(base, 3.0)), ("faster", _steady(base, 0.99)),
+                       ("noisy", _steady(base, 3.0, spread=2.0))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "bench.json").write_text(json.dumps(data))
+    runs = [str(tmp_path / n / "bench.json") for n in ("base", "slow", "faster", "noisy")]
+    table, regressions = compare(runs)
+    rows = len(base["rows"])
+    assert regressions == rows  # every row of the 3x slower run; none of the 1% faster or the noisy one
+    assert table.count("REGRESSION") == rows and table.count("NOISY") == rows
+    assert "too noisy to call a regression" in table
+    assert main(["bench", "compare", runs[0], runs[1]]) == 1  # CI can fail on it
+    assert main(["bench", "compare", runs[0], runs[2]]) == 0
+    capsys.readouterr()
+    # the same folder names get distinct labels; other weights are not compared with these
+    other = _steady(base, 3.0)
+    other["config"]["checkpoint"] = "0" * 16
+    (tmp_path / "x" / "base").mkdir(parents=True)
+    (tmp_path / "x" / "base" / "bench.json").write_text(json.dumps(other))
+    table, regressions = compare([runs[0], str(tmp_path / "x" / "base" / "bench.json")])
+    heads = table.splitlines()[0].split(" | ")[-2:]
+    assert heads[0] != heads[1] and regressions == 0 and "no row of the first report matches" in table
 
 
 def test_interrupt_keeps_finished_rows(ckpts, tmp_path):

@@ -41,5 +41,15 @@ def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile) -
     return CompiledRunner(path, spec, device, profile, dtype)
 
 
+def _details() -> str:
+    import shutil
+
+    cxx = next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    return f"torch {torch.__version__} AOTInductor; C++ compiler: {cxx or 'none found (CPU builds need one)'}"
+
+
 KIND = EngineKind("compiled", ".pt2", lambda: None, runtime_facts, _load, _build,
-                  build_command="fastsd build --backend compiled", builds_alone=True, refits=False)
+                  build_command="fastsd build --backend compiled", builds_alone=True, refits=False,
+                  needs="torch's AOTInductor (torch >= 2.6) and, to build on CPU, a C++ compiler; packages are "
+                        "tied to the torch version and device they were built with",
+                  details=_details)

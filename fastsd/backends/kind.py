@@ -74,6 +74,8 @@ class EngineKind:
     build_command: str  # how a user builds this kind's entries
     builds_alone: bool  # builds from the checkpoint alone (bench --export-missing may build it)
     refits: bool  # a build for a new checkpoint of a known architecture refits instead of rebuilding
+    needs: str = ""  # what it takes to run, for `fastsd info`
+    details: Callable[[], str] = lambda: ""  # what this installation has (versions, providers), for `fastsd info`
 
 
 def export_module(name: str):

@@ -125,5 +125,14 @@ def _build(opts: BuildOptions) -> Path:
         progress=opts.progress)
 
 
+def _details() -> str:
+    import onnxruntime
+
+    return f"onnxruntime {onnxruntime.__version__}, providers: {', '.join(onnxruntime.get_available_providers())}"
+
+
 KIND = EngineKind("onnxruntime", ".onnx", unavailable, lambda device: {}, _load, _build,
-                  build_command="fastsd export", builds_alone=True, refits=False)
+                  build_command="fastsd export", builds_alone=True, refits=False,
+                  needs="onnxruntime (CPU), or onnxruntime-gpu with CUDA / TensorRT execution providers; "
+                        "ONNX graphs from `fastsd export`",
+                  details=_details)

@@ -163,4 +163,7 @@ def _build(opts: BuildOptions) -> Path:
 KIND = EngineKind("tensorrt", ".plan", unavailable, runtime_facts,
                   lambda path, spec, device, dtype, profile: TrtRunner(path, spec, device, profile), _build,
                   build_command="fastsd export --dtype fp16, then fastsd build --backend tensorrt",
-                  builds_alone=False, refits=True)
+                  builds_alone=False, refits=True,
+                  needs="the tensorrt Python package (TensorRT 10+) and a CUDA GPU; engines are tied to the "
+                        "TensorRT version and GPU model",
+                  details=lambda: f"tensorrt {__import__('tensorrt').__version__}")

@@ -33,6 +33,9 @@ def _sizes(args) -> tuple[tuple[int, int], ...] | None:
     return None
 
 
+EXIT_REGRESSION = 1  # bench compare found a regression (for CI); bad input is 2
+
+
 def cmd_bench(args) -> int:
     from ..pipeline import parse_device
     from . import compare, default_config, markdown, run_bench, write_reports
@@ -44,7 +47,7 @@ def cmd_bench(args) -> int:
         table, regressions = compare(args.action[1:])
         print(table)
         print(f"{regressions} regression(s) beyond the noise")
-        return 0
+        return EXIT_REGRESSION if regressions else 0
     if not args.model:
         raise FastSDError("bench needs --model (a checkpoint or synthetic:tiny|sd15|sd21)")
     backends = tuple(args.backends.split(",")) if args.backends else None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgumentError
 from ..files import atomic_write
-from .runner import SCHEMA, BenchResult
+from .runner import NOISY_SPREAD, SCHEMA, BenchResult
 
 NOISE_FLOOR = 0.05  # a change under 5% is never called a regression
 CHART_STAGES = ("text_encoder", "unet", "vae_decoder")
@@ -117,27 +117,45 @@ def load_report(path: str | Path) -> dict:
 
 
 def _row_key(report: dict, row: dict) -> tuple:
-    return (report["config"]["model"], row["backend"], row["height"], row["width"], row["batch"], row["steps"],
-            row["scheduler"])
+    """What makes two rows the same measurement: the same weights (checkpoint fingerprint,
+    else the model as named), backend, shape, steps, sampler, guidance, precision, device."""
+    cfg = report["config"]
+    return (cfg.get("checkpoint") or cfg["model"], row["backend"], row["height"], row["width"], row["batch"],
+            row["steps"], row["scheduler"], row.get("guidance", cfg.get("guidance")),
+            row.get("dtype") or cfg.get("dtype"), cfg.get("device"))
+
+
+def _labels(paths: list[str], reports: list[dict]) -> list[str]:
+    """One distinct label per report: folder, machine, commit; the index where those repeat."""
+    labels = [f"{Path(p).parent.name or p} ({r['machine'].get('gpu') or r['machine'].get('cpu', '?')[:24]}, "
+              f"{r['machine'].get('git_commit') or '?'})" for p, r in zip(paths, reports, strict=True)]
+    if len(set(labels)) < len(labels):
+        labels = [f"#{k + 1} {label} [{p}]" for k, (label, p) in enumerate(zip(labels, paths, strict=True))]
+    return labels
+
+
+def _spread(stage: dict) -> float:
+    return stage["p90"] / stage["median"] if stage["median"] > 0 else float("inf")
 
 
 def compare(paths: list[str]) -> tuple[str, int]:
-    """Side-by-side end-to-end medians of the same configurations across reports (GPUs,
-    commits); a row slower than the first report by more than its noise is flagged.
-    Returns the Markdown table and the number of regressions."""
+    """Side-by-side end-to-end medians of the same measurements across reports (GPUs,
+    commits), matched by checkpoint fingerprint and settings; a row slower than the first
+    report by more than its noise is flagged, and a row whose p90/median spread is too wide
+    to trust gets a warning instead of a verdict. Returns the Markdown table (warnings
+    below it) and the number of regressions."""
     if len(paths) < 2:
         raise InvalidArgumentError("bench compare needs at least two reports")
     reports = [load_report(p) for p in paths]
-    heads = [f"{Path(p).parent.name or p} ({r['machine'].get('gpu') or r['machine']['cpu'][:24]}, "
-             f"{r['machine'].get('git_commit') or '?'})" for p, r in zip(paths, reports, strict=True)]
-    lines = ["| model | backend | size | batch | steps | sched | " + " | ".join(heads) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(heads)]
+    heads = _labels(paths, reports)
+    lines = ["| model | backend | size | batch | steps | sched | guidance | dtype | " + " | ".join(heads) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(heads)]
     tables = [{_row_key(r, row): row for row in r["rows"]} for r in reports]
-    regressions = 0
+    regressions, warnings = 0, []
     for key in dict.fromkeys(k for t in tables for k in t):
         cells = []
         base = tables[0].get(key)
-        for t in tables:
+        for head, t in zip(heads, tables, strict=True):
             row = t.get(key)
             if row is None:
                 cells.append("-")
@@ -147,13 +165,21 @@ def compare(paths: list[str]) -> tuple[str, int]:
             if base is not None and row is not base:
                 b = base["stages"]["end_to_end"]
                 ratio = e2e["median"] / b["median"]
-                noise = max(NOISE_FLOOR, (b["p90"] - b["median"]) / b["median"],
-                            (e2e["p90"] - e2e["median"]) / e2e["median"])
                 cell += f" ({ratio:.2f}x)"
-                if ratio > 1 + noise:
+                spread = max(_spread(b), _spread(e2e))
+                if spread > NOISY_SPREAD:
+                    cell += " NOISY"
+                    warnings.append(f"warning: {key[1]} {key[2]}x{key[3]} in {head}: p90 is {spread:.2f}x the "
+                                    "median; too noisy to call a regression, rerun with more --runs")
+                elif ratio > 1 + max(NOISE_FLOOR, spread - 1):
                     cell += " REGRESSION"
                     regressions += 1
             cells.append(cell)
-        model, backend, h, w, batch, steps, sched = key
-        lines.append(f"| {model} | {backend} | {h}x{w} | {batch} | {steps} | {sched} | " + " | ".join(cells) + " |")
+        _, backend, h, w, batch, steps, sched, guidance, dtype, _ = key
+        model = next(r["config"]["model"] for r, t in zip(reports, tables, strict=True) if key in t)
+        lines.append(f"| {model} | {backend} | {h}x{w} | {batch} | {steps} | {sched} | {guidance} | {dtype or '-'} | "
+                     + " | ".join(cells) + " |")
+    if len(tables[0]) and not any(k in t for t in tables[1:] for k in tables[0]):
+        warnings.append("warning: no row of the first report matches any other (other weights or settings)")
+    lines += [""] + warnings if warnings else []
     return "\n".join(lines), regressions

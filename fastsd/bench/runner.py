@@ -240,6 +240,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = print) -> Benc
                 for b, m in measured.items():  # rows of a configuration land together
                     if b not in extras:
                         extras[b] = workers[b].ask(op="extra")
+                        if extras[b].get("checkpoint"):  # the weights every row ran (compare matches on it)
+                            result.config.setdefault("checkpoint", extras[b]["checkpoint"])
                     stages = summarize(m["samples"])
                     result.rows.append({
                         "backend": b, "height": h, "width": w, "batch": batch, "steps": steps, "scheduler": sched,

@@ -109,16 +109,19 @@ class FastSDWorker:
         return {k: out.timings[k] for k in ("text_encoder", "unet", "unet_per_step", "vae_decoder")}
 
     def extra(self) -> dict:
-        from ..engines import check_entry, default_engine_dir, entry_dir
+        from ..engines import check_entry, default_engine_dir, kind_entries
 
         export = self.export_s
         if export is None and self.backend in ENGINE_KINDS:
             root = Path(self.cfg.engine_dir) if self.cfg.engine_dir else default_engine_dir()
-            manifest, _ = check_entry(entry_dir(root, self.info.fingerprint, self.backend, PRECISIONS[self.pipe.dtype]),
-                                      self.info.fingerprint, networks=())  # a valid manifest; no file is read
-            secs = [n.get("export_seconds") for n in manifest.get("networks", {}).values()]
-            export = round(sum(secs), 2) if secs and None not in secs else None
-        return {"ran": dict(self.pipe.backend.backends), "export_seconds": export}
+            for entry in kind_entries(root, self.info.fingerprint, self.backend, PRECISIONS[self.pipe.dtype]):
+                manifest, _ = check_entry(entry, self.info.fingerprint, networks=())  # no file is read
+                secs = [n.get("export_seconds") for n in manifest.get("networks", {}).values()]
+                if secs and None not in secs:
+                    export = round(sum(secs), 2)
+                    break
+        return {"ran": dict(self.pipe.backend.backends), "export_seconds": export,
+                "checkpoint": self.info.fingerprint, "dtype": PRECISIONS[self.pipe.dtype]}
 
 
 # ---- diffusers baseline -----------------------------------------------------------------
