@@ -1,6 +1,6 @@
 """The four networks as modules whose inputs and outputs carry the ONNX names.
 
-These are the contract every backend implements (DESIGN.md): the eager backend runs
+These are the contract every backend implements (docs/ARCHITECTURE.md): the eager backend runs
 them directly; exporters trace them. diffusers/transformers classes only hold weights.
 """
 

@@ -154,7 +154,7 @@ class Pipeline:
                         safety_checker=None, requires_safety_checker: bool | None = None,
                         feature_extractor=None, use_safetensors: bool | None = None,
                         local_files_only: bool = False, **unsupported) -> "Pipeline":
-        """Load `model` (see DESIGN.md). `allow_pickle` permits .ckpt/.bin files;
+        """Load `model` (see the README). `allow_pickle` permits .ckpt/.bin files;
         `prediction_type` ("epsilon" | "v_prediction") overrides the checkpoint's scheduler
         config, for single files whose config cannot be known (SD 2.x 512-base vs 768-v);
         `clip_skip` = k takes text embeddings from CLIP layer -(k + 1) by default (engines

@@ -68,18 +68,18 @@ def test_random_seed_is_recorded(model, tmp_path):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--height", "33"], "height must be a positive multiple of 2"),
-    (["--width", "-8"], "width must be a positive multiple"),
-    (["--steps", "0"], "num_inference_steps must be an integer >= 1"),
-    (["--guidance", "-2"], "guidance_scale must be in"),
-    (["--scheduler", "plms"], "unknown scheduler"),
-    (["--strength", "0.5"], "strength applies to img2img"),
-    (["--mask", "MASK"], "mask_image needs an image"),
-    (["--image", "IMG", "--strength", "1.5"], "strength must be in"),
+    (["--height", "33"], "--height must be a positive multiple of 2"),
+    (["--width", "-8"], "--width must be a positive multiple"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--guidance", "-2"], "--guidance must be in"),
+    (["--scheduler", "plms"], "unknown --scheduler 'plms'"),
+    (["--strength", "0.5"], "--strength applies to img2img"),
+    (["--mask", "MASK"], "--mask needs an image"),
+    (["--image", "IMG", "--strength", "1.5"], "--strength must be in"),
     (["--image", "IMG", "--strength", "0"], "denoises nothing"),
     (["--image", "BAD"], "cannot read image"),
     (["--image", "NOFILE"], "image not found"),
-    (["--backend", "openvino"], "unknown backend"),
+    (["--backend", "openvino"], "unknown --backend 'openvino'"),
     (["--n", "0"], "--n must be >= 1"),
 ])
 def test_generate_input_errors(model, tmp_path, init_image, mask_image, capsys, extra, match):
@@ -155,7 +155,7 @@ def test_console_script_bad_input_no_traceback(model, tmp_path):
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == ["fastsd: error: height must be a positive multiple of 2, got 7"]
+    assert r.stderr.strip().splitlines() == ["fastsd: error: --height must be a positive multiple of 2, got 7"]
 
 
 def test_info(capsys):
@@ -165,8 +165,14 @@ def test_info(capsys):
 
     from fastsd import __version__
 
-    assert main(["info"]) == 0
+    assert main(["info", "-v"]) == 0  # -v after the subcommand too
     lines = capsys.readouterr().out.splitlines()
+    assert any(x.startswith("engine store: ") and "FASTSD_ENGINE_DIR" in x for x in lines)
+    for kind in ("tensorrt", "compiled", "onnxruntime"):
+        state = next(x for x in lines if x.startswith(f"  {kind}: "))
+        assert "available (" in state or "not available: " in state
+        assert next(x for x in lines[lines.index(state) + 1:] if x.startswith("    needs: "))
+    assert "  cpu: " in "\n".join(lines)
     assert lines[0].startswith(f"fastsd {__version__} | python ") and lines[0].endswith(f"torch {torch.__version__}")
     for mod in ("diffusers", "onnxruntime", "tensorrt"):
         line = next(x for x in lines if x.startswith(mod))
@@ -174,3 +180,86 @@ def test_info(capsys):
             assert line == f"{mod}: not installed"
         else:
             assert line == f"{mod} {__import__(mod).__version__}"
+
+
+# ---- the command line itself ----------------------------------------------------------------
+
+SUBCOMMANDS = ["generate", "export", "build", "engines", "bench", "info"]
+
+
+def test_help_imports_no_torch():
+    """`fastsd --help` and every subcommand's help answer without importing torch (the slow
+    part of every other command); the time each takes is printed."""
+    code = ("import sys, time\n"
+            "from fastsd.cli import main\n"
+            "for argv in [['--help']] + [[c, '--help'] for c in sys.argv[1:]]:\n"
+            "    t = time.perf_counter()\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code == 0, argv\n"
+            "    print(argv, round(time.perf_counter() - t, 3), file=sys.stderr)\n"
+            "assert 'torch' not in sys.modules, 'help imported torch'\n")
+    r = subprocess.run([sys.executable, "-c", code, *SUBCOMMANDS], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    print(r.stderr)
+
+
+def test_every_option_has_help():
+    import argparse
+
+    from fastsd.cli import _parser
+
+    parser = _parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(subs.choices) == sorted(SUBCOMMANDS)
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            assert action.help and action.help != argparse.SUPPRESS, f"{name} {action.option_strings or action.dest}"
+
+
+def test_argument_errors_are_one_line(capsys):
+    for argv in (["generate", "x"], ["generate", "x", "--model", "m", "--steps", "many"], ["nosuch"],
+                 ["engines", "clean"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("fastsd: error: "), err
+
+
+def test_cheap_checks_come_before_the_model_loads(model, tmp_path, monkeypatch, capsys):
+    import fastsd.pipeline
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before a cheap check")
+
+    monkeypatch.setattr(fastsd.pipeline.Pipeline, "from_pretrained", no_load)
+    for extra in (["--scheduler", "nope"], ["--height", "33"], ["--steps", "0"], ["--guidance", "nan"],
+                  ["--n", "0"], ["--seed", "-1"]):
+        assert main(gen(model, tmp_path / "o.png", *extra)) == 2
+        assert "--" in capsys.readouterr().err.split("error: ", 1)[1]
+
+
+def test_api_names_become_flags():
+    from fastsd.cli import flag_message
+
+    assert flag_message("guidance_scale must be in [0, 100]") == "--guidance must be in [0, 100]"
+    assert flag_message("strength 0.0 with 4 steps denoises nothing") == "--strength 0.0 with 4 steps denoises nothing"
+    assert flag_message("unknown scheduler 'x'") == "unknown --scheduler 'x'"
+    assert flag_message("mask_image needs an image to inpaint") == "--mask needs an image to inpaint"
+    assert flag_message("image must be a PIL image") == "--image must be a PIL image"  # not the second one
+    assert flag_message("the checkpoint is broken: height") == "the checkpoint is broken: height"
+
+
+def test_outputs_honour_the_umask(model, tmp_path):
+    from fastsd.files import atomic_write
+
+    old = os.umask(0o027)
+    try:
+        assert main(gen(model, tmp_path / "img.png", "--seed", "1")) == 0
+        atomic_write(tmp_path / "report.json", b"{}")
+    finally:
+        os.umask(old)
+    for name in ("img.png", "report.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
