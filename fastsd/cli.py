@@ -496,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FastSDError as e:
-        print(f"fastsd: error: {flag_message(str(e))}", file=sys.stderr)
+        text = flag_message(str(e)) if args.command == "generate" else str(e)  # its flags are the API's names
+        print(f"fastsd: error: {text}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("fastsd: interrupted", file=sys.stderr)

@@ -31,3 +31,8 @@ class OutputPathError(FastSDError):
 
 class NumericalError(FastSDError):
     """The arithmetic overflowed (NaN or infinite latents or pixels): no image is returned."""
+
+
+class UnsupportedError(FastSDError, AttributeError):
+    """A diffusers pipeline method or component fastsd does not have (an AttributeError too,
+    so hasattr() still answers False)."""

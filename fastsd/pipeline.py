@@ -27,7 +27,7 @@ from .budget import check_fits, widths_of
 from .checkpoint import check_clip_skip, load_checkpoint
 from .devices import parse_device
 from .engines import DTYPES, PRECISIONS, default_engine_dir
-from .errors import InvalidArgumentError, NumericalError
+from .errors import InvalidArgumentError, NumericalError, UnsupportedError
 from .families import family_for
 from .loop import StepGraphs, StepInputs, StepKey, initial_state, make_step, run_steps, step_rows
 from .model_files import Checkpoint
@@ -46,6 +46,19 @@ from .tiling import decode_sliced, decode_tiled, encode_tiled
 
 log = logging.getLogger(__name__)
 
+
+
+_OFFLOAD = "fastsd keeps each network where it runs; use MemoryOptions or engines for small GPUs"
+_DIFFUSERS_ONLY = {  # diffusers pipeline methods fastsd does not have, and what to do instead
+    "enable_model_cpu_offload": _OFFLOAD, "enable_sequential_cpu_offload": _OFFLOAD,
+    "enable_group_offload": _OFFLOAD,
+    "enable_xformers_memory_efficient_attention": "fastsd already runs PyTorch's SDPA attention; drop the call",
+    "load_lora_weights": "LoRA support is planned (pipe.load_lora)", "fuse_lora": "LoRA support is planned",
+    "set_adapters": "LoRA support is planned", "load_textual_inversion": "not supported",
+    "load_ip_adapter": "not supported", "enable_freeu": "not supported", "save_pretrained": "not supported",
+    "components": "fastsd's networks are pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer",
+    "encode_prompt": "pass prompt_embeds= computed with pipe.text_encoder, or prompts",
+}
 
 
 def _dtype_name(dtype, torch_dtype) -> str | None:
@@ -204,6 +217,13 @@ class Pipeline:
         return pipe
 
     # ---- diffusers' pipeline methods -------------------------------------------------
+
+    def __getattr__(self, name: str):
+        """A diffusers pipeline method fastsd lacks is a clear error naming it, not a bare
+        AttributeError (still one: hasattr() answers False)."""
+        if name in _DIFFUSERS_ONLY:
+            raise UnsupportedError(f"fastsd's Pipeline does not support diffusers' {name}(): {_DIFFUSERS_ONLY[name]}")
+        raise AttributeError(f"'Pipeline' object has no attribute {name!r}")
 
     def to(self, *args, **kwargs) -> "Pipeline":
         """As diffusers: pipe.to("cuda"), pipe.to(torch.float16), pipe.to("cuda", torch.float16),

@@ -66,7 +66,7 @@ def test_non_finite_and_absurd_numbers(pipe, kwargs, match):
 
 def test_cli_infinite_guidance_is_refused(model, tmp_path, capsys):
     assert main(gen(model, tmp_path / "o.png", "--guidance", "inf")) == 2
-    assert "guidance_scale must be a finite number" in one_line_error(capsys)
+    assert "--guidance must be in [0, 100.0], got inf" in one_line_error(capsys)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -154,6 +154,17 @@ def test_unknown_arguments_are_named(pipes):
         pipe("a", callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["prompt_embeds"], **FAST)
 
 
+def test_diffusers_methods_fastsd_lacks_are_named(pipes):
+    from fastsd.errors import UnsupportedError
+
+    pipe = pipes("eps")
+    with pytest.raises(UnsupportedError, match="enable_model_cpu_offload"):
+        pipe.enable_model_cpu_offload()
+    assert not hasattr(pipe, "load_lora_weights") and not hasattr(pipe, "no_such_thing")
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        pipe.no_such_thing  # noqa: B018
+
+
 def test_generator_list(pipes):
     pipe = pipes("eps")
     gens = lambda: [torch.Generator().manual_seed(s) for s in (4, 5)]  # noqa: E731

@@ -324,3 +324,24 @@ def test_exporting_a_subset_keeps_the_rest_of_the_entry(exported, ckpts, tmp_pat
     rows = {row["path"]: row for row in list_entries(store)}
     assert rows[entry]["networks"] == ["text_encoder", "unet"] and rows[static]["networks"] == ["unet"]
     assert not rows[entry]["problems"] and not rows[static]["problems"]
+
+
+def test_auto_says_once_which_networks_run_eager(ckpts, tmp_path, caplog):
+    """No engine at all: one note (-v) naming the networks; engines for some networks only:
+    one warning naming the rest. Loading again says nothing more."""
+    from fastsd.export import export_checkpoint
+
+    with caplog.at_level(logging.INFO, logger="fastsd"):
+        for _ in range(2):
+            Pipeline.from_pretrained(str(ckpts["eps"]), engine_dir=str(tmp_path / "empty"))
+    said = [r for r in caplog.records if "no engine in" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO
+    assert "text_encoder, unet, vae_encoder, vae_decoder" in said[0].getMessage()
+    caplog.clear()
+    export_checkpoint(str(ckpts["eps"]), engine_dir=tmp_path / "some", networks=("unet",))
+    with caplog.at_level(logging.INFO, logger="fastsd"):
+        for _ in range(2):
+            Pipeline.from_pretrained(str(ckpts["eps"]), engine_dir=str(tmp_path / "some"))
+    said = [r for r in caplog.records if "no engine in" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING
+    assert "text_encoder, vae_encoder, vae_decoder" in said[0].getMessage() and "unet" not in said[0].getMessage()

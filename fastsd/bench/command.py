@@ -53,7 +53,7 @@ def cmd_bench(args) -> int:
     backends = tuple(args.backends.split(",")) if args.backends else None
     for name in backends or ():
         if name not in FASTSD_BACKENDS + (BASELINE,):
-            raise FastSDError(f"unknown backend {name!r} in --backends")
+            raise FastSDError(f"--backends: unknown backend {name!r}")
     for n in (args.warmup, args.runs):
         if n is not None and n < (0 if n is args.warmup else 1):
             raise FastSDError("--warmup must be >= 0 and --runs >= 1")
