@@ -496,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FastSDError as e:
-        text = flag_message(str(e)) if args.command == "generate" else str(e)  # its flags are the API's names
+        # generate, export and build take API arguments under their own flag names
+        text = flag_message(str(e)) if args.command in ("generate", "export", "build") else str(e)
         print(f"fastsd: error: {text}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

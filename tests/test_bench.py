@@ -149,7 +149,12 @@ def test_cli_bench_and_errors(ckpts, tmp_path, capsys):
     assert "0 regression(s)" in capsys.readouterr().out
     for bad, msg in ((["bench"], "needs --model"), (["bench", "--model", "x", "--backends", "trt"], "unknown backend"),
                      (["bench", "--model", "x", "--sizes", "big"], "--sizes"),
+                     (["bench", "--model", str(ckpts["eps"]), "--sizes", "32x7", "--out", str(tmp_path / "no")],
+                      "--sizes: 32x7 is not a positive multiple of the VAE factor 2"),
+                     (["bench", "--model", str(ckpts["eps"]), "--schedulers", "ddim,foo"],
+                      "--schedulers: unknown scheduler 'foo'"),
                      (["bench", "compare", str(out / "bench.md"), str(out / "bench.json")], "cannot read"),
                      (["bench", "frobnicate"], "unknown bench action")):
         assert main(bad) == 2
         assert msg in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()  # refused before any worker ran: no report

@@ -21,16 +21,29 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
 
 
 def _sizes(args) -> tuple[tuple[int, int], ...] | None:
+    """The sizes asked for, each a positive multiple of the model's VAE factor (read from its
+    configs, before any worker starts)."""
+    from ..checkpoint import peek_vae_factor
+
     if args.sizes:
         try:
-            return tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(","))
+            sizes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(","))
         except ValueError:
             raise FastSDError(f"--sizes takes HxW[,HxW...], got {args.sizes!r}") from None
-    if args.height or args.width:
+        if any(len(s) != 2 for s in sizes):
+            raise FastSDError(f"--sizes takes HxW[,HxW...], got {args.sizes!r}")
+        flag = "--sizes"
+    elif args.height or args.width:
         if not (args.height and args.width):
             raise FastSDError("give --height and --width together")
-        return ((args.height, args.width),)
-    return None
+        sizes, flag = ((args.height, args.width),), "--height/--width"
+    else:
+        return None
+    factor = peek_vae_factor(args.model) or 1
+    for h, w in sizes:
+        if min(h, w) <= 0 or h % factor or w % factor:
+            raise FastSDError(f"{flag}: {h}x{w} is not a positive multiple of the VAE factor {factor}")
+    return sizes
 
 
 EXIT_REGRESSION = 1  # bench compare found a regression (for CI); bad input is 2
@@ -50,6 +63,11 @@ def cmd_bench(args) -> int:
         return EXIT_REGRESSION if regressions else 0
     if not args.model:
         raise FastSDError("bench needs --model (a checkpoint or synthetic:tiny|sd15|sd21)")
+    from ..schedulers import SAMPLER_NAMES
+
+    for name in args.schedulers.split(",") if args.schedulers else ():
+        if name not in SAMPLER_NAMES:
+            raise FastSDError(f"--schedulers: unknown scheduler {name!r}; choose from {', '.join(SAMPLER_NAMES)}")
     backends = tuple(args.backends.split(",")) if args.backends else None
     for name in backends or ():
         if name not in FASTSD_BACKENDS + (BASELINE,):
