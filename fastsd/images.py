@@ -72,14 +72,16 @@ def check_images(value, what: str):
     return items if len(items) > 1 else items[0]
 
 
-def image_size(images) -> tuple[int, int]:
-    """(height, width) of the first image of a checked input."""
-    first = images[0] if isinstance(images, list) else images
-    if isinstance(first, Image.Image):
-        return first.height, first.width
-    if isinstance(first, torch.Tensor):
-        return tuple(first.shape[-2:])
-    return tuple(first.shape[-3:-1]) if first.ndim >= 3 else tuple(first.shape)  # numpy: channels last
+def batch_shape(images, what: str, mask: bool = False) -> tuple[int, int, int]:
+    """(count, height, width) of a checked input (the first image's size); arrays that do not
+    stack into one batch are an ImageError here, before any work."""
+    if isinstance(images, list) and isinstance(images[0], Image.Image):
+        return len(images), images[0].height, images[0].width
+    try:
+        t = _to_float_tensor(images, mask)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise ImageError(f"{what}: the arrays do not form one batch ({str(e).splitlines()[0]})") from None
+    return t.shape[0], t.shape[-2], t.shape[-1]
 
 
 def _to_float_tensor(items, mask: bool) -> torch.Tensor:

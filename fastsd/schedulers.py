@@ -115,6 +115,17 @@ _CLASS_DEFAULTS = {"skip_prk_steps": False, "interpolation_type": "linear", "tim
                    "final_sigmas_type": "zero"}
 
 
+class SchedulerConfigDict(dict):
+    """A scheduler config as diffusers hands it out: a dict whose keys read as attributes too
+    (`pipe.scheduler.config.prediction_type`)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"scheduler config has no {name!r}") from None
+
+
 class SchedulerChoice:
     """What `pipe.scheduler` holds: a fastsd sampler and the diffusers-style config it reads.
     `.config` is a diffusers config dict (with `_class_name`), so diffusers' idiom
@@ -129,8 +140,8 @@ class SchedulerChoice:
         self.settings = None if name is None else SchedulerConfig.from_dict(self._config, name)  # validates it
 
     @property
-    def config(self) -> dict:
-        return dict(self._config)
+    def config(self) -> SchedulerConfigDict:
+        return SchedulerConfigDict(self._config)
 
     def __repr__(self) -> str:
         return f"SchedulerChoice({self.name!r}, {self.settings})"

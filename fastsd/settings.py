@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidArgumentError
-from .images import check_images, image_size
+from .images import batch_shape, check_images
 from .schedulers import SAMPLERS, SchedulerChoice, SchedulerConfig, choose_scheduler, first_step
 
 log = logging.getLogger(__name__)
@@ -179,19 +179,26 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
         strength = 1.0
     else:
         image = check_images(image, "image")
+        count, image_h, image_w = batch_shape(image, "image")
+        if count > len(prompts) * n or (len(prompts) * n) % count:
+            raise InvalidArgumentError(f"{count} images cannot be spread over {len(prompts) * n} images "
+                                       "(len(prompt) x num_images_per_prompt must be a multiple of it)")
         if strength is None:  # diffusers' defaults: img2img 0.8, inpainting 1.0
             strength = IMG2IMG_STRENGTH if mask_image is None else INPAINT_STRENGTH
         strength = _number(strength, "strength", lo=0.0, hi=1.0)
         if mask_image is None:  # img2img: the image's size (inpaint: the checkpoint's, as diffusers)
-            h, w = image_size(image)
-            default_h, default_w = h // info.vae_factor * info.vae_factor, w // info.vae_factor * info.vae_factor
+            default_h = image_h // info.vae_factor * info.vae_factor
+            default_w = image_w // info.vae_factor * info.vae_factor
             if latents is not None:
                 raise InvalidArgumentError("latents applies to txt2img and inpaint (diffusers' img2img takes none)")
         else:
             mask_image = check_images(mask_image, "mask_image")
-            if image_size(mask_image) != image_size(image):
-                log.warning("mask size %dx%d differs from the image's %dx%d; resizing it",
-                            *image_size(mask_image)[::-1], *image_size(image)[::-1])
+            masks, mask_h, mask_w = batch_shape(mask_image, "mask_image", mask=True)
+            if masks > len(prompts) * n or (len(prompts) * n) % masks:
+                raise InvalidArgumentError(f"{masks} masks cannot be spread over {len(prompts) * n} images")
+            if (mask_h, mask_w) != (image_h, image_w):
+                log.warning("mask size %dx%d differs from the image's %dx%d; resizing it", mask_w, mask_h,
+                            image_w, image_h)
     if strength == 0.0 or first_step(steps, strength) >= steps:
         raise InvalidArgumentError(f"strength {strength} with {steps} steps denoises nothing: "
                                    "raise strength or num_inference_steps")

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from fastsd import MemoryOptions, Pipeline
-from fastsd.errors import CheckpointError, FastSDError, InvalidArgumentError
+from fastsd.errors import CheckpointError, FastSDError, ImageError, InvalidArgumentError
 
 TOL = 1e-3
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,6 +294,10 @@ def test_image_inputs_agree(pipes, init_image, mask_image):
     assert np.abs(a - b).max() < 1e-5
     with pytest.raises(InvalidArgumentError, match="3 images cannot be spread over 2"):
         pipe(["a", "b"], image=[init_image] * 3, **kw)
+    with pytest.raises(InvalidArgumentError, match="2 masks cannot be spread over 3"):
+        pipe(["a", "b", "c"], image=init_image, mask_image=[mask_np, mask_np], **kw)
+    with pytest.raises(ImageError, match="do not form one batch"):
+        pipe("a", image=[array, array[:8]], **kw)
 
 
 def test_readme_port_example_runs_from_another_folder(ckpts, tmp_path, monkeypatch):

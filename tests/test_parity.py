@@ -231,6 +231,7 @@ def test_scheduler_object_is_honoured(ckpts):
         assert np.abs(ours - theirs).max() <= TOL, cls
     pipe.scheduler = "pndm"
     assert pipe.scheduler.name == "pndm" and pipe.scheduler.config["_class_name"] == "PNDMScheduler"
+    assert pipe.scheduler.config.prediction_type == "epsilon"  # attribute access, as diffusers' FrozenDict
 
 
 def test_scheduler_fastsd_cannot_run_is_an_error(ckpts):
