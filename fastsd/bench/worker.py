@@ -28,7 +28,7 @@ import torch
 
 from ..backends.registry import ENGINE_KINDS
 from ..engines import DTYPES, PRECISIONS
-from ..schedulers import CLASS_OF
+from ..schedulers import CLASS_OF, SAMPLERS
 from .machine import ProcessMemory
 
 BASELINE = "diffusers"
@@ -194,7 +194,8 @@ class DiffusersWorker:
             return {}
         t = hooks.totals
         return {"text_encoder": t.get("text_encoder", 0.0), "unet": t.get("unet", 0.0),
-                "unet_per_step": t.get("unet", 0.0) / steps, "vae_decoder": t.get("vae_decoder", 0.0)}
+                "unet_per_step": t.get("unet", 0.0) / SAMPLERS[sched].loop_steps(steps),  # PNDM: n + 1 calls
+                "vae_decoder": t.get("vae_decoder", 0.0)}
 
     def extra(self) -> dict:
         return {}
