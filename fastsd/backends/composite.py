@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Callable
 
+from ..engines import check_entry
 from ..errors import InvalidArgumentError
 from ..networks import NETWORKS, NetworkSpec
 from . import Networks, record
@@ -18,11 +20,14 @@ log = logging.getLogger(__name__)
 class LazyRunner:
     """One store entry's engine for one network: its profile is known from the manifest,
     the engine itself is loaded the first time a call fits it (a fallback entry that no
-    call needs costs nothing). An engine that will not load is refused from then on."""
+    call needs costs nothing, not even hashing its files). Its files are re-hashed from disk
+    right before it loads; one that fails that, or will not load, is refused from then on."""
 
-    def __init__(self, kind: EngineKind, path, spec: NetworkSpec, device, dtype, profile):
-        self.name, self.kind, self.path = kind.name, kind, path
+    def __init__(self, kind: EngineKind, entry: Path, graph: str, spec: NetworkSpec, device, dtype, profile,
+                 fingerprint: str, facts: dict):
+        self.name, self.kind, self.entry, self.path = kind.name, kind, entry, entry / graph
         self.spec, self.device, self.dtype, self.profile = spec, device, dtype, profile
+        self.fingerprint, self.facts = fingerprint, facts
         self.runner: Runner | None = None
         self.failed: str | None = None
         self._lock = threading.Lock()
@@ -33,11 +38,14 @@ class LazyRunner:
     def load(self) -> bool:
         with self._lock:
             if self.runner is None and self.failed is None:
+                _, problems = check_entry(self.entry, self.fingerprint, self.facts, verify=True,
+                                          networks=(self.spec.name,))
                 try:
+                    if problems:
+                        raise ValueError(problems[self.spec.name])
                     self.runner = self.kind.load(self.path, self.spec, self.device, self.dtype, self.profile)
-                except Exception as e:  # noqa: BLE001 - no usable provider, or an artifact that will not load
-                    self.failed = f"cannot load {self.path.parent.name}: " + (
-                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+                except Exception as e:  # noqa: BLE001 - changed files, no usable provider, an unloadable artifact
+                    self.failed = f"{self.entry.name}: " + (str(e).splitlines()[0] if str(e) else type(e).__name__)
                     log.warning("%s %s: %s; trying the next engine, else eager", self.name, self.spec.name,
                                 self.failed)
             return self.runner is not None

@@ -41,15 +41,15 @@ def _engines(kind: EngineKind, ckpt, specs: dict, device, dtype, engine_dir: Pat
         log.warning("%s: no %s entry for this checkpoint in %s; falling back to eager (build one with `%s`)",
                     kind.name, precision, engine_dir, kind.build_command)
     found: dict[str, list[LazyRunner]] = {}
-    for entry in entries:
-        manifest, problems = check_entry(entry, ckpt.info.fingerprint, facts, verify=True)
+    for entry in entries:  # files are re-hashed from disk when an engine loads (LazyRunner.load)
+        manifest, problems = check_entry(entry, ckpt.info.fingerprint, facts)
         _warn_unusable(f"{kind.name} ({entry.name})", problems, loud, True)
         for n in NETWORKS:
             if n in problems or n not in manifest.get("networks", {}):
                 continue
             graph = graph_file(n, manifest["networks"][n])
-            found.setdefault(n, []).append(LazyRunner(kind, entry / graph, specs[n], device, dtype,
-                                                      Profile(**manifest["profile"])))
+            found.setdefault(n, []).append(LazyRunner(kind, entry, graph, specs[n], device, dtype,
+                                                      Profile(**manifest["profile"]), ckpt.info.fingerprint, facts))
     return found
 
 
