@@ -218,6 +218,14 @@ def test_every_option_has_help():
             assert action.help and action.help != argparse.SUPPRESS, f"{name} {action.option_strings or action.dest}"
 
 
+def test_verbose_before_or_after_the_subcommand():
+    from fastsd.cli import _parser
+
+    for argv, want in ((["info"], False), (["-v", "info"], True), (["info", "-v"], True),
+                       (["generate", "x", "--model", "m", "--verbose"], True)):
+        assert _parser().parse_args(argv).verbose is want, argv
+
+
 def test_argument_errors_are_one_line(capsys):
     for argv in (["generate", "x"], ["generate", "x", "--model", "m", "--steps", "many"], ["nosuch"],
                  ["engines", "clean"]):
