@@ -313,14 +313,15 @@ class Pipeline:
             raise InvalidArgumentError(f"fastsd's pipeline does not support the argument {name!r}"
                                        + (f" (nor {', '.join(map(repr, list(unsupported)[1:]))})"
                                           if len(unsupported) > 1 else ""))
+        if clip_skip is not None:
+            check_clip_skip(self.ckpt, clip_skip)
         choice = self._scheduler if scheduler is None else choose_scheduler(scheduler, self._scheduler.config)
         req = make_request(self.info, prompt, negative_prompt, image, mask_image, strength, num_inference_steps,
                            guidance_scale, choice, eta, height, width, num_images_per_prompt, output_type,
                            guidance_rescale=guidance_rescale, timesteps=timesteps, sigmas=sigmas,
                            clip_skip=clip_skip, prompt_embeds=prompt_embeds,
                            negative_prompt_embeds=negative_prompt_embeds, latents=latents,
-                           text_width=self.info.cross_attention_dim,
-                           clip_layers=self.ckpt.text_encoder.config.num_hidden_layers)
+                           text_width=self.info.cross_attention_dim)
         text_encoder = self.backend.text_encoder_for(req.clip_skip)  # refuses a clip_skip an engine cannot give
         check_fits(self.info, self._widths, req, self.dtype, self.device, self.memory)
         gen, seed = self._generator(generator, seed, req.batch)
@@ -470,13 +471,10 @@ class Pipeline:
         return self.info.vae_scale * (z - self.info.vae_shift)
 
     @staticmethod
-    def _spread(t: torch.Tensor, b: int, what: str) -> torch.Tensor:
-        """`t` repeated to batch `b` (copies of the whole batch, as diffusers repeats it)."""
-        if t.shape[0] == b:
-            return t
-        if t.shape[0] > b or b % t.shape[0]:
-            raise InvalidArgumentError(f"{t.shape[0]} {what}s cannot be spread over {b} images")
-        return t.repeat(b // t.shape[0], 1, 1, 1)
+    def _spread(t: torch.Tensor, b: int) -> torch.Tensor:
+        """`t` repeated to batch `b` (copies of the whole batch, as diffusers repeats it); the
+        Request has checked that image and mask counts divide the batch."""
+        return t if t.shape[0] == b else t.repeat(b // t.shape[0], 1, 1, 1)
 
     def _prepare_latents(self, call: _Call, sched) -> _Latents:
         req, gen = call.req, call.gen
@@ -495,9 +493,9 @@ class Pipeline:
                 x0 = image.to(self.device).float()
             else:
                 if isinstance(gen, list):  # one encode per image, each with its own generator
-                    image = self._spread(image, b, "image")
+                    image = self._spread(image, b)
                 x0 = self._encode_image(image, gen, call.ran)
-            x0 = self._spread(x0, b, "image")
+            x0 = self._spread(x0, b)
             return _Latents(add_noise(sched, x0, self._randn(x0.shape, gen), start), start)
         if is_latent:
             raise InvalidArgumentError("inpainting takes RGB images, not latents")
@@ -512,19 +510,19 @@ class Pipeline:
         mask = (imgs.mask_batch(req.mask_image, req.height, req.width) if req.mask_image is not None
                 else torch.ones(1, 1, req.height, req.width))  # 9-channel UNet without mask: repaint all
         needs_x0 = not nine or (req.latents is None and not full)
-        x0 = self._spread(self._encode_image(image, gen, call.ran), b, "image") if needs_x0 else None
+        x0 = self._spread(self._encode_image(image, gen, call.ran), b) if needs_x0 else None
         if req.latents is None:
             noise = self._randn(shape, gen)
             x = noise * sched.init_noise_sigma if full else add_noise(sched, x0, noise, start)
         else:  # given latents are the noise, scaled as pure noise whatever the strength (diffusers)
             noise = req.latents.to(self.device).float()
             x = noise * sched.init_noise_sigma
-        mask_lat = self._spread(F.interpolate(mask, size=(h, w)), b, "mask").to(self.device)  # nearest
+        mask_lat = self._spread(F.interpolate(mask, size=(h, w)), b).to(self.device)  # nearest
         masked_image = image * (mask < imgs.MASK_THRESHOLD)
         if not nine:  # diffusers encodes the masked image here even for 4-channel UNets:
             self._randn((masked_image.shape[0], c, h, w), gen)  # consume the same draws, skip the unused encode
             return _Latents(x, start, x0=x0, noise=noise, mask=mask_lat)
-        masked = self._spread(self._encode_image(masked_image, gen, call.ran), b, "image")
+        masked = self._spread(self._encode_image(masked_image, gen, call.ran), b)
         cond = torch.cat([mask_lat, masked], dim=1)
         return _Latents(x, start, conditioning=torch.cat([cond, cond]) if req.do_cfg else cond)
 

@@ -44,7 +44,7 @@ class Request:
     guidance_rescale: float = 0.0  # Lin et al. 2023, section 3.4 (diffusers' rescale_noise_cfg)
     timesteps: tuple[float, ...] | None = None  # custom schedule (samplers that take one)
     sigmas: tuple[float, ...] | None = None
-    clip_skip: int | None = None  # None: the load-time setting
+    clip_skip: int | None = None  # None: the load-time setting (checked against the checkpoint by the caller)
     prompt_embeds: Any = None  # (B, 77, D) tensors instead of prompts
     negative_prompt_embeds: Any = None
     latents: Any = None  # (B*n, C, h, w): the initial noise instead of drawing it
@@ -125,7 +125,7 @@ def _schedule_list(value, what: str):
 def make_request(info, prompt, negative_prompt, image, mask_image, strength, steps, guidance_scale,
                  scheduler, eta, height, width, n, output_type, *, guidance_rescale=0.0, timesteps=None, sigmas=None,
                  clip_skip=None, prompt_embeds=None, negative_prompt_embeds=None, latents=None,
-                 text_width: int | None = None, clip_layers: int | None = None) -> Request:
+                 text_width: int | None = None) -> Request:
     prompt_embeds = _embeds(prompt_embeds, "prompt_embeds", text_width, info.max_tokens)
     negative_prompt_embeds = _embeds(negative_prompt_embeds, "negative_prompt_embeds", text_width, info.max_tokens)
     if prompt_embeds is not None:
@@ -169,9 +169,6 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
     guidance = _number(guidance_scale, "guidance_scale", lo=0.0, hi=MAX_GUIDANCE)
     rescale = _number(guidance_rescale, "guidance_rescale", lo=0.0, hi=1.0)
     eta = _number(eta, "eta", lo=0.0, hi=MAX_ETA)
-    if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not
-                                  0 <= clip_skip < (clip_layers or 10**6)):
-        raise InvalidArgumentError(f"clip_skip must be an integer in [0, {(clip_layers or 1) - 1}], got {clip_skip!r}")
     default_h = default_w = info.default_size
     if image is None:
         if strength is not None and strength != 1.0:
