@@ -159,6 +159,32 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="fastsd-bench", help="folder for bench.json, bench.md, bench.png")
     b.set_defaults(func=_cmd_bench)
 
+    v = sub_parser("serve", help="serve OpenAI's images API over HTTP (dynamic batching; Ray Serve with --ray)")
+    v.add_argument("--model", required=True, help="as for generate")
+    v.add_argument("--backend", default="auto", help="auto | tensorrt | compiled | onnxruntime | eager")
+    v.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    v.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32")
+    v.add_argument("--engine-dir", default=None, help="engine store (as for generate)")
+    v.add_argument("--variant", default=None, help="diffusers folder weight variant, e.g. fp16")
+    v.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    v.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    v.add_argument("--max-batch", type=int, default=4, help="images per UNet batch (default 4; 1 = no batching)")
+    v.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="how long a batch waits for more requests to join (default 10)")
+    v.add_argument("--max-queue", type=int, default=64, help="requests waiting before new ones get 429 (default 64)")
+    v.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the model's name)")
+    v.add_argument("--max-n", type=int, default=10, help="images per request (default 10)")
+    v.add_argument("--max-side", type=int, default=2048, help="pixels per side, output and uploads (default 2048)")
+    v.add_argument("--max-steps", type=int, default=200, help="num_inference_steps per request (default 200)")
+    v.add_argument("--max-upload-mb", type=float, default=25.0, help="edits request body in MiB (default 25)")
+    v.add_argument("--ray", action="store_true", help="run as a Ray Serve application")
+    v.add_argument("--replicas", type=int, default=1, help="--ray: replicas, one per GPU (default 1)")
+    v.add_argument("--ray-address", default=None, help="--ray: an existing cluster (default: a local instance)")
+    v.add_argument("--autoscaling", default=None, metavar="JSON",
+                   help="--ray: Ray Serve's autoscaling_config, e.g. '{\"min_replicas\": 1, \"max_replicas\": 4}'")
+    v.set_defaults(func=cmd_serve)
+
     i = sub_parser("info", help="devices, installed backends, versions")
     i.set_defaults(func=cmd_info)
     return p
@@ -436,6 +462,78 @@ def _cmd_bench(args) -> int:
     from .bench.command import cmd_bench
 
     return cmd_bench(args)
+
+
+def cmd_serve(args) -> int:
+    checks = (("--port", args.port, 0, 65535), ("--max-batch", args.max_batch, 1, None),
+              ("--max-queue", args.max_queue, 1, None), ("--max-n", args.max_n, 1, None),
+              ("--max-side", args.max_side, 8, None), ("--max-steps", args.max_steps, 1, None),
+              ("--replicas", args.replicas, 1, None))
+    for flag, value, lo, hi in checks:
+        if value < lo or (hi is not None and value > hi):
+            raise FastSDError(f"{flag} must be " + (f"in [{lo}, {hi}]" if hi is not None else f">= {lo}")
+                              + f", got {value}")
+    if not args.batch_window_ms >= 0:
+        raise FastSDError(f"--batch-window-ms must be >= 0, got {args.batch_window_ms}")
+    if not args.max_upload_mb > 0:
+        raise FastSDError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    autoscaling = None
+    if args.autoscaling is not None:
+        try:
+            autoscaling = json.loads(args.autoscaling)
+        except ValueError as e:
+            raise FastSDError(f"--autoscaling is not JSON: {e}") from None
+        if not isinstance(autoscaling, dict):
+            raise FastSDError("--autoscaling must be a JSON object (Ray Serve's autoscaling_config)")
+    if not args.ray and (args.replicas != 1 or args.ray_address or autoscaling):
+        raise FastSDError("--replicas, --ray-address and --autoscaling need --ray")
+    from .checkpoint import HUB_ID, WEIGHT_SUFFIXES
+
+    model = args.model
+    hub_id = HUB_ID.match(model) and not model.endswith(WEIGHT_SUFFIXES)
+    if not model.startswith("synthetic:") and not Path(model).expanduser().exists() and not hub_id:
+        raise FastSDError(f"model not found: {model} (no such file or directory)")
+    if not args.ray:
+        _check_port(args.host, args.port)
+    try:
+        from .serve.api import Limits
+        from .serve.app import ServeOptions
+    except ImportError as e:
+        raise FastSDError(f"fastsd serve needs the serve extra ({e.name} is missing): "
+                          "pip install 'fastsd[serve]'") from None
+    limits = Limits(max_n=args.max_n, max_side=args.max_side, max_steps=args.max_steps,
+                    max_upload_bytes=int(args.max_upload_mb * 2**20))
+    options = ServeOptions(model=model, backend=args.backend, device=args.device, dtype=args.dtype,
+                           engine_dir=args.engine_dir, variant=args.variant, allow_pickle=args.allow_pickle,
+                           max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                           max_queue=args.max_queue, limits=limits, model_name=args.model_name)
+    if args.ray:
+        try:
+            from .serve import ray_serve
+        except ImportError as e:
+            raise FastSDError(f"fastsd serve --ray needs Ray Serve ({e.name} is missing): "
+                              "pip install 'fastsd[ray]'") from None
+        return ray_serve.run(options, args.replicas, args.host, args.port, args.ray_address, autoscaling)
+    from .serve import server
+
+    return server.run(options, args.host, args.port, "debug" if getattr(args, "verbose", False) else "info")
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail now, in one line, where the address cannot be listened on (in use, not ours)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise FastSDError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise FastSDError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def cmd_info(args) -> int:

@@ -308,6 +308,47 @@ class Pipeline:
         """Generate images; keyword names and defaults are diffusers' (see the README).
         Returns a PipelineOutput, or with return_dict=False the tuple (images, None) as diffusers'
         (images, nsfw flags) without a safety checker."""
+        req, text_encoder = self._request(
+            prompt, negative_prompt, image, mask_image, strength, num_inference_steps, guidance_scale, scheduler,
+            eta, height, width, num_images_per_prompt, output_type, guidance_rescale, timesteps, sigmas, clip_skip,
+            prompt_embeds, negative_prompt_embeds, latents, unsupported)
+        gen, seed = self._generator(generator, seed, req.batch)
+        total = SAMPLERS[req.scheduler].loop_steps(req.steps) - first_step(req.steps, req.strength)
+        step_callback, bar = self._step_callback(callback, callback_steps, callback_on_step_end,
+                                                 callback_on_step_end_tensor_inputs, total)
+        try:
+            with on_work_stream(self.device):  # on CUDA: fastsd's one work stream, shared with the engines
+                out = self._generate(_Call(req, gen, text_encoder), step_callback)
+        finally:
+            if bar is not None:
+                bar.close()
+        out.seed = seed
+        return out if return_dict else (out.images, None)
+
+    def check_call(self, prompt=None, negative_prompt=None, image=None, mask_image=None, strength=None,
+                   num_inference_steps: int = 50, guidance_scale: float = 7.5, scheduler=None, eta: float = 0.0,
+                   height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
+                   output_type: str = "pil", **more) -> None:
+        """Check a call's arguments as __call__ does, without running anything: raises the error
+        the call would raise (a server validates each request this way before queuing it).
+        Takes __call__'s keywords; those not named here are checked as __call__ checks them."""
+        known = ("guidance_rescale", "timesteps", "sigmas", "clip_skip", "prompt_embeds",
+                 "negative_prompt_embeds", "latents")
+        extra = {k: more.pop(k) for k in known if k in more}
+        check_seed(more.pop("seed", None))
+        for k in ("generator", "callback", "callback_steps", "callback_on_step_end",
+                  "callback_on_step_end_tensor_inputs", "return_dict"):
+            more.pop(k, None)  # checked when the call runs (they cost nothing to check there)
+        self._request(prompt, negative_prompt, image, mask_image, strength, num_inference_steps, guidance_scale,
+                      scheduler, eta, height, width, num_images_per_prompt, output_type,
+                      extra.get("guidance_rescale", 0.0), extra.get("timesteps"), extra.get("sigmas"),
+                      extra.get("clip_skip"), extra.get("prompt_embeds"), extra.get("negative_prompt_embeds"),
+                      extra.get("latents"), more)
+
+    def _request(self, prompt, negative_prompt, image, mask_image, strength, num_inference_steps, guidance_scale,
+                 scheduler, eta, height, width, num_images_per_prompt, output_type, guidance_rescale, timesteps,
+                 sigmas, clip_skip, prompt_embeds, negative_prompt_embeds, latents, unsupported: dict):
+        """The call's checked Request and the text encoder it runs (raises for bad input)."""
         if unsupported:
             name = next(iter(unsupported))
             raise InvalidArgumentError(f"fastsd's pipeline does not support the argument {name!r}"
@@ -324,18 +365,7 @@ class Pipeline:
                            text_width=self.info.cross_attention_dim)
         text_encoder = self.backend.text_encoder_for(req.clip_skip)  # refuses a clip_skip an engine cannot give
         check_fits(self.info, self._widths, req, self.dtype, self.device, self.memory)
-        gen, seed = self._generator(generator, seed, req.batch)
-        total = SAMPLERS[req.scheduler].loop_steps(req.steps) - first_step(req.steps, req.strength)
-        step_callback, bar = self._step_callback(callback, callback_steps, callback_on_step_end,
-                                                 callback_on_step_end_tensor_inputs, total)
-        try:
-            with on_work_stream(self.device):  # on CUDA: fastsd's one work stream, shared with the engines
-                out = self._generate(_Call(req, gen, text_encoder), step_callback)
-        finally:
-            if bar is not None:
-                bar.close()
-        out.seed = seed
-        return out if return_dict else (out.images, None)
+        return req, text_encoder
 
     def _generate(self, call: _Call, callback) -> PipelineOutput:
         req, timings = call.req, {}

@@ -1,0 +1,280 @@
+"""The images API's requests and errors, as OpenAI's: parsing and checking, no web framework.
+
+A generations body is JSON; an edits body is multipart form data, whose values arrive as
+strings (the `openai` client sends numbers as text there), so each field is read by kind.
+Everything is checked before a request is queued; a problem is an APIError that the app
+turns into OpenAI's error JSON.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import secrets
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+SEED_LIMIT = 2**64  # torch.Generator seeds are unsigned 64-bit; image j of a request uses seed + j
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+_SIZE = re.compile(r"^\s*(\d{1,6})\s*x\s*(\d{1,6})\s*$")
+
+
+class APIError(Exception):
+    """A request the server refuses: HTTP status plus OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param, code)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for: no upload, prompt, image count or size is unbounded."""
+
+    max_n: int = 10  # images per request (OpenAI's own limit)
+    max_side: int = 2048  # pixels per side, of the output and of uploaded images
+    max_prompt_chars: int = 4000  # DALL-E 3's limit; CLIP reads the first 77 tokens anyway
+    max_steps: int = 200
+    max_upload_bytes: int = 25 * 2**20  # a whole edits body
+    max_json_bytes: int = 1 * 2**20  # a whole generations body
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One checked request: fastsd's arguments plus how to return the images."""
+
+    prompt: str
+    negative_prompt: str | None
+    n: int
+    width: int | None  # None: the checkpoint's size (edits: the image's)
+    height: int | None
+    seed: int  # image j uses seed + j, alone or batched
+    num_inference_steps: int
+    guidance_scale: float
+    scheduler: str | None  # None: the checkpoint's own
+    strength: float | None
+    eta: float
+    output_format: str
+    output_compression: int
+    image: Image.Image | None = None  # edits: RGB
+    mask: Image.Image | None = None  # edits: L, white = repaint
+
+    @property
+    def mode(self) -> str:
+        return "txt2img" if self.image is None else "img2img" if self.mask is None else "inpaint"
+
+    def call_kwargs(self) -> dict:
+        """Pipeline keywords shared by every image of the request (not prompt, seed or n)."""
+        return {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+                "scheduler": self.scheduler, "strength": self.strength, "eta": self.eta,
+                "height": self.height, "width": self.width}
+
+
+# ---- fields ------------------------------------------------------------------------------
+
+_FASTSD = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "scheduler", "strength", "eta")
+_OPENAI = ("prompt", "n", "size", "response_format", "output_format", "output_compression", "model", "user",
+           "quality", "style", "background", "moderation", "stream", "partial_images", "input_fidelity")
+# OpenAI settings fastsd has no counterpart for: the values that mean "nothing special" pass
+_ONLY = {"quality": ("auto", "standard"), "background": ("auto", "opaque"), "moderation": ("auto", "low"),
+         "input_fidelity": ("low",), "style": (), "stream": (False, "false"), "partial_images": (0, "0")}
+_HINT = {"quality": "set num_inference_steps instead", "style": "describe the style in the prompt",
+         "background": "fastsd draws opaque images", "stream": "the images come back in one response",
+         "partial_images": "the images come back in one response"}
+
+
+class _Fields:
+    """Reads typed fields from a JSON object (typed values) or a form (strings)."""
+
+    def __init__(self, data: dict, form: bool):
+        self.data, self.form = data, form
+
+    def raw(self, name: str):
+        v = self.data.get(name)
+        return None if v is None or (self.form and v == "") else v
+
+    def text(self, name: str, limit: int | None = None, required: bool = False) -> str | None:
+        v = self.raw(name)
+        if v is None:
+            if required:
+                raise bad(f"'{name}' is required", name, "missing_required_parameter")
+            return None
+        if not isinstance(v, str):
+            raise bad(f"'{name}' must be a string, got {_kind(v)}", name, "invalid_type")
+        if limit is not None and len(v) > limit:
+            raise bad(f"'{name}' is {len(v)} characters long; the limit is {limit}", name, "string_above_max_length")
+        return v
+
+    def integer(self, name: str, default: int | None, lo: int, hi: int | None) -> int | None:
+        v = self.raw(name)
+        if v is None:
+            return default
+        if self.form and isinstance(v, str):
+            try:
+                v = int(v.strip())
+            except ValueError:
+                raise bad(f"'{name}' must be an integer, got {v!r}", name, "invalid_type") from None
+        if isinstance(v, float) and v.is_integer() and not self.form:
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad(f"'{name}' must be an integer, got {_kind(v)}", name, "invalid_type")
+        if v < lo or (hi is not None and v > hi):
+            bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+            raise bad(f"'{name}' must be {bounds}, got {v}", name, "invalid_value")
+        return v
+
+    def number(self, name: str, default: float | None) -> float | None:
+        v = self.raw(name)
+        if v is None:
+            return default
+        if self.form and isinstance(v, str):
+            try:
+                v = float(v.strip())
+            except ValueError:
+                raise bad(f"'{name}' must be a number, got {v!r}", name, "invalid_type") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise bad(f"'{name}' must be a finite number, got {_kind(v)}", name, "invalid_type")
+        return float(v)
+
+
+def _kind(v) -> str:
+    if isinstance(v, str):
+        return repr(v) if len(v) <= 40 else f"a string of {len(v)} characters"
+    return {bool: "a boolean", dict: "an object", list: "an array", int: repr(v), float: repr(v)}.get(type(v), repr(v))
+
+
+def _size(value: str | None, factor: int, limits: Limits) -> tuple[int | None, int | None]:
+    if value is None or value == "auto":
+        return None, None
+    m = _SIZE.match(value)
+    if not m:
+        raise bad(f"'size' must be WIDTHxHEIGHT in pixels (for example 512x512), got {value!r}", "size",
+                  "invalid_value")
+    w, h = int(m.group(1)), int(m.group(2))
+    if not (0 < w <= limits.max_side and 0 < h <= limits.max_side):
+        raise bad(f"size {w}x{h} is out of range: each side must be between {factor} and {limits.max_side} "
+                  "pixels", "size", "invalid_value")
+    if w % factor or h % factor:
+        raise bad(f"size {w}x{h}: width and height must be multiples of {factor} "
+                  f"(for example {w // factor * factor or factor}x{h // factor * factor or factor})", "size",
+                  "invalid_value")
+    return w, h
+
+
+def parse_request(data, *, form: bool, limits: Limits, factor: int, model_names: tuple[str, ...],
+                  image: Image.Image | None = None, mask: Image.Image | None = None) -> ImageRequest:
+    """Check a generations (JSON) or edits (form) body; `image` / `mask` are the decoded uploads."""
+    if not isinstance(data, dict):
+        raise bad(f"the request body must be a JSON object, got {_kind(data)}")
+    unknown = [k for k in data if k not in _OPENAI and k not in _FASTSD]
+    if unknown:
+        raise bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0], "unknown_parameter")
+    f = _Fields(data, form)
+    model = f.text("model")
+    if model is not None and model not in model_names:
+        raise APIError(404, f"The model '{model}' does not exist; this server runs "
+                            f"{' / '.join(repr(m) for m in model_names)}", "model", "model_not_found")
+    f.text("user", limit=256)
+    for name, allowed in _ONLY.items():
+        v = f.raw(name)
+        if v is not None and v not in allowed:
+            hint = _HINT.get(name)
+            raise bad(f"'{name}' {v!r} is not supported by fastsd" + (f": {hint}" if hint else ""), name,
+                      "unsupported_value")
+    prompt = f.text("prompt", limits.max_prompt_chars, required=True)
+    if not prompt.strip():
+        raise bad("'prompt' is empty", "prompt", "invalid_value")
+    negative = f.text("negative_prompt", limits.max_prompt_chars)
+    n = f.integer("n", 1, 1, limits.max_n)
+    fmt = f.text("response_format") or "b64_json"
+    if fmt != "b64_json":
+        raise bad(f"'response_format' {fmt!r} is not supported: fastsd returns images inline; use 'b64_json'",
+                  "response_format", "unsupported_value")
+    out = (f.text("output_format") or "png").lower()
+    if out not in OUTPUT_FORMATS:
+        raise bad(f"'output_format' must be one of {', '.join(OUTPUT_FORMATS)}, got {out!r}", "output_format",
+                  "invalid_value")
+    compression = f.integer("output_compression", 100, 0, 100)
+    width, height = _size(f.text("size"), factor, limits)
+    seed = f.integer("seed", None, 0, SEED_LIMIT - n)
+    if seed is None:
+        seed = secrets.randbelow(SEED_LIMIT - limits.max_n)
+    steps = f.integer("num_inference_steps", 50, 1, limits.max_steps)
+    guidance = f.number("guidance_scale", 7.5)
+    scheduler = f.text("scheduler", limit=64)
+    strength, eta = f.number("strength", None), f.number("eta", 0.0)
+    if image is None and strength is not None:
+        raise bad("'strength' applies to edits (img2img and inpainting), not to generations", "strength",
+                  "invalid_value")
+    return ImageRequest(prompt, negative, n, width, height, seed, steps, guidance, scheduler, strength, eta,
+                        out, compression, image, mask)
+
+
+# ---- uploads ---------------------------------------------------------------------------
+
+
+def read_upload(data: bytes, param: str, limits: Limits) -> Image.Image:
+    """Decode an uploaded image without trusting it: not an image, truncated, or over the
+    size limit (checked from the header, before the pixels are decoded) is a 400."""
+    if not data:
+        raise bad(f"'{param}' is an empty file", param, "invalid_image")
+    try:
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        if w > limits.max_side or h > limits.max_side:
+            raise bad(f"'{param}' is {w}x{h}; the server takes images of at most {limits.max_side} pixels a side",
+                      param, "image_too_large")
+        im.load()
+    except APIError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError):
+        raise bad(f"'{param}' is not an image fastsd can read (PNG, JPEG or WebP)", param, "invalid_image") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise bad(f"'{param}' could not be decoded: {e}", param, "invalid_image") from None
+    return im
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+
+
+def edit_inputs(image: Image.Image, mask: Image.Image | None) -> tuple[Image.Image, Image.Image | None]:
+    """OpenAI's edit semantics in fastsd's terms: the repaint region is where the mask is fully
+    transparent (alpha 0) if the mask has alpha, else where it is white (diffusers' way);
+    without a mask, an image with transparent pixels repaints those (OpenAI's dall-e-2),
+    and an opaque image is img2img. A mask must have the image's size."""
+    if mask is not None and mask.size != image.size:
+        raise bad(f"'mask' is {mask.size[0]}x{mask.size[1]} but 'image' is {image.size[0]}x{image.size[1]}: they "
+                  "must have the same size", "mask", "invalid_image")
+    if mask is not None:
+        mask = _alpha_mask(mask) if _has_alpha(mask) else mask.convert("L")
+    elif _has_alpha(image):
+        alpha = _alpha_mask(image)
+        if alpha.getextrema()[1] > 0:
+            mask = alpha
+    return image.convert("RGB"), mask
+
+
+def _alpha_mask(im: Image.Image) -> Image.Image:
+    alpha = im.convert("RGBA").getchannel("A")
+    return alpha.point(lambda a: 255 if a == 0 else 0)
+
+
+def encode_image(im: Image.Image, fmt: str, compression: int) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "png":
+        im.save(buf, "PNG")
+    else:
+        im.save(buf, OUTPUT_FORMATS[fmt], quality=max(compression, 1))
+    return buf.getvalue()

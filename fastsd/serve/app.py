@@ -1,0 +1,394 @@
+"""The HTTP app: OpenAI's images API over one fastsd Pipeline, with dynamic batching.
+
+`create_app(options)` returns an ASGI app (FastAPI). uvicorn runs it for `fastsd serve`
+(fastsd/serve/server.py); Ray Serve runs one per replica (fastsd/serve/ray_serve.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import FastSDError, ImageError
+from ..version import __version__
+from .api import APIError, ImageRequest, Limits, bad, edit_inputs, encode_image, parse_request, read_upload
+from .batcher import Batcher, Cancelled, DrainingError, Job, QueueFullError, Slot
+
+log = logging.getLogger("fastsd.serve")
+
+DISCONNECT_POLL_S = 0.2  # how often a waiting request checks that its client is still there
+STAGES = ("queue", "text_encoder", "unet", "vae", "batch", "request")
+CLIENT_CLOSED = 499  # nginx's status for "client closed the request" (never reaches the client)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What `fastsd serve` runs: the model as Pipeline.from_pretrained loads it, batching and limits."""
+
+    model: str
+    backend: str = "auto"
+    device: str | None = None
+    dtype: str | None = None
+    engine_dir: str | None = None
+    variant: str | None = None
+    allow_pickle: bool = False
+    max_batch: int = 4  # images per UNet batch
+    batch_window_ms: float = 10.0  # how long a batch waits for more requests to join
+    max_queue: int = 64  # requests waiting; beyond: 429
+    limits: Limits = field(default_factory=Limits)
+    model_name: str | None = None  # the id clients pass as `model` (default: the model's name)
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        default = self.model.split(":", 1)[1] if self.model.startswith("synthetic:") else Path(self.model).name
+        names = (self.model_name,) if self.model_name else (default or self.model, self.model)
+        return tuple(dict.fromkeys(names))
+
+    def load(self):
+        from ..pipeline import Pipeline
+
+        return Pipeline.from_pretrained(self.model, backend=self.backend, device=self.device, dtype=self.dtype,
+                                        engine_dir=self.engine_dir, variant=self.variant,
+                                        allow_pickle=self.allow_pickle)
+
+
+class _Metrics:
+    """Prometheus metrics of one app (its own registry, so several apps can live in one process)."""
+
+    def __init__(self, batcher: Batcher, max_batch: int):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("fastsd_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.images = Counter("fastsd_images", "images generated", registry=r)
+        queue = Gauge("fastsd_queue_depth", "requests waiting for a UNet batch", registry=r)
+        queue.set_function(lambda: batcher.queued_requests)
+        queued_images = Gauge("fastsd_queue_images", "images waiting for a UNet batch", registry=r)
+        queued_images.set_function(lambda: batcher.queued_images)
+        buckets = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, max_batch})
+        self.batch_size = Histogram("fastsd_batch_size", "images per UNet batch", buckets=buckets, registry=r)
+        self.stage = Histogram("fastsd_stage_seconds", "seconds per stage: queue (waiting for a batch), "
+                               "text_encoder, unet, vae, batch (one batch's pipeline call), request (end to end)",
+                               ["stage"], registry=r,
+                               buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 25, 60, 120, 300))
+
+
+class _State:
+    def __init__(self, options: ServeOptions, pipeline, on_fatal: Callable[[BaseException], None] | None):
+        self.options, self.pipe, self.on_fatal = options, pipeline, on_fatal
+        self.error: BaseException | None = None
+        self.draining = False
+        self.started = time.time()
+        self.batcher = Batcher(self._run_batch, options.max_batch, options.batch_window_ms / 1000.0,
+                               options.max_queue, on_batch=self._on_batch)
+        self.metrics = _Metrics(self.batcher, options.max_batch)
+
+    # ---- model -----------------------------------------------------------------------
+
+    async def load(self, background: bool) -> None:
+        try:
+            self.pipe = await asyncio.to_thread(self.options.load)
+            log.info("fastsd serve: %s loaded (backends: %s)", self.options.model,
+                     ", ".join(f"{k}={v}" for k, v in self.pipe.backend.backends.items()))
+        except BaseException as e:  # noqa: BLE001 - reported on /healthz and to the runner
+            self.error = e
+            if not background:
+                raise
+            log.error("fastsd serve: the model failed to load: %s", e)
+            if self.on_fatal is not None:
+                self.on_fatal(e)
+
+    def check_ready(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        if self.error is not None:
+            raise APIError(503, f"the model failed to load: {self.error}", code="model_failed")
+        if self.pipe is None:
+            raise APIError(503, "the model is still loading; retry shortly", code="model_loading")
+
+    # ---- requests ----------------------------------------------------------------------
+
+    def key(self, req: ImageRequest) -> tuple:
+        """What must match for requests to share a UNet batch."""
+        w, h = req.width, req.height
+        if req.image is not None and w is None:
+            w, h = req.image.size
+        return (req.mode, w, h, req.num_inference_steps, req.guidance_scale, req.scheduler, req.strength, req.eta)
+
+    def check(self, req: ImageRequest) -> None:
+        """The pipeline's own checks, on the batch this request may be part of."""
+        try:
+            self.pipe.check_call(req.prompt, negative_prompt=req.negative_prompt, image=req.image,
+                                 mask_image=req.mask, num_images_per_prompt=min(req.n, self.options.max_batch),
+                                 **req.call_kwargs())
+        except ImageError as e:
+            raise bad(str(e), "image", "invalid_image") from None
+        except FastSDError as e:
+            text = str(e)
+            param = text.split(" ", 1)[0].strip("'")
+            raise bad(text, param if param in ImageRequest.__dataclass_fields__ or param in (
+                "num_inference_steps", "guidance_scale") else None, "invalid_value") from None
+
+    async def generate(self, request: Request, req: ImageRequest) -> dict:
+        self.check_ready()
+        self.check(req)
+        t0 = time.perf_counter()
+        job = Job(self.key(req), req.n, req)
+        task = asyncio.ensure_future(self.batcher.submit(job))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    task.cancel()
+                    log.info("fastsd serve: client went away; its request is cancelled")
+                    raise _ClientGone()
+        except asyncio.CancelledError:  # Ray Serve cancels the handler when its client goes
+            task.cancel()
+            raise
+        try:
+            images = task.result()
+        except QueueFullError as e:
+            raise APIError(429, str(e), code="queue_full", kind="rate_limit_exceeded") from None
+        except DrainingError as e:
+            raise APIError(503, str(e), code="shutting_down") from None
+        except FastSDError as e:
+            raise bad(str(e)) from None
+        if job.started is not None:
+            self.metrics.stage.labels("queue").observe(job.started - job.arrival)
+        blobs = await asyncio.to_thread(lambda: [encode_image(im, req.output_format, req.output_compression)
+                                                 for im in images])
+        self.metrics.stage.labels("request").observe(time.perf_counter() - t0)
+        self.metrics.images.inc(len(blobs))
+        w, h = images[0].size
+        return {"created": int(time.time()),
+                "data": [{"b64_json": base64.b64encode(b).decode("ascii"), "revised_prompt": None,
+                          "seed": req.seed + i} for i, b in enumerate(blobs)],
+                "output_format": req.output_format, "size": f"{w}x{h}", "background": "opaque"}
+
+    def _run_batch(self, slots: list[Slot], stopped: Callable[[], bool]) -> tuple[list, dict]:
+        """Runs on the worker thread: one pipeline call for the batch, image i from its own
+        generator seeded with its request's seed + its index, so a request gets the images it
+        would get alone."""
+        import torch
+
+        reqs: list[ImageRequest] = [s.job.payload for s in slots]
+        first = reqs[0]
+
+        def step(k, t, latents):
+            if stopped():
+                raise Cancelled()
+
+        out = self.pipe([r.prompt for r in reqs], negative_prompt=[r.negative_prompt or "" for r in reqs],
+                        image=None if first.image is None else [r.image for r in reqs],
+                        mask_image=None if first.mask is None else [r.mask for r in reqs],
+                        generator=[torch.Generator().manual_seed(r.seed + s.index) for r, s in zip(reqs, slots)],
+                        callback=step, output_type="pil", **first.call_kwargs())
+        return out.images, out.timings
+
+    def _on_batch(self, slots: list[Slot], timings: dict) -> None:
+        self.metrics.batch_size.observe(len(slots))
+        for stage in ("text_encoder", "unet", "vae"):
+            if stage in timings:
+                self.metrics.stage.labels(stage).observe(timings[stage])
+        if "total" in timings:
+            self.metrics.stage.labels("batch").observe(timings["total"])
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _TooLarge(Exception):
+    def __init__(self, limit: int, size: int | None = None):
+        self.limit, self.size = limit, size
+
+
+class _Guard:
+    """ASGI middleware: caps request bodies (413 before reading one whose Content-Length is
+    over the limit, or as soon as a streamed one passes it) and counts responses by endpoint
+    and status for /metrics."""
+
+    def __init__(self, app, state: _State, endpoints: tuple[str, ...]):
+        self.app, self.state, self.endpoints = app, state, endpoints
+
+    def _limit(self, path: str) -> int:
+        lim = self.state.options.limits
+        return lim.max_upload_bytes if path.endswith("/edits") else lim.max_json_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in self.endpoints else "other"
+        status = {"code": 500}
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        limit = self._limit(path)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        try:
+            if length is not None and length.isdigit() and int(length) > limit:
+                err = _too_large(_TooLarge(limit, int(length)))
+                await err(scope, receive, send_counted)
+                return
+            seen = {"bytes": 0}
+
+            async def receive_capped():
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen["bytes"] += len(message.get("body", b""))
+                    if seen["bytes"] > limit:
+                        raise _TooLarge(limit)
+                return message
+
+            await self.app(scope, receive_capped, send_counted)
+        finally:
+            self.state.metrics.requests.labels(endpoint, str(status["code"])).inc()
+
+
+def _too_large(e: _TooLarge) -> JSONResponse:
+    size = f"{e.size} bytes" if e.size is not None else "over the limit"
+    err = APIError(413, f"the request body is {size}; this server takes at most {e.limit} bytes", code="too_large")
+    return JSONResponse(err.body(), status_code=413)
+
+
+def create_app(options: ServeOptions, *, pipeline=None, load_in_background: bool = True,
+               on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """The images API over `options`' model. `pipeline`: one already loaded (else it loads at
+    startup: in the background, answering 503 until ready, or before the app takes requests
+    when `load_in_background` is False, as a Ray replica does). `on_fatal(error)` is called if
+    a background load fails (fastsd serve then exits)."""
+    state = _State(options, pipeline, on_fatal)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state.batcher.start()
+        loader = None
+        if state.pipe is None:
+            if load_in_background:
+                loader = asyncio.get_running_loop().create_task(state.load(background=True))
+            else:
+                await state.load(background=False)
+        yield
+        state.draining = True
+        if loader is not None and not loader.done():
+            loader.cancel()
+        await state.batcher.close()
+
+    app = FastAPI(title="fastsd", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.fastsd = state
+    limits = options.limits
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(_TooLarge)
+    async def too_large(request: Request, e: _TooLarge):
+        return _too_large(e)
+
+    @app.exception_handler(_ClientGone)
+    async def client_gone(request: Request, e: _ClientGone):
+        return Response(status_code=CLIENT_CLOSED)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        message = (f"Invalid URL ({request.method} {request.url.path})" if e.status_code in (404, 405)
+                   else str(e.detail))
+        return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code)
+
+    @app.get("/healthz")
+    async def healthz():
+        status, code = "ok", 200
+        if state.draining:
+            status, code = "draining", 503
+        elif state.error is not None:
+            status, code = "failed", 503
+        elif state.pipe is None:
+            status, code = "loading", 503
+        body = {"status": status, "model": options.served_names[0], "queue": state.batcher.queued_requests}
+        if state.error is not None:
+            body["error"] = str(state.error)
+        return JSONResponse(body, status_code=code)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(state.started),
+                                            "owned_by": "fastsd"} for name in options.served_names]}
+
+    @app.post("/v1/images/generations")
+    async def generations(request: Request):
+        state.check_ready()
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise bad(f"the request body is not valid JSON ({e})", code="invalid_json") from None
+        req = parse_request(data, form=False, limits=limits, factor=state.pipe.info.vae_factor,
+                            model_names=options.served_names)
+        return await state.generate(request, req)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request):
+        state.check_ready()
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise bad("an edits request is multipart/form-data with an 'image' file (and optionally a 'mask')",
+                      code="invalid_content_type")
+        try:
+            form = await request.form(max_files=4, max_fields=64, max_part_size=limits.max_upload_bytes)
+        except _TooLarge:
+            raise
+        except Exception as e:  # noqa: BLE001 - starlette's multipart errors: a malformed body
+            raise bad(f"the multipart body could not be read ({e})", code="invalid_multipart") from None
+        try:
+            fields, files = {}, {}
+            for name, value in form.multi_items():
+                if isinstance(value, str):
+                    fields[name] = value
+                else:
+                    key = name[:-2] if name.endswith("[]") else name
+                    if key in files:
+                        raise bad(f"one '{key}' file per request, please (got several)", key)
+                    files[key] = await value.read()
+            if "image" not in files:
+                raise bad("'image' is required (a PNG, JPEG or WebP file)", "image", "missing_required_parameter")
+            for name in fields:
+                if name in ("image", "mask"):
+                    raise bad(f"'{name}' must be a file upload", name, "invalid_type")
+            unknown_files = [k for k in files if k not in ("image", "mask")]
+            if unknown_files:
+                raise bad(f"Unrecognized request argument supplied: {unknown_files[0]}", unknown_files[0],
+                          "unknown_parameter")
+            image = read_upload(files["image"], "image", limits)
+            mask = read_upload(files["mask"], "mask", limits) if "mask" in files else None
+        finally:
+            await form.close()
+        image, mask = edit_inputs(image, mask)
+        req = parse_request(fields, form=True, limits=limits, factor=state.pipe.info.vae_factor,
+                            model_names=options.served_names, image=image, mask=mask)
+        return await state.generate(request, req)
+
+    endpoints = ("/v1/images/generations", "/v1/images/edits", "/healthz", "/metrics", "/v1/models")
+    app.add_middleware(_Guard, state=state, endpoints=endpoints)
+    return app

@@ -1,0 +1,52 @@
+"""`fastsd serve` on one machine: the app under uvicorn, with a graceful SIGTERM.
+
+SIGTERM (and the first Ctrl+C) stops accepting connections and answers 503 to new requests
+on open ones, lets every queued and running request finish and get its response, then
+exits 0. A model that fails to load ends the server with the CLI's bad-input code.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import uvicorn
+
+from .app import ServeOptions, create_app
+
+log = logging.getLogger("fastsd.serve")
+EXIT_LOAD_FAILED = 2
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state):
+        super().__init__(config)
+        self.fastsd = state
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self.fastsd.draining = True  # requests arriving from now on: 503
+        self.fastsd.batcher.stop_accepting()
+        if sig == signal.SIGTERM:
+            self.should_exit = True  # graceful; uvicorn would re-raise SIGTERM afterwards (exit 143)
+        else:
+            super().handle_exit(sig, frame)
+
+
+def run(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
+    """Serve until SIGTERM / Ctrl+C; returns the process exit code."""
+    outcome = {"code": 0}
+    server: _Server | None = None
+
+    def fatal(error: BaseException) -> None:
+        print(f"fastsd: error: {error}", file=sys.stderr)
+        outcome["code"] = EXIT_LOAD_FAILED
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(options, on_fatal=fatal)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=None, access_log=log_level == "debug")
+    server = _Server(config, app.state.fastsd)
+    server.run()
+    return outcome["code"]
