@@ -30,6 +30,7 @@ log = logging.getLogger("fastsd.serve")
 
 DISCONNECT_POLL_S = 0.2  # how often a waiting request checks that its client is still there
 STAGES = ("queue", "text_encoder", "unet", "vae", "batch", "request")
+DRAIN_LIMIT = 256 * 2**20  # an oversized body is read (and dropped) up to this, so its client sees the 413
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request" (never reaches the client)
 
 
@@ -72,6 +73,8 @@ class _Metrics:
         self.requests = Counter("fastsd_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
                                 registry=r)
         self.images = Counter("fastsd_images", "images generated", registry=r)
+        self.cancelled = Counter("fastsd_cancelled", "requests whose client went away before the images were "
+                                 "ready (their work is dropped)", registry=r)
         queue = Gauge("fastsd_queue_depth", "requests waiting for a UNet batch", registry=r)
         queue.set_function(lambda: batcher.queued_requests)
         queued_images = Gauge("fastsd_queue_images", "images waiting for a UNet batch", registry=r)
@@ -153,10 +156,12 @@ class _State:
                     break
                 if await request.is_disconnected():
                     task.cancel()
+                    self.metrics.cancelled.inc()
                     log.info("fastsd serve: client went away; its request is cancelled")
                     raise _ClientGone()
         except asyncio.CancelledError:  # Ray Serve cancels the handler when its client goes
             task.cancel()
+            self.metrics.cancelled.inc()
             raise
         try:
             images = task.result()
@@ -194,7 +199,7 @@ class _State:
         out = self.pipe([r.prompt for r in reqs], negative_prompt=[r.negative_prompt or "" for r in reqs],
                         image=None if first.image is None else [r.image for r in reqs],
                         mask_image=None if first.mask is None else [r.mask for r in reqs],
-                        generator=[torch.Generator().manual_seed(r.seed + s.index) for r, s in zip(reqs, slots)],
+                        generator=[torch.Generator().manual_seed(s.job.payload.seed + s.index) for s in slots],
                         callback=step, output_type="pil", **first.call_kwargs())
         return out.images, out.timings
 
@@ -244,8 +249,8 @@ class _Guard:
         length = dict(scope.get("headers") or []).get(b"content-length")
         try:
             if length is not None and length.isdigit() and int(length) > limit:
-                err = _too_large(_TooLarge(limit, int(length)))
-                await err(scope, receive, send_counted)
+                await _drain(receive, DRAIN_LIMIT)  # so that the client reads the 413 (not a reset)
+                await _too_large(_TooLarge(limit, int(length)))(scope, receive, send_counted)
                 return
             seen = {"bytes": 0}
 
@@ -254,12 +259,26 @@ class _Guard:
                 if message["type"] == "http.request":
                     seen["bytes"] += len(message.get("body", b""))
                     if seen["bytes"] > limit:
+                        if message.get("more_body"):
+                            await _drain(receive, DRAIN_LIMIT)
                         raise _TooLarge(limit)
                 return message
 
             await self.app(scope, receive_capped, send_counted)
         finally:
             self.state.metrics.requests.labels(endpoint, str(status["code"])).inc()
+
+
+async def _drain(receive, budget: int) -> None:
+    """Read and drop the rest of a request body (at most `budget` bytes; past that the
+    connection is simply closed after the response)."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body"):
+            return
 
 
 def _too_large(e: _TooLarge) -> JSONResponse:

@@ -184,6 +184,8 @@ class Batcher:
             try:
                 results, timings = await loop.run_in_executor(self._executor, self.runner, slots,
                                                               lambda: all(j.cancelled for j in jobs))
+                if len(results) != len(slots):
+                    raise RuntimeError(f"the batch runner gave {len(results)} results for {len(slots)} images")
             except Cancelled:
                 return
             except Exception as e:  # noqa: BLE001 - handed to the requests that asked
@@ -195,7 +197,7 @@ class Batcher:
                 return
             if self.on_batch is not None:
                 self.on_batch(slots, timings)
-            for slot, result in zip(slots, results):
+            for slot, result in zip(slots, results, strict=True):
                 job = slot.job
                 job.results[slot.index] = result
                 job.left -= 1

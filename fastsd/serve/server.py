@@ -44,6 +44,12 @@ def run(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, log_le
         if server is not None:
             server.should_exit = True
 
+    if not log.handlers:  # the server's own lines (model loaded, clients gone) next to uvicorn's
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.DEBUG if log_level == "debug" else logging.INFO)
+        log.propagate = False
     app = create_app(options, on_fatal=fatal)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=None, access_log=log_level == "debug")

@@ -1,0 +1,442 @@
+"""fastsd serve: the official `openai` client against the server on a tiny checkpoint.
+
+Most tests run the app under uvicorn in a thread of this process, over the session's tiny
+pipeline; SIGTERM and the CLI run `fastsd serve` as a real process."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+import uvicorn  # noqa: E402
+
+from fastsd.serve import Limits, ServeOptions, create_app  # noqa: E402
+
+STEPS = 3  # every request: a few steps keep the tiny model quick
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+class Running:
+    """An app under uvicorn in a thread: .url, .stop()."""
+
+    def __init__(self, app):
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def client(url: str, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120, **kw)
+
+
+def http(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
+    """(status, parsed JSON or text) without raising for 4xx/5xx."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            status, raw, ctype = r.status, r.read(), r.headers.get("content-type", "")
+    except urllib.error.HTTPError as e:
+        status, raw, ctype = e.code, e.read(), e.headers.get("content-type", "")
+    return status, (json.loads(raw) if "json" in ctype else raw.decode())
+
+
+def post_json(url: str, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return http(url + "/v1/images/generations", "POST", data, {"content-type": "application/json"})
+
+
+def multipart(fields: dict, files: dict) -> tuple[bytes, str]:
+    boundary = "fastsd-test-boundary"
+    out = io.BytesIO()
+    for k, v in fields.items():
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
+    for k, (name, data) in files.items():
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{name}"\r\n'
+                  f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def post_edit(url: str, fields: dict, files: dict) -> tuple[int, dict]:
+    body, ctype = multipart(fields, files)
+    return http(url + "/v1/images/edits", "POST", body, {"content-type": ctype})
+
+
+def png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def decoded(item) -> np.ndarray:
+    b64 = item.b64_json if hasattr(item, "b64_json") else item["b64_json"]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def alone(pipe, prompt, seed, **kw) -> np.ndarray:
+    """What the pipeline gives for one image with this seed, called directly (uint8)."""
+    out = pipe(prompt, generator=torch.Generator().manual_seed(seed), num_inference_steps=STEPS,
+               output_type="np", **kw)
+    return (out.images[0] * 255).round().astype(np.uint8)
+
+
+def close(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to float rounding: batched and unbatched matmuls sum in different orders
+    (~1e-6 apart), which can move a pixel across a rounding boundary, never further."""
+    return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1
+
+
+def metric(url: str, name: str, **labels) -> float:
+    _, text = http(url + "/metrics")
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + ("{" if labels else "")) and (not labels or want in line):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe(pipes):
+    return pipes("eps")
+
+
+@pytest.fixture(scope="module")
+def server(ckpts, pipe):
+    """The app over the session's tiny pipeline: batches of up to 4 images, a 150 ms window
+    (long, so that concurrent test requests surely meet), small upload limit."""
+    options = ServeOptions(model=str(ckpts["eps"]), max_batch=4, batch_window_ms=150, max_queue=32,
+                           limits=Limits(max_upload_bytes=256 * 1024))
+    running = Running(create_app(options, pipeline=pipe))
+    yield running
+    running.stop()
+
+
+# ---- the openai client -------------------------------------------------------------------------
+
+
+def test_generations_with_the_openai_client(server, pipe):
+    c = client(server.url)
+    r = c.images.generate(prompt="a red barn", n=2, size="40x32",
+                          extra_body={"seed": 11, "num_inference_steps": STEPS, "negative_prompt": "fog"})
+    assert len(r.data) == 2 and r.size == "40x32" and r.output_format == "png"
+    for k, item in enumerate(r.data):
+        raw = base64.b64decode(item.b64_json)
+        assert raw.startswith(b"\x89PNG")
+        im = Image.open(io.BytesIO(raw))
+        assert im.size == (40, 32) and im.mode == "RGB"
+        assert item.model_extra["seed"] == 11 + k
+        # image k is the one seed 11 + k gives alone, as the pipeline's own call gives it
+        assert close(decoded(item), alone(pipe, "a red barn", 11 + k, negative_prompt="fog", width=40, height=32))
+    assert not np.array_equal(decoded(r.data[0]), decoded(r.data[1]))
+
+
+def test_same_seed_same_bytes_and_other_formats(server):
+    c = client(server.url)
+    kw = {"prompt": "a lighthouse", "extra_body": {"seed": 5, "num_inference_steps": STEPS}}
+    a, b = c.images.generate(**kw), c.images.generate(**kw)
+    assert a.data[0].b64_json == b.data[0].b64_json
+    other = c.images.generate(prompt="a lighthouse", extra_body={"seed": 6, "num_inference_steps": STEPS})
+    assert other.data[0].b64_json != a.data[0].b64_json
+    jpeg = c.images.generate(prompt="a lighthouse", output_format="jpeg",
+                             extra_body={"seed": 5, "num_inference_steps": STEPS})
+    assert base64.b64decode(jpeg.data[0].b64_json)[:3] == b"\xff\xd8\xff" and jpeg.output_format == "jpeg"
+
+
+def test_bad_size_is_a_bad_request_error_with_a_useful_message(server):
+    c = client(server.url)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.images.generate(prompt="x", size="33x32")
+    assert "multiples of 2" in e.value.message and e.value.body["param"] == "size"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.images.generate(prompt="x", size="big")
+    assert "WIDTHxHEIGHT" in e.value.message
+
+
+def test_edits_img2img_inpaint_and_openai_alpha_masks(server, pipe):
+    c = client(server.url)
+    rng = np.random.default_rng(0)
+    source = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    r = c.images.edit(image=("in.png", png(source), "image/png"), prompt="a painting",
+                      extra_body={"seed": 3, "num_inference_steps": STEPS, "strength": 0.6})
+    assert len(r.data) == 1 and r.size == "32x32"
+    assert close(decoded(r.data[0]), alone(pipe, "a painting", 3, image=source, strength=0.6))
+    # inpainting with a white-is-repaint mask (diffusers' convention), n=2
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    r = c.images.edit(image=("in.png", png(source), "image/png"), mask=("m.png", png(mask), "image/png"),
+                      prompt="a window", n=2, extra_body={"seed": 4, "num_inference_steps": STEPS})
+    assert len(r.data) == 2
+    expect = alone(pipe, "a window", 4, image=source, mask_image=mask)
+    assert close(decoded(r.data[0]), expect)
+    # OpenAI's convention: the mask's fully transparent pixels are the region to repaint
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 255))
+    rgba.paste((0, 0, 0, 0), (8, 8, 24, 24))
+    r = c.images.edit(image=("in.png", png(source), "image/png"), mask=("m.png", png(rgba), "image/png"),
+                      prompt="a window", extra_body={"seed": 4, "num_inference_steps": STEPS})
+    assert close(decoded(r.data[0]), expect)
+    # and without a mask, an image's own transparent pixels are (dall-e-2's edits)
+    holed = source.convert("RGBA")
+    holed.paste((0, 0, 0, 0), (8, 8, 24, 24))
+    r = c.images.edit(image=("in.png", png(holed), "image/png"), prompt="a window",
+                      extra_body={"seed": 4, "num_inference_steps": STEPS})
+    assert close(decoded(r.data[0]), alone(pipe, "a window", 4, image=holed.convert("RGB"), mask_image=mask))
+
+
+def test_sixteen_concurrent_clients_batch_and_each_gets_its_own_images(server, pipe):
+    before_batches = metric(server.url, "fastsd_batch_size_count")
+    before_images = metric(server.url, "fastsd_batch_size_sum")
+
+    def one(k):
+        c = client(server.url)
+        return c.images.generate(prompt=f"scene {k % 3}", extra_body={"seed": 100 + k, "num_inference_steps": STEPS})
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(16)))
+    assert all(len(r.data) == 1 for r in results)
+    batches = metric(server.url, "fastsd_batch_size_count") - before_batches
+    images = metric(server.url, "fastsd_batch_size_sum") - before_images
+    assert images == 16 and batches < 16, f"{batches} batches for 16 concurrent requests: nothing was batched"
+    for k in (0, 7, 15):  # batched, each still has the images its seed gives alone
+        assert close(decoded(results[k].data[0]), alone(pipe, f"scene {k % 3}", 100 + k))
+
+
+# ---- bad input over HTTP ---------------------------------------------------------------------------
+
+
+def test_bad_input_gets_openai_errors_and_the_server_stays_healthy(server):
+    u = server.url
+    noise = png(Image.new("RGB", (32, 32), (9, 9, 9)))
+    cases = [
+        (post_json(u, b'{"prompt": "x", "n": '), 400, "not valid JSON"),
+        (post_json(u, b"[1, 2]"), 400, "JSON object"),
+        (post_json(u, {"prompt": "x", "n": "two"}), 400, "'n' must be an integer"),
+        (post_json(u, {"prompt": 5}), 400, "'prompt' must be a string"),
+        (post_json(u, {"prompt": "x", "guidance_scale": "high"}), 400, "'guidance_scale' must be a finite number"),
+        (post_json(u, {"prompt": "x", "n": 100000}), 400, "'n' must be between 1 and 10"),
+        (post_json(u, {"prompt": "x", "size": "100000x100000"}), 400, "out of range"),
+        (post_json(u, {"prompt": "x", "scheduler": "karras_magic"}), 400, "karras_magic"),
+        (post_json(u, {"n": 1}), 400, "'prompt' is required"),
+        (post_json(u, {"prompt": "   "}), 400, "'prompt' is empty"),
+        (post_json(u, {"prompt": "x" * 5000}), 400, "limit is 4000"),
+        (post_json(u, {"prompt": "x", "num_inference_steps": 10**6}), 400, "num_inference_steps"),
+        (post_json(u, {"prompt": "x", "guidance_scale": 1e9}), 400, "guidance_scale"),
+        (post_json(u, {"prompt": "x", "seed": -1}), 400, "'seed'"),
+        (post_json(u, {"prompt": "x", "strength": 0.5}), 400, "strength"),
+        (post_json(u, {"prompt": "x", "frobnicate": 1}), 400, "Unrecognized request argument supplied: frobnicate"),
+        (post_json(u, {"prompt": "x", "response_format": "url"}), 400, "b64_json"),
+        (post_json(u, {"prompt": "x", "style": "vivid"}), 400, "style"),
+        (post_json(u, {"prompt": "x", "model": "dall-e-3"}), 404, "does not exist"),
+        (post_json(u, b"{" + b" " * (2 * 2**20) + b"}"), 413, "at most"),
+        (post_edit(u, {"prompt": "x"}, {"image": ("a.txt", b"this is not an image")}), 400, "not an image"),
+        (post_edit(u, {"prompt": "x"}, {"image": ("a.png", png(Image.new("RGB", (32, 32)))[:60])}), 400,
+         "could not be decoded"),
+        (post_edit(u, {"prompt": "x"}, {"image": ("a.png", noise), "mask": ("m.png", png(Image.new("L", (16, 16))))}),
+         400, "must have the same size"),
+        (post_edit(u, {"prompt": "x"}, {"image": ("a.png", png(Image.new("RGB", (4000, 8))))}), 400, "at most 2048"),
+        (post_edit(u, {"prompt": "x"}, {"image": ("a.png", os.urandom(300 * 1024))}), 413, "at most"),
+        (post_edit(u, {"prompt": "x"}, {}), 400, "'image' is required"),
+        (post_edit(u, {"prompt": "x", "n": "lots"}, {"image": ("a.png", noise)}), 400, "'n' must be an integer"),
+        (post_edit(u, {"prompt": "x", "strength": "2"}, {"image": ("a.png", noise)}), 400, "strength"),
+        (http(u + "/v1/images/edits", "POST", b'{"prompt": "x"}', {"content-type": "application/json"}), 400,
+         "multipart"),
+        (http(u + "/v1/nothing-here", "POST", b"{}"), 404, "Invalid URL"),
+        (http(u + "/v1/images/generations", "GET"), 405, "Invalid URL"),
+    ]
+    for (status, body), want_status, text in cases:
+        assert status == want_status, (text, status, body)
+        err = body["error"]
+        assert text in err["message"], (text, err)
+        assert set(err) == {"message", "type", "param", "code"}
+        assert err["type"] == "invalid_request_error"
+    status, health = http(u + "/healthz")
+    assert status == 200 and health["status"] == "ok"
+    c = client(u)
+    assert len(c.images.generate(prompt="still fine", extra_body={"num_inference_steps": STEPS}).data) == 1
+    assert metric(u, "fastsd_requests_total", endpoint="/v1/images/generations", status="400") >= 15
+
+
+def test_health_models_and_metrics(server):
+    status, body = http(server.url + "/healthz")
+    assert status == 200 and body["status"] == "ok"
+    models = client(server.url).models.list()
+    assert "eps" in [m.id for m in models.data]
+    client(server.url).images.generate(prompt="a", model="eps", extra_body={"num_inference_steps": STEPS})
+    _, text = http(server.url + "/metrics")
+    for name in ("fastsd_requests_total", "fastsd_queue_depth", "fastsd_batch_size_bucket",
+                 'fastsd_stage_seconds_count{stage="unet"}', 'fastsd_stage_seconds_count{stage="queue"}',
+                 'fastsd_stage_seconds_count{stage="request"}', "fastsd_images_total"):
+        assert name in text, name
+
+
+# ---- loading, queue limits, disconnects ------------------------------------------------------------
+
+
+class _SlowLoad(ServeOptions):
+    """Options whose model load waits for a test to release it."""
+
+    gate = threading.Event()
+
+    def load(self):
+        assert self.gate.wait(60)
+        return super().load()
+
+
+def test_503_while_loading_then_ready(ckpts):
+    options = _SlowLoad(model=str(ckpts["eps"]), device="cpu")
+    running = Running(create_app(options))
+    try:
+        status, body = http(running.url + "/healthz")
+        assert status == 503 and body["status"] == "loading"
+        with pytest.raises(openai.InternalServerError) as e:  # the openai client's class for 503
+            client(running.url).images.generate(prompt="x")
+        assert e.value.status_code == 503 and "loading" in e.value.message
+        _SlowLoad.gate.set()
+        deadline = time.monotonic() + 60
+        while http(running.url + "/healthz")[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert len(client(running.url).images.generate(prompt="x", extra_body={"num_inference_steps": 2}).data) == 1
+    finally:
+        running.stop()
+
+
+def test_full_queue_is_429_and_a_gone_client_cancels_its_work(ckpts, pipe):
+    options = ServeOptions(model=str(ckpts["eps"]), max_batch=1, batch_window_ms=0, max_queue=1)
+    running = Running(create_app(options, pipeline=pipe))
+    try:
+        slow = {"num_inference_steps": 150}  # a few seconds each on the tiny model
+
+        def one(k):
+            try:
+                client(running.url).images.generate(prompt="x", extra_body={**slow, "seed": k})
+                return 200
+            except openai.RateLimitError as e:
+                assert "queue is full" in e.message
+                return 429
+
+        with ThreadPoolExecutor(5) as pool:
+            statuses = [f.result() for f in [pool.submit(one, k) for k in range(5)]]
+        # one runs, one waits; the rest find the queue full
+        assert statuses.count(429) >= 2 and statuses.count(200) >= 2, statuses
+
+        # a client that goes away: its running batch stops at the next step
+        body = json.dumps({"prompt": "x", "num_inference_steps": 200}).encode()
+        with socket.create_connection(("127.0.0.1", int(running.url.rsplit(":", 1)[1]))) as s:
+            s.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            time.sleep(0.5)
+        t0 = time.monotonic()
+        while metric(running.url, "fastsd_cancelled_total") < 1:
+            assert time.monotonic() - t0 < 10, "the disconnect was not noticed"
+            time.sleep(0.05)
+        t = time.monotonic()
+        client(running.url).images.generate(prompt="x", extra_body={"num_inference_steps": 2})
+        assert time.monotonic() - t < 3, "the abandoned 200-step request still ran to its end"
+    finally:
+        running.stop()
+
+
+# ---- the process: CLI, SIGTERM -------------------------------------------------------------------
+
+
+def _start(args: list[str], port: int) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fastsd", "serve", *args, "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if http(f"http://127.0.0.1:{port}/healthz")[0] == 200:
+                return proc
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the server did not become healthy"
+        time.sleep(0.2)
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(ckpts):
+    port = free_port()
+    proc = _start(["--model", str(ckpts["eps"]), "--max-batch", "1", "--device", "cpu"], port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(lambda k=k: client(url).images.generate(
+                prompt="x", extra_body={"seed": k, "num_inference_steps": 60})) for k in range(4)]
+            deadline = time.monotonic() + 30
+            while metric(url, "fastsd_batch_size_count") < 1 or metric(url, "fastsd_queue_depth") < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            results = [f.result(timeout=120) for f in futures]
+        assert all(len(r.data) == 1 for r in results)  # none lost
+        assert proc.wait(60) == 0
+        with pytest.raises(OSError):  # no longer listening
+            http(url + "/healthz")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_cli_errors_are_one_line(ckpts, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "fastsd", "serve", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        cases = [
+            (run("--model", str(tmp_path / "missing")), "model not found"),
+            (run("--model", str(ckpts["eps"]), "--max-batch", "0"), "--max-batch must be >= 1"),
+            (run("--model", str(ckpts["eps"]), "--replicas", "2"), "need --ray"),
+            (run("--model", str(ckpts["eps"]), "--ray", "--autoscaling", "{bad"), "--autoscaling is not JSON"),
+            (run("--model", str(ckpts["eps"]), "--port", port), "cannot listen on 127.0.0.1:" + port),
+        ]
+    for proc, text in cases:
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fastsd: error:") and text in lines[0], proc.stderr
