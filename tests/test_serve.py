@@ -381,13 +381,14 @@ def test_full_queue_is_429_and_a_gone_client_cancels_its_work(ckpts, pipe):
 # ---- the process: CLI, SIGTERM -------------------------------------------------------------------
 
 
-def _start(args: list[str], port: int) -> subprocess.Popen:
+def _start(args: list[str], port: int, log) -> subprocess.Popen:
+    """`fastsd serve ARGS --port PORT` as a process (output to the file `log`), once healthy."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "fastsd", "serve", *args, "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while True:
-        assert proc.poll() is None, proc.stdout.read()
+        assert proc.poll() is None, open(log).read()
         try:
             if http(f"http://127.0.0.1:{port}/healthz")[0] == 200:
                 return proc
@@ -397,9 +398,9 @@ def _start(args: list[str], port: int) -> subprocess.Popen:
         time.sleep(0.2)
 
 
-def test_sigterm_finishes_in_flight_requests_and_exits_0(ckpts):
+def test_sigterm_finishes_in_flight_requests_and_exits_0(ckpts, tmp_path):
     port = free_port()
-    proc = _start(["--model", str(ckpts["eps"]), "--max-batch", "1", "--device", "cpu"], port)
+    proc = _start(["--model", str(ckpts["eps"]), "--max-batch", "1", "--device", "cpu"], port, tmp_path / "log")
     url = f"http://127.0.0.1:{port}"
     try:
         with ThreadPoolExecutor(4) as pool:
@@ -440,3 +441,54 @@ def test_cli_errors_are_one_line(ckpts, tmp_path):
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("fastsd: error:") and text in lines[0], proc.stderr
+
+
+# ---- Ray Serve -------------------------------------------------------------------------------------
+
+
+def test_ray_serve_two_replicas_serve_the_same_api(ckpts, pipe, tmp_path):
+    pytest.importorskip("ray.serve")
+    port = free_port()
+    proc = _start(["--model", str(ckpts["eps"]), "--ray", "--replicas", "2", "--max-batch", "4",
+                   "--batch-window-ms", "100"], port, tmp_path / "log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        c = client(url)
+        r = c.images.generate(prompt="a red barn", n=2, size="40x32",
+                              extra_body={"seed": 11, "num_inference_steps": STEPS})
+        assert len(r.data) == 2 and r.size == "40x32"
+        for k in range(2):
+            assert close(decoded(r.data[k]), alone(pipe, "a red barn", 11 + k, width=40, height=32))
+        again = c.images.generate(prompt="a red barn", n=2, size="40x32",
+                                  extra_body={"seed": 11, "num_inference_steps": STEPS})
+        assert [d.b64_json for d in again.data] == [d.b64_json for d in r.data]
+        with pytest.raises(openai.BadRequestError) as e:
+            c.images.generate(prompt="x", size="33x32")
+        assert "multiples of 2" in e.value.message
+        source = Image.new("RGB", (32, 32), (120, 30, 200))
+        r = c.images.edit(image=("in.png", png(source), "image/png"), prompt="a painting",
+                          extra_body={"seed": 3, "num_inference_steps": STEPS, "strength": 0.6})
+        assert close(decoded(r.data[0]), alone(pipe, "a painting", 3, image=source, strength=0.6))
+
+        def one(k, steps=STEPS):
+            raw = client(url).images.with_raw_response.generate(
+                prompt=f"scene {k}", extra_body={"seed": k, "num_inference_steps": steps})
+            return raw.headers["x-fastsd-replica"], raw.parse()
+
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(one, range(16)))
+        assert all(len(res.data) == 1 for _, res in results)
+        assert len({replica for replica, _ in results}) == 2, "one replica served everything"
+        assert close(decoded(results[5][1].data[0]), alone(pipe, "scene 5", 5))
+        # SIGTERM: in-flight requests finish, then Serve and Ray shut down and the process exits 0
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(one, k, 100) for k in range(2)]  # a second or two each
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            assert not any(f.done() for f in futures), "the requests were not in flight at SIGTERM"
+            assert all(len(f.result(timeout=120)[1].data) == 1 for f in futures)
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

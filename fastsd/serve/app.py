@@ -92,6 +92,7 @@ class _State:
         self.options, self.pipe, self.on_fatal = options, pipeline, on_fatal
         self.error: BaseException | None = None
         self.draining = False
+        self.replica: str | None = None
         self.started = time.time()
         self.batcher = Batcher(self._run_batch, options.max_batch, options.batch_window_ms / 1000.0,
                                options.max_queue, on_batch=self._on_batch)
@@ -243,6 +244,9 @@ class _Guard:
         async def send_counted(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                if self.state.replica:
+                    message = dict(message, headers=[*message.get("headers", []),
+                                                     (b"x-fastsd-replica", self.state.replica.encode())])
             await send(message)
 
         limit = self._limit(path)
@@ -288,12 +292,14 @@ def _too_large(e: _TooLarge) -> JSONResponse:
 
 
 def create_app(options: ServeOptions, *, pipeline=None, load_in_background: bool = True,
-               on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
+               on_fatal: Callable[[BaseException], None] | None = None, replica: str | None = None) -> FastAPI:
     """The images API over `options`' model. `pipeline`: one already loaded (else it loads at
     startup: in the background, answering 503 until ready, or before the app takes requests
     when `load_in_background` is False, as a Ray replica does). `on_fatal(error)` is called if
-    a background load fails (fastsd serve then exits)."""
+    a background load fails (fastsd serve then exits). `replica`: a name every response carries
+    in an `x-fastsd-replica` header (Ray Serve replicas)."""
     state = _State(options, pipeline, on_fatal)
+    state.replica = replica
 
     @asynccontextmanager
     async def lifespan(app):

@@ -35,7 +35,8 @@ class FastsdReplica:
         self.options = options
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.options, load_in_background=False)
+        replica = serve.get_replica_context().replica_id.unique_id
+        return create_app(self.options, load_in_background=False, replica=replica)
 
 
 def application(options: ServeOptions, replicas: int | None = 1, autoscaling: dict | None = None,
@@ -90,14 +91,18 @@ def run(options: ServeOptions, replicas: int, host: str = "127.0.0.1", port: int
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, replicas), include_dashboard=False, log_to_driver=False)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(application(options, replicas, autoscaling), name=APP_NAME, route_prefix="/")
         print(f"fastsd serve: {options.model} on http://{host}:{port} ({replicas} Ray Serve replica(s))",
               file=sys.stderr)
-        stop.wait()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # set last: Ray installs its own on the way up
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(0.5):
+            pass
+        # graceful: deleting the application lets each replica finish what it holds (its
+        # responses still go out through the proxy) before it stops; then Serve goes
+        serve.delete(APP_NAME)
     except Exception as e:  # noqa: BLE001 - Ray reports a replica that cannot start as a RuntimeError
         print(f"fastsd: error: the Ray Serve application did not start: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
