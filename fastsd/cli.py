@@ -487,8 +487,17 @@ def cmd_serve(args) -> int:
             raise FastSDError("--autoscaling must be a JSON object (Ray Serve's autoscaling_config)")
     if not args.ray and (args.replicas != 1 or args.ray_address or autoscaling):
         raise FastSDError("--replicas, --ray-address and --autoscaling need --ray")
+    from .backends.registry import BACKEND_NAMES
     from .checkpoint import HUB_ID, WEIGHT_SUFFIXES
+    from .devices import parse_device
+    from .engines import DTYPES
 
+    if args.backend not in BACKEND_NAMES:
+        raise FastSDError(f"unknown --backend {args.backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise FastSDError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if not args.ray:  # Ray replicas pick their own devices
+        parse_device(args.device)
     model = args.model
     hub_id = HUB_ID.match(model) and not model.endswith(WEIGHT_SUFFIXES)
     if not model.startswith("synthetic:") and not Path(model).expanduser().exists() and not hub_id:

@@ -184,7 +184,7 @@ def test_info(capsys):
 
 # ---- the command line itself ----------------------------------------------------------------
 
-SUBCOMMANDS = ["generate", "export", "build", "engines", "bench", "info"]
+SUBCOMMANDS = ["generate", "export", "build", "engines", "bench", "serve", "info"]
 
 
 def test_help_imports_no_torch():

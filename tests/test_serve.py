@@ -436,11 +436,26 @@ def test_cli_errors_are_one_line(ckpts, tmp_path):
             (run("--model", str(ckpts["eps"]), "--replicas", "2"), "need --ray"),
             (run("--model", str(ckpts["eps"]), "--ray", "--autoscaling", "{bad"), "--autoscaling is not JSON"),
             (run("--model", str(ckpts["eps"]), "--port", port), "cannot listen on 127.0.0.1:" + port),
+            (run("--model", str(ckpts["eps"]), "--backend", "tensorrtt"), "unknown --backend 'tensorrtt'"),
+            (run("--model", str(ckpts["eps"]), "--dtype", "fp8"), "unknown --dtype 'fp8'"),
         ]
     for proc, text in cases:
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("fastsd: error:") and text in lines[0], proc.stderr
+
+
+def test_a_model_that_fails_to_load_ends_the_server_with_exit_2(tmp_path):
+    """The model loads after the server starts (503 until then); if it cannot load, the
+    server says why in one error line, with no traceback, and exits 2."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    proc = subprocess.run([sys.executable, "-m", "fastsd", "serve", "--model", str(broken), "--port",
+                           str(free_port())], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fastsd: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
 
 
 # ---- Ray Serve -------------------------------------------------------------------------------------
@@ -492,3 +507,26 @@ def test_ray_serve_two_replicas_serve_the_same_api(ckpts, pipe, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_ray_application_builder_takes_ray_cli_arguments():
+    """`serve run fastsd.serve.ray_serve:build_app model=M ...`: Ray's CLI passes strings."""
+    pytest.importorskip("ray.serve")
+    from fastsd.serve.ray_serve import build_app
+
+    app = build_app({"model": "synthetic:tiny", "max_batch": "8", "batch_window_ms": "25", "allow_pickle": "false",
+                     "autoscaling": '{"min_replicas": 1, "max_replicas": 3}'})
+    deployment = app._bound_deployment  # Ray has no public accessor for a bound application's deployment
+    options = deployment.init_args[0]
+    assert (options.model, options.max_batch, options.batch_window_ms, options.allow_pickle) == (
+        "synthetic:tiny", 8, 25.0, False)
+    config = deployment._deployment_config.autoscaling_config
+    assert (config.min_replicas, config.max_replicas) == (1, 3)  # passed through
+    assert deployment.max_ongoing_requests == options.max_queue + options.max_batch
+    assert deployment.ray_actor_options["num_gpus"] == 0  # no Ray here: no GPUs known
+    fixed = build_app({"model": "synthetic:tiny", "replicas": "2"})._bound_deployment
+    assert fixed.num_replicas == 2
+    with pytest.raises(ValueError, match="unknown fastsd serve argument 'colour'"):
+        build_app({"model": "synthetic:tiny", "colour": "blue"})
+    with pytest.raises(ValueError, match="model="):
+        build_app({"replicas": "2"})
