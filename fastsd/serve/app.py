@@ -79,6 +79,8 @@ class _Metrics:
         queue.set_function(lambda: batcher.queued_requests)
         queued_images = Gauge("fastsd_queue_images", "images waiting for a UNet batch", registry=r)
         queued_images.set_function(lambda: batcher.queued_images)
+        running = Gauge("fastsd_running_images", "images in the UNet batch running now", registry=r)
+        running.set_function(lambda: batcher.running_images)
         buckets = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, max_batch})
         self.batch_size = Histogram("fastsd_batch_size", "images per UNet batch", buckets=buckets, registry=r)
         self.stage = Histogram("fastsd_stage_seconds", "seconds per stage: queue (waiting for a batch), "

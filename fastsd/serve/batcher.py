@@ -87,6 +87,10 @@ class Batcher:
         return sum(j.waiting for j in self._pending)
 
     @property
+    def running_images(self) -> int:
+        return len(self._running)
+
+    @property
     def busy(self) -> bool:
         return bool(self._pending or self._running)
 
