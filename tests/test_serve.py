@@ -415,11 +415,11 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(ckpts, tmp_path):
             futures = [pool.submit(lambda k=k: client(url).images.generate(
                 prompt="x", extra_body={"seed": k, "num_inference_steps": 60})) for k in range(4)]
             deadline = time.monotonic() + 30
-            while metric(url, "fastsd_running_images") < 1 or metric(url, "fastsd_queue_depth") < 1:
+            while metric(url, "fastsd_running_images") < 1 or metric(url, "fastsd_queue_depth") < 3:  # all in
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
-            assert not all(f.done() for f in futures)
+            assert sum(f.done() for f in futures) <= 1  # three were still waiting their turn
             results = [f.result(timeout=120) for f in futures]
         assert all(len(r.data) == 1 for r in results)  # none lost
         assert proc.wait(60) == 0
@@ -506,8 +506,8 @@ def test_ray_serve_two_replicas_serve_the_same_api(ckpts, pipe, tmp_path):
         assert close(decoded(results[5][1].data[0]), alone(pipe, "scene 5", 5))
         # SIGTERM: in-flight requests finish, then Serve and Ray shut down and the process exits 0
         with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(one, k, 100) for k in range(2)]  # a second or two each
-            time.sleep(0.5)
+            futures = [pool.submit(one, k, 200) for k in range(2)]  # a few seconds each
+            time.sleep(1.0)
             proc.send_signal(signal.SIGTERM)
             assert not any(f.done() for f in futures), "the requests were not in flight at SIGTERM"
             assert all(len(f.result(timeout=120)[1].data) == 1 for f in futures)

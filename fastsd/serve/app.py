@@ -93,7 +93,8 @@ class _State:
     def __init__(self, options: ServeOptions, pipeline, on_fatal: Callable[[BaseException], None] | None):
         self.options, self.pipe, self.on_fatal = options, pipeline, on_fatal
         self.error: BaseException | None = None
-        self.draining = False
+        self.draining = False  # requests get 503 (the app is shutting down)
+        self.stopping = False  # a stop signal came: /healthz says draining, received requests still run
         self.replica: str | None = None
         self.started = time.time()
         self.batcher = Batcher(self._run_batch, options.max_batch, options.batch_window_ms / 1000.0,
@@ -344,7 +345,7 @@ def create_app(options: ServeOptions, *, pipeline=None, load_in_background: bool
     @app.get("/healthz")
     async def healthz():
         status, code = "ok", 200
-        if state.draining:
+        if state.draining or state.stopping:
             status, code = "draining", 503
         elif state.error is not None:
             status, code = "failed", 503

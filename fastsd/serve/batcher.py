@@ -138,9 +138,6 @@ class Batcher:
                 pass
         self._executor.shutdown(wait=True)
 
-    def stop_accepting(self) -> None:
-        self._accepting = False
-
     async def _loop(self) -> None:
         while True:
             while not self._pending:

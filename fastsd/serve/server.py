@@ -1,8 +1,9 @@
 """`fastsd serve` on one machine: the app under uvicorn, with a graceful SIGTERM.
 
-SIGTERM (and the first Ctrl+C) stops accepting connections and answers 503 to new requests
-on open ones, lets every queued and running request finish and get its response, then
-exits 0. A model that fails to load ends the server with the CLI's bad-input code.
+SIGTERM (and the first Ctrl+C) stops accepting connections (uvicorn closes the listener and
+idle keep-alive connections), lets every request already received, queued or running finish
+and get its response, then exits 0; /healthz answers 503 "draining" meanwhile. A model that
+fails to load ends the server with the CLI's bad-input code.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ class _Server(uvicorn.Server):
         self.fastsd = state
 
     def handle_exit(self, sig: int, frame) -> None:
-        self.fastsd.draining = True  # requests arriving from now on: 503
-        self.fastsd.batcher.stop_accepting()
+        # uvicorn closes the listening socket and idle connections; a request already read
+        # (or being read) still runs to its response. /healthz says "draining" from now on.
+        self.fastsd.stopping = True
         if sig == signal.SIGTERM:
             self.should_exit = True  # graceful; uvicorn would re-raise SIGTERM afterwards (exit 143)
         else:
