@@ -41,7 +41,6 @@ class Job:
     taken: int = 0  # images handed to batches so far
     started: float | None = None  # when its first image went into a batch (monotonic)
     results: list = field(default_factory=list)
-    timings: list = field(default_factory=list)  # one timings dict per batch that ran some of its images
     future: asyncio.Future | None = None
     cancelled: bool = False
     left: int = 0  # images not yet back
@@ -202,8 +201,6 @@ class Batcher:
                 job = slot.job
                 job.results[slot.index] = result
                 job.left -= 1
-                if not any(t is timings for t in job.timings):
-                    job.timings.append(timings)
                 if not job.left and job.future is not None and not job.future.done():
                     job.future.set_result(job.results)
         finally:
