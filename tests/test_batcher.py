@@ -32,6 +32,17 @@ class Recorder:
         return [f"{name}#{i}" for name, i in names], {"total": 0.0}
 
 
+def started(rec: Recorder, **kw) -> Batcher:
+    b = Batcher(rec, **kw)
+    b.start()
+    return b
+
+
+async def until_running(rec: Recorder) -> None:
+    while not rec.started.is_set():
+        await asyncio.sleep(0.01)
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
@@ -40,8 +51,7 @@ def test_same_key_requests_share_batches_in_arrival_order():
     rec = Recorder()
 
     async def main():
-        b = Batcher(rec, max_batch=4, window_s=0.2, max_queue=16)
-        b.start()
+        b = started(rec, max_batch=4, window_s=0.2, max_queue=16)
         jobs = [Job("k1", 1, "A"), Job("k2", 1, "B"), Job("k1", 2, "C"), Job("k1", 3, "D")]
         out = await asyncio.gather(*(b.submit(j) for j in jobs))
         await b.close()
@@ -57,8 +67,7 @@ def test_a_request_within_the_window_joins_one_after_it_does_not():
     rec = Recorder()
 
     async def main(window):
-        b = Batcher(rec, max_batch=8, window_s=window, max_queue=16)
-        b.start()
+        b = started(rec, max_batch=8, window_s=window, max_queue=16)
         first = asyncio.ensure_future(b.submit(Job("k", 1, "first")))
         await asyncio.sleep(0.1)
         second = await b.submit(Job("k", 1, "second"))
@@ -78,11 +87,9 @@ def test_full_queue_refuses_and_cancelled_requests_never_run():
     rec.hold.clear()
 
     async def main():
-        b = Batcher(rec, max_batch=1, window_s=0.0, max_queue=2)
-        b.start()
+        b = started(rec, max_batch=1, window_s=0.0, max_queue=2)
         running = asyncio.ensure_future(b.submit(Job("k", 1, "running")))
-        while not rec.started.is_set():
-            await asyncio.sleep(0.01)
+        await until_running(rec)
         waiting = asyncio.ensure_future(b.submit(Job("k", 1, "waiting")))
         dropped = asyncio.ensure_future(b.submit(Job("k", 1, "dropped")))
         await asyncio.sleep(0.05)
@@ -105,11 +112,9 @@ def test_a_running_batch_stops_when_all_its_requests_are_gone():
     rec.hold.clear()
 
     async def main():
-        b = Batcher(rec, max_batch=4, window_s=0.0, max_queue=4)
-        b.start()
+        b = started(rec, max_batch=4, window_s=0.0, max_queue=4)
         task = asyncio.ensure_future(b.submit(Job("k", 2, "gone")))
-        while not rec.started.is_set():
-            await asyncio.sleep(0.01)
+        await until_running(rec)
         task.cancel()
         await asyncio.sleep(0.2)
         assert not b.busy  # the runner saw stopped() and gave up
@@ -123,8 +128,7 @@ def test_one_bad_request_does_not_fail_its_batch_neighbours():
     rec = Recorder(fail_on="bad")
 
     async def main():
-        b = Batcher(rec, max_batch=4, window_s=0.2, max_queue=8)
-        b.start()
+        b = started(rec, max_batch=4, window_s=0.2, max_queue=8)
         results = await asyncio.gather(b.submit(Job("k", 1, "good")), b.submit(Job("k", 1, "bad")),
                                        return_exceptions=True)
         await b.close()
@@ -140,8 +144,7 @@ def test_close_finishes_queued_work_and_refuses_new():
     rec = Recorder()
 
     async def main():
-        b = Batcher(rec, max_batch=1, window_s=0.0, max_queue=8)
-        b.start()
+        b = started(rec, max_batch=1, window_s=0.0, max_queue=8)
         tasks = [asyncio.ensure_future(b.submit(Job("k", 1, f"j{k}"))) for k in range(3)]
         await asyncio.sleep(0)
         closing = asyncio.ensure_future(b.close())

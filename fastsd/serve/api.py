@@ -116,15 +116,20 @@ class _Fields:
             raise bad(f"'{name}' is {len(v)} characters long; the limit is {limit}", name, "string_above_max_length")
         return v
 
-    def integer(self, name: str, default: int | None, lo: int, hi: int | None) -> int | None:
+    def _parsed(self, name: str, convert, what: str):
+        """The field's value; in a form, text converted (None when absent)."""
         v = self.raw(name)
+        if v is not None and self.form and isinstance(v, str):
+            try:
+                return convert(v.strip())
+            except ValueError:
+                raise bad(f"'{name}' must be {what}, got {v!r}", name, "invalid_type") from None
+        return v
+
+    def integer(self, name: str, default: int | None, lo: int, hi: int | None) -> int | None:
+        v = self._parsed(name, int, "an integer")
         if v is None:
             return default
-        if self.form and isinstance(v, str):
-            try:
-                v = int(v.strip())
-            except ValueError:
-                raise bad(f"'{name}' must be an integer, got {v!r}", name, "invalid_type") from None
         if isinstance(v, float) and v.is_integer() and not self.form:
             v = int(v)
         if isinstance(v, bool) or not isinstance(v, int):
@@ -135,14 +140,9 @@ class _Fields:
         return v
 
     def number(self, name: str, default: float | None) -> float | None:
-        v = self.raw(name)
+        v = self._parsed(name, float, "a number")
         if v is None:
             return default
-        if self.form and isinstance(v, str):
-            try:
-                v = float(v.strip())
-            except ValueError:
-                raise bad(f"'{name}' must be a number, got {v!r}", name, "invalid_type") from None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise bad(f"'{name}' must be a finite number, got {_kind(v)}", name, "invalid_type")
         return float(v)
