@@ -310,6 +310,28 @@ def test_health_models_and_metrics(server):
         assert name in text, name
 
 
+def test_a_server_fault_is_openai_500_json_and_the_server_goes_on(ckpts, pipe):
+    running = Running(create_app(ServeOptions(model=str(ckpts["eps"])), pipeline=pipe))
+    try:
+        batcher = running.app.state.fastsd.batcher
+        real, calls = batcher.runner, []
+
+        def flaky(slots, stopped):
+            calls.append(len(slots))
+            if len(calls) == 1:
+                raise RuntimeError("device fell over")
+            return real(slots, stopped)
+
+        batcher.runner = flaky
+        with pytest.raises(openai.InternalServerError) as e:
+            client(running.url).images.generate(prompt="x", extra_body={"num_inference_steps": 2})
+        assert e.value.status_code == 500 and "device fell over" in e.value.message
+        assert e.value.body["type"] == "server_error"
+        assert len(client(running.url).images.generate(prompt="x", extra_body={"num_inference_steps": 2}).data) == 1
+    finally:
+        running.stop()
+
+
 # ---- loading, queue limits, disconnects ------------------------------------------------------------
 
 

@@ -173,8 +173,12 @@ class _State:
             raise APIError(429, str(e), code="queue_full", kind="rate_limit_exceeded") from None
         except DrainingError as e:
             raise APIError(503, str(e), code="shutting_down") from None
-        except FastSDError as e:
+        except FastSDError as e:  # found while running (NaN latents, ...): the request's settings
             raise bad(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - a fault of the server's, answered as OpenAI's 500
+            log.error("fastsd serve: a batch failed", exc_info=e)
+            raise APIError(500, f"the server failed to generate the images ({type(e).__name__}: {e})",
+                           code="internal_error") from None
         if job.started is not None:
             self.metrics.stage.labels("queue").observe(job.started - job.arrival)
         blobs = await asyncio.to_thread(lambda: [encode_image(im, req.output_format, req.output_compression)
