@@ -37,6 +37,21 @@ def pipe(pipes):
 def test_argument_errors(pipe, kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match):
         pipe("a cat", **{**FAST, **kwargs})
+    with pytest.raises(InvalidArgumentError, match=match):  # check_call: the same checks, nothing run
+        pipe.check_call("a cat", **{**FAST, **kwargs})
+
+
+def test_check_call_runs_nothing(pipe, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("check_call ran the pipeline")
+
+    monkeypatch.setattr(pipe, "_generate", no_work)
+    assert pipe.check_call("a cat", negative_prompt="fog", num_inference_steps=3, seed=5) is None
+    assert pipe.check_call(["a", "b"], num_images_per_prompt=2, generator=torch.Generator()) is None
+    with pytest.raises(InvalidArgumentError, match="seed must be an integer"):
+        pipe.check_call("a cat", seed=-1)
+    with pytest.raises(InvalidArgumentError, match="does not support the argument 'frobnicate'"):
+        pipe.check_call("a cat", frobnicate=1)
 
 
 @pytest.mark.parametrize("strength,match", [
