@@ -216,6 +216,11 @@ def test_edits_img2img_inpaint_and_openai_alpha_masks(server, pipe):
     r = c.images.edit(image=("in.png", png(source), "image/png"), mask=("m.png", png(rgba), "image/png"),
                       prompt="a window", extra_body={"seed": 4, "num_inference_steps": STEPS})
     assert close(decoded(r.data[0]), expect)
+    # an RGBA mask with no transparent pixel is read by its colours, white = repaint
+    opaque = mask.convert("RGBA")
+    r = c.images.edit(image=("in.png", png(source), "image/png"), mask=("m.png", png(opaque), "image/png"),
+                      prompt="a window", extra_body={"seed": 4, "num_inference_steps": STEPS})
+    assert close(decoded(r.data[0]), expect)
     # and without a mask, an image's own transparent pixels are (dall-e-2's edits)
     holed = source.convert("RGBA")
     holed.paste((0, 0, 0, 0), (8, 8, 24, 24))

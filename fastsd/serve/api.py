@@ -245,30 +245,27 @@ def read_upload(data: bytes, param: str, limits: Limits) -> Image.Image:
     return im
 
 
-def _has_alpha(im: Image.Image) -> bool:
-    return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-
-
 def edit_inputs(image: Image.Image, mask: Image.Image | None) -> tuple[Image.Image, Image.Image | None]:
-    """OpenAI's edit semantics in fastsd's terms: the repaint region is where the mask is fully
-    transparent (alpha 0) if the mask has alpha, else where it is white (diffusers' way);
-    without a mask, an image with transparent pixels repaints those (OpenAI's dall-e-2),
-    and an opaque image is img2img. A mask must have the image's size."""
+    """OpenAI's edit semantics in fastsd's terms: where the mask is fully transparent (alpha 0)
+    is repainted; a mask with no transparent pixel is read as diffusers reads one (white =
+    repaint). Without a mask, an image with transparent pixels has those repainted (OpenAI's
+    dall-e-2 edits), and an opaque image is img2img. A mask must have the image's size."""
     if mask is not None and mask.size != image.size:
         raise bad(f"'mask' is {mask.size[0]}x{mask.size[1]} but 'image' is {image.size[0]}x{image.size[1]}: they "
                   "must have the same size", "mask", "invalid_image")
     if mask is not None:
-        mask = _alpha_mask(mask) if _has_alpha(mask) else mask.convert("L")
-    elif _has_alpha(image):
-        alpha = _alpha_mask(image)
-        if alpha.getextrema()[1] > 0:
-            mask = alpha
+        mask = _transparent(mask) or mask
+    else:
+        mask = _transparent(image)
     return image.convert("RGB"), mask
 
 
-def _alpha_mask(im: Image.Image) -> Image.Image:
-    alpha = im.convert("RGBA").getchannel("A")
-    return alpha.point(lambda a: 255 if a == 0 else 0)
+def _transparent(im: Image.Image) -> Image.Image | None:
+    """White where `im` is fully transparent, black elsewhere; None if no pixel is."""
+    if not (im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)):
+        return None
+    clear = im.convert("RGBA").getchannel("A").point(lambda a: 255 if a == 0 else 0)
+    return clear if clear.getextrema()[1] > 0 else None
 
 
 def encode_image(im: Image.Image, fmt: str, compression: int) -> bytes:

@@ -91,6 +91,11 @@ def run(options: ServeOptions, replicas: int, host: str = "127.0.0.1", port: int
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, replicas), include_dashboard=False, log_to_driver=False)
     stop = threading.Event()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if 0 < gpus < replicas and not autoscaling:  # Ray would wait for the missing GPUs forever
+        ray.shutdown()
+        print(f"fastsd: error: {replicas} replicas take one GPU each; the Ray cluster has {gpus:g}", file=sys.stderr)
+        return 2
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(application(options, replicas, autoscaling), name=APP_NAME, route_prefix="/")
