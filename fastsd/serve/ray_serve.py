@@ -97,8 +97,13 @@ def run(options: ServeOptions, replicas: int, host: str = "127.0.0.1", port: int
         print(f"fastsd: error: {replicas} replicas take one GPU each; the Ray cluster has {gpus:g}", file=sys.stderr)
         return 2
     try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(application(options, replicas, autoscaling), name=APP_NAME, route_prefix="/")
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            serve.run(application(options, replicas, autoscaling), name=APP_NAME, route_prefix="/")
+        except Exception as e:  # noqa: BLE001 - Ray reports a replica that cannot start as a RuntimeError
+            print(f"fastsd: error: the Ray Serve application did not start: {str(e).splitlines()[0]}",
+                  file=sys.stderr)
+            return 2
         print(f"fastsd serve: {options.model} on http://{host}:{port} ({replicas} Ray Serve replica(s))",
               file=sys.stderr)
         for sig in (signal.SIGTERM, signal.SIGINT):  # set last: Ray installs its own on the way up
@@ -108,9 +113,6 @@ def run(options: ServeOptions, replicas: int, host: str = "127.0.0.1", port: int
         # graceful: deleting the application lets each replica finish what it holds (its
         # responses still go out through the proxy) before it stops; then Serve goes
         serve.delete(APP_NAME)
-    except Exception as e:  # noqa: BLE001 - Ray reports a replica that cannot start as a RuntimeError
-        print(f"fastsd: error: the Ray Serve application did not start: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
     finally:
         try:
             serve.shutdown()
