@@ -36,18 +36,29 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # ---- resolving ----------------------------------------------------------------------
 
 
+def model_source(model: str) -> str:
+    """What `model` names: "synthetic", "path" (an existing file or folder) or "hub" (an id);
+    ModelNotFoundError if none. Nothing is built, read or downloaded."""
+    model = str(model)
+    if model.startswith(SYNTHETIC_PREFIX):
+        return "synthetic"
+    if Path(model).expanduser().exists():
+        return "path"
+    if HUB_ID.match(model) and not model.endswith(WEIGHT_SUFFIXES):
+        return "hub"
+    raise ModelNotFoundError(f"model not found: {model} (no such file or directory)")
+
+
 def resolve(model: str, local_files_only: bool = False) -> Path:
     """Local path of `model` (a folder or a single file); hub ids come from the hub cache
     (downloaded where missing, unless offline or `local_files_only`)."""
     model = str(model)
-    if model.startswith(SYNTHETIC_PREFIX):
+    source = model_source(model)
+    if source == "synthetic":
         return synthetic_path(model)
-    path = Path(model).expanduser()
-    if path.exists():
-        return path
-    if HUB_ID.match(model) and not model.endswith(WEIGHT_SUFFIXES):
-        return _hub_snapshot(model, local_files_only)
-    raise ModelNotFoundError(f"model not found: {model} (no such file or directory)")
+    if source == "path":
+        return Path(model).expanduser()
+    return _hub_snapshot(model, local_files_only)
 
 
 def _hub_snapshot(repo_id: str, local_files_only: bool = False) -> Path:

@@ -488,7 +488,7 @@ def cmd_serve(args) -> int:
     if not args.ray and (args.replicas != 1 or args.ray_address or autoscaling):
         raise FastSDError("--replicas, --ray-address and --autoscaling need --ray")
     from .backends.registry import BACKEND_NAMES
-    from .checkpoint import HUB_ID, WEIGHT_SUFFIXES
+    from .checkpoint import model_source
     from .devices import parse_device
     from .engines import DTYPES
 
@@ -499,9 +499,7 @@ def cmd_serve(args) -> int:
     if not args.ray:  # Ray replicas pick their own devices
         parse_device(args.device)
     model = args.model
-    hub_id = HUB_ID.match(model) and not model.endswith(WEIGHT_SUFFIXES)
-    if not model.startswith("synthetic:") and not Path(model).expanduser().exists() and not hub_id:
-        raise FastSDError(f"model not found: {model} (no such file or directory)")
+    model_source(model)  # raises for a path that does not exist (before the server starts)
     if not args.ray:
         _check_port(args.host, args.port)
     try:

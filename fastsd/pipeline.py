@@ -7,6 +7,7 @@ same generator gives the same image.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import secrets
 import time
@@ -325,25 +326,14 @@ class Pipeline:
         out.seed = seed
         return out if return_dict else (out.images, None)
 
-    def check_call(self, prompt=None, negative_prompt=None, image=None, mask_image=None, strength=None,
-                   num_inference_steps: int = 50, guidance_scale: float = 7.5, scheduler=None, eta: float = 0.0,
-                   height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
-                   output_type: str = "pil", **more) -> None:
+    def check_call(self, *args, **kwargs) -> None:
         """Check a call's arguments as __call__ does, without running anything: raises the error
         the call would raise (a server validates each request this way before queuing it).
-        Takes __call__'s keywords; those not named here are checked as __call__ checks them."""
-        known = ("guidance_rescale", "timesteps", "sigmas", "clip_skip", "prompt_embeds",
-                 "negative_prompt_embeds", "latents")
-        extra = {k: more.pop(k) for k in known if k in more}
-        check_seed(more.pop("seed", None))
-        for k in ("generator", "callback", "callback_steps", "callback_on_step_end",
-                  "callback_on_step_end_tensor_inputs", "return_dict"):
-            more.pop(k, None)  # checked when the call runs (they cost nothing to check there)
-        self._request(prompt, negative_prompt, image, mask_image, strength, num_inference_steps, guidance_scale,
-                      scheduler, eta, height, width, num_images_per_prompt, output_type,
-                      extra.get("guidance_rescale", 0.0), extra.get("timesteps"), extra.get("sigmas"),
-                      extra.get("clip_skip"), extra.get("prompt_embeds"), extra.get("negative_prompt_embeds"),
-                      extra.get("latents"), more)
+        Takes __call__'s arguments (generator and callbacks are checked when the call runs)."""
+        call = inspect.signature(self.__call__).bind(*args, **kwargs)
+        call.apply_defaults()
+        check_seed(call.arguments["seed"])
+        self._request(**{k: call.arguments[k] for k in inspect.signature(self._request).parameters})
 
     def _request(self, prompt, negative_prompt, image, mask_image, strength, num_inference_steps, guidance_scale,
                  scheduler, eta, height, width, num_images_per_prompt, output_type, guidance_rescale, timesteps,

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-SEED_LIMIT = 2**64  # torch.Generator seeds are unsigned 64-bit; image j of a request uses seed + j
+from ..settings import SEED_LIMIT  # image j of a request uses seed + j: all below it
+
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*x\s*(\d{1,6})\s*$")
 

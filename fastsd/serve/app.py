@@ -29,7 +29,6 @@ from .batcher import Batcher, Cancelled, DrainingError, Job, QueueFullError, Slo
 log = logging.getLogger("fastsd.serve")
 
 DISCONNECT_POLL_S = 0.2  # how often a waiting request checks that its client is still there
-STAGES = ("queue", "text_encoder", "unet", "vae", "batch", "request")
 DRAIN_LIMIT = 256 * 2**20  # an oversized body is read (and dropped) up to this, so its client sees the 413
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request" (never reaches the client)
 
@@ -144,11 +143,10 @@ class _State:
         except FastSDError as e:
             text = str(e)
             param = text.split(" ", 1)[0].strip("'")
-            raise bad(text, param if param in ImageRequest.__dataclass_fields__ or param in (
-                "num_inference_steps", "guidance_scale") else None, "invalid_value") from None
+            raise bad(text, param if param in ImageRequest.__dataclass_fields__ else None, "invalid_value") from None
 
     async def generate(self, request: Request, req: ImageRequest) -> dict:
-        self.check_ready()
+        """Queue a checked request (its handler has called check_ready) and answer it."""
         self.check(req)
         t0 = time.perf_counter()
         job = Job(self.key(req), req.n, req)

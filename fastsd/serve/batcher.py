@@ -207,8 +207,6 @@ class Batcher:
             self._running = []
 
     def _fail(self, job: Job, error: Exception) -> None:
-        job.cancelled = True
-        if job in self._pending:
-            self._pending.remove(job)
         if job.future is not None and not job.future.done():
             job.future.set_exception(error)
+        self.cancel(job)  # its images not yet run are dropped
