@@ -31,19 +31,28 @@ def parse_static(text: str | None, factor: int) -> tuple[int, int] | None:
     return h, w
 
 
-def load_for_build(model: str, networks: tuple[str, ...], allow_pickle: bool, clip_skip: int,
-                   engine_dir: str | Path | None):
-    """Check a build's arguments and the store, then load the checkpoint. Returns
-    (checkpoint, its model family, store root)."""
-    unknown = set(networks) - set(NETWORKS)
-    if unknown:
-        raise InvalidArgumentError(f"unknown networks {sorted(unknown)}; choose from {', '.join(NETWORKS)}")
-    if not networks:
-        raise InvalidArgumentError(f"no networks to build; choose from {', '.join(NETWORKS)}")
+def load_for_build(model: str, networks: tuple[str, ...] | None, allow_pickle: bool, clip_skip: int,
+                   engine_dir: str | Path | None, vae: str | None = None):
+    """Check a build's arguments and the store, then load the checkpoint (with `vae`
+    replacing its VAE). Returns (checkpoint, its model family, store root, the networks to
+    build: `networks`, or None for all of the family's)."""
+    if networks is not None:
+        unknown = set(networks) - set(NETWORKS)
+        if unknown:
+            raise InvalidArgumentError(f"unknown networks {sorted(unknown)}; choose from {', '.join(NETWORKS)}")
+        if not networks:
+            raise InvalidArgumentError(f"no networks to build; choose from {', '.join(NETWORKS)}")
     root = writable_store(Path(engine_dir) if engine_dir else default_engine_dir())
-    ckpt = load_checkpoint(model, allow_pickle=allow_pickle)
+    ckpt = load_checkpoint(model, allow_pickle=allow_pickle, vae=vae)
     check_clip_skip(ckpt, clip_skip)
-    return ckpt, family_for(ckpt), root
+    family = family_for(ckpt)
+    if networks is None:
+        networks = family.networks
+    other = [n for n in networks if n not in family.networks]
+    if other:
+        raise InvalidArgumentError(f"this checkpoint has no {', '.join(other)}; its networks are "
+                                   f"{', '.join(family.networks)}")
+    return ckpt, family, root, tuple(networks)
 
 
 def build_entry(root: Path, info, kind: str, precision: str, profile: Profile, networks: tuple[str, ...],

@@ -21,7 +21,7 @@ from fastsd.backends.compiled import runtime_facts
 from fastsd.devices import parse_device
 from fastsd.engines import DTYPES, MAX_BATCH, Profile
 from fastsd.errors import InvalidArgumentError
-from fastsd.networks import BATCH, NETWORKS, NetworkSpec
+from fastsd.networks import BATCH, NetworkSpec
 
 from .common import build_entry, load_for_build, parse_static
 
@@ -44,15 +44,15 @@ def compile_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, pat
 
 
 def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str | None = None,
-                   static: str | None = None, device: str | None = None, networks: tuple[str, ...] = NETWORKS,
-                   allow_pickle: bool = False, clip_skip: int = 0,
+                   static: str | None = None, device: str | None = None, networks: tuple[str, ...] | None = None,
+                   allow_pickle: bool = False, clip_skip: int = 0, vae: str | None = None,
                    progress: Callable[[str], None] = log.info) -> Path:
     """Compile `model` into engine_dir/<fingerprint>/compiled-<dtype>/; returns that folder."""
     dev = parse_device(device)
     dtype = dtype or ("fp16" if dev.type == "cuda" else "fp32")
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    ckpt, family, root = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir)
+    ckpt, family, root, networks = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir, vae)
     specs = family.specs
     info = ckpt.info
     size = parse_static(static, info.vae_factor) or (info.default_size, info.default_size)

@@ -20,7 +20,7 @@ import torch
 
 from fastsd.engines import Profile
 from fastsd.errors import InvalidArgumentError
-from fastsd.networks import FLOAT32, NETWORKS, NetworkSpec
+from fastsd.networks import FLOAT32, NetworkSpec
 
 from .common import build_entry, load_for_build, parse_static
 
@@ -123,8 +123,8 @@ def _remove_graph(path: Path) -> None:
 
 
 def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: str = "fp32",
-                      static: str | None = None, networks: tuple[str, ...] = NETWORKS, simplify: bool = True,
-                      allow_pickle: bool = False, clip_skip: int = 0,
+                      static: str | None = None, networks: tuple[str, ...] | None = None, simplify: bool = True,
+                      allow_pickle: bool = False, clip_skip: int = 0, vae: str | None = None,
                       progress: Callable[[str], None] = log.info) -> Path:
     """Export `model` to engine_dir/<fingerprint>/onnxruntime-<dtype>/; returns that folder."""
     import onnx
@@ -132,7 +132,7 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
 
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"unknown export dtype {dtype!r}; choose fp32 or fp16")
-    ckpt, family, root = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir)
+    ckpt, family, root, networks = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir, vae)
     specs = family.specs
     info = ckpt.info
     profile = Profile.for_model(info, parse_static(static, info.vae_factor))

@@ -1,8 +1,8 @@
 """Architecture configs fastsd carries itself, so nothing is downloaded.
 
-SD 1.x and 2.x are the published diffusers configs of those checkpoints (the numbers
-that define the networks); `tiny` is the same architecture at a width that runs in
-milliseconds on a CPU. Each entry is a plain dict per component, in diffusers' format.
+SD 1.x, 2.x and SD-XL base are the published diffusers configs of those checkpoints (the
+numbers that define the networks); `tiny` and `tiny-xl` are the same architectures at a
+width that runs in milliseconds on a CPU. Each entry is a plain dict per component, in diffusers' format.
 """
 
 from __future__ import annotations
@@ -150,7 +150,92 @@ def _tiny2() -> dict:
     return spec
 
 
-ARCHS = {"tiny": _tiny, "tiny2": _tiny2, "sd15": _sd15, "sd21": _sd21}
+_SCHEDULER_SDXL = {  # stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "sample_max_value": 1.0,
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+_TEXT_SDXL_2 = {  # OpenCLIP ViT-bigG/14 text tower with its projection (CLIPTextModelWithProjection)
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+
+
+def _sdxl() -> dict:
+    """SD-XL base 1.0: two text towers (CLIP ViT-L, OpenCLIP bigG), pooled-text and
+    size/crop conditioning through the UNet's "text_time" added embedding."""
+    unet = {
+        "sample_size": 128,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [320, 640, 1280],
+        "layers_per_block": 2,
+        "transformer_layers_per_block": [1, 2, 10],
+        "cross_attention_dim": 2048,
+        "attention_head_dim": [5, 10, 20],
+        "norm_num_groups": 32,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,  # 6 time ids x 256 + the pooled 1280
+    }
+    return {
+        "unet": unet,
+        "vae": dict(_VAE_SD, scaling_factor=0.13025, sample_size=1024, force_upcast=True),
+        "text_encoder": _TEXT_SD15,
+        "text_encoder_2": _TEXT_SDXL_2,
+        "scheduler": _SCHEDULER_SDXL,
+        "pad_token": "<|endoftext|>",
+        "pad_token_2": "!",
+        "force_zeros_for_empty_prompt": True,
+    }
+
+
+def _tiny_xl() -> dict:
+    """`sdxl` at test width: two text towers of different widths (32 + 48 = the UNet's 80),
+    a deeper second transformer level, 8-wide time-id embeddings; VAE factor 2, scale 0.5."""
+    tiny = _tiny()
+    text = dict(tiny["text_encoder"], hidden_size=32, intermediate_size=64, projection_dim=32)
+    text_2 = dict(tiny["text_encoder"], hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                  hidden_act="gelu", projection_dim=24)
+    unet = dict(tiny["unet"], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], transformer_layers_per_block=[1, 2],
+                cross_attention_dim=80, attention_head_dim=[1, 2], use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + 24)
+    return {
+        "unet": unet,
+        "vae": dict(tiny["vae"], force_upcast=True),
+        "text_encoder": text,
+        "text_encoder_2": text_2,
+        "scheduler": _SCHEDULER_SDXL,
+        "pad_token": "<|endoftext|>",
+        "pad_token_2": "!",
+        "force_zeros_for_empty_prompt": True,
+    }
+
+
+ARCHS = {"tiny": _tiny, "tiny2": _tiny2, "sd15": _sd15, "sd21": _sd21, "sdxl": _sdxl, "tiny-xl": _tiny_xl}
 
 
 def arch(name: str) -> dict:

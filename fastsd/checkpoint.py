@@ -8,10 +8,12 @@ from the checkpoint's own configs into a frozen `ModelInfo`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import CheckpointError, FastSDError, InvalidArgumentError, ModelNotFoundError, PickleRefusedError
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+XL_COMPONENTS = COMPONENTS + ("text_encoder_2", "tokenizer_2")
+WEIGHTED = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 # ---- resolving ----------------------------------------------------------------------
@@ -151,10 +155,13 @@ def _folder_files(root: Path, allow_pickle: bool, variant: str | None = None) ->
     each weighted component loads (None: the plain files)."""
     if not (root / "model_index.json").is_file():
         raise CheckpointError(f"{root} is not a diffusers checkpoint folder (no model_index.json)")
-    _check_json(root / "model_index.json")
+    index = _check_json(root / "model_index.json")
     files = [root / "model_index.json"]
     variants = {}
-    for comp in COMPONENTS:
+    if index.get("text_encoder_2") and not (index.get("text_encoder") or [None])[0]:
+        raise CheckpointError(f"{root} is an SD-XL refiner (no first text encoder); fastsd runs SD-XL base "
+                              "checkpoints")
+    for comp in XL_COMPONENTS if index.get("text_encoder_2") else COMPONENTS:
         d = root / comp
         if not d.is_dir():
             raise CheckpointError(f"{root} is missing the {comp}/ folder")
@@ -162,7 +169,7 @@ def _folder_files(root: Path, allow_pickle: bool, variant: str | None = None) ->
         for cfg in (p for p in comp_files if p.suffix == ".json"):
             _check_json(cfg)
         chosen: list[Path] = []
-        if comp in ("unet", "vae", "text_encoder"):
+        if comp in WEIGHTED:
             chosen, variants[comp] = _weights_of(d, comp_files, variant)
             if not chosen:
                 raise CheckpointError(f"{d} holds no weights")
@@ -177,24 +184,31 @@ def _folder_files(root: Path, allow_pickle: bool, variant: str | None = None) ->
     return files, variants
 
 
-def _check_json(path: Path) -> None:
+def _check_json(path: Path) -> dict:
     """A config file that parses as a JSON object (libraries report a broken one as a
-    failed download, which misleads)."""
+    failed download, which misleads); returns it."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"invalid config file {path}: {e}") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"invalid config file {path}: not a JSON object")
+    return value
 
 
 # ---- loading ------------------------------------------------------------------------
 
 
 def load_checkpoint(model: str, *, allow_pickle: bool = False, variant: str | None = None,
-                    local_files_only: bool = False) -> Checkpoint:
+                    local_files_only: bool = False, vae=None) -> Checkpoint:
     """Load `model` in fp32 on the CPU; the backend moves and casts what it runs. `variant`
-    picks a diffusers folder's variant weights (model.fp16.safetensors for "fp16")."""
+    picks a diffusers folder's variant weights (model.fp16.safetensors for "fp16"); `vae`
+    (a folder, a .safetensors file or an AutoencoderKL) replaces the checkpoint's VAE."""
+    ckpt = _load_checkpoint(model, allow_pickle, variant, local_files_only)
+    return ckpt if vae is None else with_vae(ckpt, vae)
+
+
+def _load_checkpoint(model: str, allow_pickle: bool, variant: str | None, local_files_only: bool) -> Checkpoint:
     path = resolve(model, local_files_only)
     if path.is_file():
         if variant is not None:
@@ -203,18 +217,22 @@ def load_checkpoint(model: str, *, allow_pickle: bool = False, variant: str | No
     files, variants = _folder_files(path, allow_pickle, variant)
     parts = _load_folder(path, allow_pickle, variants)
     sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    return make_checkpoint(parts, sched, fingerprint(files, path), str(model))
+    index = json.loads((path / "model_index.json").read_text())
+    return make_checkpoint(parts, sched, fingerprint(files, path), str(model), index)
 
 
 def _load_folder(root: Path, allow_pickle: bool, variants: dict) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     kw = {"local_files_only": True}
     safe = None if allow_pickle else True
-    tokenizer = load_tokenizer(root / "tokenizer")
-    parts = {"tokenizer": tokenizer}
-    for name, cls in (("text_encoder", CLIPTextModel), ("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+    parts = {"tokenizer": load_tokenizer(root / "tokenizer")}
+    classes = [("text_encoder", CLIPTextModel), ("unet", UNet2DConditionModel), ("vae", AutoencoderKL)]
+    if "text_encoder_2" in variants:  # SD-XL
+        parts["tokenizer_2"] = load_tokenizer(root / "tokenizer_2")
+        classes.insert(1, ("text_encoder_2", CLIPTextModelWithProjection))
+    for name, cls in classes:
         try:
             model, loading = cls.from_pretrained(str(root), subfolder=name, use_safetensors=safe,
                                                  variant=variants.get(name), output_loading_info=True, **kw)
@@ -227,6 +245,76 @@ def _load_folder(root: Path, allow_pickle: bool, variants: dict) -> dict:
                                   f"e.g. {missing[0]}")
         parts[name] = model
     return parts
+
+
+def with_vae(ckpt: Checkpoint, vae) -> Checkpoint:
+    """`ckpt` with its VAE replaced (for example an fp16-safe SD-XL VAE): `vae` is a diffusers
+    VAE folder (config.json + weights, or a checkpoint folder's vae/), a .safetensors file
+    in diffusers' or the original layout (keys bare or under first_stage_model.; the
+    checkpoint's VAE config with sizes checked against the file), or an AutoencoderKL.
+    Its latent channels and factor must match the UNet's; the fingerprint covers both, so
+    engines are kept apart from the original VAE's."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from .model_files import architecture_hash
+    from .single_file import VAE_PREFIX, _gather, vae_key
+
+    if isinstance(vae, AutoencoderKL):
+        model, digest = vae.float().eval().requires_grad_(False), hashlib.blake2b(digest_size=8)
+        for k, t in sorted(model.state_dict().items()):
+            digest.update(k.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        vae_fp, source = digest.hexdigest(), "an AutoencoderKL object"
+    else:
+        path = Path(str(vae)).expanduser()
+        if path.is_dir():
+            folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+            if not (folder / "config.json").is_file():
+                raise CheckpointError(f"{path} is not a VAE folder (no config.json)")
+            _check_json(folder / "config.json")
+            weights, _ = _weights_of(folder, sorted(p for p in folder.iterdir() if p.is_file()), None)
+            weights = [w for w in weights if w.suffix == ".safetensors"]
+            if not weights:
+                raise CheckpointError(f"{folder} holds no .safetensors VAE weights")
+            for w in weights:
+                check_safetensors(w)
+            try:
+                model = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+            except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"cannot load the VAE in {folder}: {str(e).strip().splitlines()[0]}") from None
+            vae_fp = fingerprint([folder / "config.json", *weights], folder)
+        elif path.is_file():
+            if path.suffix != ".safetensors":
+                raise CheckpointError(f"{path}: a VAE file must be .safetensors (or pass a diffusers VAE folder)")
+            from safetensors.torch import load_file
+
+            check_safetensors(path)
+            sd = load_file(str(path))
+            model = AutoencoderKL(**{k: v for k, v in ckpt.vae.config.items() if not k.startswith("_")})
+            if any(k.startswith(VAE_PREFIX) for k in sd):
+                sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
+            n = len(model.config.block_out_channels)
+            original = any(k.startswith("encoder.down.") for k in sd)
+            _gather(model, sd, lambda k: (vae_key(k, n) if original else k, None), f"VAE ({path.name})")
+            vae_fp = fingerprint([path], path.parent)
+        else:
+            raise ModelNotFoundError(f"VAE not found: {path} (no such file or directory)")
+        model.eval().requires_grad_(False)
+        source = str(path)
+    factor = 2 ** (len(model.config.block_out_channels) - 1)
+    if (model.config.latent_channels, factor) != (ckpt.info.latent_channels, ckpt.info.vae_factor):
+        raise CheckpointError(f"the VAE {source} has {model.config.latent_channels} latent channels and factor "
+                              f"{factor}; the checkpoint's UNet needs {ckpt.info.latent_channels} and "
+                              f"{ckpt.info.vae_factor}")
+    text = [ckpt.text_encoder.config.to_dict()] + (
+        [ckpt.text_encoder_2.config.to_dict()] if ckpt.text_encoder_2 is not None else [])
+    info = replace(ckpt.info, vae_scale=float(model.config.scaling_factor),
+                   vae_shift=float(getattr(model.config, "shift_factor", None) or 0.0),
+                   fingerprint=hashlib.blake2b(f"{ckpt.info.fingerprint}+vae:{vae_fp}".encode(),
+                                               digest_size=8).hexdigest(),
+                   architecture=architecture_hash(ckpt.unet.config, model.config, *text))
+    log.info("VAE replaced by %s", source)
+    return replace(ckpt, info=info, vae=model)
 
 
 def check_clip_skip(ckpt: Checkpoint, clip_skip) -> None:

@@ -2,9 +2,9 @@
 
 A family owns prompt encoding (tokenizers, text encoders, pooled embeddings) and the
 extra inputs its UNet takes; the pipeline asks it for the UNet's conditioning inputs and
-never branches on the family. Today: Stable Diffusion 1.x/2.x (one CLIP tokenizer and
-text encoder; the UNet takes only the text embeddings). SD-XL adds a second encoder and
-`text_embeds` / `time_ids` through `extra_unet_inputs` and `encode`.
+never branches on the family. Stable Diffusion 1.x/2.x: one CLIP tokenizer and text
+encoder, the UNet takes only the text embeddings. SD-XL: a second tokenizer and encoder,
+and `text_embeds` / `time_ids` through `extra_unet_inputs` and `encode`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,19 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .networks import NetworkSpec, TensorSpec, UNet, network_specs, wrap
+from .networks import (
+    BATCH,
+    FLOAT32,
+    SD_NETWORKS,
+    NetworkSpec,
+    TensorSpec,
+    TextEncoder,
+    UNet,
+    XLTextEncoder,
+    XLUNet,
+    network_specs,
+    wrap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,52 +44,138 @@ class StableDiffusion:
     """SD 1.x / 2.x (epsilon or v), inpainting variants included."""
 
     name = "sd"
+    networks: tuple[str, ...] = SD_NETWORKS
     extra_unet_inputs: tuple[TensorSpec, ...] = ()  # only sample, timestep, encoder_hidden_states
     unet_module: type[nn.Module] = UNet  # forward arguments: the UNet spec's inputs, in order
+    text_module: type[TextEncoder] = TextEncoder
+    # diffusers' defaults of the family's pipelines (a call's None means these)
+    guidance_scale, img2img_strength, inpaint_strength = 7.5, 0.8, 1.0
 
-    def __init__(self, info, tokenizer):
-        self.info, self.tokenizer = info, tokenizer
-        self.specs: dict[str, NetworkSpec] = network_specs(info, self.extra_unet_inputs)
+    def __init__(self, info, tokenizer, tokenizer_2=None):
+        self.info = info
+        self.tokenizers = {"text_encoder": tokenizer, "text_encoder_2": tokenizer_2}
+        self.specs: dict[str, NetworkSpec] = network_specs(info, self.extra_unet_inputs, self.text_widths())
         self._lock = threading.Lock()  # tokenizers keep truncation/padding state between calls
 
-    def modules(self, ckpt, clip_skip: int = 0) -> dict[str, nn.Module]:
-        """The four networks as modules named and ordered like their specs."""
-        return wrap(ckpt, clip_skip, self.unet_module)
+    @property
+    def tokenizer(self):
+        return self.tokenizers["text_encoder"]
 
-    def token_ids(self, texts: list[str], device: torch.device) -> torch.Tensor:
-        """(len(texts), 77) int64, truncated with a warning that shows what was dropped."""
-        n = self.info.max_tokens
+    def text_widths(self) -> dict[str, tuple[int, int]] | None:
+        """Each text encoder's (hidden width, pooled width or 0); None: SD's one encoder."""
+        return None
+
+    def modules(self, ckpt, clip_skip: int = 0) -> dict[str, nn.Module]:
+        """The networks as modules named and ordered like their specs."""
+        return wrap(ckpt, clip_skip, self.unet_module, self.text_module)
+
+    def token_ids(self, texts: list[str], device: torch.device, network: str = "text_encoder") -> torch.Tensor:
+        """(len(texts), 77) int64, padded with the tokenizer's own pad token, truncated with a
+        warning that shows what was dropped."""
+        n, tokenizer = self.info.max_tokens, self.tokenizers[network]
         with self._lock:
-            ids = self.tokenizer(texts, padding="max_length", max_length=n, truncation=True,
-                                 return_tensors="pt").input_ids
+            ids = tokenizer(texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
             for text in dict.fromkeys(texts):  # each distinct prompt once, in order
-                full = self.tokenizer(text, truncation=False, verbose=False).input_ids  # [BOS, ..., EOS]
+                full = tokenizer(text, truncation=False, verbose=False).input_ids  # [BOS, ..., EOS]
                 if len(full) > n:
-                    dropped = self.tokenizer.decode(full[n - 1:-1])
+                    dropped = tokenizer.decode(full[n - 1:-1])
                     log.warning("prompt longer than %d tokens was truncated; %d tokens dropped: %s",
                                 n, len(full) - n, _shorten(dropped))
         return ids.to(device)
 
-    def encode(self, text_encoder: Callable, prompts: list[str], negatives: list[str], do_cfg: bool, n: int,
-               device: torch.device, prompt_embeds: torch.Tensor | None = None,
-               negative_prompt_embeds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The UNet's conditioning inputs: encoder_hidden_states (B*n, 77, D), or with CFG
-        (2*B*n, 77, D) [uncond; cond]. Prompts and negatives are encoded in two calls, as
-        diffusers does (CPU kernels round a batch of 2B differently). Embeddings given by
-        the caller are used as they are (diffusers' prompt_embeds / negative_prompt_embeds)."""
-        if prompt_embeds is not None:
-            emb = prompt_embeds.to(device).float()
+    def encode(self, encoders: dict[str, Callable], req, device: torch.device) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning inputs for Request `req`: encoder_hidden_states (B*n, 77, D),
+        or with CFG (2*B*n, 77, D) [uncond; cond]. Prompts and negatives are encoded in two
+        calls, as diffusers does (CPU kernels round a batch of 2B differently). Embeddings given
+        by the caller are used as they are (diffusers' prompt_embeds / negative_prompt_embeds)."""
+        text_encoder = encoders["text_encoder"]
+        if req.prompt_embeds is not None:
+            emb = req.prompt_embeds.to(device).float()
         else:
-            emb = text_encoder(self.token_ids(prompts, device))
-        if do_cfg:
-            if negative_prompt_embeds is not None:
-                neg = negative_prompt_embeds.to(device).float()
+            emb = text_encoder(self.token_ids(req.prompts, device))
+        if req.do_cfg:
+            if req.negative_prompt_embeds is not None:
+                neg = req.negative_prompt_embeds.to(device).float()
             else:
-                neg = text_encoder(self.token_ids(negatives, device))
+                neg = text_encoder(self.token_ids(req.negative_prompts, device))
             emb = torch.cat([neg, emb])
-        return {"encoder_hidden_states": emb.repeat_interleave(n, dim=0)}  # per prompt: n copies, as diffusers
+        return {"encoder_hidden_states": emb.repeat_interleave(req.n, dim=0)}  # per prompt: n copies, as diffusers
+
+
+class StableDiffusionXL(StableDiffusion):
+    """SD-XL base (and its 9-channel inpainting variant), as StableDiffusionXL{,Img2Img,
+    Inpaint}Pipeline: two tokenizers and text encoders whose hidden states (layer -2) are
+    concatenated on features, the second one's projected pooled output as `text_embeds`,
+    and `time_ids` (original h, w, crop top, left, target h, w) per row."""
+
+    name = "sdxl"
+    networks = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+    unet_module = XLUNet
+    text_module = XLTextEncoder
+    guidance_scale, img2img_strength, inpaint_strength = 5.0, 0.3, 0.9999
+
+    def __init__(self, info, tokenizer, tokenizer_2, widths: dict[str, tuple[int, int]]):
+        self._widths = widths
+        pooled = widths["text_encoder_2"][1]
+        self.extra_unet_inputs = (TensorSpec("text_embeds", (BATCH, pooled)),
+                                  TensorSpec("time_ids", (BATCH, 6), FLOAT32, sample=64.0))
+        super().__init__(info, tokenizer, tokenizer_2)
+
+    def text_widths(self) -> dict[str, tuple[int, int]]:
+        return self._widths
+
+    def _embed(self, encoders, first: list[str], second: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, (hidden_2, pooled) = (encoders["text_encoder"](self.token_ids(first, device)),
+                                      encoders["text_encoder_2"](self.token_ids(second, device, "text_encoder_2")))
+        return torch.cat([hidden, hidden_2], dim=-1), pooled
+
+    def encode(self, encoders: dict[str, Callable], req, device: torch.device) -> dict[str, torch.Tensor]:
+        """encoder_hidden_states, text_embeds and time_ids, [uncond; cond] with CFG. As diffusers:
+        prompt_2 / negative_prompt_2 default to the first texts (an empty one too); the
+        negatives are zeros when no negative_prompt is given and the checkpoint says
+        force_zeros_for_empty_prompt (whatever negative_prompt_2 is)."""
+        if req.prompt_embeds is not None:
+            emb, pooled = req.prompt_embeds.to(device).float(), req.pooled_prompt_embeds.to(device).float()
+        else:
+            second = [b or a for a, b in zip(req.prompts, req.prompts_2 or req.prompts, strict=True)]
+            emb, pooled = self._embed(encoders, req.prompts, second, device)
+        time_ids = self.time_ids(req.original_size, req.crops_coords_top_left, req.target_size, req)
+        if req.do_cfg:
+            if req.negative_prompt_embeds is not None:
+                neg = req.negative_prompt_embeds.to(device).float()
+                neg_pooled = req.negative_pooled_prompt_embeds.to(device).float()
+            elif not req.negative_given and self.info.force_zeros_for_empty_prompt:
+                neg, neg_pooled = torch.zeros_like(emb), torch.zeros_like(pooled)
+            else:
+                second = [b or a for a, b in zip(req.negative_prompts, req.negative_prompts_2 or req.negative_prompts,
+                                                 strict=True)]
+                neg, neg_pooled = self._embed(encoders, req.negative_prompts, second, device)
+            emb, pooled = torch.cat([neg, emb]), torch.cat([neg_pooled, pooled])
+            given = req.negative_original_size is not None and req.negative_target_size is not None
+            neg_ids = self.time_ids(req.negative_original_size, req.negative_crops_coords_top_left,
+                                    req.negative_target_size, req) if given else time_ids
+            time_ids = torch.stack([neg_ids, time_ids])
+        else:
+            time_ids = time_ids[None]
+        rows = emb.shape[0] * req.n
+        return {"encoder_hidden_states": emb.repeat_interleave(req.n, dim=0),
+                "text_embeds": pooled.repeat_interleave(req.n, dim=0),
+                "time_ids": time_ids.repeat(rows // time_ids.shape[0], 1).to(device)}  # diffusers' .repeat order
+
+    @staticmethod
+    def time_ids(original_size, crops_coords_top_left, target_size, req) -> torch.Tensor:
+        """(6,) float32: original (h, w), crop (top, left), target (h, w); sizes default to
+        the call's height and width (img2img: the input image's), the crop to (0, 0)."""
+        size = (req.height, req.width)
+        values = (*(original_size or size), *(crops_coords_top_left or (0, 0)), *(target_size or size))
+        return torch.tensor(values, dtype=torch.float32)
 
 
 def family_for(ckpt) -> StableDiffusion:
-    """The family of a loaded checkpoint (every checkpoint fastsd loads today is SD 1.x/2.x)."""
+    """The family of a loaded checkpoint: SD-XL where it has a second text encoder, else SD 1.x/2.x."""
+    if ckpt.info.family == "sdxl":
+        widths = {"text_encoder": (int(ckpt.text_encoder.config.hidden_size), 0),
+                  "text_encoder_2": (int(ckpt.text_encoder_2.config.hidden_size),
+                                     int(ckpt.text_encoder_2.config.projection_dim))}
+        return StableDiffusionXL(ckpt.info, ckpt.tokenizer, ckpt.tokenizer_2, widths)
     return StableDiffusion(ckpt.info, ckpt.tokenizer)

@@ -38,6 +38,8 @@ class ModelInfo:
     fingerprint: str  # content hash of every weight and config file
     source: str  # what the user passed
     architecture: str = ""  # hash of the network configs: equal means same shapes (refittable engines)
+    family: str = "sd"  # "sd" (SD 1.x/2.x) or "sdxl" (two text encoders, text_time added embedding)
+    force_zeros_for_empty_prompt: bool = False  # SD-XL: zero negative embeddings when no negative_prompt
 
     @property
     def default_size(self) -> int:
@@ -51,6 +53,8 @@ class Checkpoint:
     text_encoder: Any  # transformers CLIPTextModel
     unet: Any  # diffusers UNet2DConditionModel
     vae: Any  # diffusers AutoencoderKL
+    tokenizer_2: Any = None  # SD-XL's second tokenizer and text encoder (CLIPTextModelWithProjection)
+    text_encoder_2: Any = None
 
 
 SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
@@ -134,10 +138,31 @@ def architecture_hash(*configs) -> str:
     return hashlib.blake2b(json.dumps(clean, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
-def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str) -> Checkpoint:
+def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str, pipeline_config: dict | None = None) -> Checkpoint:
+    """A Checkpoint from loaded parts (tokenizer, text_encoder, unet, vae; SD-XL also
+    tokenizer_2 and text_encoder_2). `pipeline_config` is model_index.json's settings
+    (force_zeros_for_empty_prompt; diffusers' default True for SD-XL where absent)."""
     unet, vae, tok = parts["unet"], parts["vae"], parts["tokenizer"]
-    for m in (parts["text_encoder"], unet, vae):
-        m.eval().requires_grad_(False)
+    text_2 = parts.get("text_encoder_2")
+    for m in (parts["text_encoder"], unet, vae, text_2):
+        if m is not None:
+            m.eval().requires_grad_(False)
+    xl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+    if xl != (text_2 is not None):
+        raise CheckpointError("an SD-XL UNet (text_time added embedding) needs text_encoder_2 and tokenizer_2, "
+                              "and only it takes them" if xl else
+                              "text_encoder_2 is given but the UNet is not an SD-XL one (no text_time embedding)")
+    configs = [unet.config, vae.config, parts["text_encoder"].config.to_dict()]
+    if xl:
+        configs.append(text_2.config.to_dict())
+        want = unet.config.addition_time_embed_dim * 6 + text_2.config.projection_dim
+        if unet.config.projection_class_embeddings_input_dim != want:
+            raise CheckpointError(f"the UNet's added embedding takes {unet.config.projection_class_embeddings_input_dim}"
+                                  f" features, but 6 time ids and text_encoder_2's pooled output make {want}")
+        width = parts["text_encoder"].config.hidden_size + text_2.config.hidden_size
+        if width != unet.config.cross_attention_dim:
+            raise CheckpointError(f"the two text encoders give {width} features; the UNet takes "
+                                  f"{unet.config.cross_attention_dim}")
     info = ModelInfo(
         vae_scale=float(vae.config.scaling_factor),
         vae_shift=float(getattr(vae.config, "shift_factor", None) or 0.0),
@@ -150,9 +175,11 @@ def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str) -> Check
         scheduler=scheduler,
         fingerprint=fp,
         source=source,
-        architecture=architecture_hash(unet.config, vae.config, parts["text_encoder"].config.to_dict()),
+        architecture=architecture_hash(*configs),
+        family="sdxl" if xl else "sd",
+        force_zeros_for_empty_prompt=xl and bool((pipeline_config or {}).get("force_zeros_for_empty_prompt", True)),
     )
     if info.unet_in_channels not in (info.latent_channels, 2 * info.latent_channels + 1):
         raise CheckpointError(f"unsupported UNet with {info.unet_in_channels} input channels")
-    return Checkpoint(info, tok, parts["text_encoder"], unet, vae)
+    return Checkpoint(info, tok, parts["text_encoder"], unet, vae, parts.get("tokenizer_2"), text_2)
 

@@ -1,4 +1,4 @@
-"""The four networks as modules whose inputs and outputs carry the ONNX names.
+"""The networks as modules whose inputs and outputs carry the ONNX names.
 
 These are the contract every backend implements (docs/ARCHITECTURE.md): the eager backend runs
 them directly; exporters trace them. diffusers/transformers classes only hold weights.
@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-NETWORKS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")  # every network fastsd knows
+SD_NETWORKS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")  # a model family has its own subset
 
 
 class TextEncoder(nn.Module):
@@ -29,6 +30,22 @@ class TextEncoder(nn.Module):
         tower = getattr(self.clip, "text_model", self.clip)  # transformers 5 flattens CLIPTextModel
         return tower.final_layer_norm(hidden)
 
+    def with_clip_skip(self, clip_skip: int) -> "TextEncoder":
+        return type(self)(self.clip, clip_skip)
+
+
+class XLTextEncoder(TextEncoder):
+    """SD-XL's text encoders: input_ids (B, 77) int64 -> text_embeddings (B, 77, D), the
+    hidden state of layer -(clip_skip + 2) as it is (no final LayerNorm), as
+    StableDiffusionXLPipeline; the second encoder (CLIPTextModelWithProjection) also gives
+    text_embeds (B, P), its projected pooled output."""
+
+    def forward(self, input_ids: torch.Tensor):
+        out = self.clip(input_ids, output_hidden_states=True)
+        hidden = out.hidden_states[-(self.clip_skip + 2)]
+        pooled = getattr(out, "text_embeds", None)
+        return hidden if pooled is None else (hidden, pooled)
+
 
 class UNet(nn.Module):
     """sample (B, C_in, h, w), timestep (B,) float32, encoder_hidden_states (B, 77, D)
@@ -40,6 +57,15 @@ class UNet(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class XLUNet(UNet):
+    """SD-XL's UNet: also text_embeds (B, P), the pooled text embedding, and time_ids (B, 6),
+    (original h, w, crop top, left, target h, w), through its "text_time" added embedding."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False,
+                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})[0]
 
 
 class VaeEncoder(nn.Module):
@@ -67,16 +93,16 @@ class VaeDecoder(nn.Module):
         return self.decoder(z)
 
 
-def wrap(ckpt, clip_skip: int = 0, unet_module: type[nn.Module] | None = None) -> dict[str, nn.Module]:
-    """The four ONNX-named modules of a loaded checkpoint (sharing its weights). A model
-    family whose UNet takes more inputs passes its own `unet_module` (forward arguments
-    named as its spec's inputs)."""
-    return {
-        "text_encoder": TextEncoder(ckpt.text_encoder, clip_skip),
-        "unet": (unet_module or UNet)(ckpt.unet),
-        "vae_encoder": VaeEncoder(ckpt.vae),
-        "vae_decoder": VaeDecoder(ckpt.vae),
-    }
+def wrap(ckpt, clip_skip: int = 0, unet_module: type[nn.Module] | None = None,
+         text_module: type[TextEncoder] = TextEncoder) -> dict[str, nn.Module]:
+    """The ONNX-named modules of a loaded checkpoint (sharing its weights). A model family
+    whose UNet takes more inputs passes its own `unet_module` (forward arguments named as
+    its spec's inputs), one whose text encoders give other outputs its `text_module`."""
+    out = {"text_encoder": text_module(ckpt.text_encoder, clip_skip)}
+    if getattr(ckpt, "text_encoder_2", None) is not None:
+        out["text_encoder_2"] = text_module(ckpt.text_encoder_2, clip_skip)
+    out.update(unet=(unet_module or UNet)(ckpt.unet), vae_encoder=VaeEncoder(ckpt.vae), vae_decoder=VaeDecoder(ckpt.vae))
+    return out
 
 
 # ---- NetworkSpec: one per network, the contract every exporter and runner reads ------------
@@ -194,16 +220,23 @@ class NetworkSpec:
         return {name: (lo[name], opt[name], hi[name]) for name in self.input_names}
 
 
-def network_specs(info, extra_unet_inputs: tuple[TensorSpec, ...] = ()) -> dict[str, NetworkSpec]:
-    """The four networks' specs for a checkpoint. `extra_unet_inputs` are the model
-    family's (or a ControlNet's) UNet inputs after sample, timestep, encoder_hidden_states."""
+def network_specs(info, extra_unet_inputs: tuple[TensorSpec, ...] = (),
+                  text_encoders: dict[str, tuple[int, int]] | None = None) -> dict[str, NetworkSpec]:
+    """The networks' specs for a checkpoint. `extra_unet_inputs` are the model family's (or
+    a ControlNet's) UNet inputs after sample, timestep, encoder_hidden_states;
+    `text_encoders` maps each text encoder to (hidden width, pooled width or 0): one with a
+    pooled output also returns text_embeds (B, pooled). Default: SD's one encoder."""
     f, c = info.vae_factor, info.latent_channels
     text = (BATCH, info.max_tokens, info.cross_attention_dim)
     latent = TensorSpec("latent", (BATCH, c, LATENT_H, LATENT_W))
     images = TensorSpec("images", (BATCH, 3, PIXEL_H, PIXEL_W))
-    return {
-        "text_encoder": NetworkSpec("text_encoder", (TensorSpec("input_ids", (BATCH, info.max_tokens), INT64),),
-                                    (TensorSpec("text_embeddings", text),), True, f),
+    specs = {}
+    for name, (width, pooled) in (text_encoders or {"text_encoder": (info.cross_attention_dim, 0)}).items():
+        outputs = (TensorSpec("text_embeddings", (BATCH, info.max_tokens, width)),)
+        if pooled:
+            outputs += (TensorSpec("text_embeds", (BATCH, pooled)),)
+        specs[name] = NetworkSpec(name, (TensorSpec("input_ids", (BATCH, info.max_tokens), INT64),), outputs, True, f)
+    return specs | {
         "unet": NetworkSpec("unet", (TensorSpec("sample", (BATCH, info.unet_in_channels, LATENT_H, LATENT_W)),
                                      TensorSpec("timestep", (BATCH,), FLOAT32, sample=500.0),
                                      TensorSpec("encoder_hidden_states", text)) + tuple(extra_unet_inputs),

@@ -42,7 +42,7 @@ from .schedulers import (
     first_step,
     pipeline_scheduler_config,
 )
-from .settings import SEED_LIMIT, Request, check_seed, make_request
+from .settings import SEED_LIMIT, XL_ARGUMENTS, Defaults, Request, check_seed, make_request
 from .tiling import decode_sliced, decode_tiled, encode_tiled
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class _Call:
 
     req: Request
     gen: torch.Generator | list[torch.Generator]
-    text_encoder: Callable  # the backend's, for the call's clip_skip
+    text_encoders: dict[str, Callable]  # the backend's, for the call's clip_skip
     ran: dict[str, str] = field(default_factory=dict)
 
 
@@ -138,6 +138,9 @@ class Pipeline:
             raise InvalidArgumentError("cuda_graphs needs a CUDA device")
         self.ckpt, self.info = ckpt, ckpt.info
         self.family = family or family_for(ckpt)  # the one the backend was made for, when given
+        f = self.family
+        self._defaults = Defaults(f.guidance_scale, f.img2img_strength, f.inpaint_strength,
+                                  takes_xl="text_encoder_2" in f.networks)
         self._graphs = StepGraphs() if cuda_graphs else None  # whole-step graphs, one per shape and setting
         self.backend, self.device, self.dtype = backend, device, dtype
         self._widths = widths_of(ckpt)
@@ -167,7 +170,7 @@ class Pipeline:
                         cuda_graphs: bool = False, *, torch_dtype=None, variant: str | None = None,
                         safety_checker=None, requires_safety_checker: bool | None = None,
                         feature_extractor=None, use_safetensors: bool | None = None,
-                        local_files_only: bool = False, **unsupported) -> "Pipeline":
+                        local_files_only: bool = False, vae=None, **unsupported) -> "Pipeline":
         """Load `model` (see the README). `allow_pickle` permits .ckpt/.bin files;
         `prediction_type` ("epsilon" | "v_prediction") overrides the checkpoint's scheduler
         config, for single files whose config cannot be known (SD 2.x 512-base vs 768-v);
@@ -175,7 +178,9 @@ class Pipeline:
         bake it in; a call may ask another where the text encoder runs eagerly).
         diffusers' loading arguments work as there: `torch_dtype` (torch.float16, ...; same as
         dtype="fp16"), `variant` ("fp16": model.fp16.safetensors), `safety_checker=None` (fastsd
-        has none), `use_safetensors`, `local_files_only`; others raise InvalidArgumentError."""
+        has none), `use_safetensors`, `local_files_only`, `vae` (a VAE folder, .safetensors file or
+        AutoencoderKL replacing the checkpoint's, e.g. an fp16-safe SD-XL VAE); others raise
+        InvalidArgumentError."""
         if unsupported:
             raise InvalidArgumentError(f"from_pretrained does not support the argument {next(iter(unsupported))!r}")
         for name, value in (("safety_checker", safety_checker), ("feature_extractor", feature_extractor)):
@@ -199,7 +204,8 @@ class Pipeline:
         if memory is not None and memory.tile_overlap is not None and not 0 <= memory.tile_overlap < (
                 memory.tile or 10**9):
             raise InvalidArgumentError(f"tile_overlap must be in [0, tile={memory.tile}), got {memory.tile_overlap}")
-        ckpt = load_checkpoint(model, allow_pickle=allow_pickle, variant=variant, local_files_only=local_files_only)
+        ckpt = load_checkpoint(model, allow_pickle=allow_pickle, variant=variant, local_files_only=local_files_only,
+                               vae=vae)
         check_clip_skip(ckpt, clip_skip)
         if prediction_type is not None:
             if prediction_type not in PREDICTION_TYPES:
@@ -273,6 +279,15 @@ class Pipeline:
     def tokenizer(self):
         return self.ckpt.tokenizer
 
+    @property
+    def text_encoder_2(self):
+        """SD-XL's second text encoder (None for SD 1.x/2.x)."""
+        return self.ckpt.text_encoder_2
+
+    @property
+    def tokenizer_2(self):
+        return self.ckpt.tokenizer_2
+
     def enable_attention_slicing(self, slice_size="auto") -> None:
         """Attention in slices in the eager UNet (less memory, slower); engines keep theirs."""
         self.ckpt.unet.set_attention_slice(slice_size)
@@ -298,28 +313,40 @@ class Pipeline:
         self.memory = replace(self.memory, vae_tiling=False)
 
     def __call__(self, prompt=None, negative_prompt=None, image=None, mask_image=None, strength=None,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5, scheduler=None,
+                 num_inference_steps: int = 50, guidance_scale: float | None = None, scheduler=None,
                  eta: float = 0.0, generator=None, seed: int | None = None,
                  height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
                  output_type: str = "pil", callback: Callable | None = None, callback_steps: int = 1,
                  callback_on_step_end: Callable | None = None,
                  callback_on_step_end_tensor_inputs=("latents",), latents=None, prompt_embeds=None,
                  negative_prompt_embeds=None, guidance_rescale: float = 0.0, timesteps=None, sigmas=None,
-                 clip_skip: int | None = None, return_dict: bool = True, **unsupported):
-        """Generate images; keyword names and defaults are diffusers' (see the README).
+                 clip_skip: int | None = None, return_dict: bool = True, prompt_2=None, negative_prompt_2=None,
+                 pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, original_size=None,
+                 crops_coords_top_left=None, target_size=None, negative_original_size=None,
+                 negative_crops_coords_top_left=None, negative_target_size=None, **unsupported):
+        """Generate images; keyword names and defaults are diffusers' (see the README): a None
+        guidance_scale or strength is the model family's default (SD: 7.5, img2img 0.8,
+        inpaint 1.0; SD-XL: 5.0, 0.3, 0.9999). prompt_2 ... negative_target_size are
+        StableDiffusionXLPipeline's and apply to SD-XL checkpoints only.
         Returns a PipelineOutput, or with return_dict=False the tuple (images, None) as diffusers'
         (images, nsfw flags) without a safety checker."""
-        req, text_encoder = self._request(
+        xl = dict(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, pooled_prompt_embeds=pooled_prompt_embeds,
+                  negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, original_size=original_size,
+                  crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                  negative_original_size=negative_original_size,
+                  negative_crops_coords_top_left=negative_crops_coords_top_left,
+                  negative_target_size=negative_target_size)
+        req, text_encoders = self._request(
             prompt, negative_prompt, image, mask_image, strength, num_inference_steps, guidance_scale, scheduler,
             eta, height, width, num_images_per_prompt, output_type, guidance_rescale, timesteps, sigmas, clip_skip,
-            prompt_embeds, negative_prompt_embeds, latents, unsupported)
+            prompt_embeds, negative_prompt_embeds, latents, unsupported, xl)
         gen, seed = self._generator(generator, seed, req.batch)
         total = SAMPLERS[req.scheduler].loop_steps(req.steps) - first_step(req.steps, req.strength)
         step_callback, bar = self._step_callback(callback, callback_steps, callback_on_step_end,
                                                  callback_on_step_end_tensor_inputs, total)
         try:
             with on_work_stream(self.device):  # on CUDA: fastsd's one work stream, shared with the engines
-                out = self._generate(_Call(req, gen, text_encoder), step_callback)
+                out = self._generate(_Call(req, gen, text_encoders), step_callback)
         finally:
             if bar is not None:
                 bar.close()
@@ -333,12 +360,15 @@ class Pipeline:
         call = inspect.signature(self.__call__).bind(*args, **kwargs)
         call.apply_defaults()
         check_seed(call.arguments["seed"])
-        self._request(**{k: call.arguments[k] for k in inspect.signature(self._request).parameters})
+        args = call.arguments
+        self._request(**{k: args[k] for k in inspect.signature(self._request).parameters if k != "xl"},
+                      xl={k: args[k] for k in XL_ARGUMENTS})
 
     def _request(self, prompt, negative_prompt, image, mask_image, strength, num_inference_steps, guidance_scale,
                  scheduler, eta, height, width, num_images_per_prompt, output_type, guidance_rescale, timesteps,
-                 sigmas, clip_skip, prompt_embeds, negative_prompt_embeds, latents, unsupported: dict):
-        """The call's checked Request and the text encoder it runs (raises for bad input)."""
+                 sigmas, clip_skip, prompt_embeds, negative_prompt_embeds, latents, unsupported: dict,
+                 xl: dict | None = None):
+        """The call's checked Request and the text encoders it runs (raises for bad input)."""
         if unsupported:
             name = next(iter(unsupported))
             raise InvalidArgumentError(f"fastsd's pipeline does not support the argument {name!r}"
@@ -352,18 +382,17 @@ class Pipeline:
                            guidance_rescale=guidance_rescale, timesteps=timesteps, sigmas=sigmas,
                            clip_skip=clip_skip, prompt_embeds=prompt_embeds,
                            negative_prompt_embeds=negative_prompt_embeds, latents=latents,
-                           text_width=self.info.cross_attention_dim)
-        text_encoder = self.backend.text_encoder_for(req.clip_skip)  # refuses a clip_skip an engine cannot give
+                           text_width=self.info.cross_attention_dim, defaults=self._defaults, xl=xl)
+        text_encoders = self.backend.text_encoders_for(req.clip_skip)  # refuses a clip_skip an engine cannot give
         check_fits(self.info, self._widths, req, self.dtype, self.device, self.memory)
-        return req, text_encoder
+        return req, text_encoders
 
     def _generate(self, call: _Call, callback) -> PipelineOutput:
         req, timings = call.req, {}
         t_start = time.perf_counter()
         with self._timed(timings, "text_encoder"):
-            unet_inputs = self.family.encode(partial(call.text_encoder, ran=call.ran), req.prompts,
-                                             req.negative_prompts, req.do_cfg, req.n, self.device,
-                                             req.prompt_embeds, req.negative_prompt_embeds)
+            encoders = {n: partial(f, ran=call.ran) for n, f in call.text_encoders.items()}
+            unet_inputs = self.family.encode(encoders, req, self.device)
         cfg = req.scheduler_config
         sampler = SAMPLERS[req.scheduler]
         custom = {k: v for k, v in (("timesteps", req.timesteps), ("sigmas", req.sigmas)) if v is not None}

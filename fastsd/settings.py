@@ -21,8 +21,21 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_GUIDANCE = 100.0  # front ends stop at 30; far beyond, fp16 latents overflow to NaN
 MAX_ETA = 1.0  # DDIM: eta > 1 takes the square root of a negative variance
 SEED_LIMIT = 2**64  # torch.Generator seeds are unsigned 64-bit
-IMG2IMG_STRENGTH = 0.8  # StableDiffusionImg2ImgPipeline's default
+IMG2IMG_STRENGTH = 0.8  # StableDiffusionImg2ImgPipeline's default (SD-XL's: the family's)
 INPAINT_STRENGTH = 1.0  # StableDiffusionInpaintPipeline's default
+XL_ARGUMENTS = ("prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+                "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                "negative_crops_coords_top_left", "negative_target_size")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """A model family's defaults for a call's None (diffusers' defaults of its pipelines)."""
+
+    guidance_scale: float = 7.5
+    img2img_strength: float = IMG2IMG_STRENGTH
+    inpaint_strength: float = INPAINT_STRENGTH
+    takes_xl: bool = False  # takes the SD-XL arguments (XL_ARGUMENTS)
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,18 @@ class Request:
     prompt_embeds: Any = None  # (B, 77, D) tensors instead of prompts
     negative_prompt_embeds: Any = None
     latents: Any = None  # (B*n, C, h, w): the initial noise instead of drawing it
+    # SD-XL (the family reads these; other families refuse them in make_request)
+    negative_given: bool = False  # negative_prompt was passed (SD-XL zeroes the negatives otherwise)
+    prompts_2: list[str] | None = None  # second text encoder's texts (None: the first ones)
+    negative_prompts_2: list[str] | None = None
+    pooled_prompt_embeds: Any = None  # (B, P) with prompt_embeds
+    negative_pooled_prompt_embeds: Any = None
+    original_size: tuple[int, int] | None = None  # micro-conditioning; None: (height, width)
+    crops_coords_top_left: tuple[int, int] | None = None  # None: (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
 
     @property
     def do_cfg(self) -> bool:
@@ -112,6 +137,53 @@ def _embeds(value, what: str, width: int | None, tokens: int | None = None):
     return value
 
 
+def _pair(value, what: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    items = value.tolist() if isinstance(value, (torch.Tensor, np.ndarray)) else value
+    if not isinstance(items, (list, tuple)) or len(items) != 2 or not all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= 10**6 for v in items):
+        raise InvalidArgumentError(f"{what} must be two integers in [0, 10**6] (height, width / top, left), "
+                                   f"got {value!r}")
+    return int(items[0]), int(items[1])
+
+
+def _xl_options(xl: dict, prompts: list[str], negatives: list[str], prompt_embeds, negative_prompt_embeds,
+                defaults: Defaults) -> dict:
+    """The SD-XL arguments checked into Request fields (refused for families without them)."""
+    given = [k for k in XL_ARGUMENTS if xl.get(k) is not None]
+    if not defaults.takes_xl:
+        if given:
+            raise InvalidArgumentError(f"{given[0]} applies to SD-XL checkpoints; this one is SD 1.x/2.x")
+        return {}
+    out: dict[str, Any] = {}
+    for name, texts, what in (("prompts_2", prompts, "prompt_2"), ("negative_prompts_2", negatives,
+                                                                    "negative_prompt_2")):
+        if xl.get(what) is None:
+            continue
+        items = _prompt_list(xl[what], what)
+        if len(items) == 1 and len(texts) > 1:
+            items = items * len(texts)
+        if len(items) != len(texts):
+            raise InvalidArgumentError(f"{len(items)} texts in {what} for {len(texts)} prompts")
+        out[name] = items
+    for name, embeds, what in (("pooled_prompt_embeds", prompt_embeds, "prompt_embeds"),
+                               ("negative_pooled_prompt_embeds", negative_prompt_embeds, "negative_prompt_embeds")):
+        value = xl.get(name)
+        if embeds is not None and value is None:
+            raise InvalidArgumentError(f"{what} needs {name} too on SD-XL (the second text encoder's pooled output)")
+        if value is not None:
+            if embeds is None:
+                raise InvalidArgumentError(f"{name} goes with {what}")
+            if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.shape[0] != embeds.shape[0] or \
+                    not value.is_floating_point() or not torch.isfinite(value).all():
+                raise InvalidArgumentError(f"{name} must be a finite float tensor (batch {embeds.shape[0]}, features)")
+            out[name] = value
+    for name in XL_ARGUMENTS[4:]:
+        out[name] = _pair(xl.get(name), name)
+    return out
+
+
 def _schedule_list(value, what: str):
     if value is None:
         return None
@@ -125,7 +197,7 @@ def _schedule_list(value, what: str):
 def make_request(info, prompt, negative_prompt, image, mask_image, strength, steps, guidance_scale,
                  scheduler, eta, height, width, n, output_type, *, guidance_rescale=0.0, timesteps=None, sigmas=None,
                  clip_skip=None, prompt_embeds=None, negative_prompt_embeds=None, latents=None,
-                 text_width: int | None = None) -> Request:
+                 text_width: int | None = None, defaults: Defaults = Defaults(), xl: dict | None = None) -> Request:
     prompt_embeds = _embeds(prompt_embeds, "prompt_embeds", text_width, info.max_tokens)
     negative_prompt_embeds = _embeds(negative_prompt_embeds, "negative_prompt_embeds", text_width, info.max_tokens)
     if prompt_embeds is not None:
@@ -147,6 +219,7 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
         negatives = negatives * len(prompts)
     if len(negatives) != len(prompts):
         raise InvalidArgumentError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+    xl_fields = _xl_options(xl or {}, prompts, negatives, prompt_embeds, negative_prompt_embeds, defaults)
     if mask_image is not None and image is None:
         raise InvalidArgumentError("mask_image needs an image to inpaint")
     timesteps, sigmas = _schedule_list(timesteps, "timesteps"), _schedule_list(sigmas, "sigmas")
@@ -166,7 +239,8 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
                                    "diffusers class); use 'euler'")
     if output_type not in OUTPUT_TYPES:
         raise InvalidArgumentError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
-    guidance = _number(guidance_scale, "guidance_scale", lo=0.0, hi=MAX_GUIDANCE)
+    guidance = _number(defaults.guidance_scale if guidance_scale is None else guidance_scale, "guidance_scale",
+                       lo=0.0, hi=MAX_GUIDANCE)
     rescale = _number(guidance_rescale, "guidance_rescale", lo=0.0, hi=1.0)
     eta = _number(eta, "eta", lo=0.0, hi=MAX_ETA)
     default_h = default_w = info.default_size
@@ -180,8 +254,8 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
         if count > len(prompts) * n or (len(prompts) * n) % count:
             raise InvalidArgumentError(f"{count} images cannot be spread over {len(prompts) * n} images "
                                        "(len(prompt) x num_images_per_prompt must be a multiple of it)")
-        if strength is None:  # diffusers' defaults: img2img 0.8, inpainting 1.0
-            strength = IMG2IMG_STRENGTH if mask_image is None else INPAINT_STRENGTH
+        if strength is None:  # diffusers' defaults: img2img 0.8, inpainting 1.0 (SD-XL: 0.3, 0.9999)
+            strength = defaults.img2img_strength if mask_image is None else defaults.inpaint_strength
         strength = _number(strength, "strength", lo=0.0, hi=1.0)
         if mask_image is None:  # img2img: the image's size (inpaint: the checkpoint's, as diffusers)
             default_h = image_h // info.vae_factor * info.vae_factor
@@ -210,4 +284,4 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
             raise InvalidArgumentError("latents holds NaN or infinite values")
     return Request(prompts, negatives, image, mask_image, strength, steps, guidance, choice.name, choice.settings,
                    eta, h, w, n, output_type, rescale, timesteps, sigmas, clip_skip, prompt_embeds,
-                   negative_prompt_embeds, latents)
+                   negative_prompt_embeds, latents, negative_prompt is not None, **xl_fields)

@@ -66,7 +66,7 @@ def build(
 ) -> Path:
     """Write a random-weight checkpoint of `arch_name` to `out` (diffusers format), atomically."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     spec = arch(arch_name)
     if unet_in_channels is not None:
@@ -82,13 +82,17 @@ def build(
             torch.manual_seed(seed)
             UNet2DConditionModel(**spec["unet"]).save_pretrained(tmp / "unet")
             AutoencoderKL(**spec["vae"]).save_pretrained(tmp / "vae")
-            text_cfg = CLIPTextConfig(**spec["text_encoder"], bos_token_id=len(_bytes_to_unicode()) * 2,
-                                      eos_token_id=len(_bytes_to_unicode()) * 2 + 1)
-            CLIPTextModel(text_cfg).save_pretrained(tmp / "text_encoder")
+            ids = {"bos_token_id": len(_bytes_to_unicode()) * 2, "eos_token_id": len(_bytes_to_unicode()) * 2 + 1}
+            CLIPTextModel(CLIPTextConfig(**spec["text_encoder"], **ids)).save_pretrained(tmp / "text_encoder")
+            if "text_encoder_2" in spec:  # SD-XL: the second tower returns its projected pooled output too
+                CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"], **ids)).save_pretrained(
+                    tmp / "text_encoder_2")
         write_tokenizer(tmp / "tokenizer", spec["pad_token"])
+        if "text_encoder_2" in spec:
+            write_tokenizer(tmp / "tokenizer_2", spec["pad_token_2"])
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
-        (tmp / "model_index.json").write_text(json.dumps(_model_index(sched["_class_name"]), indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(_model_index(sched["_class_name"], spec), indent=2))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -98,8 +102,8 @@ def build(
     return out
 
 
-def _model_index(scheduler_class: str) -> dict:
-    return {
+def _model_index(scheduler_class: str, spec: dict) -> dict:
+    index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.30.0",
         "feature_extractor": [None, None],
@@ -111,6 +115,13 @@ def _model_index(scheduler_class: str) -> dict:
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+    if "text_encoder_2" in spec:  # as stabilityai/stable-diffusion-xl-base-1.0's model_index.json
+        for k in ("feature_extractor", "safety_checker", "requires_safety_checker"):
+            index.pop(k)
+        index.update(_class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"],
+                     force_zeros_for_empty_prompt=spec["force_zeros_for_empty_prompt"])
+    return index
 
 
 def synthetic_path(model: str) -> Path:

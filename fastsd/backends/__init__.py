@@ -1,8 +1,9 @@
-"""The backend protocol: the four networks, called by their NetworkSpec's input names.
+"""The backend protocol: the networks, called by their NetworkSpec's input names.
 
 The pipeline only ever calls these; it never branches on which backend it holds.
 Inputs arrive in float32 (input_ids int64) on the pipeline's device; outputs are
-returned in float32 on that device. Precision inside is the backend's business. Each
+returned in float32 on that device: one tensor, or a tuple in the spec's output order
+for a network with several outputs (SD-XL's second text encoder). Precision inside is the backend's business. Each
 call may pass `ran`, a dict of its own, where the backend records what ran each network
 (so a pipeline called from several threads reports each call's own backends).
 """
@@ -75,13 +76,18 @@ class Backend(Protocol):
     def vae_decoder_fp32(self, latent: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor:
         """The VAE decoder in eager fp32: the retry when a lower precision overflows."""
 
-    def text_encoder_for(self, clip_skip: int | None):
-        """The text encoder call for a per-call clip_skip (None: the load-time one); an
-        InvalidArgumentError where an engine bakes in another."""
+    def text_encoders_for(self, clip_skip: int | None) -> dict:
+        """Each text encoder's call (by network name) for a per-call clip_skip (None: the
+        load-time one); an InvalidArgumentError where an engine bakes in another."""
+
+
+def as_float(out):
+    """A network's output(s) in float32: a tensor, or a tuple of them for several outputs."""
+    return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
 
 
 class Networks:
-    """The four network calls in terms of `run` (by the specs' input names)."""
+    """The network calls in terms of `run` (by the specs' input names)."""
 
     def run(self, network: str, inputs: dict[str, torch.Tensor], ran: dict | None = None) -> torch.Tensor:
         raise NotImplementedError

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..devices import device_key
+from . import as_float
 from .kind import BuildOptions, EngineKind, EngineRunner, export_module
 
 
@@ -28,13 +29,15 @@ class CompiledRunner(EngineRunner):
         args = self.spec.cast(inputs, self.device, self.dtype)
         with torch.inference_mode():
             out = self.model(*args.values())
-        return (out[0] if isinstance(out, (list, tuple)) else out).float()
+        if isinstance(out, (list, tuple)) and len(out) == 1:
+            out = out[0]
+        return as_float(out)  # several outputs: a tuple in the spec's order
 
 
 def _build(opts: BuildOptions) -> Path:
     return export_module("compiled").build_compiled(
         opts.model, engine_dir=opts.engine_dir, dtype=opts.dtype, static=opts.static, device=opts.device,
-        networks=opts.networks, allow_pickle=opts.allow_pickle, clip_skip=opts.clip_skip, progress=opts.progress)
+        networks=opts.networks, allow_pickle=opts.allow_pickle, clip_skip=opts.clip_skip, vae=opts.vae, progress=opts.progress)
 
 
 def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile) -> CompiledRunner:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from ..engines import check_entry
 from ..errors import InvalidArgumentError
-from ..networks import NETWORKS, NetworkSpec
+from ..networks import SD_NETWORKS, NetworkSpec
 from . import Networks, record
 from .kind import EngineKind, Runner
 
@@ -55,14 +56,15 @@ class LazyRunner:
 
 
 class CompositeBackend(Networks):
-    def __init__(self, engines: dict[str, list], make_eager: Callable, clip_skip: int = 0):
+    def __init__(self, engines: dict[str, list], make_eager: Callable, clip_skip: int = 0,
+                 networks: tuple[str, ...] = SD_NETWORKS):
         """`engines`: per network, its engines fastest first (LazyRunner or any Runner), all
-        built for `clip_skip`."""
+        built for `clip_skip`; `networks`: the model family's."""
         self.engines = {n: list(r) for n, r in engines.items() if r}
         self.clip_skip = clip_skip
         self._make_eager, self._eager = make_eager, None
         self.backends = {n: self.engines[n][0].name if n in self.engines else "eager"
-                         for n in NETWORKS}  # what serves calls that fit the first engine (fixed at load)
+                         for n in networks}  # what serves calls that fit the first engine (fixed at load)
         self._warned: set = set()
         self._lock = threading.Lock()
 
@@ -90,17 +92,22 @@ class CompositeBackend(Networks):
                 log.warning("no %s engine fits this call (%s); running it in eager PyTorch", network, why)
         return self.eager.run(network, inputs, ran)
 
-    def text_encoder_for(self, clip_skip: int | None):
-        """The text encoder for a call's clip_skip: engines bake theirs in, so another one
+    def text_encoders_for(self, clip_skip: int | None) -> dict:
+        """The text encoders for a call's clip_skip: engines bake theirs in, so another one
         runs in eager PyTorch where no text-encoder engine is loaded, and is refused where one is."""
+        names = [n for n in self.backends if n.startswith("text_encoder")]
         if clip_skip is None or clip_skip == self.clip_skip:
-            return self.text_encoder
-        if self.engines.get("text_encoder"):
+            return {n: partial(self._text, n) for n in names}
+        engine = next((n for n in names if self.engines.get(n)), None)
+        if engine is not None:
             raise InvalidArgumentError(
-                f"clip_skip={clip_skip}: the text encoder runs on a {self.backends['text_encoder']} engine built "
+                f"clip_skip={clip_skip}: the {engine} runs on a {self.backends[engine]} engine built "
                 f"with clip_skip={self.clip_skip}; load the pipeline with clip_skip={clip_skip} (engines built "
                 "for it, or eager) to use another")
-        return self.eager.text_encoder_for(clip_skip)
+        return self.eager.text_encoders_for(clip_skip)
+
+    def _text(self, network: str, input_ids, *, ran: dict | None = None):
+        return self.run(network, {"input_ids": input_ids}, ran)
 
     def vae_decoder_fp32(self, latent, *, ran: dict | None = None):
         return self.eager.vae_decoder_fp32(latent, ran=ran)

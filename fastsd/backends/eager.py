@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import copy
 import threading
+from functools import partial
 
 import torch
 
-from ..networks import NETWORKS, TextEncoder, VaeDecoder
-from . import Networks, record
+from ..networks import VaeDecoder
+from . import Networks, as_float, record
 
 
 class EagerBackend(Networks):
@@ -35,7 +36,7 @@ class EagerBackend(Networks):
             names = self.specs["unet"].input_names
             self._graphed_unet = GraphedCall(
                 lambda *args: self._forward("unet", dict(zip(names, args, strict=True))))
-        self.backends = {k: "eager" for k in NETWORKS}
+        self.backends = {k: "eager" for k in family.networks}
         self._vae_fp32: VaeDecoder | None = None
         self._lock = threading.Lock()
 
@@ -48,22 +49,21 @@ class EagerBackend(Networks):
         args = self.specs[network].cast(inputs, self.device, self.dtype)
         if network == "unet" and self._graphed_unet is not None and not torch.cuda.is_current_stream_capturing():
             return self._graphed_unet(*args.values())  # inside a whole-step capture the UNet is captured with it
-        return self._forward(network, args).float()
+        return as_float(self._forward(network, args))
 
-    def text_encoder_for(self, clip_skip: int | None):
-        """The text encoder giving the embeddings of CLIP layer -(clip_skip + 1) (None: the
-        load-time clip_skip); any clip_skip runs here, on the same weights."""
+    def text_encoders_for(self, clip_skip: int | None) -> dict:
+        """The text encoders giving the embeddings of the CLIP layer clip_skip selects (None:
+        the load-time clip_skip); any clip_skip runs here, on the same weights."""
+        names = [n for n in self.modules if n.startswith("text_encoder")]
         if clip_skip is None or clip_skip == self.clip_skip:
-            return self.text_encoder
-        module = TextEncoder(self.modules["text_encoder"].clip, clip_skip)
+            return {n: partial(self._text, n, self.modules[n]) for n in names}
+        return {n: partial(self._text, n, self.modules[n].with_clip_skip(clip_skip)) for n in names}
 
-        def encode(input_ids: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor:
-            record(ran, "text_encoder", "eager")
-            args = self.specs["text_encoder"].cast({"input_ids": input_ids}, self.device, self.dtype)
-            with torch.inference_mode():
-                return module(**args).float()
-
-        return encode
+    def _text(self, network: str, module, input_ids: torch.Tensor, *, ran: dict | None = None):
+        record(ran, network, "eager")
+        args = self.specs[network].cast({"input_ids": input_ids}, self.device, self.dtype)
+        with torch.inference_mode():
+            return as_float(module(**args))
 
     def vae_decoder_fp32(self, latent: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor:
         with self._lock:  # built once, on the first overflow

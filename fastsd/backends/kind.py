@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from ..networks import NETWORKS, NetworkSpec
+from ..networks import NetworkSpec
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,10 @@ class BuildOptions:
     dtype: str | None = None  # precision; None: the kind's default for the device
     static: str | None = None  # "HxW": a static-shape entry
     device: str | None = None  # the device the engines are for (kinds tied to one)
-    networks: tuple[str, ...] = NETWORKS
+    networks: tuple[str, ...] | None = None  # None: every network of the checkpoint's family
     allow_pickle: bool = False
     clip_skip: int = 0
+    vae: str | None = None  # a VAE (folder or file) replacing the checkpoint's
     refittable: bool = False  # engines that take other weights by refit
     simplify: bool = True  # ONNX: run onnxslim
     progress: Callable[[str], None] = log.info  # one line per network built

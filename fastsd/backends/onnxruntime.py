@@ -81,7 +81,7 @@ class OrtRunner(EngineRunner):
             self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self.device = device
         self.in_types = {i.name: _ORT_TO_TORCH[i.type] for i in self.session.get_inputs()}
-        self.out_type = _ORT_TO_TORCH[self.session.get_outputs()[0].type]
+        self.out_types = {o.name: _ORT_TO_TORCH[o.type] for o in self.session.get_outputs()}
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -92,8 +92,10 @@ class OrtRunner(EngineRunner):
             with on_work_stream(self.device):  # the stream ORT was given (a no-op inside a pipeline)
                 return self._run_bound(inputs)
         feeds = self._feeds(inputs)
-        out = self.session.run(None, {n: t.numpy() for n, t in feeds.items()}, self.run_options)[0]
-        return torch.from_numpy(out).float()
+        outs = self.session.run(list(self.spec.output_names), {n: t.numpy() for n, t in feeds.items()},
+                                self.run_options)
+        outs = tuple(torch.from_numpy(o).float() for o in outs)
+        return outs if len(outs) > 1 else outs[0]  # several outputs: a tuple in the spec's order
 
     def _feeds(self, inputs) -> dict[str, torch.Tensor]:
         return {n: inputs[n].to(self.in_types[n]).contiguous() for n in self.spec.input_names}
@@ -104,12 +106,13 @@ class OrtRunner(EngineRunner):
         dev_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         for n, t in feeds.items():
             binding.bind_input(n, "cuda", dev_id, _TORCH_TO_NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
-        name = self.spec.output_names[0]
-        shape = self.spec.shapes(*self.spec.dims(inputs))[name]
-        out = torch.empty(shape, dtype=self.out_type, device=self.device)
-        binding.bind_output(name, "cuda", dev_id, _TORCH_TO_NUMPY[out.dtype], shape, out.data_ptr())
+        shapes, outs = self.spec.shapes(*self.spec.dims(inputs)), []
+        for name in self.spec.output_names:
+            out = torch.empty(shapes[name], dtype=self.out_types[name], device=self.device)
+            binding.bind_output(name, "cuda", dev_id, _TORCH_TO_NUMPY[out.dtype], shapes[name], out.data_ptr())
+            outs.append(out)
         self.session.run_with_iobinding(binding, self.run_options)
-        return out.float()
+        return tuple(o.float() for o in outs) if len(outs) > 1 else outs[0].float()
 
 
 def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile) -> OrtRunner:
@@ -121,7 +124,7 @@ def _build(opts: BuildOptions) -> Path:
         log.info("ONNX graphs are device independent; --device %s is not needed", opts.device)
     return export_module("onnx_export").export_checkpoint(
         opts.model, engine_dir=opts.engine_dir, dtype=opts.dtype or "fp32", static=opts.static,
-        networks=opts.networks, simplify=opts.simplify, allow_pickle=opts.allow_pickle, clip_skip=opts.clip_skip,
+        networks=opts.networks, simplify=opts.simplify, allow_pickle=opts.allow_pickle, clip_skip=opts.clip_skip, vae=opts.vae,
         progress=opts.progress)
 
 

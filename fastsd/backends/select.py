@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from ..engines import NOT_IN_ENTRY, PRECISIONS, Profile, check_entry, graph_file, kind_entries
-from ..networks import NETWORKS
 from .composite import CompositeBackend, LazyRunner
 from .eager import EagerBackend
 from .kind import EngineKind
@@ -44,7 +43,7 @@ def _engines(kind: EngineKind, ckpt, specs: dict, device, dtype, engine_dir: Pat
     for entry in entries:  # files are re-hashed from disk when an engine loads (LazyRunner.load)
         manifest, problems = check_entry(entry, ckpt.info.fingerprint, facts)
         _warn_unusable(f"{kind.name} ({entry.name})", problems, loud, True)
-        for n in NETWORKS:
+        for n in specs:
             if n in problems or n not in manifest.get("networks", {}):
                 continue
             graph = graph_file(n, manifest["networks"][n])
@@ -83,14 +82,14 @@ def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.
     for runners in engines.values():  # the first choice loads now: its failure is known at load time
         while runners and not runners[0].load():
             runners.pop(0)
-    missing = [n for n in NETWORKS if not engines.get(n)]
+    missing = [n for n in family.networks if not engines.get(n)]
     if backend == "auto" and missing:
         key = (str(Path(engine_dir).resolve()), ckpt.info.fingerprint, tuple(missing))
         with _told_lock:
             first, _ = key not in _told, _told.add(key)
         if first:  # a warning where engines exist for other networks, a note (-v) where none do
-            level = logging.WARNING if len(missing) < len(NETWORKS) else logging.INFO
+            level = logging.WARNING if len(missing) < len(family.networks) else logging.INFO
             log.log(level, "no engine in %s for %s of this checkpoint: running %s in eager PyTorch (build engines "
                     "with `fastsd export --model ...` or `fastsd build`)", engine_dir, ", ".join(missing),
                     "it" if len(missing) == 1 else "them")
-    return CompositeBackend(engines, make_eager, clip_skip) if any(engines.values()) else make_eager()
+    return CompositeBackend(engines, make_eager, clip_skip, family.networks) if any(engines.values()) else make_eager()

@@ -128,8 +128,8 @@ class TrtRunner(EngineRunner):
             slot["runs"] += 1
             if self.cuda_graphs and slot["capture"] and slot["runs"] == CAPTURE_AFTER:
                 slot["graph"] = self._capture(slot)
-        out = bufs[self.spec.output_names[0]]
-        return out.to(torch.float32, copy=True)  # one copy out of the static buffer
+        outs = tuple(bufs[n].to(torch.float32, copy=True) for n in self.spec.output_names)  # copies out of the
+        return outs if len(outs) > 1 else outs[0]  # static buffers; several outputs in spec order
 
     def _capture(self, slot: dict):
         """The slot's launch as a CUDA graph, or None (plain launches stay) if it cannot be captured."""
@@ -157,7 +157,7 @@ def _build(opts: BuildOptions) -> Path:
         raise InvalidArgumentError(f"TensorRT engines are built in fp16, not {opts.dtype}")
     return export_module("tensorrt").build_tensorrt(
         opts.model, engine_dir=opts.engine_dir, static=opts.static, networks=opts.networks,
-        allow_pickle=opts.allow_pickle, refittable=opts.refittable, progress=opts.progress)
+        allow_pickle=opts.allow_pickle, refittable=opts.refittable, vae=opts.vae, progress=opts.progress)
 
 
 KIND = EngineKind("tensorrt", ".plan", unavailable, runtime_facts,
