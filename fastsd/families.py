@@ -49,7 +49,7 @@ class StableDiffusion:
     unet_module: type[nn.Module] = UNet  # forward arguments: the UNet spec's inputs, in order
     text_module: type[TextEncoder] = TextEncoder
     # diffusers' defaults of the family's pipelines (a call's None means these)
-    guidance_scale, img2img_strength, inpaint_strength = 7.5, 0.8, 1.0
+    guidance_scale, inpaint_guidance_scale, img2img_strength, inpaint_strength = 7.5, 7.5, 0.8, 1.0
 
     def __init__(self, info, tokenizer, tokenizer_2=None):
         self.info = info
@@ -112,7 +112,7 @@ class StableDiffusionXL(StableDiffusion):
     networks = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
     unet_module = XLUNet
     text_module = XLTextEncoder
-    guidance_scale, img2img_strength, inpaint_strength = 5.0, 0.3, 0.9999
+    guidance_scale, inpaint_guidance_scale, img2img_strength, inpaint_strength = 5.0, 7.5, 0.3, 0.9999
 
     def __init__(self, info, tokenizer, tokenizer_2, widths: dict[str, tuple[int, int]]):
         self._widths = widths
@@ -131,14 +131,13 @@ class StableDiffusionXL(StableDiffusion):
 
     def encode(self, encoders: dict[str, Callable], req, device: torch.device) -> dict[str, torch.Tensor]:
         """encoder_hidden_states, text_embeds and time_ids, [uncond; cond] with CFG. As diffusers:
-        prompt_2 / negative_prompt_2 default to the first texts (an empty one too); the
+        prompt_2 / negative_prompt_2 default to the first texts (so does an empty string); the
         negatives are zeros when no negative_prompt is given and the checkpoint says
         force_zeros_for_empty_prompt (whatever negative_prompt_2 is)."""
         if req.prompt_embeds is not None:
             emb, pooled = req.prompt_embeds.to(device).float(), req.pooled_prompt_embeds.to(device).float()
         else:
-            second = [b or a for a, b in zip(req.prompts, req.prompts_2 or req.prompts, strict=True)]
-            emb, pooled = self._embed(encoders, req.prompts, second, device)
+            emb, pooled = self._embed(encoders, req.prompts, req.prompts_2 or req.prompts, device)
         time_ids = self.time_ids(req.original_size, req.crops_coords_top_left, req.target_size, req)
         if req.do_cfg:
             if req.negative_prompt_embeds is not None:
@@ -147,9 +146,8 @@ class StableDiffusionXL(StableDiffusion):
             elif not req.negative_given and self.info.force_zeros_for_empty_prompt:
                 neg, neg_pooled = torch.zeros_like(emb), torch.zeros_like(pooled)
             else:
-                second = [b or a for a, b in zip(req.negative_prompts, req.negative_prompts_2 or req.negative_prompts,
-                                                 strict=True)]
-                neg, neg_pooled = self._embed(encoders, req.negative_prompts, second, device)
+                neg, neg_pooled = self._embed(encoders, req.negative_prompts, req.negative_prompts_2 or
+                                              req.negative_prompts, device)
             emb, pooled = torch.cat([neg, emb]), torch.cat([neg_pooled, pooled])
             given = req.negative_original_size is not None and req.negative_target_size is not None
             neg_ids = self.time_ids(req.negative_original_size, req.negative_crops_coords_top_left,

@@ -139,7 +139,7 @@ class Pipeline:
         self.ckpt, self.info = ckpt, ckpt.info
         self.family = family or family_for(ckpt)  # the one the backend was made for, when given
         f = self.family
-        self._defaults = Defaults(f.guidance_scale, f.img2img_strength, f.inpaint_strength,
+        self._defaults = Defaults(f.guidance_scale, f.inpaint_guidance_scale, f.img2img_strength, f.inpaint_strength,
                                   takes_xl="text_encoder_2" in f.networks)
         self._graphs = StepGraphs() if cuda_graphs else None  # whole-step graphs, one per shape and setting
         self.backend, self.device, self.dtype = backend, device, dtype
@@ -325,8 +325,9 @@ class Pipeline:
                  crops_coords_top_left=None, target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=None, negative_target_size=None, **unsupported):
         """Generate images; keyword names and defaults are diffusers' (see the README): a None
-        guidance_scale or strength is the model family's default (SD: 7.5, img2img 0.8,
-        inpaint 1.0; SD-XL: 5.0, 0.3, 0.9999). prompt_2 ... negative_target_size are
+        guidance_scale or strength is the model family's default for the mode, as its diffusers
+        pipelines (SD: guidance 7.5, strength img2img 0.8, inpaint 1.0; SD-XL: guidance 5.0,
+        inpaint 7.5, strength img2img 0.3, inpaint 0.9999). prompt_2 ... negative_target_size are
         StableDiffusionXLPipeline's and apply to SD-XL checkpoints only.
         Returns a PipelineOutput, or with return_dict=False the tuple (images, None) as diffusers'
         (images, nsfw flags) without a safety checker."""

@@ -32,7 +32,8 @@ XL_ARGUMENTS = ("prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negati
 class Defaults:
     """A model family's defaults for a call's None (diffusers' defaults of its pipelines)."""
 
-    guidance_scale: float = 7.5
+    guidance_scale: float = 7.5  # txt2img and img2img
+    inpaint_guidance_scale: float = 7.5
     img2img_strength: float = IMG2IMG_STRENGTH
     inpaint_strength: float = INPAINT_STRENGTH
     takes_xl: bool = False  # takes the SD-XL arguments (XL_ARGUMENTS)
@@ -159,7 +160,7 @@ def _xl_options(xl: dict, prompts: list[str], negatives: list[str], prompt_embed
     out: dict[str, Any] = {}
     for name, texts, what in (("prompts_2", prompts, "prompt_2"), ("negative_prompts_2", negatives,
                                                                     "negative_prompt_2")):
-        if xl.get(what) is None:
+        if xl.get(what) is None or xl[what] == "":  # diffusers: `prompt_2 or prompt`
             continue
         items = _prompt_list(xl[what], what)
         if len(items) == 1 and len(texts) > 1:
@@ -239,8 +240,9 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
                                    "diffusers class); use 'euler'")
     if output_type not in OUTPUT_TYPES:
         raise InvalidArgumentError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
-    guidance = _number(defaults.guidance_scale if guidance_scale is None else guidance_scale, "guidance_scale",
-                       lo=0.0, hi=MAX_GUIDANCE)
+    if guidance_scale is None:  # the family's default for the mode (SD-XL inpaint: 7.5, else 5.0)
+        guidance_scale = defaults.guidance_scale if mask_image is None else defaults.inpaint_guidance_scale
+    guidance = _number(guidance_scale, "guidance_scale", lo=0.0, hi=MAX_GUIDANCE)
     rescale = _number(guidance_rescale, "guidance_rescale", lo=0.0, hi=1.0)
     eta = _number(eta, "eta", lo=0.0, hi=MAX_ETA)
     default_h = default_w = info.default_size
