@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastsd.guidance import blend
-from fastsd.networks import NETWORKS
+from fastsd.networks import SD_NETWORKS
 from fastsd.schedulers import SAMPLERS, SchedulerConfig
 
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
@@ -40,7 +40,7 @@ def test_mask_blend(benchmark):
 
 
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
-@pytest.mark.parametrize("network", NETWORKS)
+@pytest.mark.parametrize("network", SD_NETWORKS)
 def test_network_call(benchmark, tiny, tmp_path_factory, backend, network):
     from fastsd import Pipeline
 

@@ -220,7 +220,7 @@ def _tiny_xl() -> dict:
                   hidden_act="gelu", projection_dim=24)
     unet = dict(tiny["unet"], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], transformer_layers_per_block=[1, 2],
-                cross_attention_dim=80, attention_head_dim=[1, 2], use_linear_projection=True,
+                cross_attention_dim=80, attention_head_dim=[1, 1], use_linear_projection=True,  # 64-wide heads
                 addition_embed_type="text_time", addition_time_embed_dim=8,
                 projection_class_embeddings_input_dim=6 * 8 + 24)
     return {

@@ -69,10 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     g = sub_parser("generate", help="generate images from a prompt (txt2img, img2img, inpaint)")
     g.add_argument("prompt", help="what to draw")
     g.add_argument("--model", required=True,
-                   help="diffusers folder, single .safetensors file, hub id, or synthetic:tiny|sd15|sd21")
+                   help="diffusers folder, single .safetensors file, hub id, or "
+                        "synthetic:tiny|sd15|sd21|sdxl|tiny-xl")
     g.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
+    g.add_argument("--prompt-2", default=None, help="SD-XL: the second text encoder's prompt (default: PROMPT)")
+    g.add_argument("--negative-prompt-2", default=None,
+                   help="SD-XL: the second text encoder's negative prompt (default: --negative-prompt)")
     g.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    g.add_argument("--guidance", type=float, default=7.5, help="CFG scale; <= 1 disables CFG")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale; <= 1 disables CFG (default: 7.5; SD-XL 5.0, SD-XL inpaint 7.5)")
     g.add_argument("--scheduler", default=None,
                    help="ddim | pndm | euler | euler_a (default: the checkpoint's own, as diffusers)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
@@ -84,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--image", default=None, help="init image: img2img, or inpaint with --mask")
     g.add_argument("--mask", default=None, help="inpaint mask, white = repaint")
     g.add_argument("--strength", type=float, default=None,
-                   help="img2img/inpaint strength (default: 0.8 img2img, 1.0 inpaint)")
+                   help="img2img/inpaint strength (default: 0.8 img2img, 1.0 inpaint; SD-XL 0.3, 0.9999)")
     g.add_argument("--out", default="fastsd.png", help="output PNG; N images get -0, -1, ... suffixes")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--backend", default="auto", help="auto | tensorrt | compiled | onnxruntime | eager")
@@ -93,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--engine-dir", default=None,
                    help="engine store (default: $FASTSD_ENGINE_DIR, else ~/.cache/fastsd/engines)")
     g.add_argument("--variant", default=None, help="diffusers folder weight variant, e.g. fp16")
+    g.add_argument("--vae", default=None,
+                   help="a VAE folder or .safetensors file replacing the checkpoint's (e.g. an fp16-safe SD-XL VAE)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
     g.add_argument("--prediction-type", default=None, help="epsilon | v_prediction (override the checkpoint's)")
     g.add_argument("--clip-skip", type=int, default=0, help="text embeddings from CLIP layer -(N+1)")
@@ -109,10 +116,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--static", default=None, metavar="HxW", help="fixed height x width (batch stays dynamic)")
     e.add_argument("--engine-dir", default=None,
                    help="engine store (default: $FASTSD_ENGINE_DIR, else ~/.cache/fastsd/engines)")
-    e.add_argument("--networks", default=None, help="comma-separated subset to export (default: all four)")
+    e.add_argument("--networks", default=None, help="comma-separated subset to export (default: all of the checkpoint's)")
     e.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     e.add_argument("--clip-skip", type=int, default=0, help="bake text embeddings from CLIP layer -(N+1)")
     e.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
+    e.add_argument("--vae", default=None, help="a VAE folder or .safetensors file replacing the checkpoint's")
     e.set_defaults(func=cmd_export)
 
     c = sub_parser("build", help="build compiled engines (AOTInductor) into the engine store")
@@ -122,11 +130,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--static", default=None, metavar="HxW", help="image size (default: the checkpoint's)")
     c.add_argument("--device", default=None, help="cuda | cpu: the device the engines are for")
     c.add_argument("--engine-dir", default=None, help="engine store (as for export)")
-    c.add_argument("--networks", default=None, help="comma-separated subset to build (default: all four)")
+    c.add_argument("--networks", default=None, help="comma-separated subset to build (default: all of the checkpoint's)")
     c.add_argument("--clip-skip", type=int, default=0, help="bake text embeddings from CLIP layer -(N+1)")
     c.add_argument("--refittable", action="store_true",
                    help="engines that can take other weights by refit (tensorrt; may run slower)")
     c.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
+    c.add_argument("--vae", default=None, help="a VAE folder or .safetensors file replacing the checkpoint's")
     c.set_defaults(func=cmd_build)
 
     s = sub_parser("engines", help="list or prune the engine store")
@@ -315,6 +324,7 @@ def cmd_generate(args) -> int:
 
     _check_generate(args)
     args.prompt, args.negative_prompt = _argv_text(args.prompt), _argv_text(args.negative_prompt)
+    args.prompt_2, args.negative_prompt_2 = _argv_text(args.prompt_2), _argv_text(args.negative_prompt_2)
     paths = output_paths(args.out, args.n, args.overwrite)
     image = load_image(args.image) if args.image else None
     mask = load_image(args.mask) if args.mask else None
@@ -325,9 +335,15 @@ def cmd_generate(args) -> int:
                                     memory=memory, cuda_graphs=args.cuda_graphs,
                                     engine_dir=args.engine_dir, allow_pickle=args.allow_pickle,
                                     prediction_type=args.prediction_type, clip_skip=args.clip_skip,
-                                    variant=args.variant)
-    bar = _progress(args, args.scheduler or pipe.scheduler.name)
-    out = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, mask_image=mask,
+                                    variant=args.variant, vae=args.vae)
+    xl = {k: v for k, v in (("prompt_2", args.prompt_2), ("negative_prompt_2", args.negative_prompt_2)) if v}
+    defaults = pipe._defaults
+    guidance = args.guidance if args.guidance is not None else (
+        defaults.inpaint_guidance_scale if mask is not None else defaults.guidance_scale)
+    strength = args.strength if args.strength is not None or image is None else (
+        defaults.inpaint_strength if mask is not None else defaults.img2img_strength)
+    bar = _progress(args, args.scheduler or pipe.scheduler.name, 1.0 if strength is None else strength)
+    out = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, mask_image=mask, **xl,
                strength=args.strength, num_inference_steps=args.steps, guidance_scale=args.guidance,
                scheduler=args.scheduler, eta=args.eta, generator=torch.Generator().manual_seed(seed),
                height=args.height, width=args.width, num_images_per_prompt=args.n,
@@ -336,10 +352,10 @@ def cmd_generate(args) -> int:
         bar.close()
     width, height = out.images[0].size
     settings = {
-        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
-        "scheduler": args.scheduler or pipe.scheduler.name, "guidance": args.guidance, "eta": args.eta, "seed": seed,
-        "height": height, "width": width, "strength": args.strength, "image": args.image, "mask": args.mask,
-        "clip_skip": args.clip_skip, "model": args.model, "model_fingerprint": pipe.info.fingerprint,
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt, **xl, "steps": args.steps,
+        "scheduler": args.scheduler or pipe.scheduler.name, "guidance": guidance, "eta": args.eta, "seed": seed,
+        "height": height, "width": width, "strength": strength, "image": args.image, "mask": args.mask,
+        "clip_skip": args.clip_skip, "model": args.model, "vae": args.vae, "model_fingerprint": pipe.info.fingerprint,
         "fastsd": __version__,
     }
     write_pngs(out.images, paths, settings, args.overwrite)
@@ -387,15 +403,11 @@ class _Bar:
             self.bar.close()
 
 
-def _progress(args, scheduler: str):
+def _progress(args, scheduler: str, strength: float):
     if args.no_progress:
         return None
     from .schedulers import SAMPLERS, first_step
-    from .settings import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 
-    strength = args.strength
-    if strength is None:
-        strength = 1.0 if not args.image else INPAINT_STRENGTH if args.mask else IMG2IMG_STRENGTH
     total = SAMPLERS[scheduler].loop_steps(args.steps) - first_step(args.steps, strength)
     return _Bar(total)
 
@@ -414,9 +426,7 @@ def _build(kind_name: str, args, **options) -> int:
         refitting = ", ".join(k.name for k in ENGINE_KINDS.values() if k.refits)
         raise FastSDError(f"--refittable applies to engine kinds that refit ({refitting}), not {kind.name}")
     t0 = time.perf_counter()
-    from .networks import NETWORKS
-
-    networks = tuple(n.strip() for n in args.networks.split(",") if n.strip()) if args.networks else NETWORKS
+    networks = tuple(n.strip() for n in args.networks.split(",") if n.strip()) if args.networks else None
     opts = BuildOptions(args.model, engine_dir=args.engine_dir, networks=networks, allow_pickle=args.allow_pickle,
                         clip_skip=args.clip_skip, static=args.static, progress=lambda line: print(line, flush=True),
                         **options)
@@ -430,11 +440,12 @@ def _build(kind_name: str, args, **options) -> int:
 
 
 def cmd_export(args) -> int:
-    return _build("onnxruntime", args, dtype=args.dtype, simplify=not args.no_simplify)
+    return _build("onnxruntime", args, dtype=args.dtype, simplify=not args.no_simplify, vae=args.vae)
 
 
 def cmd_build(args) -> int:
-    return _build(args.backend, args, dtype=args.dtype, device=args.device, refittable=args.refittable)
+    return _build(args.backend, args, dtype=args.dtype, device=args.device, refittable=args.refittable,
+                  vae=args.vae)
 
 
 def cmd_engines(args) -> int:

@@ -1,10 +1,12 @@
-"""Single-file SD 1.x / 2.x checkpoints in the original (CompVis / Stability) layout.
+"""Single-file SD 1.x / 2.x / SD-XL checkpoints in the original (CompVis / Stability) layout.
 
 Loaded offline: the architecture is the carried SD 1.x or 2.x config (archs.py) with
 every size read from the tensors' shapes, and the weights are renamed to diffusers'
 layout by the rules below (one function per network, diffusers key -> original key,
-so the same rules also write such a file). The CLIP tokenizer is not in the file: it is
-taken from a `tokenizer/` folder beside it, or from the hub cache.
+so the same rules also write such a file). SD-XL files hold both text towers under
+`conditioner.embedders.{0,1}` and the UNet's added embedding as `label_emb`. The CLIP
+tokenizers are not in the file: they are taken from `tokenizer/` (and SD-XL's
+`tokenizer_2/`) folders beside it, or from the hub cache.
 """
 
 from __future__ import annotations
@@ -25,13 +27,18 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
+XL_TEXT_PREFIX = "conditioner.embedders.0.transformer."  # CLIP ViT-L, transformers' layout
+XL_TEXT_2_PREFIX = "conditioner.embedders.1.model."  # OpenCLIP bigG, with its text_projection
 HEAD_DIM = 64  # SD 2.x attention and both CLIP text towers use 64-wide heads
 TOKENIZER_REPOS = {"sd15": ("openai/clip-vit-large-patch14", ""),
-                   "sd21": ("stabilityai/stable-diffusion-2-1", "tokenizer")}
+                   "sd21": ("stabilityai/stable-diffusion-2-1", "tokenizer"),
+                   "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),
+                   "sdxl_2": ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2")}
 
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
@@ -91,11 +98,16 @@ def vae_key(key: str, n_blocks: int) -> str:
     return key  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
 
 
+TEXT_PROJECTION_T = "text_projection.T"  # OpenCLIP applies x @ P; transformers' Linear holds P.T
+
+
 def openclip_key(key: str) -> tuple[str, int | None]:
-    """SD 2.x text tower: original key, and which third of a fused in_proj (q, k, v) it is."""
+    """SD 2.x / SD-XL OpenCLIP text tower: original key, and which third of a fused
+    in_proj (q, k, v) it is (the projection maps to its transpose, TEXT_PROJECTION_T)."""
     key = key.removeprefix("text_model.")
     fixed = {"embeddings.token_embedding.weight": "token_embedding.weight",
-             "embeddings.position_embedding.weight": "positional_embedding"}
+             "embeddings.position_embedding.weight": "positional_embedding",
+             "text_projection.weight": TEXT_PROJECTION_T}
     if key in fixed:
         return fixed[key], None
     if key.startswith("final_layer_norm."):
@@ -111,12 +123,16 @@ def openclip_key(key: str) -> tuple[str, int | None]:
 
 
 def family(sd: dict) -> str:
+    if any(k.startswith(XL_TEXT_2_PREFIX) for k in sd):
+        if not any(k.startswith(XL_TEXT_PREFIX) for k in sd):
+            raise CheckpointError("an SD-XL refiner (one text encoder) single file; fastsd runs SD-XL base checkpoints")
+        return "sdxl"
     if any(k.startswith(SD2_TEXT_PREFIX) for k in sd):
         return "sd21"
     if any(k.startswith(SD1_TEXT_PREFIX) for k in sd):
         return "sd15"
-    raise CheckpointError("not an SD 1.x/2.x single-file checkpoint (no cond_stage_model weights; "
-                          "SDXL and other layouts need a diffusers folder)")
+    raise CheckpointError("not an SD 1.x/2.x/SD-XL single-file checkpoint (no cond_stage_model or conditioner "
+                          "weights; other layouts need a diffusers folder)")
 
 
 def _count(sd: dict, pattern: str) -> int:
@@ -146,8 +162,14 @@ def unet_config(sd: dict, fam: str) -> dict:
         cross_attention_dim=to_k.shape[1],
         use_linear_projection=proj_in.ndim == 2,
     )
-    if fam == "sd21":
+    if fam in ("sd21", "sdxl"):
         cfg["attention_head_dim"] = [max(1, c // HEAD_DIM) for c in chans]
+    if fam == "sdxl":  # transformer depth per level, and the "text_time" added embedding
+        depth = [_count(sd, re.escape(UNET_PREFIX) + rf"input_blocks\.{step * i + 1}\.1\.transformer_blocks\.(\d+)\.")
+                 or 1 for i in range(n_blocks)]
+        added, pooled = g("label_emb.0.0.weight").shape[1], sd[XL_TEXT_2_PREFIX + "text_projection"].shape[1]
+        cfg.update(transformer_layers_per_block=depth, projection_class_embeddings_input_dim=added,
+                   addition_time_embed_dim=(added - pooled) // 6)  # 6 time ids, then the pooled text
     return cfg
 
 
@@ -166,22 +188,30 @@ def vae_config(sd: dict, fam: str) -> dict:
     return cfg
 
 
-def text_config(sd: dict, fam: str) -> dict:
-    cfg = arch(fam)["text_encoder"]
-    if fam == "sd15":
-        base = SD1_TEXT_PREFIX + ("text_model." if SD1_TEXT_PREFIX + "text_model.embeddings.token_embedding.weight"
-                                  in sd else "")
+def _clip_base(sd: dict, prefix: str) -> str:
+    """Where a transformers-layout CLIP text tower's keys start (with or without text_model.)."""
+    return prefix + ("text_model." if prefix + "text_model.embeddings.token_embedding.weight" in sd else "")
+
+
+def text_config(sd: dict, fam: str, second: bool = False) -> dict:
+    """The text tower's config: SD 1.x / SD-XL's first (transformers' layout), SD 2.x's
+    OpenCLIP (its last layer unused, so one fewer), SD-XL's second (`second`: OpenCLIP bigG,
+    every layer, with the projection)."""
+    cfg = arch(fam)["text_encoder_2" if second else "text_encoder"]
+    if fam in ("sd15", "sdxl") and not second:
+        base = _clip_base(sd, SD1_TEXT_PREFIX if fam == "sd15" else XL_TEXT_PREFIX)
         tok, pos = sd[base + "embeddings.token_embedding.weight"], sd[base + "embeddings.position_embedding.weight"]
         layers = _count(sd, re.escape(base) + r"encoder\.layers\.(\d+)\.")
         inter = sd[base + "encoder.layers.0.mlp.fc1.weight"].shape[0]
-    else:  # OpenCLIP: diffusers keeps the penultimate layer's output, so one layer fewer
-        tok, pos = sd[SD2_TEXT_PREFIX + "token_embedding.weight"], sd[SD2_TEXT_PREFIX + "positional_embedding"]
-        layers = _count(sd, re.escape(SD2_TEXT_PREFIX) + r"transformer\.resblocks\.(\d+)\.") - 1
-        inter = sd[SD2_TEXT_PREFIX + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    else:  # OpenCLIP: SD 2.x's diffusers tower stops at the penultimate layer, so one layer fewer
+        prefix = XL_TEXT_2_PREFIX if second else SD2_TEXT_PREFIX
+        tok, pos = sd[prefix + "token_embedding.weight"], sd[prefix + "positional_embedding"]
+        layers = _count(sd, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.") - (0 if second else 1)
+        inter = sd[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     hidden = tok.shape[1]
     cfg.update(vocab_size=tok.shape[0], hidden_size=hidden, max_position_embeddings=pos.shape[0],
                num_hidden_layers=layers, intermediate_size=inter, num_attention_heads=max(1, hidden // HEAD_DIM),
-               projection_dim=hidden)
+               projection_dim=sd[XL_TEXT_2_PREFIX + "text_projection"].shape[1] if second else hidden)
     return cfg
 
 
@@ -238,9 +268,9 @@ def read_state_dict(path: Path, allow_pickle: bool) -> dict:
         raise CheckpointError(f"corrupt safetensors file {path}: {e}") from None
 
 
-def _tokenizer(path: Path, fam: str):
+def _tokenizer(path: Path, fam: str, folder: str = "tokenizer"):
     """The tokenizer folder beside the file, else the family's tokenizer in the hub cache."""
-    local = path.parent / "tokenizer"
+    local = path.parent / folder
     if local.is_dir():
         return load_tokenizer(local), local
     repo, sub = TOKENIZER_REPOS[fam]
@@ -251,19 +281,21 @@ def _tokenizer(path: Path, fam: str):
                                       local_files_only=True))
         return load_tokenizer(snap / sub), None
     except Exception:  # noqa: BLE001 - not cached, or cached without tokenizer files
-        raise CheckpointError(f"{path.name} has no tokenizer: put a diffusers tokenizer/ folder beside it, "
+        raise CheckpointError(f"{path.name} has no tokenizer: put a diffusers {folder}/ folder beside it, "
                               f"or have {repo} in the hub cache") from None
 
 
 def load_single_file(path: Path, *, source: str, allow_pickle: bool) -> Checkpoint:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     sd = read_state_dict(path, allow_pickle)
     fam = family(sd)
     tok, tok_dir = _tokenizer(path, fam)
+    tok_2, tok_2_dir = _tokenizer(path, "sdxl_2", "tokenizer_2") if fam == "sdxl" else (None, None)
     try:
         ucfg, vcfg, tcfg = unet_config(sd, fam), vae_config(sd, fam), text_config(sd, fam)
+        tcfg_2 = text_config(sd, fam, second=True) if fam == "sdxl" else None
     except (KeyError, StopIteration, IndexError, AttributeError) as e:
         missing = e.args[0] if isinstance(e, KeyError) else "an attention weight"
         raise CheckpointError(f"{path.name} is incomplete: {missing} is missing, so its architecture "
@@ -273,15 +305,21 @@ def load_single_file(path: Path, *, source: str, allow_pickle: bool) -> Checkpoi
     up_attn = [t.startswith("CrossAttn") for t in ucfg["up_block_types"]]
     _gather(unet, sd, lambda k: (UNET_PREFIX + unet_key(k, ucfg["layers_per_block"], up_attn), None), "UNet")
     _gather(vae, sd, lambda k: (VAE_PREFIX + vae_key(k, len(vcfg["block_out_channels"])), None), "VAE")
-    if fam == "sd15":
-        base = SD1_TEXT_PREFIX + ("text_model." if any(k.startswith(SD1_TEXT_PREFIX + "text_model.") for k in sd)
-                                  else "")
+    if fam in ("sd15", "sdxl"):
+        base = _clip_base(sd, SD1_TEXT_PREFIX if fam == "sd15" else XL_TEXT_PREFIX)
         _gather(text, sd, lambda k: (base + k.removeprefix("text_model."), None), "text encoder")
     else:
         _gather(text, sd, lambda k: (lambda o: (SD2_TEXT_PREFIX + o[0], o[1]))(openclip_key(k)), "text encoder")
-    files = [path] + (sorted(p for p in tok_dir.iterdir() if p.is_file()) if tok_dir else [])
-    log.info("loaded %s as an %s single-file checkpoint", path.name, fam)
     parts = {"tokenizer": tok, "text_encoder": text, "unet": unet, "vae": vae}
+    if fam == "sdxl":
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**tcfg_2, bos_token_id=tok_2.bos_token_id,
+                                                            eos_token_id=tok_2.eos_token_id))
+        source_2 = {k[len(XL_TEXT_2_PREFIX):]: v for k, v in sd.items() if k.startswith(XL_TEXT_2_PREFIX)}
+        source_2[TEXT_PROJECTION_T] = source_2["text_projection"].t()
+        _gather(text_2, source_2, openclip_key, "text encoder 2")
+        parts.update(tokenizer_2=tok_2, text_encoder_2=text_2)
+    files = [path] + [p for d in (tok_dir, tok_2_dir) if d for p in sorted(d.iterdir()) if p.is_file()]
+    log.info("loaded %s as an %s single-file checkpoint", path.name, fam)
     return make_checkpoint(parts, arch(fam)["scheduler"], fingerprint(files, path.parent), source)
 
 
@@ -294,19 +332,32 @@ def to_original_layout(ckpt: Checkpoint, fam: str) -> dict:
     for k, v in ckpt.vae.state_dict().items():
         out[VAE_PREFIX + vae_key(k, n_vae)] = v[..., None, None] if ".mid_block.attentions." in k and v.ndim == 2 else v
     text = {k: v for k, v in ckpt.text_encoder.state_dict().items() if not k.endswith("position_ids")}
-    if fam == "sd15":
-        out.update({SD1_TEXT_PREFIX + "text_model." + k.removeprefix("text_model."): v for k, v in text.items()})
+    if fam in ("sd15", "sdxl"):
+        prefix = SD1_TEXT_PREFIX if fam == "sd15" else XL_TEXT_PREFIX
+        out.update({prefix + "text_model." + k.removeprefix("text_model."): v for k, v in text.items()})
+        if fam == "sdxl":
+            text_2 = {k: v for k, v in ckpt.text_encoder_2.state_dict().items() if not k.endswith("position_ids")}
+            out.update(_openclip_layout(text_2, XL_TEXT_2_PREFIX))
         return {k: v.contiguous() for k, v in out.items()}
-    fused: dict[str, list] = {}
-    for k, v in text.items():
-        key, third = openclip_key(k)
-        if third is None:
-            out[SD2_TEXT_PREFIX + key] = v
-        else:
-            fused.setdefault(key, [None] * 3)[third] = v
-    out.update({SD2_TEXT_PREFIX + k: torch.cat(v) for k, v in fused.items()})
+    out.update(_openclip_layout(text, SD2_TEXT_PREFIX))
     layer = re.compile(re.escape(SD2_TEXT_PREFIX) + r"transformer\.resblocks\.(\d+)\.")
     last = max(int(m[1]) for k in out if (m := layer.match(k)))
     for k in [k for k in out if k.startswith(f"{SD2_TEXT_PREFIX}transformer.resblocks.{last}.")]:  # unused 24th layer
         out[k.replace(f"resblocks.{last}.", f"resblocks.{last + 1}.")] = out[k].clone()
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _openclip_layout(text: dict, prefix: str) -> dict:
+    """A transformers CLIP text tower's state dict in OpenCLIP's layout (fused q/k/v, the
+    projection transposed)."""
+    out, fused = {}, {}
+    for k, v in text.items():
+        key, third = openclip_key(k)
+        if key == TEXT_PROJECTION_T:
+            out[prefix + "text_projection"] = v.t()
+        elif third is None:
+            out[prefix + key] = v
+        else:
+            fused.setdefault(key, [None] * 3)[third] = v
+    out.update({prefix + k: torch.cat(v) for k, v in fused.items()})
+    return out

@@ -32,8 +32,8 @@ def scaled_family(scale: float):
         extra_unet_inputs = (TensorSpec("out_scale", (BATCH,), FLOAT32, sample=1.0),)
         unet_module = ScaledUNet
 
-        def encode(self, text_encoder, prompts, negatives, do_cfg, n, device, *embeds):
-            out = super().encode(text_encoder, prompts, negatives, do_cfg, n, device, *embeds)
+        def encode(self, encoders, req, device):
+            out = super().encode(encoders, req, device)
             rows = out["encoder_hidden_states"].shape[0]
             return {**out, "out_scale": torch.full((rows,), scale, device=device)}
 

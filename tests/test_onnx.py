@@ -25,10 +25,10 @@ from fastsd.cli import main  # noqa: E402
 from fastsd.engines import Profile, entry_dir, list_entries, prune  # noqa: E402
 from fastsd.errors import InvalidArgumentError  # noqa: E402
 from fastsd.families import family_for  # noqa: E402
-from fastsd.networks import NETWORKS, wrap  # noqa: E402
+from fastsd.networks import SD_NETWORKS, wrap  # noqa: E402
 
 TOL = 1e-3
-ALL_ORT = {n: "onnxruntime" for n in NETWORKS}
+ALL_ORT = {n: "onnxruntime" for n in SD_NETWORKS}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def pipe_pair(ckpts, pipes, store, variant):
     return Pipeline.from_pretrained(str(ckpts[variant]), backend="onnxruntime", engine_dir=str(store)), pipes(variant)
 
 
-@pytest.mark.parametrize("network", NETWORKS)
+@pytest.mark.parametrize("network", SD_NETWORKS)
 @pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("fp16", 5e-2)])
 def test_each_network_matches_pytorch(ckpts, store, network, precision, tol):
     """Each graph alone vs its fp32 PyTorch module, at a batch and size other than the trace's.

@@ -230,3 +230,114 @@ def test_missing_second_encoder_refused(xl, tmp_path):
     shutil.rmtree(folder / "text_encoder_2")
     with pytest.raises(CheckpointError, match="text_encoder_2"):
         Pipeline.from_pretrained(str(folder))
+
+
+def test_single_file_matches_folder(tmp_path):
+    """An SD-XL file in Stability's layout (conditioner.embedders.{0,1}, label_emb) loads offline
+    into the same networks: the architecture comes from the tensors' shapes."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from fastsd.checkpoint import load_checkpoint
+    from fastsd.single_file import to_original_layout
+
+    folder = build(tmp_path / "folder", "tiny-xl", vae_scaling_factor=0.13025)  # the carried SD-XL scale
+    single = tmp_path / "single"
+    single.mkdir()
+    state = to_original_layout(load_checkpoint(str(folder)), "sdxl")
+    assert "conditioner.embedders.1.model.text_projection" in state and any("label_emb" in k for k in state)
+    save_file(state, str(single / "model.safetensors"))
+    shutil.copytree(folder / "tokenizer", single / "tokenizer")
+    kw = dict(num_inference_steps=3, height=32, width=24, output_type="np", negative_prompt="x", seed=0)
+    a = Pipeline.from_pretrained(str(folder))("a cat", **kw).images
+    with pytest.raises(CheckpointError, match="tokenizer_2"):
+        Pipeline.from_pretrained(str(single / "model.safetensors"))
+    shutil.copytree(folder / "tokenizer_2", single / "tokenizer_2")
+    pipe = Pipeline.from_pretrained(str(single / "model.safetensors"))
+    assert pipe.family.name == "sdxl" and pipe.info.sample_size == 128  # carried SD-XL config: 1024 px
+    assert np.abs(pipe("a cat", **kw).images - a).max() <= 1e-5
+    assert pipe.ckpt.unet.config.transformer_layers_per_block == [1, 2]
+
+
+def test_fp16_safe_vae_replaces_the_checkpoints(xl, xl_pipes, tmp_path):
+    """vae= takes a diffusers VAE folder or a .safetensors file (diffusers or original keys);
+    the output is diffusers' with the same VAE, and engines are kept apart (new fingerprint)."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    from fastsd.single_file import VAE_PREFIX, to_original_layout
+
+    other = diffusers.AutoencoderKL.from_pretrained(str(build(tmp_path / "other", "tiny-xl", seed=9) / "vae"))
+    other.save_pretrained(tmp_path / "vae")
+    kw = dict(num_inference_steps=3, height=24, width=24, output_type="np", scheduler="euler")
+    pipe = Pipeline.from_pretrained(str(xl["xl"]), vae=str(tmp_path / "vae"))
+    ours = pipe("a fox", seed=0, **kw).images
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(str(xl["xl"]), vae=other)
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref("a fox", generator=torch.Generator().manual_seed(0), num_inference_steps=3, height=24, width=24,
+                 output_type="np").images
+    assert np.abs(ours - theirs).max() <= TOL
+    assert pipe.info.fingerprint != xl_pipes("xl").info.fingerprint
+    assert np.abs(ours - xl_pipes("xl")("a fox", seed=0, **kw).images).max() > 10 * TOL
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "diffusers_keys.safetensors"))
+    original = {k[len(VAE_PREFIX):]: v for k, v in to_original_layout(pipe.ckpt, "sdxl").items()
+                if k.startswith(VAE_PREFIX)}
+    save_file(original, str(tmp_path / "sdxl_vae.safetensors"))  # as sdxl-vae-fp16-fix ships it: bare keys
+    for f in ("diffusers_keys.safetensors", "sdxl_vae.safetensors"):
+        again = Pipeline.from_pretrained(str(xl["xl"]), vae=str(tmp_path / f))("a fox", seed=0, **kw).images
+        assert np.abs(again - ours).max() <= 1e-6
+    wrong = diffusers.AutoencoderKL(latent_channels=8, norm_num_groups=32, block_out_channels=[32, 64],
+                                    down_block_types=["DownEncoderBlock2D"] * 2,
+                                    up_block_types=["UpDecoderBlock2D"] * 2)
+    with pytest.raises(CheckpointError, match="latent channels"):
+        Pipeline.from_pretrained(str(xl["xl"]), vae=wrong)
+    with pytest.raises(Exception, match="not found"):
+        Pipeline.from_pretrained(str(xl["xl"]), vae=str(tmp_path / "missing"))
+
+
+# ---- engines ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def xl_store(xl, tmp_path_factory):
+    from fastsd.export import export_checkpoint
+
+    store = tmp_path_factory.mktemp("xl-engines")
+    export_checkpoint(str(xl["xl"]), engine_dir=store)
+    export_checkpoint(str(xl["xl9"]), engine_dir=store)
+    return store
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
+def test_onnxruntime_matches_eager(xl, xl_pipes, xl_store, init_image, mask_image, mode):
+    import onnx
+
+    graph = onnx.load(str(next(xl_store.rglob("text_encoder_2.onnx"))), load_external_data=False)
+    assert [o.name for o in graph.graph.output] == ["text_embeddings", "text_embeds"]
+    kw = dict(num_inference_steps=3, seed=2, output_type="np", negative_prompt="dark", prompt_2="fog")
+    kw.update({"txt2img": dict(height=24, width=40), "img2img": dict(image=init_image, strength=0.7),
+               "inpaint": dict(image=init_image, mask_image=mask_image)}[mode])
+    for name in (["xl", "xl9"] if mode == "inpaint" else ["xl"]):
+        engine = Pipeline.from_pretrained(str(xl[name]), backend="onnxruntime", engine_dir=str(xl_store))
+        out = engine("a fox", **kw)
+        assert set(out.backends.values()) == {"onnxruntime"} and "text_encoder_2" in out.backends
+        assert np.abs(out.images - xl_pipes(name)("a fox", **kw).images).max() <= TOL
+
+
+def test_compiled_matches_eager(xl, xl_pipes, tmp_path):
+    from fastsd.export.compiled import build_compiled
+
+    build_compiled(str(xl["xl"]), engine_dir=tmp_path, networks=("text_encoder_2", "unet"))
+    engine = Pipeline.from_pretrained(str(xl["xl"]), backend="compiled", engine_dir=str(tmp_path))
+    kw = dict(num_inference_steps=3, seed=2, output_type="np", negative_prompt="dark")  # the built 32x32
+    out = engine(["a fox", "a cat"], **kw)
+    assert out.backends["unet"] == "compiled" and out.backends["text_encoder_2"] == "compiled"
+    assert np.abs(out.images - xl_pipes("xl")(["a fox", "a cat"], **kw).images).max() <= TOL
+
+
+def test_export_refuses_networks_the_family_lacks(ckpts, tmp_path):
+    from fastsd.export import export_checkpoint
+
+    with pytest.raises(InvalidArgumentError, match="no text_encoder_2"):
+        export_checkpoint(str(ckpts["eps"]), engine_dir=tmp_path, networks=("text_encoder_2",))
