@@ -165,6 +165,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--export-missing", action="store_true",
                    help="export ONNX / build compiled engines a backend lacks (timed)")
     b.add_argument("--cold-start", action="store_true", help="also time a new process to its first image")
+    b.add_argument("--sequential", action="store_true", default=None,
+                   help="run the backends one after another, not interleaved (default: only when their processes "
+                        "would not fit in memory together, e.g. full-size SD-XL on a CPU)")
     b.add_argument("--out", default="fastsd-bench", help="folder for bench.json, bench.md, bench.png")
     b.set_defaults(func=_cmd_bench)
 

@@ -341,3 +341,55 @@ def test_export_refuses_networks_the_family_lacks(ckpts, tmp_path):
 
     with pytest.raises(InvalidArgumentError, match="no text_encoder_2"):
         export_checkpoint(str(ckpts["eps"]), engine_dir=tmp_path, networks=("text_encoder_2",))
+
+
+# ---- bench and CLI -----------------------------------------------------------------------
+
+
+def test_bench_against_diffusers_sdxl_one_backend_at_a_time(xl, tmp_path):
+    """`fastsd bench` on an SD-XL checkpoint times diffusers' StableDiffusionXLPipeline as the
+    baseline; --sequential runs each backend's process on its own (how full-size SD-XL fits a
+    24 GiB CPU machine)."""
+    pytest.importorskip("matplotlib")
+    from fastsd.bench import default_config, run_bench
+    from fastsd.bench.runner import one_at_a_time
+
+    cfg = default_config(str(xl["xl"]), torch.device("cpu"), backends=("eager", "diffusers"), steps=(2,), warmup=0,
+                         runs=2, engine_dir=str(tmp_path), sequential=True)
+    result = run_bench(cfg, progress=lambda line: None)
+    assert [r["backend"] for r in result.rows] == ["eager", "diffusers"]
+    assert all(r["stages"]["text_encoder"]["median"] > 0 for r in result.rows)
+    assert "vs_diffusers" in result.rows[0]
+    assert any("one after another" in n for n in result.notes)
+    many = default_config("m", torch.device("cpu"), backends=("eager", "onnxruntime", "diffusers"))
+    assert one_at_a_time(many, xl["xl"], torch.device("cpu")) is None  # tiny: side by side
+    import fastsd.bench.runner as runner
+
+    original = runner.weight_bytes
+    try:
+        runner.weight_bytes = lambda path: 14 * 2**40  # full-size SD-XL x 4 copies would not fit anywhere
+        assert "would hold" in one_at_a_time(many, xl["xl"], torch.device("cpu"))
+    finally:
+        runner.weight_bytes = original
+
+
+def test_cli_generate_sdxl(xl, tmp_path, capsys):
+    import json as _json
+
+    from PIL import Image
+
+    from fastsd.cli import main
+
+    out = tmp_path / "xl.png"
+    assert main(["generate", "a fox", "--model", str(xl["xl"]), "--prompt-2", "oil painting", "--steps", "3",
+                 "--height", "24", "--width", "32", "--seed", "5", "--out", str(out), "--no-progress"]) == 0
+    assert "text_encoder_2=eager" in capsys.readouterr().out
+    png = Image.open(out)
+    settings = _json.loads(png.info["fastsd"])
+    assert png.size == (32, 24) and settings["guidance"] == 5.0 and settings["prompt_2"] == "oil painting"
+    want = Pipeline.from_pretrained(str(xl["xl"]))("a fox", prompt_2="oil painting", num_inference_steps=3,
+                                                   height=24, width=32, seed=5).images[0]
+    assert np.abs(np.asarray(png, dtype=np.int16) - np.asarray(want, dtype=np.int16)).max() <= 1
+    assert main(["generate", "a fox", "--model", str(xl["xl"]), "--prompt-2", "x", "--steps", "2",
+                 "--out", str(tmp_path / "b.png"), "--vae", str(tmp_path / "nope")]) == 2
+    assert "not found" in capsys.readouterr().err

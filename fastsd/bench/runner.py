@@ -66,6 +66,7 @@ class BenchConfig:
     engine_dir: str | None = None
     export_missing: bool = False  # export ONNX / build compiled engines a requested backend lacks (timed)
     cold_start: bool = False  # also time a new process to its first image
+    sequential: bool | None = None  # one backend's process at a time (None: when they would not fit together)
 
 
 def default_config(model: str, device: torch.device, **overrides) -> BenchConfig:
@@ -193,11 +194,12 @@ def steadiness(stages: dict, faults: list[int]) -> str | None:
     return None
 
 
-def _start_workers(cfg: BenchConfig, progress, notes: list, log_dir: Path) -> tuple[dict[str, Worker], int | None]:
+def _start_workers(cfg: BenchConfig, backends, progress, notes: list,
+                   log_dir: Path) -> tuple[dict[str, Worker], int | None]:
     """One worker per backend, started one after another (each measures its own load).
     Also returns the model's default benchmark size, as the first worker reports it."""
     workers, size = {}, None
-    for backend in cfg.backends:
+    for backend in backends:
         progress(f"loading {backend}")
         w = Worker(cfg, backend, log_dir)
         try:
@@ -218,47 +220,83 @@ def _start_workers(cfg: BenchConfig, progress, notes: list, log_dir: Path) -> tu
     return workers, size
 
 
+def weight_bytes(path: Path) -> int:
+    """Bytes of a checkpoint's weight files (a folder's, or one file's)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.suffix in (".safetensors", ".bin", ".ckpt"))
+
+
+def one_at_a_time(cfg: BenchConfig, path: Path, device: torch.device) -> str | None:
+    """Why the backends' processes should run one after another instead of side by side
+    (None: together). Each process holds the model's weights once (engines a second time:
+    the runtime keeps the PyTorch weights for its eager fallback); on a CPU they all share
+    the machine's memory, and a machine that pages times nothing but the disk."""
+    if cfg.sequential is not None:
+        return "asked for (--sequential)" if cfg.sequential else None
+    free = mem_available()
+    if device.type == "cuda" or free is None or len(cfg.backends) < 2:
+        return None
+    weights = weight_bytes(path)
+    need = sum(weights * (1 if b in (BASELINE, "eager") else 2) for b in cfg.backends)
+    if need <= 0.9 * free:
+        return None
+    return (f"the backends' processes would hold ~{need / 2**30:.0f} GiB together, {free / 2**30:.0f} GiB is "
+            "available")
+
+
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = print) -> BenchResult:
     from ..checkpoint import resolve
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = BenchResult(config=asdict(cfg), machine=machine_facts(device))
     resolve(cfg.model)  # builds a synthetic model once, before any worker needs it
-    workers: dict[str, Worker] = {}
+    why = one_at_a_time(cfg, resolve(cfg.model), device)
+    groups = [(b,) for b in cfg.backends] if why else [tuple(cfg.backends)]
+    if why:
+        result.notes.append(f"backends ran one after another, each in its own process ({why}); "
+                            "rows of different backends were not interleaved")
+    extras: dict = {}
     with tempfile.TemporaryDirectory(prefix="fastsd-bench-") as log_dir:
-        try:
-            workers, size = _start_workers(cfg, progress, result.notes, Path(log_dir))
-            sizes = cfg.sizes or (((size, size),) if size else ())  # the model's own, as its workers say
-            result.config["sizes"] = [list(s) for s in sizes]
-            matrix = list(itertools.product(sizes, cfg.batches, cfg.steps, cfg.schedulers))
-            cold = {b: _cold_start(cfg, b) for b in workers if cfg.cold_start and b != BASELINE}
-            extras = {}
-            for k, ((h, w), batch, steps, sched) in enumerate(matrix):
-                label = f"[{k + 1}/{len(matrix)}] {h}x{w} batch {batch} {steps} steps {sched}"
-                call = dict(h=h, w=w, batch=batch, steps=steps, sched=sched, guidance=cfg.guidance)
-                measured = _measure(workers, cfg, call, progress, label, device, result.notes)
-                for b, m in measured.items():  # rows of a configuration land together
-                    if b not in extras:
-                        extras[b] = workers[b].ask(op="extra")
-                        if extras[b].get("checkpoint"):  # the weights every row ran (compare matches on it)
-                            result.config.setdefault("checkpoint", extras[b]["checkpoint"])
-                    stages = summarize(m["samples"])
-                    result.rows.append({
-                        "backend": b, "height": h, "width": w, "batch": batch, "steps": steps, "scheduler": sched,
-                        "guidance": cfg.guidance, "stages": stages,
-                        "images_per_s": batch / stages["end_to_end"]["median"],
-                        "peak_memory_bytes": m["memory"], "memory_kind": workers[b].memory_kind,
-                        "major_faults": sum(m["faults"]), "min_free_memory_bytes": m["free"],
-                        "noisy": steadiness(stages, m["faults"]), **extras[b],
-                        **({"cold_start_seconds": cold[b]} if b in cold else {})})
-        except KeyboardInterrupt:
-            result.interrupted = True
-            result.notes.append("interrupted: the rows above are complete, the rest was not run")
-        except RuntimeError as e:  # a worker died mid-run: keep what is complete
-            result.notes.append(f"stopped: {e}")
-        finally:
-            for w in workers.values():
-                w.close()
+        size = None
+        for group in groups:
+            workers: dict[str, Worker] = {}
+            try:
+                workers, first = _start_workers(cfg, group, progress, result.notes, Path(log_dir))
+                size = size or first
+                sizes = cfg.sizes or (((size, size),) if size else ())  # the model's own, as its workers say
+                result.config["sizes"] = [list(s) for s in sizes]
+                matrix = list(itertools.product(sizes, cfg.batches, cfg.steps, cfg.schedulers))
+                cold = {b: _cold_start(cfg, b) for b in workers if cfg.cold_start and b != BASELINE}
+                for k, ((h, w), batch, steps, sched) in enumerate(matrix):
+                    label = f"[{k + 1}/{len(matrix)}] {h}x{w} batch {batch} {steps} steps {sched}" + (
+                        f" ({group[0]})" if why else "")
+                    call = dict(h=h, w=w, batch=batch, steps=steps, sched=sched, guidance=cfg.guidance)
+                    measured = _measure(workers, cfg, call, progress, label, device, result.notes)
+                    for b, m in measured.items():  # rows of a configuration land together
+                        if b not in extras:
+                            extras[b] = workers[b].ask(op="extra")
+                            if extras[b].get("checkpoint"):  # the weights every row ran (compare matches on it)
+                                result.config.setdefault("checkpoint", extras[b]["checkpoint"])
+                        stages = summarize(m["samples"])
+                        result.rows.append({
+                            "backend": b, "height": h, "width": w, "batch": batch, "steps": steps,
+                            "scheduler": sched, "guidance": cfg.guidance, "stages": stages,
+                            "images_per_s": batch / stages["end_to_end"]["median"],
+                            "peak_memory_bytes": m["memory"], "memory_kind": workers[b].memory_kind,
+                            "major_faults": sum(m["faults"]), "min_free_memory_bytes": m["free"],
+                            "noisy": steadiness(stages, m["faults"]), **extras[b],
+                            **({"cold_start_seconds": cold[b]} if b in cold else {})})
+            except KeyboardInterrupt:
+                result.interrupted = True
+                result.notes.append("interrupted: the rows above are complete, the rest was not run")
+                break
+            except RuntimeError as e:  # a worker died mid-run: keep what is complete
+                result.notes.append(f"stopped: {e}")
+                break
+            finally:
+                for w in workers.values():
+                    w.close()
     result.notes = list(dict.fromkeys(result.notes))
     add_ratios(result.rows)
     return result

@@ -155,7 +155,8 @@ class _StageHooks:
 
 
 class DiffusersWorker:
-    """diffusers' StableDiffusionPipeline with its own defaults (its own copy of the weights)."""
+    """diffusers' StableDiffusionPipeline, or StableDiffusionXLPipeline for an SD-XL folder,
+    with its own defaults (its own copy of the weights)."""
 
     def __init__(self, cfg, device: torch.device, dtype: torch.dtype):
         import diffusers
@@ -163,11 +164,17 @@ class DiffusersWorker:
         from ..checkpoint import resolve
 
         self.cfg, self.device, self.notes, self.skip = cfg, device, [], None
+        path = resolve(cfg.model)
+        index = path / "model_index.json"
+        xl = index.is_file() and json.loads(index.read_text()).get("_class_name") == "StableDiffusionXLPipeline"
         with warnings.catch_warnings():  # newer diffusers renames torch_dtype; older ones only know it
             warnings.simplefilter("ignore")
-            self.pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-                str(resolve(cfg.model)), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-            ).to(device)
+            if xl:
+                self.pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(path), torch_dtype=dtype)
+            else:
+                self.pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+                    str(path), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+            self.pipe = self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         factor = self.pipe.vae_scale_factor
         self.size = default_size(self.pipe.unet.config.sample_size * factor, factor, device)
@@ -182,8 +189,10 @@ class DiffusersWorker:
         `hooked` (the separate run that gives diffusers' stage figures)."""
         self._scheduler(sched)
         hooked = self.device.type != "cuda" if hooked is None else hooked
-        hooks = _StageHooks({"text_encoder": self.pipe.text_encoder, "unet": self.pipe.unet,
-                             "vae_decoder": self.pipe.vae.decoder}, self.device) if hooked else None
+        modules = {"text_encoder": self.pipe.text_encoder, "unet": self.pipe.unet, "vae_decoder": self.pipe.vae.decoder}
+        if getattr(self.pipe, "text_encoder_2", None) is not None:  # SD-XL: both encoders are the text stage
+            modules["text_encoder_2"] = self.pipe.text_encoder_2
+        hooks = _StageHooks(modules, self.device) if hooked else None
         try:
             self.pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=guidance, height=h, width=w,
                       generator=torch.Generator().manual_seed(seed), output_type="np")
@@ -193,7 +202,7 @@ class DiffusersWorker:
         if hooks is None:
             return {}
         t = hooks.totals
-        return {"text_encoder": t.get("text_encoder", 0.0), "unet": t.get("unet", 0.0),
+        return {"text_encoder": t.get("text_encoder", 0.0) + t.get("text_encoder_2", 0.0), "unet": t.get("unet", 0.0),
                 "unet_per_step": t.get("unet", 0.0) / SAMPLERS[sched].loop_steps(steps),  # PNDM: n + 1 calls
                 "vae_decoder": t.get("vae_decoder", 0.0)}
 
