@@ -116,11 +116,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--static", default=None, metavar="HxW", help="fixed height x width (batch stays dynamic)")
     e.add_argument("--engine-dir", default=None,
                    help="engine store (default: $FASTSD_ENGINE_DIR, else ~/.cache/fastsd/engines)")
-    e.add_argument("--networks", default=None, help="comma-separated subset to export (default: all of the checkpoint's)")
+    e.add_argument("--networks", default=None, help="comma-separated subset to export (default: all the model's)")
     e.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     e.add_argument("--clip-skip", type=int, default=0, help="bake text embeddings from CLIP layer -(N+1)")
     e.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
-    e.add_argument("--vae", default=None, help="a VAE folder or .safetensors file replacing the checkpoint's")
+    e.add_argument("--vae", default=None, help="a VAE folder or .safetensors file replacing the model's")
     e.set_defaults(func=cmd_export)
 
     c = sub_parser("build", help="build compiled engines (AOTInductor) into the engine store")
@@ -130,12 +130,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--static", default=None, metavar="HxW", help="image size (default: the checkpoint's)")
     c.add_argument("--device", default=None, help="cuda | cpu: the device the engines are for")
     c.add_argument("--engine-dir", default=None, help="engine store (as for export)")
-    c.add_argument("--networks", default=None, help="comma-separated subset to build (default: all of the checkpoint's)")
+    c.add_argument("--networks", default=None, help="comma-separated subset to build (default: all the model's)")
     c.add_argument("--clip-skip", type=int, default=0, help="bake text embeddings from CLIP layer -(N+1)")
     c.add_argument("--refittable", action="store_true",
                    help="engines that can take other weights by refit (tensorrt; may run slower)")
     c.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
-    c.add_argument("--vae", default=None, help="a VAE folder or .safetensors file replacing the checkpoint's")
+    c.add_argument("--vae", default=None, help="a VAE folder or .safetensors file replacing the model's")
     c.set_defaults(func=cmd_build)
 
     s = sub_parser("engines", help="list or prune the engine store")

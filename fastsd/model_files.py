@@ -138,7 +138,8 @@ def architecture_hash(*configs) -> str:
     return hashlib.blake2b(json.dumps(clean, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
-def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str, pipeline_config: dict | None = None) -> Checkpoint:
+def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str,
+                    pipeline_config: dict | None = None) -> Checkpoint:
     """A Checkpoint from loaded parts (tokenizer, text_encoder, unet, vae; SD-XL also
     tokenizer_2 and text_encoder_2). `pipeline_config` is model_index.json's settings
     (force_zeros_for_empty_prompt; diffusers' default True for SD-XL where absent)."""
@@ -157,8 +158,9 @@ def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str, pipeline
         configs.append(text_2.config.to_dict())
         want = unet.config.addition_time_embed_dim * 6 + text_2.config.projection_dim
         if unet.config.projection_class_embeddings_input_dim != want:
-            raise CheckpointError(f"the UNet's added embedding takes {unet.config.projection_class_embeddings_input_dim}"
-                                  f" features, but 6 time ids and text_encoder_2's pooled output make {want}")
+            raise CheckpointError(f"the UNet's added embedding takes "
+                                  f"{unet.config.projection_class_embeddings_input_dim} features, but 6 time ids "
+                                  f"and text_encoder_2's pooled output make {want}")
         width = parts["text_encoder"].config.hidden_size + text_2.config.hidden_size
         if width != unet.config.cross_attention_dim:
             raise CheckpointError(f"the two text encoders give {width} features; the UNet takes "

@@ -101,7 +101,8 @@ def wrap(ckpt, clip_skip: int = 0, unet_module: type[nn.Module] | None = None,
     out = {"text_encoder": text_module(ckpt.text_encoder, clip_skip)}
     if getattr(ckpt, "text_encoder_2", None) is not None:
         out["text_encoder_2"] = text_module(ckpt.text_encoder_2, clip_skip)
-    out.update(unet=(unet_module or UNet)(ckpt.unet), vae_encoder=VaeEncoder(ckpt.vae), vae_decoder=VaeDecoder(ckpt.vae))
+    out.update(unet=(unet_module or UNet)(ckpt.unet), vae_encoder=VaeEncoder(ckpt.vae),
+               vae_decoder=VaeDecoder(ckpt.vae))
     return out
 
 

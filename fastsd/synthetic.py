@@ -118,7 +118,8 @@ def _model_index(scheduler_class: str, spec: dict) -> dict:
     if "text_encoder_2" in spec:  # as stabilityai/stable-diffusion-xl-base-1.0's model_index.json
         for k in ("feature_extractor", "safety_checker", "requires_safety_checker"):
             index.pop(k)
-        index.update(_class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+        index.update(_class_name="StableDiffusionXLPipeline",
+                     text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
                      tokenizer_2=["transformers", "CLIPTokenizer"],
                      force_zeros_for_empty_prompt=spec["force_zeros_for_empty_prompt"])
     return index

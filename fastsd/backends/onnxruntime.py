@@ -124,7 +124,8 @@ def _build(opts: BuildOptions) -> Path:
         log.info("ONNX graphs are device independent; --device %s is not needed", opts.device)
     return export_module("onnx_export").export_checkpoint(
         opts.model, engine_dir=opts.engine_dir, dtype=opts.dtype or "fp32", static=opts.static,
-        networks=opts.networks, simplify=opts.simplify, allow_pickle=opts.allow_pickle, clip_skip=opts.clip_skip, vae=opts.vae,
+        networks=opts.networks, simplify=opts.simplify, allow_pickle=opts.allow_pickle, clip_skip=opts.clip_skip,
+        vae=opts.vae,
         progress=opts.progress)
 
 

@@ -62,7 +62,7 @@ class ImageRequest:
     height: int | None
     seed: int  # image j uses seed + j, alone or batched
     num_inference_steps: int
-    guidance_scale: float
+    guidance_scale: float | None  # None: the model family's default
     scheduler: str | None  # None: the checkpoint's own
     strength: float | None
     eta: float
@@ -212,7 +212,7 @@ def parse_request(data, *, form: bool, limits: Limits, factor: int, model_names:
     if seed is None:
         seed = secrets.randbelow(SEED_LIMIT - limits.max_n)
     steps = f.integer("num_inference_steps", 50, 1, limits.max_steps)
-    guidance = f.number("guidance_scale", 7.5)
+    guidance = f.number("guidance_scale", None)  # None: the model family's default (SD 7.5, SD-XL 5.0)
     scheduler = f.text("scheduler", limit=64)
     strength, eta = f.number("strength", None), f.number("eta", 0.0)
     if image is None and strength is not None:
