@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 17  # LayerNormalization is native from 17
 TWO_GB = 2**31  # protobuf's limit on one serialized model
+STREAM_BYTES = 2**30  # networks with more weights than this have them written tensor by tensor (stream_weights)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -44,15 +45,86 @@ def _trace_dims(profile: Profile, name: str, info) -> tuple[int, int, int]:
     return profile.opt_batch, height, width
 
 
-def export_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, path: Path, static: bool) -> None:
+def export_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, path: Path, static: bool) -> bool:
+    """Trace `module` into `path`. Returns whether its weights were streamed (a network over
+    STREAM_BYTES of weights): the exporter then writes the graph without them, and
+    `stream_weights` adds them tensor by tensor into one external-data file. The exporter's
+    own way of writing weights holds about 1.4 extra copies of them at once (measured:
+    a 2.5 GB module peaked at 6.4 GB), which for SD-XL's 10 GB fp32 UNet is over 24 GB."""
+    big = weight_bytes(module) > STREAM_BYTES
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), input_names=list(spec.input_names),
                           output_names=list(spec.output_names), dynamic_axes=spec.dynamic_axes(static),
-                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+                          opset_version=OPSET, do_constant_folding=not big, export_params=not big, dynamo=False)
+    if big:
+        stream_weights(path, module)
+    return big
 
 
-def check_and_simplify(path: Path, simplify: bool, fp16: bool, spec: NetworkSpec) -> list[str]:
+def weight_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def stream_weights(path: Path, module: torch.nn.Module) -> None:
+    """Turn the graph inputs named after `module`'s parameters and buffers (the exporter's
+    export_params=False graph) into initializers in one external-data file beside the graph,
+    one tensor in memory at a time. A weight only ever transposed (Linear as MatMul) is
+    written transposed and its Transpose node dropped: the folding the exporter would have
+    done, without a second copy of the model."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)  # the graph alone: no weights in it
+    graph = model.graph
+    weights = dict(module.named_parameters()) | dict(module.named_buffers())
+    inputs = [i.name for i in graph.input if i.name in weights]
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+
+    def only_transposed(name: str) -> bool:
+        nodes = users.get(name, [])
+        return bool(nodes) and weights[name].ndim == 2 and all(
+            n.op_type == "Transpose" and [a.ints for a in n.attribute if a.name == "perm"] in ([[1, 0]], [])
+            for n in nodes)
+
+    data = path.name + ".data"
+    dropped, offset = set(), 0
+    with open(path.parent / data, "wb") as f:
+        for name in inputs:
+            tensor = weights[name].detach()
+            if only_transposed(name):
+                outs = [(n.output[0], tensor.t()) for n in users[name]]
+                dropped.update(id(n) for n in users[name])
+            else:
+                outs = [(name, tensor)]
+            for out_name, t in outs:
+                array = t.contiguous().cpu().numpy()
+                proto = onnx.TensorProto(name=out_name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                                         dims=array.shape)
+                proto.data_location = onnx.TensorProto.EXTERNAL
+                pad = -offset % 4096  # page-aligned, so ONNX Runtime can map it
+                f.write(b"\0" * pad)
+                offset += pad
+                raw = array.tobytes()
+                f.write(raw)
+                for k, v in (("location", data), ("offset", str(offset)), ("length", str(len(raw)))):
+                    entry = proto.external_data.add()
+                    entry.key, entry.value = k, v
+                offset += len(raw)
+                graph.initializer.append(proto)
+                del raw, array
+    kept = [n for n in graph.node if id(n) not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
+    remaining = [i for i in graph.input if i.name not in weights]
+    del graph.input[:]
+    graph.input.extend(remaining)
+    onnx.save(model, str(path))
+
+
+def check_and_simplify(path: Path, simplify: bool, fp16: bool, spec: NetworkSpec, streamed: bool = False) -> list[str]:
     """onnx.checker + shape inference, onnxslim, optional fp16 conversion, then one graph
     file (plus one external data file past 2 GB, where the exporter scatters a file per
     tensor). Returns the files."""
@@ -61,6 +133,11 @@ def check_and_simplify(path: Path, simplify: bool, fp16: bool, spec: NetworkSpec
     onnx.checker.check_model(str(path), full_check=False)  # by path: works past 2 GB
     onnx.shape_inference.infer_shapes_path(str(path), str(path))
     exported = _graph_bytes(path)
+    if streamed and not fp16:  # already one graph + one data file; nothing here loads the weights
+        log.info("%s: %.1f GB of weights, written tensor by tensor; onnxslim skipped (it holds the whole graph "
+                 "in memory); ONNX Runtime folds and fuses at session load", path.stem, exported / 1e9)
+        onnx.checker.check_model(str(path), full_check=False)
+        return [path.name, path.name + ".data"]
     if simplify:  # past 2 GB its symbolic shape inference cannot serialize the graph: skip that pass
         import onnxslim
 
@@ -142,11 +219,11 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
     def make(name: str, folder: Path) -> tuple[list[str], dict, str]:
         path = folder / f"{name}.onnx"
         args = specs[name].sample_inputs(*_trace_dims(profile, name, info), torch.float32)
-        export_network(modules.pop(name).eval(), specs[name], args, path, profile.static)
+        streamed = export_network(modules.pop(name).eval(), specs[name], args, path, profile.static)
         if name == "unet":  # most of the checkpoint's memory (SD-XL: 10 GB in fp32): released before the
             ckpt.unet = None  # graph is simplified, which holds a copy of every weight
             gc.collect()
-        return check_and_simplify(path, simplify, dtype == "fp16", specs[name]), {}, ""
+        return check_and_simplify(path, simplify, dtype == "fp16", specs[name], streamed), {}, ""
 
     return build_entry(root, info, "onnxruntime", dtype, profile, networks, make, dict(
         exporter=f"torch.onnx (TorchScript) {torch.__version__}", opset=OPSET, onnx=onnx.__version__,

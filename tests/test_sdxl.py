@@ -325,15 +325,50 @@ def test_onnxruntime_matches_eager(xl, xl_pipes, xl_store, init_image, mask_imag
         assert np.abs(out.images - xl_pipes(name)("a fox", **kw).images).max() <= TOL
 
 
-def test_compiled_matches_eager(xl, xl_pipes, tmp_path):
+def test_streamed_export_matches_eager(xl, xl_pipes, tmp_path, monkeypatch, init_image, mask_image):
+    """Networks over STREAM_BYTES (SD-XL's UNet and second text encoder at full size) are
+    exported without weights and get them tensor by tensor in one external-data file,
+    transposed Linear weights folded: forced here for every network of tiny SD-XL."""
+    import onnx
+
+    import fastsd.export.onnx_export as onnx_export
+    from fastsd.export import export_checkpoint
+
+    monkeypatch.setattr(onnx_export, "STREAM_BYTES", 0)
+    entry = export_checkpoint(str(xl["xl9"]), engine_dir=tmp_path)
+    graph = onnx.load(str(entry / "unet.onnx"), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    assert weights and all(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
+    assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights]
+    assert [i.name for i in graph.input] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    kw = dict(num_inference_steps=3, seed=4, output_type="np", image=init_image, mask_image=mask_image,
+              negative_prompt="dark")
+    out = Pipeline.from_pretrained(str(xl["xl9"]), backend="onnxruntime", engine_dir=str(tmp_path))("a fox", **kw)
+    assert set(out.backends.values()) == {"onnxruntime"}
+    assert np.abs(out.images - xl_pipes("xl9")("a fox", **kw).images).max() <= TOL
+
+
+def test_compiled_matches_eager(xl, xl_pipes, tmp_path, init_image, mask_image):
+    """AOTInductor packages of the second text encoder (two outputs), the UNet (two extra
+    inputs) and the VAE, at the 40x48 of the test images: txt2img, img2img and both inpaint
+    kinds on the engines, within 1e-3 of eager."""
     from fastsd.export.compiled import build_compiled
 
-    build_compiled(str(xl["xl"]), engine_dir=tmp_path, networks=("text_encoder_2", "unet"))
-    engine = Pipeline.from_pretrained(str(xl["xl"]), backend="compiled", engine_dir=str(tmp_path))
-    kw = dict(num_inference_steps=3, seed=2, output_type="np", negative_prompt="dark")  # the built 32x32
-    out = engine(["a fox", "a cat"], **kw)
-    assert out.backends["unet"] == "compiled" and out.backends["text_encoder_2"] == "compiled"
-    assert np.abs(out.images - xl_pipes("xl")(["a fox", "a cat"], **kw).images).max() <= TOL
+    build_compiled(str(xl["xl"]), engine_dir=tmp_path, static="40x48",
+                   networks=("text_encoder_2", "unet", "vae_encoder", "vae_decoder"))
+    build_compiled(str(xl["xl9"]), engine_dir=tmp_path, static="40x48", networks=("unet",))
+    kw = dict(num_inference_steps=3, seed=2, output_type="np", negative_prompt="dark", height=40, width=48)
+    cases = [("xl", "txt2img", {}), ("xl", "img2img", dict(image=init_image, strength=0.7)),
+             ("xl", "inpaint", dict(image=init_image, mask_image=mask_image)),
+             ("xl9", "inpaint", dict(image=init_image, mask_image=mask_image))]
+    for name, mode, extra in cases:
+        engine = Pipeline.from_pretrained(str(xl[name]), backend="compiled", engine_dir=str(tmp_path))
+        out = engine(["a fox", "a cat"], **kw, **extra)
+        assert out.backends["unet"] == "compiled", (name, mode)
+        if name == "xl":
+            assert out.backends["text_encoder_2"] == "compiled" and out.backends["vae_decoder"] == "compiled"
+        want = xl_pipes(name)(["a fox", "a cat"], **kw, **extra).images
+        assert np.abs(out.images - want).max() <= TOL, (name, mode)
 
 
 def test_export_refuses_networks_the_family_lacks(ckpts, tmp_path):
