@@ -329,9 +329,8 @@ def test_streamed_export_matches_eager(xl, xl_pipes, tmp_path, monkeypatch, init
     """Networks over STREAM_BYTES (SD-XL's UNet and second text encoder at full size) are
     exported without weights and get them tensor by tensor in one external-data file,
     transposed Linear weights folded: forced here for every network of tiny SD-XL."""
-    import onnx
-
     import fastsd.export.onnx_export as onnx_export
+    import onnx
     from fastsd.export import export_checkpoint
 
     monkeypatch.setattr(onnx_export, "STREAM_BYTES", 0)
