@@ -394,7 +394,10 @@ def test_bench_against_diffusers_sdxl_one_backend_at_a_time(xl, tmp_path):
     assert [r["backend"] for r in result.rows] == ["eager", "diffusers"]
     assert all(r["stages"]["text_encoder"]["median"] > 0 for r in result.rows)
     assert "vs_diffusers" in result.rows[0]
-    assert any("one after another" in n for n in result.notes)
+    assert any("one after another" in n for n in result.notes) and result.config["sequential"]
+    from fastsd.bench import markdown
+
+    assert "backends one after another" in markdown(result) and "runs interleaved" not in markdown(result)
     many = default_config("m", torch.device("cpu"), backends=("eager", "onnxruntime", "diffusers"))
     assert one_at_a_time(many, xl["xl"], torch.device("cpu")) is None  # tiny: side by side
     import fastsd.bench.runner as runner

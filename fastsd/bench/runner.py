@@ -253,6 +253,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = print) -> Benc
     resolve(cfg.model)  # builds a synthetic model once, before any worker needs it
     why = one_at_a_time(cfg, resolve(cfg.model), device)
     groups = [(b,) for b in cfg.backends] if why else [tuple(cfg.backends)]
+    result.config["sequential"] = bool(why)
     if why:
         result.notes.append(f"backends ran one after another, each in its own process ({why}); "
                             "rows of different backends were not interleaved")
