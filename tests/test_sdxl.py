@@ -119,6 +119,17 @@ def test_micro_conditioning(xl, xl_pipes):
     assert np.abs(out.images - plain).max() > 10 * TOL  # the time ids reach the UNet
 
 
+def test_clip_skip(xl, xl_pipes):
+    """clip_skip=1: both encoders' hidden states from layer -3, as diffusers' SD-XL pipeline
+    (compared without a negative prompt: diffusers skips layers for the prompts only)."""
+    diff, out = run_both(xl, xl_pipes, "xl", "txt2img", "ddim", prompt="a fox", clip_skip=1, num_inference_steps=3,
+                         height=16, width=16)
+    assert diff <= TOL
+    plain = xl_pipes("xl")("a fox", scheduler="ddim", seed=0, num_inference_steps=3, height=16, width=16,
+                           output_type="np").images
+    assert np.abs(out.images - plain).max() > 10 * TOL
+
+
 def test_prompt_embeds_with_pooled(xl, xl_pipes):
     ref, cfg = reference(xl["xl"], "txt2img")
     emb, neg, pooled, neg_pooled = ref.encode_prompt("a fox", negative_prompt="dark", device="cpu",
