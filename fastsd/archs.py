@@ -150,22 +150,10 @@ def _tiny2() -> dict:
     return spec
 
 
-_SCHEDULER_SDXL = {  # stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "sample_max_value": 1.0,
-    "interpolation_type": "linear",
-    "use_karras_sigmas": False,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-}
+_SCHEDULER_SDXL = dict(  # stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json: SD's betas
+    _SCHEDULER_SD, _class_name="EulerDiscreteScheduler", sample_max_value=1.0, interpolation_type="linear",
+    use_karras_sigmas=False)
+
 
 _TEXT_SDXL_2 = {  # OpenCLIP ViT-bigG/14 text tower with its projection (CLIPTextModelWithProjection)
     "vocab_size": 49408,
