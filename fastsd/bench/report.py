@@ -62,8 +62,9 @@ def markdown(result: BenchResult | dict) -> str:
     kind = {"peak_rss": "peak RSS of the row's own process",
             "cuda_process_driver": "device memory its own process holds (driver view)"}
     kinds = sorted({kind.get(row["memory_kind"], row["memory_kind"]) for row in r["rows"]})
+    order = "backends one after another" if runs.get("sequential") else "runs interleaved"
     lines += ["", f"{runs['warmup']} warm-up + {runs['runs']} timed runs per row, each backend in its own process, "
-              f"{'backends one after another' if runs.get('sequential') else 'runs interleaved'}; guidance {runs['guidance']}; memory: {', '.join(kinds) or '-'}."]
+              f"{order}; guidance {runs['guidance']}; memory: {', '.join(kinds) or '-'}."]
     return "\n".join(lines + ([""] + sorted(set(extras)) if extras else []) + ([""] + notes if notes else []))
 
 
