@@ -149,16 +149,27 @@ class StableDiffusionXL(StableDiffusion):
                 neg, neg_pooled = self._embed(encoders, req.negative_prompts, req.negative_prompts_2 or
                                               req.negative_prompts, device)
             emb, pooled = torch.cat([neg, emb]), torch.cat([neg_pooled, pooled])
-            given = req.negative_original_size is not None and req.negative_target_size is not None
-            neg_ids = self.time_ids(req.negative_original_size, req.negative_crops_coords_top_left,
-                                    req.negative_target_size, req) if given else time_ids
-            time_ids = torch.stack([neg_ids, time_ids])
-        else:
-            time_ids = time_ids[None]
         rows = emb.shape[0] * req.n
         return {"encoder_hidden_states": emb.repeat_interleave(req.n, dim=0),
                 "text_embeds": pooled.repeat_interleave(req.n, dim=0),
-                "time_ids": time_ids.repeat(rows // time_ids.shape[0], 1).to(device)}  # diffusers' .repeat order
+                "time_ids": self._time_id_rows(time_ids, req, rows).to(device)}
+
+    def _time_id_rows(self, ids: torch.Tensor, req, rows: int) -> torch.Tensor:
+        """(rows, 6) time ids in diffusers' layout, which differs by pipeline. txt2img: the
+        negative ids are the prompt's unless both negative sizes are given, and the [neg, cond]
+        pair is repeated (rows alternate); img2img / inpaint: each negative size defaults to the
+        prompt's, the crop is always the prompt's (negative_crops_coords_top_left is unused
+        there), and the rows are [neg x B; cond x B]."""
+        if not req.do_cfg:
+            return ids[None].repeat(rows, 1)
+        if req.image is None:
+            given = req.negative_original_size is not None and req.negative_target_size is not None
+            neg = self.time_ids(req.negative_original_size, req.negative_crops_coords_top_left,
+                                req.negative_target_size, req) if given else ids
+            return torch.stack([neg, ids]).repeat(rows // 2, 1)
+        neg = self.time_ids(req.negative_original_size or req.original_size, req.crops_coords_top_left,
+                            req.negative_target_size or req.target_size, req)  # diffusers: the prompt's crop
+        return torch.cat([neg[None].repeat(rows // 2, 1), ids[None].repeat(rows // 2, 1)])
 
     @staticmethod
     def time_ids(original_size, crops_coords_top_left, target_size, req) -> torch.Tensor:

@@ -130,6 +130,19 @@ def test_clip_skip(xl, xl_pipes):
     assert np.abs(out.images - plain).max() > 10 * TOL
 
 
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_micro_conditioning_edits(xl, xl_pipes, init_image, mask_image, mode):
+    """img2img / inpaint lay out negative time ids their own way (each negative size defaults
+    to the prompt's, the crop is the prompt's even when a negative one is given): matched per
+    pipeline."""
+    kw = {"image": init_image} | ({"mask_image": mask_image} if mode == "inpaint" else {"strength": 0.7})
+    diff, _ = run_both(xl, xl_pipes, "xl", mode, "euler", prompt=["a fox", "a cat"], num_inference_steps=4,
+                       crops_coords_top_left=(16, 32), negative_original_size=(128, 96), num_images_per_prompt=2,
+                       negative_crops_coords_top_left=(8, 8),
+                       negative_prompt="dark", **kw)
+    assert diff <= TOL
+
+
 def test_prompt_embeds_with_pooled(xl, xl_pipes):
     ref, cfg = reference(xl["xl"], "txt2img")
     emb, neg, pooled, neg_pooled = ref.encode_prompt("a fox", negative_prompt="dark", device="cpu",
