@@ -454,3 +454,17 @@ def test_cli_generate_sdxl(xl, tmp_path, capsys):
     assert main(["generate", "a fox", "--model", str(xl["xl"]), "--prompt-2", "x", "--steps", "2",
                  "--out", str(tmp_path / "b.png"), "--vae", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_generator_per_image(xl, xl_pipes, init_image, mask_image):
+    """A list of generators (one per image) draws as diffusers' SD-XL inpaint pipeline does."""
+    import diffusers
+
+    ref, cfg = reference(xl["xl9"], "inpaint")
+    ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(cfg)
+    kw = dict(prompt=["a", "b"], image=init_image, mask_image=mask_image, num_inference_steps=3, height=40,
+              width=48, strength=0.8, output_type="np")
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]  # noqa: E731
+    ours = xl_pipes("xl9")(scheduler="euler_a", generator=gens(), **kw).images
+    theirs = ref(generator=gens(), **kw).images
+    assert np.abs(ours - theirs).max() <= TOL
