@@ -272,14 +272,15 @@ def with_vae(ckpt: Checkpoint, vae) -> Checkpoint:
             if not (folder / "config.json").is_file():
                 raise CheckpointError(f"{path} is not a VAE folder (no config.json)")
             _check_json(folder / "config.json")
-            weights, _ = _weights_of(folder, sorted(p for p in folder.iterdir() if p.is_file()), None)
+            weights, variant = _weights_of(folder, sorted(p for p in folder.iterdir() if p.is_file()), None)
             weights = [w for w in weights if w.suffix == ".safetensors"]
             if not weights:
                 raise CheckpointError(f"{folder} holds no .safetensors VAE weights")
             for w in weights:
                 check_safetensors(w)
             try:
-                model = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+                model = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                                      variant=variant).float()  # an fp16-only folder too
             except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"cannot load the VAE in {folder}: {str(e).strip().splitlines()[0]}") from None
             vae_fp = fingerprint([folder / "config.json", *weights], folder)
