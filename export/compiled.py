@@ -1,4 +1,4 @@
-"""Build `compiled` engines: AOTInductor packages (.pt2) of the four networks.
+"""Build `compiled` engines: AOTInductor packages (.pt2) of a checkpoint's networks.
 
 Each network is captured with torch.export (dynamic batch, fixed height x width: the
 profile's static size, the checkpoint's default unless --static says otherwise), compiled

@@ -1,4 +1,4 @@
-"""Export a checkpoint's four networks to ONNX into the engine store.
+"""Export a checkpoint's networks (four; SD-XL five) to ONNX into the engine store.
 
 Each network is traced in fp32 with the TorchScript exporter (`dynamo=False`: one trace
 of the eager module with the I/O names and dynamic axes of its `Spec`), checked with
@@ -6,7 +6,9 @@ onnx.checker and shape inference, simplified with onnxslim, converted to fp16 by
 Runtime's converter for fp16 entries (a trace of the fp16 module on CPU mixes dtypes in
 CLIP's LayerNorms and is not a valid graph), and written into a staging
 folder that becomes the store entry only once every network and the manifest are done.
-Graphs over 2 GB keep their weights in one external-data file beside the graph.
+Graphs over 2 GB keep their weights in one external-data file beside the graph; networks
+with over 1 GiB of weights (SD-XL's UNet and second text encoder) get them written there
+tensor by tensor instead of through the exporter (see `export_network`).
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ def stream_weights(path: Path, module: torch.nn.Module) -> None:
 def check_and_simplify(path: Path, simplify: bool, fp16: bool, spec: NetworkSpec, streamed: bool = False) -> list[str]:
     """onnx.checker + shape inference, onnxslim, optional fp16 conversion, then one graph
     file (plus one external data file past 2 GB, where the exporter scatters a file per
-    tensor). Returns the files."""
+    tensor). A `streamed` fp32 graph is already one graph and one data file: checked only.
+    Returns the files."""
     import onnx
 
     onnx.checker.check_model(str(path), full_check=False)  # by path: works past 2 GB
@@ -136,7 +139,6 @@ def check_and_simplify(path: Path, simplify: bool, fp16: bool, spec: NetworkSpec
     if streamed and not fp16:  # already one graph + one data file; nothing here loads the weights
         log.info("%s: %.1f GB of weights, written tensor by tensor; onnxslim skipped (it holds the whole graph "
                  "in memory); ONNX Runtime folds and fuses at session load", path.stem, exported / 1e9)
-        onnx.checker.check_model(str(path), full_check=False)
         return [path.name, path.name + ".data"]
     if simplify:  # past 2 GB its symbolic shape inference cannot serialize the graph: skip that pass
         import onnxslim

@@ -1,4 +1,4 @@
-"""Find, validate, fingerprint and load a checkpoint into its four networks.
+"""Find, validate, fingerprint and load a checkpoint into its networks (SD-XL: two text encoders).
 
 Accepts a diffusers folder (model_index.json), a single SD 1.x/2.x `.safetensors`
 file (original layout, see `single_file.py`), a hub id resolved through the local hub
