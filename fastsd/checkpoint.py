@@ -1,6 +1,6 @@
 """Find, validate, fingerprint and load a checkpoint into its networks (SD-XL: two text encoders).
 
-Accepts a diffusers folder (model_index.json), a single SD 1.x/2.x `.safetensors`
+Accepts a diffusers folder (model_index.json), a single SD 1.x/2.x/SD-XL `.safetensors`
 file (original layout, see `single_file.py`), a hub id resolved through the local hub
 cache, or `synthetic:NAME`. Everything the runtime needs to know about the model is read
 from the checkpoint's own configs into a frozen `ModelInfo`.
