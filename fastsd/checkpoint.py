@@ -170,18 +170,25 @@ def _folder_files(root: Path, allow_pickle: bool, variant: str | None = None) ->
             _check_json(cfg)
         chosen: list[Path] = []
         if comp in WEIGHTED:
-            chosen, variants[comp] = _weights_of(d, comp_files, variant)
-            if not chosen:
-                raise CheckpointError(f"{d} holds no weights")
-            weights = [p for p in chosen if p.suffix == ".safetensors"]
-            if not weights and not allow_pickle:
-                raise PickleRefusedError(f"{d} has only pickle weights ({chosen[0].name}); "
-                                         "pass allow_pickle=True (--allow-pickle) if you trust it")
-            chosen = weights or chosen
-            for w in weights:
-                check_safetensors(w)
+            chosen, variants[comp] = _component_weights(d, comp_files, variant, allow_pickle)
         files += [p for p in comp_files if p.suffix in (".json", ".txt")] + chosen
     return files, variants
+
+
+def _component_weights(d: Path, files: list[Path], variant: str | None,
+                       allow_pickle: bool) -> tuple[list[Path], str | None]:
+    """The weight files one component folder loads (safetensors checked against their
+    headers; pickle files only with `allow_pickle`), and their variant."""
+    chosen, variant = _weights_of(d, files, variant)
+    if not chosen:
+        raise CheckpointError(f"{d} holds no weights")
+    weights = [p for p in chosen if p.suffix == ".safetensors"]
+    if not weights and not allow_pickle:
+        raise PickleRefusedError(f"{d} has only pickle weights ({chosen[0].name}); "
+                                 "pass allow_pickle=True (--allow-pickle) if you trust it")
+    for w in weights:
+        check_safetensors(w)
+    return weights or chosen, variant
 
 
 def _check_json(path: Path) -> dict:
@@ -225,26 +232,28 @@ def _load_folder(root: Path, allow_pickle: bool, variants: dict) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    kw = {"local_files_only": True}
-    safe = None if allow_pickle else True
     parts = {"tokenizer": load_tokenizer(root / "tokenizer")}
     classes = [("text_encoder", CLIPTextModel), ("unet", UNet2DConditionModel), ("vae", AutoencoderKL)]
     if "text_encoder_2" in variants:  # SD-XL
         parts["tokenizer_2"] = load_tokenizer(root / "tokenizer_2")
         classes.insert(1, ("text_encoder_2", CLIPTextModelWithProjection))
     for name, cls in classes:
-        try:
-            model, loading = cls.from_pretrained(str(root), subfolder=name, use_safetensors=safe,
-                                                 variant=variants.get(name), output_loading_info=True, **kw)
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"cannot load {root / name}: {first}") from None
-        missing = sorted(k for k in loading.get("missing_keys", ()) if not k.endswith("position_ids"))
-        if missing:  # the libraries would fill these with random values and only log it
-            raise CheckpointError(f"{root / name} is incomplete: {len(missing)} weight(s) missing, "
-                                  f"e.g. {missing[0]}")
-        parts[name] = model
+        parts[name] = _load_component(cls, root / name, variants.get(name), allow_pickle)
     return parts
+
+
+def _load_component(cls, folder: Path, variant: str | None, allow_pickle: bool):
+    """One diffusers/transformers component from its folder, refused when weights are missing."""
+    try:
+        model, loading = cls.from_pretrained(str(folder), use_safetensors=None if allow_pickle else True,
+                                             variant=variant, output_loading_info=True, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load {folder}: {first}") from None
+    missing = sorted(k for k in loading.get("missing_keys", ()) if not k.endswith("position_ids"))
+    if missing:  # the libraries would fill these with random values and only log it
+        raise CheckpointError(f"{folder} is incomplete: {len(missing)} weight(s) missing, e.g. {missing[0]}")
+    return model
 
 
 def with_vae(ckpt: Checkpoint, vae) -> Checkpoint:
@@ -257,7 +266,7 @@ def with_vae(ckpt: Checkpoint, vae) -> Checkpoint:
     import torch
     from diffusers import AutoencoderKL
 
-    from .model_files import architecture_hash
+    from .model_files import architecture_of
     from .single_file import VAE_PREFIX, _gather, vae_key
 
     if isinstance(vae, AutoencoderKL):
@@ -272,17 +281,9 @@ def with_vae(ckpt: Checkpoint, vae) -> Checkpoint:
             if not (folder / "config.json").is_file():
                 raise CheckpointError(f"{path} is not a VAE folder (no config.json)")
             _check_json(folder / "config.json")
-            weights, variant = _weights_of(folder, sorted(p for p in folder.iterdir() if p.is_file()), None)
-            weights = [w for w in weights if w.suffix == ".safetensors"]
-            if not weights:
-                raise CheckpointError(f"{folder} holds no .safetensors VAE weights")
-            for w in weights:
-                check_safetensors(w)
-            try:
-                model = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
-                                                      variant=variant).float()  # an fp16-only folder too
-            except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"cannot load the VAE in {folder}: {str(e).strip().splitlines()[0]}") from None
+            weights, variant = _component_weights(folder, sorted(p for p in folder.iterdir() if p.is_file()), None,
+                                                  allow_pickle=False)
+            model = _load_component(AutoencoderKL, folder, variant, allow_pickle=False).float()  # fp16-only too
             vae_fp = fingerprint([folder / "config.json", *weights], folder)
         elif path.is_file():
             if path.suffix != ".safetensors":
@@ -307,13 +308,11 @@ def with_vae(ckpt: Checkpoint, vae) -> Checkpoint:
         raise CheckpointError(f"the VAE {source} has {model.config.latent_channels} latent channels and factor "
                               f"{factor}; the checkpoint's UNet needs {ckpt.info.latent_channels} and "
                               f"{ckpt.info.vae_factor}")
-    text = [ckpt.text_encoder.config.to_dict()] + (
-        [ckpt.text_encoder_2.config.to_dict()] if ckpt.text_encoder_2 is not None else [])
     info = replace(ckpt.info, vae_scale=float(model.config.scaling_factor),
                    vae_shift=float(getattr(model.config, "shift_factor", None) or 0.0),
                    fingerprint=hashlib.blake2b(f"{ckpt.info.fingerprint}+vae:{vae_fp}".encode(),
                                                digest_size=8).hexdigest(),
-                   architecture=architecture_hash(ckpt.unet.config, model.config, *text))
+                   architecture=architecture_of(ckpt.unet, model, ckpt.text_encoder, ckpt.text_encoder_2))
     log.info("VAE replaced by %s", source)
     return replace(ckpt, info=info, vae=model)
 

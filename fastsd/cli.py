@@ -340,7 +340,7 @@ def cmd_generate(args) -> int:
                                     prediction_type=args.prediction_type, clip_skip=args.clip_skip,
                                     variant=args.variant, vae=args.vae)
     xl = {k: v for k, v in (("prompt_2", args.prompt_2), ("negative_prompt_2", args.negative_prompt_2)) if v}
-    defaults = pipe._defaults
+    defaults = pipe.family.defaults
     guidance = args.guidance if args.guidance is not None else (
         defaults.inpaint_guidance_scale if mask is not None else defaults.guidance_scale)
     strength = args.strength if args.strength is not None or image is None else (

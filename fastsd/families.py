@@ -29,6 +29,7 @@ from .networks import (
     network_specs,
     wrap,
 )
+from .settings import Defaults
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,7 @@ class StableDiffusion:
     extra_unet_inputs: tuple[TensorSpec, ...] = ()  # only sample, timestep, encoder_hidden_states
     unet_module: type[nn.Module] = UNet  # forward arguments: the UNet spec's inputs, in order
     text_module: type[TextEncoder] = TextEncoder
-    # diffusers' defaults of the family's pipelines (a call's None means these)
-    guidance_scale, inpaint_guidance_scale, img2img_strength, inpaint_strength = 7.5, 7.5, 0.8, 1.0
+    defaults = Defaults()  # diffusers' defaults of the family's pipelines (a call's None means these)
 
     def __init__(self, info, tokenizer, tokenizer_2=None):
         self.info = info
@@ -112,7 +112,8 @@ class StableDiffusionXL(StableDiffusion):
     networks = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
     unet_module = XLUNet
     text_module = XLTextEncoder
-    guidance_scale, inpaint_guidance_scale, img2img_strength, inpaint_strength = 5.0, 7.5, 0.3, 0.9999
+    defaults = Defaults(guidance_scale=5.0, inpaint_guidance_scale=7.5, img2img_strength=0.3,
+                        inpaint_strength=0.9999, takes_xl=True)
 
     def __init__(self, info, tokenizer, tokenizer_2, widths: dict[str, tuple[int, int]]):
         self._widths = widths

@@ -138,6 +138,12 @@ def architecture_hash(*configs) -> str:
     return hashlib.blake2b(json.dumps(clean, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
+def architecture_of(unet, vae, text_encoder, text_encoder_2=None) -> str:
+    """The architecture hash of a checkpoint's networks (SD-XL: the second encoder too)."""
+    text = [t.config.to_dict() for t in (text_encoder, text_encoder_2) if t is not None]
+    return architecture_hash(unet.config, vae.config, *text)
+
+
 def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str,
                     pipeline_config: dict | None = None) -> Checkpoint:
     """A Checkpoint from loaded parts (tokenizer, text_encoder, unet, vae; SD-XL also
@@ -153,9 +159,7 @@ def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str,
         raise CheckpointError("an SD-XL UNet (text_time added embedding) needs text_encoder_2 and tokenizer_2, "
                               "and only it takes them" if xl else
                               "text_encoder_2 is given but the UNet is not an SD-XL one (no text_time embedding)")
-    configs = [unet.config, vae.config, parts["text_encoder"].config.to_dict()]
     if xl:
-        configs.append(text_2.config.to_dict())
         want = unet.config.addition_time_embed_dim * 6 + text_2.config.projection_dim
         if unet.config.projection_class_embeddings_input_dim != want:
             raise CheckpointError(f"the UNet's added embedding takes "
@@ -177,7 +181,7 @@ def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str,
         scheduler=scheduler,
         fingerprint=fp,
         source=source,
-        architecture=architecture_hash(*configs),
+        architecture=architecture_of(unet, vae, parts["text_encoder"], text_2),
         family="sdxl" if xl else "sd",
         force_zeros_for_empty_prompt=xl and bool((pipeline_config or {}).get("force_zeros_for_empty_prompt", True)),
     )

@@ -42,7 +42,7 @@ from .schedulers import (
     first_step,
     pipeline_scheduler_config,
 )
-from .settings import SEED_LIMIT, XL_ARGUMENTS, Defaults, Request, check_seed, make_request
+from .settings import SEED_LIMIT, XL_ARGUMENTS, Request, check_seed, make_request
 from .tiling import decode_sliced, decode_tiled, encode_tiled
 
 log = logging.getLogger(__name__)
@@ -138,9 +138,6 @@ class Pipeline:
             raise InvalidArgumentError("cuda_graphs needs a CUDA device")
         self.ckpt, self.info = ckpt, ckpt.info
         self.family = family or family_for(ckpt)  # the one the backend was made for, when given
-        f = self.family
-        self._defaults = Defaults(f.guidance_scale, f.inpaint_guidance_scale, f.img2img_strength, f.inpaint_strength,
-                                  takes_xl="text_encoder_2" in f.networks)
         self._graphs = StepGraphs() if cuda_graphs else None  # whole-step graphs, one per shape and setting
         self.backend, self.device, self.dtype = backend, device, dtype
         self._widths = widths_of(ckpt)
@@ -383,7 +380,7 @@ class Pipeline:
                            guidance_rescale=guidance_rescale, timesteps=timesteps, sigmas=sigmas,
                            clip_skip=clip_skip, prompt_embeds=prompt_embeds,
                            negative_prompt_embeds=negative_prompt_embeds, latents=latents,
-                           text_width=self.info.cross_attention_dim, defaults=self._defaults, xl=xl)
+                           text_width=self.info.cross_attention_dim, defaults=self.family.defaults, xl=xl)
         text_encoders = self.backend.text_encoders_for(req.clip_skip)  # refuses a clip_skip an engine cannot give
         check_fits(self.info, self._widths, req, self.dtype, self.device, self.memory)
         return req, text_encoders
