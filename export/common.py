@@ -66,5 +66,6 @@ def build_entry(root: Path, info, kind: str, precision: str, profile: Profile, n
             seconds = time.perf_counter() - t0
             size = sum((stage.dir / f).stat().st_size for f in files)
             stage.add(name, files, export_seconds=round(seconds, 2), bytes=size, **extra)
-            progress(f"{name}: {verb} in {seconds:.1f}s, {size / 2**20:.1f} MiB ({', '.join(files)}){note}")
+            how = f"refitted from {extra['refitted_from']}'s engine" if extra.get("refitted_from") else verb
+            progress(f"{name}: {how} in {seconds:.1f}s, {size / 2**20:.1f} MiB ({', '.join(files)}){note}")
         return stage.commit(base_manifest(info, kind, precision, profile, **facts))

@@ -1,27 +1,31 @@
 """Export a checkpoint's networks (four; SD-XL five) to ONNX into the engine store.
 
 Each network is traced in fp32 with the TorchScript exporter (`dynamo=False`: one trace
-of the eager module with the I/O names and dynamic axes of its `Spec`), checked with
-onnx.checker and shape inference, simplified with onnxslim, converted to fp16 by ONNX
-Runtime's converter for fp16 entries (a trace of the fp16 module on CPU mixes dtypes in
-CLIP's LayerNorms and is not a valid graph), and written into a staging
-folder that becomes the store entry only once every network and the manifest are done.
-Graphs over 2 GB keep their weights in one external-data file beside the graph; networks
-with over 1 GiB of weights (SD-XL's UNet and second text encoder) get them written there
-tensor by tensor instead of through the exporter (see `export_network`).
+of the eager module with the I/O names and dynamic axes of its `Spec`) *without its
+weights*: they are graph inputs named after the module's parameters while the graph is
+checked with onnx.checker, simplified with onnxslim and, for fp16 entries, converted by
+ONNX Runtime's converter (a trace of the fp16 module on CPU mixes dtypes in CLIP's
+LayerNorms and is not a valid graph). Then each weight becomes an initializer under its
+parameter's name, written tensor by tensor into one external-data file beside the graph
+(`attach_weights`). Nothing is ever folded into a weight, so the graph takes another
+checkpoint's weights, or LoRA-fused ones, name for name: `refit_graph` makes a new
+checkpoint's entry from an existing one by writing only the data file, and the ONNX
+Runtime runner overrides initializers at session creation. Everything is written into a
+staging folder that becomes the store entry only once every network and the manifest are done.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import shutil
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from fastsd.engines import Profile
+from fastsd.engines import Profile, read_manifest, refit_source
 from fastsd.errors import InvalidArgumentError
 from fastsd.networks import FLOAT32, NetworkSpec
 
@@ -30,8 +34,7 @@ from .common import build_entry, load_for_build, parse_static
 log = logging.getLogger(__name__)
 
 OPSET = 17  # LayerNormalization is native from 17
-TWO_GB = 2**31  # protobuf's limit on one serialized model
-STREAM_BYTES = 2**30  # networks with more weights than this have them written tensor by tensor (stream_weights)
+WEIGHTS_BY_NAME = "by-name"  # a graph whose weights are initializers named as the network's parameters
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -47,39 +50,60 @@ def _trace_dims(profile: Profile, name: str, info) -> tuple[int, int, int]:
     return profile.opt_batch, height, width
 
 
-def export_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, path: Path, static: bool) -> bool:
-    """Trace `module` into `path`. Returns whether its weights were streamed (a network over
-    STREAM_BYTES of weights): the exporter then writes the graph without them, and
-    `stream_weights` adds them tensor by tensor into one external-data file. The exporter's
-    own way of writing weights holds about 1.4 extra copies of them at once (measured:
-    a 2.5 GB module peaked at 6.4 GB), which for SD-XL's 10 GB fp32 UNet is over 24 GB."""
-    big = weight_bytes(module) > STREAM_BYTES
+def export_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, path: Path, static: bool,
+                   simplify: bool = True, fp16: bool = False) -> tuple[list[str], dict]:
+    """Trace `module` into `path` without its weights (they are graph inputs named after the
+    module's parameters), simplify and convert that small graph, then give it its weights:
+    one initializer per parameter, under the parameter's own name, all in one external-data
+    file beside the graph (see `attach_weights`). Because the weights are never constants
+    while the graph is transformed, nothing is folded into them: another checkpoint's (or
+    LoRA-fused) weights replace them name for name, which is what refit relies on. Returns
+    the files and the network's manifest facts (the weights' naming and which are stored
+    transposed)."""
+    import onnx
+
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), input_names=list(spec.input_names),
                           output_names=list(spec.output_names), dynamic_axes=spec.dynamic_axes(static),
-                          opset_version=OPSET, do_constant_folding=not big, export_params=not big, dynamo=False)
-    if big:
-        stream_weights(path, module)
-    return big
+                          opset_version=OPSET, do_constant_folding=False, export_params=False, dynamo=False)
+    model = onnx.load(str(path))  # the graph alone: small whatever the network's size
+    onnx.checker.check_model(model)
+    if simplify:
+        import onnxslim
+
+        model = onnxslim.slim(model)
+    if fp16:  # ORT's converter keeps precision-critical ops in fp32 behind casts; weights become fp16 inputs
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        keep = [t.name for t in spec.inputs if t.kind == FLOAT32]
+        model = convert_float_to_float16(model, keep_io_types=keep, disable_shape_infer=True)
+        topological_sort(model.graph)  # the converter appends its casts at the end
+    transposed = attach_weights(model, module, path)
+    onnx.save(model, str(path))
+    onnx.checker.check_model(str(path), full_check=False)  # by path: works past 2 GB
+    return [path.name, path.name + ".data"], {"weights": WEIGHTS_BY_NAME, "transposed": sorted(transposed)}
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
-def stream_weights(path: Path, module: torch.nn.Module) -> None:
-    """Turn the graph inputs named after `module`'s parameters and buffers (the exporter's
-    export_params=False graph) into initializers in one external-data file beside the graph,
-    one tensor in memory at a time. A weight only ever transposed (Linear as MatMul) is
-    written transposed and its Transpose node dropped: the folding the exporter would have
-    done, without a second copy of the model."""
-    import onnx
+def weight_map(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The network's weights by the names its graph gives them."""
+    return dict(module.named_parameters()) | dict(module.named_buffers())
 
-    model = onnx.load(str(path), load_external_data=False)  # the graph alone: no weights in it
+
+def attach_weights(model, module: torch.nn.Module, path: Path) -> set[str]:
+    """Turn the graph inputs named after `module`'s parameters and buffers into initializers
+    in one external-data file beside the graph (each in the dtype its input was given: fp16
+    after the fp16 conversion), written one tensor at a time: the exporter's own writer
+    holds about 1.4 extra copies of the weights at once (measured: a 2.5 GB module peaked
+    at 6.4 GB), which for SD-XL's 10 GB fp32 UNet is over 24 GB. A weight only ever
+    transposed (Linear as MatMul) is written transposed under its own name and its Transpose
+    node dropped: the folding the exporter would have done. Returns those names."""
+    weights = weight_map(module)
     graph = model.graph
-    weights = dict(module.named_parameters()) | dict(module.named_buffers())
-    inputs = [i.name for i in graph.input if i.name in weights]
     users: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
@@ -91,74 +115,62 @@ def stream_weights(path: Path, module: torch.nn.Module) -> None:
             n.op_type == "Transpose" and [a.ints for a in n.attribute if a.name == "perm"] in ([[1, 0]], [])
             for n in nodes)
 
-    data = path.name + ".data"
-    dropped, offset = set(), 0
-    with open(path.parent / data, "wb") as f:
-        for name in inputs:
+    types = {i.name: i.type.tensor_type.elem_type for i in graph.input if i.name in weights}
+    transposed: set[str] = set()
+    dropped: set[int] = set()
+    with WeightWriter(path) as writer:
+        for name, elem_type in types.items():
             tensor = weights[name].detach()
             if only_transposed(name):
-                outs = [(n.output[0], tensor.t()) for n in users[name]]
-                dropped.update(id(n) for n in users[name])
-            else:
-                outs = [(name, tensor)]
-            for out_name, t in outs:
-                array = t.contiguous().cpu().numpy()
-                proto = onnx.TensorProto(name=out_name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
-                                         dims=array.shape)
-                proto.data_location = onnx.TensorProto.EXTERNAL
-                pad = -offset % 4096  # page-aligned, so ONNX Runtime can map it
-                f.write(b"\0" * pad)
-                offset += pad
-                raw = array.tobytes()
-                f.write(raw)
-                for k, v in (("location", data), ("offset", str(offset)), ("length", str(len(raw)))):
-                    entry = proto.external_data.add()
-                    entry.key, entry.value = k, v
-                offset += len(raw)
-                graph.initializer.append(proto)
-                del raw, array
+                tensor = tensor.t()
+                transposed.add(name)
+                for n in users[name]:  # the Transpose's users read the stored (transposed) weight
+                    dropped.add(id(n))
+                    for user in users.get(n.output[0], []):
+                        user.input[:] = [name if x == n.output[0] else x for x in user.input]
+            graph.initializer.append(writer.write(name, tensor, elem_type))
     kept = [n for n in graph.node if id(n) not in dropped]
     del graph.node[:]
     graph.node.extend(kept)
     remaining = [i for i in graph.input if i.name not in weights]
     del graph.input[:]
     graph.input.extend(remaining)
-    onnx.save(model, str(path))
+    return transposed
 
 
-def check_and_simplify(path: Path, simplify: bool, fp16: bool, spec: NetworkSpec, streamed: bool = False) -> list[str]:
-    """onnx.checker + shape inference, onnxslim, optional fp16 conversion, then one graph
-    file (plus one external data file past 2 GB, where the exporter scatters a file per
-    tensor). A `streamed` fp32 graph is already one graph and one data file: checked only.
-    Returns the files."""
-    import onnx
+class WeightWriter:
+    """Writes tensors one after another into `<graph>.data`, each at a page-aligned offset
+    (ONNX Runtime maps them), and makes the initializer that points at each."""
 
-    onnx.checker.check_model(str(path), full_check=False)  # by path: works past 2 GB
-    onnx.shape_inference.infer_shapes_path(str(path), str(path))
-    exported = _graph_bytes(path)
-    if streamed and not fp16:  # already one graph + one data file; nothing here loads the weights
-        log.info("%s: %.1f GB of weights, written tensor by tensor; onnxslim skipped (it holds the whole graph "
-                 "in memory); ONNX Runtime folds and fuses at session load", path.stem, exported / 1e9)
-        return [path.name, path.name + ".data"]
-    if simplify:  # past 2 GB its symbolic shape inference cannot serialize the graph: skip that pass
-        import onnxslim
+    def __init__(self, graph_path: Path):
+        self.location = graph_path.name + ".data"
+        self.path = graph_path.parent / self.location
+        self.offset = 0
 
-        model = onnxslim.slim(str(path), no_shape_infer=exported > TWO_GB * 0.9)
-    else:
-        model = onnx.load(str(path))
-    if fp16:  # ORT's converter keeps precision-critical ops in fp32 behind casts
-        from onnxruntime.transformers.float16 import convert_float_to_float16
+    def __enter__(self) -> "WeightWriter":
+        self.file = open(self.path, "wb")
+        return self
 
-        keep = [t.name for t in spec.inputs if t.kind == FLOAT32]
-        model = convert_float_to_float16(model, keep_io_types=keep, disable_shape_infer=True)
-    topological_sort(model.graph)  # the fp16 converter appends its casts at the end
-    big = sum(len(t.raw_data) for t in model.graph.initializer) > TWO_GB * 0.9
-    _remove_graph(path)
-    data = path.name + ".data"
-    onnx.save(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
-              location=data if big else None)
-    onnx.checker.check_model(str(path), full_check=False)
-    return [path.name, data] if big else [path.name]
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def write(self, name: str, tensor: torch.Tensor, elem_type: int):
+        import onnx
+
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+        array = tensor.detach().to("cpu").contiguous().numpy().astype(dtype, copy=False)
+        proto = onnx.TensorProto(name=name, data_type=elem_type, dims=array.shape)
+        proto.data_location = onnx.TensorProto.EXTERNAL
+        pad = -self.offset % 4096
+        self.file.write(b"\0" * pad)
+        self.offset += pad
+        raw = array.tobytes()
+        self.file.write(raw)
+        for k, v in (("location", self.location), ("offset", str(self.offset)), ("length", str(len(raw)))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = k, v
+        self.offset += len(raw)
+        return proto
 
 
 def topological_sort(graph) -> None:
@@ -183,30 +195,48 @@ def topological_sort(graph) -> None:
     graph.node.extend(nodes)
 
 
-def _external_files(path: Path) -> set[Path]:
+def refit_graph(src: Path, dst: Path, weights: dict[str, torch.Tensor], transposed: set[str]) -> None:
+    """Write `dst` (graph) and its data file from the graph `src` of another checkpoint of
+    the same architecture, with `weights` instead of its own: the graph is copied as it is
+    and every external initializer gets the new weight of its name at the same offset, so
+    the copy is exactly the graph an export of this checkpoint would give, without tracing.
+    Raises RefitError where a weight is missing or differs in shape."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    return {path.parent / kv.value for t in model.graph.initializer for kv in t.external_data if kv.key == "location"}
+    model = onnx.load(str(src), load_external_data=False)
+    data = src.name + ".data"
+    with open(dst.parent / (dst.name + ".data"), "wb") as f:
+        for init in model.graph.initializer:
+            if init.data_location != onnx.TensorProto.EXTERNAL:
+                continue  # a constant of the graph (not a weight): in the graph file
+            where = {e.key: e.value for e in init.external_data}
+            tensor = weights.get(init.name)
+            if where.get("location") != data or tensor is None:
+                raise RefitError(f"{init.name} is not a weight of this checkpoint")
+            tensor = tensor.detach().t() if init.name in transposed else tensor.detach()
+            if tuple(tensor.shape) != tuple(init.dims):
+                raise RefitError(f"{init.name} is {tuple(tensor.shape)} here, {tuple(init.dims)} in the graph")
+            raw = tensor.contiguous().numpy().astype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type),
+                                                     copy=False).tobytes()
+            if len(raw) != int(where["length"]):
+                raise RefitError(f"{init.name} has {len(raw)} bytes, the graph's has {where['length']}")
+            f.seek(int(where["offset"]))
+            f.write(raw)
+    shutil.copyfile(src, dst)
 
 
-def _graph_bytes(path: Path) -> int:
-    """Size of a graph with its external data (files it references, counted once)."""
-    return path.stat().st_size + sum(f.stat().st_size for f in _external_files(path))
-
-
-def _remove_graph(path: Path) -> None:
-    """Delete a graph and any external-data files the exporter scattered beside it."""
-    for f in _external_files(path):
-        f.unlink(missing_ok=True)
-    path.unlink()
+class RefitError(Exception):
+    """A donor graph that cannot take this checkpoint's weights (the network is exported instead)."""
 
 
 def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: str = "fp32",
                       static: str | None = None, networks: tuple[str, ...] | None = None, simplify: bool = True,
-                      allow_pickle: bool = False, clip_skip: int = 0, vae: str | None = None,
+                      allow_pickle: bool = False, clip_skip: int = 0, vae: str | None = None, refit: bool = True,
                       progress: Callable[[str], None] = log.info) -> Path:
-    """Export `model` to engine_dir/<fingerprint>/onnxruntime-<dtype>/; returns that folder."""
+    """Export `model` to engine_dir/<fingerprint>/onnxruntime-<dtype>/; returns that folder.
+    With `refit`, where the store holds an intact entry of another checkpoint of the same
+    architecture (same precision, profile and clip_skip), its graphs are reused and only the
+    weights are written (seconds, no tracing)."""
     import onnx
     import onnxruntime
 
@@ -217,20 +247,33 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
     info = ckpt.info
     profile = Profile.for_model(info, parse_static(static, info.vae_factor))
     modules = family.modules(ckpt, clip_skip)
+    donor = refit_source(root, info, "onnxruntime", dtype, {"clip_skip": clip_skip}, profile) if refit else None
+    donor_manifest = read_manifest(donor) if donor is not None else None
 
     def make(name: str, folder: Path) -> tuple[list[str], dict, str]:
         path = folder / f"{name}.onnx"
+        module = modules.pop(name).eval()
+        record = donor_manifest["networks"].get(name) if donor_manifest else None
+        if record is not None and record.get("weights") == WEIGHTS_BY_NAME:
+            try:
+                refit_graph(donor / f"{name}.onnx", path, weight_map(module), set(record["transposed"]))
+                facts = {"weights": WEIGHTS_BY_NAME, "transposed": record["transposed"],
+                         "refitted_from": donor_manifest["checkpoint"]}
+                return [path.name, path.name + ".data"], facts, ""
+            except RefitError as e:
+                log.warning("%s: cannot refit from %s (%s); exporting it", name, donor, e)
         args = specs[name].sample_inputs(*_trace_dims(profile, name, info), torch.float32)
-        streamed = export_network(modules.pop(name).eval(), specs[name], args, path, profile.static)
-        if name == "unet":  # most of the checkpoint's memory (SD-XL: 10 GB in fp32): released before the
-            ckpt.unet = None  # graph is simplified, which holds a copy of every weight
+        files, facts = export_network(module, specs[name], args, path, profile.static, simplify, dtype == "fp16")
+        del module
+        if name == "unet":  # most of the checkpoint's memory (SD-XL: 10 GB in fp32), released once written
+            ckpt.unet = None
             gc.collect()
-        return check_and_simplify(path, simplify, dtype == "fp16", specs[name], streamed), {}, ""
+        return files, facts, ""
 
     return build_entry(root, info, "onnxruntime", dtype, profile, networks, make, dict(
         exporter=f"torch.onnx (TorchScript) {torch.__version__}", opset=OPSET, onnx=onnx.__version__,
         onnxruntime=onnxruntime.__version__, simplifier=_version("onnxslim") if simplify else None,
-        clip_skip=clip_skip), progress, verb="exported")
+        clip_skip=clip_skip, refittable=True, weights=info.fingerprint), progress, verb="exported")
 
 
 def _version(module: str) -> str:

@@ -41,7 +41,7 @@ def _engines(kind: EngineKind, ckpt, specs: dict, device, dtype, engine_dir: Pat
                     kind.name, precision, engine_dir, kind.build_command)
     found: dict[str, list[LazyRunner]] = {}
     for entry in entries:  # files are re-hashed from disk when an engine loads (LazyRunner.load)
-        manifest, problems = check_entry(entry, ckpt.info.fingerprint, facts)
+        manifest, problems = check_entry(entry, ckpt.info.fingerprint, facts, networks=tuple(specs))
         _warn_unusable(f"{kind.name} ({entry.name})", problems, loud, True)
         for n in specs:
             if n in problems or n not in manifest.get("networks", {}):

@@ -1,0 +1,340 @@
+"""LoRA: low-rank weight deltas fused into a network's weights, as diffusers' `fuse_lora`.
+
+A LoRA file holds, per targeted Linear or Conv2d weight W, two factors `up` (out, r[, 1, 1])
+and `down` (r, in[, kh, kw]) and optionally an `alpha`; fusing adds
+scale * alpha / r * up @ down to W. Read here: kohya / A1111 files (`lora_unet_...`,
+`lora_te_...`, `lora_te1_` / `lora_te2_` for SD-XL, `.lora_down` / `.lora_up` / `.alpha`;
+SD-XL UNet names in the original (sgm) layout or diffusers'), diffusers / PEFT files
+(`unet.<module>.lora_A` / `.lora_B`, alphas from the file's `lora_adapter_metadata` or
+`.alpha` keys) and diffusers' older layouts (`.lora.down` / `.lora.up`, attention
+processors' `to_q_lora`). Names are resolved against the loaded model's own modules, so
+a key that names nothing in this model is an error, never a silent no-op.
+
+`LoraWeights` keeps the state: the loaded LoRAs in order, and the original value of each
+weight any of them touches (not a copy of the model), so a weight is always recomputed
+from its original (no drift across scale changes) and unloading restores it bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InvalidArgumentError, ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+LORA_NETWORKS = ("text_encoder", "text_encoder_2", "unet")  # networks a LoRA may target
+_KOHYA_PREFIX = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                 "lora_te2_": "text_encoder_2"}
+_UNSUPPORTED = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "hada_w1": "LoHa (LyCORIS)",
+                "lokr_w1": "LoKr (LyCORIS)", "lokr_w2": "LoKr (LyCORIS)", ".diff": "full-weight diff (LyCORIS)",
+                "lora_B.bias": "LoRA bias", "lora_up.bias": "LoRA bias"}
+SHOWN_KEYS = 3  # unmatched keys named in an error
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One weight's low-rank update: W += scale * up @ down (scale = alpha / rank)."""
+
+    network: str  # "unet", "text_encoder" or "text_encoder_2"
+    param: str  # the weight, named as in the network's module (NetworkSpec naming: "unet.conv_in.weight")
+    up: torch.Tensor  # (out, r) or (out, r, 1, 1)
+    down: torch.Tensor  # (r, in) or (r, in, kh, kw)
+    scale: float  # alpha / r
+
+    def tensor(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """The full update in float32, shaped like the weight."""
+        up = self.up.to(device, torch.float32).flatten(1)
+        down = self.down.to(device, torch.float32).flatten(1)
+        return (up @ down).reshape(shape) * self.scale
+
+
+@dataclass
+class Lora:
+    name: str
+    path: str
+    deltas: list[Delta]
+    scale: float
+    seconds: float = 0.0  # how long its last load or scale change took (fusing, and refitting engines)
+    networks: tuple[str, ...] = field(default=())
+
+    def describe(self) -> dict:
+        return {"name": self.name, "path": self.path, "scale": self.scale, "weights": len(self.deltas),
+                "networks": list(self.networks), "seconds": round(self.seconds, 3)}
+
+
+# ---- naming: every spelling a LoRA file may use for one of the model's weights ---------------
+
+def _sgm_names(unet) -> dict[str, str]:
+    """The UNet's module names in the original (sgm / LDM) layout kohya uses for SD-XL."""
+    from .single_file import unet_key
+
+    cfg = unet.config
+    up_attn = [t.startswith("CrossAttn") for t in cfg.up_block_types]
+    layers = cfg.layers_per_block if isinstance(cfg.layers_per_block, int) else cfg.layers_per_block[0]
+    out = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            try:
+                out[unet_key(name + ".weight", layers, up_attn).removesuffix(".weight")] = name
+            except Exception:  # noqa: BLE001 - a module with no original-layout name (none in SD UNets)
+                continue
+    return out
+
+
+def targets(modules: dict[str, nn.Module]) -> dict[str, dict[str, str]]:
+    """Per network, every alias of each Linear / Conv2d weight -> its parameter name in the
+    wrapped module (`modules`: a family's modules, NetworkSpec naming). Aliases: the model's
+    own module name (with or without transformers' `text_model.`), the same with `_` for `.`
+    (kohya), and for the UNet the original-layout name of SD-XL kohya files."""
+    out: dict[str, dict[str, str]] = {}
+    for network in LORA_NETWORKS:
+        wrapper = modules.get(network)
+        if wrapper is None:
+            continue
+        (root, inner), = list(wrapper.named_children())  # "unet" / "clip": the wrapped model
+        table: dict[str, str] = {}
+        names = {n: n for n, m in inner.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n}
+        if network == "unet":
+            names |= {alias: n for alias, n in _sgm_names(inner).items() if alias not in names}
+        for alias, n in names.items():
+            param = f"{root}.{n}.weight"
+            spellings = {alias}
+            if network != "unet":
+                bare = alias.removeprefix("text_model.")
+                spellings |= {bare, "text_model." + bare}
+            for s in spellings:
+                table.setdefault(s, param)
+                table.setdefault(s.replace(".", "_"), param)
+        out[network] = table
+    return out
+
+
+# ---- reading a file ------------------------------------------------------------------------
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import SafetensorError, safe_open
+
+    if path.suffix != ".safetensors":
+        raise InvalidArgumentError(f"LoRA {path}: only .safetensors LoRA files are read (pickle files run code)")
+    if not path.is_file():
+        raise ModelNotFoundError(f"LoRA file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InvalidArgumentError(f"LoRA {path} is not a readable safetensors file: {e}") from None
+
+
+def _peft_alphas(metadata: dict) -> dict[str, tuple[float | None, dict]]:
+    """diffusers' `lora_adapter_metadata`: per network, (lora_alpha, alpha_pattern)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise InvalidArgumentError("the LoRA's lora_adapter_metadata is not JSON") from None
+    out = {}
+    for network in LORA_NETWORKS:
+        config = meta.get(network) if isinstance(meta.get(network), dict) else {
+            k.removeprefix(network + "."): v for k, v in meta.items() if k.startswith(network + ".")}
+        if config:
+            out[network] = (config.get("lora_alpha"), config.get("alpha_pattern") or {})
+    return out
+
+
+def _pair(key: str) -> tuple[str, str, str] | None:
+    """(network, module alias, "up" | "down" | "alpha") of one LoRA key, or None if it is not
+    a LoRA key fastsd knows."""
+    for prefix, network in _KOHYA_PREFIX.items():
+        if key.startswith(prefix):
+            module, _, rest = key[len(prefix):].partition(".")
+            part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(rest)
+            return (network, module, part) if part else None
+    network, _, rest = key.partition(".")
+    if network not in LORA_NETWORKS:
+        return None
+    for suffix, part in ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora.down.weight", "down"),
+                         (".lora.up.weight", "up"), (".lora_linear_layer.down.weight", "down"),
+                         (".lora_linear_layer.up.weight", "up"), ("_lora.down.weight", "down"),
+                         ("_lora.up.weight", "up"), (".alpha", "alpha")):
+        if rest.endswith(suffix):
+            module = rest[: -len(suffix)]
+            if suffix.startswith("_lora"):  # attention processors: attn1.processor.to_q_lora -> attn1.to_q
+                module = module.replace(".processor.", ".") + ("" if not module.endswith("to_out") else ".0")
+            return network, module, part
+    return None
+
+
+def read_lora(path: str | Path, modules: dict[str, nn.Module], name: str, scale: float) -> Lora:
+    """Parse a LoRA file against the model's `modules` (a family's, NetworkSpec naming)."""
+    path = Path(path).expanduser()
+    tensors, metadata = _read(path)
+    for key in tensors:
+        for marker, what in _UNSUPPORTED.items():
+            if marker in key:
+                raise InvalidArgumentError(f"LoRA {path.name}: {what} weights ({key}) are not supported; "
+                                           "fastsd reads plain LoRA (up/down factors)")
+    table = targets(modules)
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in tensors.items():
+        parsed = _pair(key)
+        if parsed is None:
+            unknown.append(key)
+            continue
+        network, module, part = parsed
+        parts.setdefault((network, module), {})[part] = value
+    if unknown:
+        raise InvalidArgumentError(f"LoRA {path.name}: {len(unknown)} keys are not LoRA weights fastsd reads, e.g. "
+                                   f"{', '.join(unknown[:SHOWN_KEYS])}")
+    alphas = _peft_alphas(metadata)
+    deltas, missing = [], []
+    for (network, module), found in parts.items():
+        if "up" not in found or "down" not in found:
+            raise InvalidArgumentError(f"LoRA {path.name}: {network} {module} has no "
+                                       f"{'up' if 'up' not in found else 'down'} factor")
+        param = table.get(network, {}).get(module)
+        if param is None:
+            missing.append(f"{network}.{module}")
+            continue
+        up, down = found["up"], found["down"]
+        rank = down.shape[0]
+        if up.ndim < 2 or up.shape[1] != rank:
+            raise InvalidArgumentError(f"LoRA {path.name}: {network} {module}: up {tuple(up.shape)} and down "
+                                       f"{tuple(down.shape)} do not share a rank")
+        alpha = float(found["alpha"]) if "alpha" in found else _alpha(alphas.get(network), module, rank)
+        deltas.append(Delta(network, param, up, down, alpha / rank))
+    if missing:
+        have = ", ".join(n for n in LORA_NETWORKS if n in modules)
+        raise InvalidArgumentError(
+            f"LoRA {path.name} does not match this model: {len(missing)} of its {len(parts)} weights name no layer "
+            f"of it ({have}), e.g. {', '.join(missing[:SHOWN_KEYS])}")
+    if not deltas:
+        raise InvalidArgumentError(f"LoRA {path.name} holds no LoRA weights")
+    _check_shapes(path.name, deltas, modules)
+    nets = tuple(n for n in LORA_NETWORKS if any(d.network == n for d in deltas))
+    return Lora(name, str(path), deltas, float(scale), networks=nets)
+
+
+def _alpha(config: tuple[float | None, dict] | None, module: str, rank: int) -> float:
+    """PEFT's alpha of a module: alpha_pattern (a regex matched at the end of the module
+    name), else lora_alpha, else the rank (scale 1: diffusers' rule without alphas)."""
+    if config is None:
+        return float(rank)
+    alpha, pattern = config
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return float(value)
+    return float(alpha) if alpha is not None else float(rank)
+
+
+def _check_shapes(file: str, deltas: list[Delta], modules: dict[str, nn.Module]) -> None:
+    params = {n: dict(modules[n].named_parameters()) for n in {d.network for d in deltas}}
+    for d in deltas:
+        w = params[d.network][d.param]
+        out, inner = d.up.shape[0], d.down.flatten(1).shape[1]
+        if out != w.shape[0] or out * inner != w.numel():
+            raise InvalidArgumentError(
+                f"LoRA {file}: {d.param} is {tuple(w.shape)} in this model but the LoRA's update is "
+                f"{out}x{inner}: a LoRA for another model (SD 1.x vs 2.x vs SD-XL?)")
+
+
+# ---- the state: which LoRAs are fused, and the originals to restore ----------------------------
+
+class LoraWeights:
+    """The LoRAs fused into a model's weights, in load order, and the original value of every
+    weight they touch. `modules()` returns the model's networks (sharing its weights)."""
+
+    def __init__(self, modules):
+        self._modules = modules
+        self.loras: dict[str, Lora] = {}
+        self._originals: dict[tuple[str, str], torch.Tensor] = {}
+
+    def names(self) -> list[str]:
+        return list(self.loras)
+
+    def add(self, lora: Lora) -> dict[str, dict[str, torch.Tensor]]:
+        if lora.name in self.loras:
+            raise InvalidArgumentError(f"a LoRA named {lora.name!r} is already loaded; unload it first or pick "
+                                       "another name")
+        self.loras[lora.name] = lora
+        return self._fuse({(d.network, d.param) for d in lora.deltas})
+
+    def set_scale(self, name: str, scale: float) -> dict[str, dict[str, torch.Tensor]]:
+        lora = self._get(name)
+        lora.scale = float(scale)
+        return self._fuse({(d.network, d.param) for d in lora.deltas})
+
+    def remove(self, name: str | None) -> dict[str, dict[str, torch.Tensor]]:
+        names = list(self.loras) if name is None else [self._get(name).name]
+        touched = {(d.network, d.param) for n in names for d in self.loras[n].deltas}
+        for n in names:
+            del self.loras[n]
+        return self._fuse(touched)
+
+    def overridden(self) -> dict[str, set[str]]:
+        """Per network, the weights that differ from the checkpoint's now."""
+        out: dict[str, set[str]] = {}
+        for network, param in self._originals:
+            out.setdefault(network, set()).add(param)
+        return out
+
+    def _get(self, name: str) -> Lora:
+        if name not in self.loras:
+            loaded = ", ".join(map(repr, self.loras)) or "none"
+            raise InvalidArgumentError(f"no LoRA named {name!r} is loaded (loaded: {loaded})")
+        return self.loras[name]
+
+    def _fuse(self, touched: set[tuple[str, str]]) -> dict[str, dict[str, torch.Tensor]]:
+        """Recompute each touched weight from its original and the LoRAs now loaded (in load
+        order), in float32, written in place; a weight no LoRA touches any more gets its
+        original back exactly. Returns per network the weights written (name -> tensor)."""
+        modules = self._modules()
+        params = {n: dict(modules[n].named_parameters()) for n in {net for net, _ in touched}}
+        by_param: dict[tuple[str, str], list[tuple[float, Delta]]] = {}
+        for lora in self.loras.values():
+            for d in lora.deltas:
+                if (d.network, d.param) in touched:
+                    by_param.setdefault((d.network, d.param), []).append((lora.scale, d))
+        changed: dict[str, dict[str, torch.Tensor]] = {}
+        with torch.no_grad():
+            for key in sorted(touched):
+                network, name = key
+                w = params[network][name]
+                if key not in self._originals:
+                    self._originals[key] = w.detach().clone()
+                original = self._originals[key]
+                if key in by_param:
+                    fused = original.to(w.device, torch.float32)
+                    for scale, d in by_param[key]:
+                        fused = fused + scale * d.tensor(w.shape, w.device)
+                    w.data.copy_(fused.to(w.dtype))
+                else:
+                    w.data.copy_(original)
+                    del self._originals[key]
+                changed.setdefault(network, {})[name] = w.detach()
+        return changed
+
+
+def lora_name(path: str | Path, name: str | None) -> str:
+    if name is None:
+        return Path(path).stem
+    if not isinstance(name, str) or not name:
+        raise InvalidArgumentError(f"a LoRA name must be a non-empty string, got {name!r}")
+    return name
+
+
+def check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not abs(scale) < float("inf"):
+        raise InvalidArgumentError(f"a LoRA scale must be a finite number, got {scale!r}")
+    return float(scale)
+
