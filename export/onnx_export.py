@@ -82,7 +82,7 @@ def export_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, path
     transposed = attach_weights(model, module, path)
     onnx.save(model, str(path))
     onnx.checker.check_model(str(path), full_check=False)  # by path: works past 2 GB
-    return [path.name, path.name + ".data"], {"weights": WEIGHTS_BY_NAME, "transposed": sorted(transposed)}
+    return [path.name, path.name + ".data"], {"weights_layout": WEIGHTS_BY_NAME, "transposed": sorted(transposed)}
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -254,10 +254,10 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
         path = folder / f"{name}.onnx"
         module = modules.pop(name).eval()
         record = donor_manifest["networks"].get(name) if donor_manifest else None
-        if record is not None and record.get("weights") == WEIGHTS_BY_NAME:
+        if record is not None and record.get("weights_layout") == WEIGHTS_BY_NAME:
             try:
                 refit_graph(donor / f"{name}.onnx", path, weight_map(module), set(record["transposed"]))
-                facts = {"weights": WEIGHTS_BY_NAME, "transposed": record["transposed"],
+                facts = {"weights_layout": WEIGHTS_BY_NAME, "transposed": record["transposed"],
                          "refitted_from": donor_manifest["checkpoint"]}
                 return [path.name, path.name + ".data"], facts, ""
             except RefitError as e:

@@ -121,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--clip-skip", type=int, default=0, help="bake text embeddings from CLIP layer -(N+1)")
     e.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
     e.add_argument("--vae", default=None, help="a VAE folder or .safetensors file replacing the model's")
+    e.add_argument("--no-refit", action="store_true",
+                   help="trace from scratch even where an entry of the same architecture could be refitted")
     e.set_defaults(func=cmd_export)
 
     c = sub_parser("build", help="build compiled engines (AOTInductor) into the engine store")
@@ -133,7 +135,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--networks", default=None, help="comma-separated subset to build (default: all the model's)")
     c.add_argument("--clip-skip", type=int, default=0, help="bake text embeddings from CLIP layer -(N+1)")
     c.add_argument("--refittable", action="store_true",
-                   help="engines that can take other weights by refit (tensorrt; may run slower)")
+                   help="tensorrt: plans that can take other weights by refit (LoRA, new checkpoints; may run "
+                        "slower). compiled packages are refittable unless --frozen")
+    c.add_argument("--frozen", action="store_true",
+                   help="compiled: weights folded into the code (faster on CPU; no refit, so LoRA and new "
+                        "checkpoints need eager or a rebuild)")
+    c.add_argument("--no-refit", action="store_true",
+                   help="build from scratch even where an entry of the same architecture could be refitted")
     c.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
     c.add_argument("--vae", default=None, help="a VAE folder or .safetensors file replacing the model's")
     c.set_defaults(func=cmd_build)
@@ -425,9 +433,10 @@ def _build(kind_name: str, args, **options) -> int:
     kind = ENGINE_KINDS.get(kind_name)
     if kind is None:
         raise FastSDError(f"unknown build backend {kind_name!r}; choose one of {', '.join(ENGINE_KINDS)}")
-    if options.get("refittable") and not kind.refits:
-        refitting = ", ".join(k.name for k in ENGINE_KINDS.values() if k.refits)
-        raise FastSDError(f"--refittable applies to engine kinds that refit ({refitting}), not {kind.name}")
+    if options.get("refittable") is not None and kind.name not in ("tensorrt", "compiled"):
+        flag = "--refittable" if options["refittable"] else "--frozen"
+        raise FastSDError(f"{flag} applies to tensorrt and compiled engines, not {kind.name} (whose graphs always "
+                          "take other weights)")
     t0 = time.perf_counter()
     networks = tuple(n.strip() for n in args.networks.split(",") if n.strip()) if args.networks else None
     opts = BuildOptions(args.model, engine_dir=args.engine_dir, networks=networks, allow_pickle=args.allow_pickle,
@@ -443,12 +452,16 @@ def _build(kind_name: str, args, **options) -> int:
 
 
 def cmd_export(args) -> int:
-    return _build("onnxruntime", args, dtype=args.dtype, simplify=not args.no_simplify, vae=args.vae)
+    return _build("onnxruntime", args, dtype=args.dtype, simplify=not args.no_simplify, vae=args.vae,
+                  refit=not args.no_refit)
 
 
 def cmd_build(args) -> int:
-    return _build(args.backend, args, dtype=args.dtype, device=args.device, refittable=args.refittable,
-                  vae=args.vae)
+    if args.refittable and args.frozen:
+        raise FastSDError("--refittable and --frozen contradict each other")
+    refittable = True if args.refittable else False if args.frozen else None
+    return _build(args.backend, args, dtype=args.dtype, device=args.device, refittable=refittable,
+                  vae=args.vae, refit=not args.no_refit)
 
 
 def cmd_engines(args) -> int:

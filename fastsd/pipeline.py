@@ -30,6 +30,8 @@ from .devices import parse_device
 from .engines import DTYPES, PRECISIONS, default_engine_dir
 from .errors import InvalidArgumentError, NumericalError, UnsupportedError
 from .families import family_for
+from .locks import SharedLock
+from .lora import LoraWeights, check_scale, lora_name, read_lora
 from .loop import StepGraphs, StepInputs, StepKey, initial_state, make_step, run_steps, step_rows
 from .model_files import Checkpoint
 from .schedulers import (
@@ -54,8 +56,12 @@ _DIFFUSERS_ONLY = {  # diffusers pipeline methods fastsd does not have, and what
     "enable_model_cpu_offload": _OFFLOAD, "enable_sequential_cpu_offload": _OFFLOAD,
     "enable_group_offload": _OFFLOAD,
     "enable_xformers_memory_efficient_attention": "fastsd already runs PyTorch's SDPA attention; drop the call",
-    "load_lora_weights": "LoRA support is planned (pipe.load_lora)", "fuse_lora": "LoRA support is planned",
-    "set_adapters": "LoRA support is planned", "load_textual_inversion": "not supported",
+    "load_lora_weights": "use pipe.load_lora(path, scale=1.0, name=None), which also fuses it",
+    "fuse_lora": "pipe.load_lora(path, scale=...) fuses as it loads",
+    "set_adapters": "use pipe.set_lora_scale(name, scale) per LoRA (pipe.unload_lora(name) drops one)",
+    "unfuse_lora": "use pipe.unload_lora(name) (None: all), which restores the base weights exactly",
+    "unload_lora_weights": "use pipe.unload_lora() (restores the base weights exactly)",
+    "load_textual_inversion": "not supported",
     "load_ip_adapter": "not supported", "enable_freeu": "not supported", "save_pretrained": "not supported",
     "components": "fastsd's networks are pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer",
     "encode_prompt": "pass prompt_embeds= computed with pipe.text_encoder, or prompts",
@@ -145,6 +151,8 @@ class Pipeline:
         self._scheduler = default_scheduler(pipeline_scheduler_config(self.info.scheduler))
         self._progress_config: dict = {"disable": True}
         self._remake: Callable | None = None  # (device, dtype, cuda_graphs, attention_slicing) -> Backend
+        self._loras = LoraWeights(lambda: self.family.modules(self.ckpt))
+        self._weights_lock = SharedLock()  # calls share the weights; a LoRA change has them alone
 
     @property
     def scheduler(self) -> SchedulerChoice:
@@ -252,11 +260,65 @@ class Pipeline:
         if self._remake is None:
             raise InvalidArgumentError("this pipeline was built around a given backend; load it with "
                                        "Pipeline.from_pretrained(..., device=, dtype=) instead")
-        self.backend = self._remake(dev, dt, self._graphs is not None, self.memory.attention_slicing)
-        self.device, self.dtype = dev, dt
+        with self._weights_lock.exclusive("pipe.to()"):
+            self.backend = self._remake(dev, dt, self._graphs is not None, self.memory.attention_slicing)
+            self.device, self.dtype = dev, dt
+            if self._graphs is not None:
+                self._graphs = StepGraphs()
+            modules = self.family.modules(self.ckpt)
+            for network, names in self._loras.overridden().items():  # the new backend's engines take the LoRAs too
+                params = dict(modules[network].named_parameters())
+                self.backend.set_weights(network, {n: params[n].detach() for n in names}, False)
+        return self
+
+    # ---- LoRA ---------------------------------------------------------------------------
+
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
+        """Fuse a LoRA (.safetensors: kohya / A1111, or diffusers / PEFT) into the UNet and text
+        encoder weights it targets, on eager and, by refit, on engines (an engine that cannot
+        be refitted leaves those networks to eager PyTorch while the LoRA is loaded): it costs
+        nothing per step. Several may be loaded; each weight is recomputed from its original
+        and the LoRAs loaded, in load order. Returns its name (default: the file's stem). A
+        file whose keys do not match this model is an InvalidArgumentError naming some."""
+        name, scale = lora_name(path, name), check_scale(scale)
+        t0 = time.perf_counter()
+        lora = read_lora(path, self.family.modules(self.ckpt), name, scale)  # checked before anything changes
+        with self._weights_lock.exclusive("load_lora"):
+            self._weights_changed(self._loras.add(lora))
+        lora.seconds = time.perf_counter() - t0
+        log.info("LoRA %s: %d weights of %s fused in %.2fs", name, len(lora.deltas), ", ".join(lora.networks),
+                 lora.seconds)
+        return name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Re-weight a loaded LoRA (0 disables it) without reading its file again."""
+        scale = check_scale(scale)
+        t0 = time.perf_counter()
+        with self._weights_lock.exclusive("set_lora_scale"):
+            self._weights_changed(self._loras.set_scale(name, scale))
+            lora = self._loras.loras[name]
+            lora.seconds = time.perf_counter() - t0
+        log.info("LoRA %s: scale %g in %.2fs", name, scale, lora.seconds)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Unload one LoRA, or all (None): the weights no LoRA touches any more get their
+        original values back, bit for bit."""
+        with self._weights_lock.exclusive("unload_lora"):
+            self._weights_changed(self._loras.remove(name))
+
+    @property
+    def loras(self) -> list[dict]:
+        """The loaded LoRAs in load order: name, path, scale, weights, networks, and how long
+        its last load or scale change took (fusing and refitting engines), in seconds."""
+        return [lora.describe() for lora in self._loras.loras.values()]
+
+    def _weights_changed(self, changed: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Weights were written in place: engines are refitted, captured steps dropped."""
+        overridden = self._loras.overridden()
+        for network, weights in changed.items():
+            self.backend.set_weights(network, weights, network not in overridden)
         if self._graphs is not None:
             self._graphs = StepGraphs()
-        return self
 
     @property
     def vae(self):
@@ -343,7 +405,7 @@ class Pipeline:
         step_callback, bar = self._step_callback(callback, callback_steps, callback_on_step_end,
                                                  callback_on_step_end_tensor_inputs, total)
         try:
-            with on_work_stream(self.device):  # on CUDA: fastsd's one work stream, shared with the engines
+            with self._weights_lock.shared(), on_work_stream(self.device):  # on CUDA: fastsd's one work stream
                 out = self._generate(_Call(req, gen, text_encoders), step_callback)
         finally:
             if bar is not None:

@@ -1,5 +1,8 @@
 """The `compiled` engine kind: AOTInductor packages (.pt2) loaded without recompiling.
-Packages are tied to the torch version and the device, which the manifest records."""
+Packages are tied to the torch version and the device, which the manifest records. A
+package holds code only and its weights are the `<network>.weights.safetensors` beside it
+(refittable: constants swapped with the package's load_constants), or, built --frozen,
+its weights are folded into the code."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import torch
 
 from ..devices import device_key
 from . import as_float
-from .kind import BuildOptions, EngineKind, EngineRunner, export_module
+from .kind import BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module
 
 
 def runtime_facts(device: torch.device) -> dict:
@@ -20,10 +23,30 @@ def runtime_facts(device: torch.device) -> dict:
 class CompiledRunner(EngineRunner):
     name = "compiled"
 
-    def __init__(self, path: Path, spec, device: torch.device, profile, dtype: torch.dtype):
+    def __init__(self, path: Path, spec, device: torch.device, profile, dtype: torch.dtype,
+                 record: dict | None = None):
         super().__init__(spec, profile)
         self.model = torch._inductor.aoti_load_package(str(path))
         self.device, self.dtype = device, dtype
+        self.separate = bool(record and record.get("weights_layout") == "separate")  # else frozen into the code
+        self.constants: set[str] = set()
+        if self.separate:  # the package holds code only: its weights are the file beside it
+            from safetensors.torch import load_file
+
+            weights = load_file(str(path.parent / f"{spec.name}.weights.safetensors"), device=str(device))
+            self.constants = set(self.model.get_constant_fqns())
+            if set(weights) != self.constants:
+                raise RuntimeError(f"{spec.name}.weights.safetensors does not hold the package's constants")
+            self.model.load_constants(weights, check_full_update=True)
+
+    def set_weights(self, weights: dict[str, torch.Tensor], at_base: bool) -> None:
+        """Swap those constants of the package (a weight it does not use is skipped)."""
+        if not self.separate:
+            raise RefitUnsupported("its package was built --frozen (weights folded into the code)")
+        new = {n: t.detach().to(self.device, self.dtype if t.is_floating_point() else t.dtype)
+               for n, t in weights.items() if n in self.constants}
+        if new:
+            self.model.load_constants(new, check_full_update=False)
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         args = self.spec.cast(inputs, self.device, self.dtype)
@@ -38,11 +61,12 @@ def _build(opts: BuildOptions) -> Path:
     return export_module("compiled").build_compiled(
         opts.model, engine_dir=opts.engine_dir, dtype=opts.dtype, static=opts.static, device=opts.device,
         networks=opts.networks, allow_pickle=opts.allow_pickle, clip_skip=opts.clip_skip, vae=opts.vae,
-        progress=opts.progress)
+        frozen=opts.refittable is False, refit=opts.refit, progress=opts.progress)
 
 
-def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile) -> CompiledRunner:
-    return CompiledRunner(path, spec, device, profile, dtype)
+def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile,
+          record: dict | None = None) -> CompiledRunner:
+    return CompiledRunner(path, spec, device, profile, dtype, record)
 
 
 def _details() -> str:
@@ -53,7 +77,7 @@ def _details() -> str:
 
 
 KIND = EngineKind("compiled", ".pt2", lambda: None, runtime_facts, _load, _build,
-                  build_command="fastsd build --backend compiled", builds_alone=True, refits=False,
+                  build_command="fastsd build --backend compiled", builds_alone=True, refits=True,
                   needs="torch's AOTInductor (torch >= 2.6) and, to build on CPU, a C++ compiler; packages are "
                         "tied to the torch version and device they were built with",
                   details=_details)

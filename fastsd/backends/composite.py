@@ -13,7 +13,7 @@ from ..engines import check_entry
 from ..errors import InvalidArgumentError
 from ..networks import SD_NETWORKS, NetworkSpec
 from . import Networks, record
-from .kind import EngineKind, Runner
+from .kind import EngineKind, RefitUnsupported, Runner
 
 log = logging.getLogger(__name__)
 
@@ -31,25 +31,56 @@ class LazyRunner:
         self.fingerprint, self.facts = fingerprint, facts
         self.runner: Runner | None = None
         self.failed: str | None = None
+        self.stale: str | None = None  # why the engine does not hold the network's weights now (a LoRA it cannot take)
+        self._pending: dict = {}  # weights set before the engine loaded: given to it when it does
         self._lock = threading.Lock()
 
     def fits(self, inputs) -> str | None:
-        return self.failed or self.spec.refuses(self.profile, inputs)
+        return self.failed or self.stale or self.spec.refuses(self.profile, inputs)
 
     def load(self) -> bool:
         with self._lock:
             if self.runner is None and self.failed is None:
-                _, problems = check_entry(self.entry, self.fingerprint, self.facts, verify=True,
-                                          networks=(self.spec.name,))
+                manifest, problems = check_entry(self.entry, self.fingerprint, self.facts, verify=True,
+                                                 networks=(self.spec.name,))
                 try:
                     if problems:
                         raise ValueError(problems[self.spec.name])
-                    self.runner = self.kind.load(self.path, self.spec, self.device, self.dtype, self.profile)
+                    self.runner = self.kind.load(self.path, self.spec, self.device, self.dtype, self.profile,
+                                                 manifest["networks"][self.spec.name])
                 except Exception as e:  # noqa: BLE001 - changed files, no usable provider, an unloadable artifact
-                    self.failed = f"{self.entry.name}: " + (str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    self._fail(e)
                     log.warning("%s %s: %s; trying the next engine, else eager", self.name, self.spec.name,
                                 self.failed)
-            return self.runner is not None
+                if self.runner is not None and self._pending:
+                    self._refit(self._pending, False)
+            return self.runner is not None and self.stale is None
+
+    def set_weights(self, weights: dict, at_base: bool) -> None:
+        """Refit the engine to the network's weights now (see Runner.set_weights); one that
+        cannot take them serves no call until the weights are the entry's own again. Before
+        the engine is loaded, the weights wait for it (they are the module's own tensors, so
+        their latest values are what it gets)."""
+        with self._lock:
+            self._pending = {} if at_base else {**self._pending, **weights}
+            if self.runner is not None and self.failed is None:
+                self._refit(weights, at_base)
+
+    def _refit(self, weights: dict, at_base: bool) -> None:
+        try:
+            self.runner.set_weights(weights, at_base)
+            self.stale = None
+        except RefitUnsupported as e:
+            self.stale = None if at_base else f"{self.entry.name}: holds the checkpoint's weights, not the " \
+                                              f"LoRA-fused ones ({e})"
+        except Exception as e:  # noqa: BLE001 - a refit that failed part way: its weights are unknown
+            self._fail(e)
+            self.runner = None
+            log.warning("%s %s: refit failed (%s); running it in eager PyTorch", self.name, self.spec.name,
+                        self.failed)
+
+    def _fail(self, e: Exception) -> None:
+        self.failed = f"{self.entry.name}: " + (str(e).splitlines()[0] if str(e) else type(e).__name__)
 
     def __call__(self, **inputs):
         return self.runner(**inputs)
@@ -91,6 +122,16 @@ class CompositeBackend(Networks):
             if first:
                 log.warning("no %s engine fits this call (%s); running it in eager PyTorch", network, why)
         return self.eager.run(network, inputs, ran)
+
+    def set_weights(self, network: str, weights: dict, at_base: bool) -> None:
+        """The network's weights changed (a LoRA loaded, re-scaled or unloaded): refit its
+        engines; the eager modules share the weights already."""
+        for engine in list(self.engines.get(network, ())):
+            try:
+                engine.set_weights(weights, at_base)  # a LazyRunner handles refusals itself
+            except RefitUnsupported as e:
+                log.warning("%s %s cannot take the new weights (%s); it is dropped", engine.name, network, e)
+                self.engines[network].remove(engine)
 
     def text_encoders_for(self, clip_skip: int | None) -> dict:
         """The text encoders for a call's clip_skip: engines bake theirs in, so another one

@@ -51,6 +51,10 @@ class EagerBackend(Networks):
             return self._graphed_unet(*args.values())  # inside a whole-step capture the UNet is captured with it
         return as_float(self._forward(network, args))
 
+    def set_weights(self, network: str, weights: dict, at_base: bool) -> None:
+        """Nothing to do: the modules are the checkpoint's, whose weights were written in place
+        (a captured UNet graph reads them where they are)."""
+
     def text_encoders_for(self, clip_skip: int | None) -> dict:
         """The text encoders giving the embeddings of the CLIP layer clip_skip selects (None:
         the load-time clip_skip); any clip_skip runs here, on the same weights."""

@@ -31,6 +31,17 @@ class Runner(Protocol):
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor: ...
 
+    def set_weights(self, weights: dict[str, torch.Tensor], at_base: bool) -> None:
+        """Refit: give the engine these values of the network's weights (named as the
+        network module's parameters; the others keep theirs). `at_base`: every weight is the
+        entry's own again. Raises RefitUnsupported where the engine cannot take new weights."""
+
+
+class RefitUnsupported(Exception):
+    """An engine that cannot take other weights than those it was built with (a frozen
+    compiled package, a non-refittable TensorRT plan, a graph exported before weights were
+    named): it serves calls only while the network holds the entry's own weights."""
+
 
 class EngineRunner:
     """The part every runner shares: the network's spec, the entry's shape profile and the
@@ -43,6 +54,9 @@ class EngineRunner:
 
     def fits(self, inputs: dict[str, torch.Tensor]) -> str | None:
         return self.spec.refuses(self.profile, inputs)
+
+    def set_weights(self, weights: dict[str, torch.Tensor], at_base: bool) -> None:
+        raise RefitUnsupported(f"{self.name} engines of this entry cannot be refitted")
 
 
 @dataclass(frozen=True)
@@ -59,7 +73,9 @@ class BuildOptions:
     allow_pickle: bool = False
     clip_skip: int = 0
     vae: str | None = None  # a VAE (folder or file) replacing the checkpoint's
-    refittable: bool = False  # engines that take other weights by refit
+    refittable: bool | None = None  # engines that take other weights by refit; None: the kind's default
+    # (compiled: yes, weights beside the code, False = frozen; TensorRT: no, True = refittable plans)
+    refit: bool = True  # a new checkpoint of an architecture the store holds is refitted, not rebuilt
     simplify: bool = True  # ONNX: run onnxslim
     progress: Callable[[str], None] = log.info  # one line per network built
 
@@ -70,7 +86,8 @@ class EngineKind:
     suffix: str  # the graph / engine file of a network: <network><suffix>
     unavailable: Callable[[], str | None]  # why this installation cannot run it (None: it can)
     runtime_facts: Callable[[torch.device], dict]  # manifest facts an entry must match to run here
-    load: Callable[..., Runner]  # (path, spec, device, dtype, profile) -> a runner
+    load: Callable[..., Runner]  # (path, spec, device, dtype, profile, record) -> a runner; record: the
+    # network's manifest record (its files and facts, e.g. how its weights are named)
     build: Callable[[BuildOptions], Path]  # builds (or refits) an entry; returns its folder
     build_command: str  # how a user builds this kind's entries
     builds_alone: bool  # builds from the checkpoint alone (bench --export-missing may build it)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .kind import BuildOptions, EngineKind, EngineRunner, export_module
+from .kind import BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module
 
 log = logging.getLogger(__name__)
 
@@ -67,21 +67,62 @@ class OrtRunner(EngineRunner):
     name = "onnxruntime"
 
     def __init__(self, path: Path, spec, device: torch.device, profile, threads: int = 0,
-                 use_tensorrt: bool = False):
+                 use_tensorrt: bool = False, record: dict | None = None):
         import onnxruntime as ort
 
         super().__init__(spec, profile)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads  # 0: one per physical core
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), opts, providers=providers_for(device, use_tensorrt))
+        self.path, self.threads, self.providers = path, threads, providers_for(device, use_tensorrt)
+        self.by_name = bool(record and record.get("weights_layout") == "by-name")  # weights named as the parameters
+        self.transposed = set(record.get("transposed", ())) if self.by_name else set()
+        self._weights: dict[str, tuple] | None = None  # initializer -> (numpy dtype, shape), read on first refit
+        self._overrides: dict[str, np.ndarray] = {}  # weights given at session creation instead of the file's
+        self.session = self._session()
         self.run_options = ort.RunOptions()
         if device.type == "cuda":  # the work stream orders the next kernels; no device-wide wait per run
             self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self.device = device
         self.in_types = {i.name: _ORT_TO_TORCH[i.type] for i in self.session.get_inputs()}
         self.out_types = {o.name: _ORT_TO_TORCH[o.type] for o in self.session.get_outputs()}
+
+    def _session(self):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = self.threads  # 0: one per physical core
+        opts.log_severity_level = 3
+        names = list(self._overrides)
+        self._values = [ort.OrtValue.ortvalue_from_numpy(self._overrides[n]) for n in names]  # must outlive the session
+        if names:
+            opts.add_external_initializers(names, self._values)
+        return ort.InferenceSession(str(self.path), opts, providers=self.providers)
+
+    def set_weights(self, weights: dict[str, torch.Tensor], at_base: bool) -> None:
+        """A new session whose initializers of those names are the given values (the graph's
+        weights are external data named as the parameters, so ONNX Runtime substitutes them
+        before it optimises the graph). Weights the graph does not use are skipped."""
+        if not self.by_name:
+            raise RefitUnsupported("its graph was exported with weights not named as the network's parameters "
+                                   "(by an older fastsd); re-export it to refit it")
+        if self._weights is None:
+            import onnx
+
+            graph = onnx.load(str(self.path), load_external_data=False).graph
+            self._weights = {t.name: (onnx.helper.tensor_dtype_to_np_dtype(t.data_type), tuple(t.dims))
+                             for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+        overrides = {} if at_base else dict(self._overrides)
+        if not at_base:
+            for name, tensor in weights.items():
+                if name not in self._weights:
+                    continue
+                dtype, shape = self._weights[name]
+                t = tensor.detach().t() if name in self.transposed else tensor.detach()
+                array = np.ascontiguousarray(t.to("cpu", torch.float32).numpy().astype(dtype, copy=False))
+                if array.shape != shape:
+                    raise RefitUnsupported(f"{name} is {array.shape}, the graph's is {shape}")
+                overrides[name] = array
+        self._overrides = overrides
+        self.session = self._session()
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -115,8 +156,8 @@ class OrtRunner(EngineRunner):
         return tuple(o.float() for o in outs) if len(outs) > 1 else outs[0].float()
 
 
-def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile) -> OrtRunner:
-    return OrtRunner(path, spec, device, profile, use_tensorrt=device.type == "cuda")
+def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile, record: dict | None = None) -> OrtRunner:
+    return OrtRunner(path, spec, device, profile, use_tensorrt=device.type == "cuda", record=record)
 
 
 def _build(opts: BuildOptions) -> Path:
@@ -125,8 +166,7 @@ def _build(opts: BuildOptions) -> Path:
     return export_module("onnx_export").export_checkpoint(
         opts.model, engine_dir=opts.engine_dir, dtype=opts.dtype or "fp32", static=opts.static,
         networks=opts.networks, simplify=opts.simplify, allow_pickle=opts.allow_pickle, clip_skip=opts.clip_skip,
-        vae=opts.vae,
-        progress=opts.progress)
+        vae=opts.vae, refit=opts.refit, progress=opts.progress)
 
 
 def _details() -> str:
@@ -136,7 +176,7 @@ def _details() -> str:
 
 
 KIND = EngineKind("onnxruntime", ".onnx", unavailable, lambda device: {}, _load, _build,
-                  build_command="fastsd export", builds_alone=True, refits=False,
+                  build_command="fastsd export", builds_alone=True, refits=True,
                   needs="onnxruntime (CPU), or onnxruntime-gpu with CUDA / TensorRT execution providers; "
                         "ONNX graphs from `fastsd export`",
                   details=_details)

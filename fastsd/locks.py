@@ -1,0 +1,59 @@
+"""A shared/exclusive lock: pipeline calls share a pipeline's weights, a weight change
+(LoRA load, scale, unload) waits for the calls in flight and holds new ones back until it
+is done, so no call ever runs on half-changed weights."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+from .errors import InvalidArgumentError
+
+
+class SharedLock:
+    """Many shared holders, or one exclusive holder; a waiting exclusive holder goes before
+    new shared ones (a stream of calls cannot starve a LoRA switch)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+        self._mine = threading.local()  # this thread's shared holds: an exclusive request from inside one would deadlock
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        self._mine.count = getattr(self._mine, "count", 0) + 1
+        try:
+            yield
+        finally:
+            self._mine.count -= 1
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self, what: str) -> Iterator[None]:
+        if getattr(self._mine, "count", 0):
+            raise InvalidArgumentError(f"{what} cannot happen inside a pipeline call (from its callback): "
+                                       "the call runs on the weights it started with")
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
