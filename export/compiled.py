@@ -45,11 +45,14 @@ def compile_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, pat
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(module, args, dynamic_shapes=_dynamic_batch(spec))
-        configs = {"freezing": True} if frozen else {"aot_inductor.package_constants_in_so": False}
+        # not frozen: constants Inductor derives from weights (views, permutes) are folded at run time,
+        # after the weights are loaded, not baked in at compile time from the weights traced here
+        configs = {"freezing": True} if frozen else {"aot_inductor.package_constants_in_so": False,
+                                                     "aot_inductor.use_runtime_constant_folding": True}
         torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
     if frozen:
         return [path.name]
-    names = torch._inductor.aoti_load_package(str(path)).get_constant_fqns()
+    names = [n for n in torch._inductor.aoti_load_package(str(path)).get_constant_fqns() if not n.startswith(FOLDED)]
     weights = weights_of(module)
     missing = [n for n in names if n not in weights]
     if missing:
@@ -130,6 +133,7 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
                        verb="compiled")
 
 
+FOLDED = "_FOLDED_CONST_"  # constants the package computes from the weights when they are loaded
 SEPARATE, FROZEN = "separate", "frozen"  # a package's weights: in a file beside the code, or folded into it
 
 
