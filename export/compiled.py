@@ -122,7 +122,8 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
         record = donor_manifest["networks"].get(name) if donor_manifest else None
         if record is not None and record.get("weights_layout") == SEPARATE:
             refit_package(donor / path.name, path, weights_of(modules[name]))
-            return [path.name, weights_name(name)], {"weights_layout": SEPARATE, "refitted_from": donor_manifest["checkpoint"]}, ""
+            facts = {"weights_layout": SEPARATE, "refitted_from": donor_manifest["checkpoint"]}
+            return [path.name, weights_name(name)], facts, ""
         module = modules[name].to(dev, DTYPES[dtype]).eval()
         args = tuple(a.to(dev) for a in specs[name].sample_inputs(2, *size, DTYPES[dtype]))
         files = compile_network(module, specs[name], args, path, frozen)

@@ -155,8 +155,9 @@ def check_engine(name: str, run: Callable, module: torch.nn.Module, inputs: tupl
 
 
 def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str | None = None,
-                   networks: tuple[str, ...] | None = None, allow_pickle: bool = False, refittable: bool = False,
-                   vae: str | None = None, progress: Callable[[str], None] = log.info) -> Path:
+                   networks: tuple[str, ...] | None = None, allow_pickle: bool = False,
+                   refittable: bool | None = None, vae: str | None = None, refit: bool = True,
+                   progress: Callable[[str], None] = log.info) -> Path:
     """Refit the engines of a same-architecture entry if one exists, else build them."""
     from fastsd.backends.tensorrt import TrtRunner
 
@@ -171,7 +172,10 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
     profile = entry_profile(onnx_manifest, size)
     device = torch.device("cuda", torch.cuda.current_device())
     facts = runtime_facts(device)
-    donor = refit_source(root, info, "tensorrt", PRECISION, facts, profile)
+    donor = refit_source(root, info, "tensorrt", PRECISION, facts, profile) if refit and refittable is not False \
+        else None
+    donor_manifest = read_manifest(donor) if donor else None
+    refitting = bool(donor_manifest and donor_manifest.get("refittable")) or bool(refittable)
     clip_skip = onnx_manifest.get("clip_skip", 0)
     modules = family.modules(ckpt, clip_skip)
 
@@ -180,7 +184,7 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
         if donor is not None:
             plan = refit_engine(trt, (donor / f"{name}.plan").read_bytes(), graph, logger)
         else:
-            plan = build_engine(trt, graph, spec.profile_shapes(profile), root / TIMING_CACHE, logger, refittable)
+            plan = build_engine(trt, graph, spec.profile_shapes(profile), root / TIMING_CACHE, logger, refitting)
         path = folder / f"{name}.plan"
         path.write_bytes(plan)
         batch = 2 if spec.cfg_doubled else 1
@@ -190,11 +194,16 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
         err = check_engine(name, lambda *args: runner(**dict(zip(spec.input_names, args, strict=True))),
                            modules[name].to(device, torch.float32).eval(), inputs, ENGINE_TOLERANCE)
         modules[name].to("cpu")
-        return [path.name], {"relative_error": round(err, 6)}, f", relative error vs eager {err:.2e}"
+        extra = {"relative_error": round(err, 6)}
+        record = onnx_manifest["networks"][name]
+        if refitting and record.get("weights_layout") == "by-name":  # LoRA refits by these names
+            extra.update(weights_layout="by-name", transposed=record.get("transposed", []))
+        if donor is not None:
+            extra["refitted_from"] = donor_manifest["checkpoint"]
+        return [path.name], extra, f", relative error vs eager {err:.2e}"
 
-    donor_manifest = read_manifest(donor) if donor else None
     return build_entry(root, info, "tensorrt", PRECISION, profile, networks, make, dict(
-        refittable=bool(donor_manifest and donor_manifest.get("refittable")) or refittable, build_mode=mode,
+        refittable=refitting, build_mode=mode,
         onnx_source=f"onnxruntime-{source}", weights=info.fingerprint,
         refitted_from=donor_manifest["checkpoint"] if donor_manifest else None, clip_skip=clip_skip, **facts),
         progress, verb="refitted" if donor is not None else "built")

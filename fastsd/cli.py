@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--variant", default=None, help="diffusers folder weight variant, e.g. fp16")
     g.add_argument("--vae", default=None,
                    help="a VAE folder or .safetensors file replacing the checkpoint's (e.g. an fp16-safe SD-XL VAE)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fuse a LoRA (.safetensors, kohya or diffusers/PEFT) at SCALE (default 1); repeatable")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
     g.add_argument("--prediction-type", default=None, help="epsilon | v_prediction (override the checkpoint's)")
     g.add_argument("--clip-skip", type=int, default=0, help="text embeddings from CLIP layer -(N+1)")
@@ -194,6 +196,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="how long a batch waits for more requests to join (default 10)")
     v.add_argument("--max-queue", type=int, default=64, help="requests waiting before new ones get 429 (default 64)")
     v.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the model's name)")
+    v.add_argument("--lora", action="append", default=[], metavar="FILE",
+                   help="a LoRA requests may name (by its file's stem) in `lora`; repeatable")
+    v.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="every .safetensors LoRA in DIR, by stem, may be named in requests")
     v.add_argument("--max-n", type=int, default=10, help="images per request (default 10)")
     v.add_argument("--max-side", type=int, default=2048, help="pixels per side, output and uploads (default 2048)")
     v.add_argument("--max-steps", type=int, default=200, help="num_inference_steps per request (default 200)")
@@ -305,6 +311,7 @@ def _parameters_line(s: dict) -> str:
 def _check_generate(args) -> None:
     """What can be checked before the model loads, in the flags' own names."""
     from .checkpoint import peek_vae_factor
+    from .lora import parse_lora_arg
     from .schedulers import SAMPLER_NAMES
     from .settings import MAX_ETA, MAX_GUIDANCE, check_seed
 
@@ -320,6 +327,9 @@ def _check_generate(args) -> None:
             raise FastSDError(f"{flag} must be in [0, {hi}], got {value}")
     if args.clip_skip < 0:
         raise FastSDError(f"--clip-skip must be >= 0, got {args.clip_skip}")
+    for path, _ in map(parse_lora_arg, args.lora):
+        if not Path(path).is_file():
+            raise FastSDError(f"--lora {path}: no such file")
     factor = peek_vae_factor(args.model) or 1
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and (value <= 0 or value % factor):
@@ -331,6 +341,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from .images import load_image
+    from .lora import parse_lora_arg
     from .pipeline import MemoryOptions, Pipeline
 
     _check_generate(args)
@@ -347,6 +358,13 @@ def cmd_generate(args) -> int:
                                     engine_dir=args.engine_dir, allow_pickle=args.allow_pickle,
                                     prediction_type=args.prediction_type, clip_skip=args.clip_skip,
                                     variant=args.variant, vae=args.vae)
+    loras = []
+    for path, scale in map(parse_lora_arg, args.lora):
+        name = pipe.load_lora(path, scale=scale, name=_free_name(Path(path).stem, [lr["name"] for lr in pipe.loras]))
+        lora = pipe.loras[-1]
+        print(f"lora {name}: scale {scale:g}, {lora['weights']} weights of {', '.join(lora['networks'])} fused "
+              f"in {lora['seconds']:.2f}s")
+        loras.append({"path": path, "scale": scale})
     xl = {k: v for k, v in (("prompt_2", args.prompt_2), ("negative_prompt_2", args.negative_prompt_2)) if v}
     defaults = pipe.family.defaults
     guidance = args.guidance if args.guidance is not None else (
@@ -366,7 +384,8 @@ def cmd_generate(args) -> int:
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, **xl, "steps": args.steps,
         "scheduler": args.scheduler or pipe.scheduler.name, "guidance": guidance, "eta": args.eta, "seed": seed,
         "height": height, "width": width, "strength": strength, "image": args.image, "mask": args.mask,
-        "clip_skip": args.clip_skip, "model": args.model, "vae": args.vae, "model_fingerprint": pipe.info.fingerprint,
+        "clip_skip": args.clip_skip, "model": args.model, "vae": args.vae, "loras": loras,
+        "model_fingerprint": pipe.info.fingerprint,
         "fastsd": __version__,
     }
     write_pngs(out.images, paths, settings, args.overwrite)
@@ -377,6 +396,15 @@ def cmd_generate(args) -> int:
           f"({t['unet_per_step'] * 1000:.1f} ms/step) | vae {t['vae']:.3f}s | total {t['total']:.3f}s")
     print("backends: " + ", ".join(f"{k}={v}" for k, v in out.backends.items()))
     return 0
+
+
+def _free_name(name: str, taken: list[str]) -> str:
+    """`name`, or name-2, name-3... where LoRA files share a stem."""
+    k, out = 1, name
+    while out in taken:
+        k += 1
+        out = f"{name}-{k}"
+    return out
 
 
 def _argv_text(text: str | None) -> str | None:
@@ -540,7 +568,8 @@ def cmd_serve(args) -> int:
     options = ServeOptions(model=model, backend=args.backend, device=args.device, dtype=args.dtype,
                            engine_dir=args.engine_dir, variant=args.variant, allow_pickle=args.allow_pickle,
                            max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-                           max_queue=args.max_queue, limits=limits, model_name=args.model_name)
+                           max_queue=args.max_queue, limits=limits, model_name=args.model_name,
+                           loras=_serve_loras(args.lora, args.lora_dir))
     if args.ray:
         try:
             from .serve import ray_serve
@@ -551,6 +580,24 @@ def cmd_serve(args) -> int:
     from .serve import server
 
     return server.run(options, args.host, args.port, "debug" if getattr(args, "verbose", False) else "info")
+
+
+def _serve_loras(files: list[str], folder: str | None) -> tuple[tuple[str, str], ...]:
+    """(name, absolute path) of the LoRAs a server offers: --lora files and --lora-dir's
+    .safetensors, named by stem (two of one name are an error)."""
+    paths = [Path(f) for f in files]
+    if folder is not None:
+        if not Path(folder).is_dir():
+            raise FastSDError(f"--lora-dir {folder}: no such folder")
+        paths += sorted(Path(folder).glob("*.safetensors"))
+    out: dict[str, str] = {}
+    for p in paths:
+        if not p.is_file() or p.suffix != ".safetensors":
+            raise FastSDError(f"--lora {p}: no such .safetensors file")
+        if p.stem in out:
+            raise FastSDError(f"two LoRAs are named {p.stem!r} ({out[p.stem]} and {p}); rename one")
+        out[p.stem] = str(p.resolve())
+    return tuple(out.items())
 
 
 def _check_port(host: str, port: int) -> None:

@@ -20,7 +20,7 @@ class SharedLock:
         self._shared = 0
         self._exclusive = False
         self._waiting = 0
-        self._mine = threading.local()  # this thread's shared holds: an exclusive request from inside one would deadlock
+        self._mine = threading.local()  # this thread's shared holds (an exclusive request inside one would deadlock)
 
     @contextmanager
     def shared(self) -> Iterator[None]:

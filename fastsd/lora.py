@@ -325,6 +325,18 @@ class LoraWeights:
         return changed
 
 
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """`FILE[:SCALE]` (the CLI's --lora) -> (file, scale); a colon not followed by a number
+    belongs to the path."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, check_scale(float(tail))
+        except (ValueError, InvalidArgumentError):
+            pass
+    return text, 1.0
+
+
 def lora_name(path: str | Path, name: str | None) -> str:
     if name is None:
         return Path(path).stem

@@ -31,8 +31,8 @@ from .engines import DTYPES, PRECISIONS, default_engine_dir
 from .errors import InvalidArgumentError, NumericalError, UnsupportedError
 from .families import family_for
 from .locks import SharedLock
-from .lora import LoraWeights, check_scale, lora_name, read_lora
 from .loop import StepGraphs, StepInputs, StepKey, initial_state, make_step, run_steps, step_rows
+from .lora import LoraWeights, check_scale, lora_name, read_lora
 from .model_files import Checkpoint
 from .schedulers import (
     PREDICTION_TYPES,

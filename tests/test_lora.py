@@ -87,7 +87,8 @@ def kohya_lora(path, out, seed: int, rank: int = 4, alpha: float = 2.0, text: bo
         twin.update({f"{network}.{module_name}.lora_A.weight": down, f"{network}.{module_name}.lora_B.weight": up})
 
     for name, module in ckpt.unet.named_modules():
-        if any(name.endswith("." + t) for t in UNET_TARGETS) and "attentions" in name or name.endswith("resnets.0.conv1"):
+        targeted = any(name.endswith("." + t) for t in UNET_TARGETS) and "attentions" in name
+        if targeted or name.endswith("resnets.0.conv1"):
             add("lora_unet_", sgm[name] if xl else name, "unet", name, module)
     encoders = [("lora_te1_" if xl else "lora_te_", "text_encoder", ckpt.text_encoder)]
     encoders += [("lora_te2_", "text_encoder_2", ckpt.text_encoder_2)] if xl else []
@@ -226,9 +227,10 @@ def test_bad_loras_are_clear_errors(models, files, tmp_path):
 
 @pytest.fixture(scope="module")
 def engine_store(models, tmp_path_factory):
+    from fastsd.export import export_checkpoint
+
     from fastsd.backends.kind import BuildOptions
     from fastsd.backends.registry import ENGINE_KINDS
-    from fastsd.export import export_checkpoint
 
     store = tmp_path_factory.mktemp("lora-engines")
     export_checkpoint(str(models["sd"]), engine_dir=store)
@@ -306,3 +308,25 @@ def test_new_checkpoint_refits_existing_entry(models, tmp_path, backend, capsys)
     assert np.abs(out.images - want).max() <= TOL
     assert main([*command, "--model", str(models["sd_b"]), "--engine-dir", str(tmp_path), "--no-refit"]) == 0
     assert "refitted" not in capsys.readouterr().out
+
+
+def test_cli_generate_with_loras(models, files, tmp_path, capsys):
+    from PIL import Image
+
+    from fastsd.cli import main
+
+    out = tmp_path / "x.png"
+    argv = ["generate", "a red fox", "--model", str(models["sd"]), "--steps", "2", "--seed", "3", "--scheduler",
+            "ddim", "--out", str(out), "--no-progress", "--lora", f"{files['sd', 'peft']}:0.6",
+            "--lora", str(files["sd", "kohya"])]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "lora pytorch_lora_weights: scale 0.6" in printed and "lora kohya: scale 1" in printed
+    pipe = Pipeline.from_pretrained(str(models["sd"]), device="cpu", backend="eager")
+    pipe.load_lora(files["sd", "peft"], scale=0.6)
+    pipe.load_lora(files["sd", "kohya"])
+    want = pipe("a red fox", num_inference_steps=2, seed=3, scheduler="ddim", output_type="np").images[0]
+    got = np.asarray(Image.open(out)).astype(float) / 255
+    assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+    assert main([*argv[:-2], "--lora", str(tmp_path / "missing.safetensors")]) == 2
+    assert "no such file" in capsys.readouterr().err

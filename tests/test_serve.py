@@ -566,3 +566,45 @@ def test_ray_application_builder_takes_ray_cli_arguments():
         build_app({"model": "synthetic:tiny", "colour": "blue"})
     with pytest.raises(ValueError, match="model="):
         build_app({"replicas": "2"})
+
+
+# ---- LoRA ------------------------------------------------------------------------------------
+
+
+def test_lora_requests_are_batched_apart(ckpts, tmp_path):
+    """`lora` in a request: the server's LoRAs by name, with a scale; requests with different
+    LoRA sets never share a batch, and each gets what the pipeline gives with those LoRAs."""
+    from safetensors.torch import save_file
+
+    from fastsd import Pipeline
+
+    gen = torch.Generator().manual_seed(0)
+    lora = {f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_{m}.{part}": torch.randn(
+        shape, generator=gen) * 0.5 for m in ("to_q", "to_v") for part, shape in
+        (("lora_down.weight", (2, 32)), ("lora_up.weight", (32, 2)))}
+    save_file(lora, str(tmp_path / "style.safetensors"))
+    options = ServeOptions(model=str(ckpts["eps"]), max_batch=4, batch_window_ms=300,
+                           loras=(("style", str(tmp_path / "style.safetensors")),))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), device="cpu")
+    running = Running(create_app(options, pipeline=pipe))
+    try:
+        bodies = [{"prompt": "a barn", "seed": 5, "size": "32x32", "num_inference_steps": STEPS, "lora": lora}
+                  for lora in ("style:0.5", {"name": "style", "scale": 2}, None)]
+        with ThreadPoolExecutor(3) as ex:
+            answers = list(ex.map(lambda b: post_json(running.url, {k: v for k, v in b.items() if v is not None}),
+                                  bodies))
+        assert [s for s, _ in answers] == [200, 200, 200]
+        assert metric(running.url, "fastsd_batch_size_count") == 3  # never batched together
+        assert metric(running.url, "fastsd_stage_seconds_count", stage="lora") >= 2
+        direct = Pipeline.from_pretrained(str(ckpts["eps"]), device="cpu")
+        for (_, body), scale in zip(answers, (0.5, 2.0, None), strict=True):
+            if scale is not None:
+                direct.load_lora(tmp_path / "style.safetensors", scale=scale)
+            assert close(decoded(body["data"][0]), alone(direct, "a barn", 5, height=32, width=32))
+            direct.unload_lora()
+        status, body = post_json(running.url, {"prompt": "a", "lora": "nope"})
+        assert status == 400 and body["error"]["param"] == "lora" and "style" in body["error"]["message"]
+        status, body = post_json(running.url, {"prompt": "a", "lora": "style:11"})
+        assert status == 400 and body["error"]["param"] == "lora"
+    finally:
+        running.stop()

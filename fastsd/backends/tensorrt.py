@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..devices import device_key
-from .kind import BuildOptions, EngineKind, EngineRunner, export_module
+from .kind import BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,14 @@ class TrtRunner(EngineRunner):
 
     name = "tensorrt"
 
-    def __init__(self, path: Path, spec, device: torch.device, profile, cuda_graphs: bool = True):
+    def __init__(self, path: Path, spec, device: torch.device, profile, cuda_graphs: bool = True,
+                 record: dict | None = None):
         import tensorrt as trt
 
         super().__init__(spec, profile)
+        record = record or {}
+        self.by_name = record.get("weights_layout") == "by-name"  # refittable plan of a by-name ONNX graph
+        self.transposed = set(record.get("transposed", ()))
         self.trt, self.logger = trt, trt.Logger(trt.Logger.WARNING)
         self.engine = deserialize(trt, self.logger, path.read_bytes(), f"{spec.name} ({path.name})")
         self.network, self.device, self.cuda_graphs = spec.name, device, cuda_graphs
@@ -114,6 +118,34 @@ class TrtRunner(EngineRunner):
         with self.lock, on_work_stream(self.device):  # a no-op inside a pipeline, or inside a whole-step capture
             return self._run(inputs)
 
+    def set_weights(self, weights: dict[str, torch.Tensor], at_base: bool) -> None:
+        """Refit the plan's weights of those names (TensorRT names a weight after its ONNX
+        initializer, which fastsd names after the parameter; some are stored transposed).
+        Captured graphs are dropped: they may hold the old weights' addresses."""
+        if not self.by_name:
+            raise RefitUnsupported("the plan was not built refittable (fastsd build --backend tensorrt --refittable)")
+        trt = self.trt
+        with self.lock:
+            refitter = trt.Refitter(self.engine, self.logger)
+            names = set(refitter.get_all_weights())
+            keep = []  # TensorRT reads the host arrays during refit_cuda_engine
+            for name, tensor in weights.items():
+                if name not in names:
+                    continue  # a weight the engine does not use
+                t = tensor.detach().t() if name in self.transposed else tensor.detach()
+                proto = refitter.get_weights_prototype(name)
+                dtype = _torch_dtype(trt, proto.dtype)
+                array = t.to("cpu", dtype).contiguous().numpy()
+                if tuple(array.shape) != tuple(proto.shape):
+                    raise RefitUnsupported(f"{name} is {tuple(array.shape)}, the plan's is {tuple(proto.shape)}")
+                keep.append(array)
+                if not refitter.set_named_weights(name, trt.Weights(array)):
+                    raise RuntimeError(f"TensorRT refused new weights for {name}")
+            if keep and not refitter.refit_cuda_engine():
+                raise RuntimeError(f"TensorRT could not refit the {self.network} engine")
+            for slot in self.slots.values():
+                slot["graph"], slot["runs"] = None, 0
+
     def _run(self, inputs: dict) -> torch.Tensor:
         slot = self._slot(inputs)
         bufs = slot["bufs"]
@@ -157,11 +189,13 @@ def _build(opts: BuildOptions) -> Path:
         raise InvalidArgumentError(f"TensorRT engines are built in fp16, not {opts.dtype}")
     return export_module("tensorrt").build_tensorrt(
         opts.model, engine_dir=opts.engine_dir, static=opts.static, networks=opts.networks,
-        allow_pickle=opts.allow_pickle, refittable=opts.refittable, vae=opts.vae, progress=opts.progress)
+        allow_pickle=opts.allow_pickle, refittable=opts.refittable, vae=opts.vae, refit=opts.refit,
+        progress=opts.progress)
 
 
 KIND = EngineKind("tensorrt", ".plan", unavailable, runtime_facts,
-                  lambda path, spec, device, dtype, profile: TrtRunner(path, spec, device, profile), _build,
+                  lambda path, spec, device, dtype, profile, record=None: TrtRunner(path, spec, device, profile,
+                                                                                    record=record), _build,
                   build_command="fastsd export --dtype fp16, then fastsd build --backend tensorrt",
                   builds_alone=False, refits=True,
                   needs="the tensorrt Python package (TensorRT 10+) and a CUDA GPU; engines are tied to the "

@@ -70,6 +70,7 @@ class ImageRequest:
     output_compression: int
     image: Image.Image | None = None  # edits: RGB
     mask: Image.Image | None = None  # edits: L, white = repaint
+    loras: tuple[tuple[str, float], ...] = ()  # (name, scale) of the server's LoRAs to fuse, in order
 
     @property
     def mode(self) -> str:
@@ -84,7 +85,9 @@ class ImageRequest:
 
 # ---- fields ------------------------------------------------------------------------------
 
-_FASTSD = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "scheduler", "strength", "eta")
+_FASTSD = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "scheduler", "strength", "eta",
+           "lora")
+MAX_LORA_SCALE = 10.0
 _OPENAI = ("prompt", "n", "size", "response_format", "output_format", "output_compression", "model", "user",
            "quality", "style", "background", "moderation", "stream", "partial_images", "input_fidelity")
 # OpenAI settings fastsd has no counterpart for: the values that mean "nothing special" pass
@@ -173,8 +176,50 @@ def _size(value: str | None, factor: int, limits: Limits) -> tuple[int | None, i
     return w, h
 
 
+def parse_loras(value, form: bool, available: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    """The `lora` field: a name ("name", "name:0.7", "name.safetensors"), an object {"name",
+    "scale"}, or a list of those; a form field takes "name[:scale]" items separated by
+    commas. Only the server's own LoRAs (--lora / --lora-dir) can be named."""
+    if value is None:
+        return ()
+    if form and isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    items = value if isinstance(value, list) else [value]
+    out: list[tuple[str, float]] = []
+    for item in items:
+        if isinstance(item, dict):
+            extra = [k for k in item if k not in ("name", "scale")]
+            if extra or not isinstance(item.get("name"), str):
+                raise bad("each 'lora' object is {\"name\": ..., \"scale\": ...}", "lora", "invalid_type")
+            name, scale = item["name"], item.get("scale", 1.0)
+        elif isinstance(item, str):
+            name, sep, tail = item.rpartition(":")
+            if not sep:
+                name, scale = item, 1.0
+            else:
+                try:
+                    scale = float(tail)
+                except ValueError:
+                    raise bad(f"'lora' {item!r}: the scale after ':' is not a number", "lora",
+                              "invalid_value") from None
+        else:
+            raise bad(f"'lora' must be a name, an object or a list of them, got {_kind(item)}", "lora", "invalid_type")
+        name = name.removesuffix(".safetensors")
+        if name not in available:
+            have = ", ".join(available) or "none (start the server with --lora or --lora-dir)"
+            raise bad(f"unknown LoRA {name!r}; this server has: {have}", "lora", "lora_not_found")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not abs(scale) <= MAX_LORA_SCALE:
+            raise bad(f"a LoRA scale must be a number in [-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}], got {scale!r}",
+                      "lora", "invalid_value")
+        if any(n == name for n, _ in out):
+            raise bad(f"LoRA {name!r} is named twice", "lora", "invalid_value")
+        out.append((name, float(scale)))
+    return tuple(out)
+
+
 def parse_request(data, *, form: bool, limits: Limits, factor: int, model_names: tuple[str, ...],
-                  image: Image.Image | None = None, mask: Image.Image | None = None) -> ImageRequest:
+                  image: Image.Image | None = None, mask: Image.Image | None = None,
+                  loras: tuple[str, ...] = ()) -> ImageRequest:
     """Check a generations (JSON) or edits (form) body; `image` / `mask` are the decoded uploads."""
     if not isinstance(data, dict):
         raise bad(f"the request body must be a JSON object, got {_kind(data)}")
@@ -218,8 +263,9 @@ def parse_request(data, *, form: bool, limits: Limits, factor: int, model_names:
     if image is None and strength is not None:
         raise bad("'strength' applies to edits (img2img and inpainting), not to generations", "strength",
                   "invalid_value")
+    lora = parse_loras(f.raw("lora"), form, loras)
     return ImageRequest(prompt, negative, n, width, height, seed, steps, guidance, scheduler, strength, eta,
-                        out, compression, image, mask)
+                        out, compression, image, mask, lora)
 
 
 # ---- uploads ---------------------------------------------------------------------------

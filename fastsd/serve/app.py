@@ -49,6 +49,11 @@ class ServeOptions:
     max_queue: int = 64  # requests waiting; beyond: 429
     limits: Limits = field(default_factory=Limits)
     model_name: str | None = None  # the id clients pass as `model` (default: the model's name)
+    loras: tuple[tuple[str, str], ...] = ()  # (name, file) of the LoRAs requests may name
+
+    @property
+    def lora_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.loras)
 
     @property
     def served_names(self) -> tuple[str, ...]:
@@ -57,11 +62,16 @@ class ServeOptions:
         return tuple(dict.fromkeys(names))
 
     def load(self):
+        from ..lora import read_lora
         from ..pipeline import Pipeline
 
-        return Pipeline.from_pretrained(self.model, backend=self.backend, device=self.device, dtype=self.dtype,
+        pipe = Pipeline.from_pretrained(self.model, backend=self.backend, device=self.device, dtype=self.dtype,
                                         engine_dir=self.engine_dir, variant=self.variant,
                                         allow_pickle=self.allow_pickle)
+        modules = pipe.family.modules(pipe.ckpt)
+        for name, path in self.loras:  # a LoRA that does not fit the model fails the start, not a request
+            read_lora(path, modules, name, 1.0)
+        return pipe
 
 
 class _Metrics:
@@ -83,7 +93,8 @@ class _Metrics:
         buckets = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, max_batch})
         self.batch_size = Histogram("fastsd_batch_size", "images per UNet batch", buckets=buckets, registry=r)
         self.stage = Histogram("fastsd_stage_seconds", "seconds per stage: queue (waiting for a batch), "
-                               "text_encoder, unet, vae, batch (one batch's pipeline call), request (end to end)",
+                               "text_encoder, unet, vae, batch (one batch's pipeline call), request (end to end), "
+                               "lora (switching the fused LoRAs between batches)",
                                ["stage"], registry=r,
                                buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 25, 60, 120, 300))
 
@@ -130,7 +141,8 @@ class _State:
         w, h = req.width, req.height
         if req.image is not None and w is None:
             w, h = req.image.size
-        return (req.mode, w, h, req.num_inference_steps, req.guidance_scale, req.scheduler, req.strength, req.eta)
+        return (req.mode, w, h, req.num_inference_steps, req.guidance_scale, req.scheduler, req.strength, req.eta,
+                req.loras)  # a batch runs on one set of weights
 
     def check(self, req: ImageRequest) -> None:
         """The pipeline's own checks, on the batch this request may be part of."""
@@ -202,12 +214,32 @@ class _State:
             if stopped():
                 raise Cancelled()
 
+        self._use_loras(first.loras)
         out = self.pipe([r.prompt for r in reqs], negative_prompt=[r.negative_prompt or "" for r in reqs],
                         image=None if first.image is None else [r.image for r in reqs],
                         mask_image=None if first.mask is None else [r.mask for r in reqs],
                         generator=[torch.Generator().manual_seed(s.job.payload.seed + s.index) for s in slots],
                         callback=step, output_type="pil", **first.call_kwargs())
         return out.images, out.timings
+
+    def _use_loras(self, wanted: tuple[tuple[str, float], ...]) -> None:
+        """Make the pipeline's fused LoRAs the batch's (same names in order: only scales change)."""
+        have = tuple((lora["name"], lora["scale"]) for lora in self.pipe.loras)
+        if have == wanted:
+            return
+        t0 = time.perf_counter()
+        if [n for n, _ in have] == [n for n, _ in wanted]:
+            for (name, scale), (_, old) in zip(wanted, have, strict=True):
+                if scale != old:
+                    self.pipe.set_lora_scale(name, scale)
+        else:
+            self.pipe.unload_lora()
+            paths = dict(self.options.loras)
+            for name, scale in wanted:
+                self.pipe.load_lora(paths[name], scale=scale, name=name)
+        seconds = time.perf_counter() - t0
+        self.metrics.stage.labels("lora").observe(seconds)
+        log.info("fastsd serve: LoRAs %s -> %s in %.2fs", list(have) or "none", list(wanted) or "none", seconds)
 
     def _on_batch(self, slots: list[Slot], timings: dict) -> None:
         self.metrics.batch_size.observe(len(slots))
@@ -376,7 +408,7 @@ def create_app(options: ServeOptions, *, pipeline=None, load_in_background: bool
         except ValueError as e:
             raise bad(f"the request body is not valid JSON ({e})", code="invalid_json") from None
         req = parse_request(data, form=False, limits=limits, factor=state.pipe.info.vae_factor,
-                            model_names=options.served_names)
+                            model_names=options.served_names, loras=options.lora_names)
         return await state.generate(request, req)
 
     @app.post("/v1/images/edits")
@@ -416,7 +448,7 @@ def create_app(options: ServeOptions, *, pipeline=None, load_in_background: bool
             await form.close()
         image, mask = edit_inputs(image, mask)
         req = parse_request(fields, form=True, limits=limits, factor=state.pipe.info.vae_factor,
-                            model_names=options.served_names, image=image, mask=mask)
+                            model_names=options.served_names, image=image, mask=mask, loras=options.lora_names)
         return await state.generate(request, req)
 
     endpoints = ("/v1/images/generations", "/v1/images/edits", "/healthz", "/metrics", "/v1/models")
