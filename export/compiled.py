@@ -87,12 +87,13 @@ def refit_package(src: Path, dst: Path, weights: dict[str, torch.Tensor]) -> Non
             tensor = weights.get(name)
             if tensor is None or list(tensor.shape) != list(want.get_shape()):
                 raise FastSDError(f"{src.stem}: {name} is not a weight of this checkpoint with the donor's shape")
-            out[name] = tensor.detach().to(DTYPES[_SAFETENSORS_DTYPES[want.get_dtype()]])
+            out[name] = tensor.detach().to(_SAFETENSORS_DTYPES[want.get_dtype()])
     write_weights(dst.parent / weights_name(dst.stem), out)
     shutil.copyfile(src, dst)
 
 
-_SAFETENSORS_DTYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+                       "I32": torch.int32, "BOOL": torch.bool}
 
 
 def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str | None = None,

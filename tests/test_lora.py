@@ -289,14 +289,14 @@ def test_new_checkpoint_refits_existing_entry(models, tmp_path, backend, capsys)
     from fastsd.engines import list_entries
 
     command = (["export"] if backend == "onnxruntime"
-               else ["build", "--backend", "compiled", "--static", "32x32", "--networks", "unet"])
+               else ["build", "--backend", "compiled", "--static", "32x32", "--networks", "text_encoder,unet"])
     assert main([*command, "--model", str(models["sd"]), "--engine-dir", str(tmp_path)]) == 0
     capsys.readouterr()
     assert main([*command, "--model", str(models["sd_b"]), "--engine-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     rows = {r["checkpoint"]: r for r in list_entries(tmp_path)}
     donor = next(fp for fp, r in rows.items() if r["manifest"]["source"] == str(models["sd"]))
-    assert printed.count(f"refitted from {donor}'s engine") == (4 if backend == "onnxruntime" else 1)
+    assert printed.count(f"refitted from {donor}'s engine") == (4 if backend == "onnxruntime" else 2)
     new = next(r for fp, r in rows.items() if fp != donor)
     assert new["manifest"]["weights"] == new["checkpoint"] and not new["problems"]
     assert all(rec["refitted_from"] == donor for rec in new["manifest"]["networks"].values())
