@@ -66,7 +66,8 @@ def export_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, path
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), input_names=list(spec.input_names),
                           output_names=list(spec.output_names), dynamic_axes=spec.dynamic_axes(static),
-                          opset_version=OPSET, do_constant_folding=False, export_params=False, dynamo=False)
+                          opset_version=OPSET, do_constant_folding=False, export_params=False, dynamo=False,
+                          keep_initializers_as_inputs=True)  # True: weights of equal values are not merged
     model = onnx.load(str(path))  # the graph alone: small whatever the network's size
     onnx.checker.check_model(model)
     if simplify:
