@@ -349,20 +349,23 @@ def test_onnxruntime_matches_eager(xl, xl_pipes, xl_store, init_image, mask_imag
         assert np.abs(out.images - xl_pipes(name)("a fox", **kw).images).max() <= TOL
 
 
-def test_streamed_export_matches_eager(xl, xl_pipes, tmp_path, monkeypatch, init_image, mask_image):
-    """Networks over STREAM_BYTES (SD-XL's UNet and second text encoder at full size) are
-    exported without weights and get them tensor by tensor in one external-data file,
-    transposed Linear weights folded: forced here for every network of tiny SD-XL."""
-    import fastsd.export.onnx_export as onnx_export
+def test_streamed_export_matches_eager(xl, xl_pipes, tmp_path, init_image, mask_image):
+    """Every network is exported without weights and gets them tensor by tensor in one
+    external-data file, each under its parameter's name, transposed Linear weights folded
+    (what keeps SD-XL's 10 GB UNet export within memory, and what refit relies on)."""
     import onnx
-    from fastsd.export import export_checkpoint
 
-    monkeypatch.setattr(onnx_export, "STREAM_BYTES", 0)
+    from fastsd.checkpoint import load_checkpoint
+    from fastsd.export import export_checkpoint
+    from fastsd.families import family_for
+
     entry = export_checkpoint(str(xl["xl9"]), engine_dir=tmp_path)
     graph = onnx.load(str(entry / "unet.onnx"), load_external_data=False).graph
-    weights = {t.name for t in graph.initializer}
-    assert weights and all(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
-    assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights]
+    external = {t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    ckpt = load_checkpoint(str(xl["xl9"]))
+    params = {n for n, _ in family_for(ckpt).modules(ckpt)["unet"].named_parameters()}
+    assert external and external <= params  # every weight by its parameter's name
+    assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in external]
     assert [i.name for i in graph.input] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
     kw = dict(num_inference_steps=3, seed=4, output_type="np", image=init_image, mask_image=mask_image,
               negative_prompt="dark")
