@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from fastsd.engines import Profile, read_manifest, refit_source
@@ -217,12 +218,12 @@ def refit_graph(src: Path, dst: Path, weights: dict[str, torch.Tensor], transpos
             tensor = tensor.detach().t() if init.name in transposed else tensor.detach()
             if tuple(tensor.shape) != tuple(init.dims):
                 raise RefitError(f"{init.name} is {tuple(tensor.shape)} here, {tuple(init.dims)} in the graph")
-            raw = tensor.contiguous().numpy().astype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type),
-                                                     copy=False).tobytes()
-            if len(raw) != int(where["length"]):
-                raise RefitError(f"{init.name} has {len(raw)} bytes, the graph's has {where['length']}")
+            array = np.ascontiguousarray(tensor.contiguous().numpy().astype(
+                onnx.helper.tensor_dtype_to_np_dtype(init.data_type), copy=False))
+            if array.nbytes != int(where["length"]):
+                raise RefitError(f"{init.name} has {array.nbytes} bytes, the graph's has {where['length']}")
             f.seek(int(where["offset"]))
-            f.write(raw)
+            f.write(array.data)  # no bytes copy: 3.3 GB for SD 1.5's fp32 UNet
     shutil.copyfile(src, dst)
 
 
