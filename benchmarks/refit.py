@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=256, help="image size of the LoRA check (one step)")
     ap.add_argument("--work", default="/tmp/fastsd-refit", help="checkpoints and stores")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--no-builds", action="store_true", help="only the LoRA part, on the stores a previous run left")
     args = ap.parse_args(argv)
     import numpy as np
 
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     second = str(second_checkpoint(args.model, work / "second"))
     kinds = [k for k in args.kinds.split(",") if k]
     report: dict = {"model": args.model, "date": time.strftime("%Y-%m-%d"), "builds": {}, "lora": []}
-    for kind in kinds:
+    for kind in [] if args.no_builds else kinds:
         store, scratch = work / f"store-{kind}", work / f"scratch-{kind}"
         size = ["--static", f"{args.size}x{args.size}"] if kind == "compiled" else []  # the LoRA check's size
         row = {"donor": timed_build(kind, first, store, size),

@@ -59,8 +59,8 @@ class LazyRunner:
     def set_weights(self, weights: dict, at_base: bool) -> None:
         """Refit the engine to the network's weights now (see Runner.set_weights); one that
         cannot take them serves no call until the weights are the entry's own again. Before
-        the engine is loaded, the weights wait for it (they are the module's own tensors, so
-        their latest values are what it gets)."""
+        the engine is loaded, the weights wait for it (every change passes the new tensors,
+        so the latest of each is what it gets)."""
         with self._lock:
             self._pending = {} if at_base else {**self._pending, **weights}
             if self.runner is not None and self.failed is None:

@@ -52,8 +52,8 @@ class EagerBackend(Networks):
         return as_float(self._forward(network, args))
 
     def set_weights(self, network: str, weights: dict, at_base: bool) -> None:
-        """Nothing to do: the modules are the checkpoint's, whose weights were written in place
-        (a captured UNet graph reads them where they are)."""
+        """Nothing to do: the modules are the checkpoint's, whose weights were changed (on a
+        GPU in place, where a captured UNet graph reads them)."""
 
     def text_encoders_for(self, clip_skip: int | None) -> dict:
         """The text encoders giving the embeddings of the CLIP layer clip_skip selects (None:
