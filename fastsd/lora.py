@@ -296,7 +296,8 @@ class LoraWeights:
 
     def _fuse(self, touched: set[tuple[str, str]]) -> dict[str, dict[str, torch.Tensor]]:
         """Recompute each touched weight from its original and the LoRAs now loaded (in load
-        order), in float32; a weight no LoRA touches any more gets its original back exactly. Returns per network the weights written (name -> tensor)."""
+        order), in float32; a weight no LoRA touches any more gets its original back exactly.
+        Returns per network the weights written (name -> tensor)."""
         modules = self._modules()
         params = {n: dict(modules[n].named_parameters()) for n in {net for net, _ in touched}}
         by_param: dict[tuple[str, str], list[tuple[float, Delta]]] = {}

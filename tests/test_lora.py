@@ -306,8 +306,9 @@ def test_new_checkpoint_refits_existing_entry(models, tmp_path, backend, capsys)
     assert {out.backends[n] for n in new["manifest"]["networks"] if n in out.backends} == {backend}
     want = Pipeline.from_pretrained(str(models["sd_b"]), device="cpu", backend="eager")("a", **kw).images
     assert np.abs(out.images - want).max() <= TOL
-    assert main([*command, "--model", str(models["sd_b"]), "--engine-dir", str(tmp_path), "--no-refit"]) == 0
-    assert "refitted" not in capsys.readouterr().out
+    if backend == "onnxruntime":  # (a compiled build from scratch is the path every other compiled test takes)
+        assert main([*command, "--model", str(models["sd_b"]), "--engine-dir", str(tmp_path), "--no-refit"]) == 0
+        assert "refitted" not in capsys.readouterr().out
 
 
 def test_cli_generate_with_loras(models, files, tmp_path, capsys):

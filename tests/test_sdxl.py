@@ -354,9 +354,9 @@ def test_streamed_export_matches_eager(xl, xl_pipes, tmp_path, init_image, mask_
     external-data file, each under its parameter's name, transposed Linear weights folded
     (what keeps SD-XL's 10 GB UNet export within memory, and what refit relies on)."""
     import onnx
+    from fastsd.export import export_checkpoint
 
     from fastsd.checkpoint import load_checkpoint
-    from fastsd.export import export_checkpoint
     from fastsd.families import family_for
 
     entry = export_checkpoint(str(xl["xl9"]), engine_dir=tmp_path)

@@ -92,10 +92,12 @@ class OrtRunner(EngineRunner):
         opts.intra_op_num_threads = self.threads  # 0: one per physical core
         opts.log_severity_level = 3
         names = list(self._overrides)
-        self._values = [ort.OrtValue.ortvalue_from_numpy(self._overrides[n]) for n in names]  # must outlive the session
+        values = [ort.OrtValue.ortvalue_from_numpy(self._overrides[n]) for n in names]
         if names:
-            opts.add_external_initializers(names, self._values)
-        return ort.InferenceSession(str(self.path), opts, providers=self.providers)
+            opts.add_external_initializers(names, values)
+        session = ort.InferenceSession(str(self.path), opts, providers=self.providers)
+        session.fastsd_values = values  # the session may read them for its lifetime: they live as long as it
+        return session
 
     def set_weights(self, weights: dict[str, torch.Tensor], at_base: bool) -> None:
         """A new session whose initializers of those names are the given values (the graph's
@@ -121,8 +123,13 @@ class OrtRunner(EngineRunner):
                 if array.shape != shape:
                     raise RefitUnsupported(f"{name} is {array.shape}, the graph's is {shape}")
                 overrides[name] = array
+        old = self._overrides
         self._overrides = overrides
-        self.session = self._session()
+        try:
+            self.session = self._session()
+        except BaseException:
+            self._overrides = old  # the old session, with its weights, stays
+            raise
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
