@@ -313,7 +313,7 @@ class Pipeline:
         return [lora.describe() for lora in self._loras.loras.values()]
 
     def _weights_changed(self, changed: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Weights were written in place: engines are refitted, captured steps dropped."""
+        """Weights changed: engines are refitted, captured steps dropped."""
         overridden = self._loras.overridden()
         for network, weights in changed.items():
             self.backend.set_weights(network, weights, network not in overridden)
