@@ -18,11 +18,11 @@ from typing import Callable
 
 import torch
 
-from fastsd.backends.compiled import runtime_facts
+from fastsd.backends.compiled import FOLDED, FROZEN, SEPARATE, runtime_facts, weights_name
 from fastsd.devices import parse_device
 from fastsd.engines import DTYPES, MAX_BATCH, Profile, read_manifest, refit_source
 from fastsd.errors import FastSDError, InvalidArgumentError
-from fastsd.networks import BATCH, NetworkSpec
+from fastsd.networks import BATCH, NetworkSpec, weights_of
 
 from .common import build_entry, load_for_build, parse_static
 
@@ -61,10 +61,6 @@ def compile_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, pat
     weights_file = path.parent / weights_name(spec.name)
     write_weights(weights_file, {n: weights[n] for n in names})
     return [path.name, weights_file.name]
-
-
-def weights_name(network: str) -> str:
-    return f"{network}.weights.safetensors"
 
 
 def write_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
@@ -123,8 +119,8 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
         record = donor_manifest["networks"].get(name) if donor_manifest else None
         if record is not None and record.get("weights_layout") == SEPARATE:
             refit_package(donor / path.name, path, weights_of(modules[name]))
-            facts = {"weights_layout": SEPARATE, "refitted_from": donor_manifest["checkpoint"]}
-            return [path.name, weights_name(name)], facts, ""
+            extra = {"weights_layout": SEPARATE, "refitted_from": donor_manifest["checkpoint"]}
+            return [path.name, weights_name(name)], extra, ""
         module = modules[name].to(dev, DTYPES[dtype]).eval()
         args = tuple(a.to(dev) for a in specs[name].sample_inputs(2, *size, DTYPES[dtype]))
         files = compile_network(module, specs[name], args, path, frozen)
@@ -133,11 +129,3 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
     return build_entry(root, info, "compiled", dtype, profile, networks, make,
                        dict(exporter="AOTInductor", refittable=not frozen, weights=info.fingerprint, **facts), progress,
                        verb="compiled")
-
-
-FOLDED = "_FOLDED_CONST_"  # constants the package computes from the weights when they are loaded
-SEPARATE, FROZEN = "separate", "frozen"  # a package's weights: in a file beside the code, or folded into it
-
-
-def weights_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return dict(module.named_parameters()) | dict(module.named_buffers())

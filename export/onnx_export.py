@@ -26,16 +26,16 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fastsd.backends.kind import WEIGHTS_BY_NAME
 from fastsd.engines import Profile, read_manifest, refit_source
 from fastsd.errors import InvalidArgumentError
-from fastsd.networks import FLOAT32, NetworkSpec
+from fastsd.networks import FLOAT32, NetworkSpec, weights_of
 
 from .common import build_entry, load_for_build, parse_static
 
 log = logging.getLogger(__name__)
 
 OPSET = 17  # LayerNormalization is native from 17
-WEIGHTS_BY_NAME = "by-name"  # a graph whose weights are initializers named as the network's parameters
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -87,15 +87,6 @@ def export_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, path
     return [path.name, path.name + ".data"], {"weights_layout": WEIGHTS_BY_NAME, "transposed": sorted(transposed)}
 
 
-def weight_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
-def weight_map(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The network's weights by the names its graph gives them."""
-    return dict(module.named_parameters()) | dict(module.named_buffers())
-
-
 def attach_weights(model, module: torch.nn.Module, path: Path) -> set[str]:
     """Turn the graph inputs named after `module`'s parameters and buffers into initializers
     in one external-data file beside the graph (each in the dtype its input was given: fp16
@@ -104,7 +95,7 @@ def attach_weights(model, module: torch.nn.Module, path: Path) -> set[str]:
     at 6.4 GB), which for SD-XL's 10 GB fp32 UNet is over 24 GB. A weight only ever
     transposed (Linear as MatMul) is written transposed under its own name and its Transpose
     node dropped: the folding the exporter would have done. Returns those names."""
-    weights = weight_map(module)
+    weights = weights_of(module)
     graph = model.graph
     users: dict[str, list] = {}
     for node in graph.node:
@@ -258,7 +249,7 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
         record = donor_manifest["networks"].get(name) if donor_manifest else None
         if record is not None and record.get("weights_layout") == WEIGHTS_BY_NAME:
             try:
-                refit_graph(donor / f"{name}.onnx", path, weight_map(module), set(record["transposed"]))
+                refit_graph(donor / f"{name}.onnx", path, weights_of(module), set(record["transposed"]))
                 facts = {"weights_layout": WEIGHTS_BY_NAME, "transposed": record["transposed"],
                          "refitted_from": donor_manifest["checkpoint"]}
                 return [path.name, path.name + ".data"], facts, ""

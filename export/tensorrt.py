@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from fastsd.backends.kind import WEIGHTS_BY_NAME
 from fastsd.backends.tensorrt import deserialize, runtime_facts
 from fastsd.engines import Profile, check_entry, entry_dir, graph_file, read_manifest, refit_source
 from fastsd.errors import FastSDError
@@ -196,8 +197,8 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
         modules[name].to("cpu")
         extra = {"relative_error": round(err, 6)}
         record = onnx_manifest["networks"][name]
-        if refitting and record.get("weights_layout") == "by-name":  # LoRA refits by these names
-            extra.update(weights_layout="by-name", transposed=record.get("transposed", []))
+        if refitting and record.get("weights_layout") == WEIGHTS_BY_NAME:  # LoRA refits by these names
+            extra.update(weights_layout=WEIGHTS_BY_NAME, transposed=record.get("transposed", []))
         if donor is not None:
             extra["refitted_from"] = donor_manifest["checkpoint"]
         return [path.name], extra, f", relative error vs eager {err:.2e}"

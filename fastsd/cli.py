@@ -461,10 +461,11 @@ def _build(kind_name: str, args, **options) -> int:
     kind = ENGINE_KINDS.get(kind_name)
     if kind is None:
         raise FastSDError(f"unknown build backend {kind_name!r}; choose one of {', '.join(ENGINE_KINDS)}")
-    if options.get("refittable") is not None and kind.name not in ("tensorrt", "compiled"):
+    if options.get("refittable") is not None and not kind.refit_optional:
         flag = "--refittable" if options["refittable"] else "--frozen"
-        raise FastSDError(f"{flag} applies to tensorrt and compiled engines, not {kind.name} (whose graphs always "
-                          "take other weights)")
+        choosing = ", ".join(k.name for k in ENGINE_KINDS.values() if k.refit_optional)
+        raise FastSDError(f"{flag} applies to engine kinds built refittable or not ({choosing}), not {kind.name} "
+                          "(whose engines always take other weights)")
     t0 = time.perf_counter()
     networks = tuple(n.strip() for n in args.networks.split(",") if n.strip()) if args.networks else None
     opts = BuildOptions(args.model, engine_dir=args.engine_dir, networks=networks, allow_pickle=args.allow_pickle,

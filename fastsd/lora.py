@@ -259,9 +259,6 @@ class LoraWeights:
         self.loras: dict[str, Lora] = {}
         self._originals: dict[tuple[str, str], torch.Tensor] = {}
 
-    def names(self) -> list[str]:
-        return list(self.loras)
-
     def add(self, lora: Lora) -> dict[str, dict[str, torch.Tensor]]:
         if lora.name in self.loras:
             raise InvalidArgumentError(f"a LoRA named {lora.name!r} is already loaded; unload it first or pick "

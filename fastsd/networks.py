@@ -248,6 +248,12 @@ def network_specs(info, extra_unet_inputs: tuple[TensorSpec, ...] = (),
     }
 
 
+def weights_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A network module's weights (parameters and buffers) by the names its ONNX graph and
+    compiled package give them."""
+    return dict(module.named_parameters()) | dict(module.named_buffers())
+
+
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     """How far a network output is from a reference: max |got - want| / max |want|, in
     float64; inf where `got` holds NaN or inf (which no bound may let through)."""

@@ -14,6 +14,14 @@ from ..devices import device_key
 from . import as_float
 from .kind import BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module
 
+SEPARATE, FROZEN = "separate", "frozen"  # weights_layout: weights in a file beside the code, or folded into it
+FOLDED = "_FOLDED_CONST_"  # constants a package computes from the weights when they are loaded
+
+
+def weights_name(network: str) -> str:
+    """The weights file beside a package that holds code only."""
+    return f"{network}.weights.safetensors"
+
 
 def runtime_facts(device: torch.device) -> dict:
     """Manifest facts a compiled package must match at load time."""
@@ -28,13 +36,13 @@ class CompiledRunner(EngineRunner):
         super().__init__(spec, profile)
         self.model = torch._inductor.aoti_load_package(str(path))
         self.device, self.dtype = device, dtype
-        self.separate = bool(record and record.get("weights_layout") == "separate")  # else frozen into the code
+        self.separate = bool(record and record.get("weights_layout") == SEPARATE)  # else frozen into the code
         self.constants: set[str] = set()
         if self.separate:  # the package holds code only: its weights are the file beside it
             from safetensors.torch import load_file
 
-            weights = load_file(str(path.parent / f"{spec.name}.weights.safetensors"), device=str(device))
-            self.constants = {n for n in self.model.get_constant_fqns() if not n.startswith("_FOLDED_CONST_")}
+            weights = load_file(str(path.parent / weights_name(spec.name)), device=str(device))
+            self.constants = {n for n in self.model.get_constant_fqns() if not n.startswith(FOLDED)}
             if set(weights) != self.constants:  # the folded ones are computed from these by the package
                 raise RuntimeError(f"{spec.name}.weights.safetensors does not hold the package's constants")
             self.model.load_constants(weights, check_full_update=False)
@@ -77,7 +85,7 @@ def _details() -> str:
 
 
 KIND = EngineKind("compiled", ".pt2", lambda: None, runtime_facts, _load, _build,
-                  build_command="fastsd build --backend compiled", builds_alone=True, refits=True,
+                  build_command="fastsd build --backend compiled", builds_alone=True, refit_optional=True,
                   needs="torch's AOTInductor (torch >= 2.6) and, to build on CPU, a C++ compiler; packages are "
                         "tied to the torch version and device they were built with",
                   details=_details)

@@ -20,6 +20,8 @@ from ..networks import NetworkSpec
 
 log = logging.getLogger(__name__)
 
+WEIGHTS_BY_NAME = "by-name"  # weights_layout of a graph (or plan) whose weights are named as the parameters
+
 
 class Runner(Protocol):
     """One engine serving one network, called with the spec's input names."""
@@ -91,7 +93,7 @@ class EngineKind:
     build: Callable[[BuildOptions], Path]  # builds (or refits) an entry; returns its folder
     build_command: str  # how a user builds this kind's entries
     builds_alone: bool  # builds from the checkpoint alone (bench --export-missing may build it)
-    refits: bool  # a build for a new checkpoint of a known architecture refits instead of rebuilding
+    refit_optional: bool  # whether its engines take other weights is a build choice (--refittable / --frozen)
     needs: str = ""  # what it takes to run, for `fastsd info`
     details: Callable[[], str] = lambda: ""  # what this installation has (versions, providers), for `fastsd info`
 

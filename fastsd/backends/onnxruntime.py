@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .kind import BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module
+from .kind import WEIGHTS_BY_NAME, BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class OrtRunner(EngineRunner):
 
         super().__init__(spec, profile)
         self.path, self.threads, self.providers = path, threads, providers_for(device, use_tensorrt)
-        self.by_name = bool(record and record.get("weights_layout") == "by-name")  # weights named as the parameters
+        self.by_name = bool(record and record.get("weights_layout") == WEIGHTS_BY_NAME)  # named as the parameters
         self.transposed = set(record.get("transposed", ())) if self.by_name else set()
         self._weights: dict[str, tuple] | None = None  # initializer -> (numpy dtype, shape), read on first refit
         self._overrides: dict[str, np.ndarray] = {}  # weights given at session creation instead of the file's
@@ -183,7 +183,7 @@ def _details() -> str:
 
 
 KIND = EngineKind("onnxruntime", ".onnx", unavailable, lambda device: {}, _load, _build,
-                  build_command="fastsd export", builds_alone=True, refits=True,
+                  build_command="fastsd export", builds_alone=True, refit_optional=False,
                   needs="onnxruntime (CPU), or onnxruntime-gpu with CUDA / TensorRT execution providers; "
                         "ONNX graphs from `fastsd export`",
                   details=_details)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..devices import device_key
-from .kind import BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module
+from .kind import WEIGHTS_BY_NAME, BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class TrtRunner(EngineRunner):
 
         super().__init__(spec, profile)
         record = record or {}
-        self.by_name = record.get("weights_layout") == "by-name"  # refittable plan of a by-name ONNX graph
+        self.by_name = record.get("weights_layout") == WEIGHTS_BY_NAME  # refittable plan of a by-name ONNX graph
         self.transposed = set(record.get("transposed", ()))
         self.trt, self.logger = trt, trt.Logger(trt.Logger.WARNING)
         self.engine = deserialize(trt, self.logger, path.read_bytes(), f"{spec.name} ({path.name})")
@@ -197,7 +197,7 @@ KIND = EngineKind("tensorrt", ".plan", unavailable, runtime_facts,
                   lambda path, spec, device, dtype, profile, record=None: TrtRunner(path, spec, device, profile,
                                                                                     record=record), _build,
                   build_command="fastsd export --dtype fp16, then fastsd build --backend tensorrt",
-                  builds_alone=False, refits=True,
+                  builds_alone=False, refit_optional=True,
                   needs="the tensorrt Python package (TensorRT 10+) and a CUDA GPU; engines are tied to the "
                         "TensorRT version and GPU model",
                   details=lambda: f"tensorrt {__import__('tensorrt').__version__}")
