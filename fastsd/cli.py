@@ -445,9 +445,9 @@ class _Bar:
 def _progress(args, scheduler: str, strength: float):
     if args.no_progress:
         return None
-    from .schedulers import SAMPLERS, first_step
+    from .schedulers import SAMPLERS, start_index
 
-    total = SAMPLERS[scheduler].loop_steps(args.steps) - first_step(args.steps, strength)
+    total = SAMPLERS[scheduler].loop_steps(args.steps) - start_index(scheduler, args.steps, strength)
     return _Bar(total)
 
 

@@ -41,8 +41,8 @@ from .schedulers import (
     add_noise,
     choose_scheduler,
     default_scheduler,
-    first_step,
     pipeline_scheduler_config,
+    start_index,
 )
 from .settings import SEED_LIMIT, XL_ARGUMENTS, Request, check_seed, make_request
 from .tiling import decode_sliced, decode_tiled, encode_tiled
@@ -401,7 +401,8 @@ class Pipeline:
             eta, height, width, num_images_per_prompt, output_type, guidance_rescale, timesteps, sigmas, clip_skip,
             prompt_embeds, negative_prompt_embeds, latents, unsupported, xl)
         gen, seed = self._generator(generator, seed, req.batch)
-        total = SAMPLERS[req.scheduler].loop_steps(req.steps) - first_step(req.steps, req.strength)
+        total = SAMPLERS[req.scheduler].loop_steps(req.steps) - start_index(req.scheduler, req.steps,
+                                                                                    req.strength)
         step_callback, bar = self._step_callback(callback, callback_steps, callback_on_step_end,
                                                  callback_on_step_end_tensor_inputs, total)
         try:
@@ -460,7 +461,8 @@ class Pipeline:
         with self._timed(timings, "vae_encoder"):
             lat = self._prepare_latents(call, sched)
             if sampler.draws_noise(req.eta):  # every step's noise, drawn now in diffusers' order
-                lat.step_noise = self._randn_steps(lat.x.shape, len(sched) - lat.start, call.gen)
+                lat.step_noise = self._randn_steps(lat.x.shape, len(sched) - lat.start, call.gen,
+                                                   sampler.last_step_noise)
         with self._timed(timings, "unet"):
             x = self._denoise(call, lat, unet_inputs, sched, cfg, callback)
         if not torch.isfinite(x).all():  # one check after the loop, none inside it
@@ -563,10 +565,13 @@ class Pipeline:
     def _randn(self, shape, gen) -> torch.Tensor:
         return self._draw(shape, gen).to(self.device).float()
 
-    def _randn_steps(self, shape, steps: int, gen) -> torch.Tensor:
+    def _randn_steps(self, shape, steps: int, gen, last: bool = True) -> torch.Tensor:
         """`steps` draws of `shape`, one after the other as a sampler draws them in diffusers'
-        loop (the generator is used for nothing else in between), moved to the device at once."""
-        return torch.stack([self._draw(shape, gen) for _ in range(steps)]).to(self.device).float()
+        loop (the generator is used for nothing else in between), moved to the device at once.
+        `last` False: the last step draws none (LCM), its noise is zeros."""
+        draws = [self._draw(shape, gen).to(self.device).float() for _ in range(steps if last else steps - 1)]
+        draws += [] if last else [torch.zeros(shape, device=self.device)]
+        return torch.stack(draws)
 
     def _encode_image(self, images: torch.Tensor, gen, ran: dict | None = None) -> torch.Tensor:
         """Sample scaled latents from the VAE posterior (one draw of the mean's shape; with a
@@ -590,7 +595,7 @@ class Pipeline:
         b = req.batch
         f, c = self.info.vae_factor, self.info.latent_channels
         shape = (b, c, req.height // f, req.width // f)
-        start = first_step(req.steps, req.strength)
+        start = start_index(req.scheduler, req.steps, req.strength)
         if req.image is None and self.info.unet_in_channels == c:  # txt2img
             noise = self._randn(shape, gen) if req.latents is None else req.latents.to(self.device).float()
             return _Latents(noise * sched.init_noise_sigma, start)

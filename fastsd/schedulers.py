@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -24,7 +25,8 @@ from .errors import InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
-SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_a")
+SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_a", "euler_karras", "heun", "dpmpp_2m", "dpmpp_2m_karras",
+                 "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "unipc", "lcm")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SPACINGS = ("leading", "trailing", "linspace")
 ZERO_SNR_ALPHA_BAR = 2.0**-24  # what diffusers puts in place of alpha_bar = 0 for Euler
@@ -36,7 +38,13 @@ _DEFAULTS: dict[str, dict] = {
     "pndm": {"timestep_spacing": "leading", "set_alpha_to_one": False, "clip_sample": False},
     "euler": {"timestep_spacing": "linspace", "set_alpha_to_one": False, "clip_sample": False},
     "euler_a": {"timestep_spacing": "linspace", "set_alpha_to_one": False, "clip_sample": False},
+    "heun": {"timestep_spacing": "linspace", "set_alpha_to_one": False, "clip_sample": False},
+    "dpmpp_2m": {"timestep_spacing": "linspace", "set_alpha_to_one": False, "clip_sample": False},
+    "unipc": {"timestep_spacing": "linspace", "set_alpha_to_one": False, "clip_sample": False},
+    "lcm": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": False},
 }
+for _name in ("euler_karras", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"):
+    _DEFAULTS[_name] = _DEFAULTS[_name.removesuffix("_karras").removesuffix("_sde")]
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class SchedulerConfig:
     clip_sample: bool = False  # DDIM: clamp x0 to [-clip_sample_range, clip_sample_range]
     clip_sample_range: float = 1.0
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023, Algorithm 1
+    original_inference_steps: int = 50  # LCM: the distillation's step grid
+    timestep_scaling: float = 10.0  # LCM: boundary-condition scalings c_skip, c_out
 
     @classmethod
     def from_dict(cls, raw: dict, sampler: str) -> "SchedulerConfig":
@@ -98,21 +108,63 @@ def check_sampler(name: str) -> None:
         raise InvalidArgumentError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
 
 
-# diffusers scheduler classes fastsd runs, and the options each must have for it to.
+# diffusers scheduler classes fastsd runs: each class is one fastsd sampler, and some
+# options of it name another (`VARIANTS`: DPM-Solver's SDE algorithm, Karras sigmas).
 DIFFUSERS_CLASSES = {"DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
-                     "EulerAncestralDiscreteScheduler": "euler_a"}
-CLASS_OF = {name: cls for cls, name in DIFFUSERS_CLASSES.items()}
+                     "EulerAncestralDiscreteScheduler": "euler_a", "HeunDiscreteScheduler": "heun",
+                     "DPMSolverMultistepScheduler": "dpmpp_2m", "UniPCMultistepScheduler": "unipc",
+                     "LCMScheduler": "lcm"}
+_KARRAS, _SDE = {"use_karras_sigmas": True}, {"algorithm_type": "sde-dpmsolver++"}
+VARIANTS = {"euler_karras": ("euler", _KARRAS), "dpmpp_2m_karras": ("dpmpp_2m", _KARRAS),
+            "dpmpp_2m_sde": ("dpmpp_2m", _SDE), "dpmpp_2m_sde_karras": ("dpmpp_2m", {**_SDE, **_KARRAS})}
+BASE_OF = {name: name for name in DIFFUSERS_CLASSES.values()} | {n: base for n, (base, _) in VARIANTS.items()}
+CLASS_OF = {name: cls for cls, base in DIFFUSERS_CLASSES.items() for name, b in BASE_OF.items() if b == base}
+# The options a name sets on the config it is chosen with (`pipe.scheduler = "dpmpp_2m_karras"` is
+# DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)); the plain names set the
+# variants' options back.
+OPTIONS_OF = {"euler": {"use_karras_sigmas": False}, "euler_karras": _KARRAS,
+              "dpmpp_2m": {"use_karras_sigmas": False, "algorithm_type": "dpmsolver++"},
+              "dpmpp_2m_karras": {**_KARRAS, "algorithm_type": "dpmsolver++"},
+              "dpmpp_2m_sde": {"use_karras_sigmas": False, **_SDE}, "dpmpp_2m_sde_karras": {**_SDE, **_KARRAS}}
 _SIGMA_OPTIONS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
                   "use_flow_sigmas": False}
-_NEEDS: dict[str, dict] = {  # option -> the only value fastsd runs (absent keys take diffusers' defaults)
+_OTHER_SIGMAS = {k: v for k, v in _SIGMA_OPTIONS.items() if k != "use_karras_sigmas"}
+_EULER = dict(_OTHER_SIGMAS, interpolation_type="linear", timestep_type="discrete", sigma_min=None, sigma_max=None,
+              final_sigmas_type="zero")
+_DPM = dict(_OTHER_SIGMAS, solver_order=2, solver_type="midpoint", thresholding=False, lower_order_final=True,
+            euler_at_final=False, final_sigmas_type="zero", use_lu_lambdas=False, variance_type=None,
+            lambda_min_clipped=-math.inf)
+_NEEDS: dict[str, dict] = {  # option -> the only value fastsd runs (a tuple: the values it runs)
     "ddim": {"thresholding": False},
     "pndm": {"skip_prk_steps": True},  # PLMS; PNDM's Runge-Kutta warm-up is not implemented
-    "euler": dict(_SIGMA_OPTIONS, interpolation_type="linear", timestep_type="discrete", sigma_min=None,
-                  sigma_max=None, final_sigmas_type="zero"),
+    "euler": _EULER, "euler_karras": _EULER,
     "euler_a": dict(_SIGMA_OPTIONS),
+    "heun": dict(_SIGMA_OPTIONS),
+    "dpmpp_2m": _DPM, "dpmpp_2m_karras": _DPM, "dpmpp_2m_sde": _DPM, "dpmpp_2m_sde_karras": _DPM,
+    # bh2 (diffusers maps the DPM-Solver names of solver_type to it), UniC after every step
+    "unipc": dict(_SIGMA_OPTIONS, solver_order=2, solver_type=("bh2", "midpoint", "heun", "logrho"),
+                  predict_x0=True, lower_order_final=True, disable_corrector=[], solver_p=None, thresholding=False,
+                  final_sigmas_type="zero"),
+    "lcm": {"thresholding": False},
 }
 _CLASS_DEFAULTS = {"skip_prk_steps": False, "interpolation_type": "linear", "timestep_type": "discrete",
-                   "final_sigmas_type": "zero"}
+                   "final_sigmas_type": "zero", "use_karras_sigmas": False, "algorithm_type": "dpmsolver++",
+                   "solver_order": 2, "solver_type": "midpoint", "lower_order_final": True, "predict_x0": True,
+                   "lambda_min_clipped": -math.inf, "disable_corrector": []}
+
+
+def _option(config: dict, key: str, default=None):
+    return config.get(key, _CLASS_DEFAULTS.get(key, default))
+
+
+def _name_for(cls: str, config: dict) -> str:
+    """The fastsd sampler a diffusers class with `config` is: its base name, or the variant its
+    options select (the base where none matches: _NEEDS then says what fastsd cannot run)."""
+    base = DIFFUSERS_CLASSES[cls]
+    for name in (base, *(n for n, (b, _) in VARIANTS.items() if b == base)):
+        if all(_option(config, k) == v for k, v in OPTIONS_OF.get(name, {}).items()):
+            return name
+    return base
 
 
 class SchedulerConfigDict(dict):
@@ -180,23 +232,28 @@ def choose_scheduler(value, config: dict) -> SchedulerChoice:
         if cls not in DIFFUSERS_CLASSES:
             raise InvalidArgumentError(f"the checkpoint's scheduler {cls} is not one fastsd runs; pass scheduler= "
                                        f"one of {', '.join(SAMPLER_NAMES)} (or set pipe.scheduler)")
-        name, what = DIFFUSERS_CLASSES[cls], f"the checkpoint's {cls}"
+        name, what = _name_for(cls, config), f"the checkpoint's {cls}"
     elif isinstance(value, str):
         check_sampler(value)
         name, what = value, f"scheduler {value!r}"
+        config = dict(config, **OPTIONS_OF.get(value, {}))
         config = dict(config, skip_prk_steps=True) if value == "pndm" else config  # the name means PLMS
     elif hasattr(value, "config") and type(value).__name__.endswith("Scheduler"):
         cls = type(value).__name__
         if cls not in DIFFUSERS_CLASSES:
             raise InvalidArgumentError(f"fastsd cannot run diffusers' {cls}; it runs "
                                        f"{', '.join(DIFFUSERS_CLASSES)} (or the names {', '.join(SAMPLER_NAMES)})")
-        name, what, config = DIFFUSERS_CLASSES[cls], cls, dict(value.config)
+        config = dict(value.config)
+        name, what = _name_for(cls, config), cls
     else:
         raise InvalidArgumentError(f"scheduler must be a name ({', '.join(SAMPLER_NAMES)}) or a diffusers "
                                    f"scheduler object, not {type(value).__name__}")
+    for key, value in OPTIONS_OF.get(name, {}).items():
+        if _option(config, key) != value:
+            raise InvalidArgumentError(f"fastsd cannot run {what} with {key}={_option(config, key)!r}")
     for key, needed in _NEEDS[name].items():
-        have = config.get(key, _CLASS_DEFAULTS.get(key, needed))
-        if have != needed:
+        have = _option(config, key, needed[0] if isinstance(needed, tuple) else needed)
+        if have not in needed if isinstance(needed, tuple) else have != needed:
             raise InvalidArgumentError(f"fastsd cannot run {what} with {key}={have!r} (it runs {key}={needed!r})")
     return SchedulerChoice(name, config)
 
@@ -299,13 +356,35 @@ def _sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
     return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
 
-def euler_schedule(cfg: SchedulerConfig, steps: int, device="cpu", timesteps=None, sigmas=None) -> Schedule:
-    """Euler's sigmas at the spaced timesteps, or at custom `timesteps`, or custom `sigmas`
-    (their last value is where sampling ends), as EulerDiscreteScheduler.set_timesteps."""
+def train_sigmas(cfg: SchedulerConfig) -> np.ndarray:
+    """sigma of every training step, float32 as diffusers' sigma-based schedulers build it
+    (zero terminal SNR: alpha_bar's last value becomes 2**-24, as they do)."""
     alpha_bar_all = alphas_cumprod(cfg)
     if cfg.rescale_betas_zero_snr:
         alpha_bar_all[-1] = ZERO_SNR_ALPHA_BAR
-    sigma_all = (((1 - alpha_bar_all) / alpha_bar_all) ** 0.5).numpy()  # float32, as diffusers
+    return (((1 - alpha_bar_all) / alpha_bar_all) ** 0.5).numpy()
+
+
+def karras_sigmas(high_to_low: np.ndarray, steps: int) -> np.ndarray:
+    """`steps` sigmas from the first to the last of `high_to_low`, evenly spaced in sigma^(1/rho),
+    rho = 7 (Karras et al. 2022, eq. (5)); float64, as diffusers' _convert_to_karras."""
+    rho = 7.0
+    lo, hi = float(high_to_low[-1]) ** (1 / rho), float(high_to_low[0]) ** (1 / rho)
+    return (hi + np.linspace(0, 1, steps) * (lo - hi)) ** rho
+
+
+def _init_sigma(cfg: SchedulerConfig, sigmas: np.ndarray) -> float:
+    """Euler's and Heun's init_noise_sigma: sigma_max, or sqrt(sigma_max^2 + 1) for "leading"."""
+    sigma_max = torch.tensor(sigmas.max())
+    return float(sigma_max if cfg.timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5)
+
+
+def euler_schedule(cfg: SchedulerConfig, steps: int, device="cpu", timesteps=None, sigmas=None,
+                   karras: bool = False) -> Schedule:
+    """Euler's sigmas at the spaced timesteps, or at custom `timesteps`, or custom `sigmas`
+    (their last value is where sampling ends), as EulerDiscreteScheduler.set_timesteps. With
+    `karras`, Karras sigmas between the first and last spaced sigma, at fractional timesteps."""
+    sigma_all = train_sigmas(cfg)
     if sigmas is not None:
         sigma_ext = np.array(sigmas).astype(np.float32)
         t = np.array([_sigma_to_t(v, np.log(sigma_all)) for v in sigma_ext[:-1]]).astype(np.float32)
@@ -313,18 +392,120 @@ def euler_schedule(cfg: SchedulerConfig, steps: int, device="cpu", timesteps=Non
     else:
         t = np.array(timesteps).astype(np.float32) if timesteps is not None else \
             spaced_timesteps(cfg, steps, integer=False)
-        sigma = np.interp(t, np.arange(len(sigma_all)), sigma_all).astype(np.float32)  # linear in t
-        sigma_ext = np.append(sigma, np.float32(0.0)).astype(np.float32)
-    sigma_max = torch.tensor(sigma_ext.max())
-    init = sigma_max if cfg.timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
+        sigma = np.interp(t, np.arange(len(sigma_all)), sigma_all)  # linear in t, float64
+        if karras:
+            sigma = karras_sigmas(sigma, steps)
+            t = np.array([_sigma_to_t(v, np.log(sigma_all)) for v in sigma]).astype(np.float32)
+        sigma_ext = np.append(sigma, 0.0).astype(np.float32)
+        sigma = sigma_ext[:-1]
     return Schedule(
         timesteps=_tensor(t, device),
         host_timesteps=tuple(float(v) for v in t.astype(np.float32)),
         signal=_tensor(np.ones(len(t)), device),
         noise_level=_tensor(sigma, device),
         input_scale=_tensor(1 / np.sqrt(sigma**2 + 1), device),
-        init_noise_sigma=float(init),
+        init_noise_sigma=_init_sigma(cfg, sigma_ext),
         sigmas=_tensor(sigma_ext, device),
+    )
+
+
+def heun_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
+    """HeunDiscreteScheduler's 2n - 1 UNet calls: the spaced sigmas with every one but the
+    first repeated (each Heun step evaluates the model at both ends; the last step, to sigma
+    0, is a single Euler step)."""
+    cfg = replace(cfg, rescale_betas_zero_snr=False)  # not an option of diffusers' Heun
+    sigma_all = train_sigmas(cfg)
+    t = spaced_timesteps(cfg, steps, integer=False).astype(np.float32)
+    sigma = np.append(np.interp(t, np.arange(len(sigma_all)), sigma_all), 0.0).astype(np.float32)
+    sigma = np.concatenate([sigma[:1], np.repeat(sigma[1:-1], 2), sigma[-1:]])
+    t = np.concatenate([t[:1], np.repeat(t[1:], 2)])
+    return Schedule(
+        timesteps=_tensor(t, device),
+        host_timesteps=tuple(float(v) for v in t),
+        signal=_tensor(np.ones(len(t)), device),
+        noise_level=_tensor(sigma[:-1], device),
+        input_scale=_tensor(1 / np.sqrt(sigma[:-1] ** 2 + 1), device),
+        init_noise_sigma=_init_sigma(cfg, sigma),
+        sigmas=_tensor(sigma, device),
+    )
+
+
+def multistep_timesteps(cfg: SchedulerConfig, steps: int) -> np.ndarray:
+    """DPM-Solver's and UniPC's n timesteps: "linspace" and "leading" space n + 1 points and
+    drop the last (leading's ratio is num_train_timesteps // (n + 1)); "trailing" as DDIM's."""
+    n_train = cfg.num_train_timesteps
+    if steps > n_train:
+        raise InvalidArgumentError(f"num_inference_steps {steps} exceeds num_train_timesteps {n_train}")
+    if cfg.timestep_spacing == "linspace":
+        return np.linspace(0, n_train - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    if cfg.timestep_spacing == "leading":
+        ratio = n_train // (steps + 1)
+        return (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + cfg.steps_offset
+    return np.arange(n_train, 0, -n_train / steps).round().astype(np.int64) - 1
+
+
+def multistep_schedule(cfg: SchedulerConfig, steps: int, device="cpu", karras: bool = False) -> Schedule:
+    """DPM-Solver / UniPC: sigmas at the timesteps (or Karras sigmas over the whole training
+    range at rounded timesteps), then 0. The latents are VP: x = alpha * x0 + sigma_t * eps
+    with alpha = 1 / sqrt(sigma^2 + 1), sigma_t = sigma * alpha; no input scaling."""
+    sigma_all = train_sigmas(cfg)
+    if karras:
+        sigma = karras_sigmas(sigma_all[::-1], steps)
+        t = np.array([_sigma_to_t(v, np.log(sigma_all)) for v in sigma])
+        t = (t if cfg.beta_schedule == "squaredcos_cap_v2" else t.round()).astype(np.int64)
+    else:
+        t = multistep_timesteps(cfg, steps)
+        sigma = np.interp(t, np.arange(len(sigma_all)), sigma_all)
+    sigmas = torch.from_numpy(np.append(sigma, 0.0).astype(np.float32))
+    alpha, sigma_t, _ = _vp(sigmas)
+    return Schedule(
+        timesteps=_tensor(t, device),
+        host_timesteps=tuple(float(v) for v in t.astype(np.float32)),
+        signal=alpha[:-1].to(device),
+        noise_level=sigma_t[:-1].to(device),
+        input_scale=_tensor(np.ones(len(t)), device),
+        init_noise_sigma=1.0,
+        sigmas=sigmas.to(device),
+    )
+
+
+def _vp(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """alpha_t, sigma_t and lambda_t = log(alpha_t / sigma_t) of VE sigmas, float32 as
+    diffusers' _sigma_to_alpha_sigma_t (lambda is +inf at sigma 0). One value at a time, as
+    diffusers computes them (a vectorised kernel may round differently in the last bit)."""
+    def one(sigma):
+        alpha = 1 / ((sigma**2 + 1) ** 0.5)
+        sigma_t = sigma * alpha
+        return alpha, sigma_t, torch.log(alpha) - torch.log(sigma_t)
+
+    alpha, sigma_t, lam = zip(*(one(v) for v in sigmas.cpu()), strict=True)
+    return torch.stack(alpha), torch.stack(sigma_t), torch.stack(lam)
+
+
+def lcm_timesteps(cfg: SchedulerConfig, steps: int) -> np.ndarray:
+    """LCMScheduler's n timesteps: n evenly skipped from the distillation's grid of
+    original_inference_steps timesteps (k - 1, 2k - 1, ..., high to low)."""
+    n_train, original = cfg.num_train_timesteps, cfg.original_inference_steps
+    if not 1 <= original <= n_train:
+        raise InvalidArgumentError(f"LCM: original_inference_steps {original} must be in [1, {n_train}]")
+    if steps > original:
+        raise InvalidArgumentError(f"LCM runs at most original_inference_steps={original} steps, not {steps}")
+    k = n_train // original
+    grid = (np.arange(1, original + 1) * k - 1)[::-1]
+    return grid[np.floor(np.linspace(0, len(grid), num=steps, endpoint=False)).astype(np.int64)]
+
+
+def lcm_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
+    alpha_bar_all = alphas_cumprod(cfg)
+    t = lcm_timesteps(cfg, steps)
+    alpha_bar = alpha_bar_all[torch.from_numpy(t)]
+    return Schedule(
+        timesteps=_tensor(t, device),
+        host_timesteps=tuple(float(v) for v in t.astype(np.float32)),
+        signal=(alpha_bar**0.5).to(device),  # img2img / inpaint noising: DDPM's, as LCMScheduler.add_noise
+        noise_level=((1 - alpha_bar) ** 0.5).to(device),
+        input_scale=_tensor(np.ones(steps), device),
+        init_noise_sigma=1.0,
     )
 
 
@@ -445,6 +626,187 @@ def euler_ancestral_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=No
     return euler_step(x, out, c, cfg) + noise * c[4]
 
 
+# DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2) and its SDE variant: data
+# prediction m = x0(x, out) at each step; second order from the previous m (the history),
+# first order at the first step run and the last (to sigma 0), as diffusers' lower-order
+# steps. A step is x' = a x + b m + c inv_r0 (m - m_prev) (+ s noise), with diffusers'
+# float32 coefficients per step.
+DPM_COLUMNS = 7
+
+
+def _dpm_coefficients(sched: Schedule, start: int, sde: bool) -> torch.Tensor:
+    """(n, 7): alpha_s, sigma_s (x0 from the output), then a, b, c, inv_r0, s."""
+    alpha, sigma_t, lam = _vp(sched.sigmas)
+    n, rows, zero = len(sched), [], torch.tensor(0.0)
+    for j in range(n):
+        h = lam[j + 1] - lam[j]
+        if sde:  # Lu et al. 2022, eq. (9)-(10) as diffusers' sde-dpmsolver++ midpoint
+            a = sigma_t[j + 1] / sigma_t[j] * torch.exp(-h)
+            b = alpha[j + 1] * (1 - torch.exp(-2.0 * h))
+            c = 0.5 * (alpha[j + 1] * (1 - torch.exp(-2.0 * h)))
+            s = sigma_t[j + 1] * torch.sqrt(1.0 - torch.exp(-2 * h))
+        else:  # x' = (sigma_t / sigma_s) x - alpha_t (e^-h - 1) (D0 + D1 / 2)
+            a = sigma_t[j + 1] / sigma_t[j]
+            b = -(alpha[j + 1] * (torch.exp(-h) - 1.0))
+            c = -(0.5 * (alpha[j + 1] * (torch.exp(-h) - 1.0)))
+            s = zero
+        second = j - start >= 1 and j < n - 1  # first order at the first step run and the last
+        inv_r0 = 1.0 / ((lam[j] - lam[j - 1]) / h) if second else zero
+        rows.append(torch.stack([alpha[j], sigma_t[j], a, b, c if second else zero, inv_r0, s]))
+    return torch.stack(rows).to(sched.timesteps.device)
+
+
+def dpm_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, start: int = 0) -> torch.Tensor:
+    return _dpm_coefficients(sched, start, sde=False)
+
+
+def dpm_sde_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, start: int = 0) -> torch.Tensor:
+    return _dpm_coefficients(sched, start, sde=True)
+
+
+def _vp_x0(x, out, alpha, sigma, prediction_type):
+    """x0 from the model output for VP latents x = alpha x0 + sigma eps."""
+    if prediction_type == "epsilon":
+        return (x - sigma * out) / alpha
+    return alpha * x - sigma * out  # v (Salimans & Ho 2022)
+
+
+def dpm_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None, history=None):
+    """-> (x', (m,)); history = (the previous step's m,), zeros before the first step."""
+    (m_prev,) = history
+    m = _vp_x0(x, out, c[0], c[1], cfg.prediction_type)
+    x_next = c[2] * x + c[3] * m + c[4] * (c[5] * (m - m_prev))
+    if noise is not None:
+        x_next = x_next + c[6] * noise
+    return x_next, (m,)
+
+
+# UniPC (Zhao et al. 2023), bh2, order 2, data prediction: at every step after the first run,
+# the corrector UniC refines the sample the last step predicted, using the model output at it
+# (no extra model call); then the predictor UniP steps to the next sigma. Orders as diffusers:
+# UniC of order min(2, k), UniP of order min(2, n - j, k + 1) (k: steps run before step j).
+# History: the last (corrected) sample and the last two data predictions.
+UNIPC_HISTORY = 3
+
+
+def _unipc_rhos(rk: torch.Tensor, hh: torch.Tensor, order: int) -> torch.Tensor:
+    """diffusers' bh2 coefficients: solve R rho = b with R[i] = rks^i, b[i] from h phi_k(h)."""
+    rks = torch.stack([rk, torch.ones(())])
+    h_phi_k, factorial, b_h = torch.expm1(hh) / hh - 1, 1, torch.expm1(hh)
+    rows, b = [], []
+    for i in range(1, order + 1):
+        rows.append(torch.pow(rks, i - 1))
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    return torch.linalg.solve(torch.stack(rows), torch.stack(b))
+
+
+def unipc_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, start: int = 0) -> torch.Tensor:
+    """(n, 14): alpha_s, sigma_s; UniC: on, sigma ratio, alpha h phi_1, alpha B(h), rho_0, r_k,
+    rho_last; UniP: sigma ratio, alpha h phi_1, alpha B(h), rho, r_k."""
+    alpha, sigma_t, lam = _vp(sched.sigmas)
+    n, rows = len(sched), []
+    zero, one = torch.tensor(0.0), torch.tensor(1.0)
+    for j in range(n):
+        k = j - start
+        corrector = [zero, zero, zero, zero, zero, one, zero]
+        if k >= 1:
+            hh = -(lam[j] - lam[j - 1])
+            ratio, phi, bh = sigma_t[j] / sigma_t[j - 1], alpha[j] * torch.expm1(hh), alpha[j] * torch.expm1(hh)
+            if min(2, k) == 1:
+                corrector = [one, ratio, phi, bh, zero, one, torch.tensor(0.5)]
+            else:
+                rk = (lam[j - 2] - lam[j - 1]) / -hh
+                rho = _unipc_rhos(rk, hh, 2)
+                corrector = [one, ratio, phi, bh, rho[0], rk, rho[1]]
+        hh = -(lam[j + 1] - lam[j])
+        predictor = [sigma_t[j + 1] / sigma_t[j], alpha[j + 1] * torch.expm1(hh), alpha[j + 1] * torch.expm1(hh)]
+        if min(2, n - j, k + 1) == 2:
+            predictor += [torch.tensor(0.5), (lam[j - 1] - lam[j]) / -hh]
+        else:
+            predictor += [zero, one]
+        rows.append(torch.stack([alpha[j], sigma_t[j], *corrector, *predictor]))
+    return torch.stack(rows).to(sched.timesteps.device)
+
+
+def unipc_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None, history=None):
+    """-> (x', (sample, m, m_prev)); history = (last sample, m_prev, m_prev2), zeros at first."""
+    last, m1, m2 = history
+    m = _vp_x0(x, out, c[0], c[1], cfg.prediction_type)
+    corrected = c[3] * last - c[4] * m1 - c[5] * (c[6] * ((m2 - m1) / c[7]) + c[8] * (m - m1))  # UniC
+    sample = c[2] * corrected + (1 - c[2]) * x
+    x_next = c[9] * sample - c[10] * m - c[11] * (c[12] * ((m1 - m) / c[13]))  # UniP
+    return x_next, (sample, m, m1)
+
+
+# Heun (Karras et al. 2022, Algorithm 1 without churn) as HeunDiscreteScheduler: loop steps
+# alternate between an Euler step (saving its derivative and start) and the correction that
+# averages both derivatives from the saved start. Row: sigma, dt, the v weights, stage.
+HEUN_HISTORY = 2
+
+
+def heun_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, start: int = 0) -> torch.Tensor:
+    sigma = sched.sigmas.cpu()
+    rows = []
+    for j in range(len(sched)):
+        second = j % 2 == 1  # the interleaved schedule starts every Heun step at an even index
+        dt = sigma[j] - sigma[j - 1] if second else sigma[j + 1] - sigma[j]
+        v_a, v_b = -sigma[j] / (sigma[j] ** 2 + 1) ** 0.5, sigma[j] ** 2 + 1
+        rows.append(torch.stack([sigma[j], dt, v_a, v_b, torch.tensor(float(second))]))
+    return torch.stack(rows).to(sched.timesteps.device)
+
+
+def heun_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None, history=None):
+    """-> (x', (derivative, x)); history = (the first stage's derivative, its start)."""
+    d_prev, start = history
+    x0 = _sigma_x0(x, out, c, cfg.prediction_type)
+    if cfg.clip_sample:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    d = (x - x0) / c[0]
+    second = c[4]
+    d_used = second * ((d_prev + d) / 2) + (1 - second) * d
+    return (second * start + (1 - second) * x) + d_used * c[1], (d, x)
+
+
+# LCM (Luo et al. 2023, "Latent Consistency Models"): the consistency function
+# f(x, t) = c_skip x + c_out x0, then noised to the next timestep with fresh noise; the last
+# step returns f itself (its noise row is zeros, its weights 1 and 0).
+
+
+def lcm_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, start: int = 0) -> torch.Tensor:
+    """(n, 6): sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t), c_skip, c_out, then the weights of f
+    and of the noise."""
+    alpha_bar_all = alphas_cumprod(cfg)
+    final = torch.tensor(1.0) if cfg.set_alpha_to_one else alpha_bar_all[0]
+    t = [int(v) for v in sched.host_timesteps]
+    rows, n = [], len(t)
+    for j in range(n):
+        ab = alpha_bar_all[t[j]]
+        scaled = torch.tensor(t[j]) * cfg.timestep_scaling  # an integer timestep times a float: float32
+        c_skip = 0.5**2 / (scaled**2 + 0.5**2)
+        c_out = scaled / (scaled**2 + 0.5**2) ** 0.5
+        if j == n - 1:
+            weights = [torch.tensor(1.0), torch.tensor(0.0)]
+        else:
+            ab_prev = alpha_bar_all[t[j + 1]] if t[j + 1] >= 0 else final
+            weights = [ab_prev.sqrt(), (1 - ab_prev).sqrt()]
+        rows.append(torch.stack([ab.sqrt(), (1 - ab).sqrt(), c_skip, c_out, *weights]))
+    return torch.stack(rows).to(sched.timesteps.device)
+
+
+def lcm_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None):
+    if cfg.prediction_type == "epsilon":
+        x0 = (x - c[1] * out) / c[0]
+    else:
+        x0 = c[0] * x - c[1] * out
+    if cfg.clip_sample:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    denoised = c[3] * x0 + c[2] * x
+    return c[4] * denoised + c[5] * noise
+
+
+
 @dataclass(frozen=True)
 class Sampler:
     name: str
@@ -455,6 +817,8 @@ class Sampler:
     history: int = 0  # multistep samplers: how many tensors of x's shape a step carries to the next
     loop_steps: Callable[[int], int] = lambda steps: steps  # schedule length (UNet calls) for `steps`
     custom_schedule: bool = False  # schedule() takes timesteps= / sigmas= (as its diffusers class's set_timesteps)
+    order: int = 1  # diffusers' scheduler.order: img2img starts at schedule index first_step * order
+    last_step_noise: bool = True  # False: the last step draws no noise (LCM)
 
 
 SAMPLERS = {
@@ -465,6 +829,18 @@ SAMPLERS = {
                      custom_schedule=True),
     "euler_a": Sampler("euler_a", euler_schedule, euler_ancestral_coefficients, euler_ancestral_step,
                        lambda eta: True),
+    "euler_karras": Sampler("euler_karras", partial(euler_schedule, karras=True), euler_coefficients, euler_step,
+                            lambda eta: False),
+    "heun": Sampler("heun", heun_schedule, heun_coefficients, heun_step, lambda eta: False, HEUN_HISTORY,
+                    lambda steps: 2 * steps - 1, order=2),
+    "dpmpp_2m": Sampler("dpmpp_2m", multistep_schedule, dpm_coefficients, dpm_step, lambda eta: False, 1),
+    "dpmpp_2m_karras": Sampler("dpmpp_2m_karras", partial(multistep_schedule, karras=True), dpm_coefficients,
+                               dpm_step, lambda eta: False, 1),
+    "dpmpp_2m_sde": Sampler("dpmpp_2m_sde", multistep_schedule, dpm_sde_coefficients, dpm_step, lambda eta: True, 1),
+    "dpmpp_2m_sde_karras": Sampler("dpmpp_2m_sde_karras", partial(multistep_schedule, karras=True),
+                                   dpm_sde_coefficients, dpm_step, lambda eta: True, 1),
+    "unipc": Sampler("unipc", multistep_schedule, unipc_coefficients, unipc_step, lambda eta: False, UNIPC_HISTORY),
+    "lcm": Sampler("lcm", lcm_schedule, lcm_coefficients, lcm_step, lambda eta: True, last_step_noise=False),
 }
 
 
@@ -474,6 +850,12 @@ def add_noise(sched: Schedule, x0: torch.Tensor, noise: torch.Tensor, i: int) ->
 
 
 def first_step(steps: int, strength: float) -> int:
-    """Index of the first step an img2img/inpaint run takes (as diffusers' get_timesteps)."""
+    """The first of `steps` steps an img2img/inpaint run takes (as diffusers' get_timesteps)."""
     init_steps = min(int(steps * strength), steps)
     return max(steps - init_steps, 0)
+
+
+def start_index(sampler: str, steps: int, strength: float) -> int:
+    """The schedule index an img2img/inpaint run starts at: first_step times the sampler's
+    order (Heun's schedule has two entries per step), as diffusers' get_timesteps."""
+    return first_step(steps, strength) * SAMPLERS[sampler].order
