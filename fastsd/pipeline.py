@@ -404,7 +404,8 @@ class Pipeline:
         total = SAMPLERS[req.scheduler].loop_steps(req.steps) - start_index(req.scheduler, req.steps,
                                                                                     req.strength)
         step_callback, bar = self._step_callback(callback, callback_steps, callback_on_step_end,
-                                                 callback_on_step_end_tensor_inputs, total)
+                                                 callback_on_step_end_tensor_inputs, total,
+                                                 SAMPLERS[req.scheduler].order)
         try:
             with self._weights_lock.shared(), on_work_stream(self.device):  # on CUDA: fastsd's one work stream
                 out = self._generate(_Call(req, gen, text_encoders), step_callback)
@@ -497,11 +498,12 @@ class Pipeline:
         seed = secrets.randbelow(SEED_LIMIT) if seed is None else seed
         return torch.Generator().manual_seed(seed), seed
 
-    def _step_callback(self, callback, callback_steps, on_step_end, tensor_inputs, total: int):
+    def _step_callback(self, callback, callback_steps, on_step_end, tensor_inputs, total: int, order: int = 1):
         """One per-step callback of the loop, callback(k, t, latents) -> new latents or None,
         from diffusers' two kinds: the legacy callback(step, t, latents) every `callback_steps`
-        steps, and callback_on_step_end(pipe, step, t, {"latents": ...}) -> dict, whose
-        "latents" replace the loop's. Also returns the progress bar (None unless enabled)."""
+        loop steps that complete a sampler step (Heun: every second UNet call, step = k // 2),
+        and callback_on_step_end(pipe, k, t, {"latents": ...}) -> dict after every UNet call,
+        whose "latents" replace the loop's. Also returns the progress bar (None unless enabled)."""
         for what, fn in (("callback", callback), ("callback_on_step_end", on_step_end)):
             if fn is not None and not callable(fn):
                 raise InvalidArgumentError(f"{what} must be callable, not {type(fn).__name__}")
@@ -518,8 +520,9 @@ class Pipeline:
         def step_callback(k, t, latents):
             if bar is not None:
                 bar.update(1)
-            if callback is not None and k % callback_steps == 0:
-                callback(k, t, latents)
+            completes = (k + 1) % order == 0 or k == total - 1
+            if callback is not None and completes and k % callback_steps == 0:
+                callback(k // order, t, latents)
             if on_step_end is not None:
                 got = on_step_end(self, k, torch.tensor(t), {n: latents for n in names})
                 if isinstance(got, dict) and got.get("latents") is not None:

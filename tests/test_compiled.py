@@ -38,6 +38,15 @@ def test_compiled_matches_eager(ckpts, pipes, store):
     assert manifest["profile"]["static"] and manifest["profile"]["opt_size"] == 32
 
 
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m_sde_karras", "unipc", "heun", "lcm"])
+def test_new_samplers_compiled_match_eager(ckpts, pipes, store, scheduler):
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="compiled", engine_dir=str(store))
+    kw = dict(KW, scheduler=scheduler)
+    out = pipe("a lighthouse", **kw)
+    assert out.backends["unet"] == "compiled"
+    assert np.abs(out.images - pipes("eps")("a lighthouse", **kw).images).max() <= TOL
+
+
 def test_other_size_runs_eager(ckpts, store, caplog):
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="compiled", engine_dir=str(store))
     out = pipe("x", height=24, width=24, **KW)

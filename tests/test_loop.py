@@ -15,7 +15,8 @@ from fastsd.schedulers import SAMPLERS, SchedulerConfig
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
-@pytest.mark.parametrize("scheduler,eta", [("euler_a", 0.0), ("ddim", 0.6), ("ddim", 0.0), ("euler", 0.0)])
+@pytest.mark.parametrize("scheduler,eta", [("euler_a", 0.0), ("ddim", 0.6), ("ddim", 0.0), ("euler", 0.0),
+                                           ("dpmpp_2m_sde_karras", 0.0), ("lcm", 0.0), ("unipc", 0.0)])
 def test_generator_untouched_inside_the_loop(pipes, scheduler, eta):
     """Every draw happens before the first step: the generator's state is the same at
     every callback, and it is the state the call leaves behind."""
@@ -37,13 +38,23 @@ def test_step_rows(sampler):
     cfg = SchedulerConfig.from_dict(SD, sampler)
     sched = SAMPLERS[sampler].schedule(cfg, 6)
     rows = step_rows(sched, sampler, cfg, 0.3)
-    assert rows.dtype == torch.float32 and rows.shape[0] == len(sched) == (7 if sampler == "pndm" else 6)
+    assert rows.dtype == torch.float32 and rows.shape[0] == len(sched) == SAMPLERS[sampler].loop_steps(6)
     assert torch.equal(rows[:, ROW_T], sched.timesteps)
     assert list(sched.host_timesteps) == sched.timesteps.tolist()
     # row i re-noises the clean latents to step i + 1; the last row keeps them clean
     assert torch.equal(rows[:-1, ROW_SIGNAL], sched.signal[1:]) and rows[-1, ROW_SIGNAL] == 1
     assert torch.equal(rows[:-1, ROW_LEVEL], sched.noise_level[1:]) and rows[-1, ROW_LEVEL] == 0
     assert torch.isfinite(rows).all()
+
+
+def test_heun_legacy_callback_once_per_step(pipes):
+    """diffusers calls the legacy callback when a loop step completes a sampler step (Heun: every
+    second UNet call, and the last), with step = i // order; callback_on_step_end every call."""
+    legacy, every = [], []
+    pipes("eps")("a cat", num_inference_steps=3, scheduler="heun", output_type="latent", seed=0,
+                 callback=lambda i, t, x: legacy.append(i),
+                 callback_on_step_end=lambda p, i, t, kw: every.append(i) or {})
+    assert legacy == [0, 1, 2] and every == [0, 1, 2, 3, 4]
 
 
 def test_pre_drawn_noise_is_diffusers_order(pipes):
@@ -62,12 +73,16 @@ CASES = {
     "txt2img euler_a": dict(scheduler="euler_a"),
     "ddim eta, no cfg": dict(eta=0.5, guidance_scale=1.0),
     "inpaint": dict(strength=0.8, scheduler="euler_a"),
+    "txt2img dpmpp_2m_sde_karras": dict(scheduler="dpmpp_2m_sde_karras"),
+    "txt2img unipc, no cfg": dict(scheduler="unipc", guidance_scale=1.0),
+    "txt2img heun": dict(scheduler="heun"),
+    "inpaint lcm": dict(strength=0.8, scheduler="lcm"),
 }
 
 
 def _kwargs(name, init_image, mask_image):
     kw = dict(CASES[name])
-    if name == "inpaint":
+    if name.startswith("inpaint"):
         kw.update(image=init_image, mask_image=mask_image)
     return kw
 

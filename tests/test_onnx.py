@@ -81,6 +81,18 @@ def test_pipeline_onnx_matches_eager(ckpts, pipes, store, init_image, mask_image
     assert all(a.backends[n] == "onnxruntime" for n in used)
 
 
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m_sde_karras", "unipc", "heun", "lcm"])
+@pytest.mark.parametrize("mode", ["txt2img", "inpaint4"])
+def test_new_samplers_onnx_match_eager(ckpts, pipes, store, init_image, mask_image, mode, scheduler):
+    kw = dict(num_inference_steps=4, scheduler=scheduler, output_type="np", seed=1)
+    if mode == "inpaint4":
+        kw.update(image=init_image, mask_image=mask_image, strength=0.9)
+    ours, eager = pipe_pair(ckpts, pipes, store, "eps")
+    a, b = ours("a lighthouse", **kw), eager("a lighthouse", **kw)
+    assert np.abs(a.images - b.images).max() <= TOL
+    assert a.backends["unet"] == "onnxruntime"
+
+
 def test_v_prediction_onnx(ckpts, pipes, store):
     ours, eager = pipe_pair(ckpts, pipes, store, "v")
     kw = dict(num_inference_steps=3, scheduler="euler_a", output_type="np", seed=2, height=24, width=40)

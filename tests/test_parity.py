@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DIFFUSERS_SCHEDULERS
 
 from fastsd.images import image_to_tensor, mask_to_tensor
 
 TOL = 1e-3
-DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
-                        "euler_a": "EulerAncestralDiscreteScheduler"}
 _REF_CACHE: dict = {}
 WORST: dict[str, float] = {}  # mode -> worst difference seen, printed at the end
 
@@ -37,7 +36,8 @@ def run_both(ckpts, pipes, variant, mode, scheduler, **kw):
     import diffusers
 
     ref, sched_cfg = reference(ckpts[variant], mode)
-    ref.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[scheduler]).from_config(sched_cfg)
+    cls, options = DIFFUSERS_SCHEDULERS[scheduler]
+    ref.scheduler = getattr(diffusers, cls).from_config(sched_cfg, **options)
     seed = kw.pop("seed", 0)
     ours = pipes(variant)(scheduler=scheduler, generator=torch.Generator().manual_seed(seed),
                           output_type="np", **kw)
@@ -56,11 +56,13 @@ def _report_worst():
 
 
 SCHEDULERS = ["ddim", "pndm", "euler", "euler_a"]
+NEW_SCHEDULERS = ["euler_karras", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
+                  "unipc", "lcm"]
 GUIDANCE = [7.5, 1.0]  # with and without CFG
 
 
 @pytest.mark.parametrize("guidance", GUIDANCE)
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("scheduler", SCHEDULERS + NEW_SCHEDULERS)
 @pytest.mark.parametrize("variant", ["eps", "v"])
 def test_txt2img(ckpts, pipes, variant, scheduler, guidance):
     diff, out = run_both(ckpts, pipes, variant, "txt2img", scheduler, prompt="a red fox in snow",
@@ -88,7 +90,7 @@ def test_inpaint_default_strength(ckpts, pipes, init_image, mask_image, variant)
     assert diff <= TOL
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("scheduler", SCHEDULERS + NEW_SCHEDULERS)
 def test_txt2img_batch_negative(ckpts, pipes, scheduler):
     diff, out = run_both(ckpts, pipes, "eps", "txt2img", scheduler, prompt=["a fox", "a boat at dusk"],
                          negative_prompt=["blurry", "dark"], num_images_per_prompt=2, num_inference_steps=4,
@@ -97,7 +99,7 @@ def test_txt2img_batch_negative(ckpts, pipes, scheduler):
     assert diff <= TOL
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("scheduler", SCHEDULERS + NEW_SCHEDULERS)
 def test_default_spacing_per_sampler(ckpts, pipes, scheduler):
     """A config without timestep_spacing gets each sampler's own default, as from_config does."""
     diff, _ = run_both(ckpts, pipes, "defaults", "txt2img", scheduler, prompt="x", num_inference_steps=6,
@@ -112,7 +114,7 @@ def test_ddim_eta(ckpts, pipes):
 
 
 @pytest.mark.parametrize("guidance", GUIDANCE)
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("scheduler", SCHEDULERS + NEW_SCHEDULERS)
 @pytest.mark.parametrize("variant", ["eps", "v"])
 def test_img2img(ckpts, pipes, init_image, variant, scheduler, guidance):
     diff, out = run_both(ckpts, pipes, variant, "img2img", scheduler, prompt="an oil painting",
@@ -137,6 +139,27 @@ def test_inpaint(ckpts, pipes, init_image, mask_image, variant, scheduler, guida
                          mask_image=mask_image, strength=strength, num_inference_steps=6,
                          guidance_scale=guidance, height=40, width=48)
     assert out.images.shape == (1, 40, 48, 3)
+    assert diff <= TOL
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+@pytest.mark.parametrize("scheduler", NEW_SCHEDULERS)
+@pytest.mark.parametrize("variant", ["eps", "inpaint9"])
+def test_inpaint_new_samplers(ckpts, pipes, init_image, mask_image, variant, scheduler, strength):
+    """Latent blending re-noises the original to each next step with the sampler's own noising
+    (VP for DPM-Solver/UniPC, DDPM for LCM, sigma for Heun's interleaved steps)."""
+    diff, _ = run_both(ckpts, pipes, variant, "inpaint", scheduler, prompt="a stone wall", image=init_image,
+                       mask_image=mask_image, num_inference_steps=6, guidance_scale=7.5, strength=strength,
+                       height=40, width=48)
+    assert diff <= TOL
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m_karras", "dpmpp_2m_sde", "unipc", "lcm"])
+def test_many_steps(ckpts, pipes, scheduler):
+    """20+ steps: the multistep samplers' second-order middle (lower-order steps only at the
+    ends), LCM's skipping over its 50-step grid."""
+    diff, _ = run_both(ckpts, pipes, "eps", "txt2img", scheduler, prompt="a lake", num_inference_steps=23,
+                       height=16, width=16)
     assert diff <= TOL
 
 

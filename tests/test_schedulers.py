@@ -192,3 +192,122 @@ def test_loop_steps_is_the_schedule_length(steps):
     for name, sampler in SAMPLERS.items():
         cfg = SchedulerConfig.from_dict(SD, name)
         assert len(sampler.schedule(cfg, steps)) == sampler.loop_steps(steps), name
+
+
+# ---- DPM-Solver++, UniPC, LCM, Heun, Karras sigmas ------------------------------------------
+
+
+def test_multistep_leading_spacing_uses_steps_plus_one():
+    """DPM-Solver and UniPC space "leading" over n + 1 points: 8 steps run 889 ... 112 (DDIM: 876 ... 1)."""
+    sched = SAMPLERS["dpmpp_2m"].schedule(cfg("dpmpp_2m", timestep_spacing="leading"), 8)
+    assert sched.host_timesteps == (889, 778, 667, 556, 445, 334, 223, 112)
+    assert float(sched.sigmas[-1]) == 0.0  # the last step goes to sigma 0
+
+
+@pytest.mark.parametrize("name,cls,options", [
+    ("dpmpp_2m", "DPMSolverMultistepScheduler", {}),
+    ("dpmpp_2m_karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    ("unipc", "UniPCMultistepScheduler", {}),
+    ("euler_karras", "EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    ("heun", "HeunDiscreteScheduler", {}),
+    ("lcm", "LCMScheduler", {}),
+])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_new_tables_match_diffusers(name, cls, options, spacing, zero_snr):
+    """Timesteps bit for bit (DPM's Karras ones rounded, Euler's fractional), sigmas and the
+    initial noise scale as each diffusers scheduler builds them."""
+    import diffusers
+
+    raw = {**SD, "timestep_spacing": spacing, "rescale_betas_zero_snr": zero_snr}
+    if name == "heun" and zero_snr:
+        pytest.skip("HeunDiscreteScheduler has no zero-SNR option")
+    ref = getattr(diffusers, cls).from_config(raw, **options)
+    ref.set_timesteps(9)
+    s = SAMPLERS[name].schedule(cfg(name, **raw), 9)
+    assert s.timesteps.tolist() == ref.timesteps.float().tolist()
+    if s.sigmas is not None:
+        assert torch.equal(s.sigmas, ref.sigmas)
+    assert s.init_noise_sigma == float(ref.init_noise_sigma)
+
+
+def test_dpm_first_order_step_is_ddim():
+    """DPM-Solver++'s first-order update is DDIM (Lu et al. 2022): the first step of a run and
+    the data prediction from a noise prediction, in closed float64 form."""
+    c = cfg("dpmpp_2m")
+    s = SAMPLERS["dpmpp_2m"].schedule(c, 10)
+    rows = SAMPLERS["dpmpp_2m"].coefficients(s, c, 0.0, 0)
+    g = torch.Generator().manual_seed(0)
+    x, eps = (torch.randn(1, 4, 2, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    got, (m,) = SAMPLERS["dpmpp_2m"].step(x, eps, rows[0], c, None, (torch.zeros_like(x),))
+    sig, sig_next = float(s.sigmas[0]), float(s.sigmas[1])
+    a, a_next = 1 / math.sqrt(sig**2 + 1), 1 / math.sqrt(sig_next**2 + 1)  # VP: alpha = 1/sqrt(sigma^2+1)
+    x0 = (x - sig * a * eps) / a
+    want = a_next * x0 + sig_next * a_next * eps  # DDIM eq. (12), deterministic
+    assert torch.allclose(m, x0, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lcm_last_step_is_the_consistency_function():
+    c = cfg("lcm")
+    s = SAMPLERS["lcm"].schedule(c, 4)
+    assert s.host_timesteps == (999, 759, 499, 259)  # LCMScheduler, 4 of its 50-step grid
+    last = SAMPLERS["lcm"].coefficients(s, c)[-1]
+    assert last[4].item() == 1.0 and last[5].item() == 0.0  # no fresh noise at the end
+    with pytest.raises(InvalidArgumentError, match="at most"):
+        SAMPLERS["lcm"].schedule(c, 51)
+
+
+@pytest.mark.parametrize("value,name", [
+    ("dpmpp_2m_sde_karras", "dpmpp_2m_sde_karras"),
+    (("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+     "dpmpp_2m_sde_karras"),
+    (("DPMSolverMultistepScheduler", {}), "dpmpp_2m"),
+    (("EulerDiscreteScheduler", {"use_karras_sigmas": True}), "euler_karras"),
+    (("UniPCMultistepScheduler", {}), "unipc"),
+    (("LCMScheduler", {}), "lcm"),
+    (("HeunDiscreteScheduler", {}), "heun"),
+])
+def test_diffusers_objects_map_to_samplers(value, name):
+    import diffusers
+
+    from fastsd.schedulers import choose_scheduler
+
+    base = dict(SD, _class_name="PNDMScheduler")
+    if isinstance(value, tuple):
+        value = getattr(diffusers, value[0]).from_config(base, **value[1])
+    choice = choose_scheduler(value, base)
+    assert choice.name == name
+    # and back: the config it hands out builds the same diffusers scheduler
+    again = getattr(diffusers, choice.config["_class_name"]).from_config(choice.config)
+    assert choose_scheduler(again, base).name == name
+
+
+def test_names_set_and_reset_their_options():
+    from fastsd.schedulers import choose_scheduler
+
+    karras = choose_scheduler("dpmpp_2m_karras", dict(SD, _class_name="PNDMScheduler"))
+    assert karras.config["use_karras_sigmas"] is True
+    assert karras.config["_class_name"] == "DPMSolverMultistepScheduler"
+    plain = choose_scheduler("euler", karras.config)  # a plain name drops the variant's options
+    assert plain.name == "euler" and plain.config["use_karras_sigmas"] is False
+
+
+@pytest.mark.parametrize("cls,options,what", [
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+     "algorithm_type"),
+    ("DPMSolverMultistepScheduler", {"solver_order": 3}, "solver_order"),
+    ("DPMSolverMultistepScheduler", {"final_sigmas_type": "sigma_min"}, "final_sigmas_type"),
+    ("UniPCMultistepScheduler", {"use_karras_sigmas": True}, "use_karras_sigmas"),
+    ("UniPCMultistepScheduler", {"solver_type": "bh1"}, "solver_type"),
+    ("HeunDiscreteScheduler", {"use_karras_sigmas": True}, "use_karras_sigmas"),
+    ("LCMScheduler", {"thresholding": True}, "thresholding"),
+])
+def test_options_fastsd_cannot_run_are_refused(cls, options, what):
+    import diffusers
+
+    from fastsd.schedulers import choose_scheduler
+
+    value = getattr(diffusers, cls).from_config(SD, **options)
+    with pytest.raises(InvalidArgumentError, match=what):
+        choose_scheduler(value, SD)

@@ -28,7 +28,7 @@ import torch
 
 from ..backends.registry import ENGINE_KINDS
 from ..engines import DTYPES, PRECISIONS
-from ..schedulers import CLASS_OF, SAMPLERS
+from ..schedulers import CLASS_OF, OPTIONS_OF, SAMPLERS
 from .machine import ProcessMemory
 
 BASELINE = "diffusers"
@@ -182,7 +182,8 @@ class DiffusersWorker:
     def _scheduler(self, sched: str):
         import diffusers
 
-        self.pipe.scheduler = getattr(diffusers, CLASS_OF[sched]).from_config(self.pipe.scheduler.config)
+        self.pipe.scheduler = getattr(diffusers, CLASS_OF[sched]).from_config(self.pipe.scheduler.config,
+                                                                               **OPTIONS_OF.get(sched, {}))
 
     def call(self, h, w, batch, steps, sched, guidance, seed, hooked: bool | None = None) -> dict:
         """Stage figures from hooks on CPU (no syncs there); on CUDA end to end only, unless
