@@ -53,7 +53,11 @@ def model_source(model: str) -> str:
     raise ModelNotFoundError(f"model not found: {model} (no such file or directory)")
 
 
-def resolve(model: str, local_files_only: bool = False) -> Path:
+CHECKPOINT_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]  # variants included
+COMPONENT_FILES = ["config.json", "*.safetensors"]  # a one-model repo (a VAE, TAESD)
+
+
+def resolve(model: str, local_files_only: bool = False, patterns: list[str] = CHECKPOINT_FILES) -> Path:
     """Local path of `model` (a folder or a single file); hub ids come from the hub cache
     (downloaded where missing, unless offline or `local_files_only`)."""
     model = str(model)
@@ -62,13 +66,12 @@ def resolve(model: str, local_files_only: bool = False) -> Path:
         return synthetic_path(model)
     if source == "path":
         return Path(model).expanduser()
-    return _hub_snapshot(model, local_files_only)
+    return _hub_snapshot(model, local_files_only, patterns)
 
 
-def _hub_snapshot(repo_id: str, local_files_only: bool = False) -> Path:
+def _hub_snapshot(repo_id: str, local_files_only: bool = False, patterns: list[str] = CHECKPOINT_FILES) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]  # variants included
     cache = os.environ.get("HF_HUB_CACHE")  # read now, not at huggingface_hub's import
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True, cache_dir=cache))
@@ -256,60 +259,85 @@ def _load_component(cls, folder: Path, variant: str | None, allow_pickle: bool):
     return model
 
 
-def with_vae(ckpt: Checkpoint, vae) -> Checkpoint:
-    """`ckpt` with its VAE replaced (for example an fp16-safe SD-XL VAE): `vae` is a diffusers
-    VAE folder (config.json + weights, or a checkpoint folder's vae/), a .safetensors file
-    in diffusers' or the original layout (keys bare or under first_stage_model.; the
-    checkpoint's VAE config with sizes checked against the file), or an AutoencoderKL.
-    Its latent channels and factor must match the UNet's; the fingerprint covers both, so
-    engines are kept apart from the original VAE's."""
-    import torch
-    from diffusers import AutoencoderKL
+TINY_VAE = "AutoencoderTiny"
 
-    from .model_files import architecture_of
+
+def is_tiny_vae(model) -> bool:
+    """Whether a VAE is a tiny autoencoder (TAESD: diffusers' AutoencoderTiny)."""
+    return type(model).__name__ == TINY_VAE
+
+
+def load_vae(vae, like=None, allow_pickle: bool = False) -> tuple:
+    """(model, fingerprint, source) of a VAE: an AutoencoderKL or AutoencoderTiny object, a
+    diffusers VAE folder (config.json + weights, or a checkpoint folder's vae/; its config's
+    class says which), a hub id in the hub cache (madebyollin/taesd), `synthetic:taesd`, or a
+    .safetensors file of an AutoencoderKL shaped as `like` (a config) in diffusers' or the
+    original layout (keys bare or under first_stage_model.)."""
+    import torch
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
     from .single_file import VAE_PREFIX, _gather, vae_key
 
-    if isinstance(vae, AutoencoderKL):
+    if isinstance(vae, (AutoencoderKL, AutoencoderTiny)):
         model, digest = vae.float().eval().requires_grad_(False), hashlib.blake2b(digest_size=8)
         for k, t in sorted(model.state_dict().items()):
             digest.update(k.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        vae_fp, source = digest.hexdigest(), "an AutoencoderKL object"
-    else:
-        path = Path(str(vae)).expanduser()
-        if path.is_dir():
-            folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
-            if not (folder / "config.json").is_file():
-                raise CheckpointError(f"{path} is not a VAE folder (no config.json)")
-            _check_json(folder / "config.json")
-            weights, variant = _component_weights(folder, sorted(p for p in folder.iterdir() if p.is_file()), None,
-                                                  allow_pickle=False)
-            model = _load_component(AutoencoderKL, folder, variant, allow_pickle=False).float()  # fp16-only too
-            vae_fp = fingerprint([folder / "config.json", *weights], folder)
-        elif path.is_file():
-            if path.suffix != ".safetensors":
-                raise CheckpointError(f"{path}: a VAE file must be .safetensors (or pass a diffusers VAE folder)")
-            from safetensors.torch import load_file
+        return model, digest.hexdigest(), f"an {type(vae).__name__} object"
+    if not isinstance(vae, (str, Path)):
+        raise InvalidArgumentError(f"a VAE must be a folder, file, hub id or an AutoencoderKL / AutoencoderTiny, "
+                                   f"not {type(vae).__name__}")
+    try:
+        path = resolve(str(vae), patterns=COMPONENT_FILES)
+    except ModelNotFoundError as e:
+        raise ModelNotFoundError(f"VAE {vae} not found: {str(e).split(': ', 1)[-1]}") from None
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"{path} is not a VAE folder (no config.json)")
+        config = _check_json(folder / "config.json")
+        cls = AutoencoderTiny if config.get("_class_name") == TINY_VAE else AutoencoderKL
+        weights, variant = _component_weights(folder, sorted(p for p in folder.iterdir() if p.is_file()), None,
+                                              allow_pickle)
+        model = _load_component(cls, folder, variant, allow_pickle).float()  # fp16-only too
+        fp = fingerprint([folder / "config.json", *weights], folder)
+    elif path.is_file():
+        if path.suffix != ".safetensors" or like is None:
+            raise CheckpointError(f"{path}: a VAE file must be .safetensors (or pass a diffusers VAE folder)")
+        from safetensors.torch import load_file
 
-            check_safetensors(path)
-            sd = load_file(str(path))
-            model = AutoencoderKL(**{k: v for k, v in ckpt.vae.config.items() if not k.startswith("_")})
-            if any(k.startswith(VAE_PREFIX) for k in sd):
-                sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
-            n = len(model.config.block_out_channels)
-            original = any(k.startswith("encoder.down.") for k in sd)
-            _gather(model, sd, lambda k: (vae_key(k, n) if original else k, None), f"VAE ({path.name})")
-            vae_fp = fingerprint([path], path.parent)
-        else:
-            raise ModelNotFoundError(f"VAE not found: {path} (no such file or directory)")
-        model.eval().requires_grad_(False)
-        source = str(path)
+        check_safetensors(path)
+        sd = load_file(str(path))
+        model = AutoencoderKL(**{k: v for k, v in like.items() if not k.startswith("_")})
+        if any(k.startswith(VAE_PREFIX) for k in sd):
+            sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
+        n = len(model.config.block_out_channels)
+        original = any(k.startswith("encoder.down.") for k in sd)
+        _gather(model, sd, lambda k: (vae_key(k, n) if original else k, None), f"VAE ({path.name})")
+        fp = fingerprint([path], path.parent)
+    else:
+        raise ModelNotFoundError(f"VAE not found: {path} (no such file or directory)")
+    return model.eval().requires_grad_(False), fp, str(vae)
+
+
+def check_vae_fits(model, info, source: str, what: str = "VAE") -> None:
     factor = 2 ** (len(model.config.block_out_channels) - 1)
-    if (model.config.latent_channels, factor) != (ckpt.info.latent_channels, ckpt.info.vae_factor):
-        raise CheckpointError(f"the VAE {source} has {model.config.latent_channels} latent channels and factor "
-                              f"{factor}; the checkpoint's UNet needs {ckpt.info.latent_channels} and "
-                              f"{ckpt.info.vae_factor}")
+    if (model.config.latent_channels, factor) != (info.latent_channels, info.vae_factor):
+        raise CheckpointError(f"the {what} {source} has {model.config.latent_channels} latent channels and factor "
+                              f"{factor}; the checkpoint's UNet needs {info.latent_channels} and {info.vae_factor}")
+
+
+def with_vae(ckpt: Checkpoint, vae) -> Checkpoint:
+    """`ckpt` with its VAE replaced: an fp16-safe SD-XL VAE, or a tiny autoencoder (TAESD) for
+    fast decoding (and encoding, as a diffusers pipeline whose vae is an AutoencoderTiny).
+    `vae` is anything `load_vae` takes. Its latent channels and factor must match the UNet's;
+    the fingerprint covers both, so engines are kept apart from the original VAE's."""
+    from .model_files import architecture_of
+
+    model, vae_fp, source = load_vae(vae, ckpt.vae.config)
+    check_vae_fits(model, ckpt.info, source)
     info = replace(ckpt.info, vae_scale=float(model.config.scaling_factor),
                    vae_shift=float(getattr(model.config, "shift_factor", None) or 0.0),
+                   tiny_vae=is_tiny_vae(model),
                    fingerprint=hashlib.blake2b(f"{ckpt.info.fingerprint}+vae:{vae_fp}".encode(),
                                                digest_size=8).hexdigest(),
                    architecture=architecture_of(ckpt.unet, model, ckpt.text_encoder, ckpt.text_encoder_2))

@@ -40,6 +40,7 @@ class ModelInfo:
     architecture: str = ""  # hash of the network configs: equal means same shapes (refittable engines)
     family: str = "sd"  # "sd" (SD 1.x/2.x) or "sdxl" (two text encoders, text_time added embedding)
     force_zeros_for_empty_prompt: bool = False  # SD-XL: zero negative embeddings when no negative_prompt
+    tiny_vae: bool = False  # the VAE is a tiny autoencoder (TAESD): the encoder gives latents, no distribution
 
     @property
     def default_size(self) -> int:

@@ -93,6 +93,37 @@ class VaeDecoder(nn.Module):
         return self.decoder(z)
 
 
+class TinyVaeEncoder(nn.Module):
+    """A tiny autoencoder's (TAESD) encoder: images (B, 3, H, W) in [-1, 1] -> latents
+    (B, C, H/f, W/f) directly (no distribution; it maps [-1, 1] to TAESD's [0, 1] itself)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.encoder = vae.encoder
+
+    def forward(self, images):
+        return self.encoder(images)
+
+
+class TinyVaeDecoder(nn.Module):
+    """A tiny autoencoder's decoder: latent (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]
+    (it soft-clamps the latents, tanh(x / 3) * 3, and rescales from [0, 1] itself)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.decoder = vae.decoder
+
+    def forward(self, latent):
+        return self.decoder(latent)
+
+
+def vae_modules(vae) -> tuple[nn.Module, nn.Module]:
+    """(encoder, decoder) network modules of an AutoencoderKL or a tiny autoencoder."""
+    if type(vae).__name__ == "AutoencoderTiny":
+        return TinyVaeEncoder(vae), TinyVaeDecoder(vae)
+    return VaeEncoder(vae), VaeDecoder(vae)
+
+
 def wrap(ckpt, clip_skip: int = 0, unet_module: type[nn.Module] | None = None,
          text_module: type[TextEncoder] = TextEncoder) -> dict[str, nn.Module]:
     """The ONNX-named modules of a loaded checkpoint (sharing its weights). A model family
@@ -101,8 +132,8 @@ def wrap(ckpt, clip_skip: int = 0, unet_module: type[nn.Module] | None = None,
     out = {"text_encoder": text_module(ckpt.text_encoder, clip_skip)}
     if getattr(ckpt, "text_encoder_2", None) is not None:
         out["text_encoder_2"] = text_module(ckpt.text_encoder_2, clip_skip)
-    out.update(unet=(unet_module or UNet)(ckpt.unet), vae_encoder=VaeEncoder(ckpt.vae),
-               vae_decoder=VaeDecoder(ckpt.vae))
+    encoder, decoder = vae_modules(ckpt.vae)
+    out.update(unet=(unet_module or UNet)(ckpt.unet), vae_encoder=encoder, vae_decoder=decoder)
     return out
 
 
@@ -242,8 +273,9 @@ def network_specs(info, extra_unet_inputs: tuple[TensorSpec, ...] = (),
                                      TensorSpec("timestep", (BATCH,), FLOAT32, sample=500.0),
                                      TensorSpec("encoder_hidden_states", text)) + tuple(extra_unet_inputs),
                             (latent,), True, f),
-        "vae_encoder": NetworkSpec("vae_encoder", (images,),
-                                   (TensorSpec("latent_moments", (BATCH, 2 * c, LATENT_H, LATENT_W)),), False, f),
+        "vae_encoder": NetworkSpec("vae_encoder", (images,), (  # a tiny autoencoder's gives the latents
+            TensorSpec("latents", (BATCH, c, LATENT_H, LATENT_W)) if getattr(info, "tiny_vae", False) else
+            TensorSpec("latent_moments", (BATCH, 2 * c, LATENT_H, LATENT_W)),), False, f),
         "vae_decoder": NetworkSpec("vae_decoder", (latent,), (images,), False, f),
     }
 

@@ -578,10 +578,13 @@ class Pipeline:
 
     def _encode_image(self, images: torch.Tensor, gen, ran: dict | None = None) -> torch.Tensor:
         """Sample scaled latents from the VAE posterior (one draw of the mean's shape; with a
-        list of generators, image i from generator i)."""
+        list of generators, image i from generator i). A tiny autoencoder (TAESD) gives the
+        latents themselves: no draw, as diffusers' retrieve_latents."""
         encoder, tiling = partial(self.backend.vae_encoder, ran=ran), self._tiling()
         images = images.to(self.device)
         moments = encoder(images) if tiling is None else encode_tiled(encoder, images, self.info.vae_factor, *tiling)
+        if self.info.tiny_vae:
+            return self.info.vae_scale * (moments.float() - self.info.vae_shift)
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         z = mean + std * self._randn(mean.shape, gen)
@@ -637,7 +640,8 @@ class Pipeline:
         mask_lat = self._spread(F.interpolate(mask, size=(h, w)), b).to(self.device)  # nearest
         masked_image = image * (mask < imgs.MASK_THRESHOLD)
         if not nine:  # diffusers encodes the masked image here even for 4-channel UNets:
-            self._randn((masked_image.shape[0], c, h, w), gen)  # consume the same draws, skip the unused encode
+            if not self.info.tiny_vae:  # consume the same draws (a tiny VAE draws none), skip the unused encode
+                self._randn((masked_image.shape[0], c, h, w), gen)
             return _Latents(x, start, x0=x0, noise=noise, mask=mask_lat)
         masked = self._spread(self._encode_image(masked_image, gen, call.ran), b)
         cond = torch.cat([mask_lat, masked], dim=1)

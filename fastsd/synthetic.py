@@ -102,6 +102,39 @@ def build(
     return out
 
 
+# Tiny autoencoders (TAESD, diffusers' AutoencoderTiny): `synthetic:taesd` has the released
+# taesd / taesdxl architecture (diffusers' defaults: factor 8, 4 latent channels);
+# `synthetic:taesd-tiny` matches the tiny test checkpoints (factor 2).
+TINY_VAES = {
+    "taesd": {},
+    "taesd-tiny": {"encoder_block_out_channels": [16, 16], "decoder_block_out_channels": [16, 16],
+                   "num_encoder_blocks": [1, 1], "num_decoder_blocks": [1, 1]},
+}
+
+
+def build_tiny_vae(out: Path, name: str = "taesd", *, seed: int = 0) -> Path:
+    """Write a random-weight tiny autoencoder (a diffusers AutoencoderTiny folder) atomically."""
+    from diffusers import AutoencoderTiny
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            AutoencoderTiny(**TINY_VAES[name]).save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())  # as released TAESD configs: without the
+        config.pop("block_out_channels", None)  # key AutoencoderTiny registers itself (and warns about on load)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def _model_index(scheduler_class: str, spec: dict) -> dict:
     index = {
         "_class_name": "StableDiffusionPipeline",
@@ -128,9 +161,14 @@ def _model_index(scheduler_class: str, spec: dict) -> dict:
 def synthetic_path(model: str) -> Path:
     """The folder of `synthetic:NAME`, built on first use."""
     name = model[len(SYNTHETIC_PREFIX):]
-    if name not in ARCHS:
-        raise ModelNotFoundError(f"unknown synthetic model {name!r}; choose one of {', '.join(ARCHS)}")
+    if name not in ARCHS and name not in TINY_VAES:
+        raise ModelNotFoundError(f"unknown synthetic model {name!r}; choose one of {', '.join([*ARCHS, *TINY_VAES])}")
     path = cache_dir() / "synthetic" / f"{name}-v{SYNTHETIC_VERSION}"
+    if name in TINY_VAES:
+        if not (path / "config.json").exists():
+            log.info("building synthetic tiny autoencoder %s at %s (random weights, once)", name, path)
+            build_tiny_vae(path, name)
+        return path
     if not (path / "model_index.json").exists():
         log.info("building synthetic checkpoint %s at %s (random weights, once)", name, path)
         build(path, name)

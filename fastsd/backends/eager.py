@@ -14,7 +14,7 @@ from functools import partial
 
 import torch
 
-from ..networks import VaeDecoder
+from ..networks import vae_modules
 from . import Networks, as_float, record
 
 
@@ -37,7 +37,7 @@ class EagerBackend(Networks):
             self._graphed_unet = GraphedCall(
                 lambda *args: self._forward("unet", dict(zip(names, args, strict=True))))
         self.backends = {k: "eager" for k in family.networks}
-        self._vae_fp32: VaeDecoder | None = None
+        self._vae_fp32 = None
         self._lock = threading.Lock()
 
     def _forward(self, network: str, args: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -72,7 +72,7 @@ class EagerBackend(Networks):
     def vae_decoder_fp32(self, latent: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor:
         with self._lock:  # built once, on the first overflow
             if self._vae_fp32 is None:
-                self._vae_fp32 = VaeDecoder(copy.deepcopy(self.ckpt.vae)).to(self.device, torch.float32).eval()
+                self._vae_fp32 = vae_modules(copy.deepcopy(self.ckpt.vae))[1].to(self.device, torch.float32).eval()
         record(ran, "vae_decoder", "eager-fp32")
         with torch.inference_mode():
             return self._vae_fp32(latent.to(self.device, torch.float32))
