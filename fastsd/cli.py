@@ -99,9 +99,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="engine store (default: $FASTSD_ENGINE_DIR, else ~/.cache/fastsd/engines)")
     g.add_argument("--variant", default=None, help="diffusers folder weight variant, e.g. fp16")
     g.add_argument("--vae", default=None,
-                   help="a VAE folder or .safetensors file replacing the checkpoint's (e.g. an fp16-safe SD-XL VAE)")
+                   help="a VAE folder, .safetensors file or hub id replacing the checkpoint's (e.g. an fp16-safe "
+                        "SD-XL VAE, or TAESD for a fast final decode)")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="fuse a LoRA (.safetensors, kohya or diffusers/PEFT) at SCALE (default 1); repeatable")
+    g.add_argument("--preview", default=None, metavar="FILE.png",
+                   help="keep a live preview PNG of the first image updated while denoising (TAESD decodes)")
+    g.add_argument("--preview-every", type=int, default=1, metavar="K", help="a preview every K steps (default 1)")
+    g.add_argument("--preview-vae", default=None, metavar="M",
+                   help="the tiny autoencoder for previews: a TAESD folder or hub id (default: madebyollin/taesd, "
+                        "taesdxl for SD-XL, from the hub cache; synthetic:taesd for synthetic models)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
     g.add_argument("--prediction-type", default=None, help="epsilon | v_prediction (override the checkpoint's)")
     g.add_argument("--clip-skip", type=int, default=0, help="text embeddings from CLIP layer -(N+1)")
@@ -327,6 +334,16 @@ def _check_generate(args) -> None:
             raise FastSDError(f"{flag} must be in [0, {hi}], got {value}")
     if args.clip_skip < 0:
         raise FastSDError(f"--clip-skip must be >= 0, got {args.clip_skip}")
+    if args.preview_every < 1:
+        raise FastSDError(f"--preview-every must be >= 1, got {args.preview_every}")
+    if args.preview is not None:
+        preview = Path(args.preview)
+        if preview.suffix.lower() != ".png" or not preview.parent.is_dir():
+            raise FastSDError(f"--preview {args.preview}: a .png file in an existing folder")
+        if preview.resolve() in {p.resolve() for p in output_paths(args.out, args.n, True)}:
+            raise FastSDError("--preview must not be the output file")
+    elif args.preview_vae is not None:
+        raise FastSDError("--preview-vae is for --preview")
     for path, _ in map(parse_lora_arg, args.lora):
         if not Path(path).is_file():
             raise FastSDError(f"--lora {path}: no such file")
@@ -371,14 +388,30 @@ def cmd_generate(args) -> int:
         defaults.inpaint_guidance_scale if mask is not None else defaults.guidance_scale)
     strength = args.strength if args.strength is not None or image is None else (
         defaults.inpaint_strength if mask is not None else defaults.img2img_strength)
+    preview = None
+    if args.preview:
+        pipe.load_preview_vae(args.preview_vae or _default_preview_vae(args.model, pipe.info))
+        preview = _PreviewWriter(Path(args.preview))
     bar = _progress(args, args.scheduler or pipe.scheduler.name, 1.0 if strength is None else strength)
-    out = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, mask_image=mask, **xl,
-               strength=args.strength, num_inference_steps=args.steps, guidance_scale=args.guidance,
-               scheduler=args.scheduler, eta=args.eta, generator=torch.Generator().manual_seed(seed),
-               height=args.height, width=args.width, num_images_per_prompt=args.n,
-               callback=bar.callback if bar else None)
-    if bar:
-        bar.close()
+    on_step_end = None
+    if bar or preview:
+        def on_step_end(_pipe, step, t, kwargs):
+            if bar:
+                bar.update()
+            if preview and "preview" in kwargs:
+                preview.submit(kwargs["preview"][0])
+            return {}
+    try:
+        out = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, mask_image=mask, **xl,
+                   strength=args.strength, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                   scheduler=args.scheduler, eta=args.eta, generator=torch.Generator().manual_seed(seed),
+                   height=args.height, width=args.width, num_images_per_prompt=args.n,
+                   callback_on_step_end=on_step_end, preview_every=args.preview_every if preview else None)
+    finally:
+        if bar:
+            bar.close()
+        if preview:
+            preview.close()
     width, height = out.images[0].size
     settings = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, **xl, "steps": args.steps,
@@ -395,7 +428,59 @@ def cmd_generate(args) -> int:
     print(f"seed {seed} | text_encoder {t['text_encoder']:.3f}s | unet {t['unet']:.3f}s "
           f"({t['unet_per_step'] * 1000:.1f} ms/step) | vae {t['vae']:.3f}s | total {t['total']:.3f}s")
     print("backends: " + ", ".join(f"{k}={v}" for k, v in out.backends.items()))
+    if preview:
+        print(f"previews: {preview.written} written to {args.preview} (decoding {t['preview']:.3f}s of the unet's "
+              f"{t['unet']:.3f}s)")
     return 0
+
+
+def _default_preview_vae(model: str, info) -> str:
+    """TAESD for the model's family: the released one from the hub cache, a random-weight one
+    of the same architecture for synthetic models."""
+    from .synthetic import SYNTHETIC_PREFIX
+
+    if str(model).startswith(SYNTHETIC_PREFIX):
+        return "synthetic:taesd" if info.vae_factor == 8 else "synthetic:taesd-tiny"
+    return "madebyollin/taesdxl" if info.family == "sdxl" else "madebyollin/taesd"
+
+
+class _PreviewWriter:
+    """Keeps the preview PNG current from a background thread: the loop hands over the newest
+    image and goes on; a write replaces the file atomically; images the writer had no time
+    for are skipped (only the newest counts)."""
+
+    def __init__(self, path: Path):
+        import threading
+
+        self.path, self.written = path, 0
+        self._latest, self._done = None, False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="fastsd-preview", daemon=True)
+        self._thread.start()
+
+    def submit(self, image) -> None:
+        with self._cond:
+            self._latest = image
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._latest is None and not self._done:
+                    self._cond.wait()
+                image, self._latest = self._latest, None
+                if image is None:
+                    return
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            image.save(tmp, format="PNG", compress_level=1)
+            os.replace(tmp, self.path)
+            self.written += 1
+
+    def close(self) -> None:
+        with self._cond:
+            self._done = True
+            self._cond.notify()
+        self._thread.join()
 
 
 def _free_name(name: str, taken: list[str]) -> str:
@@ -430,7 +515,7 @@ class _Bar:
     def __init__(self, total: int):
         self.total, self.bar = total, None
 
-    def callback(self, step, t, latents):
+    def update(self):
         if self.bar is None:
             from tqdm import tqdm
 

@@ -28,7 +28,9 @@ from .schedulers import SAMPLERS, Schedule, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
-ROW_T, ROW_SCALE, ROW_SIGNAL, ROW_LEVEL, ROW_COEF = 0, 1, 2, 3, 4  # columns of a step row
+# columns of a step row: timestep, UNet input scale, the inpaint re-noising weights (to the next
+# step), the VP weights of the UNet input (x * scale = a x0 + s eps: previews' x0), then the sampler's
+ROW_T, ROW_SCALE, ROW_SIGNAL, ROW_LEVEL, ROW_A, ROW_S, ROW_COEF = 0, 1, 2, 3, 4, 5, 6
 
 
 @dataclass
@@ -64,6 +66,7 @@ class StepKey:
     draws_noise: bool
     shapes: tuple  # ((name, shape), ...) of x and the StepInputs
     guidance_rescale: float = 0.0
+    preview: bool = False  # the state also carries the step's x0 estimate (live previews)
 
 
 def step_rows(sched: Schedule, sampler: str, cfg: SchedulerConfig, eta: float, start: int = 0) -> torch.Tensor:
@@ -72,12 +75,14 @@ def step_rows(sched: Schedule, sampler: str, cfg: SchedulerConfig, eta: float, s
     last row: the clean latents)."""
     signal_next = torch.cat([sched.signal[1:], sched.signal.new_ones(1)])
     level_next = torch.cat([sched.noise_level[1:], sched.noise_level.new_zeros(1)])
-    fixed = torch.stack([sched.timesteps, sched.input_scale, signal_next, level_next], dim=1)
+    fixed = torch.stack([sched.timesteps, sched.input_scale, signal_next, level_next,
+                         sched.signal * sched.input_scale, sched.noise_level * sched.input_scale], dim=1)
     return torch.cat([fixed, SAMPLERS[sampler].coefficients(sched, cfg, eta, start)], dim=1)[start:]
 
 
 def make_step(unet: Callable, key: StepKey, inputs: StepInputs) -> Callable:
-    """step(x, row, noise) -> the latents after one step."""
+    """step(state, row, noise) -> the state after one step: the latents, the sampler's history,
+    and with `key.preview` the step's estimate of the clean latents x0 last."""
     sampler = SAMPLERS[key.sampler]
     denoise = unet_denoiser(unet, inputs.unet_inputs, inputs.conditioning)
     if key.do_cfg:
@@ -85,30 +90,37 @@ def make_step(unet: Callable, key: StepKey, inputs: StepInputs) -> Callable:
 
     def step(state, row, noise):
         x = state[0]
-        out = denoise(x * row[ROW_SCALE], row[ROW_T])
+        x_in = x * row[ROW_SCALE]
+        out = denoise(x_in, row[ROW_T])
         if sampler.history:  # a multistep sampler carries its history in the state
-            x, history = sampler.step(x, out, row[ROW_COEF:], key.cfg, noise, state[1:])
+            x, history = sampler.step(x, out, row[ROW_COEF:], key.cfg, noise, state[1:1 + sampler.history])
         else:
             x, history = sampler.step(x, out, row[ROW_COEF:], key.cfg, noise), ()
         if inputs.mask is not None:
             x = blend(x, row[ROW_SIGNAL] * inputs.x0 + row[ROW_LEVEL] * inputs.noise, inputs.mask)
-        return (x, *history)
+        if not key.preview:
+            return (x, *history)
+        a, s = row[ROW_A], row[ROW_S]  # the UNet's input is VP: a x0 + s eps (DDPM eq. (4))
+        x0 = (x_in - s * out) / a if key.cfg.prediction_type == "epsilon" else a * x_in - s * out
+        return (x, *history, x0)
 
     return step
 
 
-def initial_state(sampler: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The loop's state before the first step: the latents, then the sampler's history (zeros)."""
-    return (x, *(torch.zeros_like(x) for _ in range(SAMPLERS[sampler].history)))
+def initial_state(sampler: str, x: torch.Tensor, preview: bool = False) -> tuple[torch.Tensor, ...]:
+    """The loop's state before the first step: the latents, the sampler's history (zeros),
+    with previews a slot for x0."""
+    return (x, *(torch.zeros_like(x) for _ in range(SAMPLERS[sampler].history + preview)))
 
 
 def run_steps(step: Callable, state: tuple, rows: torch.Tensor, noises: torch.Tensor | None,
-              host_t: tuple[float, ...], callback: Callable | None) -> torch.Tensor:
-    """The loop; `callback(k, t, latents)` after each step may return latents to go on with."""
+              host_t: tuple[float, ...], callback: Callable | None, preview: bool = False) -> torch.Tensor:
+    """The loop; `callback(k, t, latents, x0)` after each step (x0: the step's clean-latent
+    estimate with previews, else None) may return latents to go on with."""
     for k in range(len(rows)):
         state = step(state, rows[k], None if noises is None else noises[k])
         if callback is not None:
-            replaced = callback(k, host_t[k], state[0])
+            replaced = callback(k, host_t[k], state[0], state[-1] if preview else None)
             if replaced is not None:
                 state = (replaced.to(state[0].device, state[0].dtype), *state[1:])
     return state[0]
@@ -123,6 +135,7 @@ class _StepGraph:
         self.state, self.row = tuple(t.clone() for t in state), row.clone()
         self.noise = None if noise is None else noise.clone()
         self.ran: dict[str, str] = {}
+        self.preview = key.preview
         step = make_step(partial(unet, ran=self.ran), key, self.inputs)
 
         def replayed():  # the graph writes the new state into its own input; run() sets it first
@@ -143,7 +156,8 @@ class _StepGraph:
                 self.noise.copy_(noises[k])
             self.graph.replay()
             if callback is not None:
-                replaced = callback(k, host_t[k], self.state[0].clone())
+                replaced = callback(k, host_t[k], self.state[0].clone(),
+                                    self.state[-1].clone() if self.preview else None)
                 if replaced is not None:
                     self.state[0].copy_(replaced)
         return self.state[0].clone()

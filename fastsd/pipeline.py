@@ -135,6 +135,16 @@ class _Call:
     gen: torch.Generator | list[torch.Generator]
     text_encoders: dict[str, Callable]  # the backend's, for the call's clip_skip
     ran: dict[str, str] = field(default_factory=dict)
+    preview: "_Preview | None" = None  # live previews of this call
+
+
+@dataclass
+class _Preview:
+    """A call's previews: every `every` loop steps, the preview VAE decodes x0; `seconds` adds up."""
+
+    every: int
+    decode: Callable[[torch.Tensor], list]  # x0 latents -> PIL images
+    seconds: float = 0.0
 
 
 class Pipeline:
@@ -153,6 +163,7 @@ class Pipeline:
         self._remake: Callable | None = None  # (device, dtype, cuda_graphs, attention_slicing) -> Backend
         self._loras = LoraWeights(lambda: self.family.modules(self.ckpt))
         self._weights_lock = SharedLock()  # calls share the weights; a LoRA change has them alone
+        self._preview_vae = self._preview = None  # live previews: the tiny autoencoder, its decoder module
 
     @property
     def scheduler(self) -> SchedulerChoice:
@@ -175,7 +186,7 @@ class Pipeline:
                         cuda_graphs: bool = False, *, torch_dtype=None, variant: str | None = None,
                         safety_checker=None, requires_safety_checker: bool | None = None,
                         feature_extractor=None, use_safetensors: bool | None = None,
-                        local_files_only: bool = False, vae=None, **unsupported) -> "Pipeline":
+                        local_files_only: bool = False, vae=None, preview_vae=None, **unsupported) -> "Pipeline":
         """Load `model` (see the README). `allow_pickle` permits .ckpt/.bin files;
         `prediction_type` ("epsilon" | "v_prediction") overrides the checkpoint's scheduler
         config, for single files whose config cannot be known (SD 2.x 512-base vs 768-v);
@@ -184,7 +195,10 @@ class Pipeline:
         diffusers' loading arguments work as there: `torch_dtype` (torch.float16, ...; same as
         dtype="fp16"), `variant` ("fp16": model.fp16.safetensors), `safety_checker=None` (fastsd
         has none), `use_safetensors`, `local_files_only`, `vae` (a VAE folder, .safetensors file or
-        AutoencoderKL replacing the checkpoint's, e.g. an fp16-safe SD-XL VAE); others raise
+        AutoencoderKL replacing the checkpoint's, e.g. an fp16-safe SD-XL VAE, or a tiny
+        autoencoder such as TAESD for fast decoding, as diffusers' vae=AutoencoderTiny);
+        `preview_vae` (a TAESD folder, hub id in the hub cache, synthetic:taesd or an
+        AutoencoderTiny) decodes live previews (see __call__'s preview_every); others raise
         InvalidArgumentError."""
         if unsupported:
             raise InvalidArgumentError(f"from_pretrained does not support the argument {next(iter(unsupported))!r}")
@@ -226,7 +240,51 @@ class Pipeline:
         pipe = cls(ckpt, remake(dev, DTYPES[dtype], cuda_graphs, bool(memory and memory.attention_slicing)), dev,
                    DTYPES[dtype], memory, cuda_graphs, family)
         pipe._remake = remake
+        if preview_vae is not None:
+            pipe.load_preview_vae(preview_vae)
         return pipe
+
+    # ---- live previews --------------------------------------------------------------------
+
+    def load_preview_vae(self, vae) -> None:
+        """Use a tiny autoencoder (TAESD; anything from_pretrained's vae= takes) to decode live
+        previews; it runs in eager PyTorch beside the pipeline's own networks (TAESD's decoder
+        is about 1 M parameters)."""
+        from .checkpoint import check_vae_fits, is_tiny_vae, load_vae
+        from .networks import TinyVaeDecoder
+
+        model, _, source = load_vae(vae)
+        if not is_tiny_vae(model):
+            raise InvalidArgumentError(f"preview_vae must be a tiny autoencoder (TAESD, diffusers' AutoencoderTiny); "
+                                       f"{source} is an {type(model).__name__}")
+        check_vae_fits(model, self.info, source, "preview VAE")
+        self._preview_vae = model
+        self._preview = TinyVaeDecoder(model).to(self.device, self.dtype).eval()
+
+    @property
+    def preview_vae(self):
+        """The preview VAE (an AutoencoderTiny), or None."""
+        return self._preview_vae
+
+    def _check_preview(self, every, on_step_end) -> "_Preview | None":
+        if every is None:
+            return None
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise InvalidArgumentError(f"preview_every must be an integer >= 1, got {every!r}")
+        if self._preview is None:
+            raise InvalidArgumentError("preview_every needs a preview VAE: Pipeline.from_pretrained(..., "
+                                       "preview_vae='madebyollin/taesd') or pipe.load_preview_vae(...)")
+        if on_step_end is None:
+            raise InvalidArgumentError("preview_every delivers previews to callback_on_step_end (its "
+                                       "callback_kwargs['preview']); pass one")
+        return _Preview(every, self._preview_images)
+
+    def _preview_images(self, x0: torch.Tensor) -> list:
+        scale = float(self._preview_vae.config.scaling_factor)
+        shift = float(getattr(self._preview_vae.config, "shift_factor", None) or 0.0)
+        with torch.inference_mode():
+            images = self._preview((x0 / scale + shift).to(self.device, self.dtype)).float()
+        return imgs.to_pil(imgs.to_numpy((images / 2 + 0.5).clamp(0, 1)))
 
     # ---- diffusers' pipeline methods -------------------------------------------------
 
@@ -263,6 +321,8 @@ class Pipeline:
         with self._weights_lock.exclusive("pipe.to()"):
             self.backend = self._remake(dev, dt, self._graphs is not None, self.memory.attention_slicing)
             self.device, self.dtype = dev, dt
+            if self._preview is not None:
+                self._preview = self._preview.to(dev, dt)
             if self._graphs is not None:
                 self._graphs = StepGraphs()
             modules = self.family.modules(self.ckpt)
@@ -382,12 +442,16 @@ class Pipeline:
                  clip_skip: int | None = None, return_dict: bool = True, prompt_2=None, negative_prompt_2=None,
                  pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, original_size=None,
                  crops_coords_top_left=None, target_size=None, negative_original_size=None,
-                 negative_crops_coords_top_left=None, negative_target_size=None, **unsupported):
+                 negative_crops_coords_top_left=None, negative_target_size=None, preview_every: int | None = None,
+                 **unsupported):
         """Generate images; keyword names and defaults are diffusers' (see the README): a None
         guidance_scale or strength is the model family's default for the mode, as its diffusers
         pipelines (SD: guidance 7.5, strength img2img 0.8, inpaint 1.0; SD-XL: guidance 5.0,
         inpaint 7.5, strength img2img 0.3, inpaint 0.9999). prompt_2 ... negative_target_size are
         StableDiffusionXLPipeline's and apply to SD-XL checkpoints only.
+        `preview_every` = k (with a preview_vae loaded): every k steps, callback_on_step_end's
+        callback_kwargs also hold "preview", the images of that step's clean-latent estimate as
+        the preview VAE (TAESD) decodes them (PIL); out.timings["preview"] is their decode time.
         Returns a PipelineOutput, or with return_dict=False the tuple (images, None) as diffusers'
         (images, nsfw flags) without a safety checker."""
         xl = dict(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, pooled_prompt_embeds=pooled_prompt_embeds,
@@ -403,12 +467,13 @@ class Pipeline:
         gen, seed = self._generator(generator, seed, req.batch)
         total = SAMPLERS[req.scheduler].loop_steps(req.steps) - start_index(req.scheduler, req.steps,
                                                                                     req.strength)
+        preview = self._check_preview(preview_every, callback_on_step_end)
         step_callback, bar = self._step_callback(callback, callback_steps, callback_on_step_end,
                                                  callback_on_step_end_tensor_inputs, total,
-                                                 SAMPLERS[req.scheduler].order)
+                                                 SAMPLERS[req.scheduler].order, preview)
         try:
             with self._weights_lock.shared(), on_work_stream(self.device):  # on CUDA: fastsd's one work stream
-                out = self._generate(_Call(req, gen, text_encoders), step_callback)
+                out = self._generate(_Call(req, gen, text_encoders, preview=preview), step_callback)
         finally:
             if bar is not None:
                 bar.close()
@@ -473,6 +538,8 @@ class Pipeline:
         with self._timed(timings, "vae_decoder"):
             out = x if req.output_type == "latent" else self._decode(x, call.ran)
         timings["vae"] = timings["vae_encoder"] + timings["vae_decoder"]
+        if call.preview is not None:
+            timings["preview"] = call.preview.seconds  # inside "unet": the loop waits for them
         timings["total"] = time.perf_counter() - t_start
         if req.output_type in ("pil", "np"):
             out = imgs.to_numpy(out)
@@ -498,7 +565,8 @@ class Pipeline:
         seed = secrets.randbelow(SEED_LIMIT) if seed is None else seed
         return torch.Generator().manual_seed(seed), seed
 
-    def _step_callback(self, callback, callback_steps, on_step_end, tensor_inputs, total: int, order: int = 1):
+    def _step_callback(self, callback, callback_steps, on_step_end, tensor_inputs, total: int, order: int = 1,
+                       preview: _Preview | None = None):
         """One per-step callback of the loop, callback(k, t, latents) -> new latents or None,
         from diffusers' two kinds: the legacy callback(step, t, latents) every `callback_steps`
         loop steps that complete a sampler step (Heun: every second UNet call, step = k // 2),
@@ -517,14 +585,19 @@ class Pipeline:
         if callback is None and on_step_end is None and bar is None:
             return None, None
 
-        def step_callback(k, t, latents):
+        def step_callback(k, t, latents, x0=None):
             if bar is not None:
                 bar.update(1)
             completes = (k + 1) % order == 0 or k == total - 1
             if callback is not None and completes and k % callback_steps == 0:
                 callback(k // order, t, latents)
             if on_step_end is not None:
-                got = on_step_end(self, k, torch.tensor(t), {n: latents for n in names})
+                kwargs = {n: latents for n in names}
+                if preview is not None and x0 is not None and (k + 1) % preview.every == 0:
+                    t0 = time.perf_counter()
+                    kwargs["preview"] = preview.decode(x0)
+                    preview.seconds += time.perf_counter() - t0
+                got = on_step_end(self, k, torch.tensor(t), kwargs)
                 if isinstance(got, dict) and got.get("latents") is not None:
                     if not isinstance(got["latents"], torch.Tensor) or got["latents"].shape != latents.shape:
                         raise InvalidArgumentError(f"callback_on_step_end returned latents that are not a tensor of "
@@ -653,17 +726,18 @@ class Pipeline:
         rows = step_rows(sched, req.scheduler, cfg, req.eta, lat.start)
         inputs = StepInputs(unet_inputs, lat.conditioning, lat.x0, lat.noise, lat.mask)
         shapes = tuple((n, tuple(t.shape)) for n, t in {"x": lat.x, **inputs.tensors()}.items())
+        previews = call.preview is not None
         key = StepKey(req.scheduler, cfg, req.guidance_scale, req.do_cfg, lat.step_noise is not None, shapes,
-                      req.guidance_rescale)
+                      req.guidance_rescale, previews)
         host_t = sched.host_timesteps[lat.start:]
-        state = initial_state(req.scheduler, lat.x)
+        state = initial_state(req.scheduler, lat.x, previews)
         if self._graphs is not None:
             x = self._graphs.run(self.backend.unet, key, inputs, state, rows, lat.step_noise, host_t, callback,
                                  call.ran)
             if x is not None:
                 return x
         step = make_step(partial(self.backend.unet, ran=call.ran), key, inputs)
-        return run_steps(step, state, rows, lat.step_noise, host_t, callback)
+        return run_steps(step, state, rows, lat.step_noise, host_t, callback, previews)
 
     def _decode(self, latents: torch.Tensor, ran: dict) -> torch.Tensor:
         """(B, 3, H, W) float32 in [0, 1] on the device (diffusers' "pt" output)."""
