@@ -155,6 +155,10 @@ def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str,
     for m in (parts["text_encoder"], unet, vae, text_2):
         if m is not None:
             m.eval().requires_grad_(False)
+    if getattr(unet.config, "time_cond_proj_dim", None) is not None:  # diffusers would feed it w; not supported
+        raise CheckpointError("the UNet takes a guidance-scale embedding (time_cond_proj_dim: an LCM-distilled "
+                              "checkpoint); fastsd does not run these yet: use its base model with an LCM-LoRA "
+                              "and scheduler='lcm'")
     xl = getattr(unet.config, "addition_embed_type", None) == "text_time"
     if xl != (text_2 is not None):
         raise CheckpointError("an SD-XL UNet (text_time added embedding) needs text_encoder_2 and tokenizer_2, "

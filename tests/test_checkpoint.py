@@ -149,3 +149,15 @@ def test_synthetic_built_once():
     assert resolve("synthetic:tiny") == first
     assert (first / "model_index.json").stat().st_mtime_ns == stamp
     assert json.loads((first / "model_index.json").read_text())["unet"][1] == "UNet2DConditionModel"
+
+
+def test_guidance_embedded_unet_refused(tmp_path):
+    """An LCM-distilled UNet (time_cond_proj_dim: it takes w as an embedding) would silently get
+    none; it is refused with what to do instead."""
+    from diffusers import UNet2DConditionModel
+
+    path = build(tmp_path / "lcm", "tiny")
+    config = {k: v for k, v in json.loads((path / "unet" / "config.json").read_text()).items() if k[0] != "_"}
+    UNet2DConditionModel(**config, time_cond_proj_dim=32).save_pretrained(path / "unet")
+    with pytest.raises(CheckpointError, match="LCM-LoRA"):
+        load_checkpoint(str(path))
