@@ -158,6 +158,6 @@ def test_guidance_embedded_unet_refused(tmp_path):
 
     path = build(tmp_path / "lcm", "tiny")
     config = {k: v for k, v in json.loads((path / "unet" / "config.json").read_text()).items() if k[0] != "_"}
-    UNet2DConditionModel(**config, time_cond_proj_dim=32).save_pretrained(path / "unet")
+    UNet2DConditionModel(**dict(config, time_cond_proj_dim=32)).save_pretrained(path / "unet")
     with pytest.raises(CheckpointError, match="LCM-LoRA"):
         load_checkpoint(str(path))
