@@ -158,3 +158,23 @@ def test_cli_bench_and_errors(ckpts, tmp_path, capsys):
         assert main(bad) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "no").exists()  # refused before any worker ran: no report
+
+
+def test_sampler_benchmark_smoke(tmp_path):
+    """benchmarks/samplers.py end to end on tiny models: the convergence table (a DDIM run
+    against its own reference is exact), TAESD decode times, preview overhead."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_samplers", Path(__file__).resolve().parents[1] / "benchmarks" / "samplers.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--model", "synthetic:tiny", "--taesd", "synthetic:taesd-tiny", "--samplers", "ddim,unipc",
+                       "--steps", "2,6", "--reference-steps", "6", "--size", "16", "--decode-size", "32",
+                       "--runs", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "samplers.json").read_text())
+    table = result["convergence"]["mean_abs_diff"]
+    assert table["ddim"]["6"] == 0.0 and table["ddim"]["2"] > 0 and table["unipc"]["6"] > 0
+    assert result["taesd"]["full_vae_decoder_s"] > 0 and result["preview"]["preview_decodes_s"] > 0
+    assert "| unipc |" in (tmp_path / "samplers.md").read_text()

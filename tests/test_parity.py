@@ -264,10 +264,10 @@ def test_scheduler_fastsd_cannot_run_is_an_error(ckpts):
     from fastsd.errors import InvalidArgumentError
 
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]))
-    with pytest.raises(InvalidArgumentError, match="HeunDiscreteScheduler"):
-        pipe.scheduler = diffusers.HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(InvalidArgumentError, match="KDPM2DiscreteScheduler"):
+        pipe.scheduler = diffusers.KDPM2DiscreteScheduler.from_config(pipe.scheduler.config)
     with pytest.raises(InvalidArgumentError, match="use_karras_sigmas"):
-        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+        pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
     with pytest.raises(InvalidArgumentError, match="skip_prk_steps"):
         pipe.scheduler = diffusers.PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=False)
     with pytest.raises(InvalidArgumentError, match="unknown scheduler"):
