@@ -1,11 +1,17 @@
 """Samplers and TAESD, measured on full-size random-weight networks.
 
-1. Convergence: for each sampler, the mean absolute difference of the final latents
-   between N steps and a 200-step DDIM reference from the same initial noise (same seed),
-   as N grows. With random weights the pictures mean nothing, but the sampling ODE is a
-   real one (the network's), so this shows which samplers get close in few steps. The
-   stochastic ones (euler_a, dpmpp_2m_sde*, lcm) sample the SDE and do not converge to the
-   ODE's solution: their rows show how far one sample lands.
+1. Convergence, two ways:
+   a. the full-size network: for each sampler, the mean absolute difference of the final
+      latents between N steps and a 200-step DDIM reference from the same initial noise
+      (same seed), as N grows. With random weights the pictures mean nothing, and the
+      network's "ODE" is rough (no trained score is smooth in x and t), so this mostly
+      shows agreement between samplers; the stochastic ones (euler_a, dpmpp_2m_sde*, lcm)
+      sample the SDE and do not converge to the ODE's solution at all;
+   b. an exact denoiser: Gaussian data x0 ~ N(0, sigma_data^2), whose optimal noise
+      prediction is closed-form, so the sampling ODE's exact solution is known; each
+      deterministic sampler's relative error against it as N grows shows its real order
+      of convergence on the checkpoint's noise schedule (the same step functions, loop
+      and tables as a real run; no network).
 2. TAESD: decode time of the tiny autoencoder vs the checkpoint's full VAE decoder at
    HxW, eager PyTorch, median of R runs after a warm-up, on this machine.
 3. Live previews: the denoising loop with a TAESD preview every step vs without, same
@@ -24,6 +30,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +57,47 @@ def convergence(pipe, samplers: list[str], steps: list[int], size: int, guidance
             rows[name][n] = float((got - ref).abs().mean())
             print(f"{name:>20} {n:>3} steps: {rows[name][n]:.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)
     return {"reference": f"ddim {reference_steps} steps", "reference_mean_abs": scale, "mean_abs_diff": rows}
+
+
+def exact_convergence(scheduler_config: dict, samplers: list[str], steps: list[int], sigma_data: float = 0.5,
+                      seed: int = 0) -> dict:
+    """Relative mean error of each deterministic sampler against the exact solution of the
+    probability-flow ODE for Gaussian data. The denoiser gets what a UNet gets (the scaled
+    latents and the timestep; sigma(t) interpolated as the sigma-based samplers do) and
+    returns the optimal eps; from the sampler's starting point x (VP: a x0 + s eps), the ODE
+    maps x to x * sigma_data / sqrt(a^2 sigma_data^2 + s^2) at t = 0."""
+    import numpy as np
+    import torch
+
+    from fastsd.loop import StepInputs, StepKey, initial_state, make_step, run_steps, step_rows
+    from fastsd.schedulers import SAMPLERS, SchedulerConfig, choose_scheduler, train_sigmas
+
+    def unet(sample, timestep, sigmas, **_):
+        sigma = float(np.interp(float(timestep[0]), np.arange(len(sigmas)), sigmas))
+        a = 1 / (1 + sigma**2) ** 0.5
+        s = sigma * a
+        return s * sample / (a**2 * sigma_data**2 + s**2)
+
+    noise = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    rows = {}
+    for name in samplers:
+        if name in STOCHASTIC:
+            continue
+        config = choose_scheduler(name, scheduler_config).config
+        cfg = SchedulerConfig.from_dict(config, name)
+        sigmas = train_sigmas(cfg).astype(np.float64)
+        rows[name] = {}
+        for n in steps:
+            sched = SAMPLERS[name].schedule(cfg, n)
+            table = step_rows(sched, name, cfg, 0.0).double()
+            x = noise * sched.init_noise_sigma
+            a, s = float(sched.signal[0] * sched.input_scale[0]), float(sched.noise_level[0] * sched.input_scale[0])
+            exact = x * float(sched.input_scale[0]) * sigma_data / (a**2 * sigma_data**2 + s**2) ** 0.5
+            key = StepKey(name, cfg, 1.0, False, False, ())
+            step = make_step(partial(unet, sigmas=sigmas), key, StepInputs({}))
+            got = run_steps(step, initial_state(name, x), table, None, sched.host_timesteps, None)
+            rows[name][n] = float((got - exact).abs().mean() / exact.abs().mean())
+    return {"sigma_data": sigma_data, "relative_error": rows}
 
 
 def _median_seconds(fn, runs: int) -> float:
@@ -99,6 +147,15 @@ def preview_overhead(pipe, taesd: str, size: int, steps: int, guidance: float, r
 def markdown(result: dict) -> str:
     lines = [f"# Samplers and TAESD ({result['date']}, {result['machine']})", "", f"Command: `{result['command']}`",
              ""]
+    exact = result.get("exact_convergence")
+    if exact:
+        steps = sorted({n for row in exact["relative_error"].values() for n in row})
+        lines += [f"## Convergence to the exact ODE solution (Gaussian data, sigma_data {exact['sigma_data']}; "
+                  "relative mean error of the final latents)", "",
+                  "| sampler | " + " | ".join(f"N={n}" for n in steps) + " |", "|---|" + "---:|" * len(steps)]
+        for name, row in exact["relative_error"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{row[n]:.2e}" for n in steps) + " |")
+        lines.append("")
     conv = result.get("convergence")
     if conv:
         steps = sorted({n for row in conv["mean_abs_diff"].values() for n in row})
@@ -138,7 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--reference-steps", type=int, default=200)
     p.add_argument("--decode-size", type=int, default=512)
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--only", default="convergence,taesd,preview")
+    p.add_argument("--exact-steps", default="4,8,16,32,64", help="N values of the exact-solution table")
+    p.add_argument("--only", default="exact,convergence,taesd,preview")
     p.add_argument("--out", default="bench-samplers")
     args = p.parse_args(argv)
 
@@ -153,6 +211,13 @@ def main(argv=None) -> int:
         argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
                    f"{torch.__version__}", "model": args.model}
+    if "exact" in only:
+        from fastsd.schedulers import pipeline_scheduler_config
+
+        result["exact_convergence"] = exact_convergence(pipeline_scheduler_config(pipe.info.scheduler),
+                                                        args.samplers.split(","),
+                                                        [int(n) for n in args.exact_steps.split(",")])
+        print(json.dumps(result["exact_convergence"]), flush=True)
     if "taesd" in only:
         result["taesd"] = taesd_decode(pipe, args.taesd, args.decode_size, args.runs)
         print(json.dumps(result["taesd"]), flush=True)

@@ -178,3 +178,5 @@ def test_sampler_benchmark_smoke(tmp_path):
     assert table["ddim"]["6"] == 0.0 and table["ddim"]["2"] > 0 and table["unipc"]["6"] > 0
     assert result["taesd"]["full_vae_decoder_s"] > 0 and result["preview"]["preview_decodes_s"] > 0
     assert "| unipc |" in (tmp_path / "samplers.md").read_text()
+    exact = result["exact_convergence"]["relative_error"]  # a sampler's error shrinks with steps
+    assert exact["ddim"]["64"] < exact["ddim"]["4"] and exact["unipc"]["64"] < exact["unipc"]["4"]
