@@ -47,6 +47,34 @@ def test_step_rows(sampler):
     assert torch.isfinite(rows).all()
 
 
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("preview", [False, True])
+def test_step_reads_no_device_value(sampler, preview):
+    """What the CUDA paths need from every sampler, checked on the CPU: a step run on fake
+    tensors (shapes only, no data) goes through, so nothing in it reads a tensor's value on
+    the host (.item(), bool(), a data-dependent branch): no host synchronisation, and the same
+    kernels every step, as a CUDA graph replays them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastsd.loop import StepInputs, StepKey, initial_state, make_step
+
+    cfg = SchedulerConfig.from_dict(dict(SD, prediction_type="v_prediction"), sampler)
+    sched = SAMPLERS[sampler].schedule(cfg, 5)
+    rows = step_rows(sched, sampler, cfg, 0.5)
+    x = torch.randn(2, 4, 8, 8)
+    draws = SAMPLERS[sampler].draws_noise(0.5)
+    start = initial_state(sampler, x, preview)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor
+        key = StepKey(sampler, cfg, 7.5, True, draws, (), preview=preview)
+        step = make_step(lambda sample, timestep, **kw: sample * 0.5 + timestep[0] * 0.001, key, StepInputs({}))
+        state = tuple(fake(t) for t in start)
+        fake_rows, noise = fake(rows), fake(x) if draws else None
+        for k in range(len(rows)):
+            state = step(state, fake_rows[k], noise)
+    assert state[0].shape == x.shape and len(state) == 1 + SAMPLERS[sampler].history + preview
+
+
 def test_heun_legacy_callback_once_per_step(pipes):
     """diffusers calls the legacy callback when a loop step completes a sampler step (Heun: every
     second UNet call, and the last), with step = i // order; callback_on_step_end every call."""
