@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -74,10 +75,7 @@ def build(
     if vae_scaling_factor is not None:
         spec["vae"]["scaling_factor"] = vae_scaling_factor
     sched = dict(spec["scheduler"], **(scheduler or {}))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with _atomic_folder(Path(out)) as tmp:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             UNet2DConditionModel(**spec["unet"]).save_pretrained(tmp / "unet")
@@ -93,13 +91,23 @@ def build(
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
         (tmp / "model_index.json").write_text(json.dumps(_model_index(sched["_class_name"], spec), indent=2))
+    return Path(out)
+
+
+@contextmanager
+def _atomic_folder(out: Path):
+    """A temporary folder beside `out` to write into; it replaces `out` when the block ends
+    without an error, and is removed when it raises."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 # Tiny autoencoders (TAESD, diffusers' AutoencoderTiny): `synthetic:taesd` has the released
@@ -116,23 +124,14 @@ def build_tiny_vae(out: Path, name: str = "taesd", *, seed: int = 0) -> Path:
     """Write a random-weight tiny autoencoder (a diffusers AutoencoderTiny folder) atomically."""
     from diffusers import AutoencoderTiny
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with _atomic_folder(Path(out)) as tmp:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             AutoencoderTiny(**TINY_VAES[name]).save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text())  # as released TAESD configs: without the
         config.pop("block_out_channels", None)  # key AutoencoderTiny registers itself (and warns about on load)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def _model_index(scheduler_class: str, spec: dict) -> dict:
