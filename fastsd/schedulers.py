@@ -248,8 +248,8 @@ def choose_scheduler(value, config: dict) -> SchedulerChoice:
     else:
         raise InvalidArgumentError(f"scheduler must be a name ({', '.join(SAMPLER_NAMES)}) or a diffusers "
                                    f"scheduler object, not {type(value).__name__}")
-    for key, value in OPTIONS_OF.get(name, {}).items():
-        if _option(config, key) != value:
+    for key, want in OPTIONS_OF.get(name, {}).items():
+        if _option(config, key) != want:
             raise InvalidArgumentError(f"fastsd cannot run {what} with {key}={_option(config, key)!r}")
     for key, needed in _NEEDS[name].items():
         have = _option(config, key, needed[0] if isinstance(needed, tuple) else needed)
