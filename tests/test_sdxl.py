@@ -28,6 +28,9 @@ def xl(tmp_path_factory):
                                                                        unet_in_channels=9)}
     # a checkpoint that keeps real negative embeddings (SD-XL inpainting checkpoints say so)
     paths["xl_nozeros"] = build(root / "xl_nozeros", "tiny-xl", seed=4)
+    # v-prediction with "trailing" spacing (as SD-XL v / zero-SNR fine-tunes ship)
+    paths["xlv"] = build(root / "xlv", "tiny-xl", seed=6,
+                         scheduler={"prediction_type": "v_prediction", "timestep_spacing": "trailing"})
     index = paths["xl_nozeros"] / "model_index.json"
     index.write_text(json.dumps(dict(json.loads(index.read_text()), force_zeros_for_empty_prompt=False)))
     return paths
@@ -89,6 +92,15 @@ def test_txt2img(xl, xl_pipes, scheduler, guidance):
     diff, out = run_both(xl, xl_pipes, "xl", "txt2img", scheduler, prompt="a red fox in snow", num_inference_steps=4,
                          height=24, width=40, **kw)
     assert out.images.shape == (1, 24, 40, 3)
+    assert diff <= TOL
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
+@pytest.mark.parametrize("scheduler", ["euler_karras", "heun", "dpmpp_2m", "dpmpp_2m_sde_karras", "unipc", "lcm"])
+def test_v_prediction_samplers(xl, xl_pipes, init_image, scheduler, mode):
+    kw = dict(image=init_image, strength=0.7) if mode == "img2img" else dict(height=24, width=40)
+    diff, _ = run_both(xl, xl_pipes, "xlv", mode, scheduler, prompt="a red fox in snow", num_inference_steps=5,
+                       **kw)
     assert diff <= TOL
 
 
