@@ -54,7 +54,7 @@ def model_source(model: str) -> str:
 
 
 CHECKPOINT_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]  # variants included
-COMPONENT_FILES = ["config.json", "*.safetensors"]  # a one-model repo (a VAE, TAESD)
+COMPONENT_FILES = ["config.json", "*.safetensors", "vae/config.json", "vae/*.safetensors"]  # a VAE repo, or a vae/
 
 
 def resolve(model: str, local_files_only: bool = False, patterns: list[str] = CHECKPOINT_FILES) -> Path:

@@ -70,6 +70,24 @@ def test_tiny_vae_from_object_and_errors(ckpts, taesd, tiny_pipe):
         Pipeline.from_pretrained(str(ckpts["eps"]), vae="synthetic:taesd")
 
 
+def test_tiny_vae_from_the_hub_cache(ckpts, taesd, tiny_pipe, tmp_path, monkeypatch):
+    """A hub id resolves in the hub cache for a one-model repo (TAESD's layout: config.json and
+    weights at the root), for vae= and preview_vae= alike; a missing one is a clear error."""
+    import shutil
+
+    from fastsd.errors import ModelNotFoundError
+
+    repo = tmp_path / "hub" / "models--madebyollin--taesd"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    shutil.copytree(taesd, repo / "snapshots" / "0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), vae="madebyollin/taesd", preview_vae="madebyollin/taesd")
+    assert pipe.info.fingerprint == tiny_pipe.info.fingerprint and pipe.preview_vae is not None
+    with pytest.raises(ModelNotFoundError, match="madebyollin/taesdxl"):
+        pipe.load_preview_vae("madebyollin/taesdxl")
+
+
 @pytest.mark.parametrize("kind", ["onnxruntime", "compiled"])
 def test_tiny_vae_engines_match_eager(ckpts, taesd, tiny_pipe, init_image, tmp_path, kind):
     """The tiny VAE's encoder and decoder export like the full VAE's (their own spec: the
