@@ -24,7 +24,7 @@ import torch
 
 from .backends.cuda_graphs import capture
 from .guidance import blend, cfg_denoiser, unet_denoiser
-from .schedulers import SAMPLERS, Schedule, SchedulerConfig
+from .schedulers import SAMPLERS, Schedule, SchedulerConfig, vp_x0
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,8 @@ def make_step(unet: Callable, key: StepKey, inputs: StepInputs) -> Callable:
             x = blend(x, row[ROW_SIGNAL] * inputs.x0 + row[ROW_LEVEL] * inputs.noise, inputs.mask)
         if not key.preview:
             return (x, *history)
-        a, s = row[ROW_A], row[ROW_S]  # the UNet's input is VP: a x0 + s eps (DDPM eq. (4))
-        x0 = (x_in - s * out) / a if key.cfg.prediction_type == "epsilon" else a * x_in - s * out
-        return (x, *history, x0)
+        # the UNet's input is VP: a x0 + s eps (DDPM eq. (4))
+        return (x, *history, vp_x0(x_in, out, row[ROW_A], row[ROW_S], key.cfg.prediction_type))
 
     return step
 

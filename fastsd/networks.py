@@ -119,7 +119,9 @@ class TinyVaeDecoder(nn.Module):
 
 def vae_modules(vae) -> tuple[nn.Module, nn.Module]:
     """(encoder, decoder) network modules of an AutoencoderKL or a tiny autoencoder."""
-    if type(vae).__name__ == "AutoencoderTiny":
+    from .checkpoint import is_tiny_vae
+
+    if is_tiny_vae(vae):
         return TinyVaeEncoder(vae), TinyVaeDecoder(vae)
     return VaeEncoder(vae), VaeDecoder(vae)
 

@@ -143,7 +143,6 @@ class _Preview:
     """A call's previews: every `every` loop steps, the preview VAE decodes x0; `seconds` adds up."""
 
     every: int
-    decode: Callable[[torch.Tensor], list]  # x0 latents -> PIL images
     seconds: float = 0.0
 
 
@@ -277,7 +276,7 @@ class Pipeline:
         if on_step_end is None:
             raise InvalidArgumentError("preview_every delivers previews to callback_on_step_end (its "
                                        "callback_kwargs['preview']); pass one")
-        return _Preview(every, self._preview_images)
+        return _Preview(every)
 
     def _preview_images(self, x0: torch.Tensor) -> list:
         scale = float(self._preview_vae.config.scaling_factor)
@@ -595,7 +594,7 @@ class Pipeline:
                 kwargs = {n: latents for n in names}
                 if preview is not None and x0 is not None and (k + 1) % preview.every == 0:
                     t0 = time.perf_counter()
-                    kwargs["preview"] = preview.decode(x0)
+                    kwargs["preview"] = self._preview_images(x0)
                     preview.seconds += time.perf_counter() - t0
                 got = on_step_end(self, k, torch.tensor(t), kwargs)
                 if isinstance(got, dict) and got.get("latents") is not None:
@@ -657,10 +656,11 @@ class Pipeline:
         images = images.to(self.device)
         moments = encoder(images) if tiling is None else encode_tiled(encoder, images, self.info.vae_factor, *tiling)
         if self.info.tiny_vae:
-            return self.info.vae_scale * (moments.float() - self.info.vae_shift)
-        mean, logvar = moments.chunk(2, dim=1)
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        z = mean + std * self._randn(mean.shape, gen)
+            z = moments.float()
+        else:
+            mean, logvar = moments.chunk(2, dim=1)
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            z = mean + std * self._randn(mean.shape, gen)
         return self.info.vae_scale * (z - self.info.vae_shift)
 
     @staticmethod

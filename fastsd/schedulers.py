@@ -631,7 +631,6 @@ def euler_ancestral_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=No
 # first order at the first step run and the last (to sigma 0), as diffusers' lower-order
 # steps. A step is x' = a x + b m + c inv_r0 (m - m_prev) (+ s noise), with diffusers'
 # float32 coefficients per step.
-DPM_COLUMNS = 7
 
 
 def _dpm_coefficients(sched: Schedule, start: int, sde: bool) -> torch.Tensor:
@@ -664,8 +663,8 @@ def dpm_sde_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0
     return _dpm_coefficients(sched, start, sde=True)
 
 
-def _vp_x0(x, out, alpha, sigma, prediction_type):
-    """x0 from the model output for VP latents x = alpha x0 + sigma eps."""
+def vp_x0(x, out, alpha, sigma, prediction_type):
+    """x0 from the model output (eps or v) for VP latents x = alpha x0 + sigma eps."""
     if prediction_type == "epsilon":
         return (x - sigma * out) / alpha
     return alpha * x - sigma * out  # v (Salimans & Ho 2022)
@@ -674,7 +673,7 @@ def _vp_x0(x, out, alpha, sigma, prediction_type):
 def dpm_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None, history=None):
     """-> (x', (m,)); history = (the previous step's m,), zeros before the first step."""
     (m_prev,) = history
-    m = _vp_x0(x, out, c[0], c[1], cfg.prediction_type)
+    m = vp_x0(x, out, c[0], c[1], cfg.prediction_type)
     x_next = c[2] * x + c[3] * m + c[4] * (c[5] * (m - m_prev))
     if noise is not None:
         x_next = x_next + c[6] * noise
@@ -733,7 +732,7 @@ def unipc_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, 
 def unipc_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None, history=None):
     """-> (x', (sample, m, m_prev)); history = (last sample, m_prev, m_prev2), zeros at first."""
     last, m1, m2 = history
-    m = _vp_x0(x, out, c[0], c[1], cfg.prediction_type)
+    m = vp_x0(x, out, c[0], c[1], cfg.prediction_type)
     corrected = c[3] * last - c[4] * m1 - c[5] * (c[6] * ((m2 - m1) / c[7]) + c[8] * (m - m1))  # UniC
     sample = c[2] * corrected + (1 - c[2]) * x
     x_next = c[9] * sample - c[10] * m - c[11] * (c[12] * ((m1 - m) / c[13]))  # UniP
@@ -747,14 +746,13 @@ HEUN_HISTORY = 2
 
 
 def heun_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, start: int = 0) -> torch.Tensor:
-    sigma = sched.sigmas.cpu()
-    rows = []
-    for j in range(len(sched)):
-        second = j % 2 == 1  # the interleaved schedule starts every Heun step at an even index
-        dt = sigma[j] - sigma[j - 1] if second else sigma[j + 1] - sigma[j]
-        v_a, v_b = -sigma[j] / (sigma[j] ** 2 + 1) ** 0.5, sigma[j] ** 2 + 1
-        rows.append(torch.stack([sigma[j], dt, v_a, v_b, torch.tensor(float(second))]))
-    return torch.stack(rows).to(sched.timesteps.device)
+    """(n, 5): Euler's row from each sigma to the next; a second stage (odd index: the
+    interleaved schedule starts every Heun step at an even one) steps by its first stage's dt."""
+    sigma = sched.sigmas
+    rows = _sigma_rows(sigma[:-1], sigma[1:])
+    rows[1][1::2] = rows[1][0:-1:2]
+    second = (torch.arange(len(sched), device=sigma.device) % 2).float()
+    return torch.stack(rows + [second], dim=1)
 
 
 def heun_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None, history=None):
@@ -796,10 +794,7 @@ def lcm_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, st
 
 
 def lcm_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None):
-    if cfg.prediction_type == "epsilon":
-        x0 = (x - c[1] * out) / c[0]
-    else:
-        x0 = c[0] * x - c[1] * out
+    x0 = vp_x0(x, out, c[0], c[1], cfg.prediction_type)
     if cfg.clip_sample:
         x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
     denoised = c[3] * x0 + c[2] * x
