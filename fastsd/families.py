@@ -20,13 +20,16 @@ from .networks import (
     BATCH,
     FLOAT32,
     SD_NETWORKS,
+    ControlNet,
     NetworkSpec,
     TensorSpec,
     TextEncoder,
     UNet,
     XLTextEncoder,
     XLUNet,
+    controlnet_spec,
     network_specs,
+    residual_specs,
     wrap,
 )
 from .settings import Defaults
@@ -51,10 +54,19 @@ class StableDiffusion:
     text_module: type[TextEncoder] = TextEncoder
     defaults = Defaults()  # diffusers' defaults of the family's pipelines (a call's None means these)
 
-    def __init__(self, info, tokenizer, tokenizer_2=None):
+    def __init__(self, info, tokenizer, tokenizer_2=None, unet_config=None, controlnets=()):
+        """`unet_config` gives the ControlNet residuals the UNet may take (None: none);
+        `controlnets` (LoadedControlNet) become networks controlnet, controlnet_2, ..."""
         self.info = info
         self.tokenizers = {"text_encoder": tokenizer, "text_encoder_2": tokenizer_2}
-        self.specs: dict[str, NetworkSpec] = network_specs(info, self.extra_unet_inputs, self.text_widths())
+        residuals = residual_specs(unet_config) if unet_config is not None else ()
+        self.specs: dict[str, NetworkSpec] = network_specs(info, self.extra_unet_inputs, self.text_widths(),
+                                                           residuals)
+        self.controlnets = dict(zip(controlnet_names(len(controlnets)), controlnets, strict=True))
+        for name, cn in self.controlnets.items():
+            self.specs[name] = controlnet_spec(info, self.extra_unet_inputs, residuals,
+                                               int(cn.config.conditioning_channels))
+        self.networks = type(self).networks + tuple(self.controlnets)
         self._lock = threading.Lock()  # tokenizers keep truncation/padding state between calls
 
     @property
@@ -67,7 +79,9 @@ class StableDiffusion:
 
     def modules(self, ckpt, clip_skip: int = 0) -> dict[str, nn.Module]:
         """The networks as modules named and ordered like their specs."""
-        return wrap(ckpt, clip_skip, self.unet_module, self.text_module)
+        extra = tuple(t.name for t in self.extra_unet_inputs)
+        return wrap(ckpt, clip_skip, self.unet_module, self.text_module) | {
+            name: ControlNet(cn.model, extra) for name, cn in self.controlnets.items()}
 
     def token_ids(self, texts: list[str], device: torch.device, network: str = "text_encoder") -> torch.Tensor:
         """(len(texts), 77) int64, padded with the tokenizer's own pad token, truncated with a
@@ -115,12 +129,13 @@ class StableDiffusionXL(StableDiffusion):
     defaults = Defaults(guidance_scale=5.0, inpaint_guidance_scale=7.5, img2img_strength=0.3,
                         inpaint_strength=0.9999, takes_xl=True)
 
-    def __init__(self, info, tokenizer, tokenizer_2, widths: dict[str, tuple[int, int]]):
+    def __init__(self, info, tokenizer, tokenizer_2, widths: dict[str, tuple[int, int]], unet_config=None,
+                 controlnets=()):
         self._widths = widths
         pooled = widths["text_encoder_2"][1]
         self.extra_unet_inputs = (TensorSpec("text_embeds", (BATCH, pooled)),
                                   TensorSpec("time_ids", (BATCH, 6), FLOAT32, sample=64.0))
-        super().__init__(info, tokenizer, tokenizer_2)
+        super().__init__(info, tokenizer, tokenizer_2, unet_config, controlnets)
 
     def text_widths(self) -> dict[str, tuple[int, int]]:
         return self._widths
@@ -181,11 +196,18 @@ class StableDiffusionXL(StableDiffusion):
         return torch.tensor(values, dtype=torch.float32)
 
 
-def family_for(ckpt) -> StableDiffusion:
-    """The family of a loaded checkpoint: SD-XL where it has a second text encoder, else SD 1.x/2.x."""
+def controlnet_names(count: int) -> tuple[str, ...]:
+    """The networks of `count` ControlNets: controlnet, controlnet_2, ... (as text_encoder_2)."""
+    return tuple("controlnet" if i == 0 else f"controlnet_{i + 1}" for i in range(count))
+
+
+def family_for(ckpt, controlnets=()) -> StableDiffusion:
+    """The family of a loaded checkpoint: SD-XL where it has a second text encoder, else
+    SD 1.x/2.x; with `controlnets` (LoadedControlNet, checked to fit) as networks of it."""
+    unet_config = ckpt.unet.config if ckpt.unet is not None else None
     if ckpt.info.family == "sdxl":
         widths = {"text_encoder": (int(ckpt.text_encoder.config.hidden_size), 0),
                   "text_encoder_2": (int(ckpt.text_encoder_2.config.hidden_size),
                                      int(ckpt.text_encoder_2.config.projection_dim))}
-        return StableDiffusionXL(ckpt.info, ckpt.tokenizer, ckpt.tokenizer_2, widths)
-    return StableDiffusion(ckpt.info, ckpt.tokenizer)
+        return StableDiffusionXL(ckpt.info, ckpt.tokenizer, ckpt.tokenizer_2, widths, unet_config, controlnets)
+    return StableDiffusion(ckpt.info, ckpt.tokenizer, None, unet_config, controlnets)

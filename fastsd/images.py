@@ -118,6 +118,27 @@ def image_batch(images, height: int, width: int, latent_channels: int) -> tuple[
     return (t if t.min() < 0 else 2.0 * t - 1.0), False
 
 
+def control_size(images, factor: int) -> tuple[int, int]:
+    """The size a checked control image input sets (its first image's, rounded down to a
+    multiple of the VAE factor), as diffusers' get_default_height_width."""
+    _, height, width = batch_shape(images, "control_image")
+    if height < factor or width < factor:
+        raise ImageError(f"control_image is {width}x{height}; it must be at least {factor}x{factor}")
+    return height // factor * factor, width // factor * factor
+
+
+def control_batch(images, height: int, width: int) -> torch.Tensor:
+    """A checked control image input -> (N, 3, H, W) float32 in [0, 1], as the ControlNet
+    pipelines' VaeImageProcessor(do_convert_rgb=True, do_normalize=False): RGB, resized,
+    not normalized."""
+    if isinstance(images, list) and isinstance(images[0], Image.Image):
+        return torch.cat([image_to_tensor(im, height, width, normalize=False) for im in images])
+    t = _to_float_tensor(images, mask=False)
+    if t.shape[1] != 3:
+        raise ImageError(f"control_image has {t.shape[1]} channels; a control image is RGB (3 channels)")
+    return torch.nn.functional.interpolate(t, size=(height, width))  # nearest, as diffusers resizes arrays
+
+
 def mask_batch(masks, height: int, width: int) -> torch.Tensor:
     """A checked mask input -> (N, 1, H, W) float32 in {0, 1}, 1 (white) = repaint."""
     if isinstance(masks, list) and isinstance(masks[0], Image.Image):
@@ -151,11 +172,11 @@ def _eight_bit(im: Image.Image) -> Image.Image:
     return Image.fromarray((a * 255.0).round().astype(np.uint8), mode="L")
 
 
-def image_to_tensor(image, height: int, width: int) -> torch.Tensor:
-    """PIL image -> (1, 3, H, W) float32 in [-1, 1]."""
+def image_to_tensor(image, height: int, width: int, normalize: bool = True) -> torch.Tensor:
+    """PIL image -> (1, 3, H, W) float32 in [-1, 1] (not `normalize`: in [0, 1])."""
     im = _resized(_eight_bit(_as_pil(image, "image")).convert("RGB"), height, width)
     x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-    return 2.0 * x - 1.0
+    return 2.0 * x - 1.0 if normalize else x
 
 
 def mask_to_tensor(mask, height: int, width: int) -> torch.Tensor:

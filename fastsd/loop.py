@@ -23,13 +23,14 @@ from typing import Callable
 import torch
 
 from .backends.cuda_graphs import capture
-from .guidance import blend, cfg_denoiser, unet_denoiser
+from .guidance import blend, cfg_denoiser, control_residuals, unet_denoiser
 from .schedulers import SAMPLERS, Schedule, SchedulerConfig, vp_x0
 
 log = logging.getLogger(__name__)
 
 # columns of a step row: timestep, UNet input scale, the inpaint re-noising weights (to the next
-# step), the VP weights of the UNet input (x * scale = a x0 + s eps: previews' x0), then the sampler's
+# step), the VP weights of the UNet input (x * scale = a x0 + s eps: previews' x0), then the sampler's,
+# then with ControlNets each one's scale at that step (0 outside its guidance window)
 ROW_T, ROW_SCALE, ROW_SIGNAL, ROW_LEVEL, ROW_A, ROW_S, ROW_COEF = 0, 1, 2, 3, 4, 5, 6
 
 
@@ -42,17 +43,19 @@ class StepInputs:
     x0: torch.Tensor | None = None  # 4-channel inpaint: clean image latents
     noise: torch.Tensor | None = None  # 4-channel inpaint: the noise that made the first latents
     mask: torch.Tensor | None = None  # 4-channel inpaint: 1 = repaint
+    control: tuple[torch.Tensor, ...] = ()  # ControlNets: each one's conditioning image, [uncond; cond] with CFG
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"unet.{n}": t for n, t in self.unet_inputs.items()}
         out.update((f.name, getattr(self, f.name)) for f in fields(self)
-                   if f.name != "unet_inputs" and getattr(self, f.name) is not None)
+                   if f.name not in ("unet_inputs", "control") and getattr(self, f.name) is not None)
+        out.update((f"control.{j}", t) for j, t in enumerate(self.control))
         return out
 
     def clone(self) -> "StepInputs":
         same = lambda t: None if t is None else t.clone()  # noqa: E731
         return StepInputs({n: t.clone() for n, t in self.unet_inputs.items()}, same(self.conditioning),
-                          same(self.x0), same(self.noise), same(self.mask))
+                          same(self.x0), same(self.noise), same(self.mask), tuple(t.clone() for t in self.control))
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class StepKey:
     shapes: tuple  # ((name, shape), ...) of x and the StepInputs
     guidance_rescale: float = 0.0
     preview: bool = False  # the state also carries the step's x0 estimate (live previews)
+    controlnets: tuple[str, ...] = ()  # the ControlNet networks run, one row column each
+    residuals: tuple[str, ...] = ()  # the UNet's residual inputs they feed
 
 
 def step_rows(sched: Schedule, sampler: str, cfg: SchedulerConfig, eta: float, start: int = 0) -> torch.Tensor:
@@ -80,22 +85,29 @@ def step_rows(sched: Schedule, sampler: str, cfg: SchedulerConfig, eta: float, s
     return torch.cat([fixed, SAMPLERS[sampler].coefficients(sched, cfg, eta, start)], dim=1)[start:]
 
 
-def make_step(unet: Callable, key: StepKey, inputs: StepInputs) -> Callable:
-    """step(state, row, noise) -> the state after one step: the latents, the sampler's history,
-    and with `key.preview` the step's estimate of the clean latents x0 last."""
+def make_step(unet: Callable, key: StepKey, inputs: StepInputs, controlnet: Callable | None = None) -> Callable:
+    """step(state, row, noise, control=True) -> the state after one step: the latents, the
+    sampler's history, and with `key.preview` the step's estimate of the clean latents x0
+    last. With `key.controlnets`, `controlnet(name, inputs)` runs each on the step's latents
+    (its scale: the row's last columns); `control` False skips them (a step outside every
+    guidance window, whose residuals would all be zeros: the UNet runs without them)."""
     sampler = SAMPLERS[key.sampler]
-    denoise = unet_denoiser(unet, inputs.unet_inputs, inputs.conditioning)
+    k = len(key.controlnets)
+    control = control_residuals(controlnet, key.controlnets, inputs.control, inputs.unet_inputs,
+                                key.residuals) if k else None
+    denoise = unet_denoiser(unet, inputs.unet_inputs, inputs.conditioning, control)
     if key.do_cfg:
         denoise = cfg_denoiser(denoise, key.guidance_scale, key.guidance_rescale)
 
-    def step(state, row, noise):
+    def step(state, row, noise, control=True):
         x = state[0]
         x_in = x * row[ROW_SCALE]
-        out = denoise(x_in, row[ROW_T])
+        coef = row[ROW_COEF:row.shape[0] - k]
+        out = denoise(x_in, row[ROW_T], row[row.shape[0] - k:] if k and control else None)
         if sampler.history:  # a multistep sampler carries its history in the state
-            x, history = sampler.step(x, out, row[ROW_COEF:], key.cfg, noise, state[1:1 + sampler.history])
+            x, history = sampler.step(x, out, coef, key.cfg, noise, state[1:1 + sampler.history])
         else:
-            x, history = sampler.step(x, out, row[ROW_COEF:], key.cfg, noise), ()
+            x, history = sampler.step(x, out, coef, key.cfg, noise), ()
         if inputs.mask is not None:
             x = blend(x, row[ROW_SIGNAL] * inputs.x0 + row[ROW_LEVEL] * inputs.noise, inputs.mask)
         if not key.preview:
@@ -113,11 +125,13 @@ def initial_state(sampler: str, x: torch.Tensor, preview: bool = False) -> tuple
 
 
 def run_steps(step: Callable, state: tuple, rows: torch.Tensor, noises: torch.Tensor | None,
-              host_t: tuple[float, ...], callback: Callable | None, preview: bool = False) -> torch.Tensor:
+              host_t: tuple[float, ...], callback: Callable | None, preview: bool = False,
+              control: tuple[bool, ...] | None = None) -> torch.Tensor:
     """The loop; `callback(k, t, latents, x0)` after each step (x0: the step's clean-latent
-    estimate with previews, else None) may return latents to go on with."""
+    estimate with previews, else None) may return latents to go on with. `control[k]`: whether
+    step k runs the ControlNets (known on the host: their scales are in the rows)."""
     for k in range(len(rows)):
-        state = step(state, rows[k], None if noises is None else noises[k])
+        state = step(state, rows[k], None if noises is None else noises[k], control is None or control[k])
         if callback is not None:
             replaced = callback(k, host_t[k], state[0], state[-1] if preview else None)
             if replaced is not None:
@@ -129,13 +143,14 @@ class _StepGraph:
     """One captured step: static x, row, noise and inputs; the graph writes x in place.
     `ran` is what ran each network during the capture (what every replay runs)."""
 
-    def __init__(self, unet, key: StepKey, inputs: StepInputs, state, row, noise, pool):
+    def __init__(self, unet, key: StepKey, inputs: StepInputs, state, row, noise, pool, controlnet=None):
         self.inputs = inputs.clone()
         self.state, self.row = tuple(t.clone() for t in state), row.clone()
         self.noise = None if noise is None else noise.clone()
         self.ran: dict[str, str] = {}
         self.preview = key.preview
-        step = make_step(partial(unet, ran=self.ran), key, self.inputs)
+        step = make_step(partial(unet, ran=self.ran), key, self.inputs,
+                         None if controlnet is None else partial(controlnet, ran=self.ran))
 
         def replayed():  # the graph writes the new state into its own input; run() sets it first
             for static, new in zip(self.state, step(self.state, self.row, self.noise), strict=True):
@@ -174,9 +189,12 @@ class StepGraphs:
         self.pool = None
         self.lock = threading.Lock()
 
-    def run(self, unet, key: StepKey, inputs: StepInputs, state, rows, noises, host_t, callback, ran: dict):
-        """The final latents, or None where this step cannot run as a graph. `unet` is the
-        backend's (it records what ran into the capture's own dict, copied into `ran`)."""
+    def run(self, unet, key: StepKey, inputs: StepInputs, state, rows, noises, host_t, callback, ran: dict,
+            controlnet=None):
+        """The final latents, or None where this step cannot run as a graph. `unet` (and
+        `controlnet(name, inputs, ran=)`) are the backend's (they record what ran into the
+        capture's own dict, copied into `ran`). The graph runs the ControlNets at every step
+        (outside a guidance window at scale 0, as diffusers)."""
         if key in self.refused:
             return None
         with self.lock:
@@ -186,7 +204,7 @@ class StepGraphs:
                     self.pool = torch.cuda.graph_pool_handle()
                 try:
                     graph = _StepGraph(unet, key, inputs, state, rows[0], None if noises is None else noises[0],
-                                       self.pool)
+                                       self.pool, controlnet)
                 except Exception as e:  # noqa: BLE001 - anything that cannot be captured runs uncaptured
                     self.refused.add(key)
                     log.warning("cannot capture the denoising step as a CUDA graph (%s); running it step by step",

@@ -6,12 +6,13 @@ them directly; exporters trace them. diffusers/transformers classes only hold we
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")  # every network fastsd knows
+NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder",  # every network fastsd knows
+            "controlnet")  # a ControlNet's entry holds only this one (keyed by the ControlNet's own weights)
 SD_NETWORKS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")  # a model family has its own subset
 
 
@@ -47,25 +48,53 @@ class XLTextEncoder(TextEncoder):
         return hidden if pooled is None else (hidden, pooled)
 
 
+def _residual_kwargs(residuals: tuple) -> dict:
+    """ControlNet residuals (down ..., mid) as diffusers' UNet takes them (none: no ControlNet)."""
+    if not residuals:
+        return {}
+    return {"down_block_additional_residuals": residuals[:-1], "mid_block_additional_residual": residuals[-1]}
+
+
 class UNet(nn.Module):
     """sample (B, C_in, h, w), timestep (B,) float32, encoder_hidden_states (B, 77, D)
-    -> noise prediction (B, C_latent, h, w) (eps or v, per the scheduler config)."""
+    -> noise prediction (B, C_latent, h, w) (eps or v, per the scheduler config). After the
+    family's inputs, optionally the ControlNet residuals (down_residual_0 ..., mid_residual),
+    added to the skip connections and the mid block's output."""
 
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **_residual_kwargs(residuals))[0]
 
 
 class XLUNet(UNet):
     """SD-XL's UNet: also text_embeds (B, P), the pooled text embedding, and time_ids (B, 6),
     (original h, w, crop top, left, target h, w), through its "text_time" added embedding."""
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *residuals):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False,
-                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})[0]
+                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+                         **_residual_kwargs(residuals))[0]
+
+
+class ControlNet(nn.Module):
+    """A ControlNet: sample (B, C, h, w) (the 4-channel latents, scaled as the UNet's),
+    timestep (B,), encoder_hidden_states (B, 77, D), controlnet_cond (B, 3, H, W) in [0, 1],
+    conditioning_scale (1,) float32, and the family's extra UNet inputs (SD-XL: text_embeds,
+    time_ids) -> the residuals the UNet takes (down_residual_0 ..., mid_residual), each
+    already multiplied by the scale."""
+
+    def __init__(self, controlnet, extra: tuple[str, ...] = ()):
+        super().__init__()
+        self.controlnet, self.extra = controlnet, extra
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, *extra):
+        added = dict(zip(self.extra, extra, strict=True)) or None
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond,
+                                    conditioning_scale.to(sample.dtype), added_cond_kwargs=added, return_dict=False)
+        return (*down, mid)
 
 
 class VaeEncoder(nn.Module):
@@ -145,6 +174,20 @@ FLOAT, FLOAT32, INT64 = "float", "float32", "int64"  # tensor kinds: the engine'
 BATCH, LATENT_H, LATENT_W, PIXEL_H, PIXEL_W = "B", "h", "w", "H", "W"  # dynamic axis symbols
 
 
+def latent_axis(axis: str, halvings: int) -> str:
+    """The symbol of a latent axis after `halvings` stride-2 convolutions: "h", "h/2", "h/4" ..."""
+    return axis if halvings == 0 else f"{axis}/{2 ** halvings}"
+
+
+def _size(axis: str, sizes: dict[str, int]) -> int:
+    """An axis' size: given, or "h/4" = ceil(h / 4) (what stride-2 convolutions with padding
+    1 leave of h, however many in a row)."""
+    if "/" not in axis:
+        return sizes[axis]
+    base, by = axis.split("/")
+    return -(-sizes[base] // int(by))
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One input or output: its name, its shape (ints are fixed, letters are the dynamic
@@ -154,9 +197,10 @@ class TensorSpec:
     shape: tuple[int | str, ...]
     kind: str = FLOAT  # FLOAT: the engine's precision; FLOAT32: fp32 in every graph; INT64
     sample: float | None = None  # value of the sample input (None: random normal, or zeros for ids)
+    optional: bool = False  # a call may leave it out: zeros are the same (ControlNet residuals)
 
     def shape_for(self, sizes: dict[str, int]) -> tuple[int, ...]:
-        return tuple(sizes[d] if isinstance(d, str) else d for d in self.shape)
+        return tuple(_size(d, sizes) if isinstance(d, str) else d for d in self.shape)
 
     def dtype(self, precision: torch.dtype) -> torch.dtype:
         return {FLOAT: precision, FLOAT32: torch.float32, INT64: torch.int64}[self.kind]
@@ -172,6 +216,27 @@ class NetworkSpec:
     outputs: tuple[TensorSpec, ...]
     cfg_doubled: bool  # CFG runs it on a batch of 2 per image (text encoder, UNet)
     vae_factor: int  # image pixels per latent pixel
+    optional_inputs: tuple[TensorSpec, ...] = ()  # inputs an engine may be built with too (the UNet's
+    # ControlNet residuals): not in `inputs`, which are the plain graph's; see `with_inputs`
+
+    def with_inputs(self, names) -> "NetworkSpec":
+        """The spec of the network taking `names`: its inputs plus those optional ones named
+        (in their order). A name it cannot take is a ValueError."""
+        names = set(names)
+        unknown = names - set(self.input_names) - {t.name for t in self.optional_inputs}
+        if unknown:
+            raise ValueError(f"{self.name} takes no input {sorted(unknown)[0]!r}")
+        extra = tuple(t for t in self.optional_inputs if t.name in names)
+        return replace(self, inputs=self.inputs + extra, optional_inputs=()) if extra else self
+
+    def complete(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`inputs` with zeros for the optional inputs a call left out (a UNet built with the
+        ControlNet residual inputs, called without a ControlNet: adding zeros changes nothing)."""
+        absent = [t for t in self.inputs if t.optional and t.name not in inputs]
+        if not absent:
+            return inputs
+        shapes, like = self.shapes(*self.dims(inputs)), inputs[self.inputs[0].name]
+        return {**inputs, **{t.name: like.new_zeros(shapes[t.name], dtype=torch.float32) for t in absent}}
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -201,7 +266,8 @@ class NetworkSpec:
         """(batch, height, width in image pixels) of a call (0, 0 for the text encoder)."""
         sizes: dict[str, int] = {}
         for t in self.inputs:
-            sizes.update((d, n) for d, n in zip(t.shape, inputs[t.name].shape, strict=True) if isinstance(d, str))
+            if t.name in inputs:
+                sizes.update((d, n) for d, n in zip(t.shape, inputs[t.name].shape, strict=True) if isinstance(d, str))
         f = self.vae_factor
         return (sizes[BATCH], sizes.get(PIXEL_H, sizes.get(LATENT_H, 0) * f),
                 sizes.get(PIXEL_W, sizes.get(LATENT_W, 0) * f))
@@ -226,7 +292,12 @@ class NetworkSpec:
 
     def refuses(self, profile, inputs: dict[str, torch.Tensor]) -> str | None:
         """The one shape check of every engine: why a call is outside the engine's shape
-        profile (None if the engine serves it)."""
+        profile, or gives an input the engine does not take (None if the engine serves it)."""
+        unknown = [n for n in inputs if n not in self.input_names]
+        if unknown:
+            residual = unknown[0].startswith(RESIDUAL_PREFIXES)
+            return ("built without the ControlNet residual inputs (export it with --controlnet)" if residual
+                    else f"it takes no input {unknown[0]!r}")
         batch, height, width = self.dims(inputs)
         most = profile.max_batch * (2 if self.cfg_doubled else 1)
         if not profile.min_batch <= batch <= most:
@@ -254,12 +325,55 @@ class NetworkSpec:
         return {name: (lo[name], opt[name], hi[name]) for name in self.input_names}
 
 
+DOWN_RESIDUAL, MID_RESIDUAL = "down_residual_", "mid_residual"  # the ControlNet residuals' names
+RESIDUAL_PREFIXES = (DOWN_RESIDUAL, MID_RESIDUAL)
+
+
+def residual_specs(unet_config) -> tuple[TensorSpec, ...]:
+    """The ControlNet residuals a UNet of this config takes (optional inputs, in diffusers'
+    order): one per skip connection of its down path (conv_in's output, each down block's
+    resnets, then its downsampler, all but the last level), then the mid block's output."""
+    chans = list(unet_config["block_out_channels"])
+    layers = unet_config["layers_per_block"]
+    layers = [layers] * len(chans) if isinstance(layers, int) else list(layers)
+    skips = [(chans[0], 0)]
+    for level, width in enumerate(chans):
+        skips += [(width, level)] * layers[level]
+        if level < len(chans) - 1:
+            skips.append((width, level + 1))
+    skips.append((chans[-1], len(chans) - 1))
+
+    def spec(name: str, width: int, level: int) -> TensorSpec:
+        return TensorSpec(name, (BATCH, width, latent_axis(LATENT_H, level), latent_axis(LATENT_W, level)),
+                          optional=True)
+
+    return tuple(spec(f"{DOWN_RESIDUAL}{k}" if k < len(skips) - 1 else MID_RESIDUAL, w, lv)
+                 for k, (w, lv) in enumerate(skips))
+
+
+def controlnet_spec(info, extra_unet_inputs: tuple[TensorSpec, ...], residuals: tuple[TensorSpec, ...],
+                    conditioning_channels: int = 3) -> NetworkSpec:
+    """A ControlNet's spec: the UNet's sample (latent channels: a 9-channel UNet's ControlNet
+    takes the 4-channel latents), timestep, text and family inputs, plus the conditioning
+    image and its scale; the residuals out, as the UNet takes them."""
+    text = (BATCH, info.max_tokens, info.cross_attention_dim)
+    inputs = (TensorSpec("sample", (BATCH, info.latent_channels, LATENT_H, LATENT_W)),
+              TensorSpec("timestep", (BATCH,), FLOAT32, sample=500.0),
+              TensorSpec("encoder_hidden_states", text),
+              TensorSpec("controlnet_cond", (BATCH, conditioning_channels, PIXEL_H, PIXEL_W), sample=0.5),
+              TensorSpec("conditioning_scale", (1,), FLOAT32, sample=1.0)) + tuple(extra_unet_inputs)
+    outputs = tuple(replace(t, optional=False) for t in residuals)
+    return NetworkSpec("controlnet", inputs, outputs, True, info.vae_factor)
+
+
 def network_specs(info, extra_unet_inputs: tuple[TensorSpec, ...] = (),
-                  text_encoders: dict[str, tuple[int, int]] | None = None) -> dict[str, NetworkSpec]:
-    """The networks' specs for a checkpoint. `extra_unet_inputs` are the model family's (or
-    a ControlNet's) UNet inputs after sample, timestep, encoder_hidden_states;
-    `text_encoders` maps each text encoder to (hidden width, pooled width or 0): one with a
-    pooled output also returns text_embeds (B, pooled). Default: SD's one encoder."""
+                  text_encoders: dict[str, tuple[int, int]] | None = None,
+                  residuals: tuple[TensorSpec, ...] = ()) -> dict[str, NetworkSpec]:
+    """The networks' specs for a checkpoint. `extra_unet_inputs` are the model family's UNet
+    inputs after sample, timestep, encoder_hidden_states; `residuals` the ControlNet
+    residuals the UNet may also take (`residual_specs`); `text_encoders` maps each text
+    encoder to (hidden width, pooled width or 0): one with a pooled output also returns
+    text_embeds (B, pooled). Default: SD's one encoder."""
     f, c = info.vae_factor, info.latent_channels
     text = (BATCH, info.max_tokens, info.cross_attention_dim)
     latent = TensorSpec("latent", (BATCH, c, LATENT_H, LATENT_W))
@@ -274,7 +388,7 @@ def network_specs(info, extra_unet_inputs: tuple[TensorSpec, ...] = (),
         "unet": NetworkSpec("unet", (TensorSpec("sample", (BATCH, info.unet_in_channels, LATENT_H, LATENT_W)),
                                      TensorSpec("timestep", (BATCH,), FLOAT32, sample=500.0),
                                      TensorSpec("encoder_hidden_states", text)) + tuple(extra_unet_inputs),
-                            (latent,), True, f),
+                            (latent,), True, f, optional_inputs=tuple(residuals)),
         "vae_encoder": NetworkSpec("vae_encoder", (images,), (  # a tiny autoencoder's gives the latents
             TensorSpec("latents", (BATCH, c, LATENT_H, LATENT_W)) if getattr(info, "tiny_vae", False) else
             TensorSpec("latent_moments", (BATCH, 2 * c, LATENT_H, LATENT_W)),), False, f),

@@ -26,10 +26,11 @@ from .backends.registry import BACKEND_NAMES
 from .backends.select import make_backend
 from .budget import check_fits, widths_of
 from .checkpoint import check_clip_skip, load_checkpoint
+from .controlnet import load_controlnets
 from .devices import parse_device
 from .engines import DTYPES, PRECISIONS, default_engine_dir
 from .errors import InvalidArgumentError, NumericalError, UnsupportedError
-from .families import family_for
+from .families import controlnet_names, family_for
 from .locks import SharedLock
 from .loop import StepGraphs, StepInputs, StepKey, initial_state, make_step, run_steps, step_rows
 from .lora import LoraWeights, check_scale, lora_name, read_lora
@@ -44,7 +45,7 @@ from .schedulers import (
     pipeline_scheduler_config,
     start_index,
 )
-from .settings import SEED_LIMIT, XL_ARGUMENTS, Request, check_seed, make_request
+from .settings import CONTROL_ARGUMENTS, SEED_LIMIT, XL_ARGUMENTS, Request, check_seed, make_request
 from .tiling import decode_sliced, decode_tiled, encode_tiled
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,8 @@ class Pipeline:
                         cuda_graphs: bool = False, *, torch_dtype=None, variant: str | None = None,
                         safety_checker=None, requires_safety_checker: bool | None = None,
                         feature_extractor=None, use_safetensors: bool | None = None,
-                        local_files_only: bool = False, vae=None, preview_vae=None, **unsupported) -> "Pipeline":
+                        local_files_only: bool = False, vae=None, preview_vae=None, controlnet=None,
+                        **unsupported) -> "Pipeline":
         """Load `model` (see the README). `allow_pickle` permits .ckpt/.bin files;
         `prediction_type` ("epsilon" | "v_prediction") overrides the checkpoint's scheduler
         config, for single files whose config cannot be known (SD 2.x 512-base vs 768-v);
@@ -197,8 +199,10 @@ class Pipeline:
         AutoencoderKL replacing the checkpoint's, e.g. an fp16-safe SD-XL VAE, or a tiny
         autoencoder such as TAESD for fast decoding, as diffusers' vae=AutoencoderTiny);
         `preview_vae` (a TAESD folder, hub id in the hub cache, synthetic:taesd or an
-        AutoencoderTiny) decodes live previews (see __call__'s preview_every); others raise
-        InvalidArgumentError."""
+        AutoencoderTiny) decodes live previews (see __call__'s preview_every); `controlnet` (a
+        diffusers folder, a single file, a hub id in the hub cache, synthetic:controlnet-<arch>,
+        a ControlNetModel, or a list of these: multi-ControlNet) lets calls pass control_image;
+        others raise InvalidArgumentError."""
         if unsupported:
             raise InvalidArgumentError(f"from_pretrained does not support the argument {next(iter(unsupported))!r}")
         for name, value in (("safety_checker", safety_checker), ("feature_extractor", feature_extractor)):
@@ -231,7 +235,7 @@ class Pipeline:
                                            f"choose one of {', '.join(PREDICTION_TYPES)}")
             ckpt.info = replace(ckpt.info, scheduler=dict(ckpt.info.scheduler, prediction_type=prediction_type))
         store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
-        family = family_for(ckpt)
+        family = family_for(ckpt, load_controlnets(controlnet, ckpt, allow_pickle, local_files_only))
 
         def remake(dev: torch.device, dt: torch.dtype, graphs: bool, slicing: bool) -> Backend:
             return make_backend(ckpt, family, backend, dev, dt, store, clip_skip, graphs, attention_slicing=slicing)
@@ -390,6 +394,12 @@ class Pipeline:
         return self.ckpt.unet
 
     @property
+    def controlnet(self):
+        """The ControlNet (diffusers' ControlNetModel), a list of them (multi-ControlNet), or None."""
+        models = [cn.model for cn in self.family.controlnets.values()]
+        return None if not models else models[0] if len(models) == 1 else models
+
+    @property
     def text_encoder(self):
         return self.ckpt.text_encoder
 
@@ -442,7 +452,8 @@ class Pipeline:
                  pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, original_size=None,
                  crops_coords_top_left=None, target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=None, negative_target_size=None, preview_every: int | None = None,
-                 **unsupported):
+                 control_image=None, controlnet_conditioning_scale=None, control_guidance_start=0.0,
+                 control_guidance_end=1.0, **unsupported):
         """Generate images; keyword names and defaults are diffusers' (see the README): a None
         guidance_scale or strength is the model family's default for the mode, as its diffusers
         pipelines (SD: guidance 7.5, strength img2img 0.8, inpaint 1.0; SD-XL: guidance 5.0,
@@ -451,6 +462,12 @@ class Pipeline:
         `preview_every` = k (with a preview_vae loaded): every k steps, callback_on_step_end's
         callback_kwargs also hold "preview", the images of that step's clean-latent estimate as
         the preview VAE (TAESD) decodes them (PIL); out.timings["preview"] is their decode time.
+        With ControlNets loaded, `control_image` (one per ControlNet: a list for several) guides
+        the call as diffusers' StableDiffusionControlNet{,Img2Img,Inpaint}Pipeline:
+        `controlnet_conditioning_scale` (None: 1.0 txt2img, 0.8 img2img, 0.5 inpaint; SD-XL
+        inpaint 1.0), `control_guidance_start` / `end` (fractions of the steps run; each a
+        number or one per ControlNet); txt2img takes its size from the control image, inpaint
+        from the image. Without control_image the call runs without them.
         Returns a PipelineOutput, or with return_dict=False the tuple (images, None) as diffusers'
         (images, nsfw flags) without a safety checker."""
         xl = dict(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, pooled_prompt_embeds=pooled_prompt_embeds,
@@ -459,10 +476,12 @@ class Pipeline:
                   negative_original_size=negative_original_size,
                   negative_crops_coords_top_left=negative_crops_coords_top_left,
                   negative_target_size=negative_target_size)
+        control = dict(control_image=control_image, controlnet_conditioning_scale=controlnet_conditioning_scale,
+                       control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end)
         req, text_encoders = self._request(
             prompt, negative_prompt, image, mask_image, strength, num_inference_steps, guidance_scale, scheduler,
             eta, height, width, num_images_per_prompt, output_type, guidance_rescale, timesteps, sigmas, clip_skip,
-            prompt_embeds, negative_prompt_embeds, latents, unsupported, xl)
+            prompt_embeds, negative_prompt_embeds, latents, unsupported, xl, control)
         gen, seed = self._generator(generator, seed, req.batch)
         total = SAMPLERS[req.scheduler].loop_steps(req.steps) - start_index(req.scheduler, req.steps,
                                                                                     req.strength)
@@ -487,13 +506,13 @@ class Pipeline:
         call.apply_defaults()
         check_seed(call.arguments["seed"])
         args = call.arguments
-        self._request(**{k: args[k] for k in inspect.signature(self._request).parameters if k != "xl"},
-                      xl={k: args[k] for k in XL_ARGUMENTS})
+        self._request(**{k: args[k] for k in inspect.signature(self._request).parameters if k not in ("xl", "control")},
+                      xl={k: args[k] for k in XL_ARGUMENTS}, control={k: args[k] for k in CONTROL_ARGUMENTS})
 
     def _request(self, prompt, negative_prompt, image, mask_image, strength, num_inference_steps, guidance_scale,
                  scheduler, eta, height, width, num_images_per_prompt, output_type, guidance_rescale, timesteps,
                  sigmas, clip_skip, prompt_embeds, negative_prompt_embeds, latents, unsupported: dict,
-                 xl: dict | None = None):
+                 xl: dict | None = None, control: dict | None = None):
         """The call's checked Request and the text encoders it runs (raises for bad input)."""
         if unsupported:
             name = next(iter(unsupported))
@@ -508,7 +527,8 @@ class Pipeline:
                            guidance_rescale=guidance_rescale, timesteps=timesteps, sigmas=sigmas,
                            clip_skip=clip_skip, prompt_embeds=prompt_embeds,
                            negative_prompt_embeds=negative_prompt_embeds, latents=latents,
-                           text_width=self.info.cross_attention_dim, defaults=self.family.defaults, xl=xl)
+                           text_width=self.info.cross_attention_dim, defaults=self.family.defaults, xl=xl,
+                           control=control, controlnets=len(self.family.controlnets))
         text_encoders = self.backend.text_encoders_for(req.clip_skip)  # refuses a clip_skip an engine cannot give
         check_fits(self.info, self._widths, req, self.dtype, self.device, self.memory)
         return req, text_encoders
@@ -724,20 +744,47 @@ class Pipeline:
         """The loop (see fastsd/loop.py): rows and noise are ready before it starts."""
         req = call.req
         rows = step_rows(sched, req.scheduler, cfg, req.eta, lat.start)
-        inputs = StepInputs(unet_inputs, lat.conditioning, lat.x0, lat.noise, lat.mask)
+        names, control, active = self._control(req, len(rows))
+        rows = torch.cat([rows, control.to(rows.device)], dim=1)
+        inputs = StepInputs(unet_inputs, lat.conditioning, lat.x0, lat.noise, lat.mask, self._control_images(req))
         shapes = tuple((n, tuple(t.shape)) for n, t in {"x": lat.x, **inputs.tensors()}.items())
         previews = call.preview is not None
+        residuals = tuple(t.name for t in self.family.specs["unet"].optional_inputs) if names else ()
         key = StepKey(req.scheduler, cfg, req.guidance_scale, req.do_cfg, lat.step_noise is not None, shapes,
-                      req.guidance_rescale, previews)
+                      req.guidance_rescale, previews, names, residuals)
         host_t = sched.host_timesteps[lat.start:]
         state = initial_state(req.scheduler, lat.x, previews)
         if self._graphs is not None:
             x = self._graphs.run(self.backend.unet, key, inputs, state, rows, lat.step_noise, host_t, callback,
-                                 call.ran)
+                                 call.ran, self.backend.run)
             if x is not None:
                 return x
-        step = make_step(partial(self.backend.unet, ran=call.ran), key, inputs)
-        return run_steps(step, state, rows, lat.step_noise, host_t, callback, previews)
+        step = make_step(partial(self.backend.unet, ran=call.ran), key, inputs, partial(self.backend.run, ran=call.ran))
+        return run_steps(step, state, rows, lat.step_noise, host_t, callback, previews, active)
+
+    @staticmethod
+    def _control(req: Request, steps: int) -> tuple[tuple[str, ...], torch.Tensor, tuple[bool, ...]]:
+        """The ControlNets a call runs, their scale at each of its `steps` loop steps ((steps, K)
+        float32: the scale inside the guidance window, 0 outside, as diffusers' controlnet_keep:
+        step i of N is kept where i / N >= start and (i + 1) / N <= end), and whether any runs
+        at each step (where none does, the step skips them: zero residuals change nothing)."""
+        names = controlnet_names(len(req.control_images))
+        keep = [[1.0 - float(i / steps < s or (i + 1) / steps > e) for s, e in zip(req.control_start,
+                                                                                   req.control_end, strict=True)]
+                for i in range(steps)]
+        scales = torch.tensor([[c * k for c, k in zip(req.control_scales, row, strict=True)] for row in keep],
+                              dtype=torch.float32).reshape(steps, len(names))
+        return names, scales, tuple(bool((row != 0).any()) for row in scales)
+
+    def _control_images(self, req: Request) -> tuple[torch.Tensor, ...]:
+        """Each ControlNet's conditioning image at the call's size, in [0, 1], one per image of
+        the batch ([uncond; cond] with CFG), as diffusers' prepare_image."""
+        out = []
+        for images in req.control_images:
+            t = imgs.control_batch(images, req.height, req.width)
+            t = t.repeat_interleave(req.batch if t.shape[0] == 1 else req.n, dim=0)
+            out.append((torch.cat([t, t]) if req.do_cfg else t).to(self.device))
+        return tuple(out)
 
     def _decode(self, latents: torch.Tensor, ran: dict) -> torch.Tensor:
         """(B, 3, H, W) float32 in [0, 1] on the device (diffusers' "pt" output)."""

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidArgumentError
-from .images import batch_shape, check_images
+from .images import batch_shape, check_images, control_size
 from .schedulers import SAMPLERS, SchedulerChoice, SchedulerConfig, choose_scheduler, first_step
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,9 @@ MAX_ETA = 1.0  # DDIM: eta > 1 takes the square root of a negative variance
 SEED_LIMIT = 2**64  # torch.Generator seeds are unsigned 64-bit
 IMG2IMG_STRENGTH = 0.8  # StableDiffusionImg2ImgPipeline's default (SD-XL's: the family's)
 INPAINT_STRENGTH = 1.0  # StableDiffusionInpaintPipeline's default
+CONTROL_ARGUMENTS = ("control_image", "controlnet_conditioning_scale", "control_guidance_start",
+                     "control_guidance_end")
+MAX_CONTROL_SCALE = 10.0  # front ends stop at 2; far beyond, residuals swamp the UNet's own activations
 XL_ARGUMENTS = ("prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
                 "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
                 "negative_crops_coords_top_left", "negative_target_size")
@@ -37,6 +40,8 @@ class Defaults:
     img2img_strength: float = IMG2IMG_STRENGTH
     inpaint_strength: float = INPAINT_STRENGTH
     takes_xl: bool = False  # takes the SD-XL arguments (XL_ARGUMENTS)
+    control_scale: tuple[float, float, float] = (1.0, 0.8, 0.5)  # ControlNet scale: txt2img, img2img, inpaint
+    controlled: "Defaults | None" = None  # the defaults of the family's ControlNet pipelines, where they differ
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,11 @@ class Request:
     negative_original_size: tuple[int, int] | None = None
     negative_crops_coords_top_left: tuple[int, int] | None = None
     negative_target_size: tuple[int, int] | None = None
+    # ControlNets (one entry per ControlNet loaded, or none: a call without ControlNet)
+    control_images: tuple = ()  # checked image inputs
+    control_scales: tuple[float, ...] = ()  # controlnet_conditioning_scale
+    control_start: tuple[float, ...] = ()  # control_guidance_start: the fraction of steps before it is off
+    control_end: tuple[float, ...] = ()  # control_guidance_end: the fraction after which it is off
 
     @property
     def do_cfg(self) -> bool:
@@ -195,10 +205,52 @@ def _schedule_list(value, what: str):
     return tuple(float(v) for v in items)
 
 
+def _per_controlnet(value, count: int, what: str, lo: float, hi: float) -> tuple[float, ...]:
+    """A number, or a list of one per ControlNet (as diffusers), checked into a tuple of `count`."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value] * count
+    if len(items) != count:
+        raise InvalidArgumentError(f"{what}: {len(items)} values for {count} ControlNets")
+    return tuple(_number(v, what, lo=lo, hi=hi) for v in items)
+
+
+def _control_options(control: dict, count: int, prompts: int, mode: int, defaults: Defaults) -> dict:
+    """The ControlNet arguments checked into Request fields: one image input per ControlNet
+    (several ControlNets: a list of them, in load order), each 1 image or one per prompt;
+    scales (None: the mode's default) and the guidance window as diffusers checks them.
+    `mode`: 0 txt2img, 1 img2img, 2 inpaint."""
+    image = control.get("control_image")
+    if image is None:
+        given = [k for k in CONTROL_ARGUMENTS[1:] if control.get(k) not in (None, 0.0, 1.0)
+                 or (k == "controlnet_conditioning_scale" and control.get(k) is not None)]
+        if given:
+            raise InvalidArgumentError(f"{given[0]} applies to calls with a control_image")
+        return {}
+    if count == 0:
+        raise InvalidArgumentError("control_image needs a ControlNet: Pipeline.from_pretrained(..., controlnet=...)")
+    if count > 1 and (not isinstance(image, (list, tuple)) or len(image) != count):
+        raise InvalidArgumentError(f"with {count} ControlNets, control_image must be a list of {count} images "
+                                   "(one per ControlNet, in load order)")
+    images = tuple(check_images(i, "control_image") for i in (image if count > 1 else [image]))
+    for checked in images:
+        n_images = batch_shape(checked, "control_image")[0]
+        if n_images not in (1, prompts):
+            raise InvalidArgumentError(f"{n_images} control images for {prompts} prompts: pass one, or one per prompt")
+    scale = control.get("controlnet_conditioning_scale")
+    scale = defaults.control_scale[mode] if scale is None else scale
+    start = _per_controlnet(control.get("control_guidance_start", 0.0), count, "control_guidance_start", 0.0, 1.0)
+    end = _per_controlnet(control.get("control_guidance_end", 1.0), count, "control_guidance_end", 0.0, 1.0)
+    for s, e in zip(start, end, strict=True):
+        if s >= e:
+            raise InvalidArgumentError(f"control_guidance_start {s} must be below control_guidance_end {e}")
+    return {"control_images": images, "control_start": start, "control_end": end,
+            "control_scales": _per_controlnet(scale, count, "controlnet_conditioning_scale", 0.0, MAX_CONTROL_SCALE)}
+
+
 def make_request(info, prompt, negative_prompt, image, mask_image, strength, steps, guidance_scale,
                  scheduler, eta, height, width, n, output_type, *, guidance_rescale=0.0, timesteps=None, sigmas=None,
                  clip_skip=None, prompt_embeds=None, negative_prompt_embeds=None, latents=None,
-                 text_width: int | None = None, defaults: Defaults = Defaults(), xl: dict | None = None) -> Request:
+                 text_width: int | None = None, defaults: Defaults = Defaults(), xl: dict | None = None,
+                 control: dict | None = None, controlnets: int = 0) -> Request:
     prompt_embeds = _embeds(prompt_embeds, "prompt_embeds", text_width, info.max_tokens)
     negative_prompt_embeds = _embeds(negative_prompt_embeds, "negative_prompt_embeds", text_width, info.max_tokens)
     if prompt_embeds is not None:
@@ -223,6 +275,11 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
     xl_fields = _xl_options(xl or {}, prompts, negatives, prompt_embeds, negative_prompt_embeds, defaults)
     if mask_image is not None and image is None:
         raise InvalidArgumentError("mask_image needs an image to inpaint")
+    mode = 0 if image is None else 1 if mask_image is None else 2
+    controlled = (control or {}).get("control_image") is not None
+    if controlled and defaults.controlled is not None:  # the family's ControlNet pipelines' defaults
+        defaults = defaults.controlled
+    control_fields = _control_options(control or {}, controlnets, len(prompts), mode, defaults)
     timesteps, sigmas = _schedule_list(timesteps, "timesteps"), _schedule_list(sigmas, "sigmas")
     if timesteps is not None and sigmas is not None:
         raise InvalidArgumentError("pass timesteps or sigmas, not both")
@@ -246,6 +303,8 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
     rescale = _number(guidance_rescale, "guidance_rescale", lo=0.0, hi=1.0)
     eta = _number(eta, "eta", lo=0.0, hi=MAX_ETA)
     default_h = default_w = info.default_size
+    if control_fields and mode == 0:  # diffusers' ControlNet pipeline: the control image's size
+        default_h, default_w = control_size(control_fields["control_images"][0], info.vae_factor)
     if image is None:
         if strength is not None and strength != 1.0:
             raise InvalidArgumentError("strength applies to img2img/inpaint only: pass an image too")
@@ -259,9 +318,10 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
         if strength is None:  # diffusers' defaults: img2img 0.8, inpainting 1.0 (SD-XL: 0.3, 0.9999)
             strength = defaults.img2img_strength if mask_image is None else defaults.inpaint_strength
         strength = _number(strength, "strength", lo=0.0, hi=1.0)
-        if mask_image is None:  # img2img: the image's size (inpaint: the checkpoint's, as diffusers)
-            default_h = image_h // info.vae_factor * info.vae_factor
+        if mask_image is None or control_fields:  # img2img, ControlNet inpaint: the image's size (inpaint: the
+            default_h = image_h // info.vae_factor * info.vae_factor  # checkpoint's, as diffusers)
             default_w = image_w // info.vae_factor * info.vae_factor
+        if mask_image is None:
             if latents is not None:
                 raise InvalidArgumentError("latents applies to txt2img and inpaint (diffusers' img2img takes none)")
         else:
@@ -286,4 +346,4 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
             raise InvalidArgumentError("latents holds NaN or infinite values")
     return Request(prompts, negatives, image, mask_image, strength, steps, guidance, choice.name, choice.settings,
                    eta, h, w, n, output_type, rescale, timesteps, sigmas, clip_skip, prompt_embeds,
-                   negative_prompt_embeds, latents, negative_prompt is not None, **xl_fields)
+                   negative_prompt_embeds, latents, negative_prompt is not None, **xl_fields, **control_fields)

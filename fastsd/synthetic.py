@@ -134,6 +134,34 @@ def build_tiny_vae(out: Path, name: str = "taesd", *, seed: int = 0) -> Path:
     return Path(out)
 
 
+CONTROLNET = "controlnet-"  # synthetic:controlnet-<arch>: a ControlNet for that architecture's UNet
+
+
+def build_controlnet(out: Path, arch_name: str = "tiny", *, seed: int = 0) -> Path:
+    """Write a random-weight ControlNet for `arch_name`'s UNet (a diffusers ControlNetModel
+    folder) atomically. Its conditioning embedding reads the image at the VAE's factor (tiny
+    architectures: 2), and the layers a trained ControlNet starts from zero (the zero
+    convolutions) are random too, so its residuals change the image."""
+    from diffusers import ControlNetModel
+
+    from .controlnet import _CONTROLNET_KEYS
+
+    spec = arch(arch_name)
+    factor = 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
+    widths = {8: [16, 32, 96, 256], 2: [8, 16]}[factor]
+    config = {k: v for k, v in spec["unet"].items() if k in _CONTROLNET_KEYS}
+    with _atomic_folder(Path(out)) as tmp:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = ControlNetModel(**config, conditioning_embedding_out_channels=widths)
+            with torch.no_grad():
+                for p in model.parameters():
+                    if not p.any():
+                        p.normal_(0.0, 0.05)
+            model.save_pretrained(tmp)
+    return Path(out)
+
+
 def _model_index(scheduler_class: str, spec: dict) -> dict:
     index = {
         "_class_name": "StableDiffusionPipeline",
@@ -160,9 +188,16 @@ def _model_index(scheduler_class: str, spec: dict) -> dict:
 def synthetic_path(model: str) -> Path:
     """The folder of `synthetic:NAME`, built on first use."""
     name = model[len(SYNTHETIC_PREFIX):]
-    if name not in ARCHS and name not in TINY_VAES:
-        raise ModelNotFoundError(f"unknown synthetic model {name!r}; choose one of {', '.join([*ARCHS, *TINY_VAES])}")
+    controlnets = [CONTROLNET + a for a in ARCHS]
+    if name not in ARCHS and name not in TINY_VAES and name not in controlnets:
+        raise ModelNotFoundError(f"unknown synthetic model {name!r}; choose one of "
+                                 f"{', '.join([*ARCHS, *TINY_VAES, *controlnets])}")
     path = cache_dir() / "synthetic" / f"{name}-v{SYNTHETIC_VERSION}"
+    if name in controlnets:
+        if not (path / "config.json").exists():
+            log.info("building synthetic ControlNet %s at %s (random weights, once)", name, path)
+            build_controlnet(path, name[len(CONTROLNET):])
+        return path
     if name in TINY_VAES:
         if not (path / "config.json").exists():
             log.info("building synthetic tiny autoencoder %s at %s (random weights, once)", name, path)

@@ -27,28 +27,30 @@ class EagerBackend(Networks):
             ckpt.unet.set_attention_slice("auto")
         self.modules = {k: m.to(device=device, dtype=dtype).eval() for k, m in family.modules(ckpt, clip_skip).items()}
         if device.type == "cuda":
-            for k in ("unet", "vae_encoder", "vae_decoder"):
-                self.modules[k].to(memory_format=torch.channels_last)
+            for k in self.modules:
+                if k in ("unet", "vae_encoder", "vae_decoder") or k.startswith("controlnet"):
+                    self.modules[k].to(memory_format=torch.channels_last)
         self._graphed_unet = None
         if cuda_graphs:  # one graph per input shape, captured on first use
             from .cuda_graphs import GraphedCall
 
-            names = self.specs["unet"].input_names
-            self._graphed_unet = GraphedCall(
-                lambda *args: self._forward("unet", dict(zip(names, args, strict=True))))
+            self._graphed_unet = GraphedCall(lambda *args: self._forward("unet", args))
         self.backends = {k: "eager" for k in family.networks}
         self._vae_fp32 = None
         self._lock = threading.Lock()
 
-    def _forward(self, network: str, args: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward(self, network: str, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
         with torch.inference_mode():
-            return self.modules[network](**args)
+            return self.modules[network](*args)
 
     def run(self, network: str, inputs: dict[str, torch.Tensor], ran: dict | None = None) -> torch.Tensor:
         record(ran, network, "eager")
-        args = self.specs[network].cast(inputs, self.device, self.dtype)
+        spec = self.specs[network]
+        if len(inputs) != len(spec.inputs):  # the UNet given ControlNet residuals too
+            spec = spec.with_inputs(inputs)
+        args = tuple(spec.cast(inputs, self.device, self.dtype).values())
         if network == "unet" and self._graphed_unet is not None and not torch.cuda.is_current_stream_capturing():
-            return self._graphed_unet(*args.values())  # inside a whole-step capture the UNet is captured with it
+            return self._graphed_unet(*args)  # inside a whole-step capture the UNet is captured with it
         return as_float(self._forward(network, args))
 
     def set_weights(self, network: str, weights: dict, at_base: bool) -> None:
