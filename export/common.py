@@ -4,15 +4,17 @@ progress line, the manifest) that turns networks into a store entry."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Callable
 
 from fastsd.checkpoint import check_clip_skip, load_checkpoint
+from fastsd.controlnet import load_controlnets
 from fastsd.engines import Profile, Staging, base_manifest, default_engine_dir, entry_dir, writable_store
 from fastsd.errors import InvalidArgumentError
 from fastsd.families import family_for
-from fastsd.networks import NETWORKS
+from fastsd.networks import NETWORKS, NetworkSpec
 
 # make(network, staging folder) -> (files written, extra manifest facts of the network, note for the progress line)
 MakeNetwork = Callable[[str, Path], tuple[list[str], dict, str]]
@@ -32,12 +34,12 @@ def parse_static(text: str | None, factor: int) -> tuple[int, int] | None:
 
 
 def load_for_build(model: str, networks: tuple[str, ...] | None, allow_pickle: bool, clip_skip: int,
-                   engine_dir: str | Path | None, vae: str | None = None):
+                   engine_dir: str | Path | None, vae: str | None = None, controlnets: tuple = ()):
     """Check a build's arguments and the store, then load the checkpoint (with `vae`
-    replacing its VAE). Returns (checkpoint, its model family, store root, the networks to
-    build: `networks`, or None for all of the family's)."""
+    replacing its VAE) and the `controlnets`. Returns (checkpoint, its model family with the
+    ControlNets, store root, the networks to build: `networks`, or None for all of the family's)."""
     if networks is not None:
-        unknown = set(networks) - set(NETWORKS)
+        unknown = {n for n in networks if not re.fullmatch(r"controlnet_[2-9][0-9]*", n)} - set(NETWORKS)
         if unknown:
             raise InvalidArgumentError(f"unknown networks {sorted(unknown)}; choose from {', '.join(NETWORKS)}")
         if not networks:
@@ -45,7 +47,7 @@ def load_for_build(model: str, networks: tuple[str, ...] | None, allow_pickle: b
     root = writable_store(Path(engine_dir) if engine_dir else default_engine_dir())
     ckpt = load_checkpoint(model, allow_pickle=allow_pickle, vae=vae)
     check_clip_skip(ckpt, clip_skip)
-    family = family_for(ckpt)
+    family = family_for(ckpt, load_controlnets(list(controlnets) or None, ckpt, allow_pickle))
     if networks is None:
         networks = family.networks
     other = [n for n in networks if n not in family.networks]
@@ -55,17 +57,56 @@ def load_for_build(model: str, networks: tuple[str, ...] | None, allow_pickle: b
     return ckpt, family, root, tuple(networks)
 
 
+def build_spec(family, name: str) -> NetworkSpec:
+    """The spec a network is built with: with ControlNets, the UNet takes their residuals too
+    (zeros when a call has none: such an engine serves every call)."""
+    spec = family.specs[name]
+    if name == "unet" and family.controlnets:
+        spec = spec.with_inputs(t.name for t in spec.optional_inputs)
+    return spec
+
+
+def entry_groups(info, family, networks: tuple[str, ...], facts: dict) -> list[tuple]:
+    """What a build writes: (whose entry, its networks, its manifest facts). The checkpoint's
+    networks go into its entry; each ControlNet into an entry of its own, keyed by its weights
+    (it serves beside any checkpoint it fits), without the text encoder's clip_skip."""
+    own = tuple(n for n in networks if n not in family.controlnets)
+    groups = [(info, own, facts)] if own else []
+    for n in networks:
+        if n in family.controlnets:
+            cn = family.controlnets[n]
+            own_facts = {k: v for k, v in facts.items() if k != "clip_skip"} | {"weights": cn.fingerprint}
+            groups.append((cn, (n,), own_facts))
+    return groups
+
+
+def build_entries(root: Path, info, family, kind: str, precision: str, profile: Profile, networks: tuple[str, ...],
+                  make_for: Callable[[object, dict], MakeNetwork], facts: dict, progress: Callable[[str], None],
+                  verb: str = "built") -> Path:
+    """`build_entry` for each of `entry_groups`; `make_for(owner, facts)` gives the make
+    function of one entry (its refit donor is that owner's). Returns the first entry (the
+    checkpoint's, unless only ControlNets were built)."""
+    built = []
+    for owner, nets, owner_facts in entry_groups(info, family, networks, facts):
+        stored = {n: family.specs[n].name for n in nets}
+        built.append(build_entry(root, owner, kind, precision, profile, nets, make_for(owner, owner_facts),
+                                 owner_facts, progress, verb, stored))
+    return built[0]
+
+
 def build_entry(root: Path, info, kind: str, precision: str, profile: Profile, networks: tuple[str, ...],
-                make: MakeNetwork, facts: dict, progress: Callable[[str], None], verb: str = "built") -> Path:
+                make: MakeNetwork, facts: dict, progress: Callable[[str], None], verb: str = "built",
+                stored: dict[str, str] | None = None) -> Path:
     """Make each network's files in a staging folder (timed), then commit the entry with
-    its manifest; an interrupted or failed build leaves nothing behind. Returns the entry."""
+    its manifest; an interrupted or failed build leaves nothing behind. `stored` renames
+    networks in the entry (controlnet_2 -> controlnet). Returns the entry."""
     with Staging(entry_dir(root, info.fingerprint, kind, precision, profile)) as stage:
         for name in networks:
             t0 = time.perf_counter()
             files, extra, note = make(name, stage.dir)
             seconds = time.perf_counter() - t0
             size = sum((stage.dir / f).stat().st_size for f in files)
-            stage.add(name, files, export_seconds=round(seconds, 2), bytes=size, **extra)
+            stage.add((stored or {}).get(name, name), files, export_seconds=round(seconds, 2), bytes=size, **extra)
             how = f"refitted from {extra['refitted_from']}'s engine" if extra.get("refitted_from") else verb
             progress(f"{name}: {how} in {seconds:.1f}s, {size / 2**20:.1f} MiB ({', '.join(files)}){note}")
         return stage.commit(base_manifest(info, kind, precision, profile, **facts))

@@ -24,15 +24,27 @@ from fastsd.engines import DTYPES, MAX_BATCH, Profile, read_manifest, refit_sour
 from fastsd.errors import FastSDError, InvalidArgumentError
 from fastsd.networks import BATCH, NetworkSpec, weights_of
 
-from .common import build_entry, load_for_build, parse_static
+from .common import build_entries, build_spec, load_for_build, parse_static
 
 log = logging.getLogger(__name__)
 
 
 
-def _dynamic_batch(spec: NetworkSpec) -> dict:
+def _dynamic_batch(module: torch.nn.Module, spec: NetworkSpec) -> dict:
+    """torch.export's dynamic_shapes: the batch axis of every input that has one, by the
+    forward's parameter names (the inputs a *args parameter takes: a tuple under its name)."""
+    import inspect
+
     batch = torch.export.Dim("batch", min=1, max=2 * MAX_BATCH)
-    return {t.name: {0: batch} for t in spec.inputs if t.shape[0] == BATCH}
+    dims = [{0: batch} if t.shape[0] == BATCH else None for t in spec.inputs]
+    out, params = {}, list(inspect.signature(module.forward).parameters.values())
+    for i, p in enumerate(params):
+        if p.kind == p.VAR_POSITIONAL:
+            if dims[i:]:
+                out[p.name] = tuple(dims[i:])
+            break
+        out[p.name] = dims[i] if i < len(dims) else None
+    return out
 
 
 def compile_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, path: Path, frozen: bool) -> list[str]:
@@ -44,7 +56,7 @@ def compile_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, pat
     swapping some constants in memory (LoRA). Returns the files written."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(module, args, dynamic_shapes=_dynamic_batch(spec))
+        program = torch.export.export(module, args, dynamic_shapes=_dynamic_batch(module, spec))
         # not frozen: constants Inductor derives from weights (views, permutes) are folded at run time,
         # after the weights are loaded, not baked in at compile time from the weights traced here
         configs = {"freezing": True} if frozen else {"aot_inductor.package_constants_in_so": False,
@@ -95,37 +107,46 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str | None = None,
                    static: str | None = None, device: str | None = None, networks: tuple[str, ...] | None = None,
                    allow_pickle: bool = False, clip_skip: int = 0, vae: str | None = None, frozen: bool = False,
-                   refit: bool = True, progress: Callable[[str], None] = log.info) -> Path:
+                   refit: bool = True, progress: Callable[[str], None] = log.info, controlnets: tuple = ()) -> Path:
     """Compile `model` into engine_dir/<fingerprint>/compiled-<dtype>/; returns that folder.
-    Not `frozen`, where the store holds a refittable entry of another checkpoint of the same
-    architecture (same precision, size, clip_skip, torch and device), its packages are
-    reused and only the weights written (`refit`)."""
+    With `controlnets`, its UNet takes their residuals and each ControlNet is compiled into an
+    entry of its own. Not `frozen`, where the store holds a refittable entry of another
+    checkpoint (or ControlNet) of the same architecture (same precision, size, clip_skip,
+    torch and device), its packages are reused and only the weights written (`refit`)."""
     dev = parse_device(device)
     dtype = dtype or ("fp16" if dev.type == "cuda" else "fp32")
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    ckpt, family, root, networks = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir, vae)
-    specs = family.specs
+    ckpt, family, root, networks = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir, vae,
+                                                  controlnets)
     info = ckpt.info
     size = parse_static(static, info.vae_factor) or (info.default_size, info.default_size)
     profile = Profile.for_model(info, size)
     modules = family.modules(ckpt, clip_skip)
     facts = dict(clip_skip=clip_skip, **runtime_facts(dev))
-    donor = refit_source(root, info, "compiled", dtype, facts, profile) if refit and not frozen else None
-    donor_manifest = read_manifest(donor) if donor is not None else None
 
-    def make(name: str, folder: Path) -> tuple[list[str], dict, str]:
-        path = folder / f"{name}.pt2"
-        record = donor_manifest["networks"].get(name) if donor_manifest else None
-        if record is not None and record.get("weights_layout") == SEPARATE:
-            refit_package(donor / path.name, path, weights_of(modules[name]))
-            extra = {"weights_layout": SEPARATE, "refitted_from": donor_manifest["checkpoint"]}
-            return [path.name, weights_name(name)], extra, ""
-        module = modules[name].to(dev, DTYPES[dtype]).eval()
-        args = tuple(a.to(dev) for a in specs[name].sample_inputs(2, *size, DTYPES[dtype]))
-        files = compile_network(module, specs[name], args, path, frozen)
-        return files, {"weights_layout": FROZEN if frozen else SEPARATE}, ""
+    def make_for(owner, owner_facts: dict):
+        runtime = {k: v for k, v in owner_facts.items() if k in facts}
+        donor = refit_source(root, owner, "compiled", dtype, runtime, profile) if refit and not frozen else None
+        donor_manifest = read_manifest(donor) if donor is not None else None
 
-    return build_entry(root, info, "compiled", dtype, profile, networks, make,
-                       dict(exporter="AOTInductor", refittable=not frozen, weights=info.fingerprint, **facts), progress,
-                       verb="compiled")
+        def make(name: str, folder: Path) -> tuple[list[str], dict, str]:
+            spec = build_spec(family, name)
+            path = folder / f"{spec.name}.pt2"
+            inputs = {"inputs": list(spec.input_names)} if name == "unet" else {}
+            record = donor_manifest["networks"].get(spec.name) if donor_manifest else None
+            if record is not None and record.get("weights_layout") == SEPARATE and \
+                    record.get("inputs", inputs.get("inputs")) == inputs.get("inputs"):
+                refit_package(donor / path.name, path, weights_of(modules[name]))
+                extra = {"weights_layout": SEPARATE, "refitted_from": donor_manifest["checkpoint"], **inputs}
+                return [path.name, weights_name(spec.name)], extra, ""
+            module = modules[name].to(dev, DTYPES[dtype]).eval()
+            args = tuple(a.to(dev) for a in spec.sample_inputs(2, *size, DTYPES[dtype]))
+            files = compile_network(module, spec, args, path, frozen)
+            return files, {"weights_layout": FROZEN if frozen else SEPARATE, **inputs}, ""
+
+        return make
+
+    return build_entries(root, info, family, "compiled", dtype, profile, networks, make_for,
+                         dict(exporter="AOTInductor", refittable=not frozen, weights=info.fingerprint, **facts),
+                         progress, verb="compiled")

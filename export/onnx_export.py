@@ -31,7 +31,7 @@ from fastsd.engines import Profile, read_manifest, refit_source
 from fastsd.errors import InvalidArgumentError
 from fastsd.networks import FLOAT32, NetworkSpec, weights_of
 
-from .common import build_entry, load_for_build, parse_static
+from .common import build_entries, build_spec, load_for_build, parse_static
 
 log = logging.getLogger(__name__)
 
@@ -225,45 +225,55 @@ class RefitError(Exception):
 def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: str = "fp32",
                       static: str | None = None, networks: tuple[str, ...] | None = None, simplify: bool = True,
                       allow_pickle: bool = False, clip_skip: int = 0, vae: str | None = None, refit: bool = True,
-                      progress: Callable[[str], None] = log.info) -> Path:
+                      progress: Callable[[str], None] = log.info, controlnets: tuple = ()) -> Path:
     """Export `model` to engine_dir/<fingerprint>/onnxruntime-<dtype>/; returns that folder.
-    With `refit`, where the store holds an intact entry of another checkpoint of the same
-    architecture (same precision, profile and clip_skip), its graphs are reused and only the
-    weights are written (seconds, no tracing)."""
+    With `controlnets`, its UNet takes their residuals and each ControlNet is exported into
+    an entry of its own (engine_dir/<its fingerprint>/onnxruntime-<dtype>/). With `refit`,
+    where the store holds an intact entry of another checkpoint (or ControlNet) of the same
+    architecture (same precision, profile and clip_skip), its graphs are reused and only
+    the weights are written (seconds, no tracing)."""
     import onnx
     import onnxruntime
 
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"unknown export dtype {dtype!r}; choose fp32 or fp16")
-    ckpt, family, root, networks = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir, vae)
-    specs = family.specs
+    ckpt, family, root, networks = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir, vae,
+                                                  controlnets)
     info = ckpt.info
     profile = Profile.for_model(info, parse_static(static, info.vae_factor))
     modules = family.modules(ckpt, clip_skip)
-    donor = refit_source(root, info, "onnxruntime", dtype, {"clip_skip": clip_skip}, profile) if refit else None
-    donor_manifest = read_manifest(donor) if donor is not None else None
 
-    def make(name: str, folder: Path) -> tuple[list[str], dict, str]:
-        path = folder / f"{name}.onnx"
-        module = modules.pop(name).eval()
-        record = donor_manifest["networks"].get(name) if donor_manifest else None
-        if record is not None and record.get("weights_layout") == WEIGHTS_BY_NAME:
-            try:
-                refit_graph(donor / f"{name}.onnx", path, weights_of(module), set(record["transposed"]))
-                facts = {"weights_layout": WEIGHTS_BY_NAME, "transposed": record["transposed"],
-                         "refitted_from": donor_manifest["checkpoint"]}
-                return [path.name, path.name + ".data"], facts, ""
-            except RefitError as e:
-                log.warning("%s: cannot refit from %s (%s); exporting it", name, donor, e)
-        args = specs[name].sample_inputs(*_trace_dims(profile, name, info), torch.float32)
-        files, facts = export_network(module, specs[name], args, path, profile.static, simplify, dtype == "fp16")
-        del module
-        if name == "unet":  # most of the checkpoint's memory (SD-XL: 10 GB in fp32), released once written
-            ckpt.unet = None
-            gc.collect()
-        return files, facts, ""
+    def make_for(owner, facts: dict):
+        runtime = {k: facts[k] for k in ("clip_skip",) if k in facts}
+        donor = refit_source(root, owner, "onnxruntime", dtype, runtime, profile) if refit else None
+        donor_manifest = read_manifest(donor) if donor is not None else None
 
-    return build_entry(root, info, "onnxruntime", dtype, profile, networks, make, dict(
+        def make(name: str, folder: Path) -> tuple[list[str], dict, str]:
+            spec = build_spec(family, name)
+            path = folder / f"{spec.name}.onnx"
+            module = modules.pop(name).eval()
+            inputs = {"inputs": list(spec.input_names)} if name == "unet" else {}
+            record = donor_manifest["networks"].get(spec.name) if donor_manifest else None
+            if record is not None and record.get("weights_layout") == WEIGHTS_BY_NAME and \
+                    record.get("inputs", inputs.get("inputs")) == inputs.get("inputs"):
+                try:
+                    refit_graph(donor / path.name, path, weights_of(module), set(record["transposed"]))
+                    facts = {"weights_layout": WEIGHTS_BY_NAME, "transposed": record["transposed"],
+                             "refitted_from": donor_manifest["checkpoint"], **inputs}
+                    return [path.name, path.name + ".data"], facts, ""
+                except RefitError as e:
+                    log.warning("%s: cannot refit from %s (%s); exporting it", name, donor, e)
+            args = spec.sample_inputs(*_trace_dims(profile, name, info), torch.float32)
+            files, facts = export_network(module, spec, args, path, profile.static, simplify, dtype == "fp16")
+            del module
+            if name == "unet":  # most of the checkpoint's memory (SD-XL: 10 GB in fp32), released once written
+                ckpt.unet = None
+                gc.collect()
+            return files, {**facts, **inputs}, ""
+
+        return make
+
+    return build_entries(root, info, family, "onnxruntime", dtype, profile, networks, make_for, dict(
         exporter=f"torch.onnx (TorchScript) {torch.__version__}", opset=OPSET, onnx=onnx.__version__,
         onnxruntime=onnxruntime.__version__, simplifier=_version("onnxslim") if simplify else None,
         clip_skip=clip_skip, refittable=True, weights=info.fingerprint), progress, verb="exported")

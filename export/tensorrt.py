@@ -23,6 +23,7 @@ the same TensorRT on the same GPU donates its plans, refitted from the new ONNX 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +36,7 @@ from fastsd.errors import FastSDError
 from fastsd.files import atomic_write
 from fastsd.networks import relative_error
 
-from .common import build_entry, load_for_build, parse_static
+from .common import build_entry, entry_groups, load_for_build, parse_static
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,19 @@ def build_mode(trt) -> tuple[str, str]:
 
 
 def _onnx_entry(engine_dir: Path, info, precision: str, networks: tuple[str, ...],
-                static: tuple[int, int] | None = None) -> tuple[Path, dict]:
-    src = entry_dir(engine_dir, info.fingerprint, "onnxruntime", precision, Profile.for_model(info, static))
-    manifest, problems = check_entry(src, info.fingerprint, networks=networks)
+                static: tuple[int, int] | None = None, owner=None) -> tuple[Path, dict]:
+    """The ONNX entry the engines are built from: the checkpoint's (`info`), or where `owner`
+    is a ControlNet, that ControlNet's (for the checkpoint's profile)."""
+    fingerprint = (owner or info).fingerprint
+    src = entry_dir(engine_dir, fingerprint, "onnxruntime", precision, Profile.for_model(info, static))
+    manifest, problems = check_entry(src, fingerprint, networks=networks)
     if not manifest or problems:
         why = "; ".join(sorted({f"{n}: {p}" for n, p in problems.items()})) or "no valid entry"
-        raise FastSDError(f"no usable {precision} ONNX graphs for this checkpoint in {src} ({why}): run "
+        what = "this checkpoint" if owner is None else f"the ControlNet {owner.source}"
+        raise FastSDError(f"no usable {precision} ONNX graphs for {what} in {src} ({why}): run "
                           f"`fastsd export --dtype {precision}"
-                          f"{f' --static {static[0]}x{static[1]}' if static else ''}` first")
+                          f"{f' --static {static[0]}x{static[1]}' if static else ''}"
+                          f"{' --controlnet ...' if owner is not None else ''}` first")
     return src, manifest
 
 
@@ -155,56 +161,75 @@ def check_engine(name: str, run: Callable, module: torch.nn.Module, inputs: tupl
     return err
 
 
+def _make_plan(trt, logger, family, modules: dict, device, root: Path, src: Path, onnx_manifest: dict,
+               stored: dict, profile: Profile, donor: Path | None, donor_manifest: dict | None, refitting: bool,
+               name: str, folder: Path) -> tuple[list[str], dict, str]:
+    """One network's plan (refitted from the donor's, else built from the ONNX entry `src`),
+    checked against the eager network on its sample inputs."""
+    from fastsd.backends.tensorrt import TrtRunner
+
+    record = onnx_manifest["networks"][stored[name]]
+    spec = family.specs[name].with_inputs(record.get("inputs", family.specs[name].input_names))
+    graph = src / graph_file(spec.name, record)
+    if donor is not None:
+        plan = refit_engine(trt, (donor / f"{spec.name}.plan").read_bytes(), graph, logger)
+    else:
+        plan = build_engine(trt, graph, spec.profile_shapes(profile), root / TIMING_CACHE, logger, refitting)
+    path = folder / f"{spec.name}.plan"
+    path.write_bytes(plan)
+    batch = 2 if spec.cfg_doubled else 1
+    inputs = tuple(t.to(device) for t in spec.sample_inputs(batch, profile.opt_size, profile.opt_width,
+                                                            torch.float32))
+    runner = TrtRunner(path, spec, device, profile, cuda_graphs=False)
+    err = check_engine(name, lambda *args: runner(**dict(zip(spec.input_names, args, strict=True))),
+                       modules[name].to(device, torch.float32).eval(), inputs, ENGINE_TOLERANCE)
+    modules[name].to("cpu")
+    extra = {"relative_error": round(err, 6)}
+    if "inputs" in record:
+        extra["inputs"] = record["inputs"]
+    if refitting and record.get("weights_layout") == WEIGHTS_BY_NAME:  # LoRA refits by these names
+        extra.update(weights_layout=WEIGHTS_BY_NAME, transposed=record.get("transposed", []))
+    if donor is not None:
+        extra["refitted_from"] = donor_manifest["checkpoint"]
+    return [path.name], extra, f", relative error vs eager {err:.2e}"
+
+
 def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str | None = None,
                    networks: tuple[str, ...] | None = None, allow_pickle: bool = False,
                    refittable: bool | None = None, vae: str | None = None, refit: bool = True,
-                   progress: Callable[[str], None] = log.info) -> Path:
-    """Refit the engines of a same-architecture entry if one exists, else build them."""
-    from fastsd.backends.tensorrt import TrtRunner
-
+                   progress: Callable[[str], None] = log.info, controlnets: tuple = ()) -> Path:
+    """Refit the engines of a same-architecture entry if one exists, else build them. With
+    `controlnets`, each ControlNet's engine goes into its own entry (from its ONNX entry), and
+    the UNet is built from its graph with the ControlNet residual inputs."""
     trt = _trt()
     logger = trt.Logger(trt.Logger.WARNING)
     mode, source = build_mode(trt)
-    ckpt, family, root, networks = load_for_build(model, networks, allow_pickle, 0, engine_dir, vae)
-    specs = family.specs
+    ckpt, family, root, networks = load_for_build(model, networks, allow_pickle, 0, engine_dir, vae, controlnets)
     info = ckpt.info
     size = parse_static(static, info.vae_factor)
-    src, onnx_manifest = _onnx_entry(root, info, source, networks, size)
-    profile = entry_profile(onnx_manifest, size)
     device = torch.device("cuda", torch.cuda.current_device())
     facts = runtime_facts(device)
-    donor = refit_source(root, info, "tensorrt", PRECISION, facts, profile) if refit and refittable is not False \
-        else None
-    donor_manifest = read_manifest(donor) if donor else None
-    refitting = bool(donor_manifest and donor_manifest.get("refittable")) or bool(refittable)
-    clip_skip = onnx_manifest.get("clip_skip", 0)
-    modules = family.modules(ckpt, clip_skip)
-
-    def make(name: str, folder: Path) -> tuple[list[str], dict, str]:
-        spec, graph = specs[name], src / graph_file(name, onnx_manifest["networks"][name])
-        if donor is not None:
-            plan = refit_engine(trt, (donor / f"{name}.plan").read_bytes(), graph, logger)
-        else:
-            plan = build_engine(trt, graph, spec.profile_shapes(profile), root / TIMING_CACHE, logger, refitting)
-        path = folder / f"{name}.plan"
-        path.write_bytes(plan)
-        batch = 2 if spec.cfg_doubled else 1
-        inputs = tuple(t.to(device) for t in spec.sample_inputs(batch, profile.opt_size, profile.opt_width,
-                                                                torch.float32))
-        runner = TrtRunner(path, spec, device, profile, cuda_graphs=False)
-        err = check_engine(name, lambda *args: runner(**dict(zip(spec.input_names, args, strict=True))),
-                           modules[name].to(device, torch.float32).eval(), inputs, ENGINE_TOLERANCE)
-        modules[name].to("cpu")
-        extra = {"relative_error": round(err, 6)}
-        record = onnx_manifest["networks"][name]
-        if refitting and record.get("weights_layout") == WEIGHTS_BY_NAME:  # LoRA refits by these names
-            extra.update(weights_layout=WEIGHTS_BY_NAME, transposed=record.get("transposed", []))
-        if donor is not None:
-            extra["refitted_from"] = donor_manifest["checkpoint"]
-        return [path.name], extra, f", relative error vs eager {err:.2e}"
-
-    return build_entry(root, info, "tensorrt", PRECISION, profile, networks, make, dict(
-        refittable=refitting, build_mode=mode,
-        onnx_source=f"onnxruntime-{source}", weights=info.fingerprint,
-        refitted_from=donor_manifest["checkpoint"] if donor_manifest else None, clip_skip=clip_skip, **facts),
-        progress, verb="refitted" if donor is not None else "built")
+    modules: dict = {}
+    built = []
+    for owner, nets, _ in entry_groups(info, family, networks, {}):
+        stored = {n: family.specs[n].name for n in nets}
+        is_controlnet = owner is not info
+        src, onnx_manifest = _onnx_entry(root, info, source, tuple(stored.values()), size,
+                                         owner if is_controlnet else None)
+        profile = entry_profile(onnx_manifest, size)
+        donor = refit_source(root, owner, "tensorrt", PRECISION, facts, profile) \
+            if refit and refittable is not False else None
+        donor_manifest = read_manifest(donor) if donor else None
+        refitting = bool(donor_manifest and donor_manifest.get("refittable")) or bool(refittable)
+        clip_skip = onnx_manifest.get("clip_skip", 0)
+        modules = modules or family.modules(ckpt, clip_skip)
+        make = partial(_make_plan, trt, logger, family, modules, device, root, src, onnx_manifest, stored, profile,
+                       donor, donor_manifest, refitting)
+        entry_facts = dict(refittable=refitting, build_mode=mode, onnx_source=f"onnxruntime-{source}",
+                           weights=owner.fingerprint,
+                           refitted_from=donor_manifest["checkpoint"] if donor_manifest else None, **facts)
+        if not is_controlnet:
+            entry_facts["clip_skip"] = clip_skip
+        built.append(build_entry(root, owner, "tensorrt", PRECISION, profile, nets, make, entry_facts, progress,
+                                 verb="refitted" if donor is not None else "built", stored=stored))
+    return built[0]

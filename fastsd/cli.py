@@ -103,6 +103,18 @@ def _parser() -> argparse.ArgumentParser:
                         "SD-XL VAE, or TAESD for a fast final decode)")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="fuse a LoRA (.safetensors, kohya or diffusers/PEFT) at SCALE (default 1); repeatable")
+    g.add_argument("--controlnet", action="append", default=[], metavar="M",
+                   help="a ControlNet (diffusers folder, .safetensors file, hub id or synthetic:controlnet-<arch>); "
+                        "repeatable (multi-ControlNet), one --control-image each, in the same order")
+    g.add_argument("--control-image", action="append", default=[], metavar="IMG",
+                   help="the conditioning image of each --controlnet (edges, depth, pose ...); repeatable")
+    g.add_argument("--control-scale", action="append", type=float, default=[], metavar="S",
+                   help="controlnet_conditioning_scale: one for all, or one per --controlnet (default 1.0 txt2img, "
+                        "0.8 img2img, 0.5 inpaint)")
+    g.add_argument("--control-start", action="append", type=float, default=[], metavar="F",
+                   help="control_guidance_start: the fraction of steps before the ControlNet acts (default 0)")
+    g.add_argument("--control-end", action="append", type=float, default=[], metavar="F",
+                   help="control_guidance_end: the fraction of steps after which it stops (default 1)")
     g.add_argument("--preview", default=None, metavar="FILE.png",
                    help="keep a live preview PNG of the first image updated while denoising (TAESD decodes)")
     g.add_argument("--preview-every", type=int, default=1, metavar="K", help="a preview every K steps (default 1)")
@@ -130,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--clip-skip", type=int, default=0, help="bake text embeddings from CLIP layer -(N+1)")
     e.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
     e.add_argument("--vae", default=None, help="a VAE folder or .safetensors file replacing the model's")
+    e.add_argument("--controlnet", action="append", default=[], metavar="M",
+                   help="also export this ControlNet (into an entry of its own) and the UNet with its residual "
+                        "inputs; repeatable")
     e.add_argument("--no-refit", action="store_true",
                    help="trace from scratch even where an entry of the same architecture could be refitted")
     e.set_defaults(func=cmd_export)
@@ -153,6 +168,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="build from scratch even where an entry of the same architecture could be refitted")
     c.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
     c.add_argument("--vae", default=None, help="a VAE folder or .safetensors file replacing the model's")
+    c.add_argument("--controlnet", action="append", default=[], metavar="M",
+                   help="also build this ControlNet (into an entry of its own) and the UNet with its residual "
+                        "inputs; repeatable")
     c.set_defaults(func=cmd_build)
 
     s = sub_parser("engines", help="list or prune the engine store")
@@ -347,11 +365,48 @@ def _check_generate(args) -> None:
     for path, _ in map(parse_lora_arg, args.lora):
         if not Path(path).is_file():
             raise FastSDError(f"--lora {path}: no such file")
+    _check_control(args)
     factor = peek_vae_factor(args.model) or 1
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and (value <= 0 or value % factor):
             raise FastSDError(f"{flag} must be a positive multiple of {factor}, got {value}")
     check_seed(args.seed)
+
+
+def _check_control(args) -> None:
+    """The ControlNet flags: one --control-image per --controlnet; scales and the window one
+    for all or one per ControlNet (their ranges are checked by the pipeline)."""
+    n = len(args.controlnet)
+    if args.control_image and not n:
+        raise FastSDError("--control-image needs --controlnet")
+    if n and len(args.control_image) != n:
+        raise FastSDError(f"{n} --controlnet need {n} --control-image (one each, in the same order), "
+                          f"got {len(args.control_image)}")
+    for flag, values in (("--control-scale", args.control_scale), ("--control-start", args.control_start),
+                         ("--control-end", args.control_end)):
+        if values and not n:
+            raise FastSDError(f"{flag} needs --controlnet")
+        if len(values) not in (0, 1, n):
+            raise FastSDError(f"{flag}: give one value for all ControlNets or one per --controlnet ({n})")
+    for path in args.control_image:
+        if not Path(path).is_file():
+            raise FastSDError(f"--control-image {path}: no such file")
+
+
+def _control_arguments(args) -> dict:
+    """The pipeline's ControlNet arguments from the flags (none without --controlnet)."""
+    from .images import load_image
+
+    if not args.controlnet:
+        return {}
+    one = len(args.controlnet) == 1
+    images = [load_image(p) for p in args.control_image]
+    out = {"control_image": images[0] if one else images}
+    for key, values in (("controlnet_conditioning_scale", args.control_scale),
+                        ("control_guidance_start", args.control_start), ("control_guidance_end", args.control_end)):
+        if values:
+            out[key] = values[0] if len(values) == 1 else values
+    return out
 
 
 def cmd_generate(args) -> int:
@@ -374,7 +429,8 @@ def cmd_generate(args) -> int:
                                     memory=memory, cuda_graphs=args.cuda_graphs,
                                     engine_dir=args.engine_dir, allow_pickle=args.allow_pickle,
                                     prediction_type=args.prediction_type, clip_skip=args.clip_skip,
-                                    variant=args.variant, vae=args.vae)
+                                    variant=args.variant, vae=args.vae, controlnet=args.controlnet or None)
+    control = _control_arguments(args)
     loras = []
     for path, scale in map(parse_lora_arg, args.lora):
         name = pipe.load_lora(path, scale=scale, name=_free_name(Path(path).stem, [lr["name"] for lr in pipe.loras]))
@@ -384,6 +440,8 @@ def cmd_generate(args) -> int:
         loras.append({"path": path, "scale": scale})
     xl = {k: v for k, v in (("prompt_2", args.prompt_2), ("negative_prompt_2", args.negative_prompt_2)) if v}
     defaults = pipe.family.defaults
+    if control and defaults.controlled is not None:
+        defaults = defaults.controlled
     guidance = args.guidance if args.guidance is not None else (
         defaults.inpaint_guidance_scale if mask is not None else defaults.guidance_scale)
     strength = args.strength if args.strength is not None or image is None else (
@@ -406,7 +464,8 @@ def cmd_generate(args) -> int:
                    strength=args.strength, num_inference_steps=args.steps, guidance_scale=args.guidance,
                    scheduler=args.scheduler, eta=args.eta, generator=torch.Generator().manual_seed(seed),
                    height=args.height, width=args.width, num_images_per_prompt=args.n,
-                   callback_on_step_end=on_step_end, preview_every=args.preview_every if preview else None)
+                   callback_on_step_end=on_step_end, preview_every=args.preview_every if preview else None,
+                   **control)
     finally:
         if bar:
             bar.close()
@@ -418,6 +477,9 @@ def cmd_generate(args) -> int:
         "scheduler": args.scheduler or pipe.scheduler.name, "guidance": guidance, "eta": args.eta, "seed": seed,
         "height": height, "width": width, "strength": strength, "image": args.image, "mask": args.mask,
         "clip_skip": args.clip_skip, "model": args.model, "vae": args.vae, "loras": loras,
+        **({"controlnets": [{"model": m, "image": i} for m, i in zip(args.controlnet, args.control_image, strict=True)],
+            "control_scale": args.control_scale, "control_start": args.control_start,
+            "control_end": args.control_end} if control else {}),
         "model_fingerprint": pipe.info.fingerprint,
         "fastsd": __version__,
     }
@@ -567,7 +629,7 @@ def _build(kind_name: str, args, **options) -> int:
 
 def cmd_export(args) -> int:
     return _build("onnxruntime", args, dtype=args.dtype, simplify=not args.no_simplify, vae=args.vae,
-                  refit=not args.no_refit)
+                  refit=not args.no_refit, controlnets=tuple(args.controlnet))
 
 
 def cmd_build(args) -> int:
@@ -575,7 +637,7 @@ def cmd_build(args) -> int:
         raise FastSDError("--refittable and --frozen contradict each other")
     refittable = True if args.refittable else False if args.frozen else None
     return _build(args.backend, args, dtype=args.dtype, device=args.device, refittable=refittable,
-                  vae=args.vae, refit=not args.no_refit)
+                  vae=args.vae, refit=not args.no_refit, controlnets=tuple(args.controlnet))
 
 
 def cmd_engines(args) -> int:

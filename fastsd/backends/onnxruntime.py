@@ -173,7 +173,8 @@ def _build(opts: BuildOptions) -> Path:
     return export_module("onnx_export").export_checkpoint(
         opts.model, engine_dir=opts.engine_dir, dtype=opts.dtype or "fp32", static=opts.static,
         networks=opts.networks, simplify=opts.simplify, allow_pickle=opts.allow_pickle, clip_skip=opts.clip_skip,
-        vae=opts.vae, refit=opts.refit, progress=opts.progress)
+        vae=opts.vae, refit=opts.refit, progress=opts.progress,
+        controlnets=opts.controlnets)
 
 
 def _details() -> str:

@@ -25,30 +25,33 @@ _told: set = set()  # (store, checkpoint, networks) already logged as running ea
 _told_lock = threading.Lock()
 
 
-def _engines(kind: EngineKind, ckpt, specs: dict, device, dtype, engine_dir: Path, clip_skip: int,
-             loud: bool) -> dict[str, list[LazyRunner]]:
-    """Per network, candidates of `kind`: one per valid entry that holds it."""
-    why = kind.unavailable()
-    if why:
-        if loud:
-            log.warning("%s: %s; falling back to eager", kind.name, why)
-        return {}
-    facts = {"clip_skip": clip_skip, **kind.runtime_facts(device)}
+def _engines(kind: EngineKind, fingerprint: str, specs: dict, device, dtype, engine_dir: Path, facts: dict,
+             loud: bool, what: str = "this checkpoint") -> dict[str, list[LazyRunner]]:
+    """Per network, candidates of `kind` among the entries of `fingerprint` (the checkpoint's,
+    or a ControlNet's): one per valid entry that holds it. `specs` maps each network's name in
+    the pipeline to its spec, whose name is the one in the entry (controlnet_2 -> controlnet)."""
+    facts = {**facts, **kind.runtime_facts(device)}
     precision = PRECISIONS[dtype]
-    entries = kind_entries(engine_dir, ckpt.info.fingerprint, kind.name, precision)
+    entries = kind_entries(engine_dir, fingerprint, kind.name, precision)
     if not entries and loud:
-        log.warning("%s: no %s entry for this checkpoint in %s; falling back to eager (build one with `%s`)",
-                    kind.name, precision, engine_dir, kind.build_command)
+        log.warning("%s: no %s entry for %s in %s; falling back to eager (build one with `%s`)",
+                    kind.name, precision, what, engine_dir, kind.build_command)
     found: dict[str, list[LazyRunner]] = {}
     for entry in entries:  # files are re-hashed from disk when an engine loads (LazyRunner.load)
-        manifest, problems = check_entry(entry, ckpt.info.fingerprint, facts, networks=tuple(specs))
+        stored = {n: spec.name for n, spec in specs.items()}
+        manifest, problems = check_entry(entry, fingerprint, facts, networks=tuple(set(stored.values())))
         _warn_unusable(f"{kind.name} ({entry.name})", problems, loud, True)
-        for n in specs:
-            if n in problems or n not in manifest.get("networks", {}):
+        for n, spec in specs.items():
+            record = manifest.get("networks", {}).get(spec.name)
+            if spec.name in problems or record is None:
                 continue
-            graph = graph_file(n, manifest["networks"][n])
-            found.setdefault(n, []).append(LazyRunner(kind, entry, graph, specs[n], device, dtype,
-                                                      Profile(**manifest["profile"]), ckpt.info.fingerprint, facts))
+            try:  # a UNet built with the ControlNet residual inputs takes those too
+                spec = spec.with_inputs(record.get("inputs", spec.input_names))
+            except ValueError as e:
+                _warn_unusable(f"{kind.name} ({entry.name})", {n: str(e)}, True, True)
+                continue
+            found.setdefault(n, []).append(LazyRunner(kind, entry, graph_file(spec.name, record), spec, device,
+                                                      dtype, Profile(**manifest["profile"]), fingerprint, facts))
     return found
 
 
@@ -76,8 +79,20 @@ def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.
         return make_eager()
     kinds = tuple(ENGINE_KINDS.values()) if backend == "auto" else (ENGINE_KINDS[backend],)
     engines: dict[str, list[LazyRunner]] = {}
+    loud = backend != "auto"
+    owned = {n: cn for n, cn in getattr(family, "controlnets", {}).items()}  # networks with entries of their own
     for kind in kinds:  # fastest kind first
-        for n, runners in _engines(kind, ckpt, specs, device, dtype, engine_dir, clip_skip, backend != "auto").items():
+        why = kind.unavailable()
+        if why:
+            if loud:
+                log.warning("%s: %s; falling back to eager", kind.name, why)
+            continue
+        found = _engines(kind, ckpt.info.fingerprint, {n: s for n, s in specs.items() if n not in owned}, device,
+                         dtype, engine_dir, {"clip_skip": clip_skip}, loud)
+        for n, cn in owned.items():
+            found |= _engines(kind, cn.fingerprint, {n: specs[n]}, device, dtype, engine_dir, {}, loud,
+                              f"the ControlNet {cn.source}")
+        for n, runners in found.items():
             engines.setdefault(n, []).extend(runners)
     for runners in engines.values():  # the first choice loads now: its failure is known at load time
         while runners and not runners[0].load():
