@@ -223,6 +223,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the model's name)")
     v.add_argument("--lora", action="append", default=[], metavar="FILE",
                    help="a LoRA requests may name (by its file's stem) in `lora`; repeatable")
+    v.add_argument("--controlnet", action="append", default=[], metavar="M",
+                   help="a ControlNet; requests then may pass `control_image` (one per --controlnet, in order); "
+                        "repeatable")
     v.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="every .safetensors LoRA in DIR, by stem, may be named in requests")
     v.add_argument("--max-n", type=int, default=10, help="images per request (default 10)")
@@ -717,7 +720,7 @@ def cmd_serve(args) -> int:
                            engine_dir=args.engine_dir, variant=args.variant, allow_pickle=args.allow_pickle,
                            max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
                            max_queue=args.max_queue, limits=limits, model_name=args.model_name,
-                           loras=_serve_loras(args.lora, args.lora_dir))
+                           loras=_serve_loras(args.lora, args.lora_dir), controlnets=tuple(args.controlnet))
     if args.ray:
         try:
             from .serve import ray_serve

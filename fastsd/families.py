@@ -127,7 +127,9 @@ class StableDiffusionXL(StableDiffusion):
     unet_module = XLUNet
     text_module = XLTextEncoder
     defaults = Defaults(guidance_scale=5.0, inpaint_guidance_scale=7.5, img2img_strength=0.3,
-                        inpaint_strength=0.9999, takes_xl=True)
+                        inpaint_strength=0.9999, takes_xl=True,
+                        controlled=Defaults(guidance_scale=5.0, inpaint_guidance_scale=5.0, img2img_strength=0.8,
+                                            inpaint_strength=0.9999, takes_xl=True, control_scale=(1.0, 0.8, 1.0)))
 
     def __init__(self, info, tokenizer, tokenizer_2, widths: dict[str, tuple[int, int]], unet_config=None,
                  controlnets=()):

@@ -118,6 +118,15 @@ def image_batch(images, height: int, width: int, latent_channels: int) -> tuple[
     return (t if t.min() < 0 else 2.0 * t - 1.0), False
 
 
+def check_rgb(images, what: str) -> None:
+    """An array or tensor input must hold RGB images (PIL images are converted)."""
+    if isinstance(images, list) and isinstance(images[0], Image.Image):
+        return
+    channels = _to_float_tensor(images, mask=False).shape[1]
+    if channels != 3:
+        raise ImageError(f"{what} has {channels} channels; it must be RGB (3 channels)")
+
+
 def control_size(images, factor: int) -> tuple[int, int]:
     """The size a checked control image input sets (its first image's, rounded down to a
     multiple of the VAE factor), as diffusers' get_default_height_width."""
@@ -133,10 +142,9 @@ def control_batch(images, height: int, width: int) -> torch.Tensor:
     not normalized."""
     if isinstance(images, list) and isinstance(images[0], Image.Image):
         return torch.cat([image_to_tensor(im, height, width, normalize=False) for im in images])
-    t = _to_float_tensor(images, mask=False)
-    if t.shape[1] != 3:
-        raise ImageError(f"control_image has {t.shape[1]} channels; a control image is RGB (3 channels)")
-    return torch.nn.functional.interpolate(t, size=(height, width))  # nearest, as diffusers resizes arrays
+    check_rgb(images, "control_image")
+    return torch.nn.functional.interpolate(_to_float_tensor(images, mask=False), size=(height, width))  # nearest,
+    # as diffusers resizes arrays
 
 
 def mask_batch(masks, height: int, width: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidArgumentError
-from .images import batch_shape, check_images, control_size
+from .images import batch_shape, check_images, check_rgb, control_size
 from .schedulers import SAMPLERS, SchedulerChoice, SchedulerConfig, choose_scheduler, first_step
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,7 @@ def _control_options(control: dict, count: int, prompts: int, mode: int, default
     images = tuple(check_images(i, "control_image") for i in (image if count > 1 else [image]))
     for checked in images:
         n_images = batch_shape(checked, "control_image")[0]
+        check_rgb(checked, "control_image")
         if n_images not in (1, prompts):
             raise InvalidArgumentError(f"{n_images} control images for {prompts} prompts: pass one, or one per prompt")
     scale = control.get("controlnet_conditioning_scale")

@@ -8,6 +8,8 @@ turns into OpenAI's error JSON.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
 import re
@@ -71,6 +73,8 @@ class ImageRequest:
     image: Image.Image | None = None  # edits: RGB
     mask: Image.Image | None = None  # edits: L, white = repaint
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale) of the server's LoRAs to fuse, in order
+    control_image: tuple[Image.Image, ...] = ()  # one per ControlNet of the server (none: no ControlNet)
+    control: tuple = ()  # (name, value) of the ControlNet settings given: scale, guidance start / end
 
     @property
     def mode(self) -> str:
@@ -80,13 +84,24 @@ class ImageRequest:
         """Pipeline keywords shared by every image of the request (not prompt, seed or n)."""
         return {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
                 "scheduler": self.scheduler, "strength": self.strength, "eta": self.eta,
-                "height": self.height, "width": self.width}
+                "height": self.height, "width": self.width, **dict(self.control)}
+
+    def control_kwargs(self, images: list[tuple[Image.Image, ...]] | None = None) -> dict:
+        """control_image for the pipeline: this request's (or, for a batch, `images`: each
+        request's), a list per ControlNet where there are several."""
+        if not self.control_image:
+            return {}
+        rows = images if images is not None else [self.control_image]
+        per_net = [[r[j] for r in rows] for j in range(len(self.control_image))]
+        per_net = [imgs[0] if len(imgs) == 1 else imgs for imgs in per_net]
+        return {"control_image": per_net[0] if len(per_net) == 1 else per_net}
 
 
 # ---- fields ------------------------------------------------------------------------------
 
+_CONTROL = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 _FASTSD = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "scheduler", "strength", "eta",
-           "lora")
+           "lora", "control_image") + _CONTROL
 MAX_LORA_SCALE = 10.0
 _OPENAI = ("prompt", "n", "size", "response_format", "output_format", "output_compression", "model", "user",
            "quality", "style", "background", "moderation", "stream", "partial_images", "input_fidelity")
@@ -217,10 +232,56 @@ def parse_loras(value, form: bool, available: tuple[str, ...]) -> tuple[tuple[st
     return tuple(out)
 
 
+def parse_control(f: "_Fields", form: bool, limits: Limits, uploads: list[bytes] | None = None) -> tuple:
+    """The ControlNet fields: `control_image` (JSON: a base64 image, or a data URL, or a list
+    of them, one per ControlNet; a form: the uploaded files, in order) and its settings (a
+    number, or in JSON a list of one per ControlNet; in a form, numbers separated by commas).
+    Returns (images, ((setting, value), ...))."""
+    raw = f.raw("control_image")
+    if form:
+        if raw is not None:
+            raise bad("'control_image' must be a file upload", "control_image", "invalid_type")
+        encoded = []
+        images = [read_upload(data, "control_image", limits) for data in uploads or ()]
+    else:
+        encoded = raw if isinstance(raw, list) else [] if raw is None else [raw]
+        if not all(isinstance(e, str) for e in encoded) or (isinstance(raw, list) and not raw):
+            raise bad("'control_image' must be a base64-encoded image (or a data URL), or a list of them",
+                      "control_image", "invalid_type")
+        images = [read_upload(_base64(e), "control_image", limits) for e in encoded]
+    settings = []
+    for name in _CONTROL:
+        v = f.raw(name)
+        if v is None:
+            continue
+        if not images:
+            raise bad(f"'{name}' applies to requests with a 'control_image'", name, "invalid_value")
+        items = [x.strip() for x in v.split(",")] if form and isinstance(v, str) else v if isinstance(v, list) else [v]
+        try:
+            numbers = [float(x) if isinstance(x, str) else x for x in items]
+        except ValueError:
+            raise bad(f"'{name}' must be a number or one per ControlNet, got {v!r}", name, "invalid_type") from None
+        if not numbers or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                  for x in numbers):
+            raise bad(f"'{name}' must be a number or one per ControlNet, got {_kind(v)}", name, "invalid_type")
+        settings.append((name, float(numbers[0]) if len(numbers) == 1 else tuple(float(x) for x in numbers)))
+    return tuple(im.convert("RGB") for im in images), tuple(settings)
+
+
+def _base64(text: str) -> bytes:
+    if text.startswith("data:"):
+        text = text.split(",", 1)[-1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad("'control_image' is not valid base64", "control_image", "invalid_image") from None
+
+
 def parse_request(data, *, form: bool, limits: Limits, factor: int, model_names: tuple[str, ...],
                   image: Image.Image | None = None, mask: Image.Image | None = None,
-                  loras: tuple[str, ...] = ()) -> ImageRequest:
-    """Check a generations (JSON) or edits (form) body; `image` / `mask` are the decoded uploads."""
+                  loras: tuple[str, ...] = (), control_uploads: list[bytes] | None = None) -> ImageRequest:
+    """Check a generations (JSON) or edits (form) body; `image` / `mask` are the decoded
+    uploads, `control_uploads` the control_image files of an edits body."""
     if not isinstance(data, dict):
         raise bad(f"the request body must be a JSON object, got {_kind(data)}")
     unknown = [k for k in data if k not in _OPENAI and k not in _FASTSD]
@@ -264,8 +325,9 @@ def parse_request(data, *, form: bool, limits: Limits, factor: int, model_names:
         raise bad("'strength' applies to edits (img2img and inpainting), not to generations", "strength",
                   "invalid_value")
     lora = parse_loras(f.raw("lora"), form, loras)
+    control_image, control = parse_control(f, form, limits, control_uploads)
     return ImageRequest(prompt, negative, n, width, height, seed, steps, guidance, scheduler, strength, eta,
-                        out, compression, image, mask, lora)
+                        out, compression, image, mask, lora, control_image, control)
 
 
 # ---- uploads ---------------------------------------------------------------------------

@@ -50,6 +50,7 @@ class ServeOptions:
     limits: Limits = field(default_factory=Limits)
     model_name: str | None = None  # the id clients pass as `model` (default: the model's name)
     loras: tuple[tuple[str, str], ...] = ()  # (name, file) of the LoRAs requests may name
+    controlnets: tuple[str, ...] = ()  # ControlNets: requests may pass a control_image (one per ControlNet)
 
     @property
     def lora_names(self) -> tuple[str, ...]:
@@ -67,7 +68,7 @@ class ServeOptions:
 
         pipe = Pipeline.from_pretrained(self.model, backend=self.backend, device=self.device, dtype=self.dtype,
                                         engine_dir=self.engine_dir, variant=self.variant,
-                                        allow_pickle=self.allow_pickle)
+                                        allow_pickle=self.allow_pickle, controlnet=list(self.controlnets) or None)
         modules = pipe.family.modules(pipe.ckpt)
         for name, path in self.loras:  # a LoRA that does not fit the model fails the start, not a request
             read_lora(path, modules, name, 1.0)
@@ -141,17 +142,19 @@ class _State:
         w, h = req.width, req.height
         if req.image is not None and w is None:
             w, h = req.image.size
+        elif req.control_image and w is None:  # txt2img with a ControlNet: the control image's size
+            w, h = req.control_image[0].size
         return (req.mode, w, h, req.num_inference_steps, req.guidance_scale, req.scheduler, req.strength, req.eta,
-                req.loras)  # a batch runs on one set of weights
+                req.loras, len(req.control_image), req.control)  # a batch runs on one set of weights
 
     def check(self, req: ImageRequest) -> None:
         """The pipeline's own checks, on the batch this request may be part of."""
         try:
             self.pipe.check_call(req.prompt, negative_prompt=req.negative_prompt, image=req.image,
                                  mask_image=req.mask, num_images_per_prompt=min(req.n, self.options.max_batch),
-                                 **req.call_kwargs())
+                                 **req.call_kwargs(), **req.control_kwargs())
         except ImageError as e:
-            raise bad(str(e), "image", "invalid_image") from None
+            raise bad(str(e), "control_image" if "control_image" in str(e) else "image", "invalid_image") from None
         except FastSDError as e:
             text = str(e)
             param = text.split(" ", 1)[0].strip("'")
@@ -219,7 +222,8 @@ class _State:
                         image=None if first.image is None else [r.image for r in reqs],
                         mask_image=None if first.mask is None else [r.mask for r in reqs],
                         generator=[torch.Generator().manual_seed(s.job.payload.seed + s.index) for s in slots],
-                        callback=step, output_type="pil", **first.call_kwargs())
+                        callback=step, output_type="pil", **first.call_kwargs(),
+                        **first.control_kwargs([r.control_image for r in reqs]))
         return out.images, out.timings
 
     def _use_loras(self, wanted: tuple[tuple[str, float], ...]) -> None:
@@ -418,18 +422,21 @@ def create_app(options: ServeOptions, *, pipeline=None, load_in_background: bool
             raise bad("an edits request is multipart/form-data with an 'image' file (and optionally a 'mask')",
                       code="invalid_content_type")
         try:
-            form = await request.form(max_files=4, max_fields=64, max_part_size=limits.max_upload_bytes)
+            form = await request.form(max_files=10, max_fields=64, max_part_size=limits.max_upload_bytes)
         except _TooLarge:
             raise
         except Exception as e:  # noqa: BLE001 - starlette's multipart errors: a malformed body
             raise bad(f"the multipart body could not be read ({e})", code="invalid_multipart") from None
         try:
-            fields, files = {}, {}
+            fields, files, control = {}, {}, []
             for name, value in form.multi_items():
                 if isinstance(value, str):
                     fields[name] = value
                 else:
                     key = name[:-2] if name.endswith("[]") else name
+                    if key == "control_image":  # one per ControlNet, in order
+                        control.append(await value.read())
+                        continue
                     if key in files:
                         raise bad(f"one '{key}' file per request, please (got several)", key)
                     files[key] = await value.read()
@@ -448,7 +455,8 @@ def create_app(options: ServeOptions, *, pipeline=None, load_in_background: bool
             await form.close()
         image, mask = edit_inputs(image, mask)
         req = parse_request(fields, form=True, limits=limits, factor=state.pipe.info.vae_factor,
-                            model_names=options.served_names, image=image, mask=mask, loras=options.lora_names)
+                            model_names=options.served_names, image=image, mask=mask, loras=options.lora_names,
+                            control_uploads=control)
         return await state.generate(request, req)
 
     endpoints = ("/v1/images/generations", "/v1/images/edits", "/healthz", "/metrics", "/v1/models")
