@@ -199,6 +199,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--engine-dir", default=None, help="engine store (as for export)")
     b.add_argument("--export-missing", action="store_true",
                    help="export ONNX / build compiled engines a backend lacks (timed)")
+    b.add_argument("--controlnet", action="append", default=[], metavar="M",
+                   help="run every call with this ControlNet too (a synthetic control image; diffusers: its "
+                        "ControlNet pipeline); repeatable")
     b.add_argument("--cold-start", action="store_true", help="also time a new process to its first image")
     b.add_argument("--sequential", action="store_true", default=None,
                    help="run the backends one after another, not interleaved (default: only when their processes "

@@ -434,3 +434,18 @@ def test_server_takes_a_control_image(ckpts, cns, control):
     with TestClient(create_app(ServeOptions(model=str(ckpts["eps"])), pipeline=ours(ckpts["eps"]))) as c:
         r = c.post("/v1/images/generations", json={"prompt": "a fox", "control_image": b64})
         assert r.status_code == 400 and "needs a ControlNet" in r.json()["error"]["message"]
+
+
+def test_bench_with_controlnet(ckpts, cns, tmp_path, capsys):
+    """`fastsd bench --controlnet`: fastsd and diffusers' ControlNet pipeline side by side."""
+    from fastsd.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(ckpts["eps"]), "--controlnet", str(cns["a"]), "--backends",
+                 "eager,diffusers", "--steps", "2", "--warmup", "0", "--runs", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    rows = {r["backend"]: r for r in report["rows"]}
+    assert set(rows) == {"eager", "diffusers"} and report["config"]["controlnets"] == [str(cns["a"])]
+    assert rows["eager"]["ran"]["controlnet"] == "eager"
+    assert rows["diffusers"]["stages"]["unet"]["median"] > 0
+    assert "+ ControlNet" in (out / "bench.md").read_text()

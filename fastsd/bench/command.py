@@ -80,7 +80,8 @@ def cmd_bench(args) -> int:
                          steps=_ints(args.steps, "steps"), schedulers=tuple(args.schedulers.split(","))
                          if args.schedulers else None, guidance=args.guidance, warmup=args.warmup, runs=args.runs,
                          dtype=args.dtype, engine_dir=args.engine_dir, export_missing=args.export_missing,
-                         cold_start=args.cold_start, sequential=args.sequential)
+                         cold_start=args.cold_start, sequential=args.sequential,
+                         controlnets=tuple(args.controlnet) or None)
     result = run_bench(cfg, progress=lambda line: print(line, file=sys.stderr, flush=True))
     paths = write_reports(result, Path(args.out))
     print(markdown(result))

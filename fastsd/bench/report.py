@@ -38,7 +38,9 @@ def markdown(result: BenchResult | dict) -> str:
     r = asdict(result) if isinstance(result, BenchResult) else result
     m = r["machine"]
     hw = m.get("gpu") or m.get("cpu")
-    lines = [f"fastsd bench: `{r['config']['model']}` on {hw} ({m['device']}), {r['created']}, "
+    control = r["config"].get("controlnets") or ()
+    model = r["config"]["model"] + "".join(f" + ControlNet `{c}`" for c in control)
+    lines = [f"fastsd bench: `{model}` on {hw} ({m['device']}), {r['created']}, "
              f"torch {m['torch']}, fastsd {m['fastsd']} ({m.get('git_commit') or 'no git'})", "",
              "| backend | size | batch | steps | scheduler | text enc ms | UNet ms/step | VAE dec ms "
              "| end to end ms (median / p90) | img/s | peak memory | vs diffusers (e2e, UNet step) |",

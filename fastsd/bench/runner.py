@@ -67,6 +67,7 @@ class BenchConfig:
     export_missing: bool = False  # export ONNX / build compiled engines a requested backend lacks (timed)
     cold_start: bool = False  # also time a new process to its first image
     sequential: bool | None = None  # one backend's process at a time (None: when they would not fit together)
+    controlnets: tuple[str, ...] = ()  # every call also runs these ControlNets (diffusers: its ControlNet pipeline)
 
 
 def default_config(model: str, device: torch.device, **overrides) -> BenchConfig:

@@ -36,6 +36,18 @@ GRAPHS = "eager+graphs"  # eager PyTorch with whole-step CUDA graphs
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 
 
+def control_images(count: int, h: int, w: int) -> list:
+    """The benchmark's conditioning images: fixed random RGB, one per ControlNet (the same for
+    fastsd and diffusers; their content does not change the compute)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+
+
 CPU_SIZE = 256  # default benchmark resolution on a CPU
 
 
@@ -84,7 +96,9 @@ class FastSDWorker:
             self.skip = f"{GRAPHS}: needs a CUDA device; skipped"
             return
 
-        family = family_for(ckpt)
+        from ..controlnet import load_controlnets
+
+        family = family_for(ckpt, load_controlnets(list(cfg.controlnets) or None, ckpt))
 
         def load():
             backend_ = make_backend(ckpt, family, kind, device, dtype, root, cuda_graphs=graphs)
@@ -99,13 +113,15 @@ class FastSDWorker:
                 return
             t0 = time.perf_counter()
             engine_kind.build(BuildOptions(cfg.model, engine_dir=cfg.engine_dir, dtype=PRECISIONS[dtype],
-                                           device=str(device)))
+                                           device=str(device), controlnets=tuple(cfg.controlnets)))
             self.export_s = time.perf_counter() - t0
             self.pipe = load()
 
     def call(self, h, w, batch, steps, sched, guidance, seed) -> dict:
+        images = control_images(len(self.cfg.controlnets), h, w)
         out = self.pipe([PROMPT] * batch, num_inference_steps=steps, scheduler=sched, guidance_scale=guidance,
-                        height=h, width=w, seed=seed, output_type="np")
+                        height=h, width=w, seed=seed, output_type="np",
+                        **({"control_image": images[0] if len(images) == 1 else images} if images else {}))
         return {k: out.timings[k] for k in ("text_encoder", "unet", "unet_per_step", "vae_decoder")}
 
     def extra(self) -> dict:
@@ -155,8 +171,9 @@ class _StageHooks:
 
 
 class DiffusersWorker:
-    """diffusers' StableDiffusionPipeline, or StableDiffusionXLPipeline for an SD-XL folder,
-    with its own defaults (its own copy of the weights)."""
+    """diffusers' StableDiffusionPipeline, or StableDiffusionXLPipeline for an SD-XL folder
+    (with ControlNets: their ControlNet pipelines), with its own defaults (its own copy of the
+    weights). Its ControlNets' time counts in the UNet stage, as fastsd's loop does."""
 
     def __init__(self, cfg, device: torch.device, dtype: torch.dtype):
         import diffusers
@@ -169,11 +186,20 @@ class DiffusersWorker:
         xl = index.is_file() and json.loads(index.read_text()).get("_class_name") == "StableDiffusionXLPipeline"
         with warnings.catch_warnings():  # newer diffusers renames torch_dtype; older ones only know it
             warnings.simplefilter("ignore")
+            extra = {}
+            if cfg.controlnets:
+                from ..controlnet import CONTROLNET_FILES
+
+                nets = [diffusers.ControlNetModel.from_pretrained(str(resolve(c, patterns=CONTROLNET_FILES)),
+                                                                  torch_dtype=dtype) for c in cfg.controlnets]
+                extra["controlnet"] = nets[0] if len(nets) == 1 else nets
             if xl:
-                self.pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(path), torch_dtype=dtype)
+                cls = diffusers.StableDiffusionXLControlNetPipeline if extra else diffusers.StableDiffusionXLPipeline
+                self.pipe = cls.from_pretrained(str(path), torch_dtype=dtype, **extra)
             else:
-                self.pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-                    str(path), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+                cls = diffusers.StableDiffusionControlNetPipeline if extra else diffusers.StableDiffusionPipeline
+                self.pipe = cls.from_pretrained(str(path), torch_dtype=dtype, safety_checker=None,
+                                                requires_safety_checker=False, **extra)
             self.pipe = self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         factor = self.pipe.vae_scale_factor
@@ -193,18 +219,23 @@ class DiffusersWorker:
         modules = {"text_encoder": self.pipe.text_encoder, "unet": self.pipe.unet, "vae_decoder": self.pipe.vae.decoder}
         if getattr(self.pipe, "text_encoder_2", None) is not None:  # SD-XL: both encoders are the text stage
             modules["text_encoder_2"] = self.pipe.text_encoder_2
+        if getattr(self.pipe, "controlnet", None) is not None:  # the whole multi-ControlNet, or the one
+            modules["controlnet"] = self.pipe.controlnet
         hooks = _StageHooks(modules, self.device) if hooked else None
+        images = control_images(len(self.cfg.controlnets), h, w)
+        control = {"image": images[0] if len(images) == 1 else images} if images else {}
         try:
             self.pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=guidance, height=h, width=w,
-                      generator=torch.Generator().manual_seed(seed), output_type="np")
+                      generator=torch.Generator().manual_seed(seed), output_type="np", **control)
         finally:
             if hooks is not None:
                 hooks.remove()
         if hooks is None:
             return {}
         t = hooks.totals
-        return {"text_encoder": t.get("text_encoder", 0.0) + t.get("text_encoder_2", 0.0), "unet": t.get("unet", 0.0),
-                "unet_per_step": t.get("unet", 0.0) / SAMPLERS[sched].loop_steps(steps),  # PNDM: n + 1 calls
+        unet = t.get("unet", 0.0) + t.get("controlnet", 0.0)
+        return {"text_encoder": t.get("text_encoder", 0.0) + t.get("text_encoder_2", 0.0), "unet": unet,
+                "unet_per_step": unet / SAMPLERS[sched].loop_steps(steps),  # PNDM: n + 1 calls
                 "vae_decoder": t.get("vae_decoder", 0.0)}
 
     def extra(self) -> dict:
