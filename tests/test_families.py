@@ -37,7 +37,7 @@ def scaled_family(scale: float):
             rows = out["encoder_hidden_states"].shape[0]
             return {**out, "out_scale": torch.full((rows,), scale, device=device)}
 
-    return lambda ckpt: Scaled(ckpt.info, ckpt.tokenizer)
+    return lambda ckpt, controlnets=(): Scaled(ckpt.info, ckpt.tokenizer, None, ckpt.unet.config, controlnets)
 
 
 def test_extra_unet_input_is_carried_by_name(ckpts, pipes, monkeypatch):
