@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU verification in one command, each part under 10 minutes on one H100.
 #
-#   bash benchmarks/gpu_suite.sh [tests|bench|extra|sdxl|all] OUTDIR
+#   bash benchmarks/gpu_suite.sh [tests|bench|extra|sdxl|controlnet|all] OUTDIR
 #
 #   tests  the GPU-marked tests, then fp16 vs fp32 per network on synthetic SD 1.5
 #   bench  fastsd bench, synthetic SD 1.5, 512x512, 50 DDIM steps, CFG 7.5, batch 1:
@@ -12,7 +12,10 @@
 #   sdxl   fastsd bench, synthetic SD-XL (built first), 1024x1024, 30 Euler steps, CFG 5.0, fp16:
 #          diffusers' StableDiffusionXLPipeline, eager, eager + whole-step graphs, compiled (built
 #          inside the run; SDXL_BACKENDS overrides the list), with each row's peak device memory
-#   all    tests, bench and extra in turn (about 3 x 10 minutes; sdxl is run on its own)
+#   controlnet  fastsd bench, synthetic SD 1.5 + synthetic ControlNet, 512x512, 50 DDIM steps, CFG 7.5,
+#          fp16: diffusers' StableDiffusionControlNetPipeline, eager, eager + whole-step graphs,
+#          compiled (UNet with residual inputs and the ControlNet, built inside the run)
+#   all    tests, bench and extra in turn (about 3 x 10 minutes; sdxl and controlnet are run on their own)
 #
 # Installs nothing: it runs where torch with CUDA and fastsd's dependencies import
 # (PYTHON, default python3; put the repository on PYTHONPATH). Everything goes under
@@ -22,8 +25,8 @@ set -uo pipefail
 PART=all
 if [ $# -eq 2 ]; then PART=$1; OUT=$2
 elif [ $# -eq 1 ]; then OUT=$1
-else echo "usage: gpu_suite.sh [tests|bench|extra|sdxl|all] OUTDIR" >&2; exit 2; fi
-case "$PART" in tests|bench|extra|sdxl|all) ;; *) echo "gpu_suite: unknown part '$PART' (tests, bench, extra, sdxl or all)" >&2; exit 2;; esac
+else echo "usage: gpu_suite.sh [tests|bench|extra|sdxl|controlnet|all] OUTDIR" >&2; exit 2; fi
+case "$PART" in tests|bench|extra|sdxl|controlnet|all) ;; *) echo "gpu_suite: unknown part '$PART' (tests, bench, extra, sdxl, controlnet or all)" >&2; exit 2;; esac
 
 PY=${PYTHON:-python3}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -109,13 +112,19 @@ run_sdxl() {
         --export-missing --warmup 1 --runs 5
 }
 
+run_controlnet() {
+    bench bench-controlnet-512 --controlnet synthetic:controlnet-sd15 --height 512 --width 512 --steps 50 \
+        --schedulers ddim --guidance 7.5 --batch 1 --dtype fp16 \
+        --backends "${CONTROLNET_BACKENDS:-diffusers,eager,eager+graphs,compiled}" --export-missing --warmup 1 --runs 5
+}
+
 summary() {
     {
         echo "# fastsd GPU suite, $(date -u +%Y-%m-%d), $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
         echo
         echo "command: bash benchmarks/gpu_suite.sh $PART $OUT (commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
         for f in precision/precision.md bench-512/bench.md one-step/bench.md bench-1024/bench.md \
-                 bench-sdxl-1024/bench.md; do
+                 bench-sdxl-1024/bench.md bench-controlnet-512/bench.md; do
             [ -f "$OUT/$f" ] && { echo; cat "$OUT/$f"; }
         done
         [ -f "$OUT/tests.log" ] && { echo; echo "GPU tests: $(tail -n 1 "$OUT/tests.log")"; }
@@ -127,6 +136,7 @@ case "$PART" in
     bench) run_bench ;;
     extra) run_extra ;;
     sdxl) run_sdxl ;;
+    controlnet) run_controlnet ;;
     all) run_tests; run_bench; run_extra ;;
 esac
 summary

@@ -449,3 +449,70 @@ def test_bench_with_controlnet(ckpts, cns, tmp_path, capsys):
     assert rows["eager"]["ran"]["controlnet"] == "eager"
     assert rows["diffusers"]["stages"]["unet"]["median"] > 0
     assert "+ ControlNet" in (out / "bench.md").read_text()
+
+
+def test_profile_shapes_with_residuals(ckpts, cns):
+    """TensorRT profiles of the UNet with residual inputs and of the ControlNet: each residual
+    at its level's size (ceil(h / 2**level), as stride-2 convolutions leave it)."""
+    from fastsd.engines import Profile
+
+    pipe = ours(ckpts["eps"], cns["a"])
+    profile = Profile.for_model(pipe.info)  # tiny: 16..64 px, VAE factor 2, 1..4 images
+    unet = pipe.family.specs["unet"].with_inputs(["down_residual_3", "mid_residual", "down_residual_0"])
+    assert unet.input_names[-3:] == ("down_residual_0", "down_residual_3", "mid_residual")
+    shapes = unet.profile_shapes(profile)
+    assert shapes["down_residual_0"] == ((1, 32, 8, 8), (2, 32, 16, 16), (8, 32, 32, 32))
+    assert shapes["mid_residual"] == ((1, 64, 4, 4), (2, 64, 8, 8), (8, 64, 16, 16))
+    cn = pipe.family.specs["controlnet"]
+    shapes = cn.profile_shapes(profile)
+    assert shapes["controlnet_cond"] == ((1, 3, 16, 16), (2, 3, 32, 32), (8, 3, 64, 64))
+    assert shapes["conditioning_scale"] == ((1,), (1,), (1,))
+    assert cn.output_names == tuple(t.name for t in pipe.family.specs["unet"].optional_inputs)
+    assert cn.shapes(2, 18, 22)["down_residual_3"] == (2, 64, 5, 6)  # 9x11 latents -> ceil: 5x6
+
+
+def test_edits_take_control_image_files(ckpts, cns, control, init_image):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from fastsd.serve import ServeOptions, create_app
+
+    pipe = ours(ckpts["eps"], cns["a"])
+
+    def png(im):
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        return buf.getvalue()
+
+    with TestClient(create_app(ServeOptions(model=str(ckpts["eps"])), pipeline=pipe)) as c:
+        r = c.post("/v1/images/edits", data={"prompt": "a fox", "seed": "5", "num_inference_steps": "2",
+                                             "controlnet_conditioning_scale": "0.6"},
+                   files=[("image", ("in.png", png(init_image))), ("control_image", ("c.png", png(control[0])))])
+        assert r.status_code == 200, r.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))))
+        want = pipe("a fox", image=init_image, control_image=control[0], controlnet_conditioning_scale=0.6,
+                    num_inference_steps=2, generator=torch.Generator().manual_seed(5))
+        assert np.abs(got.astype(int) - np.asarray(want.images[0]).astype(int)).max() <= 1
+        r = c.post("/v1/images/edits", data={"prompt": "a fox"},
+                   files=[("image", ("in.png", png(init_image))), ("control_image", ("c.png", b"not an image"))])
+        assert r.status_code == 400 and r.json()["error"]["param"] == "control_image"
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_tensorrt_controlnet(ckpts, cns, control, tmp_path):
+    """TensorRT engines for the UNet with residual inputs and the ControlNet (own entry), built
+    from the fp16 ONNX graphs, against eager fp16."""
+    import tensorrt as trt
+    from fastsd.export import export_checkpoint
+    from fastsd.export.tensorrt import build_mode, build_tensorrt
+
+    source = build_mode(trt)[1]
+    export_checkpoint(str(ckpts["eps"]), engine_dir=tmp_path, dtype=source, controlnets=(str(cns["a"]),))
+    build_tensorrt(str(ckpts["eps"]), engine_dir=tmp_path, controlnets=(str(cns["a"]),))
+    kw = dict(control_image=control[0], num_inference_steps=4, output_type="np", seed=0)
+    out = Pipeline.from_pretrained(str(ckpts["eps"]), backend="tensorrt", engine_dir=str(tmp_path),
+                                   controlnet=str(cns["a"]))("a fox", **kw)
+    assert out.backends["unet"] == out.backends["controlnet"] == "tensorrt"
+    eager = Pipeline.from_pretrained(str(ckpts["eps"]), device="cuda", controlnet=str(cns["a"]))("a fox", **kw)
+    assert np.abs(out.images - eager.images).max() < 0.05

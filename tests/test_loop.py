@@ -174,3 +174,37 @@ def test_whole_step_graph_fp16_and_unet_graph_fallback(ckpts, caplog):
     out = broken("a cat", **kw).images
     assert "cannot capture the denoising step" in caplog.text and len(broken._graphs.refused) == 1
     assert np.abs(out - plain).max() < 1e-2
+
+
+def test_controlnet_step_reads_no_device_value():
+    """The step with two ControlNets (their scales from the row, residuals summed into the
+    UNet's inputs) runs on fake tensors too: no host read, the same kernels every step."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastsd.loop import StepInputs, StepKey, initial_state, make_step
+
+    cfg = SchedulerConfig.from_dict(SD, "euler")
+    sched = SAMPLERS["euler"].schedule(cfg, 4)
+    rows = torch.cat([step_rows(sched, "euler", cfg, 0.0), torch.rand(4, 2)], dim=1)
+    x = torch.randn(1, 4, 8, 8)
+    seen = []
+
+    def controlnet(name, inputs):
+        seen.append((name, tuple(inputs["sample"].shape), tuple(inputs["conditioning_scale"].shape)))
+        return (inputs["sample"] * inputs["conditioning_scale"], inputs["sample"][:, :, ::2, ::2])
+
+    def unet(sample, timestep, down_residual_0=None, mid_residual=None, **kw):
+        return sample * 0.5 + down_residual_0 + mid_residual.mean()
+
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor
+        images = (fake(torch.rand(2, 3, 16, 16)), fake(torch.rand(2, 3, 16, 16)))
+        key = StepKey("euler", cfg, 7.5, True, False, (), controlnets=("controlnet", "controlnet_2"),
+                      residuals=("down_residual_0", "mid_residual"))
+        step = make_step(unet, key, StepInputs({}, control=images), controlnet)
+        state = tuple(fake(t) for t in initial_state("euler", x))
+        fake_rows = fake(rows)
+        for k in range(len(rows)):
+            state = step(state, fake_rows[k], None)
+    assert state[0].shape == x.shape
+    assert seen[:2] == [("controlnet", (2, 4, 8, 8), (1,)), ("controlnet_2", (2, 4, 8, 8), (1,))]

@@ -86,6 +86,7 @@ class FastSDWorker:
         from ..pipeline import Pipeline
 
         self.cfg, self.backend, self.notes, self.export_s, self.skip = cfg, backend, [], None, None
+        self.ran: dict | None = None  # what ran each network in the last call
         ckpt = load_checkpoint(cfg.model)
         self.info = ckpt.info
         self.size = default_size(ckpt.info.default_size, ckpt.info.vae_factor, device)
@@ -122,6 +123,7 @@ class FastSDWorker:
         out = self.pipe([PROMPT] * batch, num_inference_steps=steps, scheduler=sched, guidance_scale=guidance,
                         height=h, width=w, seed=seed, output_type="np",
                         **({"control_image": images[0] if len(images) == 1 else images} if images else {}))
+        self.ran = dict(out.backends)  # what ran each network in the call (a fallback shows here)
         return {k: out.timings[k] for k in ("text_encoder", "unet", "unet_per_step", "vae_decoder")}
 
     def extra(self) -> dict:
@@ -136,7 +138,7 @@ class FastSDWorker:
                 if secs and None not in secs:
                     export = round(sum(secs), 2)
                     break
-        return {"ran": dict(self.pipe.backend.backends), "export_seconds": export,
+        return {"ran": self.ran or dict(self.pipe.backend.backends), "export_seconds": export,
                 "checkpoint": self.info.fingerprint, "dtype": PRECISIONS[self.pipe.dtype]}
 
 
