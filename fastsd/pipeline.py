@@ -760,7 +760,7 @@ class Pipeline:
             if x is not None:
                 return x
         step = make_step(partial(self.backend.unet, ran=call.ran), key, inputs, partial(self.backend.run, ran=call.ran))
-        return run_steps(step, state, rows, lat.step_noise, host_t, callback, previews, active)
+        return run_steps(step, state, rows, lat.step_noise, host_t, callback, previews, active if names else None)
 
     @staticmethod
     def _control(req: Request, steps: int) -> tuple[tuple[str, ...], torch.Tensor, tuple[bool, ...]]:

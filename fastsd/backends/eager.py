@@ -37,6 +37,7 @@ class EagerBackend(Networks):
             self._graphed_unet = GraphedCall(lambda *args: self._forward("unet", args))
         self.backends = {k: "eager" for k in family.networks}
         self._vae_fp32 = None
+        self._with_inputs: dict = {}  # (network, input names) -> its spec with those optional inputs
         self._lock = threading.Lock()
 
     def _forward(self, network: str, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -47,7 +48,10 @@ class EagerBackend(Networks):
         record(ran, network, "eager")
         spec = self.specs[network]
         if len(inputs) != len(spec.inputs):  # the UNet given ControlNet residuals too
-            spec = spec.with_inputs(inputs)
+            key = (network, frozenset(inputs))
+            if key not in self._with_inputs:
+                self._with_inputs[key] = spec.with_inputs(inputs)
+            spec = self._with_inputs[key]
         args = tuple(spec.cast(inputs, self.device, self.dtype).values())
         if network == "unet" and self._graphed_unet is not None and not torch.cuda.is_current_stream_capturing():
             return self._graphed_unet(*args)  # inside a whole-step capture the UNet is captured with it
