@@ -262,6 +262,33 @@ def _load_component(cls, folder: Path, variant: str | None, allow_pickle: bool):
 TINY_VAE = "AutoencoderTiny"
 
 
+def state_digest(model) -> str:
+    """The fingerprint of a model given as an object: its weights' names and bytes."""
+    import torch
+
+    digest = hashlib.blake2b(digest_size=8)
+    for k, t in sorted(model.state_dict().items()):
+        digest.update(k.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def resolve_component(value, what: str, patterns: list[str], local_files_only: bool = False) -> Path:
+    """The local path of a component (a VAE, a ControlNet): a folder, a file, or a hub id's
+    snapshot in the hub cache; ModelNotFoundError naming `what` where there is none."""
+    try:
+        return resolve(str(value), local_files_only, patterns=patterns)
+    except ModelNotFoundError as e:
+        raise ModelNotFoundError(f"{what} {value} not found: {str(e).split(': ', 1)[-1]}") from None
+
+
+def component_folder(path: Path, sub: str, what: str) -> tuple[Path, dict]:
+    """(folder, parsed config.json) of a component folder, or of a pipeline folder's `sub`/."""
+    folder = path / sub if (path / sub / "config.json").is_file() else path
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a {what} folder (no config.json)")
+    return folder, _check_json(folder / "config.json")
+
+
 def is_tiny_vae(model) -> bool:
     """Whether a VAE is a tiny autoencoder (TAESD: diffusers' AutoencoderTiny)."""
     return type(model).__name__ == TINY_VAE
@@ -273,28 +300,19 @@ def load_vae(vae, like=None, allow_pickle: bool = False) -> tuple:
     class says which), a hub id in the hub cache (madebyollin/taesd), `synthetic:taesd`, or a
     .safetensors file of an AutoencoderKL shaped as `like` (a config) in diffusers' or the
     original layout (keys bare or under first_stage_model.)."""
-    import torch
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     from .single_file import VAE_PREFIX, _gather, vae_key
 
     if isinstance(vae, (AutoencoderKL, AutoencoderTiny)):
-        model, digest = vae.float().eval().requires_grad_(False), hashlib.blake2b(digest_size=8)
-        for k, t in sorted(model.state_dict().items()):
-            digest.update(k.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return model, digest.hexdigest(), f"an {type(vae).__name__} object"
+        model = vae.float().eval().requires_grad_(False)
+        return model, state_digest(model), f"an {type(vae).__name__} object"
     if not isinstance(vae, (str, Path)):
         raise InvalidArgumentError(f"a VAE must be a folder, file, hub id or an AutoencoderKL / AutoencoderTiny, "
                                    f"not {type(vae).__name__}")
-    try:
-        path = resolve(str(vae), patterns=COMPONENT_FILES)
-    except ModelNotFoundError as e:
-        raise ModelNotFoundError(f"VAE {vae} not found: {str(e).split(': ', 1)[-1]}") from None
+    path = resolve_component(vae, "VAE", COMPONENT_FILES)
     if path.is_dir():
-        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
-        if not (folder / "config.json").is_file():
-            raise CheckpointError(f"{path} is not a VAE folder (no config.json)")
-        config = _check_json(folder / "config.json")
+        folder, config = component_folder(path, "vae", "VAE")
         cls = AutoencoderTiny if config.get("_class_name") == TINY_VAE else AutoencoderKL
         weights, variant = _component_weights(folder, sorted(p for p in folder.iterdir() if p.is_file()), None,
                                               allow_pickle)

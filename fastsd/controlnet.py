@@ -9,7 +9,6 @@ UNet's optional residual inputs (`networks.residual_specs`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,15 +41,6 @@ class LoadedControlNet:
         return self.model.config
 
 
-def _state_digest(model) -> str:
-    import torch
-
-    digest = hashlib.blake2b(digest_size=8)
-    for k, t in sorted(model.state_dict().items()):
-        digest.update(k.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def load_controlnet(value, unet_config=None, allow_pickle: bool = False,
                     local_files_only: bool = False) -> LoadedControlNet:
     """A ControlNet from a diffusers ControlNetModel, a diffusers folder (config.json +
@@ -60,24 +50,18 @@ def load_controlnet(value, unet_config=None, allow_pickle: bool = False,
     file's architecture is the base UNet's (`unet_config`), as the residuals must fit it."""
     from diffusers import ControlNetModel
 
+    from .checkpoint import _component_weights, _load_component, component_folder, resolve_component, state_digest
+
     if isinstance(value, ControlNetModel):
         model = value.float().eval().requires_grad_(False)
-        return LoadedControlNet(model, _state_digest(model), f"a {type(value).__name__} object",
+        return LoadedControlNet(model, state_digest(model), f"a {type(value).__name__} object",
                                 architecture_hash(model.config))
     if not isinstance(value, (str, Path)):
         raise InvalidArgumentError(f"a ControlNet must be a folder, a file, a hub id or a diffusers ControlNetModel, "
                                    f"not {type(value).__name__}")
-    from .checkpoint import _check_json, _component_weights, _load_component, resolve
-
-    try:
-        path = resolve(str(value), local_files_only, patterns=CONTROLNET_FILES)
-    except ModelNotFoundError as e:
-        raise ModelNotFoundError(f"ControlNet {value} not found: {str(e).split(': ', 1)[-1]}") from None
+    path = resolve_component(value, "ControlNet", CONTROLNET_FILES, local_files_only)
     if path.is_dir():
-        folder = path / "controlnet" if (path / "controlnet" / "config.json").is_file() else path
-        if not (folder / "config.json").is_file():
-            raise CheckpointError(f"{path} is not a ControlNet folder (no config.json)")
-        config = _check_json(folder / "config.json")
+        folder, config = component_folder(path, "controlnet", "ControlNet")
         if config.get("_class_name", CONTROLNET_CLASS) != CONTROLNET_CLASS:
             raise CheckpointError(f"{folder} holds a {config.get('_class_name')}, not a ControlNetModel")
         weights, variant = _component_weights(folder, sorted(p for p in folder.iterdir() if p.is_file()), None,
