@@ -220,8 +220,8 @@ def _control_options(control: dict, count: int, prompts: int, mode: int, default
     `mode`: 0 txt2img, 1 img2img, 2 inpaint."""
     image = control.get("control_image")
     if image is None:
-        given = [k for k in CONTROL_ARGUMENTS[1:] if control.get(k) not in (None, 0.0, 1.0)
-                 or (k == "controlnet_conditioning_scale" and control.get(k) is not None)]
+        unset = {"controlnet_conditioning_scale": None, "control_guidance_start": 0.0, "control_guidance_end": 1.0}
+        given = [k for k, default in unset.items() if control.get(k, default) != default]
         if given:
             raise InvalidArgumentError(f"{given[0]} applies to calls with a control_image")
         return {}

@@ -80,7 +80,7 @@ def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.
     kinds = tuple(ENGINE_KINDS.values()) if backend == "auto" else (ENGINE_KINDS[backend],)
     engines: dict[str, list[LazyRunner]] = {}
     loud = backend != "auto"
-    owned = {n: cn for n, cn in getattr(family, "controlnets", {}).items()}  # networks with entries of their own
+    owned = getattr(family, "controlnets", {})  # networks with store entries of their own (ControlNets)
     for kind in kinds:  # fastest kind first
         why = kind.unavailable()
         if why:
