@@ -241,7 +241,6 @@ def parse_control(f: "_Fields", form: bool, limits: Limits, uploads: list[bytes]
     if form:
         if raw is not None:
             raise bad("'control_image' must be a file upload", "control_image", "invalid_type")
-        encoded = []
         images = [read_upload(data, "control_image", limits) for data in uploads or ()]
     else:
         encoded = raw if isinstance(raw, list) else [] if raw is None else [raw]
