@@ -311,6 +311,10 @@ def test_onnxruntime_engines_match_diffusers(ckpts, cns, control, ort_store, ini
                         backend_pipe=pipe, prompt="a fox", image=init_image, mask_image=mask_image,
                         control_image=list(control), strength=0.7, num_inference_steps=STEPS)
     assert diff <= TOL and out.backends["controlnet_2"] == "onnxruntime"
+    diff, out = compare("StableDiffusionControlNetImg2ImgPipeline", ckpts["eps"], [cns["a"], cns["b"]], "unipc",
+                        backend_pipe=pipe, prompt="a fox", image=init_image, control_image=list(control),
+                        num_inference_steps=STEPS)
+    assert diff <= TOL and out.backends["vae_encoder"] == out.backends["controlnet"] == "onnxruntime"
     # the UNet engine with residual inputs serves calls without a ControlNet (zeros): as eager
     plain = pipe("a fox", num_inference_steps=3, seed=4, output_type="np")
     eager = ours(ckpts["eps"])("a fox", num_inference_steps=3, seed=4, output_type="np")
@@ -337,7 +341,7 @@ def test_unet_engine_without_residual_inputs(ckpts, cns, control, tmp_path, capl
     assert np.abs(got.images - want.images).max() <= TOL
 
 
-def test_compiled_engines_match_eager(ckpts, cns, control, tmp_path):
+def test_compiled_engines_match_diffusers(ckpts, cns, control, init_image, mask_image, tmp_path):
     from fastsd.backends.kind import export_module
 
     export_module("compiled").build_compiled(str(ckpts["eps"]), engine_dir=tmp_path, static="40x48",
@@ -346,6 +350,10 @@ def test_compiled_engines_match_eager(ckpts, cns, control, tmp_path):
                                     controlnet=str(cns["a"]))
     diff, out = compare("StableDiffusionControlNetPipeline", ckpts["eps"], [cns["a"]], "dpmpp_2m",
                         backend_pipe=pipe, prompt="a fox", image=control[0], num_inference_steps=STEPS)
+    assert diff <= TOL and out.backends["unet"] == out.backends["controlnet"] == "compiled"
+    diff, out = compare("StableDiffusionControlNetInpaintPipeline", ckpts["eps"], [cns["a"]], "euler",
+                        backend_pipe=pipe, prompt="a fox", image=init_image, mask_image=mask_image,
+                        control_image=control[0], strength=0.7, num_inference_steps=STEPS)
     assert diff <= TOL and out.backends["unet"] == out.backends["controlnet"] == "compiled"
 
 
