@@ -66,6 +66,18 @@ def build_spec(family, name: str) -> NetworkSpec:
     return spec
 
 
+def donor_record(donor_manifest: dict | None, family, name: str, layout: str) -> dict | None:
+    """The donor entry's record of network `name` where its graph (or package) can take this
+    build's weights: the same weights layout and the same inputs as `build_spec` gives (a
+    record that lists no inputs was built with the plain spec's). None: build it instead."""
+    spec = build_spec(family, name)
+    record = donor_manifest["networks"].get(spec.name) if donor_manifest else None
+    if record is None or record.get("weights_layout") != layout:
+        return None
+    built_with = record.get("inputs", list(family.specs[name].input_names))
+    return record if built_with == list(spec.input_names) else None
+
+
 def entry_groups(info, family, networks: tuple[str, ...], facts: dict) -> list[tuple]:
     """What a build writes: (whose entry, its networks, its manifest facts). The checkpoint's
     networks go into its entry; each ControlNet into an entry of its own, keyed by its weights

@@ -24,7 +24,7 @@ from fastsd.engines import DTYPES, MAX_BATCH, Profile, read_manifest, refit_sour
 from fastsd.errors import FastSDError, InvalidArgumentError
 from fastsd.networks import BATCH, NetworkSpec, weights_of
 
-from .common import build_entries, build_spec, load_for_build, parse_static
+from .common import build_entries, build_spec, donor_record, load_for_build, parse_static
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +133,8 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
         def make(name: str, folder: Path) -> tuple[list[str], dict, str]:
             spec = build_spec(family, name)
             path = folder / f"{spec.name}.pt2"
-            inputs = {"inputs": list(spec.input_names)} if name == "unet" else {}
-            record = donor_manifest["networks"].get(spec.name) if donor_manifest else None
-            if record is not None and record.get("weights_layout") == SEPARATE and \
-                    record.get("inputs", inputs.get("inputs")) == inputs.get("inputs"):
+            inputs = {"inputs": list(spec.input_names)}  # the UNet's may include the ControlNet residuals
+            if donor_record(donor_manifest, family, name, SEPARATE) is not None:
                 refit_package(donor / path.name, path, weights_of(modules[name]))
                 extra = {"weights_layout": SEPARATE, "refitted_from": donor_manifest["checkpoint"], **inputs}
                 return [path.name, weights_name(spec.name)], extra, ""

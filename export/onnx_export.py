@@ -31,7 +31,7 @@ from fastsd.engines import Profile, read_manifest, refit_source
 from fastsd.errors import InvalidArgumentError
 from fastsd.networks import FLOAT32, NetworkSpec, weights_of
 
-from .common import build_entries, build_spec, load_for_build, parse_static
+from .common import build_entries, build_spec, donor_record, load_for_build, parse_static
 
 log = logging.getLogger(__name__)
 
@@ -252,10 +252,9 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
             spec = build_spec(family, name)
             path = folder / f"{spec.name}.onnx"
             module = modules.pop(name).eval()
-            inputs = {"inputs": list(spec.input_names)} if name == "unet" else {}
-            record = donor_manifest["networks"].get(spec.name) if donor_manifest else None
-            if record is not None and record.get("weights_layout") == WEIGHTS_BY_NAME and \
-                    record.get("inputs", inputs.get("inputs")) == inputs.get("inputs"):
+            inputs = {"inputs": list(spec.input_names)}  # the UNet's may include the ControlNet residuals
+            record = donor_record(donor_manifest, family, name, WEIGHTS_BY_NAME)
+            if record is not None:
                 try:
                     refit_graph(donor / path.name, path, weights_of(module), set(record["transposed"]))
                     facts = {"weights_layout": WEIGHTS_BY_NAME, "transposed": record["transposed"],

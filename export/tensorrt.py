@@ -184,9 +184,7 @@ def _make_plan(trt, logger, family, modules: dict, device, root: Path, src: Path
     err = check_engine(name, lambda *args: runner(**dict(zip(spec.input_names, args, strict=True))),
                        modules[name].to(device, torch.float32).eval(), inputs, ENGINE_TOLERANCE)
     modules[name].to("cpu")
-    extra = {"relative_error": round(err, 6)}
-    if "inputs" in record:
-        extra["inputs"] = record["inputs"]
+    extra = {"relative_error": round(err, 6), "inputs": list(spec.input_names)}
     if refitting and record.get("weights_layout") == WEIGHTS_BY_NAME:  # LoRA refits by these names
         extra.update(weights_layout=WEIGHTS_BY_NAME, transposed=record.get("transposed", []))
     if donor is not None:

@@ -137,14 +137,13 @@ def control_size(images, factor: int) -> tuple[int, int]:
 
 
 def control_batch(images, height: int, width: int) -> torch.Tensor:
-    """A checked control image input -> (N, 3, H, W) float32 in [0, 1], as the ControlNet
-    pipelines' VaeImageProcessor(do_convert_rgb=True, do_normalize=False): RGB, resized,
-    not normalized."""
+    """A checked control image input (arrays already found RGB by `check_rgb`) -> (N, 3, H, W)
+    float32 in [0, 1], as the ControlNet pipelines' VaeImageProcessor(do_convert_rgb=True,
+    do_normalize=False): RGB, resized, not normalized."""
     if isinstance(images, list) and isinstance(images[0], Image.Image):
         return torch.cat([image_to_tensor(im, height, width, normalize=False) for im in images])
-    check_rgb(images, "control_image")
-    return torch.nn.functional.interpolate(_to_float_tensor(images, mask=False), size=(height, width))  # nearest,
-    # as diffusers resizes arrays
+    t = _to_float_tensor(images, mask=False)
+    return torch.nn.functional.interpolate(t, size=(height, width))  # nearest, as diffusers resizes arrays
 
 
 def mask_batch(masks, height: int, width: int) -> torch.Tensor:

@@ -93,9 +93,9 @@ def make_step(unet: Callable, key: StepKey, inputs: StepInputs, controlnet: Call
     guidance window, whose residuals would all be zeros: the UNet runs without them)."""
     sampler = SAMPLERS[key.sampler]
     k = len(key.controlnets)
-    control = control_residuals(controlnet, key.controlnets, inputs.control, inputs.unet_inputs,
-                                key.residuals) if k else None
-    denoise = unet_denoiser(unet, inputs.unet_inputs, inputs.conditioning, control)
+    residuals = control_residuals(controlnet, key.controlnets, inputs.control, inputs.unet_inputs,
+                                  key.residuals) if k else None
+    denoise = unet_denoiser(unet, inputs.unet_inputs, inputs.conditioning, residuals)
     if key.do_cfg:
         denoise = cfg_denoiser(denoise, key.guidance_scale, key.guidance_rescale)
 

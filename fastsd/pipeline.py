@@ -760,21 +760,22 @@ class Pipeline:
             if x is not None:
                 return x
         step = make_step(partial(self.backend.unet, ran=call.ran), key, inputs, partial(self.backend.run, ran=call.ran))
-        return run_steps(step, state, rows, lat.step_noise, host_t, callback, previews, active if names else None)
+        return run_steps(step, state, rows, lat.step_noise, host_t, callback, previews, active)
 
     @staticmethod
-    def _control(req: Request, steps: int) -> tuple[tuple[str, ...], torch.Tensor, tuple[bool, ...]]:
+    def _control(req: Request, steps: int) -> tuple[tuple[str, ...], torch.Tensor, tuple[bool, ...] | None]:
         """The ControlNets a call runs, their scale at each of its `steps` loop steps ((steps, K)
         float32: the scale inside the guidance window, 0 outside, as diffusers' controlnet_keep:
         step i of N is kept where i / N >= start and (i + 1) / N <= end), and whether any runs
-        at each step (where none does, the step skips them: zero residuals change nothing)."""
+        at each step (where none does, the step skips them: zero residuals change nothing;
+        None without ControlNets)."""
         names = controlnet_names(len(req.control_images))
         keep = [[1.0 - float(i / steps < s or (i + 1) / steps > e) for s, e in zip(req.control_start,
                                                                                    req.control_end, strict=True)]
                 for i in range(steps)]
         scales = torch.tensor([[c * k for c, k in zip(req.control_scales, row, strict=True)] for row in keep],
                               dtype=torch.float32).reshape(steps, len(names))
-        return names, scales, tuple(bool((row != 0).any()) for row in scales)
+        return names, scales, tuple(bool((row != 0).any()) for row in scales) if names else None
 
     def _control_images(self, req: Request) -> tuple[torch.Tensor, ...]:
         """Each ControlNet's conditioning image at the call's size, in [0, 1], one per image of

@@ -341,6 +341,28 @@ def test_unet_engine_without_residual_inputs(ckpts, cns, control, tmp_path, capl
     assert np.abs(got.images - want.images).max() <= TOL
 
 
+def test_no_refit_from_a_graph_without_the_residual_inputs(ckpts, cns, tmp_path):
+    """A UNet exported with the ControlNet residual inputs is never written by refit from a
+    donor graph that lacks them (here: a record listing no inputs, as entries made before
+    inputs were recorded); it is exported, and its graph takes the residuals."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from fastsd.export import export_checkpoint
+
+    from fastsd.engines import MANIFEST
+
+    donor = export_checkpoint(str(ckpts["eps"]), engine_dir=tmp_path, networks=("unet",))
+    manifest = json.loads((donor / MANIFEST).read_text())
+    del manifest["networks"]["unet"]["inputs"]
+    (donor / MANIFEST).write_text(json.dumps(manifest))
+    lines = []
+    entry = export_checkpoint(str(ckpts["v"]), engine_dir=tmp_path, networks=("unet",),  # same architecture
+                              controlnets=(str(cns["a"]),), progress=lines.append)
+    assert any(line.startswith("unet: exported") for line in lines), lines
+    graph = onnx.load(str(entry / "unet.onnx"), load_external_data=False).graph
+    assert [i.name for i in graph.input][-1] == "mid_residual"
+
+
 def test_compiled_engines_match_diffusers(ckpts, cns, control, init_image, mask_image, tmp_path):
     from fastsd.backends.kind import export_module
 
