@@ -75,7 +75,7 @@ class StepKey:
 
 
 def step_rows(sched: Schedule, sampler: str, cfg: SchedulerConfig, eta: float, start: int = 0) -> torch.Tensor:
-    """(n - start, 4 + K) float32 on the schedule's device: one row per step run, from step
+    """(n - start, 4 + K) float32 on the host: one row per step run, from step
     `start`. The inpaint weights of row i re-noise the clean latents to step i + 1 (the
     last row: the clean latents)."""
     signal_next = torch.cat([sched.signal[1:], sched.signal.new_ones(1)])

@@ -229,15 +229,6 @@ class NetworkSpec:
         extra = tuple(t for t in self.optional_inputs if t.name in names)
         return replace(self, inputs=self.inputs + extra, optional_inputs=()) if extra else self
 
-    def complete(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """`inputs` with zeros for the optional inputs a call left out (a UNet built with the
-        ControlNet residual inputs, called without a ControlNet: adding zeros changes nothing)."""
-        absent = [t for t in self.inputs if t.optional and t.name not in inputs]
-        if not absent:
-            return inputs
-        shapes, like = self.shapes(*self.dims(inputs)), inputs[self.inputs[0].name]
-        return {**inputs, **{t.name: like.new_zeros(shapes[t.name], dtype=torch.float32) for t in absent}}
-
     @property
     def input_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.inputs)

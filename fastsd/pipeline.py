@@ -129,6 +129,19 @@ class _Latents:
 
 
 @dataclass
+class _Loop:
+    """What the denoising loop runs on, all of it on the device before the loop starts."""
+
+    key: StepKey
+    inputs: StepInputs
+    state: tuple  # the latents, the sampler's history (and with previews a slot for x0)
+    rows: torch.Tensor  # (steps, K) float32: one row of per-step numbers per step
+    noises: torch.Tensor | None  # (steps, B, C, h, w): each step's fresh noise, for samplers that take it
+    host_t: tuple[float, ...]  # the timesteps on the host, for callbacks
+    control: tuple[bool, ...] | None  # per step: whether the ControlNets run (None without ControlNets)
+
+
+@dataclass
 class _Call:
     """One call's own state: its settings, its generator, and what ran each network."""
 
@@ -542,14 +555,14 @@ class Pipeline:
         cfg = req.scheduler_config
         sampler = SAMPLERS[req.scheduler]
         custom = {k: v for k, v in (("timesteps", req.timesteps), ("sigmas", req.sigmas)) if v is not None}
-        sched = sampler.schedule(cfg, req.steps, self.device, **custom)
+        sched = sampler.schedule(cfg, req.steps, **custom)  # host tables
         with self._timed(timings, "vae_encoder"):
             lat = self._prepare_latents(call, sched)
             if sampler.draws_noise(req.eta):  # every step's noise, drawn now in diffusers' order
                 lat.step_noise = self._randn_steps(lat.x.shape, len(sched) - lat.start, call.gen,
                                                    sampler.last_step_noise)
         with self._timed(timings, "unet"):
-            x = self._denoise(call, lat, unet_inputs, sched, cfg, callback)
+            x = self._denoise(call, self._loop(call, lat, unet_inputs, sched, cfg), callback)
         if not torch.isfinite(x).all():  # one check after the loop, none inside it
             raise NumericalError(f"the latents became NaN or infinite while denoising in {self.dtype} "
                                  f"(guidance_scale {req.guidance_scale}); try a lower guidance_scale or dtype='fp32'")
@@ -740,27 +753,34 @@ class Pipeline:
         cond = torch.cat([mask_lat, masked], dim=1)
         return _Latents(x, start, conditioning=torch.cat([cond, cond]) if req.do_cfg else cond)
 
-    def _denoise(self, call: _Call, lat: _Latents, unet_inputs: dict, sched, cfg, callback):
-        """The loop (see fastsd/loop.py): rows and noise are ready before it starts."""
+    def _loop(self, call: _Call, lat: _Latents, unet_inputs: dict, sched, cfg) -> _Loop:
+        """Everything the loop reads, on the device before it starts: the step rows (built on
+        the host, moved in one copy), the ControlNets' images, the first state. Inside the loop
+        nothing is copied between host and device (on CUDA each copy would wait for the GPU)."""
         req = call.req
         rows = step_rows(sched, req.scheduler, cfg, req.eta, lat.start)
         names, control, active = self._control(req, len(rows))
-        rows = torch.cat([rows, control.to(rows.device)], dim=1)
+        rows = torch.cat([rows, control], dim=1).to(self.device)
         inputs = StepInputs(unet_inputs, lat.conditioning, lat.x0, lat.noise, lat.mask, self._control_images(req))
         shapes = tuple((n, tuple(t.shape)) for n, t in {"x": lat.x, **inputs.tensors()}.items())
         previews = call.preview is not None
         residuals = tuple(t.name for t in self.family.specs["unet"].optional_inputs) if names else ()
         key = StepKey(req.scheduler, cfg, req.guidance_scale, req.do_cfg, lat.step_noise is not None, shapes,
                       req.guidance_rescale, previews, names, residuals)
-        host_t = sched.host_timesteps[lat.start:]
-        state = initial_state(req.scheduler, lat.x, previews)
+        return _Loop(key, inputs, initial_state(req.scheduler, lat.x, previews), rows, lat.step_noise,
+                     sched.host_timesteps[lat.start:], active)
+
+    def _denoise(self, call: _Call, loop: _Loop, callback):
+        """The loop (see fastsd/loop.py), step by step or as replays of one captured step."""
         if self._graphs is not None:
-            x = self._graphs.run(self.backend.unet, key, inputs, state, rows, lat.step_noise, host_t, callback,
-                                 call.ran, self.backend.run)
+            x = self._graphs.run(self.backend.unet, loop.key, loop.inputs, loop.state, loop.rows, loop.noises,
+                                 loop.host_t, callback, call.ran, self.backend.run)
             if x is not None:
                 return x
-        step = make_step(partial(self.backend.unet, ran=call.ran), key, inputs, partial(self.backend.run, ran=call.ran))
-        return run_steps(step, state, rows, lat.step_noise, host_t, callback, previews, active)
+        step = make_step(partial(self.backend.unet, ran=call.ran), loop.key, loop.inputs,
+                         partial(self.backend.run, ran=call.ran))
+        return run_steps(step, loop.state, loop.rows, loop.noises, loop.host_t, callback, loop.key.preview,
+                         loop.control)
 
     @staticmethod
     def _control(req: Request, steps: int) -> tuple[tuple[str, ...], torch.Tensor, tuple[bool, ...] | None]:

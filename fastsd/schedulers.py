@@ -1,7 +1,9 @@
 """Samplers as small functions over tensors: noise tables, then pure step functions.
 
-A `Schedule` holds every table one run needs (built once, on the device); a step is a
-pure function of (x, model output, schedule, index, noise). No hidden step counters.
+A `Schedule` holds every table one run needs, built once on the host (diffusers' schedulers
+compute their coefficients on the host too); the pipeline moves the per-step rows to the
+device once, before the loop. A step is a pure function of (x, model output, one row of
+coefficients, noise). No hidden step counters.
 Tables are built from the checkpoint's scheduler config in float32 with diffusers' own
 operations (betas by torch.linspace, alpha_bar by torch.cumprod), so they match its
 schedulers bit for bit.
@@ -305,11 +307,11 @@ def spaced_timesteps(cfg: SchedulerConfig, steps: int, integer: bool) -> np.ndar
     return np.round(np.arange(n_train, 0, -ratio)) - 1
 
 
-def _tensor(a, device) -> torch.Tensor:
-    return torch.as_tensor(np.array(a), dtype=torch.float32, device=device)  # a copy: positive strides
+def _tensor(a) -> torch.Tensor:
+    return torch.as_tensor(np.array(a), dtype=torch.float32)  # a copy: positive strides
 
 
-def ddim_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
+def ddim_schedule(cfg: SchedulerConfig, steps: int) -> Schedule:
     alpha_bar_all = alphas_cumprod(cfg).numpy()
     t = spaced_timesteps(cfg, steps, integer=True).astype(np.int64)
     prev = t - cfg.num_train_timesteps // steps
@@ -317,18 +319,18 @@ def ddim_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
     alpha_bar = alpha_bar_all[t]
     alpha_bar_prev = np.where(prev >= 0, alpha_bar_all[np.clip(prev, 0, None)], final)
     return Schedule(
-        timesteps=_tensor(t, device),
+        timesteps=_tensor(t),
         host_timesteps=tuple(float(v) for v in t.astype(np.float32)),
-        signal=_tensor(np.sqrt(alpha_bar), device),
-        noise_level=_tensor(np.sqrt(1 - alpha_bar), device),
-        input_scale=_tensor(np.ones(steps), device),
+        signal=_tensor(np.sqrt(alpha_bar)),
+        noise_level=_tensor(np.sqrt(1 - alpha_bar)),
+        input_scale=_tensor(np.ones(steps)),
         init_noise_sigma=1.0,
-        alpha_bar=_tensor(alpha_bar, device),
-        alpha_bar_prev=_tensor(alpha_bar_prev, device),
+        alpha_bar=_tensor(alpha_bar),
+        alpha_bar_prev=_tensor(alpha_bar_prev),
     )
 
 
-def pndm_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
+def pndm_schedule(cfg: SchedulerConfig, steps: int) -> Schedule:
     """PLMS (PNDMScheduler with skip_prk_steps): the n spaced timesteps with the second one
     repeated, n + 1 UNet calls (the repeat is the second-order start of PLMS)."""
     alpha_bar_all = alphas_cumprod(cfg).numpy()
@@ -336,11 +338,11 @@ def pndm_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
     t = np.concatenate([t[:-1], t[-2:-1], t[-1:]])[::-1]
     alpha_bar = alpha_bar_all[t]
     return Schedule(
-        timesteps=_tensor(t, device),
+        timesteps=_tensor(t),
         host_timesteps=tuple(float(v) for v in t.astype(np.float32)),
-        signal=_tensor(np.sqrt(alpha_bar), device),
-        noise_level=_tensor(np.sqrt(1 - alpha_bar), device),
-        input_scale=_tensor(np.ones(len(t)), device),
+        signal=_tensor(np.sqrt(alpha_bar)),
+        noise_level=_tensor(np.sqrt(1 - alpha_bar)),
+        input_scale=_tensor(np.ones(len(t))),
         init_noise_sigma=1.0,
     )
 
@@ -379,7 +381,7 @@ def _init_sigma(cfg: SchedulerConfig, sigmas: np.ndarray) -> float:
     return float(sigma_max if cfg.timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5)
 
 
-def euler_schedule(cfg: SchedulerConfig, steps: int, device="cpu", timesteps=None, sigmas=None,
+def euler_schedule(cfg: SchedulerConfig, steps: int, timesteps=None, sigmas=None,
                    karras: bool = False) -> Schedule:
     """Euler's sigmas at the spaced timesteps, or at custom `timesteps`, or custom `sigmas`
     (their last value is where sampling ends), as EulerDiscreteScheduler.set_timesteps. With
@@ -399,17 +401,17 @@ def euler_schedule(cfg: SchedulerConfig, steps: int, device="cpu", timesteps=Non
         sigma_ext = np.append(sigma, 0.0).astype(np.float32)
         sigma = sigma_ext[:-1]
     return Schedule(
-        timesteps=_tensor(t, device),
+        timesteps=_tensor(t),
         host_timesteps=tuple(float(v) for v in t.astype(np.float32)),
-        signal=_tensor(np.ones(len(t)), device),
-        noise_level=_tensor(sigma, device),
-        input_scale=_tensor(1 / np.sqrt(sigma**2 + 1), device),
+        signal=_tensor(np.ones(len(t))),
+        noise_level=_tensor(sigma),
+        input_scale=_tensor(1 / np.sqrt(sigma**2 + 1)),
         init_noise_sigma=_init_sigma(cfg, sigma_ext),
-        sigmas=_tensor(sigma_ext, device),
+        sigmas=_tensor(sigma_ext),
     )
 
 
-def heun_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
+def heun_schedule(cfg: SchedulerConfig, steps: int) -> Schedule:
     """HeunDiscreteScheduler's 2n - 1 UNet calls: the spaced sigmas with every one but the
     first repeated (each Heun step evaluates the model at both ends; the last step, to sigma
     0, is a single Euler step)."""
@@ -420,13 +422,13 @@ def heun_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
     sigma = np.concatenate([sigma[:1], np.repeat(sigma[1:-1], 2), sigma[-1:]])
     t = np.concatenate([t[:1], np.repeat(t[1:], 2)])
     return Schedule(
-        timesteps=_tensor(t, device),
+        timesteps=_tensor(t),
         host_timesteps=tuple(float(v) for v in t),
-        signal=_tensor(np.ones(len(t)), device),
-        noise_level=_tensor(sigma[:-1], device),
-        input_scale=_tensor(1 / np.sqrt(sigma[:-1] ** 2 + 1), device),
+        signal=_tensor(np.ones(len(t))),
+        noise_level=_tensor(sigma[:-1]),
+        input_scale=_tensor(1 / np.sqrt(sigma[:-1] ** 2 + 1)),
         init_noise_sigma=_init_sigma(cfg, sigma),
-        sigmas=_tensor(sigma, device),
+        sigmas=_tensor(sigma),
     )
 
 
@@ -444,7 +446,7 @@ def multistep_timesteps(cfg: SchedulerConfig, steps: int) -> np.ndarray:
     return np.arange(n_train, 0, -n_train / steps).round().astype(np.int64) - 1
 
 
-def multistep_schedule(cfg: SchedulerConfig, steps: int, device="cpu", karras: bool = False) -> Schedule:
+def multistep_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:
     """DPM-Solver / UniPC: sigmas at the timesteps (or Karras sigmas over the whole training
     range at rounded timesteps), then 0. The latents are VP: x = alpha * x0 + sigma_t * eps
     with alpha = 1 / sqrt(sigma^2 + 1), sigma_t = sigma * alpha; no input scaling."""
@@ -459,13 +461,13 @@ def multistep_schedule(cfg: SchedulerConfig, steps: int, device="cpu", karras: b
     sigmas = torch.from_numpy(np.append(sigma, 0.0).astype(np.float32))
     alpha, sigma_t, _ = _vp(sigmas)
     return Schedule(
-        timesteps=_tensor(t, device),
+        timesteps=_tensor(t),
         host_timesteps=tuple(float(v) for v in t.astype(np.float32)),
-        signal=alpha[:-1].to(device),
-        noise_level=sigma_t[:-1].to(device),
-        input_scale=_tensor(np.ones(len(t)), device),
+        signal=alpha[:-1],
+        noise_level=sigma_t[:-1],
+        input_scale=_tensor(np.ones(len(t))),
         init_noise_sigma=1.0,
-        sigmas=sigmas.to(device),
+        sigmas=sigmas,
     )
 
 
@@ -478,7 +480,7 @@ def _vp(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         sigma_t = sigma * alpha
         return alpha, sigma_t, torch.log(alpha) - torch.log(sigma_t)
 
-    alpha, sigma_t, lam = zip(*(one(v) for v in sigmas.cpu()), strict=True)
+    alpha, sigma_t, lam = zip(*(one(v) for v in sigmas), strict=True)  # host tables: no device read
     return torch.stack(alpha), torch.stack(sigma_t), torch.stack(lam)
 
 
@@ -495,16 +497,16 @@ def lcm_timesteps(cfg: SchedulerConfig, steps: int) -> np.ndarray:
     return grid[np.floor(np.linspace(0, len(grid), num=steps, endpoint=False)).astype(np.int64)]
 
 
-def lcm_schedule(cfg: SchedulerConfig, steps: int, device="cpu") -> Schedule:
+def lcm_schedule(cfg: SchedulerConfig, steps: int) -> Schedule:
     alpha_bar_all = alphas_cumprod(cfg)
     t = lcm_timesteps(cfg, steps)
     alpha_bar = alpha_bar_all[torch.from_numpy(t)]
     return Schedule(
-        timesteps=_tensor(t, device),
+        timesteps=_tensor(t),
         host_timesteps=tuple(float(v) for v in t.astype(np.float32)),
-        signal=(alpha_bar**0.5).to(device),  # img2img / inpaint noising: DDPM's, as LCMScheduler.add_noise
-        noise_level=((1 - alpha_bar) ** 0.5).to(device),
-        input_scale=_tensor(np.ones(steps), device),
+        signal=alpha_bar**0.5,  # img2img / inpaint noising: DDPM's, as LCMScheduler.add_noise
+        noise_level=(1 - alpha_bar) ** 0.5,
+        input_scale=_tensor(np.ones(steps)),
         init_noise_sigma=1.0,
     )
 
@@ -574,7 +576,7 @@ def pndm_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, s
         flags = (0.0, 1.0, 0.0, 0.0) if k == 1 else (1.0, 0.0, 1.0, 1.0 if k == 0 else 0.0)
         row = [*weights, divisor, *flags, ab**0.5, (1 - ab) ** 0.5, (ab_prev / ab) ** 0.5, ab_prev - ab, denom]
         rows.append(torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in row]))
-    return torch.stack(rows).to(sched.timesteps.device)
+    return torch.stack(rows)
 
 
 def pndm_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None, history=None):
@@ -652,7 +654,7 @@ def _dpm_coefficients(sched: Schedule, start: int, sde: bool) -> torch.Tensor:
         second = j - start >= 1 and j < n - 1  # first order at the first step run and the last
         inv_r0 = 1.0 / ((lam[j] - lam[j - 1]) / h) if second else zero
         rows.append(torch.stack([alpha[j], sigma_t[j], a, b, c if second else zero, inv_r0, s]))
-    return torch.stack(rows).to(sched.timesteps.device)
+    return torch.stack(rows)
 
 
 def dpm_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, start: int = 0) -> torch.Tensor:
@@ -726,7 +728,7 @@ def unipc_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, 
         else:
             predictor += [zero, one]
         rows.append(torch.stack([alpha[j], sigma_t[j], *corrector, *predictor]))
-    return torch.stack(rows).to(sched.timesteps.device)
+    return torch.stack(rows)
 
 
 def unipc_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None, history=None):
@@ -751,7 +753,7 @@ def heun_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, s
     sigma = sched.sigmas
     rows = _sigma_rows(sigma[:-1], sigma[1:])
     rows[1][1::2] = rows[1][0:-1:2]
-    second = (torch.arange(len(sched), device=sigma.device) % 2).float()
+    second = (torch.arange(len(sched)) % 2).float()
     return torch.stack(rows + [second], dim=1)
 
 
@@ -790,7 +792,7 @@ def lcm_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, st
             ab_prev = alpha_bar_all[t[j + 1]] if t[j + 1] >= 0 else final
             weights = [ab_prev.sqrt(), (1 - ab_prev).sqrt()]
         rows.append(torch.stack([ab.sqrt(), (1 - ab).sqrt(), c_skip, c_out, *weights]))
-    return torch.stack(rows).to(sched.timesteps.device)
+    return torch.stack(rows)
 
 
 def lcm_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None):
@@ -805,7 +807,7 @@ def lcm_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None):
 @dataclass(frozen=True)
 class Sampler:
     name: str
-    schedule: Callable[..., Schedule]  # (cfg, steps, device) -> Schedule
+    schedule: Callable[..., Schedule]  # (cfg, steps) -> Schedule, on the host
     coefficients: Callable[..., torch.Tensor]  # (sched, cfg, eta, start) -> (n, K) float32, one row per step
     step: Callable[..., torch.Tensor]  # (x, out, row, cfg, noise[, history]) -> x_prev[, history']
     draws_noise: Callable[[float], bool]  # eta -> does step() take fresh noise?

@@ -96,23 +96,80 @@ def test_pre_drawn_noise_is_diffusers_order(pipes):
 
 # ---- CUDA ---------------------------------------------------------------------------------
 
-CASES = {
-    "txt2img ddim": dict(),
+CASES = {  # every sampler, with and without CFG, txt2img, img2img and inpaint
+    "txt2img ddim": dict(scheduler="ddim"),
+    "ddim eta, no cfg": dict(scheduler="ddim", eta=0.5, guidance_scale=1.0),
+    "txt2img pndm": dict(scheduler="pndm"),
+    "img2img pndm": dict(scheduler="pndm", strength=0.6),
+    "txt2img euler": dict(scheduler="euler"),
     "txt2img euler_a": dict(scheduler="euler_a"),
-    "ddim eta, no cfg": dict(eta=0.5, guidance_scale=1.0),
+    "txt2img euler_karras": dict(scheduler="euler_karras"),
     "inpaint": dict(strength=0.8, scheduler="euler_a"),
+    "txt2img heun": dict(scheduler="heun"),
+    "txt2img dpmpp_2m": dict(scheduler="dpmpp_2m"),
+    "img2img dpmpp_2m_karras": dict(scheduler="dpmpp_2m_karras", strength=0.7),
+    "txt2img dpmpp_2m_sde": dict(scheduler="dpmpp_2m_sde"),
     "txt2img dpmpp_2m_sde_karras": dict(scheduler="dpmpp_2m_sde_karras"),
     "txt2img unipc, no cfg": dict(scheduler="unipc", guidance_scale=1.0),
-    "txt2img heun": dict(scheduler="heun"),
     "inpaint lcm": dict(strength=0.8, scheduler="lcm"),
 }
 
 
 def _kwargs(name, init_image, mask_image):
     kw = dict(CASES[name])
+    if name.startswith(("inpaint", "img2img")):
+        kw.update(image=init_image)
     if name.startswith("inpaint"):
-        kw.update(image=init_image, mask_image=mask_image)
+        kw.update(mask_image=mask_image)
     return kw
+
+
+class _HostTraffic:
+    """Records, while active, what on CUDA makes the host wait for the GPU: a tensor made from
+    host data (aten.lift_fresh: torch.tensor / as_tensor, a host-to-device copy there), a
+    tensor value read on the host (.item(), bool(), float(): aten._local_scalar_dense), a copy
+    between devices."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen = self.seen = []
+        aten = torch.ops.aten
+        host = {aten.lift_fresh.default, aten.lift_fresh_copy.default, aten._local_scalar_dense.default}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in host:
+                    seen.append(str(func))
+                out = func(*args, **(kwargs or {}))
+                if func in (aten._to_copy.default, aten.copy_.default) and isinstance(out, torch.Tensor):
+                    src = args[1] if func is aten.copy_.default else args[0]
+                    if isinstance(src, torch.Tensor) and src.device != out.device:
+                        seen.append(f"{func}: {src.device} -> {out.device}")
+                return out
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_loop_makes_no_host_traffic(pipes, monkeypatch, name, init_image, mask_image):
+    """The CPU twin of test_loop_never_synchronises: inside the loop (Pipeline._denoise, every
+    sampler) no tensor is made from host data and no tensor value is read on the host. Every
+    table is built and moved to the device before it."""
+    pipe = pipes("eps")
+    traffic = _HostTraffic()
+    denoise = Pipeline._denoise
+
+    def watched(self, *args, **kwargs):
+        with traffic.mode:
+            return denoise(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "_denoise", watched)
+    steps = []
+    out = pipe(["a cat", "a dog"], num_inference_steps=4, seed=0, output_type="latent",
+               callback=lambda i, t, x: steps.append(i), **_kwargs(name, init_image, mask_image))
+    assert steps and torch.isfinite(out.images).all()
+    assert traffic.seen == []
 
 
 @pytest.mark.gpu

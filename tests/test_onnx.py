@@ -292,25 +292,93 @@ def test_clip_skip_entries(ckpts, tmp_path):
 
 
 def test_provider_chains():
-    from fastsd.backends.onnxruntime import providers_for
+    from fastsd.backends.onnxruntime import cuda_chain, providers_for
 
     assert providers_for(torch.device("cpu")) == ["CPUExecutionProvider"]
     with pytest.raises(RuntimeError, match="no CUDAExecutionProvider"):
-        providers_for(torch.device("cuda", 0), have=["CPUExecutionProvider"])
+        cuda_chain(0, 1234, ["CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match="null user stream"):
+        cuda_chain(0, 0, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def test_tensorrt_ep_is_opt_in_with_profile_shapes(ckpts, monkeypatch):
+    """ORT's TensorRT EP only where asked for (FASTSD_ORT_TENSORRT=1), then with the spec's
+    profile shapes and without the fp16 flag TensorRT 11 no longer has; CUDA on the work stream."""
+    from fastsd.backends.onnxruntime import cuda_chain, tensorrt_ep_wanted
+
+    have = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    names = lambda chain: [c[0] if isinstance(c, tuple) else c for c in chain]  # noqa: E731
+    plain = cuda_chain(1, 1234, have)
+    assert names(plain) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert plain[0][1]["user_compute_stream"] == "1234" and plain[0][1]["device_id"] == "1"
+    assert plain[0][1]["prefer_nhwc"] == "1" and plain[0][1]["cudnn_conv_algo_search"] == "HEURISTIC"
+    ckpt = load_checkpoint(str(ckpts["eps"]))
+    shapes = family_for(ckpt).specs["unet"].profile_shapes(Profile.for_model(ckpt.info))
+    trt = cuda_chain(1, 1234, have, shapes)
+    assert names(trt) == have
+    opts = trt[0][1]
+    assert opts["user_compute_stream"] == "1234" and "trt_fp16_enable" not in opts
+    assert opts["trt_profile_min_shapes"].startswith("sample:1x4x8x8,timestep:1,encoder_hidden_states:1x77x64")
+    assert opts["trt_profile_max_shapes"].startswith("sample:8x4x32x32,")
+    monkeypatch.delenv("FASTSD_ORT_TENSORRT", raising=False)
+    assert not tensorrt_ep_wanted()
+    monkeypatch.setenv("FASTSD_ORT_TENSORRT", "1")
+    assert tensorrt_ep_wanted()
+
+
+class _Session:
+    def __init__(self, providers, options):
+        self.providers, self.options = providers, options
+
+    def get_providers(self):
+        return self.providers
+
+    def get_provider_options(self):
+        return self.options
+
+
+def test_session_without_the_providers_asked_is_refused():
+    """ORT's wrapper falls back silently: to CPU where the CUDA provider fails to load, to
+    CUDA without options (no work stream) where the TensorRT EP fails. Both are refused."""
+    from fastsd.backends.onnxruntime import check_providers, cuda_chain
+
+    chain = cuda_chain(0, 1234, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    stream = {"CUDAExecutionProvider": {"user_compute_stream": "1234", "has_user_compute_stream": "1"}}
+    check_providers(_Session(["CUDAExecutionProvider", "CPUExecutionProvider"], stream), chain)
+    with pytest.raises(RuntimeError, match="with CPUExecutionProvider instead of CUDAExecutionProvider"):
+        check_providers(_Session(["CPUExecutionProvider"], {}), chain)
+    lost = {"CUDAExecutionProvider": {"user_compute_stream": "0", "has_user_compute_stream": "0"}}
+    with pytest.raises(RuntimeError, match="not on fastsd's work stream"):
+        check_providers(_Session(["CUDAExecutionProvider", "CPUExecutionProvider"], lost), chain)
+    trt_chain = cuda_chain(0, 1234, ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+                           {"sample": ((1,), (2,), (4,))})
+    with pytest.raises(RuntimeError, match="instead of TensorrtExecutionProvider"):
+        check_providers(_Session(["CUDAExecutionProvider", "CPUExecutionProvider"], lost), trt_chain)
+
+
+def test_provider_fallback_runs_eager(ckpts, store, monkeypatch, caplog):
+    """With the real onnxruntime (CPU build): a session asked for the CUDA provider gets the CPU
+    one; the runner refuses it at load and the network runs in eager PyTorch, with a warning."""
+    from fastsd.backends import onnxruntime as ort_kind
+
+    chain = [("CUDAExecutionProvider", {"device_id": "0", "user_compute_stream": "1234"}), "CPUExecutionProvider"]
+    monkeypatch.setattr(ort_kind, "providers_for", lambda device, **kw: chain)
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
+    out = pipe("a fox", num_inference_steps=2, output_type="latent", seed=0)
+    assert set(out.backends.values()) == {"eager"}
+    assert "instead of CUDAExecutionProvider" in caplog.text
 
 
 @pytest.mark.gpu
 def test_cuda_provider_runs_on_the_work_stream():
-    """ORT gets fastsd's non-default work stream (a null stream would be ignored), and the
-    TensorRT EP goes first where asked for and present."""
+    """ORT gets fastsd's non-default work stream (a null stream would be ignored)."""
     from fastsd.backends import work_stream
     from fastsd.backends.onnxruntime import providers_for
 
     dev = torch.device("cuda", 0)
     have = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    chain = providers_for(dev, use_tensorrt=True, have=have)
-    assert [c[0] if isinstance(c, tuple) else c for c in chain] == have
-    stream = chain[1][1]["user_compute_stream"]
+    chain = providers_for(dev, have=have)
+    assert [c[0] if isinstance(c, tuple) else c for c in chain] == have[1:]
+    stream = chain[0][1]["user_compute_stream"]
     assert stream == str(work_stream(dev).cuda_stream) and stream != "0"
-    assert chain[0][1]["user_compute_stream"] == stream
-    assert [c[0] if isinstance(c, tuple) else c for c in providers_for(dev, have=have)] == have[1:]
+

@@ -52,6 +52,23 @@ def on_work_stream(device: torch.device) -> Iterator[None]:
         caller.wait_stream(work)
 
 
+@contextmanager
+def on_device(device: torch.device) -> Iterator[None]:
+    """Make `device` the current CUDA device for the block: TensorRT deserialises, allocates
+    and launches, and AOTInductor loads, on the current device, which on a machine of several
+    GPUs is not necessarily the pipeline's. Nothing to do on the CPU or for a bare "cuda"."""
+    if device.type != "cuda" or device.index is None:
+        yield
+        return
+    with torch.cuda.device(device):
+        yield
+
+
+def device_index(device: torch.device) -> int:
+    """The CUDA device index of `device` (-1: the CPU, or the current device for a bare "cuda")."""
+    return -1 if device.type != "cuda" or device.index is None else device.index
+
+
 def record(ran: dict | None, network: str, what: str) -> None:
     if ran is not None:
         ran[network] = what

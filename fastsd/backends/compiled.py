@@ -2,16 +2,22 @@
 Packages are tied to the torch version and the device, which the manifest records. A
 package holds code only and its weights are the `<network>.weights.safetensors` beside it
 (refittable: constants swapped with the package's load_constants), or, built --frozen,
-its weights are folded into the code."""
+its weights are folded into the code.
+
+Packages load with `run_single_threaded=True`: the default container synchronises threads
+with CUDA events, whose queries are illegal while a CUDA graph is captured (every whole-step
+capture would be refused) and make each call wait on the previous one's event. The runner's
+own lock keeps calls one at a time instead."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
 
 from ..devices import device_key
-from . import as_float
+from . import as_float, device_index, on_device
 from .kind import BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module
 
 SEPARATE, FROZEN = "separate", "frozen"  # weights_layout: weights in a file beside the code, or folded into it
@@ -34,18 +40,21 @@ class CompiledRunner(EngineRunner):
     def __init__(self, path: Path, spec, device: torch.device, profile, dtype: torch.dtype,
                  record: dict | None = None):
         super().__init__(spec, profile)
-        self.model = torch._inductor.aoti_load_package(str(path))
         self.device, self.dtype = device, dtype
+        self.lock = threading.Lock()  # a single-threaded package runs one call at a time
         self.separate = bool(record and record.get("weights_layout") == SEPARATE)  # else frozen into the code
         self.constants: set[str] = set()
-        if self.separate:  # the package holds code only: its weights are the file beside it
-            from safetensors.torch import load_file
+        with on_device(device):  # the pipeline's GPU, not the current one
+            self.model = torch._inductor.aoti_load_package(str(path), run_single_threaded=True,
+                                                           device_index=device_index(device))
+            if self.separate:  # the package holds code only: its weights are the file beside it
+                from safetensors.torch import load_file
 
-            weights = load_file(str(path.parent / weights_name(spec.name)), device=str(device))
-            self.constants = {n for n in self.model.get_constant_fqns() if not n.startswith(FOLDED)}
-            if set(weights) != self.constants:  # the folded ones are computed from these by the package
-                raise RuntimeError(f"{spec.name}.weights.safetensors does not hold the package's constants")
-            self.model.load_constants(weights, check_full_update=False)
+                weights = load_file(str(path.parent / weights_name(spec.name)), device=str(device))
+                self.constants = {n for n in self.model.get_constant_fqns() if not n.startswith(FOLDED)}
+                if set(weights) != self.constants:  # the folded ones are computed from these by the package
+                    raise RuntimeError(f"{spec.name}.weights.safetensors does not hold the package's constants")
+                self.model.load_constants(weights, check_full_update=False)
 
     def set_weights(self, weights: dict[str, torch.Tensor], at_base: bool) -> None:
         """Swap those constants of the package (a weight it does not use is skipped)."""
@@ -54,11 +63,13 @@ class CompiledRunner(EngineRunner):
         new = {n: t.detach().to(self.device, self.dtype if t.is_floating_point() else t.dtype)
                for n, t in weights.items() if n in self.constants}
         if new:
-            self.model.load_constants(new, check_full_update=False)
+            with self.lock, on_device(self.device):
+                self.model.load_constants(new, check_full_update=False)
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        inputs = self.complete(inputs, lambda t: t.dtype(self.dtype))
         args = self.spec.cast(inputs, self.device, self.dtype)
-        with torch.inference_mode():
+        with self.lock, on_device(self.device), torch.inference_mode():
             out = self.model(*args.values())
         if isinstance(out, (list, tuple)) and len(out) == 1:
             out = out[0]

@@ -83,7 +83,7 @@ class LazyRunner:
         self.failed = f"{self.entry.name}: " + (str(e).splitlines()[0] if str(e) else type(e).__name__)
 
     def __call__(self, **inputs):
-        return self.runner(**self.spec.complete(inputs))  # zeros for residuals a call without ControlNet leaves out
+        return self.runner(**inputs)  # the runner fills the residuals a call without ControlNet leaves out
 
 
 class CompositeBackend(Networks):

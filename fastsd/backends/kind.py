@@ -53,9 +53,26 @@ class EngineRunner:
 
     def __init__(self, spec: NetworkSpec, profile):
         self.spec, self.profile = spec, profile
+        self._zeros: dict[tuple, torch.Tensor] = {}  # (input, shape, dtype, device) -> zeros made once
 
     def fits(self, inputs: dict[str, torch.Tensor]) -> str | None:
         return self.spec.refuses(self.profile, inputs)
+
+    def complete(self, inputs: dict[str, torch.Tensor], dtype_of: Callable) -> dict[str, torch.Tensor]:
+        """`inputs` with zeros for the optional inputs a call leaves out (the ControlNet residuals
+        of a UNet built with them, called without ControlNet: adding zeros changes nothing),
+        made once per shape in the dtype the engine takes (`dtype_of(TensorSpec)`) and reused."""
+        absent = [t for t in self.spec.inputs if t.optional and t.name not in inputs]
+        if not absent:
+            return inputs
+        shapes, like = self.spec.shapes(*self.spec.dims(inputs)), inputs[self.spec.inputs[0].name]
+        zeros = {}
+        for t in absent:
+            key = (t.name, shapes[t.name], dtype_of(t), like.device)
+            if key not in self._zeros:
+                self._zeros[key] = torch.zeros(shapes[t.name], dtype=key[2], device=like.device)
+            zeros[t.name] = self._zeros[key]
+        return {**inputs, **zeros}
 
     def set_weights(self, weights: dict[str, torch.Tensor], at_base: bool) -> None:
         raise RefitUnsupported(f"{self.name} engines of this entry cannot be refitted")

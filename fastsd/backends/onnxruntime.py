@@ -4,15 +4,19 @@ CPU: tensors are handed over as numpy views (no copy for contiguous float32). CU
 binding to torch tensors on the device, with ORT on fastsd's work stream (the stream the
 pipeline runs on; see `work_stream`), so latents never leave the GPU between steps and
 ORT never reads an input before torch has written it. Runs skip ORT's end-of-run device
-synchronisation: the shared stream already orders what comes next. The TensorRT
-execution provider is put first where onnxruntime has it (engines cached under the fastsd
-cache, not in the engine store, whose entries hold only hashed files).
+synchronisation: the shared stream already orders what comes next. A session that did not
+get the CUDA provider, or not on that stream (ORT's wrapper silently falls back to other
+providers, without their options), is refused at load: the network then runs eager.
+The TensorRT execution provider is opt-in (FASTSD_ORT_TENSORRT=1; native TensorRT engines,
+`fastsd build --backend tensorrt`, are fastsd's TensorRT path), with the spec's profile shapes.
 NOT VERIFIED on a GPU: onnxruntime-gpu is not installed where fastsd is developed.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,8 @@ _ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float1
                  "tensor(int64)": torch.int64, "tensor(int32)": torch.int32}
 _TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
                    torch.int32: np.int32}
+TENSORRT_EP_ENV = "FASTSD_ORT_TENSORRT"  # "1": ONNX Runtime's TensorRT execution provider before CUDA's
+CUDA, TENSORRT, CPU = "CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"
 
 
 def unavailable() -> str | None:
@@ -36,46 +42,91 @@ def unavailable() -> str | None:
     return None
 
 
-def providers_for(device: torch.device, use_tensorrt: bool = False, have: list[str] | None = None) -> list:
-    """The provider chain for `device`: CPU; or CUDA on fastsd's work stream (TensorRT EP
-    first when asked for and present), with the CPU for what neither runs."""
+def tensorrt_ep_wanted() -> bool:
+    """Whether the user opted in to ONNX Runtime's TensorRT execution provider."""
+    return os.environ.get(TENSORRT_EP_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _shape_list(shapes: dict[str, tuple]) -> str:
+    """ORT's TensorRT profile option format: "name:1x4x64x64,name2:..."."""
+    return ",".join(f"{n}:{'x'.join(str(d) for d in shape)}" for n, shape in shapes.items())
+
+
+def cuda_chain(index: int, stream: int, have: list[str], tensorrt_shapes: dict | None = None) -> list:
+    """The provider chain on CUDA device `index`: CUDA on the work stream `stream` (NHWC
+    convolutions, a heuristic cuDNN algorithm choice instead of an exhaustive search per new
+    shape), the CPU for what it does not run; with `tensorrt_shapes` ({input: (min, opt, max)},
+    the opt-in) ONNX Runtime's TensorRT EP first, built for exactly those profile shapes (an
+    fp16 graph carries its own precision: no fp16 flag, which TensorRT 11 no longer has)."""
+    if CUDA not in have:
+        raise RuntimeError("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    if not stream:
+        raise RuntimeError("ONNX Runtime ignores a null user stream: pass fastsd's work stream")
+    common = {"device_id": str(index), "user_compute_stream": str(stream), "has_user_compute_stream": "1"}
+    chain = [(CUDA, {**common, "prefer_nhwc": "1", "cudnn_conv_algo_search": "HEURISTIC",
+                     "cudnn_conv_use_max_workspace": "1"}), CPU]
+    if tensorrt_shapes is not None and TENSORRT in have:
+        from ..paths import cache_dir
+
+        chain.insert(0, (TENSORRT, {
+            **common, "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache_dir() / "ort-tensorrt"),
+            **{f"trt_profile_{k}_shapes": _shape_list({n: s[i] for n, s in tensorrt_shapes.items()})
+               for i, k in enumerate(("min", "opt", "max"))}}))
+    return chain
+
+
+def providers_for(device: torch.device, have: list[str] | None = None, tensorrt_shapes: dict | None = None) -> list:
+    """The provider chain for `device`: the CPU's, or `cuda_chain` on fastsd's work stream."""
     if device.type != "cuda":
-        return ["CPUExecutionProvider"]
+        return [CPU]
     if have is None:
         import onnxruntime as ort
 
         have = ort.get_available_providers()
-    if "CUDAExecutionProvider" not in have:
-        raise RuntimeError("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
     from . import work_stream
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = str(work_stream(device).cuda_stream)  # never 0: ORT ignores a null user stream
-    chain = [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": stream}), "CPUExecutionProvider"]
-    if use_tensorrt and "TensorrtExecutionProvider" in have:
-        from ..paths import cache_dir
+    return cuda_chain(index, work_stream(device).cuda_stream, have, tensorrt_shapes)
 
-        chain.insert(0, ("TensorrtExecutionProvider", {
-            "device_id": index, "user_compute_stream": stream, "trt_fp16_enable": True,
-            "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir() / "ort-tensorrt")}))
-    return chain
+
+def check_providers(session, chain: list) -> None:
+    """Refuse a session that did not get what `chain` asked: ONNX Runtime's Python wrapper
+    retries a failed session with CUDA + CPU and no options (the work stream lost: a race with
+    torch), and a CUDA provider that fails to load only logs and runs everything on the CPU."""
+    got = session.get_providers()
+    names = [p[0] if isinstance(p, tuple) else p for p in chain]
+    if got[:1] != names[:1]:
+        raise RuntimeError(f"onnxruntime created the session with {', '.join(got)} instead of {names[0]} "
+                           "(a provider failed to load)")
+    options = session.get_provider_options()
+    for name, wanted in (p for p in chain if isinstance(p, tuple)):
+        if "user_compute_stream" in wanted and name in got:
+            have = options.get(name, {}).get("user_compute_stream") or "0"
+            if int(have) != int(wanted["user_compute_stream"]):
+                raise RuntimeError(f"onnxruntime's {name} is not on fastsd's work stream (its options were dropped)")
 
 
 class OrtRunner(EngineRunner):
-    """Runs one network's graph; inputs by name, returns a float32 torch tensor."""
+    """Runs one network's graph; inputs by name, returns float32 torch tensors. On CUDA one
+    I/O binding per input shape is made once and reused (inputs re-bound per call by address;
+    outputs of the engine's precision into buffers kept per shape, cast to float32 on the way
+    out, float32 outputs into fresh tensors the caller owns), one call at a time (a lock)."""
 
     name = "onnxruntime"
 
     def __init__(self, path: Path, spec, device: torch.device, profile, threads: int = 0,
-                 use_tensorrt: bool = False, record: dict | None = None):
+                 providers: list | None = None, record: dict | None = None):
         import onnxruntime as ort
 
         super().__init__(spec, profile)
-        self.path, self.threads, self.providers = path, threads, providers_for(device, use_tensorrt)
+        self.path, self.threads = path, threads
+        self.providers = providers if providers is not None else providers_for(device)
         self.by_name = bool(record and record.get("weights_layout") == WEIGHTS_BY_NAME)  # named as the parameters
         self.transposed = set(record.get("transposed", ())) if self.by_name else set()
         self._weights: dict[str, tuple] | None = None  # initializer -> (numpy dtype, shape), read on first refit
         self._overrides: dict[str, np.ndarray] = {}  # weights given at session creation instead of the file's
+        self._bindings: dict[tuple, tuple] = {}  # input shapes -> (IOBinding, kept output buffers)
+        self.lock = threading.Lock()
         self.session = self._session()
         self.run_options = ort.RunOptions()
         if device.type == "cuda":  # the work stream orders the next kernels; no device-wide wait per run
@@ -96,6 +147,7 @@ class OrtRunner(EngineRunner):
         if names:
             opts.add_external_initializers(names, values)
         session = ort.InferenceSession(str(self.path), opts, providers=self.providers)
+        check_providers(session, self.providers)
         session.fastsd_values = values  # the session may read them for its lifetime: they live as long as it
         return session
 
@@ -123,48 +175,71 @@ class OrtRunner(EngineRunner):
                 if array.shape != shape:
                     raise RefitUnsupported(f"{name} is {array.shape}, the graph's is {shape}")
                 overrides[name] = array
-        old = self._overrides
-        self._overrides = overrides
-        try:
-            self.session = self._session()
-        except BaseException:
-            self._overrides = old  # the old session, with its weights, stays
-            raise
+        with self.lock:
+            old = self._overrides
+            self._overrides = overrides
+            try:
+                self.session, self._bindings = self._session(), {}
+            except BaseException:
+                self._overrides = old  # the old session, with its weights, stays
+                raise
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        feeds = self._feeds(inputs)
         if self.device.type == "cuda":
             from . import on_work_stream
 
             if torch.cuda.is_current_stream_capturing():  # ORT's kernels would run outside the graph
                 raise RuntimeError("ONNX Runtime runs cannot be captured in a CUDA graph")
-            with on_work_stream(self.device):  # the stream ORT was given (a no-op inside a pipeline)
-                return self._run_bound(inputs)
-        feeds = self._feeds(inputs)
-        outs = self.session.run(list(self.spec.output_names), {n: t.numpy() for n, t in feeds.items()},
-                                self.run_options)
+            with self.lock, on_work_stream(self.device):  # the stream ORT was given (a no-op inside a pipeline)
+                return self._run_bound(feeds)
+        with self.lock:
+            outs = self.session.run(list(self.spec.output_names), {n: t.numpy() for n, t in feeds.items()},
+                                    self.run_options)
         outs = tuple(torch.from_numpy(o).float() for o in outs)
         return outs if len(outs) > 1 else outs[0]  # several outputs: a tuple in the spec's order
 
     def _feeds(self, inputs) -> dict[str, torch.Tensor]:
+        inputs = self.complete(inputs, lambda t: self.in_types[t.name])
         return {n: inputs[n].to(self.in_types[n]).contiguous() for n in self.spec.input_names}
 
-    def _run_bound(self, inputs) -> torch.Tensor:
-        feeds = self._feeds(inputs)
-        binding = self.session.io_binding()
+    def _binding(self, feeds: dict[str, torch.Tensor]) -> tuple:
+        """The I/O binding of these input shapes, and the output buffers it keeps (None: a
+        float32 output, bound fresh per call)."""
+        key = tuple(tuple(t.shape) for t in feeds.values())
+        if key not in self._bindings:
+            shapes = self.spec.shapes(*self.spec.dims(feeds))
+            kept = {n: None if self.out_types[n] == torch.float32 else
+                    torch.empty(shapes[n], dtype=self.out_types[n], device=self.device) for n in self.spec.output_names}
+            binding = self.session.io_binding()
+            for n, out in kept.items():
+                if out is not None:
+                    self._bind(binding.bind_output, n, out)
+            self._bindings[key] = (binding, kept, shapes)
+        return self._bindings[key]
+
+    def _bind(self, bind, name: str, t: torch.Tensor) -> None:
         dev_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        for n, t in feeds.items():
-            binding.bind_input(n, "cuda", dev_id, _TORCH_TO_NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
-        shapes, outs = self.spec.shapes(*self.spec.dims(inputs)), []
-        for name in self.spec.output_names:
-            out = torch.empty(shapes[name], dtype=self.out_types[name], device=self.device)
-            binding.bind_output(name, "cuda", dev_id, _TORCH_TO_NUMPY[out.dtype], shapes[name], out.data_ptr())
-            outs.append(out)
+        bind(name, "cuda", dev_id, _TORCH_TO_NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
+
+    def _run_bound(self, feeds) -> torch.Tensor:
+        binding, kept, shapes = self._binding(feeds)
+        for n, t in feeds.items():  # this call's inputs, by address
+            self._bind(binding.bind_input, n, t)
+        fresh = {}
+        for n, buf in kept.items():
+            if buf is None:  # float32: a tensor of the caller's own, no copy afterwards
+                fresh[n] = torch.empty(shapes[n], dtype=torch.float32, device=self.device)
+                self._bind(binding.bind_output, n, fresh[n])
         self.session.run_with_iobinding(binding, self.run_options)
-        return tuple(o.float() for o in outs) if len(outs) > 1 else outs[0].float()
+        outs = [fresh[n] if n in fresh else buf.float() for n, buf in kept.items()]  # the kept buffer stays ours
+        return tuple(outs) if len(outs) > 1 else outs[0]
 
 
 def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile, record: dict | None = None) -> OrtRunner:
-    return OrtRunner(path, spec, device, profile, use_tensorrt=device.type == "cuda", record=record)
+    shapes = spec.profile_shapes(profile) if device.type == "cuda" and tensorrt_ep_wanted() else None
+    return OrtRunner(path, spec, device, profile, providers=providers_for(device, tensorrt_shapes=shapes),
+                     record=record)
 
 
 def _build(opts: BuildOptions) -> Path:

@@ -133,11 +133,11 @@ class TrtRunner(EngineRunner):
                 if name not in names:
                     continue  # a weight the engine does not use
                 t = tensor.detach().t() if name in self.transposed else tensor.detach()
-                proto = refitter.get_weights_prototype(name)
+                proto = refitter.get_weights_prototype(name)  # trt.Weights: dtype, size, nbytes; no shape
                 dtype = _torch_dtype(trt, proto.dtype)
                 array = t.to("cpu", dtype).contiguous().numpy()
-                if tuple(array.shape) != tuple(proto.shape):
-                    raise RefitUnsupported(f"{name} is {tuple(array.shape)}, the plan's is {tuple(proto.shape)}")
+                if array.size != proto.size:
+                    raise RefitUnsupported(f"{name} has {array.size} values, the plan's has {proto.size}")
                 keep.append(array)
                 if not refitter.set_named_weights(name, trt.Weights(array)):
                     raise RuntimeError(f"TensorRT refused new weights for {name}")
