@@ -93,3 +93,44 @@ def test_build_cli(ckpts, tmp_path, capsys):
                  "--engine-dir", str(tmp_path)]) == 0
     assert "text_encoder: compiled in" in capsys.readouterr().out
     assert not [p for p in tmp_path.rglob(".staging-*")]
+
+
+def test_packages_load_single_threaded_on_the_device_one_call_at_a_time(ckpts, monkeypatch, tmp_path):
+    """AOTInductor's default container synchronises threads with CUDA events, illegal while a
+    CUDA graph is captured: packages load with run_single_threaded=True (and the device's
+    index), and the runner's lock lets one call in at a time."""
+    import threading
+    import time
+
+    import torch
+
+    from fastsd.backends.compiled import CompiledRunner
+    from fastsd.checkpoint import load_checkpoint
+    from fastsd.families import family_for
+
+    loads, inside, overlaps = [], [], []
+
+    class Model:
+        def __call__(self, *args):
+            inside.append(1)
+            overlaps.append(len(inside) > 1)
+            time.sleep(0.02)
+            inside.pop()
+            return [args[0] * 2]
+
+    def load(path, run_single_threaded=False, device_index=-1):
+        loads.append((run_single_threaded, device_index))
+        return Model()
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", load)
+    spec = family_for(load_checkpoint(str(ckpts["eps"]))).specs["vae_decoder"]
+    runner = CompiledRunner(tmp_path / "vae_decoder.pt2", spec, torch.device("cpu"), None, torch.float32)
+    assert loads == [(True, -1)]
+    latent = torch.ones(1, 4, 8, 8)
+    threads = [threading.Thread(target=lambda: runner(latent=latent)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(overlaps) == 4 and not any(overlaps)
+    assert torch.equal(runner(latent=latent), latent * 2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from fastsd import Pipeline
 from fastsd.checkpoint import load_checkpoint
@@ -271,3 +272,148 @@ def test_undeserializable_plan_is_a_clear_error():
     trt = _Flags(Runtime=lambda logger: _Flags(deserialize_cuda_engine=lambda plan: None))
     with pytest.raises(RuntimeError, match="cannot deserialize unet .*another TensorRT version or GPU"):
         deserialize(trt, None, b"plan", "unet (unet.plan)")
+
+
+# ---- the runner, against a stand-in tensorrt (deserialising, refit, device, buffers) -------
+
+
+class _Weights:
+    """What TensorRT's Weights has: dtype, size, nbytes and numpy() (no shape)."""
+
+    def __init__(self, dtype, size, nbytes):
+        self.dtype, self.size, self.nbytes = dtype, size, nbytes
+
+    def numpy(self):
+        return np.zeros(self.size, dtype=np.float16)
+
+
+class _RuntimeTrt:
+    """The part of tensorrt a TrtRunner touches, recording what it is asked."""
+
+    float32, float16, bfloat16, int32, int64 = "f32", "f16", "bf16", "i32", "i64"
+
+    def __init__(self, plan_weights: dict | None = None):
+        trt, self.events, self.set = self, [], {}
+        self.plan_weights = plan_weights or {}
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, level):
+                pass
+
+        class Engine:
+            device_memory_size_v2 = 64
+
+            def get_tensor_dtype(self, name):
+                return trt.int64 if name == "timestep" else trt.float16
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, plan):
+                trt.events.append("deserialize")
+                return Engine()
+
+        class Refitter:
+            def __init__(self, engine, logger):
+                trt.events.append("refitter")
+
+            def get_all_weights(self):
+                return list(trt.plan_weights)
+
+            def get_weights_prototype(self, name):
+                size = trt.plan_weights[name]
+                return _Weights(trt.float16, size, 2 * size)
+
+            def set_named_weights(self, name, weights):
+                trt.set[name] = weights
+                return True
+
+            def refit_cuda_engine(self):
+                trt.events.append("refit")
+                return True
+
+        self.Logger, self.Runtime, self.Refitter = Logger, Runtime, Refitter
+        self.Weights = lambda array: array
+
+
+@pytest.fixture
+def unet_spec(info):
+    return network_specs(info)["unet"]
+
+
+def _runner(monkeypatch, tmp_path, spec, trt, record=None):
+    import sys
+
+    from fastsd.backends.tensorrt import TrtRunner
+
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    (tmp_path / "unet.plan").write_bytes(b"plan")
+    return TrtRunner(tmp_path / "unet.plan", spec, torch.device("cpu"), None, record=record)
+
+
+def test_refit_compares_size_and_dtype(monkeypatch, tmp_path, unet_spec):
+    """TensorRT's weights prototype has no shape: the refit checks the number of values and
+    casts to the plan's dtype (before, every LoRA load on a TensorRT engine raised)."""
+    from fastsd.backends.kind import WEIGHTS_BY_NAME, RefitUnsupported
+
+    trt = _RuntimeTrt({"conv_in.weight": 12, "proj.weight": 6})
+    runner = _runner(monkeypatch, tmp_path, unet_spec, trt, {"weights_layout": WEIGHTS_BY_NAME,
+                                                              "transposed": ["proj.weight"]})
+    runner.set_weights({"conv_in.weight": torch.ones(4, 3), "proj.weight": torch.ones(2, 3),
+                        "unused.weight": torch.ones(5)}, at_base=False)
+    assert trt.events[-1] == "refit" and set(trt.set) == {"conv_in.weight", "proj.weight"}
+    assert trt.set["conv_in.weight"].dtype == np.float16 and trt.set["proj.weight"].shape == (3, 2)
+    with pytest.raises(RefitUnsupported, match="has 4 values, the plan's has 12"):
+        runner.set_weights({"conv_in.weight": torch.ones(2, 2)}, at_base=False)
+
+
+def test_runner_works_on_the_pipelines_device(monkeypatch, tmp_path, unet_spec):
+    """Deserialising (and so the engine's memory) happens with the pipeline's device current,
+    not whatever device is current (GPU 0) on a machine of several GPUs."""
+    from contextlib import contextmanager
+
+    from fastsd.backends import tensorrt as trt_kind
+
+    trt, entered = _RuntimeTrt(), []
+
+    @contextmanager
+    def recording(device):
+        entered.append(str(device))
+        trt.events.append(f"enter {device}")
+        yield
+        trt.events.append(f"leave {device}")
+
+    monkeypatch.setattr(trt_kind, "on_device", recording)
+    _runner(monkeypatch, tmp_path, unet_spec, trt)
+    assert trt.events == ["enter cpu", "deserialize", "leave cpu"]
+
+
+def test_absent_residuals_are_zeroed_once_per_slot(ckpts, unet_spec):
+    """A UNet engine built with ControlNet residual inputs, called without them: the buffer is
+    zeroed on the first such call, left alone on the next, refilled when a call brings them."""
+    from dataclasses import replace
+
+    from fastsd.backends.tensorrt import TrtRunner
+    from fastsd.networks import residual_specs
+
+    residuals = residual_specs(load_checkpoint(str(ckpts["eps"])).unet.config)
+    spec = replace(unet_spec, inputs=unet_spec.inputs + residuals)
+    runner = object.__new__(TrtRunner)
+    runner.spec = spec
+    first = residuals[0].name
+    shapes = spec.shapes(2, 32, 32)
+    slot = {"bufs": {n: torch.full(shapes[n], 7.0) for n in spec.input_names}, "zeroed": set()}
+    plain = {n: torch.rand(shapes[n]) for n in ("sample", "timestep", "encoder_hidden_states")}
+    runner._fill(slot, plain)
+    assert torch.equal(slot["bufs"]["sample"], plain["sample"]) and not slot["bufs"][first].any()
+    slot["bufs"][first].fill_(3.0)  # not zeroed again while calls leave it out
+    runner._fill(slot, plain)
+    assert (slot["bufs"][first] == 3.0).all()
+    given = torch.rand(shapes[first])
+    runner._fill(slot, {**plain, first: given})
+    assert torch.equal(slot["bufs"][first], given)
+    runner._fill(slot, plain)  # a call without ControlNet after one with: zeros again
+    assert not slot["bufs"][first].any()

@@ -7,7 +7,10 @@ shapes and addresses are set once, so a graph captured from it stays valid) and 
 contexts share one device-memory scratch buffer: they run one at a time on one stream.
 After two launches of a shape the launch is captured in a CUDA graph and replayed; a
 capture that fails leaves plain launches in place. Inside the pipeline's whole-step
-capture the runner only enqueues (the step's graph holds the launch).
+capture the runner only enqueues (the step's graph holds the launch). Inputs are copied
+into the slot's buffers as they come (one copy, casting where the engine's dtype differs);
+an optional input a call leaves out (ControlNet residuals) is zeroed once per slot, not per
+call. Deserialising, allocating, refitting and launching happen on the pipeline's GPU.
 NOT VERIFIED: TensorRT cannot be installed where fastsd is developed.
 """
 
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..devices import device_key
+from . import on_device
 from .kind import WEIGHTS_BY_NAME, BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module
 
 log = logging.getLogger(__name__)
@@ -75,12 +79,13 @@ class TrtRunner(EngineRunner):
         self.by_name = record.get("weights_layout") == WEIGHTS_BY_NAME  # refittable plan of a by-name ONNX graph
         self.transposed = set(record.get("transposed", ()))
         self.trt, self.logger = trt, trt.Logger(trt.Logger.WARNING)
-        self.engine = deserialize(trt, self.logger, path.read_bytes(), f"{spec.name} ({path.name})")
         self.network, self.device, self.cuda_graphs = spec.name, device, cuda_graphs
-        names = self.spec.input_names + self.spec.output_names
-        self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
-        self.scratch = torch.empty(max(_scratch_bytes(self.engine), 1), dtype=torch.uint8, device=device)
-        self.slots: dict[tuple, dict] = {}  # input shapes -> context, buffers, graph
+        with on_device(device):  # TensorRT works on the current device: make it the pipeline's
+            self.engine = deserialize(trt, self.logger, path.read_bytes(), f"{spec.name} ({path.name})")
+            names = self.spec.input_names + self.spec.output_names
+            self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
+            self.scratch = torch.empty(max(_scratch_bytes(self.engine), 1), dtype=torch.uint8, device=device)
+        self.slots: dict[tuple, dict] = {}  # (batch, height, width) -> context, buffers, graph
         self.lock = threading.Lock()
 
     def _context(self):
@@ -93,9 +98,9 @@ class TrtRunner(EngineRunner):
         return context
 
     def _slot(self, inputs: dict) -> dict:
-        key = tuple(tuple(inputs[n].shape) for n in self.spec.input_names)
+        key = self.spec.dims(inputs)  # every input and output shape follows from these
         if key not in self.slots:
-            shapes = self.spec.shapes(*self.spec.dims(inputs))
+            shapes = self.spec.shapes(*key)
             bufs = {n: torch.empty(shapes[n], dtype=self.dtypes[n], device=self.device)
                     for n in self.spec.input_names + self.spec.output_names}
             context = self._context()
@@ -105,7 +110,8 @@ class TrtRunner(EngineRunner):
                                        "the engine's profile")
             for n, t in bufs.items():
                 context.set_tensor_address(n, t.data_ptr())
-            self.slots[key] = {"context": context, "bufs": bufs, "graph": None, "runs": 0, "capture": True}
+            self.slots[key] = {"context": context, "bufs": bufs, "graph": None, "runs": 0, "capture": True,
+                               "zeroed": set()}
         return self.slots[key]
 
     def _launch(self, slot: dict) -> None:
@@ -115,7 +121,7 @@ class TrtRunner(EngineRunner):
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         from . import on_work_stream
 
-        with self.lock, on_work_stream(self.device):  # a no-op inside a pipeline, or inside a whole-step capture
+        with self.lock, on_device(self.device), on_work_stream(self.device):  # no-ops inside a pipeline
             return self._run(inputs)
 
     def set_weights(self, weights: dict[str, torch.Tensor], at_base: bool) -> None:
@@ -125,7 +131,7 @@ class TrtRunner(EngineRunner):
         if not self.by_name:
             raise RefitUnsupported("the plan was not built refittable (fastsd build --backend tensorrt --refittable)")
         trt = self.trt
-        with self.lock:
+        with self.lock, on_device(self.device):
             refitter = trt.Refitter(self.engine, self.logger)
             names = set(refitter.get_all_weights())
             keep = []  # TensorRT reads the host arrays during refit_cuda_engine
@@ -146,11 +152,23 @@ class TrtRunner(EngineRunner):
             for slot in self.slots.values():
                 slot["graph"], slot["runs"] = None, 0
 
+    def _fill(self, slot: dict, inputs: dict) -> None:
+        """The call's inputs into the slot's buffers; an optional input it leaves out is zeroed
+        once, and stays zero while calls leave it out (a whole-step capture records the zeroing:
+        its replays may follow a call that filled the buffer)."""
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        for n in self.spec.input_names:
+            if n in inputs:
+                slot["bufs"][n].copy_(inputs[n])
+                slot["zeroed"].discard(n)
+            elif capturing or n not in slot["zeroed"]:
+                slot["bufs"][n].zero_()
+                slot["zeroed"].add(n)
+
     def _run(self, inputs: dict) -> torch.Tensor:
         slot = self._slot(inputs)
         bufs = slot["bufs"]
-        for n in self.spec.input_names:
-            bufs[n].copy_(inputs[n])
+        self._fill(slot, inputs)
         if torch.cuda.is_current_stream_capturing():  # inside the pipeline's whole-step graph
             self._launch(slot)
         elif slot["graph"] is not None:
