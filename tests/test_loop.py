@@ -206,6 +206,7 @@ def test_whole_step_graphs_match_plain_loop(ckpts, name, init_image, mask_image)
         got = graphed(["a cat", "a dog"], num_inference_steps=steps, **kw).images
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (steps, (got - want).abs().max())
     assert len(graphed._graphs.graphs) == 1 and not graphed._graphs.refused
+    assert graphed.backend._graphed_unet.graphs == {}  # the step's capture holds the UNet: no second graph
     again = graphed(["a cat", "a dog"], num_inference_steps=6, **kw)
     assert torch.equal(again.images, got)
     assert again.backends["unet"] == "eager"  # a replay reports what ran at its capture
@@ -230,7 +231,31 @@ def test_whole_step_graph_fp16_and_unet_graph_fallback(ckpts, caplog):
     broken.backend.unet = refuses_capture
     out = broken("a cat", **kw).images
     assert "cannot capture the denoising step" in caplog.text and len(broken._graphs.refused) == 1
+    assert len(broken.backend._graphed_unet.graphs) == 1  # the UNet-only graph, made after the refusal
     assert np.abs(out - plain).max() < 1e-2
+
+
+def test_no_unet_graph_inside_a_step_capture(ckpts):
+    """While a whole step is warmed up or captured, the eager UNet runs as it is: its own
+    UNet-only graph (own warm-ups, own memory pool) is made only for a step run uncaptured."""
+    from fastsd.backends.cuda_graphs import capturing, graph_warmup
+    from fastsd.backends.eager import EagerBackend
+    from fastsd.checkpoint import load_checkpoint
+    from fastsd.families import family_for
+
+    ckpt = load_checkpoint(str(ckpts["eps"]))
+    backend = EagerBackend(ckpt, family_for(ckpt), torch.device("cpu"), torch.float32, cuda_graphs=True)
+    graphed = []
+    backend._graphed_unet = lambda *args: graphed.append(args) or torch.zeros(1)
+    inputs = {"sample": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([10.0, 10.0]),
+              "encoder_hidden_states": torch.randn(2, 77, 64)}
+    assert not capturing()
+    with graph_warmup():
+        assert capturing()
+        out = backend.run("unet", inputs)
+    assert not graphed and out.shape == (2, 4, 8, 8) and not capturing()
+    backend.run("unet", inputs)
+    assert len(graphed) == 1
 
 
 def test_controlnet_step_reads_no_device_value():

@@ -3,25 +3,46 @@ buffers, one memory pool shared by all of them. The pipeline's whole-step graphs
 (fastsd/loop.py) are preferred; this is the fallback where a step cannot be captured.
 
 The first call of a shape warms the function up on a side stream, then captures it;
-later calls copy their inputs into the static buffers and replay. NOT VERIFIED on a GPU
-yet (the tests are marked `gpu`).
+later calls copy their inputs into the static buffers and replay. While a thread warms up
+or captures a function (`capturing()`), the networks it calls start no graph of their own:
+a whole step that captures holds the UNet's launch, so a UNet-only graph is made only where
+a step could not be captured. NOT VERIFIED on a GPU yet (the tests are marked `gpu`).
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
 WARMUP_CALLS = 2  # before a capture: cuDNN/cuBLAS choices and lazy allocations happen here
+_state = threading.local()  # per thread: how many captures (warm-ups included) are under way
+
+
+def capturing() -> bool:
+    """Whether this thread is warming up or capturing a CUDA graph (or its stream captures)."""
+    if getattr(_state, "depth", 0) > 0:
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+@contextmanager
+def graph_warmup() -> Iterator[None]:
+    """Mark the block as a capture's warm-up or capture, for `capturing()`."""
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
 
 
 def capture(fn: Callable[[], object], pool, device: torch.device) -> tuple[torch.cuda.CUDAGraph, object]:
     """Warm `fn` up on a side stream, then capture one call of it into a graph on `device`
     using the memory pool `pool`. Returns (graph, what the captured call returned: its
     static output)."""
-    with torch.cuda.device(device):
+    with torch.cuda.device(device), graph_warmup():
         caller = torch.cuda.current_stream()
         side = torch.cuda.Stream()
         side.wait_stream(caller)

@@ -16,6 +16,7 @@ import torch
 
 from ..networks import vae_modules
 from . import Networks, as_float, record
+from .cuda_graphs import capturing
 
 
 class EagerBackend(Networks):
@@ -31,7 +32,7 @@ class EagerBackend(Networks):
                 if k in ("unet", "vae_encoder", "vae_decoder") or k.startswith("controlnet"):
                     self.modules[k].to(memory_format=torch.channels_last)
         self._graphed_unet = None
-        if cuda_graphs:  # one graph per input shape, captured on first use
+        if cuda_graphs:  # one graph per input shape, captured on first use outside a whole-step capture
             from .cuda_graphs import GraphedCall
 
             self._graphed_unet = GraphedCall(lambda *args: self._forward("unet", args))
@@ -53,8 +54,8 @@ class EagerBackend(Networks):
                 self._with_inputs[key] = spec.with_inputs(inputs)
             spec = self._with_inputs[key]
         args = tuple(spec.cast(inputs, self.device, self.dtype).values())
-        if network == "unet" and self._graphed_unet is not None and not torch.cuda.is_current_stream_capturing():
-            return self._graphed_unet(*args)  # inside a whole-step capture the UNet is captured with it
+        if network == "unet" and self._graphed_unet is not None and not capturing():
+            return self._graphed_unet(*args)  # a whole step being captured (or warmed up) holds the UNet
         return as_float(self._forward(network, args))
 
     def set_weights(self, network: str, weights: dict, at_base: bool) -> None:

@@ -24,6 +24,7 @@ import torch
 
 from ..devices import device_key
 from . import on_device
+from .cuda_graphs import capturing
 from .kind import WEIGHTS_BY_NAME, BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module
 
 log = logging.getLogger(__name__)
@@ -156,12 +157,12 @@ class TrtRunner(EngineRunner):
         """The call's inputs into the slot's buffers; an optional input it leaves out is zeroed
         once, and stays zero while calls leave it out (a whole-step capture records the zeroing:
         its replays may follow a call that filled the buffer)."""
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        recorded = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         for n in self.spec.input_names:
             if n in inputs:
                 slot["bufs"][n].copy_(inputs[n])
                 slot["zeroed"].discard(n)
-            elif capturing or n not in slot["zeroed"]:
+            elif recorded or n not in slot["zeroed"]:
                 slot["bufs"][n].zero_()
                 slot["zeroed"].add(n)
 
@@ -169,7 +170,7 @@ class TrtRunner(EngineRunner):
         slot = self._slot(inputs)
         bufs = slot["bufs"]
         self._fill(slot, inputs)
-        if torch.cuda.is_current_stream_capturing():  # inside the pipeline's whole-step graph
+        if capturing():  # inside the pipeline's whole-step graph (or its warm-up): no graph of its own
             self._launch(slot)
         elif slot["graph"] is not None:
             slot["graph"].replay()
