@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import images as imgs
 from .backends import Backend, on_work_stream
+from .backends.eager import Fp32VaeDecoder
 from .backends.registry import BACKEND_NAMES
 from .backends.select import make_backend
 from .budget import check_fits, widths_of
@@ -250,8 +251,11 @@ class Pipeline:
         store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
         family = family_for(ckpt, load_controlnets(controlnet, ckpt, allow_pickle, local_files_only))
 
+        vae_fp32 = Fp32VaeDecoder(ckpt.vae)  # the weights as loaded, before any backend casts them
+
         def remake(dev: torch.device, dt: torch.dtype, graphs: bool, slicing: bool) -> Backend:
-            return make_backend(ckpt, family, backend, dev, dt, store, clip_skip, graphs, attention_slicing=slicing)
+            return make_backend(ckpt, family, backend, dev, dt, store, clip_skip, graphs, attention_slicing=slicing,
+                                vae_fp32=vae_fp32)
 
         pipe = cls(ckpt, remake(dev, DTYPES[dtype], cuda_graphs, bool(memory and memory.attention_slicing)), dev,
                    DTYPES[dtype], memory, cuda_graphs, family)
@@ -568,7 +572,7 @@ class Pipeline:
                                  f"(guidance_scale {req.guidance_scale}); try a lower guidance_scale or dtype='fp32'")
         timings["unet_per_step"] = timings["unet"] / max(len(sched) - lat.start, 1)
         with self._timed(timings, "vae_decoder"):
-            out = x if req.output_type == "latent" else self._decode(x, call.ran)
+            out = x if req.output_type == "latent" else self._decode(x, call.ran, timings)
         timings["vae"] = timings["vae_encoder"] + timings["vae_decoder"]
         if call.preview is not None:
             timings["preview"] = call.preview.seconds  # inside "unet": the loop waits for them
@@ -807,15 +811,24 @@ class Pipeline:
             out.append((torch.cat([t, t]) if req.do_cfg else t).to(self.device))
         return tuple(out)
 
-    def _decode(self, latents: torch.Tensor, ran: dict) -> torch.Tensor:
-        """(B, 3, H, W) float32 in [0, 1] on the device (diffusers' "pt" output)."""
+    def _decode(self, latents: torch.Tensor, ran: dict, timings: dict) -> torch.Tensor:
+        """(B, 3, H, W) float32 in [0, 1] on the device (diffusers' "pt" output). In fp16, a VAE
+        whose config says force_upcast (SD-XL's) decodes in fp32 up front, as diffusers; one that
+        overflows (NaN/inf pixels) decodes again in fp32. timings["vae_decoder_fp32"]: the
+        seconds of an fp32 decode, when there was one."""
         z = latents / self.info.vae_scale + self.info.vae_shift
-        images = self._decode_with(partial(self.backend.vae_decoder, ran=ran), z)
-        if not torch.isfinite(images).all():
-            log.warning("VAE decode overflowed in %s (NaN/inf); decoding again in fp32", self.dtype)
-            images = self._decode_with(partial(self.backend.vae_decoder_fp32, ran=ran), z)
+        fp32 = partial(self.backend.vae_decoder_fp32, ran=ran)
+        if self.dtype == torch.float16 and getattr(self.ckpt.vae.config, "force_upcast", False):
+            with self._timed(timings, "vae_decoder_fp32"):
+                images = self._decode_with(fp32, z)
+        else:
+            images = self._decode_with(partial(self.backend.vae_decoder, ran=ran), z)
             if not torch.isfinite(images).all():
-                raise NumericalError("the VAE decoder gave NaN or infinite pixels even in fp32")
+                log.warning("VAE decode overflowed in %s (NaN/inf); decoding again in fp32", self.dtype)
+                with self._timed(timings, "vae_decoder_fp32"):
+                    images = self._decode_with(fp32, z)
+        if not torch.isfinite(images).all():
+            raise NumericalError("the VAE decoder gave NaN or infinite pixels even in fp32")
         return (images / 2 + 0.5).clamp(0, 1)
 
     def _tiling(self) -> tuple[int, int] | None:

@@ -382,3 +382,16 @@ def test_cuda_provider_runs_on_the_work_stream():
     stream = chain[0][1]["user_compute_stream"]
     assert stream == str(work_stream(dev).cuda_stream) and stream != "0"
 
+
+
+def test_fp32_vae_retry_on_engines_builds_no_eager_backend(ckpts, store, pipes):
+    """An overflowing decode on engines retries with the pipeline's fp32 VAE decoder alone,
+    not a whole eager backend (every network moved to the device), and gives eager's pixels."""
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
+    assert set(pipe.backend.backends.values()) == {"onnxruntime"}
+    latents = pipe("a fox", num_inference_steps=2, seed=0, output_type="latent").images
+    ran: dict = {}
+    got = pipe.backend.vae_decoder_fp32(latents / pipe.info.vae_scale, ran=ran)
+    assert pipe.backend._eager is None and ran == {"vae_decoder": "eager-fp32"}
+    want = pipes("eps").backend.vae_decoder(latents / pipe.info.vae_scale)
+    assert torch.equal(got, want)

@@ -484,3 +484,23 @@ def test_generator_per_image(xl, xl_pipes, init_image, mask_image):
     ours = xl_pipes("xl9")(scheduler="euler_a", generator=gens(), **kw).images
     theirs = ref(generator=gens(), **kw).images
     assert np.abs(ours - theirs).max() <= TOL
+
+
+def test_force_upcast_vae_decodes_in_fp32_from_the_original_weights(xl, xl_pipes):
+    """SD-XL's VAE says force_upcast: in fp16 it decodes in fp32 up front (as diffusers), with
+    the weights as loaded (not an upcast of the fp16-cast ones), and out says so; in bf16 (as
+    diffusers) and fp32 it decodes in the pipeline's precision."""
+    import torch
+
+    kw = dict(num_inference_steps=2, seed=0, height=32, width=32)
+    half = Pipeline.from_pretrained(str(xl["xl"]), device="cpu", dtype="fp16")
+    assert half.vae.config.force_upcast and next(half.vae.decoder.parameters()).dtype == torch.float16
+    out = half("a lighthouse", output_type="np", **kw)
+    assert out.backends["vae_decoder"] == "eager-fp32" and out.timings["vae_decoder_fp32"] > 0
+    latents = half("a lighthouse", output_type="latent", **kw).images
+    full = xl_pipes("xl")
+    want = full._decode(latents, {}, {})
+    assert torch.equal(half._decode(latents, {}, {}), want)  # bit for bit the fp32 pipeline's decode
+    bf16 = Pipeline.from_pretrained(str(xl["xl"]), device="cpu", dtype="bf16")("a lighthouse", output_type="np", **kw)
+    assert bf16.backends["vae_decoder"] == "eager" and "vae_decoder_fp32" not in bf16.timings
+    assert "vae_decoder_fp32" not in full("a lighthouse", output_type="np", **kw).timings

@@ -2,8 +2,9 @@
 
 On CUDA: fp16/bf16 weights, channels-last UNet and VAE, PyTorch SDPA attention
 (diffusers' default attention processor), all under inference_mode. The eager-only
-options live here: attention slicing, the UNet-only CUDA graphs, and the fp32 VAE
-decoder the pipeline retries with when a lower precision overflows.
+options live here: attention slicing, the UNet-only CUDA graphs. `Fp32VaeDecoder` is the
+VAE decoder in fp32, from the checkpoint's own weights, that every backend decodes with
+where a lower precision overflows, or up front where the VAE's config says force_upcast.
 """
 
 from __future__ import annotations
@@ -19,9 +20,32 @@ from . import Networks, as_float, record
 from .cuda_graphs import capturing
 
 
+class Fp32VaeDecoder:
+    """The VAE decoder in fp32 made from the weights as loaded: made for a pipeline before any
+    backend casts the checkpoint's modules, it keeps those weights (the fp32 tensors on the CPU:
+    references, no copy, while nothing casts the live ones) and builds the fp32 module on the
+    device of the first latents it decodes (again if they come on another device), once."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.weights = {k: v.detach() for k, v in vae_modules(vae)[1].state_dict().items()}
+        self._module, self._lock = None, threading.Lock()
+
+    def __call__(self, latent: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            if self._module is None or next(self._module.parameters()).device != latent.device:
+                module = copy.deepcopy(vae_modules(self.vae)[1]).to(latent.device, torch.float32)
+                module.load_state_dict(self.weights)  # the original values, not a cast copy's
+                self._module = module.eval()
+        with torch.inference_mode():
+            return self._module(latent.float())
+
+
 class EagerBackend(Networks):
     def __init__(self, ckpt, family, device: torch.device, dtype: torch.dtype, clip_skip: int = 0,
-                 cuda_graphs: bool = False, attention_slicing: bool = False):
+                 cuda_graphs: bool = False, attention_slicing: bool = False, vae_fp32: Fp32VaeDecoder | None = None):
+        """`vae_fp32`: the pipeline's fp32 VAE decoder (made here, before the cast, if not given)."""
+        self.vae_fp32 = vae_fp32 or Fp32VaeDecoder(ckpt.vae)
         self.ckpt, self.specs, self.device, self.dtype = ckpt, family.specs, device, dtype
         self.clip_skip = clip_skip
         if attention_slicing:  # attention computed in slices (diffusers' "auto"): less memory, slower
@@ -37,9 +61,7 @@ class EagerBackend(Networks):
 
             self._graphed_unet = GraphedCall(lambda *args: self._forward("unet", args))
         self.backends = {k: "eager" for k in family.networks}
-        self._vae_fp32 = None
         self._with_inputs: dict = {}  # (network, input names) -> its spec with those optional inputs
-        self._lock = threading.Lock()
 
     def _forward(self, network: str, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
         with torch.inference_mode():
@@ -77,9 +99,5 @@ class EagerBackend(Networks):
             return as_float(module(**args))
 
     def vae_decoder_fp32(self, latent: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor:
-        with self._lock:  # built once, on the first overflow
-            if self._vae_fp32 is None:
-                self._vae_fp32 = vae_modules(copy.deepcopy(self.ckpt.vae))[1].to(self.device, torch.float32).eval()
         record(ran, "vae_decoder", "eager-fp32")
-        with torch.inference_mode():
-            return self._vae_fp32(latent.to(self.device, torch.float32))
+        return self.vae_fp32(latent.to(self.device))

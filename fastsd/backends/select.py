@@ -16,7 +16,7 @@ import torch
 
 from ..engines import NOT_IN_ENTRY, PRECISIONS, Profile, check_entry, graph_file, kind_entries
 from .composite import CompositeBackend, LazyRunner
-from .eager import EagerBackend
+from .eager import EagerBackend, Fp32VaeDecoder
 from .kind import EngineKind
 from .registry import ENGINE_KINDS
 
@@ -67,13 +67,16 @@ def _warn_unusable(kind: str, problems: dict, loud: bool, exists: bool) -> None:
 
 
 def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
-                 clip_skip: int = 0, cuda_graphs: bool = False, attention_slicing: bool = False):
+                 clip_skip: int = 0, cuda_graphs: bool = False, attention_slicing: bool = False,
+                 vae_fp32: Fp32VaeDecoder | None = None):
     """The backend for `backend` ("auto", "eager" or an engine kind's name) over the
-    networks of the checkpoint's model `family`."""
+    networks of the checkpoint's model `family`. `vae_fp32`: the pipeline's fp32 VAE decoder
+    (one is made here, from the checkpoint's weights before any cast, where none is given)."""
     specs = family.specs
+    vae_fp32 = vae_fp32 or Fp32VaeDecoder(ckpt.vae)
 
     def make_eager():
-        return EagerBackend(ckpt, family, device, dtype, clip_skip, cuda_graphs, attention_slicing)
+        return EagerBackend(ckpt, family, device, dtype, clip_skip, cuda_graphs, attention_slicing, vae_fp32)
 
     if backend == "eager":
         return make_eager()
@@ -107,4 +110,6 @@ def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.
             log.log(level, "no engine in %s for %s of this checkpoint: running %s in eager PyTorch (build engines "
                     "with `fastsd export --model ...` or `fastsd build`)", engine_dir, ", ".join(missing),
                     "it" if len(missing) == 1 else "them")
-    return CompositeBackend(engines, make_eager, clip_skip, family.networks) if any(engines.values()) else make_eager()
+    if not any(engines.values()):
+        return make_eager()
+    return CompositeBackend(engines, make_eager, clip_skip, family.networks, vae_fp32)
