@@ -3,7 +3,9 @@
 For each of the four networks of a checkpoint: the same sample inputs (fixed seed) through
 the eager fp32 network and the eager half-precision one, on one device; the relative error
 max |half - fp32| / max |fp32|, NaN/inf counted as a failure, against a stated bound.
-Writes JSON and a Markdown table; exits 1 if any network is over its bound.
+The fp32 reference runs in true fp32: TF32 is switched off for cuBLAS matmuls and cuDNN
+convolutions (cuDNN's default is TF32 on Ampere and later), and the report records both
+flags. Writes JSON and a Markdown table; exits 1 if any network is over its bound.
 
     python3 benchmarks/precision.py --model synthetic:sd15 --device cuda --out DIR
 """
@@ -14,7 +16,9 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -34,6 +38,19 @@ BOUNDS = {"fp16": {"text_encoder": 1e-2, "text_encoder_2": 1e-2, "unet": 1e-2, "
           "bf16": {"text_encoder": 5e-2, "text_encoder_2": 5e-2, "unet": 5e-2, "vae_encoder": 1e-1,
                    "vae_decoder": 1e-1}}
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@contextmanager
+def true_fp32() -> Iterator[dict]:
+    """TF32 off for matmuls and convolutions inside the block (restored after); yields the
+    flags as torch reports them inside it, for the report."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32)
+    matmul.allow_tf32, cudnn.allow_tf32 = False, False
+    try:
+        yield {"matmul_allow_tf32": matmul.allow_tf32, "cudnn_allow_tf32": cudnn.allow_tf32}
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
 
 
 def check(model: str, device: str, half: str, size: int | None, batch: int = 2) -> list[dict]:
@@ -70,8 +87,9 @@ def _outputs(out) -> tuple:
     return tuple(o.float() for o in out) if isinstance(out, tuple) else (out.float(),)
 
 
-def markdown(rows: list[dict], model: str, device: str, half: str) -> str:
-    lines = [f"{half} vs fp32, eager, `{model}` on {device}", "",
+def markdown(rows: list[dict], model: str, device: str, half: str, tf32: dict) -> str:
+    flags = ", ".join(f"{k} {v}" for k, v in tf32.items())
+    lines = [f"{half} vs fp32, eager, `{model}` on {device} (fp32 reference: {flags})", "",
              "| network | relative error (max abs / max abs ref) | bound | ok |", "|---|---|---|---|"]
     lines += [f"| {r['network']} | {r['relative_error']:.2e} | {r['bound']:.0e} | {'yes' if r['ok'] else 'NO'} |"
               for r in rows]
@@ -89,12 +107,13 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("precision: no CUDA device", file=sys.stderr)
         return 2
-    rows = check(args.model, args.device, args.dtype, args.size)
+    with true_fp32() as tf32:
+        rows = check(args.model, args.device, args.dtype, args.size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "precision.json").write_text(json.dumps({"model": args.model, "device": args.device,
-                                                    "dtype": args.dtype, "rows": rows}, indent=2))
-    text = markdown(rows, args.model, args.device, args.dtype)
+                                                    "dtype": args.dtype, "tf32": tf32, "rows": rows}, indent=2))
+    text = markdown(rows, args.model, args.device, args.dtype, tf32)
     (out / "precision.md").write_text(text + "\n")
     print(text)
     return 0 if all(r["ok"] for r in rows) else 1

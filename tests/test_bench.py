@@ -180,3 +180,30 @@ def test_sampler_benchmark_smoke(tmp_path):
     assert "| unipc |" in (tmp_path / "samplers.md").read_text()
     exact = result["exact_convergence"]["relative_error"]  # a sampler's error shrinks with steps
     assert exact["ddim"]["64"] < exact["ddim"]["4"] and exact["unipc"]["64"] < exact["unipc"]["4"]
+
+
+def test_export_missing_builds_before_the_row_loads(ckpts, tmp_path, monkeypatch):
+    """A row that must build its engines builds them before its pipeline loads (nothing of the
+    checkpoint on the device during the build), and its memory counts from the load on."""
+    import torch
+
+    from fastsd.backends.registry import ENGINE_KINDS
+    from fastsd.bench.machine import ProcessMemory
+    from fastsd.bench.worker import FastSDWorker
+
+    pytest.importorskip("onnxruntime")
+    order = []
+    kind = ENGINE_KINDS["onnxruntime"]
+    build = kind.build
+    monkeypatch.setitem(ENGINE_KINDS, "onnxruntime", type(kind)(**{
+        **kind.__dict__, "build": lambda opts: order.append("build") or build(opts)}))
+    cfg = quick(str(ckpts["eps"]), tmp_path)
+    worker = FastSDWorker(cfg, "onnxruntime", torch.device("cpu"), torch.float32)
+    assert order == ["build"] and worker.pipe is None and worker.export_s > 0 and not worker.skip
+    _, held = ProcessMemory(torch.device("cpu")).measure(worker.load)
+    assert held > 0 and set(worker.pipe.backend.backends.values()) == {"onnxruntime"}
+    again = FastSDWorker(cfg, "onnxruntime", torch.device("cpu"), torch.float32)  # entries exist now: no build
+    assert order == ["build"] and again.export_s is None
+    skipped = FastSDWorker(quick(str(ckpts["eps"]), tmp_path / "other", export_missing=False), "onnxruntime",
+                           torch.device("cpu"), torch.float32)
+    assert "no engines for this checkpoint" in skipped.skip and order == ["build"]

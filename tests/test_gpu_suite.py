@@ -43,12 +43,24 @@ def test_precision_check_per_network(precision, ckpts, tmp_path, monkeypatch):
     assert precision.main(["--model", str(ckpts["eps"]), "--device", "cpu", "--dtype", "fp16",
                            "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "precision.json").read_text())
+    assert report["tf32"] == {"matmul_allow_tf32": False, "cudnn_allow_tf32": False}  # a true fp32 reference
+    assert "cudnn_allow_tf32 False" in (tmp_path / "precision.md").read_text()
     assert [r["network"] for r in report["rows"]] == ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
     for row in report["rows"]:
         assert row["finite"] and 0 < row["relative_error"] <= row["bound"]  # fp16 differs, within its bound
     monkeypatch.setitem(precision.BOUNDS, "fp16", dict.fromkeys(precision.BOUNDS["fp16"], 1e-9))
     assert precision.main(["--model", str(ckpts["eps"]), "--device", "cpu", "--out", str(tmp_path)]) == 1
     assert "| NO |" in (tmp_path / "precision.md").read_text()
+
+
+def test_fp32_reference_without_tf32(precision, monkeypatch):
+    """cuDNN convolutions default to TF32: the reference switches it off, and restores it."""
+    seen = []
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    with precision.true_fp32() as flags:
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+    assert seen == [(False, False)] and flags == {"matmul_allow_tf32": False, "cudnn_allow_tf32": False}
+    assert torch.backends.cudnn.allow_tf32 is True
 
 
 def test_relative_error_counts_nan_as_failure(precision):

@@ -66,23 +66,13 @@ def _warn_unusable(kind: str, problems: dict, loud: bool, exists: bool) -> None:
         log.warning("%s %s: %s; falling back to eager", kind, ", ".join(nets), why)
 
 
-def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
-                 clip_skip: int = 0, cuda_graphs: bool = False, attention_slicing: bool = False,
-                 vae_fp32: Fp32VaeDecoder | None = None):
-    """The backend for `backend` ("auto", "eager" or an engine kind's name) over the
-    networks of the checkpoint's model `family`. `vae_fp32`: the pipeline's fp32 VAE decoder
-    (one is made here, from the checkpoint's weights before any cast, where none is given)."""
-    specs = family.specs
-    vae_fp32 = vae_fp32 or Fp32VaeDecoder(ckpt.vae)
-
-    def make_eager():
-        return EagerBackend(ckpt, family, device, dtype, clip_skip, cuda_graphs, attention_slicing, vae_fp32)
-
-    if backend == "eager":
-        return make_eager()
+def candidates(ckpt, family, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
+               clip_skip: int = 0) -> dict[str, list[LazyRunner]]:
+    """Per network, the store's engines that may serve it ("auto": every available kind,
+    fastest first), from the manifests alone: nothing is loaded and no file is hashed yet."""
     kinds = tuple(ENGINE_KINDS.values()) if backend == "auto" else (ENGINE_KINDS[backend],)
     engines: dict[str, list[LazyRunner]] = {}
-    loud = backend != "auto"
+    loud, specs = backend != "auto", family.specs
     owned = getattr(family, "controlnets", {})  # networks with store entries of their own (ControlNets)
     for kind in kinds:  # fastest kind first
         why = kind.unavailable()
@@ -97,6 +87,23 @@ def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.
                               f"the ControlNet {cn.source}")
         for n, runners in found.items():
             engines.setdefault(n, []).extend(runners)
+    return engines
+
+
+def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
+                 clip_skip: int = 0, cuda_graphs: bool = False, attention_slicing: bool = False,
+                 vae_fp32: Fp32VaeDecoder | None = None):
+    """The backend for `backend` ("auto", "eager" or an engine kind's name) over the
+    networks of the checkpoint's model `family`. `vae_fp32`: the pipeline's fp32 VAE decoder
+    (one is made here, from the checkpoint's weights before any cast, where none is given)."""
+    vae_fp32 = vae_fp32 or Fp32VaeDecoder(ckpt.vae)
+
+    def make_eager():
+        return EagerBackend(ckpt, family, device, dtype, clip_skip, cuda_graphs, attention_slicing, vae_fp32)
+
+    if backend == "eager":
+        return make_eager()
+    engines = candidates(ckpt, family, backend, device, dtype, engine_dir, clip_skip)
     for runners in engines.values():  # the first choice loads now: its failure is known at load time
         while runners and not runners[0].load():
             runners.pop(0)

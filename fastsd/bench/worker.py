@@ -10,12 +10,15 @@ Memory, per worker: on CPU the process's peak RSS during the run (VmHWM, reset b
 it); on CUDA the device memory the process holds, from the driver (total - free, which
 counts TensorRT, ONNX Runtime and AOTInductor allocations that torch's allocator
 statistics miss), accumulated over the moments only this worker runs (its load, its
-runs), since allocators keep what they reserved at their peak.
+runs), since allocators keep what they reserved at their peak. Engines a row must build
+(--export-missing) are built before its pipeline loads, outside what is measured, and the
+build's cached device memory is released: a row's peak is its own.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import resource
@@ -80,46 +83,56 @@ def _timer(device: torch.device) -> Callable[[Callable], tuple[float, object]]:
 
 
 class FastSDWorker:
+    """Made in two parts: __init__ reads the checkpoint and builds the engines the row lacks
+    (when asked to), `load()` (what the row's memory counts) makes the pipeline."""
+
     def __init__(self, cfg, backend: str, device: torch.device, dtype: torch.dtype):
         from ..backends.kind import BuildOptions
-        from ..backends.select import make_backend
+        from ..backends.select import candidates
         from ..checkpoint import load_checkpoint
+        from ..controlnet import load_controlnets
         from ..engines import default_engine_dir
         from ..families import family_for
-        from ..pipeline import Pipeline
 
         self.cfg, self.backend, self.notes, self.export_s, self.skip = cfg, backend, [], None, None
+        self.device, self.dtype, self.pipe = device, dtype, None
         self.ran: dict | None = None  # what ran each network in the last call
-        ckpt = load_checkpoint(cfg.model)
-        self.info = ckpt.info
-        self.size = default_size(ckpt.info.default_size, ckpt.info.vae_factor, device)
-        root = Path(cfg.engine_dir) if cfg.engine_dir else default_engine_dir()
-        graphs = backend == GRAPHS
-        kind = "eager" if graphs else backend
-        if graphs and device.type != "cuda":
+        self.ckpt = load_checkpoint(cfg.model)
+        self.info = self.ckpt.info
+        self.size = default_size(self.info.default_size, self.info.vae_factor, device)
+        self.root = Path(cfg.engine_dir) if cfg.engine_dir else default_engine_dir()
+        self.graphs = backend == GRAPHS
+        self.kind = "eager" if self.graphs else backend
+        if self.graphs and device.type != "cuda":
             self.skip = f"{GRAPHS}: needs a CUDA device; skipped"
             return
+        self.family = family_for(self.ckpt, load_controlnets(list(cfg.controlnets) or None, self.ckpt))
+        engine_kind = ENGINE_KINDS.get(self.kind)
+        if engine_kind is None or candidates(self.ckpt, self.family, self.kind, device, dtype, self.root):
+            return
+        if not (cfg.export_missing and engine_kind.builds_alone):
+            how = engine_kind.build_command + (", or bench --export-missing" if engine_kind.builds_alone else "")
+            self.skip = f"{backend}: no engines for this checkpoint (run {how}); skipped"
+            return
+        t0 = time.perf_counter()
+        engine_kind.build(BuildOptions(cfg.model, engine_dir=cfg.engine_dir, dtype=PRECISIONS[dtype],
+                                       device=str(device), controlnets=tuple(cfg.controlnets)))
+        self.export_s = time.perf_counter() - t0
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # what the build held is not this row's
 
-        from ..controlnet import load_controlnets
+    def load(self) -> None:
+        from ..backends.select import make_backend
+        from ..pipeline import Pipeline
 
-        family = family_for(ckpt, load_controlnets(list(cfg.controlnets) or None, ckpt))
-
-        def load():
-            backend_ = make_backend(ckpt, family, kind, device, dtype, root, cuda_graphs=graphs)
-            return Pipeline(ckpt, backend_, device, dtype, cuda_graphs=graphs, family=family)
-
-        self.pipe = load()
-        engine_kind = ENGINE_KINDS.get(kind)
-        if engine_kind is not None and set(self.pipe.backend.backends.values()) == {"eager"}:
-            if not (cfg.export_missing and engine_kind.builds_alone):
-                how = engine_kind.build_command + (", or bench --export-missing" if engine_kind.builds_alone else "")
-                self.skip = f"{backend}: no engines for this checkpoint (run {how}); skipped"
-                return
-            t0 = time.perf_counter()
-            engine_kind.build(BuildOptions(cfg.model, engine_dir=cfg.engine_dir, dtype=PRECISIONS[dtype],
-                                           device=str(device), controlnets=tuple(cfg.controlnets)))
-            self.export_s = time.perf_counter() - t0
-            self.pipe = load()
+        if self.skip:
+            return
+        backend = make_backend(self.ckpt, self.family, self.kind, self.device, self.dtype, self.root,
+                               cuda_graphs=self.graphs)
+        self.pipe = Pipeline(self.ckpt, backend, self.device, self.dtype, cuda_graphs=self.graphs, family=self.family)
+        if self.kind in ENGINE_KINDS and set(backend.backends.values()) == {"eager"}:
+            self.skip = f"{self.backend}: its engines did not load (see the log); skipped"
 
     def call(self, h, w, batch, steps, sched, guidance, seed) -> dict:
         images = control_images(len(self.cfg.controlnets), h, w)
@@ -181,11 +194,14 @@ class DiffusersWorker:
     weights). Its ControlNets' time counts in the UNet stage, as fastsd's loop does."""
 
     def __init__(self, cfg, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.device, self.dtype, self.notes, self.skip = cfg, device, dtype, [], None
+
+    def load(self) -> None:
         import diffusers
 
         from ..checkpoint import resolve
 
-        self.cfg, self.device, self.notes, self.skip = cfg, device, [], None
+        cfg, device, dtype = self.cfg, self.device, self.dtype
         path = resolve(cfg.model)
         index = path / "model_index.json"
         xl = index.is_file() and json.loads(index.read_text()).get("_class_name") == "StableDiffusionXLPipeline"
@@ -272,9 +288,10 @@ def serve(cfg_json: str, backend: str) -> None:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[cfg.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     memory = ProcessMemory(device)
-    try:
-        worker, held = memory.measure(lambda: DiffusersWorker(cfg, device, dtype) if backend == BASELINE
-                                      else FastSDWorker(cfg, backend, device, dtype))
+    try:  # a fastsd row builds what it lacks first; its memory counts from its load on
+        worker = DiffusersWorker(cfg, device, dtype) if backend == BASELINE else FastSDWorker(cfg, backend, device,
+                                                                                               dtype)
+        _, held = memory.measure(worker.load)
     except Exception as e:  # noqa: BLE001 - e.g. a single-file model diffusers cannot open offline
         reply(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
         return
