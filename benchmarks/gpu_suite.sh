@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole GPU verification in one command, each part under 10 minutes on one H100.
 #
-#   bash benchmarks/gpu_suite.sh [tests|bench|extra|sdxl|controlnet|all] OUTDIR
+#   bash benchmarks/gpu_suite.sh [check|tests|bench|extra|sdxl|controlnet|all] OUTDIR
 #
+#   check  bring what fastsd needs (below) and say what is missing; nothing else
 #   tests  the GPU-marked tests, then fp16 vs fp32 per network on synthetic SD 1.5
 #   bench  fastsd bench, synthetic SD 1.5, 512x512, 50 DDIM steps, CFG 7.5, batch 1:
 #          diffusers fp16 (its defaults), eager, eager + whole-step graphs, compiled
@@ -17,16 +18,21 @@
 #          compiled (UNet with residual inputs and the ControlNet, built inside the run)
 #   all    tests, bench and extra in turn (about 3 x 10 minutes; sdxl and controlnet are run on their own)
 #
-# Installs nothing: it runs where torch with CUDA and fastsd's dependencies import
-# (PYTHON, default python3; put the repository on PYTHONPATH). Everything goes under
-# OUTDIR: JSON, Markdown, logs, and summary.md.
+# Runs where torch with CUDA imports (PYTHON, default python3); the repository goes on
+# PYTHONPATH. What fastsd needs beyond the machine's own packages it brings first: wheels
+# carried in the repository's .whl/ (../shared/tools/gpu-wheels.sh fills it; carried to a GPU
+# machine with the working tree), installed with --no-index into FASTSD_SUITE_SITE (default
+# /tmp/fastsd-suite-site), else from the package registries where the machine reaches them.
+# One line says what it could not get and what that skips; without diffusers (fastsd's model
+# classes) it stops there (exit 2). Everything goes under OUTDIR: JSON, Markdown, logs, and
+# summary.md.
 set -uo pipefail
 
 PART=all
 if [ $# -eq 2 ]; then PART=$1; OUT=$2
 elif [ $# -eq 1 ]; then OUT=$1
-else echo "usage: gpu_suite.sh [tests|bench|extra|sdxl|controlnet|all] OUTDIR" >&2; exit 2; fi
-case "$PART" in tests|bench|extra|sdxl|controlnet|all) ;; *) echo "gpu_suite: unknown part '$PART' (tests, bench, extra, sdxl, controlnet or all)" >&2; exit 2;; esac
+else echo "usage: gpu_suite.sh [check|tests|bench|extra|sdxl|controlnet|all] OUTDIR" >&2; exit 2; fi
+case "$PART" in check|tests|bench|extra|sdxl|controlnet|all) ;; *) echo "gpu_suite: unknown part '$PART' (check, tests, bench, extra, sdxl, controlnet or all)" >&2; exit 2;; esac
 
 PY=${PYTHON:-python3}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -45,6 +51,45 @@ ENGINES="$OUT/engines"
 status=0
 
 say() { echo "[gpu_suite $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
+
+join() { local first=$1; shift; printf '%s' "$first" "${@/#/, }"; }
+
+missing() {  # the modules of "$@" that do not import
+    "$PY" -c 'import importlib.util, sys
+print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))' "$@" 2>>"$LOG"
+}
+
+bring() {  # what fastsd needs that the machine lacks: carried wheels, else the registries
+    local site=${FASTSD_SUITE_SITE:-/tmp/fastsd-suite-site} need
+    if compgen -G "$HERE/.whl/*.whl" >/dev/null; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$HERE"/.whl/*.whl \
+            >>"$LOG" 2>&1 || echo "gpu_suite: installing the wheels in .whl/ failed" >>"$LOG"
+    fi
+    [ -d "$site" ] && export PYTHONPATH="$site:$PYTHONPATH"
+    need=$(missing diffusers onnxslim)
+    if [ -n "$need" ]; then  # an offline machine fails this quickly
+        # shellcheck disable=SC2086
+        "$PY" -m pip install -q --no-deps --timeout 10 --retries 0 --target "$site" $need >>"$LOG" 2>&1 \
+            && export PYTHONPATH="$site:$PYTHONPATH"
+    fi
+    need=" $(missing diffusers onnxslim tensorrt) "
+    if [[ "$need" == *" diffusers "* ]]; then
+        echo "gpu_suite: cannot get diffusers (fastsd's model classes); carry the wheels of ../shared/tools/gpu-wheels.sh in .whl/" >&2
+        exit 2
+    fi
+    local lacks=() skips=()
+    [[ "$need" == *" onnxslim "* ]] && { lacks+=(onnxslim); skips+=("ONNX export tests"); }
+    [[ "$need" == *" tensorrt "* ]] && { lacks+=(tensorrt); skips+=("TensorRT tests and rows"); }
+    if ! "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
+            2>/dev/null; then
+        lacks+=(onnxruntime-gpu); skips+=("ONNX Runtime on CUDA")
+    fi
+    if [ ${#lacks[@]} -gt 0 ]; then
+        say "could not get: $(join "${lacks[@]}") (skipped: $(join "${skips[@]}"))"
+    else
+        say "every optional package is here (onnxslim, tensorrt, onnxruntime-gpu)"
+    fi
+}
 
 run_tests() {
     say "machine"; "$PY" -m fastsd info 2>&1 | tee "$OUT/info.txt" >>"$LOG"
@@ -131,7 +176,9 @@ summary() {
     } >"$OUT/summary.md"
 }
 
+bring
 case "$PART" in
+    check) ;;
     tests) run_tests ;;
     bench) run_bench ;;
     extra) run_extra ;;

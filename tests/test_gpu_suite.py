@@ -39,6 +39,36 @@ def test_suite_fails_fast_without_cuda(tmp_path):
     assert bad.returncode == 2 and "unknown part 'everything'" in bad.stderr
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_suite_says_in_one_line_what_it_could_not_get(tmp_path):
+    """On a GPU machine the suite first brings what fastsd needs (carried wheels, else the
+    registries) and says in one line what is missing and what that skips. Here a stand-in
+    python claims CUDA; this machine lacks tensorrt and onnxruntime-gpu."""
+    import sys
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    'case "$*" in *torch.cuda.is_available*) exit 0;; esac\n'
+                    f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "gpu"
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "check", str(out)],
+                         capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
+                                                                           "PYTHON": str(fake)})
+    assert run.returncode == 0, run.stderr
+    said = [line for line in run.stdout.splitlines() if "could not get" in line or "every optional" in line]
+    assert len(said) == 1
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert "tensorrt" in said[0] and "TensorRT tests" in said[0]
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert "onnxruntime-gpu" in said[0]
+    assert (out / "summary.md").is_file()
+
+
 def test_precision_check_per_network(precision, ckpts, tmp_path, monkeypatch):
     assert precision.main(["--model", str(ckpts["eps"]), "--device", "cpu", "--dtype", "fp16",
                            "--out", str(tmp_path)]) == 0

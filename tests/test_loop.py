@@ -256,6 +256,11 @@ def test_no_unet_graph_inside_a_step_capture(ckpts):
     assert not graphed and out.shape == (2, 4, 8, 8) and not capturing()
     backend.run("unet", inputs)
     assert len(graphed) == 1
+    seen = []  # with static shapes (graphs) the eager networks run with cuDNN's algorithm search
+    backend.modules["vae_decoder"].register_forward_pre_hook(lambda m, a: seen.append(torch.backends.cudnn.benchmark))
+    before = torch.backends.cudnn.benchmark
+    backend.run("vae_decoder", {"latent": torch.randn(1, 4, 8, 8)})
+    assert seen == [True] and torch.backends.cudnn.benchmark == before
 
 
 def test_controlnet_step_reads_no_device_value():

@@ -11,13 +11,30 @@ from __future__ import annotations
 
 import copy
 import threading
+from contextlib import contextmanager
 from functools import partial
+from typing import Iterator
 
 import torch
 
 from ..networks import vae_modules
 from . import Networks, as_float, record
 from .cuda_graphs import capturing
+
+
+@contextmanager
+def _conv_search(on: bool) -> Iterator[None]:
+    """cuDNN's algorithm search (`cudnn.benchmark`) for the block, where shapes are static (CUDA
+    graphs): each new shape's convolutions are timed once and the fastest kept (restored after)."""
+    if not on:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 class Fp32VaeDecoder:
@@ -55,6 +72,7 @@ class EagerBackend(Networks):
             for k in self.modules:
                 if k in ("unet", "vae_encoder", "vae_decoder") or k.startswith("controlnet"):
                     self.modules[k].to(memory_format=torch.channels_last)
+        self.static_shapes = cuda_graphs  # graphs replay one shape: a one-time cuDNN search per shape pays
         self._graphed_unet = None
         if cuda_graphs:  # one graph per input shape, captured on first use outside a whole-step capture
             from .cuda_graphs import GraphedCall
@@ -64,7 +82,7 @@ class EagerBackend(Networks):
         self._with_inputs: dict = {}  # (network, input names) -> its spec with those optional inputs
 
     def _forward(self, network: str, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.inference_mode(), _conv_search(self.static_shapes):
             return self.modules[network](*args)
 
     def run(self, network: str, inputs: dict[str, torch.Tensor], ran: dict | None = None) -> torch.Tensor:
