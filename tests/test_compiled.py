@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from fastsd.export.compiled import build_compiled
 
 from fastsd import Pipeline
@@ -134,3 +135,30 @@ def test_packages_load_single_threaded_on_the_device_one_call_at_a_time(ckpts, m
         t.join()
     assert len(overlaps) == 4 and not any(overlaps)
     assert torch.equal(runner(latent=latent), latent * 2)
+
+
+@pytest.mark.gpu
+def test_compiled_on_cuda_captures_whole_steps(ckpts, tmp_path):
+    """Compiled fp16 packages on CUDA inside whole-step graphs: loaded single-threaded, the
+    step captures (no refusal) and replays within fp16 noise of the plain compiled loop."""
+    build_compiled(str(ckpts["eps"]), engine_dir=tmp_path, dtype="fp16", device="cuda", networks=("unet",))
+    kw = dict(num_inference_steps=4, seed=0, output_type="np")
+    plain = Pipeline.from_pretrained(str(ckpts["eps"]), backend="compiled", device="cuda", engine_dir=str(tmp_path))
+    graphed = Pipeline.from_pretrained(str(ckpts["eps"]), backend="compiled", device="cuda",
+                                       engine_dir=str(tmp_path), cuda_graphs=True)
+    want, got = plain("a cat", **kw), graphed("a cat", **kw)
+    assert got.backends["unet"] == "compiled" and not graphed._graphs.refused and len(graphed._graphs.graphs) == 1
+    assert np.abs(got.images - want.images).max() < 1e-2
+    assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_compiled_loads_on_the_pipelines_device(ckpts, tmp_path):
+    """On a machine of several GPUs, a pipeline on cuda:1 loads and runs its packages there."""
+    build_compiled(str(ckpts["eps"]), engine_dir=tmp_path, dtype="fp16", device="cuda:1", networks=("unet",))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="compiled", device="cuda:1", engine_dir=str(tmp_path))
+    before = torch.cuda.memory_allocated(0)
+    out = pipe("a cat", num_inference_steps=2, seed=0, output_type="latent")
+    assert out.backends["unet"] == "compiled" and out.images.device == torch.device("cuda", 1)
+    assert torch.cuda.memory_allocated(0) == before
