@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastsd import Pipeline
 from fastsd.loop import ROW_LEVEL, ROW_SIGNAL, ROW_T, step_rows
@@ -124,31 +125,30 @@ def _kwargs(name, init_image, mask_image):
     return kw
 
 
-class _HostTraffic:
+_HOST = {torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default,
+         torch.ops.aten._local_scalar_dense.default}
+_COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default}
+
+
+class _HostTraffic(TorchDispatchMode):
     """Records, while active, what on CUDA makes the host wait for the GPU: a tensor made from
     host data (aten.lift_fresh: torch.tensor / as_tensor, a host-to-device copy there), a
     tensor value read on the host (.item(), bool(), float(): aten._local_scalar_dense), a copy
     between devices."""
 
     def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
+        super().__init__()
+        self.seen = []
 
-        seen = self.seen = []
-        aten = torch.ops.aten
-        host = {aten.lift_fresh.default, aten.lift_fresh_copy.default, aten._local_scalar_dense.default}
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func in host:
-                    seen.append(str(func))
-                out = func(*args, **(kwargs or {}))
-                if func in (aten._to_copy.default, aten.copy_.default) and isinstance(out, torch.Tensor):
-                    src = args[1] if func is aten.copy_.default else args[0]
-                    if isinstance(src, torch.Tensor) and src.device != out.device:
-                        seen.append(f"{func}: {src.device} -> {out.device}")
-                return out
-
-        self.mode = Mode()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _HOST:
+            self.seen.append(str(func))
+        out = func(*args, **(kwargs or {}))
+        if func in _COPIES and isinstance(out, torch.Tensor):
+            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            if isinstance(src, torch.Tensor) and src.device != out.device:
+                self.seen.append(f"{func}: {src.device} -> {out.device}")
+        return out
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -161,7 +161,7 @@ def test_loop_makes_no_host_traffic(pipes, monkeypatch, name, init_image, mask_i
     denoise = Pipeline._denoise
 
     def watched(self, *args, **kwargs):
-        with traffic.mode:
+        with traffic:
             return denoise(self, *args, **kwargs)
 
     monkeypatch.setattr(Pipeline, "_denoise", watched)

@@ -87,11 +87,11 @@ class LazyRunner:
 
 
 class CompositeBackend(Networks):
-    def __init__(self, engines: dict[str, list], make_eager: Callable, clip_skip: int = 0,
-                 networks: tuple[str, ...] = SD_NETWORKS, vae_fp32: Callable | None = None):
+    def __init__(self, engines: dict[str, list], make_eager: Callable, vae_fp32: Callable, clip_skip: int = 0,
+                 networks: tuple[str, ...] = SD_NETWORKS):
         """`engines`: per network, its engines fastest first (LazyRunner or any Runner), all
-        built for `clip_skip`; `networks`: the model family's; `vae_fp32`: the pipeline's fp32
-        VAE decoder (else the eager backend's)."""
+        built for `clip_skip`; `vae_fp32`: the pipeline's fp32 VAE decoder; `networks`: the
+        model family's."""
         self.vae_fp32 = vae_fp32
         self.engines = {n: list(r) for n, r in engines.items() if r}
         self.clip_skip = clip_skip
@@ -154,7 +154,5 @@ class CompositeBackend(Networks):
 
     def vae_decoder_fp32(self, latent, *, ran: dict | None = None):
         """The fp32 VAE decoder alone: no eager backend (every network on the device) for it."""
-        if self.vae_fp32 is None:
-            return self.eager.vae_decoder_fp32(latent, ran=ran)
         record(ran, "vae_decoder", "eager-fp32")
         return self.vae_fp32(latent)

@@ -21,11 +21,14 @@ WARMUP_CALLS = 2  # before a capture: cuDNN/cuBLAS choices and lazy allocations 
 _state = threading.local()  # per thread: how many captures (warm-ups included) are under way
 
 
+def stream_capturing() -> bool:
+    """Whether the current CUDA stream is being captured (what runs now is recorded, not run)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def capturing() -> bool:
     """Whether this thread is warming up or capturing a CUDA graph (or its stream captures)."""
-    if getattr(_state, "depth", 0) > 0:
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return getattr(_state, "depth", 0) > 0 or stream_capturing()
 
 
 @contextmanager

@@ -119,4 +119,4 @@ def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.
                     "it" if len(missing) == 1 else "them")
     if not any(engines.values()):
         return make_eager()
-    return CompositeBackend(engines, make_eager, clip_skip, family.networks, vae_fp32)
+    return CompositeBackend(engines, make_eager, vae_fp32, clip_skip, family.networks)

@@ -24,7 +24,7 @@ import torch
 
 from ..devices import device_key
 from . import on_device
-from .cuda_graphs import capturing
+from .cuda_graphs import capturing, stream_capturing
 from .kind import WEIGHTS_BY_NAME, BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class TrtRunner(EngineRunner):
         """The call's inputs into the slot's buffers; an optional input it leaves out is zeroed
         once, and stays zero while calls leave it out (a whole-step capture records the zeroing:
         its replays may follow a call that filled the buffer)."""
-        recorded = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        recorded = stream_capturing()
         for n in self.spec.input_names:
             if n in inputs:
                 slot["bufs"][n].copy_(inputs[n])
