@@ -856,3 +856,58 @@ def start_index(sampler: str, steps: int, strength: float) -> int:
     """The schedule index an img2img/inpaint run starts at: first_step times the sampler's
     order (Heun's schedule has two entries per step), as diffusers' get_timesteps."""
     return first_step(steps, strength) * SAMPLERS[sampler].order
+
+
+def _run_problem(name: str, cfg: SchedulerConfig, steps: int, eta: float, start: int, custom: dict) -> str | None:
+    """Why sampler `name` cannot run `steps` steps on `cfg` (None: it can): its schedule
+    indexes past the trained timesteps, or a step's coefficients are not finite (timesteps
+    that repeat at high step counts, zero-SNR tables a sampler divides by)."""
+    sampler = SAMPLERS[name]
+    try:
+        sched = sampler.schedule(cfg, steps, **custom)
+        table = sampler.coefficients(sched, cfg, eta, start)
+    except IndexError:
+        return f"its timesteps pass the last trained one ({cfg.num_train_timesteps - 1})"
+    if not (torch.isfinite(table).all() and torch.isfinite(sched.signal).all()
+            and torch.isfinite(sched.noise_level).all() and torch.isfinite(sched.input_scale).all()):
+        return "its step coefficients are not finite (repeated timesteps or a zero-SNR table it divides by)"
+    if not torch.isfinite(_dry_run(sampler, sched, table, cfg, eta, start)).all():
+        return "a step divides by zero (repeated timesteps or a zero-SNR table it divides by)"
+    return None
+
+
+def _dry_run(sampler: Sampler, sched: Schedule, table: torch.Tensor, cfg: SchedulerConfig, eta: float,
+             start: int) -> torch.Tensor:
+    """The loop's arithmetic on a 2-element stand-in (fixed model outputs and noise): the
+    final latents, non-finite where a real run's would be."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 1, 2, generator=gen) * sched.init_noise_sigma
+    history = tuple(torch.zeros_like(x) for _ in range(sampler.history))
+    noisy = sampler.draws_noise(eta)
+    for i in range(start, len(sched)):
+        x_in = x * sched.input_scale[i]
+        out = 0.1 * torch.randn(x.shape, generator=gen) + 0.01 * x_in
+        noise = torch.randn(x.shape, generator=gen) if noisy else None
+        if sampler.history:
+            x, history = sampler.step(x, out, table[i], cfg, noise, history)
+        else:
+            x = sampler.step(x, out, table[i], cfg, noise)
+    return x
+
+
+def check_run(name: str, cfg: SchedulerConfig, steps: int, eta: float = 0.0, start: int = 0, **custom) -> None:
+    """Refuse, before any work, a step count sampler `name` cannot run on this checkpoint's
+    schedule (an InvalidArgumentError naming the nearest count below that it can run)."""
+    problem = _run_problem(name, cfg, steps, eta, start, custom)
+    if problem is None:
+        return
+    setting = f"timestep_spacing {cfg.timestep_spacing!r}, steps_offset {cfg.steps_offset}" + (
+        ", zero-SNR betas" if cfg.rescale_betas_zero_snr else "")
+    hint = "use another scheduler"
+    if not custom:
+        for fewer in range(steps - 1, max(steps - 9, 0), -1):
+            if _run_problem(name, cfg, fewer, eta, min(start, fewer - 1), {}) is None:
+                hint = f"use at most {fewer} steps or another scheduler"
+                break
+    raise InvalidArgumentError(f"scheduler {name!r} cannot run {steps} steps on this checkpoint's schedule "
+                               f"({setting}): {problem}; {hint}")

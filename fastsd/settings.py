@@ -13,7 +13,7 @@ import torch
 
 from .errors import InvalidArgumentError
 from .images import batch_shape, check_images, check_rgb, control_size
-from .schedulers import SAMPLERS, SchedulerChoice, SchedulerConfig, choose_scheduler, first_step
+from .schedulers import SAMPLERS, SchedulerChoice, SchedulerConfig, check_run, choose_scheduler, first_step, start_index
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +336,8 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
     if strength == 0.0 or first_step(steps, strength) >= steps:
         raise InvalidArgumentError(f"strength {strength} with {steps} steps denoises nothing: "
                                    "raise strength or num_inference_steps")
+    custom = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
+    check_run(choice.name, choice.settings, steps, eta, start_index(choice.name, steps, strength), **custom)
     h = _size(height, default_h, info.vae_factor, "height")
     w = _size(width, default_w, info.vae_factor, "width")
     if latents is not None:

@@ -311,3 +311,64 @@ def test_options_fastsd_cannot_run_are_refused(cls, options, what):
     value = getattr(diffusers, cls).from_config(SD, **options)
     with pytest.raises(InvalidArgumentError, match=what):
         choose_scheduler(value, SD)
+
+
+# ---- every step count a sampler accepts runs --------------------------------------------------
+
+def _run_all_steps(name, c, steps, eta=0.5):
+    """Every step of sampler `name` on stand-in model outputs; returns the final latents."""
+    sampler = SAMPLERS[name]
+    sched = sampler.schedule(c, steps)
+    table = sampler.coefficients(sched, c, eta, 0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 2, 2, generator=gen) * sched.init_noise_sigma
+    history = [torch.zeros_like(x)] * sampler.history
+    for i in range(len(sched)):
+        out = 0.1 * torch.randn(x.shape, generator=gen)
+        noise = torch.randn(x.shape, generator=gen) if sampler.draws_noise(eta) else None
+        if sampler.history:
+            x, history = sampler.step(x, out, table[i], c, noise, history)
+        else:
+            x = sampler.step(x, out, table[i], c, noise)
+    return x
+
+
+@pytest.mark.parametrize("spacing,zero_snr", [("leading", False), ("trailing", False), ("linspace", False),
+                                              ("trailing", True)])
+@pytest.mark.parametrize("steps", [1, 999, 1000])
+def test_every_sampler_runs_or_refuses_each_step_count(spacing, zero_snr, steps):
+    """At 1 step and at the most a checkpoint's schedule has (1000 = num_train_timesteps: SD
+    1.5's default DDIM / PNDM index past it with steps_offset 1), a sampler either runs
+    every step to finite latents or check_run refuses the count before any work, naming a
+    count it can run; never an IndexError or NaN mid-run."""
+    from fastsd.schedulers import check_run
+
+    raw = {**SD, "timestep_spacing": spacing, "rescale_betas_zero_snr": zero_snr}
+    if zero_snr:
+        raw["prediction_type"] = "v_prediction"  # zero-SNR with epsilon is undefined at the last timestep
+    refused = {}
+    for name in SAMPLERS:
+        c = cfg(name, **raw)
+        try:
+            check_run(name, c, steps, 0.5)
+        except InvalidArgumentError as e:
+            refused[name] = str(e)
+            continue
+        assert torch.isfinite(_run_all_steps(name, c, steps)).all(), (name, steps)
+    if steps == 1000 and spacing == "leading":
+        assert {"ddim", "pndm"} <= set(refused)
+        assert "use at most 999 steps" in refused["ddim"]
+    if steps == 1:
+        assert set(refused) <= ({"pndm"} if zero_snr else set()), refused
+    for name, text in refused.items():
+        assert f"scheduler {name!r} cannot run {steps} steps" in text or (
+            name == "lcm" and "LCM runs at most original_inference_steps=50 steps" in text), text
+
+
+def test_pipeline_refuses_a_step_count_its_sampler_cannot_run(pipes):
+    """check_call (what a server runs before queuing) refuses DDIM at 1000 steps on SD 1.5's
+    schedule (leading spacing, steps_offset 1) instead of an IndexError mid-run."""
+    pipe = pipes("eps")
+    with pytest.raises(InvalidArgumentError, match="cannot run 1000 steps.*at most 999"):
+        pipe.check_call("a cat", num_inference_steps=1000, scheduler="ddim")
+    pipe.check_call("a cat", num_inference_steps=999, scheduler="ddim")
