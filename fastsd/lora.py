@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,12 +207,12 @@ def read_lora(path: str | Path, modules: dict[str, nn.Module], name: str, scale:
         if param is None:
             missing.append(f"{network}.{module}")
             continue
-        up, down = found["up"], found["down"]
-        rank = down.shape[0]
-        if up.ndim < 2 or up.shape[1] != rank:
-            raise InvalidArgumentError(f"LoRA {path.name}: {network} {module}: up {tuple(up.shape)} and down "
-                                       f"{tuple(down.shape)} do not share a rank")
-        alpha = float(found["alpha"]) if "alpha" in found else _alpha(alphas.get(network), module, rank)
+        up, down, rank, alpha = _factors(path.name, f"{network} {module}", found)
+        if alpha is None:
+            alpha = _alpha(alphas.get(network), module, rank)
+            if not math.isfinite(alpha):
+                raise InvalidArgumentError(f"LoRA {path.name}: {network} {module}: its alpha in the file's "
+                                           f"metadata is {alpha}, not a finite number")
         deltas.append(Delta(network, param, up, down, alpha / rank))
     if missing:
         have = ", ".join(n for n in LORA_NETWORKS if n in modules)
@@ -225,16 +226,56 @@ def read_lora(path: str | Path, modules: dict[str, nn.Module], name: str, scale:
     return Lora(name, str(path), deltas, float(scale), networks=nets)
 
 
+def _factors(file: str, where: str, found: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int,
+                                                                              float | None]:
+    """(up, down, rank, alpha or None) of one module's LoRA tensors, checked: factors of a
+    Linear (2-D) or Conv2d (4-D) of one rank >= 1, one finite alpha, no NaN or infinity."""
+    up, down = found["up"], found["down"]
+    for part, t in found.items():
+        if not t.is_floating_point():
+            raise InvalidArgumentError(f"LoRA {file}: {where}: its {part} tensor is {t.dtype}, not floating point")
+        if not torch.isfinite(t).all():
+            raise InvalidArgumentError(f"LoRA {file}: {where}: its {part} tensor holds NaN or infinite values; "
+                                       "the file is corrupt")
+    for part, t in (("up", up), ("down", down)):
+        if t.ndim not in (2, 4):
+            raise InvalidArgumentError(f"LoRA {file}: {where}: the {part} factor is {tuple(t.shape)}; a LoRA factor "
+                                       "is 2-D (Linear) or 4-D (Conv2d)")
+    rank = down.shape[0]
+    if rank == 0 or up.shape[1] != rank:
+        raise InvalidArgumentError(f"LoRA {file}: {where}: up {tuple(up.shape)} and down {tuple(down.shape)} do not "
+                                   "share a rank of at least 1")
+    if up.ndim == 4 and up.shape[2:] != (1, 1):
+        raise InvalidArgumentError(f"LoRA {file}: {where}: the up factor is {tuple(up.shape)}; a Conv2d LoRA's up "
+                                   "factor is (out, rank, 1, 1)")
+    alpha = None
+    if "alpha" in found:
+        if found["alpha"].numel() != 1:
+            raise InvalidArgumentError(f"LoRA {file}: {where}: alpha has {found['alpha'].numel()} values; it is one "
+                                       "number")
+        alpha = float(found["alpha"].reshape(()))
+    return up, down, rank, alpha
+
+
 def _alpha(config: tuple[float | None, dict] | None, module: str, rank: int) -> float:
     """PEFT's alpha of a module: alpha_pattern (a regex matched at the end of the module
     name), else lora_alpha, else the rank (scale 1: diffusers' rule without alphas)."""
     if config is None:
         return float(rank)
     alpha, pattern = config
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return float(value)
-    return float(alpha) if alpha is not None else float(rank)
+    if not isinstance(pattern, dict):
+        raise InvalidArgumentError(f"the LoRA's alpha_pattern is {type(pattern).__name__}, not an object")
+    value = float(rank) if alpha is None else alpha
+    for key, v in pattern.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                value = v
+                break
+        except re.error:
+            raise InvalidArgumentError(f"the LoRA's alpha_pattern key {key!r} is not a regular expression") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentError(f"the LoRA's alpha for {module} in its metadata is {value!r}, not a number")
+    return float(value)
 
 
 def _check_shapes(file: str, deltas: list[Delta], modules: dict[str, nn.Module]) -> None:

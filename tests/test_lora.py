@@ -331,3 +331,39 @@ def test_cli_generate_with_loras(models, files, tmp_path, capsys):
     assert np.abs(got - want).max() <= 1 / 255 + 1e-6
     assert main([*argv[:-2], "--lora", str(tmp_path / "missing.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case,tensors,message", [
+    ("rank0", {"down": torch.zeros(0, 4, 3, 3), "up": torch.zeros(32, 0, 1, 1)}, "rank of at least 1"),
+    ("alpha2", {"down": torch.zeros(2, 4, 3, 3), "up": torch.zeros(32, 2, 1, 1), "alpha": torch.ones(2)},
+     "alpha has 2 values"),
+    ("down1d", {"down": torch.zeros(2), "up": torch.zeros(32, 2, 1, 1)}, r"down factor is \(2,\)"),
+    ("nan", {"down": torch.full((2, 4, 3, 3), float("nan")), "up": torch.zeros(32, 2, 1, 1)},
+     "down tensor holds NaN or infinite"),
+    ("inf_alpha", {"down": torch.zeros(2, 4, 3, 3), "up": torch.zeros(32, 2, 1, 1),
+                   "alpha": torch.tensor(float("inf"))}, "alpha tensor holds NaN or infinite"),
+])
+def test_malformed_lora_factors_are_refused_at_load(models, tmp_path, capsys, case, tensors, message):
+    """Rank 0, a 2-element alpha, a 1-D factor, NaN or infinite values: refused when the file
+    is read, naming it (was ZeroDivisionError / ValueError / IndexError, or a LoRA that loads
+    and makes every later call fail with a NumericalError): in the API, the CLI (one line,
+    exit 2) and a server's start."""
+    from safetensors.torch import save_file
+
+    from fastsd.checkpoint import load_checkpoint
+    from fastsd.cli import main
+    from fastsd.families import family_for
+    from fastsd.lora import read_lora
+
+    names = {"down": "lora_down.weight", "up": "lora_up.weight", "alpha": "alpha"}
+    path = tmp_path / f"{case}.safetensors"
+    save_file({f"lora_unet_conv_in.{names[k]}": v for k, v in tensors.items()}, str(path))
+    ckpt = load_checkpoint(str(models["sd"]))
+    with pytest.raises(InvalidArgumentError, match=f"LoRA {case}.safetensors: unet conv_in: .*{message}"):
+        read_lora(path, family_for(ckpt).modules(ckpt), "x", 1.0)
+    argv = ["generate", "a fox", "--model", str(models["sd"]), "--steps", "1", "--out", str(tmp_path / "o.png"),
+            "--no-progress", "--lora", str(path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{case}.safetensors" in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert not (tmp_path / "o.png").exists()
