@@ -256,7 +256,22 @@ def _load_component(cls, folder: Path, variant: str | None, allow_pickle: bool):
     missing = sorted(k for k in loading.get("missing_keys", ()) if not k.endswith("position_ids"))
     if missing:  # the libraries would fill these with random values and only log it
         raise CheckpointError(f"{folder} is incomplete: {len(missing)} weight(s) missing, e.g. {missing[0]}")
+    check_finite(model, str(folder))
     return model
+
+
+def check_finite(model, source: str) -> None:
+    """Refuse weights holding NaN or infinity (a corrupt or badly merged file): every later
+    call would fail with a NumericalError blaming its settings. One sum per tensor (fast; a
+    finite sum proves finite values), the exact check only where a sum is not finite."""
+    import torch
+
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and t.numel() and not torch.isfinite(t.sum(dtype=torch.float32)):
+                if not torch.isfinite(t).all():
+                    raise CheckpointError(f"{source}: weight {name} holds NaN or infinite values (a corrupt or "
+                                          "badly merged file)")
 
 
 TINY_VAE = "AutoencoderTiny"
@@ -331,6 +346,7 @@ def load_vae(vae, like=None, allow_pickle: bool = False) -> tuple:
         n = len(model.config.block_out_channels)
         original = any(k.startswith("encoder.down.") for k in sd)
         _gather(model, sd, lambda k: (vae_key(k, n) if original else k, None), f"VAE ({path.name})")
+        check_finite(model, str(path))
         fp = fingerprint([path], path.parent)
     else:
         raise ModelNotFoundError(f"VAE not found: {path} (no such file or directory)")

@@ -82,6 +82,7 @@ def _from_single_file(path: Path, unet_config, allow_pickle: bool):
     embedding's sizes read from the file; weights renamed from the original layout."""
     from diffusers import ControlNetModel
 
+    from .checkpoint import check_finite
     from .single_file import _gather, read_state_dict
 
     if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
@@ -116,6 +117,7 @@ def _from_single_file(path: Path, unet_config, allow_pickle: bool):
     layers = config.get("layers_per_block", 2)
     rename = (lambda k: (controlnet_key(k, layers, len(inner)), None)) if original else (lambda k: (k, None))
     _gather(model, sd, rename, f"ControlNet ({path.name})")
+    check_finite(model, str(path))
     return model
 
 

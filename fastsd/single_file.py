@@ -318,6 +318,11 @@ def load_single_file(path: Path, *, source: str, allow_pickle: bool) -> Checkpoi
         source_2[TEXT_PROJECTION_T] = source_2["text_projection"].t()
         _gather(text_2, source_2, openclip_key, "text encoder 2")
         parts.update(tokenizer_2=tok_2, text_encoder_2=text_2)
+    from .checkpoint import check_finite
+
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+        if name in parts:
+            check_finite(parts[name], f"{path} ({name})")
     files = [path] + [p for d in (tok_dir, tok_2_dir) if d for p in sorted(d.iterdir()) if p.is_file()]
     log.info("loaded %s as an %s single-file checkpoint", path.name, fam)
     return make_checkpoint(parts, arch(fam)["scheduler"], fingerprint(files, path.parent), source)

@@ -161,3 +161,33 @@ def test_guidance_embedded_unet_refused(tmp_path):
     UNet2DConditionModel(**dict(config, time_cond_proj_dim=32)).save_pretrained(path / "unet")
     with pytest.raises(CheckpointError, match="LCM-LoRA"):
         load_checkpoint(str(path))
+
+
+def test_non_finite_weights_are_refused_at_load(ckpts, tmp_path):
+    """A checkpoint whose weights hold NaN or infinity (a bad merge) is refused when loaded,
+    naming the file and weight, not loaded to fail every call with a NumericalError that
+    blames guidance and dtype: a diffusers folder, a single file and a VAE file."""
+    from safetensors.torch import load_file
+
+    copy = shutil.copytree(ckpts["eps"], tmp_path / "c")
+    f = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(f))
+    sd["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(sd, str(f))
+    with pytest.raises(CheckpointError, match=r"unet: weight conv_in.weight holds NaN or infinite"):
+        load_checkpoint(str(copy))
+    single = tmp_path / "single"
+    single.mkdir()
+    state = to_original_layout(load_checkpoint(str(ckpts["eps"])), "sd15")
+    key = next(k for k in state if k.endswith("decoder.conv_in.weight"))
+    state[key] = state[key].clone()
+    state[key][0, 0, 0, 0] = float("inf")
+    save_file(state, str(single / "model.safetensors"))
+    shutil.copytree(ckpts["eps"] / "tokenizer", single / "tokenizer")
+    with pytest.raises(CheckpointError, match=r"model.safetensors \(vae\): weight decoder.conv_in.weight holds NaN"):
+        load_checkpoint(str(single / "model.safetensors"))
+    vae = load_file(str(ckpts["eps"] / "vae" / "diffusion_pytorch_model.safetensors"))
+    vae["decoder.conv_in.weight"][0, 0, 0, 0] = float("-inf")
+    save_file(vae, str(tmp_path / "vae.safetensors"))
+    with pytest.raises(CheckpointError, match="vae.safetensors: weight decoder.conv_in.weight"):
+        load_checkpoint(str(ckpts["eps"]), vae=str(tmp_path / "vae.safetensors"))

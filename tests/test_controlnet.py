@@ -546,3 +546,18 @@ def test_tensorrt_controlnet(ckpts, cns, control, tmp_path):
     assert out.backends["unet"] == out.backends["controlnet"] == "tensorrt"
     eager = Pipeline.from_pretrained(str(ckpts["eps"]), device="cuda", controlnet=str(cns["a"]))("a fox", **kw)
     assert np.abs(out.images - eager.images).max() < 0.05
+
+
+def test_controlnet_with_non_finite_weights_is_refused(ckpts, tmp_path):
+    """A ControlNet folder whose weights hold NaN is refused at load, naming it."""
+    from safetensors.torch import load_file, save_file
+
+    from fastsd.errors import CheckpointError
+
+    folder = build_controlnet(tmp_path / "cn", "tiny", seed=5)
+    f = next(folder.glob("*.safetensors"))
+    sd = load_file(str(f))
+    sd["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(sd, str(f))
+    with pytest.raises(CheckpointError, match=r"cn: weight conv_in.weight holds NaN or infinite"):
+        Pipeline.from_pretrained(str(ckpts["eps"]), controlnet=str(folder))
