@@ -17,6 +17,7 @@ from .errors import ImageError
 
 log = logging.getLogger(__name__)
 MASK_THRESHOLD = 0.5  # mask pixels >= this repaint
+RANGE_SLACK = 1e-3  # float images may stray this far outside their range (rounding in the caller's arithmetic)
 WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # single-channel modes wider than 8 bits
 
 
@@ -65,11 +66,34 @@ def check_images(value, what: str):
         size = i.numel() if isinstance(i, torch.Tensor) else i.size
         if i.ndim not in (2, 3, 4) or size == 0:
             raise ImageError(f"{what}: an array or tensor of shape {tuple(i.shape)} is not an image")
-        data = i.float() if isinstance(i, torch.Tensor) else np.asarray(i, dtype=np.float32)
-        finite = torch.isfinite(data).all() if isinstance(i, torch.Tensor) else np.isfinite(data).all()
-        if not finite:
-            raise ImageError(f"{what} holds NaN or infinite values")
+        _check_values(i, what)
     return items if len(items) > 1 else items[0]
+
+
+def _check_values(item, what: str) -> None:
+    """An array or tensor is read by its dtype: uint8 in [0, 255], uint16 in [0, 65535], bool
+    as 0 / 1, floats as they are, which must then lie in [0, 1] (`image` also [-1, 1]).
+    Other integer types, and floats beyond that range (8-bit values as floats), are refused:
+    they cannot be read unambiguously. A tensor with neither 1 nor 3 channels is not
+    range-checked (image latents; other channel counts are refused later)."""
+    tensor = isinstance(item, torch.Tensor)
+    dtype = item.dtype
+    if dtype in ((torch.uint8, torch.bool) if tensor else (np.uint8, np.uint16, np.bool_)) or (
+            tensor and dtype == getattr(torch, "uint16", None)):
+        return
+    if not (item.is_floating_point() if tensor else np.issubdtype(dtype, np.floating)):
+        raise ImageError(f"{what} is an array of {dtype}; pass uint8 (0-255), uint16 (0-65535), bool, or floats in "
+                         "[0, 1]")
+    data = item.float() if tensor else np.asarray(item, dtype=np.float32)
+    if not (torch.isfinite(data).all() if tensor else np.isfinite(data).all()):
+        raise ImageError(f"{what} holds NaN or infinite values")
+    if tensor and item.ndim >= 3 and item.shape[-3] not in (1, 3):
+        return
+    lo = -1.0 if what == "image" else 0.0
+    low, high = (float(data.min()), float(data.max()))
+    if low < lo - RANGE_SLACK or high > 1.0 + RANGE_SLACK:
+        raise ImageError(f"{what} has float values in [{low:g}, {high:g}]; float images must lie in [{lo:g}, 1] "
+                         "(divide 8-bit values by 255, or pass a uint8 array)")
 
 
 def batch_shape(images, what: str, mask: bool = False) -> tuple[int, int, int]:
@@ -91,12 +115,14 @@ def _to_float_tensor(items, mask: bool) -> torch.Tensor:
         items = (np.concatenate(items) if four else np.stack(items)) if isinstance(items[0], np.ndarray) else \
             (torch.cat(items) if four else torch.stack(items))
     if isinstance(items, np.ndarray):
-        a = items.astype(np.float32) / 255.0 if items.dtype == np.uint8 else items.astype(np.float32)
+        scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(items.dtype, 1.0)
+        a = items.astype(np.float32) / scale if scale != 1.0 else items.astype(np.float32)
         if mask and a.ndim == 3:  # grayscale: (H, W, 1) is one mask, (N, H, W) a batch
             a = a[None] if a.shape[-1] == 1 else a[..., None]
         a = a[None] if a.ndim == 3 else a[None, ..., None] if a.ndim == 2 else a
         return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
-    t = items.float() if items.dtype != torch.uint8 else items.float() / 255.0
+    scale = 255.0 if items.dtype == torch.uint8 else 65535.0 if items.dtype == getattr(torch, "uint16", None) else 1.0
+    t = items.float() / scale if scale != 1.0 else items.float()
     if mask and t.ndim == 3:
         t = t.unsqueeze(1)
     return t[None, None] if t.ndim == 2 else t[None] if t.ndim == 3 else t
@@ -179,17 +205,28 @@ def _eight_bit(im: Image.Image) -> Image.Image:
     return Image.fromarray((a * 255.0).round().astype(np.uint8), mode="L")
 
 
+def as_rgb(im: Image.Image) -> Image.Image:
+    """An image as 8-bit RGB, read by its value range (16-bit and float modes scaled, not
+    clamped): every front end (Python API, CLI, server) reads images through this."""
+    return _eight_bit(im).convert("RGB")
+
+
+def as_mask(im: Image.Image) -> Image.Image:
+    """A mask as 8-bit grayscale, read by its value range as `as_rgb` reads images."""
+    return _eight_bit(im).convert("L")
+
+
 def image_to_tensor(image, height: int, width: int, normalize: bool = True) -> torch.Tensor:
     """PIL image -> (1, 3, H, W) float32 in [-1, 1] (not `normalize`: in [0, 1])."""
-    im = _resized(_eight_bit(_as_pil(image, "image")).convert("RGB"), height, width)
+    im = _resized(as_rgb(_as_pil(image, "image")), height, width)
     x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     return 2.0 * x - 1.0 if normalize else x
 
 
 def mask_to_tensor(mask, height: int, width: int) -> torch.Tensor:
     """PIL mask -> (1, 1, H, W) float32 in {0, 1}; 1 (white) = repaint."""
-    im = _eight_bit(_as_pil(mask, "mask_image"))
-    m = torch.from_numpy(np.asarray(_resized(im.convert("L"), height, width), dtype=np.float32) / 255.0)
+    im = as_mask(_as_pil(mask, "mask_image"))
+    m = torch.from_numpy(np.asarray(_resized(im, height, width), dtype=np.float32) / 255.0)
     return (m >= MASK_THRESHOLD).float()[None, None]
 
 

@@ -26,9 +26,11 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
+
 import uvicorn  # noqa: E402
 
 from fastsd.serve import Limits, ServeOptions, create_app  # noqa: E402
+from fastsd.serve.server import uvicorn_config  # noqa: E402
 
 STEPS = 3  # every request: a few steps keep the tiny model quick
 
@@ -41,8 +43,7 @@ class Running:
 
     def __init__(self, app):
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    lifespan="on"))
+        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", 0, "warning"))  # as `fastsd serve` runs it
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -300,6 +301,95 @@ def test_bad_input_gets_openai_errors_and_the_server_stays_healthy(server):
     c = client(u)
     assert len(c.images.generate(prompt="still fine", extra_body={"num_inference_steps": STEPS}).data) == 1
     assert metric(u, "fastsd_requests_total", endpoint="/v1/images/generations", status="400") >= 15
+
+
+def _raw(url: str, chunks: list[bytes], pause: float = 0.0, read_timeout: float = 30) -> tuple[int, dict | str]:
+    """Send `chunks` over one raw connection (`pause` seconds apart), then read the response:
+    (status, parsed JSON body); for bytes a client library would never send."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=read_timeout) as s:
+        for chunk in chunks:
+            try:
+                s.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # the server answered and closed: read what it said
+            time.sleep(pause)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + int(
+                    dict(line.lower().split(b": ", 1) for line in data.split(b"\r\n\r\n")[0].split(b"\r\n")[1:])
+                    .get(b"content-length", b"0")):
+                more = s.recv(65536)
+                if not more:
+                    break
+                data += more
+        except ConnectionResetError:
+            pass
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, (json.loads(body) if body.startswith(b"{") else body.decode(errors="replace"))
+
+
+def test_request_heads_are_bounded_in_size_fields_and_time(server, monkeypatch):
+    """A header over 64 KiB (sent whole, or streamed without end), over 100 header fields: 431
+    with OpenAI's error JSON, after reading at most one socket read past the limit (a 64 MiB
+    header was buffered whole). A head still incomplete after MAX_HEAD_SECONDS: 408. The
+    server serves the next client normally."""
+    from fastsd.serve import protocol
+
+    start = b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    status, body = _raw(server.url, [start + b"X-Big: " + b"a" * (100 * 1024) + b"\r\n\r\n"])
+    assert status == 431 and "over 65536 bytes" in body["error"]["message"]
+    status, body = _raw(server.url, [start + b"X-Big: "] + [b"a" * (256 * 1024)] * 64, pause=0.01)
+    assert status == 431 and body["error"]["code"] == "request_header_fields_too_large"
+    fields = b"".join(b"X-H%d: v\r\n" % i for i in range(3000))
+    status, body = _raw(server.url, [start + fields + b"\r\n"])
+    assert status == 431 and "over 100 header fields" in body["error"]["message"]
+    monkeypatch.setattr(protocol, "MAX_HEAD_SECONDS", 0.5)
+    t0 = time.monotonic()
+    status, body = _raw(server.url, [b"GET /healthz HTTP/1.1\r\nHost: x\r\n", b"X-Slow: 1\r\n"], pause=0.1)
+    assert status == 408 and "within 0.5 seconds" in body["error"]["message"]
+    assert time.monotonic() - t0 < 10
+    assert http(server.url + "/healthz")[0] == 200
+    status, body = _raw(server.url, [b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Ok: v\r\n" * 90 + b"\r\n"])
+    assert status == 200 and body["status"] == "ok"
+
+
+def test_cut_off_and_deep_bodies_are_400s_never_another_request(server):
+    """An edits body whose last part (the mask) lacks its closing boundary, with a matching
+    Content-Length, is a 400 invalid_multipart (it parsed as img2img without the mask);
+    JSON nested 100000 deep is a 400 invalid_json (a RecursionError was a plain-text 500)."""
+    image = png(Image.new("RGB", (32, 32), (90, 90, 90)))
+    body, ctype = multipart({"prompt": "x", "num_inference_steps": "2"},
+                            {"image": ("a.png", image), "mask": ("m.png", png(Image.new("L", (32, 32), 255)))})
+    cut = body[: body.rindex(b"--fastsd-test-boundary--")]  # the mask's bytes all there, no closing boundary
+    head = (f"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(cut)}\r\n\r\n").encode()
+    status, err = _raw(server.url, [head + cut])
+    assert status == 400 and err["error"]["code"] == "invalid_multipart" and "cut off" in err["error"]["message"]
+    status, err = post_edit(server.url, {"prompt": "x", "num_inference_steps": "2"}, {"image": ("a.png", image)})
+    assert status == 200  # the same body, whole, is served
+    for deep in (b"[" * 100000, b'{"prompt": ' + b"[" * 100000):
+        status, err = post_json(server.url, deep)
+        assert status == 400 and err["error"]["code"] == "invalid_json", err
+
+
+def test_sixteen_bit_uploads_read_as_the_python_api_reads_them(server, pipe):
+    """A 16-bit grey PNG (mid-grey: 32768 of 65535) is read by its value range on the server,
+    as the Python API reads it: the same image as its 8-bit twin (was: white)."""
+    wide = Image.fromarray(np.full((32, 32), 32896, dtype=np.uint16))  # 32896 / 65535 * 255 = 128
+    assert wide.mode.startswith("I")
+    narrow = Image.new("RGB", (32, 32), (128, 128, 128))
+    got = []
+    for im in (wide, narrow):
+        status, body = post_edit(server.url, {"prompt": "x", "num_inference_steps": "2", "seed": "5",
+                                              "strength": "0.5"}, {"image": ("a.png", png(im))})
+        assert status == 200, body
+        got.append(decoded(body["data"][0]))
+    assert np.array_equal(got[0], got[1])
+    out = pipe("x", image=wide, strength=0.5, num_inference_steps=2, generator=torch.Generator().manual_seed(5),
+               output_type="np").images[0]
+    assert close(got[0], (out * 255).round().astype(np.uint8))
 
 
 def test_health_models_and_metrics(server):

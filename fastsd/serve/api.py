@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from ..images import as_mask, as_rgb
 from ..settings import SEED_LIMIT  # image j of a request uses seed + j: all below it
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -264,7 +265,7 @@ def parse_control(f: "_Fields", form: bool, limits: Limits, uploads: list[bytes]
                                   for x in numbers):
             raise bad(f"'{name}' must be a number or one per ControlNet, got {_kind(v)}", name, "invalid_type")
         settings.append((name, float(numbers[0]) if len(numbers) == 1 else tuple(float(x) for x in numbers)))
-    return tuple(im.convert("RGB") for im in images), tuple(settings)
+    return tuple(as_rgb(im) for im in images), tuple(settings)
 
 
 def _base64(text: str) -> bytes:
@@ -362,10 +363,10 @@ def edit_inputs(image: Image.Image, mask: Image.Image | None) -> tuple[Image.Ima
         raise bad(f"'mask' is {mask.size[0]}x{mask.size[1]} but 'image' is {image.size[0]}x{image.size[1]}: they "
                   "must have the same size", "mask", "invalid_image")
     if mask is not None:
-        mask = _transparent(mask) or mask
+        mask = _transparent(mask) or as_mask(mask)
     else:
         mask = _transparent(image)
-    return image.convert("RGB"), mask
+    return as_rgb(image), mask
 
 
 def _transparent(im: Image.Image) -> Image.Image | None:

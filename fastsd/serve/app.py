@@ -254,6 +254,28 @@ class _State:
             self.metrics.stage.labels("batch").observe(timings["total"])
 
 
+def _unterminated(body: bytes, content_type: str) -> str | None:
+    """Why a multipart body is not whole (None: it is): no boundary, or no closing delimiter
+    ("--boundary--"). A body cut off inside its last part parses as a form without that part
+    (an inpaint edit without its mask would run as img2img), so it is refused instead."""
+    try:
+        from python_multipart.multipart import parse_options_header
+    except ImportError:  # python-multipart < 0.0.13
+        from multipart.multipart import parse_options_header
+
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        return "its content-type has no boundary"
+    close = b"--" + boundary + b"--"
+    at = body.find(close)
+    while at > 0 and body[at - 1:at] != b"\n":  # the delimiter starts a line
+        at = body.find(close, at + 1)
+    if at < 0:
+        return "it ends before its closing boundary: the body is cut off"
+    return None
+
+
 class _ClientGone(Exception):
     pass
 
@@ -409,6 +431,8 @@ def create_app(options: ServeOptions, *, pipeline=None, load_in_background: bool
         raw = await request.body()
         try:
             data = json.loads(raw)
+        except RecursionError:
+            raise bad("the request body is JSON nested too deeply to read", code="invalid_json") from None
         except ValueError as e:
             raise bad(f"the request body is not valid JSON ({e})", code="invalid_json") from None
         req = parse_request(data, form=False, limits=limits, factor=state.pipe.info.vae_factor,
@@ -421,6 +445,9 @@ def create_app(options: ServeOptions, *, pipeline=None, load_in_background: bool
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise bad("an edits request is multipart/form-data with an 'image' file (and optionally a 'mask')",
                       code="invalid_content_type")
+        unterminated = _unterminated(await request.body(), request.headers["content-type"])
+        if unterminated:
+            raise bad(f"the multipart body could not be read ({unterminated})", code="invalid_multipart")
         try:
             form = await request.form(max_files=10, max_fields=64, max_part_size=limits.max_upload_bytes)
         except _TooLarge:

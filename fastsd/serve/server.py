@@ -35,6 +35,19 @@ class _Server(uvicorn.Server):
             super().handle_exit(sig, frame)
 
 
+def uvicorn_config(app, host: str, port: int, log_level: str = "info", **kw) -> uvicorn.Config:
+    """uvicorn's config for the app: HTTP/1.1 with bounded request heads (431 over 64 KiB or
+    100 fields, 408 past 30 s; fastsd/serve/protocol.py). Without httptools, uvicorn's h11
+    protocol with its head size bound (a 400 past 64 KiB)."""
+    from .protocol import MAX_HEAD_BYTES, bounded_protocol
+
+    protocol = bounded_protocol()
+    if protocol is None:  # httptools is not installed (uvicorn without [standard])
+        return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http="h11",
+                              h11_max_incomplete_event_size=MAX_HEAD_BYTES, **kw)
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http=protocol, **kw)
+
+
 def run(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
     """Serve until SIGTERM / Ctrl+C; returns the process exit code."""
     outcome = {"code": 0}
@@ -53,8 +66,8 @@ def run(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, log_le
         log.setLevel(logging.DEBUG if log_level == "debug" else logging.INFO)
         log.propagate = False
     app = create_app(options, on_fatal=fatal)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=None, access_log=log_level == "debug")
+    config = uvicorn_config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None,
+                            access_log=log_level == "debug")
     server = _Server(config, app.state.fastsd)
     server.run()
     return outcome["code"]
