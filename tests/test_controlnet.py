@@ -561,3 +561,22 @@ def test_controlnet_with_non_finite_weights_is_refused(ckpts, tmp_path):
     save_file(sd, str(f))
     with pytest.raises(CheckpointError, match=r"cn: weight conv_in.weight holds NaN or infinite"):
         Pipeline.from_pretrained(str(ckpts["eps"]), controlnet=str(folder))
+
+
+def test_numpy_control_images_are_read_by_dtype_and_range(ckpts, cns, control):
+    """A uint16 control array is scaled by 65535 (the image its uint8 twin gives; it ran
+    unscaled, 257x too bright); a float array in [0, 255] and an int64 array cannot be read
+    unambiguously and are refused before any work (they ran unscaled)."""
+    from fastsd.errors import ImageError
+
+    pipe = ours(ckpts["eps"], cns["a"])
+    eight = np.asarray(control[0])
+    sixteen = eight.astype(np.uint16) * 257  # the same values on a 16-bit scale
+    assert np.array_equal(_images(pipe, sixteen), _images(pipe, eight))
+    assert np.array_equal(_images(pipe, eight.astype(np.float32) / 255), _images(pipe, eight))
+    with pytest.raises(ImageError, match=r"control_image has float values in \[0, 25\d\]"):
+        pipe.check_call("a fox", control_image=eight.astype(np.float32))
+    with pytest.raises(ImageError, match="control_image is an array of int64"):
+        pipe.check_call("a fox", control_image=eight.astype(np.int64))
+    with pytest.raises(ImageError, match=r"image has float values in \[-3, 1\]"):
+        pipe.check_call("a fox", image=np.full((40, 48, 3), -3.0, np.float32) + np.eye(40, 48)[..., None] * 4)
