@@ -22,6 +22,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: no store locks
+    fcntl = None
+
 from .backends.registry import ENGINE_KINDS
 from .errors import OutputPathError
 from .hashing import DigestCache, digest_file
@@ -133,22 +138,70 @@ def kind_entries(engine_dir: Path, fingerprint: str, backend: str, precision: st
     return [folder / name for *_, name in sorted(found)]
 
 
+def _lock_folder(folder: Path, exclusive: bool) -> int | None:
+    """A lock on a checkpoint folder of the store (flock on the folder itself), or None
+    when an exclusive one is held elsewhere. Writers hold it shared from before their
+    staging folder exists until it is committed or removed; prune holds it exclusive (not
+    waiting) while it decides and removes, so it never touches a build in progress. A
+    shared lock waits for prune, and re-creates the folder if prune removed it meanwhile.
+    Without fcntl (Windows) there is no lock: -1."""
+    if fcntl is None:
+        return -1
+    while True:
+        if not exclusive:
+            folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+        except FileNotFoundError:
+            if exclusive:
+                return None
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(folder).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same or exclusive:
+            return fd
+        os.close(fd)  # prune removed the (empty) folder while this waited: make it again
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None and fd >= 0:
+        os.close(fd)
+
+
 class Staging:
-    """A hidden folder an entry is built in; `commit` writes the manifest and swaps it in."""
+    """A hidden folder an entry is built in; `commit` writes the manifest and swaps it in.
+    The checkpoint folder stays locked (shared) while it exists, so prune leaves it alone."""
 
     def __init__(self, final: Path):
         self.final = final
         self.dir = final.parent / f"{STAGING_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
         self.networks: dict[str, dict] = {}
+        self._lock: int | None = None
 
     def __enter__(self) -> "Staging":
-        self.dir.mkdir(parents=True)
-        (self.dir / ENTRY_MARKER).write_text("fastsd engine entry\n")
+        self._lock = _lock_folder(self.final.parent, exclusive=False)
+        try:
+            self.dir.mkdir()
+            (self.dir / ENTRY_MARKER).write_text("fastsd engine entry\n")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.dir.exists():  # not committed: failed or interrupted
-            shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            if self.dir.exists():  # not committed: failed or interrupted
+                shutil.rmtree(self.dir, ignore_errors=True)
+        finally:
+            _unlock(self._lock)
+            self._lock = None
 
     def add(self, network: str, files: list[str], **facts) -> None:
         self.networks[network] = {"files": files, **facts}
@@ -356,35 +409,38 @@ def _is_fastsd_folder(folder: Path) -> bool:
 
 
 def _entries(root: Path) -> list[Path]:
-    return [e for d in _checkpoint_dirs(root) for e in sorted(d.iterdir())
-            if KIND.match(e.name) and _real_dir(e) and _is_fastsd_folder(e)]
+    return [e for d in _checkpoint_dirs(root) for e in _entries_in(d)]
+
+
+def _entries_in(folder: Path) -> list[Path]:
+    return [e for e in sorted(folder.iterdir()) if KIND.match(e.name) and _real_dir(e) and _is_fastsd_folder(e)]
 
 
 def list_entries(engine_dir: Path) -> list[dict]:
     """Every fastsd entry in the store with its size and whether its files are intact."""
-    rows = []
-    for entry in _entries(Path(engine_dir)):
-        manifest, problems = check_entry(entry, entry.parent.name)  # manifest is {} unless valid
-        if manifest:
-            problems = {n: p for n, p in problems.items() if n in manifest["networks"]}
-        size = sum(p.lstat().st_size for p in entry.iterdir() if p.is_file() and not p.is_symlink())
-        profile = Profile(**manifest["profile"]).describe() if manifest else "?"
-        rows.append({"path": entry, "checkpoint": entry.parent.name, "kind": entry.name, "manifest": manifest,
-                     "profile": profile,
-                     "source": str(manifest.get("source", "?")), "fastsd": str(manifest.get("fastsd", "?")),
-                     "size": size, "networks": sorted(manifest.get("networks", {})),
-                     "problems": sorted(set(problems.values()))})  # Problems: text with a code
-    return rows
+    return [_row(entry) for entry in _entries(Path(engine_dir))]
 
 
-def _leftovers(root: Path) -> list[Path]:
+def _row(entry: Path) -> dict:
+    manifest, problems = check_entry(entry, entry.parent.name)  # manifest is {} unless valid
+    if manifest:
+        problems = {n: p for n, p in problems.items() if n in manifest["networks"]}
+    size = sum(p.lstat().st_size for p in entry.iterdir() if p.is_file() and not p.is_symlink())
+    profile = Profile(**manifest["profile"]).describe() if manifest else "?"
+    return {"path": entry, "checkpoint": entry.parent.name, "kind": entry.name, "manifest": manifest,
+            "profile": profile,
+            "source": str(manifest.get("source", "?")), "fastsd": str(manifest.get("fastsd", "?")),
+            "size": size, "networks": sorted(manifest.get("networks", {})),
+            "problems": sorted(set(problems.values()))}  # Problems: text with a code
+
+
+def _leftovers(folder: Path) -> list[Path]:
     """Staging and retired folders of interrupted builds: ours by marker or manifest, or empty."""
     out = []
-    for d in _checkpoint_dirs(root):
-        for p in sorted(d.iterdir()):
-            if p.name.startswith((STAGING_PREFIX, RETIRED_PREFIX)) and _real_dir(p):
-                if _is_fastsd_folder(p) or not any(p.iterdir()):
-                    out.append(p)
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith((STAGING_PREFIX, RETIRED_PREFIX)) and _real_dir(p):
+            if _is_fastsd_folder(p) or not any(p.iterdir()):
+                out.append(p)
     return out
 
 
@@ -392,22 +448,33 @@ def prune(engine_dir: Path, everything: bool = False, dry_run: bool = False) -> 
     """Remove leftovers of interrupted builds and entries that can never be used (no
     manifest, invalid manifest, other format or fastsd version, files not matching their
     hashes); with `everything`, all entries. Only folders fastsd provably made, directly
-    under <store>/<fingerprint>/, are candidates; symlinks are never followed.
+    under <store>/<fingerprint>/, are candidates; symlinks are never followed. A checkpoint
+    folder a build is writing in (locked) is left alone, said in a warning.
     Returns what was (or would be) removed."""
     root = Path(engine_dir)
-    doomed = _leftovers(root)
-    for row in list_entries(root):
-        if everything or any(p.code != OTHER_WEIGHTS for p in row["problems"]):
-            doomed.append(row["path"])
     real_root = root.resolve()
-    doomed = [p for p in doomed if p.resolve().parent.parent == real_root]
-    if not dry_run:
-        for p in doomed:
-            shutil.rmtree(p, ignore_errors=True)  # removes links inside, never what they point to
-            parent = p.parent
-            if _real_dir(parent) and not any(parent.iterdir()):
-                parent.rmdir()
-    return doomed
+    removed = []
+    for folder in _checkpoint_dirs(root):
+        lock = _lock_folder(folder, exclusive=True)
+        if lock is None:
+            log.warning("%s: a build is writing there now; pruning leaves it alone", folder)
+            continue
+        try:
+            doomed = _leftovers(folder) + [
+                entry for entry in _entries_in(folder)
+                if everything or any(p.code != OTHER_WEIGHTS for p in _row(entry)["problems"])]
+            doomed = [p for p in doomed if p.resolve().parent.parent == real_root]
+            removed += doomed
+            if not dry_run:
+                for p in doomed:
+                    shutil.rmtree(p, ignore_errors=True)  # removes links inside, never what they point to
+                if doomed and _real_dir(folder) and not any(folder.iterdir()):
+                    folder.rmdir()
+        except FileNotFoundError:  # removed by another prune meanwhile
+            continue
+        finally:
+            _unlock(lock)
+    return removed
 
 
 def refit_source(engine_dir: Path, info, backend: str, precision: str, runtime_facts: dict | None = None,

@@ -345,3 +345,64 @@ def test_auto_says_once_which_networks_run_eager(ckpts, tmp_path, caplog):
     said = [r for r in caplog.records if "no engine in" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.WARNING
     assert "text_encoder, vae_encoder, vae_decoder" in said[0].getMessage() and "unet" not in said[0].getMessage()
+
+
+# ---- prune beside builds ------------------------------------------------------------------------
+
+
+def test_prune_leaves_a_build_in_progress_alone(tmp_path, caplog):
+    """A staging folder being written (even one that is still empty) is locked by its
+    writer: prune skips its checkpoint folder with a warning, and removes it once the
+    writer is gone without committing."""
+    root = tmp_path / "store"
+    with caplog.at_level(logging.WARNING, logger="fastsd"):
+        with Staging(root / FP / "onnxruntime-fp32") as stage:
+            assert prune(root) == [] and stage.dir.is_dir()
+            (stage.dir / "unet.onnx").write_bytes(b"graph")
+            assert prune(root, everything=True) == [] and stage.dir.is_dir()
+            stage.add("unet", ["unet.onnx"])
+            entry = stage.commit({"format": ENGINE_FORMAT, "fastsd": fastsd.__version__, "backend": "onnxruntime",
+                                  "precision": "fp32", "checkpoint": FP, "profile": PROFILE})
+    assert "a build is writing there now" in caplog.text
+    assert prune(root) == [] and list_entries(root)[0]["path"] == entry
+    left = root / FP / ".staging-onnxruntime-fp32-deadbeef"  # a build killed before it wrote its marker
+    left.mkdir()
+    assert prune(root) == [left] and entry.is_dir()
+
+
+@onnx_only
+def test_a_prune_loop_beside_three_exports_loses_nothing(ckpts, tmp_path):
+    """`engines prune` in a loop while three exports run one after another (each adding a
+    network to the entry): every export finishes, the entry holds all three networks
+    intact, and no staging or retired folder is left (prune deleted a running export's
+    staging folder, killing it)."""
+    import threading
+
+    from fastsd.export import export_checkpoint
+
+    store = tmp_path / "store"
+    stop, errors, rounds = threading.Event(), [], [0]
+
+    def pruning():
+        while not stop.is_set():
+            try:
+                prune(store)
+                rounds[0] += 1
+            except Exception as e:  # noqa: BLE001 - the test reports it
+                errors.append(e)
+
+    thread = threading.Thread(target=pruning)
+    thread.start()
+    try:
+        for network in ("vae_decoder", "text_encoder", "vae_encoder"):
+            entry = export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=(network,))
+            row = next(r for r in list_entries(store) if r["path"] == entry)
+            assert network in row["networks"] and not row["problems"]
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not errors and rounds[0] > 3
+    rows = list_entries(store)
+    assert len(rows) == 1 and rows[0]["networks"] == ["text_encoder", "vae_decoder", "vae_encoder"]
+    assert not rows[0]["problems"]
+    assert not [p for p in store.rglob(".*") if p.name.startswith((".staging-", ".retired-"))]
