@@ -4,15 +4,17 @@ progress line, the manifest) that turns networks into a store entry."""
 
 from __future__ import annotations
 
+import errno
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 from fastsd.checkpoint import check_clip_skip, load_checkpoint
 from fastsd.controlnet import load_controlnets
-from fastsd.engines import Profile, Staging, base_manifest, default_engine_dir, entry_dir, writable_store
-from fastsd.errors import InvalidArgumentError
+from fastsd.engines import DTYPES, Profile, Staging, base_manifest, default_engine_dir, entry_dir, writable_store
+from fastsd.errors import InvalidArgumentError, OutputPathError
 from fastsd.families import family_for
 from fastsd.networks import NETWORKS, NetworkSpec
 
@@ -92,9 +94,32 @@ def entry_groups(info, family, networks: tuple[str, ...], facts: dict) -> list[t
     return groups
 
 
+def weight_bytes(modules: dict, networks: tuple[str, ...], precision: str) -> int:
+    """The networks' weights at `precision`: about what their engines take on disk."""
+    size = DTYPES[precision].itemsize
+    return sum(p.numel() * size for n in networks if n in modules for p in modules[n].parameters())
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """Whether an error (or one it came from) is the disk or quota running out; exporters
+    wrap the OSError in their own errors."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
 def build_entries(root: Path, info, family, kind: str, precision: str, profile: Profile, networks: tuple[str, ...],
                   make_for: Callable[[object, dict], MakeNetwork], facts: dict, progress: Callable[[str], None],
-                  verb: str = "built") -> Path:
+                  verb: str = "built", need: int | None = None) -> Path:
     """`build_entry` for each of `entry_groups`; `make_for(owner, facts)` gives the make
     function of one entry (its refit donor is that owner's). Returns the first entry (the
     checkpoint's, unless only ControlNets were built)."""
@@ -102,23 +127,41 @@ def build_entries(root: Path, info, family, kind: str, precision: str, profile: 
     for owner, nets, owner_facts in entry_groups(info, family, networks, facts):
         stored = {n: family.specs[n].name for n in nets}
         built.append(build_entry(root, owner, kind, precision, profile, nets, make_for(owner, owner_facts),
-                                 owner_facts, progress, verb, stored))
+                                 owner_facts, progress, verb, stored, need))
     return built[0]
 
 
 def build_entry(root: Path, info, kind: str, precision: str, profile: Profile, networks: tuple[str, ...],
                 make: MakeNetwork, facts: dict, progress: Callable[[str], None], verb: str = "built",
-                stored: dict[str, str] | None = None) -> Path:
+                stored: dict[str, str] | None = None, need: int | None = None) -> Path:
     """Make each network's files in a staging folder (timed), then commit the entry with
     its manifest; an interrupted or failed build leaves nothing behind. `stored` renames
-    networks in the entry (controlnet_2 -> controlnet). Returns the entry."""
-    with Staging(entry_dir(root, info.fingerprint, kind, precision, profile)) as stage:
-        for name in networks:
-            t0 = time.perf_counter()
-            files, extra, note = make(name, stage.dir)
-            seconds = time.perf_counter() - t0
-            size = sum((stage.dir / f).stat().st_size for f in files)
-            stage.add((stored or {}).get(name, name), files, export_seconds=round(seconds, 2), bytes=size, **extra)
-            how = f"refitted from {extra['refitted_from']}'s engine" if extra.get("refitted_from") else verb
-            progress(f"{name}: {how} in {seconds:.1f}s, {size / 2**20:.1f} MiB ({', '.join(files)}){note}")
-        return stage.commit(base_manifest(info, kind, precision, profile, **facts))
+    networks in the entry (controlnet_2 -> controlnet). A disk that fills up is an
+    OutputPathError naming the store and the space needed (`need`: the build's estimate
+    of its bytes). Returns the entry."""
+    written = 0
+    try:
+        with Staging(entry_dir(root, info.fingerprint, kind, precision, profile)) as stage:
+            try:
+                for name in networks:
+                    t0 = time.perf_counter()
+                    files, extra, note = make(name, stage.dir)
+                    seconds = time.perf_counter() - t0
+                    size = sum((stage.dir / f).stat().st_size for f in files)
+                    stage.add((stored or {}).get(name, name), files, export_seconds=round(seconds, 2), bytes=size,
+                              **extra)
+                    how = f"refitted from {extra['refitted_from']}'s engine" if extra.get("refitted_from") else verb
+                    progress(f"{name}: {how} in {seconds:.1f}s, {size / 2**20:.1f} MiB ({', '.join(files)}){note}")
+                return stage.commit(base_manifest(info, kind, precision, profile, **facts))
+            except Exception:
+                written = sum(f.stat().st_size for f in stage.dir.rglob("*") if f.is_file())
+                raise
+    except Exception as e:
+        if not _disk_full(e):
+            raise
+        free = shutil.disk_usage(root).free  # the staging folder is gone again
+        raise OutputPathError(
+            f"the engine store {root} ran out of disk space after writing {_mib(written)} of this build (nothing "
+            f"was kept); it needs about {_mib(max(need or 0, written))}{'' if need else ' or more'} free and has "
+            f"{_mib(free)}: free some space, prune the store (fastsd engines prune) or pass --engine-dir on a "
+            "larger disk") from None

@@ -24,7 +24,7 @@ from fastsd.engines import DTYPES, MAX_BATCH, Profile, read_manifest, refit_sour
 from fastsd.errors import FastSDError, InvalidArgumentError
 from fastsd.networks import BATCH, NetworkSpec, weights_of
 
-from .common import build_entries, build_spec, donor_record, load_for_build, parse_static
+from .common import build_entries, build_spec, donor_record, load_for_build, parse_static, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -147,4 +147,4 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
 
     return build_entries(root, info, family, "compiled", dtype, profile, networks, make_for,
                          dict(exporter="AOTInductor", refittable=not frozen, weights=info.fingerprint, **facts),
-                         progress, verb="compiled")
+                         progress, verb="compiled", need=weight_bytes(modules, networks, dtype))

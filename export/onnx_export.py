@@ -31,7 +31,7 @@ from fastsd.engines import Profile, read_manifest, refit_source
 from fastsd.errors import InvalidArgumentError
 from fastsd.networks import FLOAT32, NetworkSpec, weights_of
 
-from .common import build_entries, build_spec, donor_record, load_for_build, parse_static
+from .common import build_entries, build_spec, donor_record, load_for_build, parse_static, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,8 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
     return build_entries(root, info, family, "onnxruntime", dtype, profile, networks, make_for, dict(
         exporter=f"torch.onnx (TorchScript) {torch.__version__}", opset=OPSET, onnx=onnx.__version__,
         onnxruntime=onnxruntime.__version__, simplifier=_version("onnxslim") if simplify else None,
-        clip_skip=clip_skip, refittable=True, weights=info.fingerprint), progress, verb="exported")
+        clip_skip=clip_skip, refittable=True, weights=info.fingerprint), progress, verb="exported",
+        need=weight_bytes(modules, networks, dtype))
 
 
 def _version(module: str) -> str:

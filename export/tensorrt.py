@@ -36,7 +36,7 @@ from fastsd.errors import FastSDError
 from fastsd.files import atomic_write
 from fastsd.networks import relative_error
 
-from .common import build_entry, entry_groups, load_for_build, parse_static
+from .common import build_entry, entry_groups, load_for_build, parse_static, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -229,5 +229,6 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
         if not is_controlnet:
             entry_facts["clip_skip"] = clip_skip
         built.append(build_entry(root, owner, "tensorrt", PRECISION, profile, nets, make, entry_facts, progress,
-                                 verb="refitted" if donor is not None else "built", stored=stored))
+                                 verb="refitted" if donor is not None else "built", stored=stored,
+                                 need=weight_bytes(modules, nets, PRECISION)))
     return built[0]

@@ -406,3 +406,32 @@ def test_a_prune_loop_beside_three_exports_loses_nothing(ckpts, tmp_path):
     assert len(rows) == 1 and rows[0]["networks"] == ["text_encoder", "vae_decoder", "vae_encoder"]
     assert not rows[0]["problems"]
     assert not [p for p in store.rglob(".*") if p.name.startswith((".staging-", ".retired-"))]
+
+
+@onnx_only
+def test_disk_full_during_export_is_one_line_and_leaves_the_store_clean(ckpts, tmp_path, capsys, monkeypatch):
+    """The disk filling up mid-export (here: the graph writer's OSError ENOSPC after 1 MiB,
+    wrapped as an exporter would) is one line naming the store and the space needed, exit
+    2, no traceback; the store holds nothing (no staging folder, no entry)."""
+    import errno
+    import sys
+
+    from fastsd.export import export_checkpoint
+
+    module = sys.modules[export_checkpoint.__module__]
+
+    def full(module_, spec, args, path, *rest):
+        path.write_bytes(b"\0" * 2**20)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        except OSError as e:
+            raise RuntimeError("export failed") from e
+
+    monkeypatch.setattr(module, "export_network", full)
+    store = tmp_path / "store"
+    assert main(["export", "--model", str(ckpts["eps"]), "--engine-dir", str(store), "--networks", "unet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert f"the engine store {store} ran out of disk space after writing 1 MiB" in err[0]
+    assert "MiB free and has" in err[0] and "fastsd engines prune" in err[0]
+    assert files_under(store) == set() and not list(store.rglob(".staging-*"))
