@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import replace
@@ -170,7 +171,9 @@ def _folder_files(root: Path, allow_pickle: bool, variant: str | None = None) ->
             raise CheckpointError(f"{root} is missing the {comp}/ folder")
         comp_files = sorted(p for p in d.iterdir() if p.is_file())
         for cfg in (p for p in comp_files if p.suffix == ".json"):
-            _check_json(cfg)
+            config = _check_json(cfg)
+            if cfg.name in ("config.json", "scheduler_config.json"):
+                check_config(cfg, config, comp)
         chosen: list[Path] = []
         if comp in WEIGHTED:
             chosen, variants[comp] = _component_weights(d, comp_files, variant, allow_pickle)
@@ -192,6 +195,75 @@ def _component_weights(d: Path, files: list[Path], variant: str | None,
     for w in weights:
         check_safetensors(w)
     return weights or chosen, variant
+
+
+# ---- config values fastsd reads: type and range, checked before any library sees them ----------
+
+def _int(lo: int = 1):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+            f"an integer >= {lo}")
+
+
+def _ints(lo: int = 1):
+    test, _ = _int(lo)
+    return (lambda v: isinstance(v, list) and len(v) > 0 and all(test(x) for x in v),
+            f"a non-empty list of integers >= {lo}")
+
+
+def _int_or_ints(lo: int = 1):
+    one, many = _int(lo)[0], _ints(lo)[0]
+    return (lambda v: one(v) or many(v), f"an integer >= {lo} or a list of them")
+
+
+_NUMBER = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a finite number")
+_POSITIVE = (lambda v: _NUMBER[0](v) and v > 0, "a finite number > 0")
+_TEXT = (lambda v: isinstance(v, str), "a string")
+_TEXTS = (lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v),
+          "a non-empty list of strings")
+_NUMBERS = (lambda v: isinstance(v, list) and len(v) > 0 and all(_NUMBER[0](x) for x in v),
+            "a non-empty list of finite numbers")
+# component -> key -> (test, what it must be); a key listed in REQUIRED must be present
+_UNET = {"sample_size": _int(), "in_channels": _int(), "out_channels": _int(), "cross_attention_dim": _int(),
+         "block_out_channels": _ints(), "layers_per_block": _int_or_ints(), "attention_head_dim": _int_or_ints(),
+         "num_attention_heads": _int_or_ints(), "transformer_layers_per_block": _int_or_ints(),
+         "norm_num_groups": _int(), "down_block_types": _TEXTS, "up_block_types": _TEXTS,
+         "addition_time_embed_dim": _int(), "projection_class_embeddings_input_dim": _int()}
+CONFIG_SCHEMA = {
+    "unet": _UNET,
+    "controlnet": {**{k: v for k, v in _UNET.items() if k not in ("sample_size", "out_channels", "up_block_types")},
+                   "conditioning_channels": _int()},
+    "vae": {"in_channels": _int(), "out_channels": _int(), "latent_channels": _int(), "block_out_channels": _ints(),
+            "layers_per_block": _int(), "norm_num_groups": _int(), "scaling_factor": _POSITIVE,
+            "shift_factor": _NUMBER, "sample_size": _int()},
+    "text_encoder": {"hidden_size": _int(), "num_hidden_layers": _int(), "max_position_embeddings": _int(),
+                     "projection_dim": _int(), "intermediate_size": _int(), "num_attention_heads": _int(),
+                     "vocab_size": _int()},
+    "scheduler": {"num_train_timesteps": _int(), "beta_start": _POSITIVE, "beta_end": _POSITIVE,
+                  "beta_schedule": _TEXT, "prediction_type": _TEXT, "timestep_spacing": _TEXT,
+                  "steps_offset": _int(0), "trained_betas": _NUMBERS, "original_inference_steps": _int(),
+                  "timestep_scaling": _NUMBER, "clip_sample_range": _POSITIVE},
+}
+CONFIG_SCHEMA["text_encoder_2"] = CONFIG_SCHEMA["text_encoder"]
+REQUIRED = {"unet": ("sample_size", "in_channels", "block_out_channels", "cross_attention_dim"),
+            "controlnet": ("block_out_channels", "cross_attention_dim"),
+            "vae": ("latent_channels", "block_out_channels"),
+            "text_encoder": ("hidden_size", "num_hidden_layers"), "text_encoder_2": ("hidden_size", "num_hidden_layers")}
+
+
+def check_config(path: Path, config: dict, component: str) -> None:
+    """The values fastsd (and the model classes it builds) read from a component's config,
+    checked for type and range, the file named: a CheckpointError, never a TypeError deep
+    in a library. Null means "the library's default" except for required keys."""
+    if component == "vae" and config.get("_class_name") == TINY_VAE:
+        return  # AutoencoderTiny: its own keys
+    schema = CONFIG_SCHEMA.get(component, {})
+    for key in REQUIRED.get(component, ()):
+        if config.get(key) is None:
+            raise CheckpointError(f"{path}: '{key}' is missing; a {component} config needs it")
+    for key, (test, what) in schema.items():
+        value = config.get(key)
+        if value is not None and not test(value):
+            raise CheckpointError(f"{path}: '{key}' must be {what}, got {value!r}")
 
 
 def _check_json(path: Path) -> dict:
@@ -226,7 +298,7 @@ def _load_checkpoint(model: str, allow_pickle: bool, variant: str | None, local_
         return load_single_file(path, source=str(model), allow_pickle=allow_pickle)
     files, variants = _folder_files(path, allow_pickle, variant)
     parts = _load_folder(path, allow_pickle, variants)
-    sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    sched = _check_json(path / "scheduler" / "scheduler_config.json")
     index = json.loads((path / "model_index.json").read_text())
     return make_checkpoint(parts, sched, fingerprint(files, path), str(model), index)
 
@@ -301,7 +373,10 @@ def component_folder(path: Path, sub: str, what: str) -> tuple[Path, dict]:
     folder = path / sub if (path / sub / "config.json").is_file() else path
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{path} is not a {what} folder (no config.json)")
-    return folder, _check_json(folder / "config.json")
+    config = _check_json(folder / "config.json")
+    check_config(folder / "config.json", config, "vae" if what == "VAE" else "controlnet" if what == "ControlNet"
+                 else what)
+    return folder, config
 
 
 def is_tiny_vae(model) -> bool:

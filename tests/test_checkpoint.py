@@ -191,3 +191,32 @@ def test_non_finite_weights_are_refused_at_load(ckpts, tmp_path):
     save_file(vae, str(tmp_path / "vae.safetensors"))
     with pytest.raises(CheckpointError, match="vae.safetensors: weight decoder.conv_in.weight"):
         load_checkpoint(str(ckpts["eps"]), vae=str(tmp_path / "vae.safetensors"))
+
+
+@pytest.mark.parametrize("component,key,value,message", [
+    ("unet", "sample_size", None, "'sample_size' is missing"),
+    ("text_encoder", "hidden_size", "64", "'hidden_size' must be an integer >= 1, got '64'"),
+    ("vae", "latent_channels", -4, "'latent_channels' must be an integer >= 1, got -4"),
+    ("unet", "block_out_channels", "abc", "'block_out_channels' must be a non-empty list of integers"),
+    ("vae", "scaling_factor", "x", "'scaling_factor' must be a finite number > 0"),
+    ("scheduler", "steps_offset", 1.5, "'steps_offset' must be an integer >= 0"),
+])
+def test_config_values_are_checked_with_the_file_named(ckpts, tmp_path, capsys, component, key, value, message):
+    """Every config value fastsd reads is checked for type and range before any library
+    reads it: a CheckpointError naming the file (was a TypeError, or transformers' own
+    validation error), one line and exit 2 in the CLI."""
+    from fastsd.cli import main
+
+    copy = shutil.copytree(ckpts["eps"], tmp_path / "c")
+    f = copy / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
+    config = json.loads(f.read_text())
+    if value is None:
+        config.pop(key)
+    else:
+        config[key] = value
+    f.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"{component}/{f.name}: {message}"):
+        load_checkpoint(str(copy))
+    assert main(["generate", "x", "--model", str(copy), "--steps", "1", "--out", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err
