@@ -235,6 +235,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-side", type=int, default=2048, help="pixels per side, output and uploads (default 2048)")
     v.add_argument("--max-steps", type=int, default=200, help="num_inference_steps per request (default 200)")
     v.add_argument("--max-upload-mb", type=float, default=25.0, help="edits request body in MiB (default 25)")
+    v.add_argument("--drain-seconds", type=float, default=0.0,
+                   help="on SIGTERM, keep serving this long with /healthz answering 503 \"draining\" (so load "
+                        "balancers stop routing here) before closing the listener (default 0)")
     v.add_argument("--ray", action="store_true", help="run as a Ray Serve application")
     v.add_argument("--replicas", type=int, default=1, help="--ray: replicas, one per GPU (default 1)")
     v.add_argument("--ray-address", default=None, help="--ray: an existing cluster (default: a local instance)")
@@ -684,6 +687,10 @@ def cmd_serve(args) -> int:
                               + f", got {value}")
     if not args.batch_window_ms >= 0:
         raise FastSDError(f"--batch-window-ms must be >= 0, got {args.batch_window_ms}")
+    if not 0 <= args.drain_seconds <= 3600:
+        raise FastSDError(f"--drain-seconds must be in [0, 3600], got {args.drain_seconds}")
+    if args.ray and args.drain_seconds:
+        raise FastSDError("--drain-seconds applies to a single server; Ray Serve drains its replicas itself")
     if not args.max_upload_mb > 0:
         raise FastSDError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
     autoscaling = None
@@ -733,7 +740,8 @@ def cmd_serve(args) -> int:
         return ray_serve.run(options, args.replicas, args.host, args.port, args.ray_address, autoscaling)
     from .serve import server
 
-    return server.run(options, args.host, args.port, "debug" if getattr(args, "verbose", False) else "info")
+    return server.run(options, args.host, args.port, "debug" if getattr(args, "verbose", False) else "info",
+                      args.drain_seconds)
 
 
 def _serve_loras(files: list[str], folder: str | None) -> tuple[tuple[str, str], ...]:

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_GUIDANCE = 100.0  # front ends stop at 30; far beyond, fp16 latents overflow to NaN
 MAX_ETA = 1.0  # DDIM: eta > 1 takes the square root of a negative variance
-SEED_LIMIT = 2**64  # torch.Generator seeds are unsigned 64-bit
+SEED_LIMIT = 2**32  # torch's CPU generator (mt19937, diffusers' noise source) reads a seed's low 32 bits
 IMG2IMG_STRENGTH = 0.8  # StableDiffusionImg2ImgPipeline's default (SD-XL's: the family's)
 INPAINT_STRENGTH = 1.0  # StableDiffusionInpaintPipeline's default
 CONTROL_ARGUMENTS = ("control_image", "controlnet_conditioning_scale", "control_guidance_start",
@@ -108,11 +108,14 @@ def _prompt_list(prompt, what: str) -> list[str]:
 
 
 def check_seed(seed) -> int | None:
-    """A seed torch.Generator.manual_seed takes without wrapping: an integer in [0, 2**64)."""
+    """A seed in [0, 2**32): torch's CPU generator, which fastsd draws noise from as
+    diffusers does, seeds its mt19937 with the low 32 bits only, so seeds s and s + 2**32
+    would give the same image; larger seeds are refused rather than aliased."""
     if seed is None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT:
-        raise InvalidArgumentError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        raise InvalidArgumentError(f"seed must be an integer in [0, 2**32), got {seed!r} (torch's CPU generator "
+                                   "reads 32 bits of a seed)")
     return int(seed)
 
 

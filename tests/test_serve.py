@@ -269,6 +269,8 @@ def test_bad_input_gets_openai_errors_and_the_server_stays_healthy(server):
         (post_json(u, {"prompt": "x", "num_inference_steps": 10**6}), 400, "num_inference_steps"),
         (post_json(u, {"prompt": "x", "guidance_scale": 1e9}), 400, "guidance_scale"),
         (post_json(u, {"prompt": "x", "seed": -1}), 400, "'seed'"),
+        (post_json(u, {"prompt": "x", "seed": 2**32}), 400, "'seed' must be between 0 and 4294967295"),
+        (post_json(u, {"prompt": "x", "n": 2, "seed": 2**32 - 1}), 400, "'seed' must be between 0 and 4294967294"),
         (post_json(u, {"prompt": "x", "strength": 0.5}), 400, "strength"),
         (post_json(u, {"prompt": "x", "frobnicate": 1}), 400, "Unrecognized request argument supplied: frobnicate"),
         (post_json(u, {"prompt": "x", "response_format": "url"}), 400, "b64_json"),
@@ -390,6 +392,21 @@ def test_sixteen_bit_uploads_read_as_the_python_api_reads_them(server, pipe):
     out = pipe("x", image=wide, strength=0.5, num_inference_steps=2, generator=torch.Generator().manual_seed(5),
                output_type="np").images[0]
     assert close(got[0], (out * 255).round().astype(np.uint8))
+
+
+def test_a_step_count_the_sampler_cannot_run_is_a_400(ckpts, pipe):
+    """A server with --max-steps 1000 refuses DDIM and PNDM at 1000 steps on SD 1.5's
+    schedule before queuing (a 400 naming the count they can run; was a 500 IndexError)."""
+    options = ServeOptions(model=str(ckpts["eps"]), limits=Limits(max_steps=1000))
+    running = Running(create_app(options, pipeline=pipe))
+    try:
+        for scheduler in ("ddim", "pndm"):
+            status, body = post_json(running.url, {"prompt": "x", "num_inference_steps": 1000,
+                                                   "scheduler": scheduler})
+            assert status == 400, body
+            assert "cannot run 1000 steps" in body["error"]["message"] and "at most 999" in body["error"]["message"]
+    finally:
+        running.stop()
 
 
 def test_health_models_and_metrics(server):
@@ -547,6 +564,31 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(ckpts, tmp_path):
             proc.kill()
 
 
+def test_sigterm_with_drain_seconds_keeps_listening_with_healthz_503(ckpts, tmp_path):
+    """--drain-seconds: after SIGTERM the listener stays open for the drain, /healthz answers
+    503 "draining" to new connections (what a load balancer polls) while requests are still
+    served; then the server stops accepting and exits 0. (Without it, the listener closes
+    at once: the README said /healthz answered 503 meanwhile, which no new client could see.)"""
+    port = free_port()
+    proc = _start(["--model", str(ckpts["eps"]), "--device", "cpu", "--drain-seconds", "4"], port, tmp_path / "log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        time.sleep(0.3)
+        status, body = http(url + "/healthz")
+        assert status == 503 and body["status"] == "draining"
+        result = client(url).images.generate(prompt="x", extra_body={"num_inference_steps": 2})
+        assert len(result.data) == 1  # still served during the drain
+        assert proc.wait(60) == 0
+        assert time.monotonic() - t0 >= 3.5
+        with pytest.raises(OSError):  # no longer listening
+            http(url + "/healthz")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_cli_errors_are_one_line(ckpts, tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "fastsd", "serve", *args], capture_output=True, text=True,
@@ -564,6 +606,7 @@ def test_cli_errors_are_one_line(ckpts, tmp_path):
             (run("--model", str(ckpts["eps"]), "--port", port), "cannot listen on 127.0.0.1:" + port),
             (run("--model", str(ckpts["eps"]), "--backend", "tensorrtt"), "unknown --backend 'tensorrtt'"),
             (run("--model", str(ckpts["eps"]), "--dtype", "fp8"), "unknown --dtype 'fp8'"),
+            (run("--model", str(ckpts["eps"]), "--drain-seconds", "-1"), "--drain-seconds must be in [0, 3600]"),
         ]
     for proc, text in cases:
         assert proc.returncode == 2, proc.stderr
