@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None,
                    help="pixels, a multiple of the VAE factor (default: the checkpoint's; img2img: the image's)")
     g.add_argument("--width", type=int, default=None, help="pixels, as --height")
+    g.add_argument("--max-side", type=int, default=2048,
+                   help="refuse sizes over this many pixels a side (default 2048; a guard against calls that "
+                        "would run for hours)")
     g.add_argument("--n", type=int, default=1, help="images per prompt")
     g.add_argument("--image", default=None, help="init image: img2img, or inpaint with --mask")
     g.add_argument("--mask", default=None, help="inpaint mask, white = repaint")
@@ -376,9 +379,13 @@ def _check_generate(args) -> None:
             raise FastSDError(f"--lora {path}: no such file")
     _check_control(args)
     factor = peek_vae_factor(args.model) or 1
+    if args.max_side < 8:
+        raise FastSDError(f"--max-side must be >= 8, got {args.max_side}")
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and (value <= 0 or value % factor):
             raise FastSDError(f"{flag} must be a positive multiple of {factor}, got {value}")
+        if value is not None and value > args.max_side:
+            raise FastSDError(f"{flag} {value} is over --max-side {args.max_side}; raise --max-side to allow it")
     check_seed(args.seed)
 
 
@@ -438,7 +445,8 @@ def cmd_generate(args) -> int:
                                     memory=memory, cuda_graphs=args.cuda_graphs,
                                     engine_dir=args.engine_dir, allow_pickle=args.allow_pickle,
                                     prediction_type=args.prediction_type, clip_skip=args.clip_skip,
-                                    variant=args.variant, vae=args.vae, controlnet=args.controlnet or None)
+                                    variant=args.variant, vae=args.vae, controlnet=args.controlnet or None,
+                                    max_side=args.max_side)
     control = _control_arguments(args)
     loras = []
     for path, scale in map(parse_lora_arg, args.lora):

@@ -46,7 +46,16 @@ from .schedulers import (
     pipeline_scheduler_config,
     start_index,
 )
-from .settings import CONTROL_ARGUMENTS, SEED_LIMIT, XL_ARGUMENTS, Request, check_seed, make_request
+from .settings import (
+    CONTROL_ARGUMENTS,
+    MAX_SIDE,
+    SEED_LIMIT,
+    XL_ARGUMENTS,
+    Request,
+    check_max_side,
+    check_seed,
+    make_request,
+)
 from .tiling import decode_sliced, decode_tiled, encode_tiled
 
 log = logging.getLogger(__name__)
@@ -172,6 +181,7 @@ class Pipeline:
         self.backend, self.device, self.dtype = backend, device, dtype
         self._widths = widths_of(ckpt)
         self.memory = memory or MemoryOptions()
+        self.max_side: int | None = MAX_SIDE  # pixels a side a call may ask for (None: no limit)
         self._scheduler = default_scheduler(pipeline_scheduler_config(self.info.scheduler))
         self._progress_config: dict = {"disable": True}
         self._remake: Callable | None = None  # (device, dtype, cuda_graphs, attention_slicing) -> Backend
@@ -201,7 +211,7 @@ class Pipeline:
                         safety_checker=None, requires_safety_checker: bool | None = None,
                         feature_extractor=None, use_safetensors: bool | None = None,
                         local_files_only: bool = False, vae=None, preview_vae=None, controlnet=None,
-                        **unsupported) -> "Pipeline":
+                        max_side: int | None = MAX_SIDE, **unsupported) -> "Pipeline":
         """Load `model` (see the README). `allow_pickle` permits .ckpt/.bin files;
         `prediction_type` ("epsilon" | "v_prediction") overrides the checkpoint's scheduler
         config, for single files whose config cannot be known (SD 2.x 512-base vs 768-v);
@@ -260,6 +270,7 @@ class Pipeline:
         pipe = cls(ckpt, remake(dev, DTYPES[dtype], cuda_graphs, bool(memory and memory.attention_slicing)), dev,
                    DTYPES[dtype], memory, cuda_graphs, family)
         pipe._remake = remake
+        pipe.max_side = check_max_side(max_side)
         if preview_vae is not None:
             pipe.load_preview_vae(preview_vae)
         return pipe
@@ -545,7 +556,8 @@ class Pipeline:
                            clip_skip=clip_skip, prompt_embeds=prompt_embeds,
                            negative_prompt_embeds=negative_prompt_embeds, latents=latents,
                            text_width=self.info.cross_attention_dim, defaults=self.family.defaults, xl=xl,
-                           control=control, controlnets=len(self.family.controlnets))
+                           control=control, controlnets=len(self.family.controlnets),
+                           max_side=check_max_side(self.max_side))
         text_encoders = self.backend.text_encoders_for(req.clip_skip)  # refuses a clip_skip an engine cannot give
         check_fits(self.info, self._widths, req, self.dtype, self.device, self.memory)
         return req, text_encoders

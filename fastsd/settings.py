@@ -21,6 +21,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_GUIDANCE = 100.0  # front ends stop at 30; far beyond, fp16 latents overflow to NaN
 MAX_ETA = 1.0  # DDIM: eta > 1 takes the square root of a negative variance
 SEED_LIMIT = 2**32  # torch's CPU generator (mt19937, diffusers' noise source) reads a seed's low 32 bits
+MAX_SIDE = 2048  # pixels a side a call may ask for by default (Pipeline.max_side, --max-side; as the server's)
 IMG2IMG_STRENGTH = 0.8  # StableDiffusionImg2ImgPipeline's default (SD-XL's: the family's)
 INPAINT_STRENGTH = 1.0  # StableDiffusionInpaintPipeline's default
 CONTROL_ARGUMENTS = ("control_image", "controlnet_conditioning_scale", "control_guidance_start",
@@ -117,6 +118,12 @@ def check_seed(seed) -> int | None:
         raise InvalidArgumentError(f"seed must be an integer in [0, 2**32), got {seed!r} (torch's CPU generator "
                                    "reads 32 bits of a seed)")
     return int(seed)
+
+
+def check_max_side(value) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8):
+        raise InvalidArgumentError(f"max_side must be an integer >= 8 (pixels) or None (no limit), got {value!r}")
+    return value
 
 
 def _size(value, default: int, factor: int, what: str) -> int:
@@ -254,7 +261,7 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
                  scheduler, eta, height, width, n, output_type, *, guidance_rescale=0.0, timesteps=None, sigmas=None,
                  clip_skip=None, prompt_embeds=None, negative_prompt_embeds=None, latents=None,
                  text_width: int | None = None, defaults: Defaults = Defaults(), xl: dict | None = None,
-                 control: dict | None = None, controlnets: int = 0) -> Request:
+                 control: dict | None = None, controlnets: int = 0, max_side: int | None = None) -> Request:
     prompt_embeds = _embeds(prompt_embeds, "prompt_embeds", text_width, info.max_tokens)
     negative_prompt_embeds = _embeds(negative_prompt_embeds, "negative_prompt_embeds", text_width, info.max_tokens)
     if prompt_embeds is not None:
@@ -343,6 +350,11 @@ def make_request(info, prompt, negative_prompt, image, mask_image, strength, ste
     check_run(choice.name, choice.settings, steps, eta, start_index(choice.name, steps, strength), **custom)
     h = _size(height, default_h, info.vae_factor, "height")
     w = _size(width, default_w, info.vae_factor, "width")
+    if max_side is not None and max(h, w) > max_side:
+        given = "asked for" if (height, width) != (None, None) else "from the input image"
+        raise InvalidArgumentError(f"{w}x{h} ({given}) is over this pipeline's max_side of {max_side} pixels a side: "
+                                   "pass a smaller size, or raise the limit (pipe.max_side = N, "
+                                   "from_pretrained(max_side=N), --max-side N; None: no limit)")
     if latents is not None:
         shape = (len(prompts) * n, info.latent_channels, h // info.vae_factor, w // info.vae_factor)
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:

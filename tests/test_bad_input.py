@@ -387,3 +387,40 @@ def test_broken_config_is_reported_as_invalid(ckpts, tmp_path, config, capsys):
     assert main(gen(str(folder), tmp_path / "o.png")) == 2
     line = one_line_error(capsys)
     assert "invalid config file" in line and "huggingface" not in line
+
+
+# ---- sizes that would run for hours ---------------------------------------------------------------
+
+
+def test_max_side_guards_the_api_and_the_cli(pipe, model, tmp_path, capsys):
+    """A 4000x4000 call (on the tiny model it passes the memory check and would run for
+    hours) is refused before any work past max_side (default 2048, as the server's): asked
+    for, or set by an input image. pipe.max_side = N / None, from_pretrained(max_side=) and
+    the CLI's --max-side raise the limit."""
+    from PIL import Image
+
+    from fastsd import Pipeline
+
+    with pytest.raises(InvalidArgumentError, match="4000x4000 .asked for. is over this pipeline's max_side of 2048"):
+        pipe.check_call("a cat", height=4000, width=4000)
+    big = Image.new("RGB", (2056, 64))
+    with pytest.raises(InvalidArgumentError, match="2056x64 .from the input image. is over"):
+        pipe.check_call("a cat", image=big)
+    pipe.check_call("a cat", height=2048, width=64)
+    try:
+        pipe.max_side = None
+        pipe.check_call("a cat", height=2056, width=64)
+        pipe.max_side = 16
+        with pytest.raises(InvalidArgumentError, match="max_side of 16"):
+            pipe("a cat", height=24, width=16, **FAST)
+        pipe.max_side = "big"
+        with pytest.raises(InvalidArgumentError, match="max_side must be an integer >= 8"):
+            pipe.check_call("a cat")
+    finally:
+        pipe.max_side = 2048
+    assert Pipeline.from_pretrained(model, max_side=4096).max_side == 4096
+    assert main(gen(model, tmp_path / "o.png", "--height", "4000", "--width", "64")) == 2
+    assert "--height 4000 is over --max-side 2048" in one_line_error(capsys)
+    assert main(gen(model, tmp_path / "o.png", "--height", "40", "--width", "48", "--max-side", "32")) == 2
+    assert "--height 40 is over --max-side 32" in one_line_error(capsys)
+    assert not (tmp_path / "o.png").exists()

@@ -131,6 +131,7 @@ class FastSDWorker:
         backend = make_backend(self.ckpt, self.family, self.kind, self.device, self.dtype, self.root,
                                cuda_graphs=self.graphs)
         self.pipe = Pipeline(self.ckpt, backend, self.device, self.dtype, cuda_graphs=self.graphs, family=self.family)
+        self.pipe.max_side = None  # a benchmark's sizes are the user's explicit choice
         if self.kind in ENGINE_KINDS and set(backend.backends.values()) == {"eager"}:
             self.skip = f"{self.backend}: its engines did not load (see the log); skipped"
 

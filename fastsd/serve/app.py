@@ -68,7 +68,8 @@ class ServeOptions:
 
         pipe = Pipeline.from_pretrained(self.model, backend=self.backend, device=self.device, dtype=self.dtype,
                                         engine_dir=self.engine_dir, variant=self.variant,
-                                        allow_pickle=self.allow_pickle, controlnet=list(self.controlnets) or None)
+                                        allow_pickle=self.allow_pickle, controlnet=list(self.controlnets) or None,
+                                        max_side=self.limits.max_side)
         modules = pipe.family.modules(pipe.ckpt)
         for name, path in self.loras:  # a LoRA that does not fit the model fails the start, not a request
             read_lora(path, modules, name, 1.0)
