@@ -247,7 +247,8 @@ CONFIG_SCHEMA["text_encoder_2"] = CONFIG_SCHEMA["text_encoder"]
 REQUIRED = {"unet": ("sample_size", "in_channels", "block_out_channels", "cross_attention_dim"),
             "controlnet": ("block_out_channels", "cross_attention_dim"),
             "vae": ("latent_channels", "block_out_channels"),
-            "text_encoder": ("hidden_size", "num_hidden_layers"), "text_encoder_2": ("hidden_size", "num_hidden_layers")}
+            "text_encoder": ("hidden_size", "num_hidden_layers"),
+            "text_encoder_2": ("hidden_size", "num_hidden_layers")}
 
 
 def check_config(path: Path, config: dict, component: str) -> None:
