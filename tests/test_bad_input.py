@@ -140,13 +140,21 @@ def test_tokenizer_under_thread_contention(pipe):
 @pytest.mark.parametrize("kwargs", [dict(height=10**6, width=10**6), dict(height=8192, width=8192 * 64),
                                     dict(num_images_per_prompt=10**7)])
 def test_impossible_sizes_are_refused_before_allocating(pipe, kwargs):
-    with pytest.raises(InvalidArgumentError, match="GiB"):
-        pipe("a cat", **{**FAST, **kwargs})
+    """The memory check, with max_side lifted (by default max_side refuses these sizes first)."""
+    pipe.max_side = None
+    try:
+        with pytest.raises(InvalidArgumentError, match="GiB"):
+            pipe("a cat", **{**FAST, **kwargs})
+    finally:
+        pipe.max_side = 2048
 
 
 def test_cli_impossible_size(model, tmp_path, capsys):
-    assert main(gen(model, tmp_path / "o.png", "--height", "1000000", "--width", "1000000")) == 2
+    big = ["--height", "1000000", "--width", "1000000"]
+    assert main(gen(model, tmp_path / "o.png", *big, "--max-side", "1000000")) == 2
     assert "GiB" in one_line_error(capsys)
+    assert main(gen(model, tmp_path / "o.png", *big)) == 2
+    assert "over --max-side 2048" in one_line_error(capsys)
 
 
 # ---- 8. seeds and prompts --------------------------------------------------------------------
