@@ -367,3 +367,18 @@ def test_malformed_lora_factors_are_refused_at_load(models, tmp_path, capsys, ca
     err = capsys.readouterr().err
     assert f"{case}.safetensors" in err.strip().splitlines()[-1] and "Traceback" not in err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_a_server_with_a_non_finite_lora_fails_its_start(models, tmp_path):
+    """`fastsd serve --lora bad.safetensors`: the start check reads each LoRA and refuses one
+    holding NaN, naming it (it passed, and every request naming it then failed)."""
+    pytest.importorskip("fastapi")
+    from safetensors.torch import save_file
+
+    from fastsd.serve import ServeOptions
+
+    path = tmp_path / "bad.safetensors"
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.full((2, 4, 3, 3), float("nan")),
+               "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 2, 1, 1)}, str(path))
+    with pytest.raises(InvalidArgumentError, match="LoRA bad.safetensors: unet conv_in: its down tensor holds NaN"):
+        ServeOptions(model=str(models["sd"]), loras=(("bad", str(path)),)).load()
