@@ -355,6 +355,18 @@ def test_request_heads_are_bounded_in_size_fields_and_time(server, monkeypatch):
     assert http(server.url + "/healthz")[0] == 200
     status, body = _raw(server.url, [b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Ok: v\r\n" * 90 + b"\r\n"])
     assert status == 200 and body["status"] == "ok"
+    from http.client import HTTPConnection  # a large body, then more on the same connection: bodies are not heads
+
+    conn = HTTPConnection(*server.url.removeprefix("http://").split(":"), timeout=60)
+    for _ in range(3):
+        conn.request("POST", "/v1/images/generations", json.dumps({"prompt": "x", "user": "u" * 900_000}),
+                     {"content-type": "application/json"})
+        reply = conn.getresponse()
+        assert reply.status == 400 and "'user' is 900000 characters" in json.loads(reply.read())["error"]["message"]
+        conn.request("GET", "/healthz")
+        reply = conn.getresponse()
+        assert reply.status == 200 and json.loads(reply.read())["status"] == "ok"
+    conn.close()
 
 
 def test_cut_off_and_deep_bodies_are_400s_never_another_request(server):

@@ -38,7 +38,7 @@ class _Bounds:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._in_head = True  # reading a request head (or waiting for the next one)
+        self._in_head = False  # a request head has begun and is not complete
         self._head_bytes = 0  # bytes received since the head began (a bound on its size)
         self._parsed_bytes = 0  # url and header bytes the parser has given
         self._fields = 0
@@ -50,17 +50,16 @@ class _Bounds:
     def data_received(self, data: bytes) -> None:
         if self._refusal is not None or self.transport.is_closing():
             return
-        if self._in_head and self._timer is None:
-            self._timer = self.loop.call_later(MAX_HEAD_SECONDS, self._head_timeout)
-        super().data_received(data)
+        super().data_received(data)  # may begin a head (counts reset) or complete one
         if self._in_head and self._refusal is None and not self.transport.is_closing():
             self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES + len(data):  # past the limit by more than this read
+            if self._head_bytes > MAX_HEAD_BYTES + len(data):  # over the limit before this read
                 self._refuse(431, f"the request's headers are over {MAX_HEAD_BYTES} bytes")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head, self._parsed_bytes, self._fields = True, 0, 0
+        self._in_head, self._head_bytes, self._parsed_bytes, self._fields = True, 0, 0, 0
+        self._timer = self.loop.call_later(MAX_HEAD_SECONDS, self._head_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url), 0)
@@ -84,10 +83,6 @@ class _Bounds:
         self._head_done()
         super().on_headers_complete()
 
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        self._in_head, self._head_bytes = True, 0  # the next request's head, when bytes come
-
     def _head_done(self) -> None:
         self._in_head = False
         if self._timer is not None:
@@ -110,7 +105,7 @@ class _Bounds:
 
     def _head_timeout(self) -> None:
         self._timer = None
-        if self._in_head and not self.transport.is_closing():  # the timer starts with a head's first bytes
+        if self._in_head and not self.transport.is_closing():  # the timer starts with a head's first byte
             self._refuse(408, f"the request's headers did not arrive within {MAX_HEAD_SECONDS:g} seconds")
 
     def _refuse(self, status: int, message: str) -> None:
