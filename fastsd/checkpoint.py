@@ -375,8 +375,7 @@ def component_folder(path: Path, sub: str, what: str) -> tuple[Path, dict]:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{path} is not a {what} folder (no config.json)")
     config = _check_json(folder / "config.json")
-    check_config(folder / "config.json", config, "vae" if what == "VAE" else "controlnet" if what == "ControlNet"
-                 else what)
+    check_config(folder / "config.json", config, sub)
     return folder, config
 
 

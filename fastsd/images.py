@@ -17,6 +17,9 @@ from .errors import ImageError
 
 log = logging.getLogger(__name__)
 MASK_THRESHOLD = 0.5  # mask pixels >= this repaint
+# integer dtypes an array or tensor image may have -> what their values are divided by
+INT_SCALES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(np.bool_): 1.0,
+              torch.uint8: 255.0, torch.uint16: 65535.0, torch.bool: 1.0}
 RANGE_SLACK = 1e-3  # float images may stray this far outside their range (rounding in the caller's arithmetic)
 WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # single-channel modes wider than 8 bits
 
@@ -77,13 +80,11 @@ def _check_values(item, what: str) -> None:
     they cannot be read unambiguously. A tensor with neither 1 nor 3 channels is not
     range-checked (image latents; other channel counts are refused later)."""
     tensor = isinstance(item, torch.Tensor)
-    dtype = item.dtype
-    if dtype in ((torch.uint8, torch.bool) if tensor else (np.uint8, np.uint16, np.bool_)) or (
-            tensor and dtype == getattr(torch, "uint16", None)):
+    if item.dtype in INT_SCALES:
         return
-    if not (item.is_floating_point() if tensor else np.issubdtype(dtype, np.floating)):
-        raise ImageError(f"{what} is an array of {dtype}; pass uint8 (0-255), uint16 (0-65535), bool, or floats in "
-                         "[0, 1]")
+    if not (item.is_floating_point() if tensor else np.issubdtype(item.dtype, np.floating)):
+        raise ImageError(f"{what} is an array of {item.dtype}; pass uint8 (0-255), uint16 (0-65535), bool, or "
+                         "floats in [0, 1]")
     data = item.float() if tensor else np.asarray(item, dtype=np.float32)
     if not (torch.isfinite(data).all() if tensor else np.isfinite(data).all()):
         raise ImageError(f"{what} holds NaN or infinite values")
@@ -115,14 +116,12 @@ def _to_float_tensor(items, mask: bool) -> torch.Tensor:
         items = (np.concatenate(items) if four else np.stack(items)) if isinstance(items[0], np.ndarray) else \
             (torch.cat(items) if four else torch.stack(items))
     if isinstance(items, np.ndarray):
-        scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(items.dtype, 1.0)
-        a = items.astype(np.float32) / scale if scale != 1.0 else items.astype(np.float32)
+        a = items.astype(np.float32) / INT_SCALES.get(items.dtype, 1.0)
         if mask and a.ndim == 3:  # grayscale: (H, W, 1) is one mask, (N, H, W) a batch
             a = a[None] if a.shape[-1] == 1 else a[..., None]
         a = a[None] if a.ndim == 3 else a[None, ..., None] if a.ndim == 2 else a
         return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
-    scale = 255.0 if items.dtype == torch.uint8 else 65535.0 if items.dtype == getattr(torch, "uint16", None) else 1.0
-    t = items.float() / scale if scale != 1.0 else items.float()
+    t = items.float() / INT_SCALES.get(items.dtype, 1.0)
     if mask and t.ndim == 3:
         t = t.unsqueeze(1)
     return t[None, None] if t.ndim == 2 else t[None] if t.ndim == 3 else t

@@ -210,9 +210,6 @@ def read_lora(path: str | Path, modules: dict[str, nn.Module], name: str, scale:
         up, down, rank, alpha = _factors(path.name, f"{network} {module}", found)
         if alpha is None:
             alpha = _alpha(alphas.get(network), module, rank)
-            if not math.isfinite(alpha):
-                raise InvalidArgumentError(f"LoRA {path.name}: {network} {module}: its alpha in the file's "
-                                           f"metadata is {alpha}, not a finite number")
         deltas.append(Delta(network, param, up, down, alpha / rank))
     if missing:
         have = ", ".join(n for n in LORA_NETWORKS if n in modules)
@@ -273,8 +270,9 @@ def _alpha(config: tuple[float | None, dict] | None, module: str, rank: int) -> 
                 break
         except re.error:
             raise InvalidArgumentError(f"the LoRA's alpha_pattern key {key!r} is not a regular expression") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidArgumentError(f"the LoRA's alpha for {module} in its metadata is {value!r}, not a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidArgumentError(f"the LoRA's alpha for {module} in its metadata is {value!r}, not a finite "
+                                   "number")
     return float(value)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, fields, replace
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable
 
 import numpy as np
@@ -858,13 +858,16 @@ def start_index(sampler: str, steps: int, strength: float) -> int:
     return first_step(steps, strength) * SAMPLERS[sampler].order
 
 
-def _run_problem(name: str, cfg: SchedulerConfig, steps: int, eta: float, start: int, custom: dict) -> str | None:
+@lru_cache(maxsize=256)  # a server checks each request before queuing and again when it runs
+def _run_problem(name: str, cfg: SchedulerConfig, steps: int, eta: float, start: int,
+                 custom: tuple[tuple[str, tuple[float, ...]], ...]) -> str | None:
     """Why sampler `name` cannot run `steps` steps on `cfg` (None: it can): its schedule
     indexes past the trained timesteps, or a step's coefficients are not finite (timesteps
-    that repeat at high step counts, zero-SNR tables a sampler divides by)."""
+    that repeat at high step counts, zero-SNR tables a sampler divides by). `custom`: the
+    (name, values) of custom timesteps or sigmas."""
     sampler = SAMPLERS[name]
     try:
-        sched = sampler.schedule(cfg, steps, **custom)
+        sched = sampler.schedule(cfg, steps, **dict(custom))
         table = sampler.coefficients(sched, cfg, eta, start)
     except IndexError:
         return f"its timesteps pass the last trained one ({cfg.num_train_timesteps - 1})"
@@ -898,7 +901,7 @@ def _dry_run(sampler: Sampler, sched: Schedule, table: torch.Tensor, cfg: Schedu
 def check_run(name: str, cfg: SchedulerConfig, steps: int, eta: float = 0.0, start: int = 0, **custom) -> None:
     """Refuse, before any work, a step count sampler `name` cannot run on this checkpoint's
     schedule (an InvalidArgumentError naming the nearest count below that it can run)."""
-    problem = _run_problem(name, cfg, steps, eta, start, custom)
+    problem = _run_problem(name, cfg, steps, float(eta), start, tuple(sorted(custom.items())))
     if problem is None:
         return
     setting = f"timestep_spacing {cfg.timestep_spacing!r}, steps_offset {cfg.steps_offset}" + (
@@ -906,7 +909,7 @@ def check_run(name: str, cfg: SchedulerConfig, steps: int, eta: float = 0.0, sta
     hint = "use another scheduler"
     if not custom:
         for fewer in range(steps - 1, max(steps - 9, 0), -1):
-            if _run_problem(name, cfg, fewer, eta, min(start, fewer - 1), {}) is None:
+            if _run_problem(name, cfg, fewer, float(eta), min(start, fewer - 1), ()) is None:
                 hint = f"use at most {fewer} steps or another scheduler"
                 break
     raise InvalidArgumentError(f"scheduler {name!r} cannot run {steps} steps on this checkpoint's schedule "
