@@ -457,6 +457,6 @@ def with_vae(ckpt: Checkpoint, vae) -> Checkpoint:
 def check_clip_skip(ckpt: Checkpoint, clip_skip) -> None:
     layers = ckpt.text_encoder.config.num_hidden_layers
     if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
-        raise InvalidArgumentError(f"clip_skip must be an integer in [0, {layers - 1}], got {clip_skip!r}")
+        raise InvalidArgumentError(f"must be an integer in [0, {layers - 1}], got {clip_skip!r}", "clip_skip")
 
 

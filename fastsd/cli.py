@@ -7,13 +7,12 @@ import json
 import logging
 import os
 import platform
-import re
 import secrets
 import sys
 import tempfile
 from pathlib import Path
 
-from .errors import FastSDError, OutputPathError
+from .errors import FastSDError, InvalidArgumentError, OutputPathError
 from .files import created_mode
 from .version import __version__
 
@@ -23,27 +22,48 @@ PNG_KEY = "fastsd"  # PNG text chunk with the JSON settings
 PNG_PARAMETERS_KEY = "parameters"  # human-readable line, the key other SD tools read
 
 
-# API parameter names as the user typed them on the command line (errors name the flag)
-FLAGS = {"guidance_scale": "--guidance", "num_inference_steps": "--steps", "num_images_per_prompt": "--n",
-         "negative_prompt": "--negative-prompt", "mask_image": "--mask", "clip_skip": "--clip-skip",
-         "prediction_type": "--prediction-type", "engine_dir": "--engine-dir", "allow_pickle": "--allow-pickle",
-         "cuda_graphs": "--cuda-graphs", "height": "--height", "width": "--width", "strength": "--strength",
-         "eta": "--eta", "seed": "--seed", "scheduler": "--scheduler", "dtype": "--dtype", "device": "--device",
-         "backend": "--backend", "variant": "--variant", "image": "--image"}
-_LEADING = re.compile(r"^(unknown |)([a-z_]+)\b")
+# from_pretrained's arguments under their flags (call arguments: the table's, fastsd/arguments.py)
+LOAD_FLAGS = {"clip_skip": "--clip-skip", "prediction_type": "--prediction-type", "engine_dir": "--engine-dir",
+              "allow_pickle": "--allow-pickle", "cuda_graphs": "--cuda-graphs", "dtype": "--dtype",
+              "device": "--device", "backend": "--backend", "variant": "--variant", "max_side": "--max-side",
+              "vae": "--vae", "controlnet": "--controlnet"}
 
 
-def flag_message(text: str) -> str:
-    """An API error as the CLI user should read it: parameter names become the flags typed
-    (`guidance_scale must be ...` -> `--guidance must be ...`). Only the leading parameter and
-    unmistakable snake_case names are replaced, never ordinary words elsewhere."""
-    m = _LEADING.match(text)
-    if m and m.group(2) in FLAGS:
-        text = m.group(1) + FLAGS[m.group(2)] + text[m.end():]
-    for name, flag in FLAGS.items():
-        if "_" in name:
-            text = re.sub(rf"(?<![-\w]){name}\b", flag, text)
-    return text
+def flag_label(name: str) -> str:
+    """An argument as the CLI user typed it: a call argument's flag, else a load flag."""
+    from .arguments import BY_NAME, label
+
+    return label(name) if name in BY_NAME and BY_NAME[name].flag else LOAD_FLAGS.get(name, name)
+
+
+def _sampler_help(arg) -> str:
+    from .sampler_names import SAMPLER_NAMES
+
+    return f"{arg.doc}: {' | '.join(SAMPLER_NAMES)}" + (f" (default: {arg.default_doc})" if arg.default_doc else "")
+
+
+_CLI_KINDS = {"int": {"type": int, "metavar": "N"}, "size": {"type": int, "metavar": "PIXELS"},
+              "float": {"type": float, "metavar": "X"},
+              "scales": {"type": float, "action": "append", "metavar": "X"},
+              "images": {"action": "append", "metavar": "IMG"}, "image": {"metavar": "IMG"},
+              "numbers": {"metavar": "X,Y,..."}, "pair": {"metavar": "A,B"}, "text": {"metavar": "TEXT"},
+              "sampler": {"metavar": "NAME"}}
+
+
+def _call_flags(g) -> None:
+    """`fastsd generate`'s flags for call arguments, one per row of the table that has one."""
+    from .arguments import ARGS
+
+    for arg in ARGS:
+        if arg.flag is None:
+            continue
+        kind = dict(_CLI_KINDS.get(arg.kind, {}))
+        if arg.kind == "sampler":
+            help_text = _sampler_help(arg)
+        else:
+            repeat = "; repeatable, in --controlnet order" if kind.get("action") == "append" else ""
+            help_text = arg.help() + repeat
+        g.add_argument(arg.flag, dest=arg.name, default=None, help=help_text, **kind)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,28 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True,
                    help="diffusers folder, single .safetensors file, hub id, or "
                         "synthetic:tiny|sd15|sd21|sdxl|tiny-xl")
-    g.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
-    g.add_argument("--prompt-2", default=None, help="SD-XL: the second text encoder's prompt (default: PROMPT)")
-    g.add_argument("--negative-prompt-2", default=None,
-                   help="SD-XL: the second text encoder's negative prompt (default: --negative-prompt)")
-    g.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    g.add_argument("--guidance", type=float, default=None,
-                   help="CFG scale; <= 1 disables CFG (default: 7.5; SD-XL 5.0, SD-XL inpaint 7.5)")
-    g.add_argument("--scheduler", default=None,
-                   help="ddim | pndm | euler | euler_a (default: the checkpoint's own, as diffusers)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
-    g.add_argument("--seed", type=int, default=None, help="default: a random seed, printed and saved")
-    g.add_argument("--height", type=int, default=None,
-                   help="pixels, a multiple of the VAE factor (default: the checkpoint's; img2img: the image's)")
-    g.add_argument("--width", type=int, default=None, help="pixels, as --height")
+    _call_flags(g)
     g.add_argument("--max-side", type=int, default=2048,
                    help="refuse sizes over this many pixels a side (default 2048; a guard against calls that "
                         "would run for hours)")
-    g.add_argument("--n", type=int, default=1, help="images per prompt")
-    g.add_argument("--image", default=None, help="init image: img2img, or inpaint with --mask")
-    g.add_argument("--mask", default=None, help="inpaint mask, white = repaint")
-    g.add_argument("--strength", type=float, default=None,
-                   help="img2img/inpaint strength (default: 0.8 img2img, 1.0 inpaint; SD-XL 0.3, 0.9999)")
     g.add_argument("--out", default="fastsd.png", help="output PNG; N images get -0, -1, ... suffixes")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--backend", default="auto", help="auto | tensorrt | compiled | onnxruntime | eager")
@@ -109,15 +111,6 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--controlnet", action="append", default=[], metavar="M",
                    help="a ControlNet (diffusers folder, .safetensors file, hub id or synthetic:controlnet-<arch>); "
                         "repeatable (multi-ControlNet), one --control-image each, in the same order")
-    g.add_argument("--control-image", action="append", default=[], metavar="IMG",
-                   help="the conditioning image of each --controlnet (edges, depth, pose ...); repeatable")
-    g.add_argument("--control-scale", action="append", type=float, default=[], metavar="S",
-                   help="controlnet_conditioning_scale: one for all, or one per --controlnet (default 1.0 txt2img, "
-                        "0.8 img2img, 0.5 inpaint)")
-    g.add_argument("--control-start", action="append", type=float, default=[], metavar="F",
-                   help="control_guidance_start: the fraction of steps before the ControlNet acts (default 0)")
-    g.add_argument("--control-end", action="append", type=float, default=[], metavar="F",
-                   help="control_guidance_end: the fraction of steps after which it stops (default 1)")
     g.add_argument("--preview", default=None, metavar="FILE.png",
                    help="keep a live preview PNG of the first image updated while denoising (TAESD decodes)")
     g.add_argument("--preview-every", type=int, default=1, metavar="K", help="a preview every K steps (default 1)")
@@ -130,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-slicing", action="store_true", help="less memory for attention (slower)")
     g.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
     g.add_argument("--vae-tiling", action="store_true", help="decode in overlapping tiles (large images)")
-    g.add_argument("--cuda-graphs", action="store_true", help="replay the eager UNet as a CUDA graph")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="capture each denoising step (UNet, CFG, sampler update) as a CUDA graph and replay it")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate)
 
@@ -340,134 +334,135 @@ def _place_all(temps: list[str], paths: list[Path], overwrite: bool) -> None:
 
 
 def _parameters_line(s: dict) -> str:
+    """The settings as the one-line "parameters" text other SD tools read (A1111's form)."""
     neg = f"\nNegative prompt: {s['negative_prompt']}" if s.get("negative_prompt") else ""
-    return (f"{s['prompt']}{neg}\nSteps: {s['steps']}, Sampler: {s['scheduler']}, CFG scale: {s['guidance']}, "
-            f"Seed: {s['seed']}, Size: {s['width']}x{s['height']}, Model hash: {s['model_fingerprint']}")
+    return (f"{s['prompt']}{neg}\nSteps: {s['num_inference_steps']}, Sampler: {s['scheduler']}, "
+            f"CFG scale: {s['guidance_scale']:g}, Seed: {s['seed']}, Size: {s['width']}x{s['height']}, "
+            f"Model hash: {s['model_fingerprint']}")
 
 
-def _check_generate(args) -> None:
-    """What can be checked before the model loads, in the flags' own names."""
+def _call_values(args) -> dict:
+    """The call arguments given as flags, by API name, as values (files not read yet)."""
+    from .arguments import ARGS, cli_value
+
+    values = {}
+    for arg in ARGS:
+        value = getattr(args, arg.name, None) if arg.flag or arg.name == "prompt" else None
+        if value is None:
+            continue
+        if arg.kind in ("numbers", "pair"):
+            value = cli_value(arg.name, value)
+        elif arg.kind == "scales" and len(value) == 1:
+            value = value[0]
+        elif arg.kind == "text":
+            value = _argv_text(value)
+        values[arg.name] = value
+    return values
+
+
+def _check_generate(args, values: dict) -> None:
+    """What can be checked before the model loads (the table's checks and the flags' own)."""
+    from .arguments import check_values
     from .checkpoint import peek_vae_factor
     from .lora import parse_lora_arg
-    from .schedulers import SAMPLER_NAMES
-    from .settings import MAX_ETA, MAX_GUIDANCE, check_seed
+    from .settings import check_max_side, check_size
 
-    if args.n < 1:
-        raise FastSDError(f"--n must be >= 1, got {args.n}")
-    if args.steps < 1:
-        raise FastSDError(f"--steps must be >= 1, got {args.steps}")
-    if args.scheduler is not None and args.scheduler not in SAMPLER_NAMES:
-        raise FastSDError(f"unknown --scheduler {args.scheduler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
-    for flag, value, hi in (("--guidance", args.guidance, MAX_GUIDANCE), ("--eta", args.eta, MAX_ETA),
-                            ("--strength", args.strength, 1.0)):
-        if value is not None and not 0 <= value <= hi:  # NaN fails too
-            raise FastSDError(f"{flag} must be in [0, {hi}], got {value}")
-    if args.clip_skip < 0:
-        raise FastSDError(f"--clip-skip must be >= 0, got {args.clip_skip}")
+    check_values({k: v for k, v in values.items() if k not in ("image", "mask_image", "control_image")})
     if args.preview_every < 1:
         raise FastSDError(f"--preview-every must be >= 1, got {args.preview_every}")
     if args.preview is not None:
         preview = Path(args.preview)
         if preview.suffix.lower() != ".png" or not preview.parent.is_dir():
             raise FastSDError(f"--preview {args.preview}: a .png file in an existing folder")
-        if preview.resolve() in {p.resolve() for p in output_paths(args.out, args.n, True)}:
+        if preview.resolve() in {p.resolve() for p in output_paths(args.out, values.get("num_images_per_prompt", 1),
+                                                                   True)}:
             raise FastSDError("--preview must not be the output file")
     elif args.preview_vae is not None:
         raise FastSDError("--preview-vae is for --preview")
     for path, _ in map(parse_lora_arg, args.lora):
         if not Path(path).is_file():
             raise FastSDError(f"--lora {path}: no such file")
-    _check_control(args)
+    _check_control(args, values)
+    check_max_side(args.max_side)
     factor = peek_vae_factor(args.model) or 1
-    if args.max_side < 8:
-        raise FastSDError(f"--max-side must be >= 8, got {args.max_side}")
-    for flag, value in (("--height", args.height), ("--width", args.width)):
-        if value is not None and (value <= 0 or value % factor):
-            raise FastSDError(f"{flag} must be a positive multiple of {factor}, got {value}")
-        if value is not None and value > args.max_side:
-            raise FastSDError(f"{flag} {value} is over --max-side {args.max_side}; raise --max-side to allow it")
-    check_seed(args.seed)
+    for name in ("height", "width"):
+        if name in values:
+            check_size(values[name], factor, name, args.max_side)
 
 
-def _check_control(args) -> None:
+def _check_control(args, values: dict) -> None:
     """The ControlNet flags: one --control-image per --controlnet; scales and the window one
-    for all or one per ControlNet (their ranges are checked by the pipeline)."""
-    n = len(args.controlnet)
-    if args.control_image and not n:
+    for all or one per ControlNet (their ranges are the table's)."""
+    n, images = len(args.controlnet), values.get("control_image", [])
+    if images and not n:
         raise FastSDError("--control-image needs --controlnet")
-    if n and len(args.control_image) != n:
+    if n and len(images) != n:
         raise FastSDError(f"{n} --controlnet need {n} --control-image (one each, in the same order), "
-                          f"got {len(args.control_image)}")
-    for flag, values in (("--control-scale", args.control_scale), ("--control-start", args.control_start),
-                         ("--control-end", args.control_end)):
-        if values and not n:
-            raise FastSDError(f"{flag} needs --controlnet")
-        if len(values) not in (0, 1, n):
-            raise FastSDError(f"{flag}: give one value for all ControlNets or one per --controlnet ({n})")
-    for path in args.control_image:
+                          f"got {len(images)}")
+    for name in ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"):
+        value = values.get(name)
+        if value is not None and not n:
+            raise FastSDError(f"{flag_label(name)} needs --controlnet")
+        if isinstance(value, list) and len(value) != n:
+            raise FastSDError(f"{flag_label(name)}: give one value for all ControlNets or one per --controlnet ({n})")
+    for path in images:
         if not Path(path).is_file():
             raise FastSDError(f"--control-image {path}: no such file")
 
 
-def _control_arguments(args) -> dict:
-    """The pipeline's ControlNet arguments from the flags (none without --controlnet)."""
+def _read_images(values: dict) -> dict:
+    """The image flags' files read as images (one control image per --controlnet)."""
     from .images import load_image
 
-    if not args.controlnet:
-        return {}
-    one = len(args.controlnet) == 1
-    images = [load_image(p) for p in args.control_image]
-    out = {"control_image": images[0] if one else images}
-    for key, values in (("controlnet_conditioning_scale", args.control_scale),
-                        ("control_guidance_start", args.control_start), ("control_guidance_end", args.control_end)):
-        if values:
-            out[key] = values[0] if len(values) == 1 else values
+    out = dict(values)
+    for name in ("image", "mask_image"):
+        if name in out:
+            out[name] = load_image(out[name])
+    if "control_image" in out:
+        images = [load_image(p) for p in out["control_image"]]
+        out["control_image"] = images[0] if len(images) == 1 else images
     return out
 
 
-def cmd_generate(args) -> int:
-    import torch
-
-    from .images import load_image
-    from .lora import parse_lora_arg
+def _load(args):
     from .pipeline import MemoryOptions, Pipeline
 
-    _check_generate(args)
-    args.prompt, args.negative_prompt = _argv_text(args.prompt), _argv_text(args.negative_prompt)
-    args.prompt_2, args.negative_prompt_2 = _argv_text(args.prompt_2), _argv_text(args.negative_prompt_2)
-    paths = output_paths(args.out, args.n, args.overwrite)
-    image = load_image(args.image) if args.image else None
-    mask = load_image(args.mask) if args.mask else None
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     memory = MemoryOptions(attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
                            vae_tiling=args.vae_tiling)
-    pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+    return Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                     memory=memory, cuda_graphs=args.cuda_graphs,
                                     engine_dir=args.engine_dir, allow_pickle=args.allow_pickle,
                                     prediction_type=args.prediction_type, clip_skip=args.clip_skip,
                                     variant=args.variant, vae=args.vae, controlnet=args.controlnet or None,
                                     max_side=args.max_side)
-    control = _control_arguments(args)
+
+
+def _load_loras(pipe, files: list[str]) -> list[dict]:
+    from .lora import parse_lora_arg
+
     loras = []
-    for path, scale in map(parse_lora_arg, args.lora):
+    for path, scale in map(parse_lora_arg, files):
         name = pipe.load_lora(path, scale=scale, name=_free_name(Path(path).stem, [lr["name"] for lr in pipe.loras]))
         lora = pipe.loras[-1]
         print(f"lora {name}: scale {scale:g}, {lora['weights']} weights of {', '.join(lora['networks'])} fused "
               f"in {lora['seconds']:.2f}s")
         loras.append({"path": path, "scale": scale})
-    xl = {k: v for k, v in (("prompt_2", args.prompt_2), ("negative_prompt_2", args.negative_prompt_2)) if v}
-    defaults = pipe.family.defaults
-    if control and defaults.controlled is not None:
-        defaults = defaults.controlled
-    guidance = args.guidance if args.guidance is not None else (
-        defaults.inpaint_guidance_scale if mask is not None else defaults.guidance_scale)
-    strength = args.strength if args.strength is not None or image is None else (
-        defaults.inpaint_strength if mask is not None else defaults.img2img_strength)
+    return loras
+
+
+def cmd_generate(args) -> int:
+    values = _call_values(args)
+    _check_generate(args, values)
+    paths = output_paths(args.out, values.get("num_images_per_prompt", 1), args.overwrite)
+    call = _read_images(values)
+    pipe = _load(args)
+    loras = _load_loras(pipe, args.lora)
     preview = None
     if args.preview:
         pipe.load_preview_vae(args.preview_vae or _default_preview_vae(args.model, pipe.info))
         preview = _PreviewWriter(Path(args.preview))
-    bar = _progress(args, args.scheduler or pipe.scheduler.name, 1.0 if strength is None else strength)
+    req = pipe.check_call(**call)  # all checked before any work; the bar's length is the call's loop
+    bar = None if args.no_progress else _Bar(req.loop_steps)
     on_step_end = None
     if bar or preview:
         def on_step_end(_pipe, step, t, kwargs):
@@ -477,34 +472,23 @@ def cmd_generate(args) -> int:
                 preview.submit(kwargs["preview"][0])
             return {}
     try:
-        out = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, mask_image=mask, **xl,
-                   strength=args.strength, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                   scheduler=args.scheduler, eta=args.eta, generator=torch.Generator().manual_seed(seed),
-                   height=args.height, width=args.width, num_images_per_prompt=args.n,
-                   callback_on_step_end=on_step_end, preview_every=args.preview_every if preview else None,
-                   **control)
+        out = pipe(**call, callback_on_step_end=on_step_end, preview_every=args.preview_every if preview else None)
     finally:
         if bar:
             bar.close()
         if preview:
             preview.close()
-    width, height = out.images[0].size
-    settings = {
-        "prompt": args.prompt, "negative_prompt": args.negative_prompt, **xl, "steps": args.steps,
-        "scheduler": args.scheduler or pipe.scheduler.name, "guidance": guidance, "eta": args.eta, "seed": seed,
-        "height": height, "width": width, "strength": strength, "image": args.image, "mask": args.mask,
-        "clip_skip": args.clip_skip, "model": args.model, "vae": args.vae, "loras": loras,
-        **({"controlnets": [{"model": m, "image": i} for m, i in zip(args.controlnet, args.control_image, strict=True)],
-            "control_scale": args.control_scale, "control_start": args.control_start,
-            "control_end": args.control_end} if control else {}),
-        "model_fingerprint": pipe.info.fingerprint,
-        "fastsd": __version__,
-    }
+    settings = {**out.settings, "image": args.image, "mask_image": args.mask_image, "clip_skip": args.clip_skip,
+                "model": args.model, "vae": args.vae, "loras": loras,
+                **({"controlnets": [{"model": m, "image": i} for m, i in zip(args.controlnet, args.control_image,
+                                                                             strict=True)]} if args.controlnet else {}),
+                "model_fingerprint": pipe.info.fingerprint,
+                "fastsd": __version__}
     write_pngs(out.images, paths, settings, args.overwrite)
     for path in paths:
         print(f"wrote {path}")
     t = out.timings
-    print(f"seed {seed} | text_encoder {t['text_encoder']:.3f}s | unet {t['unet']:.3f}s "
+    print(f"seed {out.seed} | text_encoder {t['text_encoder']:.3f}s | unet {t['unet']:.3f}s "
           f"({t['unet_per_step'] * 1000:.1f} ms/step) | vae {t['vae']:.3f}s | total {t['total']:.3f}s")
     print("backends: " + ", ".join(f"{k}={v}" for k, v in out.backends.items()))
     if preview:
@@ -604,15 +588,6 @@ class _Bar:
     def close(self):
         if self.bar is not None:
             self.bar.close()
-
-
-def _progress(args, scheduler: str, strength: float):
-    if args.no_progress:
-        return None
-    from .schedulers import SAMPLERS, start_index
-
-    total = SAMPLERS[scheduler].loop_steps(args.steps) - start_index(scheduler, args.steps, strength)
-    return _Bar(total)
 
 
 def _build(kind_name: str, args, **options) -> int:
@@ -846,7 +821,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except FastSDError as e:
         # generate, export and build take API arguments under their own flag names
-        text = flag_message(str(e)) if args.command in ("generate", "export", "build") else str(e)
+        named = isinstance(e, InvalidArgumentError) and args.command in ("generate", "export", "build")
+        text = e.named(flag_label) if named else str(e)
         print(f"fastsd: error: {text}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

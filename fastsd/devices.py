@@ -19,11 +19,12 @@ def parse_device(device) -> torch.device:
     except (RuntimeError, ValueError):
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
-        raise InvalidArgumentError(f"unsupported device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
+        raise InvalidArgumentError(f"must be 'cpu', 'cuda' or 'cuda:N', got {device!r}", "device")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgumentError(f"device {device!r} requested but CUDA is not available")
+        raise InvalidArgumentError(f"{device!r} requested but CUDA is not available", "device")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InvalidArgumentError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise InvalidArgumentError(f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                                   "device")
     return dev
 
 

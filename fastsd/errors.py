@@ -1,5 +1,8 @@
 """Exceptions raised for bad input. The CLI turns each into one line and exit code 2."""
 
+import re
+from typing import Callable
+
 
 class FastSDError(Exception):
     """Base class of every error fastsd raises for bad input or an unusable file."""
@@ -18,7 +21,21 @@ class PickleRefusedError(CheckpointError):
 
 
 class InvalidArgumentError(FastSDError, ValueError):
-    """A call argument out of range or of the wrong kind."""
+    """A call argument out of range or of the wrong kind. `param` is the argument's API name
+    (None where the error is not about one argument); the message is the name followed by
+    the detail. `named(label)` is the same message with each argument named as a front end's
+    user typed it (the CLI's flag, the server's field): `also` lists other arguments the
+    detail mentions by name."""
+
+    def __init__(self, message: str, param: str | None = None, *, also: tuple[str, ...] = ()):
+        self.param, self.detail, self.also = param, message, tuple(also)
+        super().__init__(self.named(str))
+
+    def named(self, label: Callable[[str], str]) -> str:
+        text = self.detail
+        for name in self.also:
+            text = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w])", lambda _m, n=name: label(n), text)
+        return text if self.param is None else f"{label(self.param)} {text}"
 
 
 class ImageError(FastSDError):

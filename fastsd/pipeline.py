@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import secrets
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -20,6 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from . import arguments
 from . import images as imgs
 from .backends import Backend, on_work_stream
 from .backends.eager import Fp32VaeDecoder
@@ -46,16 +46,7 @@ from .schedulers import (
     pipeline_scheduler_config,
     start_index,
 )
-from .settings import (
-    CONTROL_ARGUMENTS,
-    MAX_SIDE,
-    SEED_LIMIT,
-    XL_ARGUMENTS,
-    Request,
-    check_max_side,
-    check_seed,
-    make_request,
-)
+from .settings import MAX_SIDE, Request, check_max_side, check_seed, draw_seed, make_request
 from .tiling import decode_sliced, decode_tiled, encode_tiled
 
 log = logging.getLogger(__name__)
@@ -93,8 +84,8 @@ def _dtype_name(dtype, torch_dtype) -> str | None:
                 getattr(torch, value) in PRECISIONS:
             names.append(PRECISIONS[getattr(torch, value)])
         else:
-            raise InvalidArgumentError(f"unknown {what} {value!r}; choose one of {', '.join(DTYPES)} "
-                                       "(or torch.float16, torch.bfloat16, torch.float32)")
+            raise InvalidArgumentError(f"must be one of {', '.join(DTYPES)} (or torch.float16, torch.bfloat16, "
+                                       f"torch.float32), got {value!r}", what)
     if len(set(names)) > 1:
         raise InvalidArgumentError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree")
     return names[0] if names else None
@@ -117,6 +108,7 @@ class PipelineOutput:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     backends: dict[str, str] = field(default_factory=dict)  # network -> backend that ran it in this call
     seed: int | None = None  # the seed used; None when the caller passed a generator
+    settings: dict[str, Any] = field(default_factory=dict)  # the call's settings, defaults resolved (API names)
 
     def __getitem__(self, key):
         """out[0] / out["images"]: the images, as diffusers' pipeline outputs index."""
@@ -237,13 +229,13 @@ class Pipeline:
                                        "pass allow_pickle=True")
         dtype = _dtype_name(dtype, torch_dtype)
         if backend not in BACKEND_NAMES:
-            raise InvalidArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
+            raise InvalidArgumentError(f"must be one of {', '.join(BACKEND_NAMES)}, got {backend!r}", "backend")
         dev = parse_device(device)
         if cuda_graphs and dev.type != "cuda":
             raise InvalidArgumentError("cuda_graphs needs a CUDA device")
         dtype = dtype or ("fp16" if dev.type == "cuda" else "fp32")
         if variant is not None and not isinstance(variant, str):
-            raise InvalidArgumentError(f"variant must be a string such as 'fp16', got {variant!r}")
+            raise InvalidArgumentError(f"must be a string such as 'fp16', got {variant!r}", "variant")
         if memory is not None and memory.tile is not None and (isinstance(memory.tile, bool) or not isinstance(
                 memory.tile, int) or memory.tile < 1):
             raise InvalidArgumentError(f"tile must be a positive integer (latent pixels), got {memory.tile!r}")
@@ -255,8 +247,8 @@ class Pipeline:
         check_clip_skip(ckpt, clip_skip)
         if prediction_type is not None:
             if prediction_type not in PREDICTION_TYPES:
-                raise InvalidArgumentError(f"unknown prediction_type {prediction_type!r}; "
-                                           f"choose one of {', '.join(PREDICTION_TYPES)}")
+                raise InvalidArgumentError(f"must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}",
+                                           "prediction_type")
             ckpt.info = replace(ckpt.info, scheduler=dict(ckpt.info.scheduler, prediction_type=prediction_type))
         store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
         family = family_for(ckpt, load_controlnets(controlnet, ckpt, allow_pickle, local_files_only))
@@ -300,8 +292,6 @@ class Pipeline:
     def _check_preview(self, every, on_step_end) -> "_Preview | None":
         if every is None:
             return None
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise InvalidArgumentError(f"preview_every must be an integer >= 1, got {every!r}")
         if self._preview is None:
             raise InvalidArgumentError("preview_every needs a preview VAE: Pipeline.from_pretrained(..., "
                                        "preview_vae='madebyollin/taesd') or pipe.load_preview_vae(...)")
@@ -498,21 +488,12 @@ class Pipeline:
         from the image. Without control_image the call runs without them.
         Returns a PipelineOutput, or with return_dict=False the tuple (images, None) as diffusers'
         (images, nsfw flags) without a safety checker."""
-        xl = dict(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, pooled_prompt_embeds=pooled_prompt_embeds,
-                  negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, original_size=original_size,
-                  crops_coords_top_left=crops_coords_top_left, target_size=target_size,
-                  negative_original_size=negative_original_size,
-                  negative_crops_coords_top_left=negative_crops_coords_top_left,
-                  negative_target_size=negative_target_size)
-        control = dict(control_image=control_image, controlnet_conditioning_scale=controlnet_conditioning_scale,
-                       control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end)
-        req, text_encoders = self._request(
-            prompt, negative_prompt, image, mask_image, strength, num_inference_steps, guidance_scale, scheduler,
-            eta, height, width, num_images_per_prompt, output_type, guidance_rescale, timesteps, sigmas, clip_skip,
-            prompt_embeds, negative_prompt_embeds, latents, unsupported, xl, control)
-        gen, seed = self._generator(generator, seed, req.batch)
-        total = SAMPLERS[req.scheduler].loop_steps(req.steps) - start_index(req.scheduler, req.steps,
-                                                                                    req.strength)
+        values = dict(locals())  # the arguments, by name (as the table lists them)
+        del values["self"], values["unsupported"]
+        arguments.unknown(unsupported)
+        req, text_encoders = self._request(values)
+        gen, seed = self._generator(values["generator"], values["seed"], req.batch)
+        total = req.loop_steps
         preview = self._check_preview(preview_every, callback_on_step_end)
         step_callback, bar = self._step_callback(callback, callback_steps, callback_on_step_end,
                                                  callback_on_step_end_tensor_inputs, total,
@@ -524,39 +505,35 @@ class Pipeline:
             if bar is not None:
                 bar.close()
         out.seed = seed
+        out.settings = dict(req.settings(), seed=seed)
         return out if return_dict else (out.images, None)
 
-    def check_call(self, *args, **kwargs) -> None:
+    def check_call(self, *args, **kwargs) -> Request:
         """Check a call's arguments as __call__ does, without running anything: raises the error
         the call would raise (a server validates each request this way before queuing it).
-        Takes __call__'s arguments (generator and callbacks are checked when the call runs)."""
+        Takes __call__'s arguments; returns the checked Request (`.settings()`: the call's
+        settings with the defaults resolved)."""
         call = inspect.signature(self.__call__).bind(*args, **kwargs)
         call.apply_defaults()
-        check_seed(call.arguments["seed"])
-        args = call.arguments
-        self._request(**{k: args[k] for k in inspect.signature(self._request).parameters if k not in ("xl", "control")},
-                      xl={k: args[k] for k in XL_ARGUMENTS}, control={k: args[k] for k in CONTROL_ARGUMENTS})
+        values = dict(call.arguments)
+        arguments.unknown(values.pop("unsupported", {}))
+        req, _ = self._request(values)
+        self._check_preview(values["preview_every"], values["callback_on_step_end"])
+        if values["generator"] is not None:
+            self._generator(values["generator"], None, req.batch)
+        return req
 
-    def _request(self, prompt, negative_prompt, image, mask_image, strength, num_inference_steps, guidance_scale,
-                 scheduler, eta, height, width, num_images_per_prompt, output_type, guidance_rescale, timesteps,
-                 sigmas, clip_skip, prompt_embeds, negative_prompt_embeds, latents, unsupported: dict,
-                 xl: dict | None = None, control: dict | None = None):
+    def _request(self, values: dict):
         """The call's checked Request and the text encoders it runs (raises for bad input)."""
-        if unsupported:
-            name = next(iter(unsupported))
-            raise InvalidArgumentError(f"fastsd's pipeline does not support the argument {name!r}"
-                                       + (f" (nor {', '.join(map(repr, list(unsupported)[1:]))})"
-                                          if len(unsupported) > 1 else ""))
-        if clip_skip is not None:
-            check_clip_skip(self.ckpt, clip_skip)
-        choice = self._scheduler if scheduler is None else choose_scheduler(scheduler, self._scheduler.config)
-        req = make_request(self.info, prompt, negative_prompt, image, mask_image, strength, num_inference_steps,
-                           guidance_scale, choice, eta, height, width, num_images_per_prompt, output_type,
-                           guidance_rescale=guidance_rescale, timesteps=timesteps, sigmas=sigmas,
-                           clip_skip=clip_skip, prompt_embeds=prompt_embeds,
-                           negative_prompt_embeds=negative_prompt_embeds, latents=latents,
-                           text_width=self.info.cross_attention_dim, defaults=self.family.defaults, xl=xl,
-                           control=control, controlnets=len(self.family.controlnets),
+        values = arguments.check_values(values)
+        if values["clip_skip"] is not None:
+            check_clip_skip(self.ckpt, values["clip_skip"])
+        if values["scheduler"] is not None:
+            values["scheduler"] = choose_scheduler(values["scheduler"], self._scheduler.config)
+        else:
+            values["scheduler"] = self._scheduler
+        req = make_request(self.info, values, text_width=self.info.cross_attention_dim,
+                           defaults=self.family.defaults, controlnets=len(self.family.controlnets),
                            max_side=check_max_side(self.max_side))
         text_encoders = self.backend.text_encoders_for(req.clip_skip)  # refuses a clip_skip an engine cannot give
         check_fits(self.info, self._widths, req, self.dtype, self.device, self.memory)
@@ -610,7 +587,7 @@ class Pipeline:
                                            "image (len(prompts) x num_images_per_prompt)")
             return (gens[0] if len(gens) == 1 else list(gens)), None
         seed = check_seed(seed)
-        seed = secrets.randbelow(SEED_LIMIT) if seed is None else seed
+        seed = draw_seed() if seed is None else seed
         return torch.Generator().manual_seed(seed), seed
 
     def _step_callback(self, callback, callback_steps, on_step_end, tensor_inputs, total: int, order: int = 1,
@@ -620,11 +597,6 @@ class Pipeline:
         loop steps that complete a sampler step (Heun: every second UNet call, step = k // 2),
         and callback_on_step_end(pipe, k, t, {"latents": ...}) -> dict after every UNet call,
         whose "latents" replace the loop's. Also returns the progress bar (None unless enabled)."""
-        for what, fn in (("callback", callback), ("callback_on_step_end", on_step_end)):
-            if fn is not None and not callable(fn):
-                raise InvalidArgumentError(f"{what} must be callable, not {type(fn).__name__}")
-        if isinstance(callback_steps, bool) or not isinstance(callback_steps, int) or callback_steps < 1:
-            raise InvalidArgumentError(f"callback_steps must be an integer >= 1, got {callback_steps!r}")
         names = [tensor_inputs] if isinstance(tensor_inputs, str) else list(tensor_inputs or ())
         if any(n != "latents" for n in names):
             raise InvalidArgumentError(f"callback_on_step_end_tensor_inputs: fastsd passes only 'latents', "

@@ -23,12 +23,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .arguments import check_value
 from .errors import InvalidArgumentError
+from .sampler_names import SAMPLER_NAMES
 
 log = logging.getLogger(__name__)
 
-SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_a", "euler_karras", "heun", "dpmpp_2m", "dpmpp_2m_karras",
-                 "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "unipc", "lcm")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SPACINGS = ("leading", "trailing", "linspace")
 ZERO_SNR_ALPHA_BAR = 2.0**-24  # what diffusers puts in place of alpha_bar = 0 for Euler
@@ -106,8 +106,7 @@ class Schedule:
 
 
 def check_sampler(name: str) -> None:
-    if name not in SAMPLER_NAMES:
-        raise InvalidArgumentError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+    check_value("scheduler", name)
 
 
 # diffusers scheduler classes fastsd runs: each class is one fastsd sampler, and some
@@ -818,27 +817,31 @@ class Sampler:
     last_step_noise: bool = True  # False: the last step draws no noise (LCM)
 
 
-SAMPLERS = {
-    "ddim": Sampler("ddim", ddim_schedule, ddim_coefficients, ddim_step, lambda eta: eta > 0),
-    "pndm": Sampler("pndm", pndm_schedule, pndm_coefficients, pndm_step, lambda eta: False, PNDM_HISTORY,
-                    lambda steps: steps + 1 if steps > 1 else 1),
-    "euler": Sampler("euler", euler_schedule, euler_coefficients, euler_step, lambda eta: False,
-                     custom_schedule=True),
-    "euler_a": Sampler("euler_a", euler_schedule, euler_ancestral_coefficients, euler_ancestral_step,
-                       lambda eta: True),
-    "euler_karras": Sampler("euler_karras", partial(euler_schedule, karras=True), euler_coefficients, euler_step,
-                            lambda eta: False),
-    "heun": Sampler("heun", heun_schedule, heun_coefficients, heun_step, lambda eta: False, HEUN_HISTORY,
-                    lambda steps: 2 * steps - 1, order=2),
-    "dpmpp_2m": Sampler("dpmpp_2m", multistep_schedule, dpm_coefficients, dpm_step, lambda eta: False, 1),
-    "dpmpp_2m_karras": Sampler("dpmpp_2m_karras", partial(multistep_schedule, karras=True), dpm_coefficients,
-                               dpm_step, lambda eta: False, 1),
-    "dpmpp_2m_sde": Sampler("dpmpp_2m_sde", multistep_schedule, dpm_sde_coefficients, dpm_step, lambda eta: True, 1),
-    "dpmpp_2m_sde_karras": Sampler("dpmpp_2m_sde_karras", partial(multistep_schedule, karras=True),
-                                   dpm_sde_coefficients, dpm_step, lambda eta: True, 1),
-    "unipc": Sampler("unipc", multistep_schedule, unipc_coefficients, unipc_step, lambda eta: False, UNIPC_HISTORY),
-    "lcm": Sampler("lcm", lcm_schedule, lcm_coefficients, lcm_step, lambda eta: True, last_step_noise=False),
-}
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
+    Sampler("ddim", ddim_schedule, ddim_coefficients, ddim_step, draws_noise=lambda eta: eta > 0),
+    Sampler("pndm", pndm_schedule, pndm_coefficients, pndm_step, draws_noise=lambda eta: False, history=PNDM_HISTORY,
+            loop_steps=lambda steps: steps + 1 if steps > 1 else 1),
+    Sampler("euler", euler_schedule, euler_coefficients, euler_step, draws_noise=lambda eta: False,
+            custom_schedule=True),
+    Sampler("euler_a", euler_schedule, euler_ancestral_coefficients, euler_ancestral_step,
+            draws_noise=lambda eta: True),
+    Sampler("euler_karras", partial(euler_schedule, karras=True), euler_coefficients, euler_step,
+            draws_noise=lambda eta: False),
+    Sampler("heun", heun_schedule, heun_coefficients, heun_step, draws_noise=lambda eta: False,
+            history=HEUN_HISTORY, loop_steps=lambda steps: 2 * steps - 1, order=2),
+    Sampler("dpmpp_2m", multistep_schedule, dpm_coefficients, dpm_step, draws_noise=lambda eta: False, history=1),
+    Sampler("dpmpp_2m_karras", partial(multistep_schedule, karras=True), dpm_coefficients, dpm_step,
+            draws_noise=lambda eta: False, history=1),
+    Sampler("dpmpp_2m_sde", multistep_schedule, dpm_sde_coefficients, dpm_step, draws_noise=lambda eta: True,
+            history=1),
+    Sampler("dpmpp_2m_sde_karras", partial(multistep_schedule, karras=True), dpm_sde_coefficients, dpm_step,
+            draws_noise=lambda eta: True, history=1),
+    Sampler("unipc", multistep_schedule, unipc_coefficients, unipc_step, draws_noise=lambda eta: False,
+            history=UNIPC_HISTORY),
+    Sampler("lcm", lcm_schedule, lcm_coefficients, lcm_step, draws_noise=lambda eta: True, last_step_noise=False),
+)}
+if tuple(SAMPLERS) != SAMPLER_NAMES:  # the CLI lists SAMPLER_NAMES without importing this module
+    raise ImportError(f"fastsd.sampler_names lists {SAMPLER_NAMES}, fastsd.schedulers defines {tuple(SAMPLERS)}")
 
 
 def add_noise(sched: Schedule, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:

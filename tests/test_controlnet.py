@@ -265,12 +265,12 @@ def test_bad_calls_without_controlnet(ckpts, control, kw, match):
     ({"control_image": ["CTL"]}, "list of 2 images"),
     ({"control_image": ["CTL", "CTL"], "controlnet_conditioning_scale": [1.0, 1.0, 1.0]}, "3 values for 2"),
     ({"control_image": ["CTL", "CTL"], "controlnet_conditioning_scale": float("nan")}, "finite"),
-    ({"control_image": ["CTL", "CTL"], "controlnet_conditioning_scale": 11.0}, r"\[0.0, 10.0\]"),
+    ({"control_image": ["CTL", "CTL"], "controlnet_conditioning_scale": 11.0}, r"controlnet_conditioning_scale must be in \[0, 10\], got 11"),
     ({"control_image": ["CTL", "CTL"], "control_guidance_start": 0.6, "control_guidance_end": 0.5}, "below"),
-    ({"control_image": ["CTL", "CTL"], "control_guidance_end": 1.5}, r"\[0.0, 1.0\]"),
+    ({"control_image": ["CTL", "CTL"], "control_guidance_end": 1.5}, r"control_guidance_end must be in \[0, 1\]"),
     ({"control_image": ["CTL", [object()]]}, "control_image must be"),
     ({"control_image": ["CTL", np.zeros((16, 16, 4), np.float32)]}, "RGB"),
-    ({"control_image": [["CTL"] * 3, "CTL"]}, "3 control images for 1 prompts"),
+    ({"control_image": [["CTL"] * 3, "CTL"]}, "control_image holds 3 images for 1 prompts"),
 ])
 def test_bad_control_arguments(ckpts, cns, control, kw, match):
     kw = {k: ([[control[0] if x == "CTL" else x for x in i] if isinstance(i, list) else control[0] if
@@ -417,6 +417,7 @@ def test_cli_generate_and_export(ckpts, cns, control, tmp_path, capsys):
     im = Image.open(out)
     settings = json.loads(im.text["fastsd"])
     assert im.size == (48, 40) and settings["controlnets"][0]["model"] == str(cns["a"])
+    assert settings["controlnet_conditioning_scale"] == [0.9]
     want = ours(ckpts["eps"], cns["a"])("a fox", control_image=control[0], controlnet_conditioning_scale=0.9,
                                         num_inference_steps=2, generator=torch.Generator().manual_seed(3))
     assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(want.images[0]))

@@ -27,11 +27,11 @@ def pipe(pipes):
     (dict(num_inference_steps=0), "num_inference_steps must be an integer >= 1"),
     (dict(num_inference_steps=2.5), "num_inference_steps"),
     (dict(guidance_scale=-1.0), "guidance_scale must be in"),
-    (dict(scheduler="plms"), "unknown scheduler 'plms'"),
-    (dict(output_type="tensor"), "unknown output_type"),
+    (dict(scheduler="plms"), "scheduler must be one of fastsd's samplers .*got 'plms'"),
+    (dict(output_type="tensor"), "output_type must be one of pil, np, pt, latent, got 'tensor'"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt"),
     (dict(strength=0.5), "strength applies to img2img/inpaint only"),
-    (dict(negative_prompt=["a", "b"]), "2 negative prompts for 1 prompts"),
+    (dict(negative_prompt=["a", "b"]), "negative_prompt has 2 texts for 1 prompts"),
     (dict(eta=-0.1), "eta must be in"),
 ])
 def test_argument_errors(pipe, kwargs, match):
@@ -46,8 +46,9 @@ def test_check_call_runs_nothing(pipe, monkeypatch):
         raise AssertionError("check_call ran the pipeline")
 
     monkeypatch.setattr(pipe, "_generate", no_work)
-    assert pipe.check_call("a cat", negative_prompt="fog", num_inference_steps=3, seed=5) is None
-    assert pipe.check_call(["a", "b"], num_images_per_prompt=2, generator=torch.Generator()) is None
+    req = pipe.check_call("a cat", negative_prompt="fog", num_inference_steps=3, seed=5)
+    assert req.settings()["num_inference_steps"] == 3 and req.settings()["negative_prompt"] == "fog"
+    assert pipe.check_call(["a", "b"], num_images_per_prompt=2, generator=torch.Generator()).batch == 4
     with pytest.raises(InvalidArgumentError, match="seed must be an integer"):
         pipe.check_call("a cat", seed=-1)
     with pytest.raises(InvalidArgumentError, match="does not support the argument 'frobnicate'"):
@@ -55,7 +56,7 @@ def test_check_call_runs_nothing(pipe, monkeypatch):
 
 
 @pytest.mark.parametrize("strength,match", [
-    (1.5, r"strength must be in \[0.0, 1.0\]"),
+    (1.5, r"strength must be in \[0, 1\], got 1.5"),
     (-0.1, "strength must be in"),
     (0.0, "denoises nothing"),
     (0.1, "denoises nothing"),  # int(2 * 0.1) = 0 steps
@@ -171,9 +172,9 @@ def test_engine_backend_falls_back_to_eager(ckpts, caplog, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(backend="openvino"), "unknown backend"),
-    (dict(dtype="int8"), "unknown dtype"),
-    (dict(prediction_type="sample"), "unknown prediction_type"),
+    (dict(backend="openvino"), "backend must be one of auto, "),
+    (dict(dtype="int8"), "dtype must be one of fp16, bf16, fp32"),
+    (dict(prediction_type="sample"), "prediction_type must be one of epsilon, v_prediction, got 'sample'"),
     (dict(clip_skip=2), r"clip_skip must be an integer in \[0, 1\]"),
     (dict(clip_skip=-1), "clip_skip"),
 ])

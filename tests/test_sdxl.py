@@ -172,15 +172,9 @@ def test_prompt_embeds_with_pooled(xl, xl_pipes):
 def test_family_defaults(xl_pipes, pipes, init_image):
     """guidance_scale and strength None mean each family's diffusers default."""
     pipe = xl_pipes("xl")
-    req, _ = pipe._request("x", None, None, None, None, 10, None, None, 0.0, None, None, 1, "np", 0.0, None, None,
-                           None, None, None, None, {})
-    assert req.guidance_scale == 5.0
-    req, _ = pipe._request("x", None, init_image, None, None, 10, None, None, 0.0, None, None, 1, "np", 0.0, None,
-                           None, None, None, None, None, {})
-    assert req.strength == 0.3
-    req, _ = pipes("eps")._request("x", None, None, None, None, 10, None, None, 0.0, None, None, 1, "np", 0.0, None,
-                                   None, None, None, None, None, {})
-    assert req.guidance_scale == 7.5
+    assert pipe.check_call("x", num_inference_steps=10).guidance_scale == 5.0
+    assert pipe.check_call("x", image=init_image, num_inference_steps=10).strength == 0.3
+    assert pipes("eps").check_call("x", num_inference_steps=10).guidance_scale == 7.5
 
 
 def test_sd_refuses_xl_arguments(pipes):
@@ -192,7 +186,7 @@ def test_sd_refuses_xl_arguments(pipes):
 
 def test_xl_argument_errors(xl_pipes):
     pipe = xl_pipes("xl")
-    with pytest.raises(InvalidArgumentError, match="2 texts in prompt_2 for 3 prompts"):
+    with pytest.raises(InvalidArgumentError, match="prompt_2 has 2 texts for 3 prompts"):
         pipe.check_call(["a", "b", "c"], prompt_2=["x", "y"])
     with pytest.raises(InvalidArgumentError, match="original_size must be two integers"):
         pipe.check_call("a", original_size=(64,))
@@ -463,7 +457,7 @@ def test_cli_generate_sdxl(xl, tmp_path, capsys):
     assert "text_encoder_2=eager" in capsys.readouterr().out
     png = Image.open(out)
     settings = _json.loads(png.info["fastsd"])
-    assert png.size == (32, 24) and settings["guidance"] == 5.0 and settings["prompt_2"] == "oil painting"
+    assert png.size == (32, 24) and settings["guidance_scale"] == 5.0 and settings["prompt_2"] == "oil painting"
     want = Pipeline.from_pretrained(str(xl["xl"]))("a fox", prompt_2="oil painting", num_inference_steps=3,
                                                    height=24, width=32, seed=5).images[0]
     assert np.abs(np.asarray(png, dtype=np.int16) - np.asarray(want, dtype=np.int16)).max() <= 1
