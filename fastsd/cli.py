@@ -478,7 +478,7 @@ def cmd_generate(args) -> int:
             bar.close()
         if preview:
             preview.close()
-    settings = {**out.settings, "image": args.image, "mask_image": args.mask_image, "clip_skip": args.clip_skip,
+    settings = {**out.settings, "image": args.image, "mask_image": args.mask_image,
                 "model": args.model, "vae": args.vae, "loras": loras,
                 **({"controlnets": [{"model": m, "image": i} for m, i in zip(args.controlnet, args.control_image,
                                                                              strict=True)]} if args.controlnet else {}),

@@ -174,6 +174,7 @@ class Pipeline:
         self._widths = widths_of(ckpt)
         self.memory = memory or MemoryOptions()
         self.max_side: int | None = MAX_SIDE  # pixels a side a call may ask for (None: no limit)
+        self.clip_skip = 0  # the load-time clip_skip (from_pretrained's), a call's default
         self._scheduler = default_scheduler(pipeline_scheduler_config(self.info.scheduler))
         self._progress_config: dict = {"disable": True}
         self._remake: Callable | None = None  # (device, dtype, cuda_graphs, attention_slicing) -> Backend
@@ -262,6 +263,7 @@ class Pipeline:
         pipe = cls(ckpt, remake(dev, DTYPES[dtype], cuda_graphs, bool(memory and memory.attention_slicing)), dev,
                    DTYPES[dtype], memory, cuda_graphs, family)
         pipe._remake = remake
+        pipe.clip_skip = clip_skip
         pipe.max_side = check_max_side(max_side)
         if preview_vae is not None:
             pipe.load_preview_vae(preview_vae)
@@ -505,7 +507,8 @@ class Pipeline:
             if bar is not None:
                 bar.close()
         out.seed = seed
-        out.settings = dict(req.settings(), seed=seed)
+        out.settings = dict(req.settings(), seed=seed, clip_skip=self.clip_skip if req.clip_skip is None
+                            else req.clip_skip)
         return out if return_dict else (out.images, None)
 
     def check_call(self, *args, **kwargs) -> Request:

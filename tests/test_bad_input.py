@@ -236,8 +236,8 @@ def test_read_only_folder(model, tmp_path, capsys):
         ro.chmod(stat.S_IRWXU)
 
 
-SETTINGS = {"prompt": "p", "num_inference_steps": 1, "scheduler": "ddim", "guidance_scale": 1, "seed": 1, "width": 8, "height": 8,
-            "model_fingerprint": "f"}
+SETTINGS = {"prompt": "p", "num_inference_steps": 1, "scheduler": "ddim", "guidance_scale": 1, "seed": 1, "width": 8,
+            "height": 8, "model_fingerprint": "f"}
 
 
 def test_multi_image_write_is_all_or_nothing(tmp_path):

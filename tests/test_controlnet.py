@@ -265,7 +265,7 @@ def test_bad_calls_without_controlnet(ckpts, control, kw, match):
     ({"control_image": ["CTL"]}, "list of 2 images"),
     ({"control_image": ["CTL", "CTL"], "controlnet_conditioning_scale": [1.0, 1.0, 1.0]}, "3 values for 2"),
     ({"control_image": ["CTL", "CTL"], "controlnet_conditioning_scale": float("nan")}, "finite"),
-    ({"control_image": ["CTL", "CTL"], "controlnet_conditioning_scale": 11.0}, r"controlnet_conditioning_scale must be in \[0, 10\], got 11"),
+    ({"control_image": ["CTL", "CTL"], "controlnet_conditioning_scale": 11.0}, r"must be in \[0, 10\], got 11"),
     ({"control_image": ["CTL", "CTL"], "control_guidance_start": 0.6, "control_guidance_end": 0.5}, "below"),
     ({"control_image": ["CTL", "CTL"], "control_guidance_end": 1.5}, r"control_guidance_end must be in \[0, 1\]"),
     ({"control_image": ["CTL", [object()]]}, "control_image must be"),

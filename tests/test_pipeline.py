@@ -227,3 +227,16 @@ def test_unseeded_calls_draw_their_seed_from_the_os(pipe):
     assert np.array_equal(pipe("a cat", seed=a.seed, **kw).images, a.images)
     assert pipe("a cat", seed=5, **kw).seed == 5
     assert pipe("a cat", generator=torch.Generator().manual_seed(5), **kw).seed is None
+
+
+def test_call_signature_is_the_table():
+    """Pipeline.__call__ keeps diffusers' explicit signature, and it is the table's, name for
+    name and default for default (fastsd/arguments.py)."""
+    import inspect
+
+    from fastsd.arguments import ARGS
+
+    params = inspect.signature(Pipeline.__call__).parameters
+    names = [n for n, p in params.items() if n != "self" and p.kind != p.VAR_KEYWORD]
+    assert names == [a.name for a in ARGS]
+    assert {n: params[n].default for n in names} == {a.name: a.api_default for a in ARGS}

@@ -13,13 +13,15 @@ import binascii
 import io
 import math
 import re
-import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from ..arguments import ARGS, BY_NAME, SEED_LIMIT, check_value, field, form_value
+from ..errors import InvalidArgumentError
 from ..images import as_mask, as_rgb
-from ..settings import SEED_LIMIT  # image j of a request uses seed + j: all below it
+from ..settings import check_size, draw_seed
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*x\s*(\d{1,6})\s*$")
@@ -64,18 +66,13 @@ class ImageRequest:
     width: int | None  # None: the checkpoint's size (edits: the image's)
     height: int | None
     seed: int  # image j uses seed + j, alone or batched
-    num_inference_steps: int
-    guidance_scale: float | None  # None: the model family's default
-    scheduler: str | None  # None: the checkpoint's own
-    strength: float | None
-    eta: float
+    settings: tuple[tuple[str, Any], ...]  # the call arguments given that a batch shares (the table's batch keys)
     output_format: str
     output_compression: int
     image: Image.Image | None = None  # edits: RGB
     mask: Image.Image | None = None  # edits: L, white = repaint
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale) of the server's LoRAs to fuse, in order
     control_image: tuple[Image.Image, ...] = ()  # one per ControlNet of the server (none: no ControlNet)
-    control: tuple = ()  # (name, value) of the ControlNet settings given: scale, guidance start / end
 
     @property
     def mode(self) -> str:
@@ -83,9 +80,7 @@ class ImageRequest:
 
     def call_kwargs(self) -> dict:
         """Pipeline keywords shared by every image of the request (not prompt, seed or n)."""
-        return {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
-                "scheduler": self.scheduler, "strength": self.strength, "eta": self.eta,
-                "height": self.height, "width": self.width, **dict(self.control)}
+        return {**dict(self.settings), "height": self.height, "width": self.width}
 
     def control_kwargs(self, images: list[tuple[Image.Image, ...]] | None = None) -> dict:
         """control_image for the pipeline: this request's (or, for a batch, `images`: each
@@ -98,11 +93,16 @@ class ImageRequest:
         return {"control_image": per_net[0] if len(per_net) == 1 else per_net}
 
 
+def argument_error(e: InvalidArgumentError) -> APIError:
+    """A pipeline argument's error as OpenAI's 400, naming the field the client sent."""
+    return bad(e.named(lambda name: f"'{field(name)}'"), field(e.param) if e.param else None, "invalid_value")
+
+
 # ---- fields ------------------------------------------------------------------------------
 
-_CONTROL = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
-_FASTSD = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "scheduler", "strength", "eta",
-           "lora", "control_image") + _CONTROL
+_OWN = ("prompt", "n", "size", "image", "mask", "control_image")  # the table's fields read with OpenAI's own rules
+_TABLE = tuple(a for a in ARGS if a.http is not None and a.http not in _OWN)  # read by the table's kinds
+_FASTSD = tuple(a.http for a in _TABLE) + ("lora", "control_image")
 MAX_LORA_SCALE = 10.0
 _OPENAI = ("prompt", "n", "size", "response_format", "output_format", "output_compression", "model", "user",
            "quality", "style", "background", "moderation", "stream", "partial_images", "input_fidelity")
@@ -174,22 +174,15 @@ def _kind(v) -> str:
     return {bool: "a boolean", dict: "an object", list: "an array", int: repr(v), float: repr(v)}.get(type(v), repr(v))
 
 
-def _size(value: str | None, factor: int, limits: Limits) -> tuple[int | None, int | None]:
+def _size(value: str | None) -> tuple[int | None, int | None]:
+    """OpenAI's size "WIDTHxHEIGHT" (or "auto": the default)."""
     if value is None or value == "auto":
         return None, None
     m = _SIZE.match(value)
     if not m:
         raise bad(f"'size' must be WIDTHxHEIGHT in pixels (for example 512x512), got {value!r}", "size",
                   "invalid_value")
-    w, h = int(m.group(1)), int(m.group(2))
-    if not (0 < w <= limits.max_side and 0 < h <= limits.max_side):
-        raise bad(f"size {w}x{h} is out of range: each side must be between {factor} and {limits.max_side} "
-                  "pixels", "size", "invalid_value")
-    if w % factor or h % factor:
-        raise bad(f"size {w}x{h}: width and height must be multiples of {factor} "
-                  f"(for example {w // factor * factor or factor}x{h // factor * factor or factor})", "size",
-                  "invalid_value")
-    return w, h
+    return int(m.group(1)), int(m.group(2))
 
 
 def parse_loras(value, form: bool, available: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
@@ -234,10 +227,8 @@ def parse_loras(value, form: bool, available: tuple[str, ...]) -> tuple[tuple[st
 
 
 def parse_control(f: "_Fields", form: bool, limits: Limits, uploads: list[bytes] | None = None) -> tuple:
-    """The ControlNet fields: `control_image` (JSON: a base64 image, or a data URL, or a list
-    of them, one per ControlNet; a form: the uploaded files, in order) and its settings (a
-    number, or in JSON a list of one per ControlNet; in a form, numbers separated by commas).
-    Returns (images, ((setting, value), ...))."""
+    """`control_image`: in JSON a base64 image, or a data URL, or a list of them, one per
+    ControlNet; in a form, the uploaded files, in order (its settings are table fields)."""
     raw = f.raw("control_image")
     if form:
         if raw is not None:
@@ -249,23 +240,28 @@ def parse_control(f: "_Fields", form: bool, limits: Limits, uploads: list[bytes]
             raise bad("'control_image' must be a base64-encoded image (or a data URL), or a list of them",
                       "control_image", "invalid_type")
         images = [read_upload(_base64(e), "control_image", limits) for e in encoded]
-    settings = []
-    for name in _CONTROL:
-        v = f.raw(name)
-        if v is None:
-            continue
-        if not images:
-            raise bad(f"'{name}' applies to requests with a 'control_image'", name, "invalid_value")
-        items = [x.strip() for x in v.split(",")] if form and isinstance(v, str) else v if isinstance(v, list) else [v]
-        try:
-            numbers = [float(x) if isinstance(x, str) else x for x in items]
-        except ValueError:
-            raise bad(f"'{name}' must be a number or one per ControlNet, got {v!r}", name, "invalid_type") from None
-        if not numbers or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-                                  for x in numbers):
-            raise bad(f"'{name}' must be a number or one per ControlNet, got {_kind(v)}", name, "invalid_type")
-        settings.append((name, float(numbers[0]) if len(numbers) == 1 else tuple(float(x) for x in numbers)))
-    return tuple(as_rgb(im) for im in images), tuple(settings)
+    return tuple(as_rgb(im) for im in images)
+
+
+def _arguments(f: "_Fields", form: bool) -> dict[str, Any]:
+    """The table's fields the body has, by API name, checked by the table (form text converted first)."""
+    out = {}
+    try:
+        for arg in _TABLE:
+            value = f.raw(arg.http)
+            if value is None:
+                continue
+            if form and isinstance(value, str):
+                value = form_value(arg.name, value)
+            out[arg.name] = check_value(arg.name, value)
+    except InvalidArgumentError as e:
+        raise argument_error(e) from None
+    return out
+
+
+def _limit(args: dict, name: str, hi: int, why: str) -> None:
+    if args.get(name) is not None and (len(args[name]) if isinstance(args[name], str) else args[name]) > hi:
+        raise bad(f"'{field(name)}' {why}", field(name), "invalid_value")
 
 
 def _base64(text: str) -> bytes:
@@ -302,8 +298,6 @@ def parse_request(data, *, form: bool, limits: Limits, factor: int, model_names:
     prompt = f.text("prompt", limits.max_prompt_chars, required=True)
     if not prompt.strip():
         raise bad("'prompt' is empty", "prompt", "invalid_value")
-    negative = f.text("negative_prompt", limits.max_prompt_chars)
-    n = f.integer("n", 1, 1, limits.max_n)
     fmt = f.text("response_format") or "b64_json"
     if fmt != "b64_json":
         raise bad(f"'response_format' {fmt!r} is not supported: fastsd returns images inline; use 'b64_json'",
@@ -313,21 +307,38 @@ def parse_request(data, *, form: bool, limits: Limits, factor: int, model_names:
         raise bad(f"'output_format' must be one of {', '.join(OUTPUT_FORMATS)}, got {out!r}", "output_format",
                   "invalid_value")
     compression = f.integer("output_compression", 100, 0, 100)
-    width, height = _size(f.text("size"), factor, limits)
-    seed = f.integer("seed", None, 0, SEED_LIMIT - n)
-    if seed is None:
-        seed = secrets.randbelow(SEED_LIMIT - limits.max_n)
-    steps = f.integer("num_inference_steps", 50, 1, limits.max_steps)
-    guidance = f.number("guidance_scale", None)  # None: the model family's default (SD 7.5, SD-XL 5.0)
-    scheduler = f.text("scheduler", limit=64)
-    strength, eta = f.number("strength", None), f.number("eta", 0.0)
-    if image is None and strength is not None:
-        raise bad("'strength' applies to edits (img2img and inpainting), not to generations", "strength",
-                  "invalid_value")
+    args = _arguments(f, form)
+    n = _sizes(f, form, factor, limits, args)
+    _limit(args, "negative_prompt", limits.max_prompt_chars, f"is longer than {limits.max_prompt_chars} characters")
+    _limit(args, "num_inference_steps", limits.max_steps, f"must be at most {limits.max_steps} on this server")
+    _limit(args, "seed", SEED_LIMIT - n, f"must be at most {SEED_LIMIT - n} with n={n} (image j uses seed + j)")
+    seed = args.pop("seed", None)
     lora = parse_loras(f.raw("lora"), form, loras)
-    control_image, control = parse_control(f, form, limits, control_uploads)
-    return ImageRequest(prompt, negative, n, width, height, seed, steps, guidance, scheduler, strength, eta,
-                        out, compression, image, mask, lora, control_image, control)
+    control_image = parse_control(f, form, limits, control_uploads)
+    negative = args.pop("negative_prompt", None)
+    width, height = args.pop("width", None), args.pop("height", None)
+    settings = tuple((k, v) for k, v in args.items() if BY_NAME[k].batch_key)
+    return ImageRequest(prompt, negative, n, width, height, draw_seed(n) if seed is None else seed, settings, out,
+                        compression, image, mask, lora, control_image)
+
+
+def _sizes(f: "_Fields", form: bool, factor: int, limits: Limits, args: dict) -> int:
+    """`n` and `size` (OpenAI's fields for num_images_per_prompt and width x height) into
+    `args`, checked by the table, then by the server's limits; returns n."""
+    raw_n = f.raw("n")
+    try:
+        n = check_value("num_images_per_prompt", form_value("num_images_per_prompt", raw_n) if form and isinstance(
+            raw_n, str) else raw_n)
+        width, height = _size(f.text("size"))
+        for name, value in (("width", width), ("height", height)):
+            if value is not None:
+                args[name] = check_size(value, factor, name, limits.max_side)
+    except InvalidArgumentError as e:
+        raise argument_error(e) from None
+    n = 1 if n is None else n
+    if n > limits.max_n:
+        raise bad(f"'n' must be at most {limits.max_n} on this server, got {n}", "n", "invalid_value")
+    return n
 
 
 # ---- uploads ---------------------------------------------------------------------------

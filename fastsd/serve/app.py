@@ -21,9 +21,19 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import FastSDError, ImageError
+from ..errors import FastSDError, ImageError, InvalidArgumentError
 from ..version import __version__
-from .api import APIError, ImageRequest, Limits, bad, edit_inputs, encode_image, parse_request, read_upload
+from .api import (
+    APIError,
+    ImageRequest,
+    Limits,
+    argument_error,
+    bad,
+    edit_inputs,
+    encode_image,
+    parse_request,
+    read_upload,
+)
 from .batcher import Batcher, Cancelled, DrainingError, Job, QueueFullError, Slot
 
 log = logging.getLogger("fastsd.serve")
@@ -139,27 +149,28 @@ class _State:
     # ---- requests ----------------------------------------------------------------------
 
     def key(self, req: ImageRequest) -> tuple:
-        """What must match for requests to share a UNet batch."""
+        """What must match for requests to share a UNet batch: the call arguments the table
+        marks as batch keys, the size they resolve to, the LoRAs (a batch runs on one set of
+        weights) and how many control images."""
         w, h = req.width, req.height
         if req.image is not None and w is None:
             w, h = req.image.size
         elif req.control_image and w is None:  # txt2img with a ControlNet: the control image's size
             w, h = req.control_image[0].size
-        return (req.mode, w, h, req.num_inference_steps, req.guidance_scale, req.scheduler, req.strength, req.eta,
-                req.loras, len(req.control_image), req.control)  # a batch runs on one set of weights
+        return (req.mode, w, h, req.settings, req.loras, len(req.control_image))
 
     def check(self, req: ImageRequest) -> None:
         """The pipeline's own checks, on the batch this request may be part of."""
         try:
             self.pipe.check_call(req.prompt, negative_prompt=req.negative_prompt, image=req.image,
                                  mask_image=req.mask, num_images_per_prompt=min(req.n, self.options.max_batch),
-                                 **req.call_kwargs(), **req.control_kwargs())
+                                 seed=req.seed, **req.call_kwargs(), **req.control_kwargs())
+        except InvalidArgumentError as e:
+            raise argument_error(e) from None
         except ImageError as e:
             raise bad(str(e), "control_image" if "control_image" in str(e) else "image", "invalid_image") from None
         except FastSDError as e:
-            text = str(e)
-            param = text.split(" ", 1)[0].strip("'")
-            raise bad(text, param if param in ImageRequest.__dataclass_fields__ else None, "invalid_value") from None
+            raise bad(str(e), code="invalid_value") from None
 
     async def generate(self, request: Request, req: ImageRequest) -> dict:
         """Queue a checked request (its handler has called check_ready) and answer it."""
