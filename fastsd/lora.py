@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -397,3 +398,52 @@ def check_scale(scale) -> float:
         raise InvalidArgumentError(f"a LoRA scale must be a finite number, got {scale!r}")
     return float(scale)
 
+
+class LoraMethods:
+    """Pipeline's LoRA methods (a mixin of fastsd/pipeline.py's Pipeline)."""
+
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
+        """Fuse a LoRA (.safetensors: kohya / A1111, or diffusers / PEFT) into the UNet and text
+        encoder weights it targets, on eager and, by refit, on engines (an engine that cannot
+        be refitted leaves those networks to eager PyTorch while the LoRA is loaded): it costs
+        nothing per step. Several may be loaded; each weight is recomputed from its original
+        and the LoRAs loaded, in load order. Returns its name (default: the file's stem). A
+        file whose keys do not match this model is an InvalidArgumentError naming some."""
+        name, scale = lora_name(path, name), check_scale(scale)
+        t0 = time.perf_counter()
+        lora = read_lora(path, self.family.modules(self.ckpt), name, scale)  # checked before anything changes
+        with self._weights_lock.exclusive("load_lora"):
+            self._weights_changed(self._loras.add(lora))
+        lora.seconds = time.perf_counter() - t0
+        log.info("LoRA %s: %d weights of %s fused in %.2fs", name, len(lora.deltas), ", ".join(lora.networks),
+                 lora.seconds)
+        return name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Re-weight a loaded LoRA (0 disables it) without reading its file again."""
+        scale = check_scale(scale)
+        t0 = time.perf_counter()
+        with self._weights_lock.exclusive("set_lora_scale"):
+            self._weights_changed(self._loras.set_scale(name, scale))
+            lora = self._loras.loras[name]
+            lora.seconds = time.perf_counter() - t0
+        log.info("LoRA %s: scale %g in %.2fs", name, scale, lora.seconds)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Unload one LoRA, or all (None): the weights no LoRA touches any more get their
+        original values back, bit for bit."""
+        with self._weights_lock.exclusive("unload_lora"):
+            self._weights_changed(self._loras.remove(name))
+
+    @property
+    def loras(self) -> list[dict]:
+        """The loaded LoRAs in load order: name, path, scale, weights, networks, and how long
+        its last load or scale change took (fusing and refitting engines), in seconds."""
+        return [lora.describe() for lora in self._loras.loras.values()]
+
+    def _weights_changed(self, changed: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Weights changed: engines are refitted, captured steps dropped."""
+        overridden = self._loras.overridden()
+        for network, weights in changed.items():
+            self.backend.set_weights(network, weights, network not in overridden)
+        self._reset_graphs()

@@ -61,3 +61,12 @@ def test_tiled_large_image(ckpts, pipes):
 def test_bad_memory_options(ckpts):
     with pytest.raises(InvalidArgumentError, match="tile_overlap"):
         Pipeline.from_pretrained(str(ckpts["eps"]), memory=MemoryOptions(tile=8, tile_overlap=8))
+    # an overlap past the default tile (the VAE's sample size): refused at load, and before a
+    # call's work where tiling is switched on later, not at the decode after the whole loop
+    with pytest.raises(InvalidArgumentError, match=r"tile_overlap 100 must be in \[0, tile="):
+        Pipeline.from_pretrained(str(ckpts["eps"]), memory=MemoryOptions(vae_tiling=True, tile_overlap=100))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), memory=MemoryOptions(tile_overlap=100))
+    pipe.enable_vae_tiling()
+    pipe._generate = None  # not reached
+    with pytest.raises(InvalidArgumentError, match="tile_overlap 100"):
+        pipe("a", num_inference_steps=2)
