@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import FastSDError, InvalidArgumentError, OutputPathError
 from .files import created_mode
+from .sampler_names import SAMPLER_NAMES
 from .version import __version__
 
 log = logging.getLogger("fastsd")
@@ -22,6 +23,8 @@ PNG_KEY = "fastsd"  # PNG text chunk with the JSON settings
 PNG_PARAMETERS_KEY = "parameters"  # human-readable line, the key other SD tools read
 
 
+BACKEND_HELP = ("auto (the fastest engine kind whose engines exist, else eager), an engine kind (`fastsd info` "
+                "lists them), or eager (PyTorch)")
 # from_pretrained's arguments under their flags (call arguments: the table's, fastsd/arguments.py)
 LOAD_FLAGS = {"clip_skip": "--clip-skip", "prediction_type": "--prediction-type", "engine_dir": "--engine-dir",
               "allow_pickle": "--allow-pickle", "cuda_graphs": "--cuda-graphs", "dtype": "--dtype",
@@ -37,8 +40,6 @@ def flag_label(name: str) -> str:
 
 
 def _sampler_help(arg) -> str:
-    from .sampler_names import SAMPLER_NAMES
-
     return f"{arg.doc}: {' | '.join(SAMPLER_NAMES)}" + (f" (default: {arg.default_doc})" if arg.default_doc else "")
 
 
@@ -73,19 +74,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"fastsd: error: {message} (see {self.prog} --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)  # options every subcommand takes, after its name too
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="log progress details (also before the subcommand)")
-    p = _Parser(prog="fastsd", description="Fast Stable Diffusion inference.")
-    p.add_argument("--version", action="version", version=f"fastsd {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    add = sub.add_parser
-
-    def sub_parser(name, **kw):
-        return add(name, parents=[common], **kw)
-
+def _generate_parser(sub_parser) -> None:
+    """`fastsd generate`: the call's flags come from the table of call arguments."""
     g = sub_parser("generate", help="generate images from a prompt (txt2img, img2img, inpaint)")
     g.add_argument("prompt", help="what to draw")
     g.add_argument("--model", required=True,
@@ -97,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                         "would run for hours)")
     g.add_argument("--out", default="fastsd.png", help="output PNG; N images get -0, -1, ... suffixes")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    g.add_argument("--backend", default="auto", help="auto | tensorrt | compiled | onnxruntime | eager")
+    g.add_argument("--backend", default="auto", help=BACKEND_HELP)
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32")
     g.add_argument("--engine-dir", default=None,
@@ -128,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate)
 
+
+def _export_parser(sub_parser) -> None:
+    """`fastsd export`: ONNX into the engine store."""
     e = sub_parser("export", help="export a checkpoint's networks to ONNX into the engine store")
     e.add_argument("--model", required=True, help="as for generate")
     e.add_argument("--dtype", default="fp32", help="fp32 | fp16 (graph precision)")
@@ -146,9 +139,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="trace from scratch even where an entry of the same architecture could be refitted")
     e.set_defaults(func=cmd_export)
 
-    c = sub_parser("build", help="build compiled engines (AOTInductor) into the engine store")
+
+def _build_parser(sub_parser) -> None:
+    """`fastsd build`: an engine kind's engines into the engine store."""
+    c = sub_parser("build", help="build an engine kind's engines into the engine store")
     c.add_argument("--model", required=True, help="as for generate")
-    c.add_argument("--backend", required=True, help="an engine kind: tensorrt | compiled | onnxruntime")
+    c.add_argument("--backend", required=True, help="an engine kind (`fastsd info` lists them and what each needs)")
     c.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default: fp16 on cuda, fp32 on cpu)")
     c.add_argument("--static", default=None, metavar="HxW", help="image size (default: the checkpoint's)")
     c.add_argument("--device", default=None, help="cuda | cpu: the device the engines are for")
@@ -170,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
                         "inputs; repeatable")
     c.set_defaults(func=cmd_build)
 
+
+def _engines_parser(sub_parser) -> None:
+    """`fastsd engines list|prune`."""
     s = sub_parser("engines", help="list or prune the engine store")
     s.add_argument("action", choices=["list", "prune"], help="list entries (with profiles), or prune unusable ones")
     s.add_argument("--engine-dir", default=None, help="engine store (as for export)")
@@ -177,6 +176,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
     s.set_defaults(func=cmd_engines)
 
+
+def _bench_parser(sub_parser) -> None:
+    """`fastsd bench`, and `bench compare`."""
     b = sub_parser("bench", help="benchmark backends side by side with diffusers; or: bench compare A.json B.json")
     b.add_argument("action", nargs="*", help="empty to run, or: compare REPORT.json REPORT.json ...")
     b.add_argument("--model", default=None, help="as for generate; synthetic:sd15 etc. run offline")
@@ -187,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--sizes", default=None, help="comma list of HxW (instead of --height/--width)")
     b.add_argument("--batch", default=None, help="comma list of prompts per call")
     b.add_argument("--steps", default=None, help="comma list of step counts")
-    b.add_argument("--schedulers", default=None, help="comma list of ddim,pndm,euler,euler_a")
+    b.add_argument("--schedulers", default=None, help=f"comma list of samplers: {','.join(SAMPLER_NAMES)}")
     b.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5)")
     b.add_argument("--warmup", type=int, default=None, help="untimed calls per configuration")
     b.add_argument("--runs", type=int, default=None, help="timed calls per configuration (median, p90)")
@@ -206,9 +208,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="fastsd-bench", help="folder for bench.json, bench.md, bench.png")
     b.set_defaults(func=_cmd_bench)
 
+
+def _serve_parser(sub_parser) -> None:
+    """`fastsd serve`: OpenAI's images API over HTTP."""
     v = sub_parser("serve", help="serve OpenAI's images API over HTTP (dynamic batching; Ray Serve with --ray)")
     v.add_argument("--model", required=True, help="as for generate")
-    v.add_argument("--backend", default="auto", help="auto | tensorrt | compiled | onnxruntime | eager")
+    v.add_argument("--backend", default="auto", help=BACKEND_HELP)
     v.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     v.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32")
     v.add_argument("--engine-dir", default=None, help="engine store (as for generate)")
@@ -242,6 +247,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="--ray: Ray Serve's autoscaling_config, e.g. '{\"min_replicas\": 1, \"max_replicas\": 4}'")
     v.set_defaults(func=cmd_serve)
 
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)  # options every subcommand takes, after its name too
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress details (also before the subcommand)")
+    p = _Parser(prog="fastsd", description="Fast Stable Diffusion inference.")
+    p.add_argument("--version", action="version", version=f"fastsd {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add = sub.add_parser
+
+    def sub_parser(name, **kw):
+        return add(name, parents=[common], **kw)
+
+    for make in (_generate_parser, _export_parser, _build_parser, _engines_parser, _bench_parser,
+                 _serve_parser):
+        make(sub_parser)
     i = sub_parser("info", help="devices, installed backends, versions")
     i.set_defaults(func=cmd_info)
     return p
@@ -659,7 +681,8 @@ def _cmd_bench(args) -> int:
     return cmd_bench(args)
 
 
-def cmd_serve(args) -> int:
+def _check_serve_flags(args) -> dict | None:
+    """The serving flags checked before anything loads; returns --autoscaling parsed."""
     checks = (("--port", args.port, 0, 65535), ("--max-batch", args.max_batch, 1, None),
               ("--max-queue", args.max_queue, 1, None), ("--max-n", args.max_n, 1, None),
               ("--max-side", args.max_side, 8, None), ("--max-steps", args.max_steps, 1, None),
@@ -686,15 +709,20 @@ def cmd_serve(args) -> int:
             raise FastSDError("--autoscaling must be a JSON object (Ray Serve's autoscaling_config)")
     if not args.ray and (args.replicas != 1 or args.ray_address or autoscaling):
         raise FastSDError("--replicas, --ray-address and --autoscaling need --ray")
+    return autoscaling
+
+
+def cmd_serve(args) -> int:
+    autoscaling = _check_serve_flags(args)
     from .backends.registry import BACKEND_NAMES
     from .checkpoint import model_source
     from .devices import parse_device
     from .engines import DTYPES
 
     if args.backend not in BACKEND_NAMES:
-        raise FastSDError(f"unknown --backend {args.backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
+        raise FastSDError(f"--backend must be one of {', '.join(BACKEND_NAMES)}, got {args.backend!r}")
     if args.dtype is not None and args.dtype not in DTYPES:
-        raise FastSDError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise FastSDError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     if not args.ray:  # Ray replicas pick their own devices
         parse_device(args.device)
     model = args.model

@@ -394,8 +394,16 @@ def create_app(options: ServeOptions, *, pipeline=None, load_in_background: bool
     app = FastAPI(title="fastsd", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.fastsd = state
-    limits = options.limits
+    _error_handlers(app)
+    _status_routes(app, state, options)
+    _image_routes(app, state, options)
+    endpoints = ("/v1/images/generations", "/v1/images/edits", "/healthz", "/metrics", "/v1/models")
+    app.add_middleware(_Guard, state=state, endpoints=endpoints)
+    return app
 
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's error JSON."""
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
         return JSONResponse(e.body(), status_code=e.status)
@@ -414,6 +422,10 @@ def create_app(options: ServeOptions, *, pipeline=None, load_in_background: bool
                    else str(e.detail))
         return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code)
 
+
+
+def _status_routes(app: FastAPI, state: _State, options: ServeOptions) -> None:
+    """/healthz, /metrics and /v1/models."""
     @app.get("/healthz")
     async def healthz():
         status, code = "ok", 200
@@ -436,6 +448,12 @@ def create_app(options: ServeOptions, *, pipeline=None, load_in_background: bool
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": int(state.started),
                                             "owned_by": "fastsd"} for name in options.served_names]}
+
+
+
+def _image_routes(app: FastAPI, state: _State, options: ServeOptions) -> None:
+    """The images API: generations (JSON) and edits (multipart)."""
+    limits = options.limits
 
     @app.post("/v1/images/generations")
     async def generations(request: Request):
@@ -460,44 +478,47 @@ def create_app(options: ServeOptions, *, pipeline=None, load_in_background: bool
         unterminated = _unterminated(await request.body(), request.headers["content-type"])
         if unterminated:
             raise bad(f"the multipart body could not be read ({unterminated})", code="invalid_multipart")
-        try:
-            form = await request.form(max_files=10, max_fields=64, max_part_size=limits.max_upload_bytes)
-        except _TooLarge:
-            raise
-        except Exception as e:  # noqa: BLE001 - starlette's multipart errors: a malformed body
-            raise bad(f"the multipart body could not be read ({e})", code="invalid_multipart") from None
-        try:
-            fields, files, control = {}, {}, []
-            for name, value in form.multi_items():
-                if isinstance(value, str):
-                    fields[name] = value
-                else:
-                    key = name[:-2] if name.endswith("[]") else name
-                    if key == "control_image":  # one per ControlNet, in order
-                        control.append(await value.read())
-                        continue
-                    if key in files:
-                        raise bad(f"one '{key}' file per request, please (got several)", key)
-                    files[key] = await value.read()
-            if "image" not in files:
-                raise bad("'image' is required (a PNG, JPEG or WebP file)", "image", "missing_required_parameter")
-            for name in fields:
-                if name in ("image", "mask"):
-                    raise bad(f"'{name}' must be a file upload", name, "invalid_type")
-            unknown_files = [k for k in files if k not in ("image", "mask")]
-            if unknown_files:
-                raise bad(f"Unrecognized request argument supplied: {unknown_files[0]}", unknown_files[0],
-                          "unknown_parameter")
-            image = read_upload(files["image"], "image", limits)
-            mask = read_upload(files["mask"], "mask", limits) if "mask" in files else None
-        finally:
-            await form.close()
+        image, mask, fields, control = await _read_edits(request, limits)
         image, mask = edit_inputs(image, mask)
         req = parse_request(fields, form=True, limits=limits, factor=state.pipe.info.vae_factor,
                             model_names=options.served_names, image=image, mask=mask, loras=options.lora_names,
                             control_uploads=control)
         return await state.generate(request, req)
 
-    endpoints = ("/v1/images/generations", "/v1/images/edits", "/healthz", "/metrics", "/v1/models")
-    app.add_middleware(_Guard, state=state, endpoints=endpoints)
-    return app
+
+
+async def _read_edits(request: Request, limits: Limits):
+    """An edits body's uploads decoded (image, mask) and its text fields and control_image files."""
+    try:
+        form = await request.form(max_files=10, max_fields=64, max_part_size=limits.max_upload_bytes)
+    except _TooLarge:
+        raise
+    except Exception as e:  # noqa: BLE001 - starlette's multipart errors: a malformed body
+        raise bad(f"the multipart body could not be read ({e})", code="invalid_multipart") from None
+    try:
+        fields, files, control = {}, {}, []
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                fields[name] = value
+            else:
+                key = name[:-2] if name.endswith("[]") else name
+                if key == "control_image":  # one per ControlNet, in order
+                    control.append(await value.read())
+                    continue
+                if key in files:
+                    raise bad(f"one '{key}' file per request, please (got several)", key)
+                files[key] = await value.read()
+        if "image" not in files:
+            raise bad("'image' is required (a PNG, JPEG or WebP file)", "image", "missing_required_parameter")
+        for name in fields:
+            if name in ("image", "mask"):
+                raise bad(f"'{name}' must be a file upload", name, "invalid_type")
+        unknown_files = [k for k in files if k not in ("image", "mask")]
+        if unknown_files:
+            raise bad(f"Unrecognized request argument supplied: {unknown_files[0]}", unknown_files[0],
+                      "unknown_parameter")
+        image = read_upload(files["image"], "image", limits)
+        mask = read_upload(files["mask"], "mask", limits) if "mask" in files else None
+    finally:
+        await form.close()
+    return image, mask, fields, control
