@@ -229,3 +229,13 @@ ARCHS = {"tiny": _tiny, "tiny2": _tiny2, "sd15": _sd15, "sd21": _sd21, "sdxl": _
 def arch(name: str) -> dict:
     """A deep copy of the named architecture's component configs."""
     return copy.deepcopy(ARCHS[name]())
+
+
+# the UNet config keys a ControlNet of that UNet shares (diffusers' ControlNetModel.from_unet)
+CONTROLNET_KEYS = ("in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_attention",
+                   "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor",
+                   "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block",
+                   "encoder_hid_dim", "encoder_hid_dim_type", "attention_head_dim", "num_attention_heads",
+                   "use_linear_projection", "class_embed_type", "addition_embed_type", "addition_time_embed_dim",
+                   "num_class_embeds", "upcast_attention", "resnet_time_scale_shift",
+                   "projection_class_embeddings_input_dim", "mid_block_type")

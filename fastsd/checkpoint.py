@@ -21,6 +21,7 @@ from .errors import CheckpointError, FastSDError, InvalidArgumentError, ModelNot
 from .model_files import (
     PICKLE_SUFFIXES,
     Checkpoint,
+    check_finite,
     check_safetensors,
     fingerprint,
     load_tokenizer,
@@ -176,12 +177,12 @@ def _folder_files(root: Path, allow_pickle: bool, variant: str | None = None) ->
                 check_config(cfg, config, comp)
         chosen: list[Path] = []
         if comp in WEIGHTED:
-            chosen, variants[comp] = _component_weights(d, comp_files, variant, allow_pickle)
+            chosen, variants[comp] = component_weights(d, comp_files, variant, allow_pickle)
         files += [p for p in comp_files if p.suffix in (".json", ".txt")] + chosen
     return files, variants
 
 
-def _component_weights(d: Path, files: list[Path], variant: str | None,
+def component_weights(d: Path, files: list[Path], variant: str | None,
                        allow_pickle: bool) -> tuple[list[Path], str | None]:
     """The weight files one component folder loads (safetensors checked against their
     headers; pickle files only with `allow_pickle`), and their variant."""
@@ -314,11 +315,11 @@ def _load_folder(root: Path, allow_pickle: bool, variants: dict) -> dict:
         parts["tokenizer_2"] = load_tokenizer(root / "tokenizer_2")
         classes.insert(1, ("text_encoder_2", CLIPTextModelWithProjection))
     for name, cls in classes:
-        parts[name] = _load_component(cls, root / name, variants.get(name), allow_pickle)
+        parts[name] = load_component(cls, root / name, variants.get(name), allow_pickle)
     return parts
 
 
-def _load_component(cls, folder: Path, variant: str | None, allow_pickle: bool):
+def load_component(cls, folder: Path, variant: str | None, allow_pickle: bool):
     """One diffusers/transformers component from its folder, refused when weights are missing."""
     try:
         model, loading = cls.from_pretrained(str(folder), use_safetensors=None if allow_pickle else True,
@@ -331,20 +332,6 @@ def _load_component(cls, folder: Path, variant: str | None, allow_pickle: bool):
         raise CheckpointError(f"{folder} is incomplete: {len(missing)} weight(s) missing, e.g. {missing[0]}")
     check_finite(model, str(folder))
     return model
-
-
-def check_finite(model, source: str) -> None:
-    """Refuse weights holding NaN or infinity (a corrupt or badly merged file): every later
-    call would fail with a NumericalError blaming its settings. One sum per tensor (fast; a
-    finite sum proves finite values), the exact check only where a sum is not finite."""
-    import torch
-
-    with torch.no_grad():
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if t.is_floating_point() and t.numel() and not torch.isfinite(t.sum(dtype=torch.float32)):
-                if not torch.isfinite(t).all():
-                    raise CheckpointError(f"{source}: weight {name} holds NaN or infinite values (a corrupt or "
-                                          "badly merged file)")
 
 
 TINY_VAE = "AutoencoderTiny"
@@ -392,7 +379,7 @@ def load_vae(vae, like=None, allow_pickle: bool = False) -> tuple:
     original layout (keys bare or under first_stage_model.)."""
     from diffusers import AutoencoderKL, AutoencoderTiny
 
-    from .single_file import VAE_PREFIX, _gather, vae_key
+    from .single_file import VAE_PREFIX, gather_weights, vae_key
 
     if isinstance(vae, (AutoencoderKL, AutoencoderTiny)):
         model = vae.float().eval().requires_grad_(False)
@@ -404,9 +391,9 @@ def load_vae(vae, like=None, allow_pickle: bool = False) -> tuple:
     if path.is_dir():
         folder, config = component_folder(path, "vae", "VAE")
         cls = AutoencoderTiny if config.get("_class_name") == TINY_VAE else AutoencoderKL
-        weights, variant = _component_weights(folder, sorted(p for p in folder.iterdir() if p.is_file()), None,
+        weights, variant = component_weights(folder, sorted(p for p in folder.iterdir() if p.is_file()), None,
                                               allow_pickle)
-        model = _load_component(cls, folder, variant, allow_pickle).float()  # fp16-only too
+        model = load_component(cls, folder, variant, allow_pickle).float()  # fp16-only too
         fp = fingerprint([folder / "config.json", *weights], folder)
     elif path.is_file():
         if path.suffix != ".safetensors" or like is None:
@@ -420,7 +407,7 @@ def load_vae(vae, like=None, allow_pickle: bool = False) -> tuple:
             sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
         n = len(model.config.block_out_channels)
         original = any(k.startswith("encoder.down.") for k in sd)
-        _gather(model, sd, lambda k: (vae_key(k, n) if original else k, None), f"VAE ({path.name})")
+        gather_weights(model, sd, lambda k: (vae_key(k, n) if original else k, None), f"VAE ({path.name})")
         check_finite(model, str(path))
         fp = fingerprint([path], path.parent)
     else:

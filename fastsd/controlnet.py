@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .archs import CONTROLNET_KEYS
+from .checkpoint import component_folder, component_weights, load_component, resolve_component, state_digest
 from .errors import CheckpointError, InvalidArgumentError, ModelNotFoundError
-from .model_files import PICKLE_SUFFIXES, architecture_hash, check_safetensors, fingerprint
+from .model_files import PICKLE_SUFFIXES, architecture_hash, check_finite, check_safetensors, fingerprint
+from .single_file import gather_weights, read_state_dict, unet_key
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,6 @@ def load_controlnet(value, unet_config=None, allow_pickle: bool = False,
     file's architecture is the base UNet's (`unet_config`), as the residuals must fit it."""
     from diffusers import ControlNetModel
 
-    from .checkpoint import _component_weights, _load_component, component_folder, resolve_component, state_digest
-
     if isinstance(value, ControlNetModel):
         model = value.float().eval().requires_grad_(False)
         return LoadedControlNet(model, state_digest(model), f"a {type(value).__name__} object",
@@ -64,9 +65,9 @@ def load_controlnet(value, unet_config=None, allow_pickle: bool = False,
         folder, config = component_folder(path, "controlnet", "ControlNet")
         if config.get("_class_name", CONTROLNET_CLASS) != CONTROLNET_CLASS:
             raise CheckpointError(f"{folder} holds a {config.get('_class_name')}, not a ControlNetModel")
-        weights, variant = _component_weights(folder, sorted(p for p in folder.iterdir() if p.is_file()), None,
+        weights, variant = component_weights(folder, sorted(p for p in folder.iterdir() if p.is_file()), None,
                                               allow_pickle)
-        model = _load_component(ControlNetModel, folder, variant, allow_pickle).float()
+        model = load_component(ControlNetModel, folder, variant, allow_pickle).float()
         fp = fingerprint([folder / "config.json", *weights], folder)
     elif path.is_file():
         model = _from_single_file(path, unet_config, allow_pickle)
@@ -81,9 +82,6 @@ def _from_single_file(path: Path, unet_config, allow_pickle: bool):
     """A ControlNetModel from one file: its config is the base UNet's with the conditioning
     embedding's sizes read from the file; weights renamed from the original layout."""
     from diffusers import ControlNetModel
-
-    from .checkpoint import check_finite
-    from .single_file import _gather, read_state_dict
 
     if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: a ControlNet file must be .safetensors (or a diffusers folder)")
@@ -110,29 +108,19 @@ def _from_single_file(path: Path, unet_config, allow_pickle: bool):
         in_channels = sd["input_blocks.0.0.weight" if original else "conv_in.weight"].shape[1]
     except KeyError as e:
         raise CheckpointError(f"{path}: incomplete ControlNet ({e.args[0]} missing)") from None
-    config = {k: v for k, v in dict(unet_config).items() if k in _CONTROLNET_KEYS}
+    config = {k: v for k, v in dict(unet_config).items() if k in CONTROLNET_KEYS}
     config.update(conditioning_channels=int(first.shape[1]), in_channels=int(in_channels),
                   conditioning_embedding_out_channels=[int(first.shape[0])] + [int(w.shape[0]) for w in inner[1::2]])
     model = ControlNetModel(**config)
     layers = config.get("layers_per_block", 2)
     rename = (lambda k: (controlnet_key(k, layers, len(inner)), None)) if original else (lambda k: (k, None))
-    _gather(model, sd, rename, f"ControlNet ({path.name})")
+    gather_weights(model, sd, rename, f"ControlNet ({path.name})")
     check_finite(model, str(path))
     return model
 
 
-_CONTROLNET_KEYS = ("in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_attention",
-                    "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor",
-                    "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block",
-                    "encoder_hid_dim", "encoder_hid_dim_type", "attention_head_dim", "num_attention_heads",
-                    "use_linear_projection", "class_embed_type", "addition_embed_type", "addition_time_embed_dim",
-                    "num_class_embeds", "upcast_attention", "resnet_time_scale_shift",
-                    "projection_class_embeddings_input_dim", "mid_block_type")
-
-
 def controlnet_key(key: str, layers: int, hint_blocks: int) -> str:
     """diffusers ControlNet key -> original-layout key (without `control_model.`)."""
-    from .single_file import unet_key
 
     fixed = {"controlnet_cond_embedding.conv_in": "input_hint_block.0",
              "controlnet_cond_embedding.conv_out": f"input_hint_block.{2 * (hint_blocks + 1)}",

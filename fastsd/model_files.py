@@ -194,3 +194,16 @@ def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str,
         raise CheckpointError(f"unsupported UNet with {info.unet_in_channels} input channels")
     return Checkpoint(info, tok, parts["text_encoder"], unet, vae, parts.get("tokenizer_2"), text_2)
 
+
+def check_finite(model, source: str) -> None:
+    """Refuse weights holding NaN or infinity (a corrupt or badly merged file): every later
+    call would fail with a NumericalError blaming its settings. One sum per tensor (fast; a
+    finite sum proves finite values), the exact check only where a sum is not finite."""
+    import torch
+
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and t.numel() and not torch.isfinite(t.sum(dtype=torch.float32)):
+                if not torch.isfinite(t).all():
+                    raise CheckpointError(f"{source}: weight {name} holds NaN or infinite values (a corrupt or "
+                                          "badly merged file)")

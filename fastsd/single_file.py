@@ -19,7 +19,15 @@ import torch
 
 from .archs import arch
 from .errors import CheckpointError, PickleRefusedError
-from .model_files import PICKLE_SUFFIXES, Checkpoint, check_safetensors, fingerprint, load_tokenizer, make_checkpoint
+from .model_files import (
+    PICKLE_SUFFIXES,
+    Checkpoint,
+    check_finite,
+    check_safetensors,
+    fingerprint,
+    load_tokenizer,
+    make_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +234,7 @@ def _squeezed(shape) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def _gather(model, source: dict, key_of, what: str) -> None:
+def gather_weights(model, source: dict, key_of, what: str) -> None:
     """Fill `model` from `source` via key_of(model_key) -> source key (or (key, qkv third))."""
     target = model.state_dict()
     out = {}
@@ -303,22 +311,21 @@ def load_single_file(path: Path, *, source: str, allow_pickle: bool) -> Checkpoi
     unet, vae = UNet2DConditionModel(**ucfg), AutoencoderKL(**vcfg)
     text = CLIPTextModel(CLIPTextConfig(**tcfg, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
     up_attn = [t.startswith("CrossAttn") for t in ucfg["up_block_types"]]
-    _gather(unet, sd, lambda k: (UNET_PREFIX + unet_key(k, ucfg["layers_per_block"], up_attn), None), "UNet")
-    _gather(vae, sd, lambda k: (VAE_PREFIX + vae_key(k, len(vcfg["block_out_channels"])), None), "VAE")
+    gather_weights(unet, sd, lambda k: (UNET_PREFIX + unet_key(k, ucfg["layers_per_block"], up_attn), None), "UNet")
+    gather_weights(vae, sd, lambda k: (VAE_PREFIX + vae_key(k, len(vcfg["block_out_channels"])), None), "VAE")
     if fam in ("sd15", "sdxl"):
         base = _clip_base(sd, SD1_TEXT_PREFIX if fam == "sd15" else XL_TEXT_PREFIX)
-        _gather(text, sd, lambda k: (base + k.removeprefix("text_model."), None), "text encoder")
+        gather_weights(text, sd, lambda k: (base + k.removeprefix("text_model."), None), "text encoder")
     else:
-        _gather(text, sd, lambda k: (lambda o: (SD2_TEXT_PREFIX + o[0], o[1]))(openclip_key(k)), "text encoder")
+        gather_weights(text, sd, lambda k: (lambda o: (SD2_TEXT_PREFIX + o[0], o[1]))(openclip_key(k)), "text encoder")
     parts = {"tokenizer": tok, "text_encoder": text, "unet": unet, "vae": vae}
     if fam == "sdxl":
         text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**tcfg_2, bos_token_id=tok_2.bos_token_id,
                                                             eos_token_id=tok_2.eos_token_id))
         source_2 = {k[len(XL_TEXT_2_PREFIX):]: v for k, v in sd.items() if k.startswith(XL_TEXT_2_PREFIX)}
         source_2[TEXT_PROJECTION_T] = source_2["text_projection"].t()
-        _gather(text_2, source_2, openclip_key, "text encoder 2")
+        gather_weights(text_2, source_2, openclip_key, "text encoder 2")
         parts.update(tokenizer_2=tok_2, text_encoder_2=text_2)
-    from .checkpoint import check_finite
 
     for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
         if name in parts:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .archs import ARCHS, arch
+from .archs import ARCHS, CONTROLNET_KEYS, arch
 from .errors import ModelNotFoundError
 from .paths import cache_dir
 
@@ -144,12 +144,11 @@ def build_controlnet(out: Path, arch_name: str = "tiny", *, seed: int = 0) -> Pa
     convolutions) are random too, so its residuals change the image."""
     from diffusers import ControlNetModel
 
-    from .controlnet import _CONTROLNET_KEYS
 
     spec = arch(arch_name)
     factor = 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
     widths = {8: [16, 32, 96, 256], 2: [8, 16]}[factor]
-    config = {k: v for k, v in spec["unet"].items() if k in _CONTROLNET_KEYS}
+    config = {k: v for k, v in spec["unet"].items() if k in CONTROLNET_KEYS}
     with _atomic_folder(Path(out)) as tmp:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

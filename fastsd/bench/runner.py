@@ -33,8 +33,8 @@ from typing import Callable
 import torch
 
 from ..backends.registry import ENGINE_KINDS
+from .config import BASELINE, GRAPHS, PROMPT, BenchConfig
 from .machine import machine_facts, mem_available
-from .worker import BASELINE, GRAPHS, PROMPT
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +48,6 @@ NOISY_FAULTS = 100  # major page faults in one timed run above this: the machine
 # 3.3 s in others on the 2-core development VM (bimodal, by process); with it, 2.65-2.72 s
 # in every process. One process per backend would otherwise turn that luck into ratios.
 WORKER_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    model: str
-    backends: tuple[str, ...]  # fastsd backends and/or "diffusers"
-    sizes: tuple[tuple[int, int], ...]  # (height, width)
-    batches: tuple[int, ...]  # prompts per call
-    steps: tuple[int, ...]
-    schedulers: tuple[str, ...]
-    guidance: float = 7.5
-    warmup: int = 1
-    runs: int = 3
-    device: str | None = None
-    dtype: str | None = None
-    engine_dir: str | None = None
-    export_missing: bool = False  # export ONNX / build compiled engines a requested backend lacks (timed)
-    cold_start: bool = False  # also time a new process to its first image
-    sequential: bool | None = None  # one backend's process at a time (None: when they would not fit together)
-    controlnets: tuple[str, ...] = ()  # every call also runs these ControlNets (diffusers: its ControlNet pipeline)
 
 
 def default_config(model: str, device: torch.device, **overrides) -> BenchConfig:

@@ -33,11 +33,8 @@ import torch
 from ..backends.registry import ENGINE_KINDS
 from ..engines import DTYPES, PRECISIONS
 from ..schedulers import CLASS_OF, OPTIONS_OF, SAMPLERS
+from .config import BASELINE, GRAPHS, PROMPT, BenchConfig
 from .machine import ProcessMemory
-
-BASELINE = "diffusers"
-GRAPHS = "eager+graphs"  # eager PyTorch with whole-step CUDA graphs
-PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 
 
 @functools.lru_cache(maxsize=8)
@@ -275,8 +272,6 @@ def _run_once(worker, memory: ProcessMemory, timed: Callable, req: dict) -> dict
 
 
 def serve(cfg_json: str, backend: str) -> None:
-    from .runner import BenchConfig
-
     proto = os.fdopen(os.dup(1), "w", buffering=1)  # replies; library prints go to stderr
     os.dup2(2, 1)
     sys.stdout = sys.stderr
