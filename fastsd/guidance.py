@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Denoiser = Callable[..., torch.Tensor]  # (x, t[, control scales: (K,) or None]) -> model output
 
 
 def unet_denoiser(unet, unet_inputs: dict[str, torch.Tensor], conditioning: torch.Tensor | None = None,

@@ -63,7 +63,7 @@ class StepKey:
     """What a step bakes in besides tensors: settings, and every tensor's shape."""
 
     sampler: str
-    cfg: SchedulerConfig
+    scheduler_config: SchedulerConfig  # the sampler's settings (not CFG: that is do_cfg, guidance_scale)
     guidance_scale: float
     do_cfg: bool
     draws_noise: bool
@@ -74,7 +74,7 @@ class StepKey:
     residuals: tuple[str, ...] = ()  # the UNet's residual inputs they feed
 
 
-def step_rows(sched: Schedule, sampler: str, cfg: SchedulerConfig, eta: float, start: int = 0) -> torch.Tensor:
+def step_rows(sched: Schedule, sampler: str, config: SchedulerConfig, eta: float, start: int = 0) -> torch.Tensor:
     """(n - start, 4 + K) float32 on the host: one row per step run, from step
     `start`. The inpaint weights of row i re-noise the clean latents to step i + 1 (the
     last row: the clean latents)."""
@@ -82,7 +82,7 @@ def step_rows(sched: Schedule, sampler: str, cfg: SchedulerConfig, eta: float, s
     level_next = torch.cat([sched.noise_level[1:], sched.noise_level.new_zeros(1)])
     fixed = torch.stack([sched.timesteps, sched.input_scale, signal_next, level_next,
                          sched.signal * sched.input_scale, sched.noise_level * sched.input_scale], dim=1)
-    return torch.cat([fixed, SAMPLERS[sampler].coefficients(sched, cfg, eta, start)], dim=1)[start:]
+    return torch.cat([fixed, SAMPLERS[sampler].coefficients(sched, config, eta, start)], dim=1)[start:]
 
 
 def make_step(unet: Callable, key: StepKey, inputs: StepInputs, controlnet: Callable | None = None) -> Callable:
@@ -105,15 +105,15 @@ def make_step(unet: Callable, key: StepKey, inputs: StepInputs, controlnet: Call
         coef = row[ROW_COEF:row.shape[0] - k]
         out = denoise(x_in, row[ROW_T], row[row.shape[0] - k:] if k and control else None)
         if sampler.history:  # a multistep sampler carries its history in the state
-            x, history = sampler.step(x, out, coef, key.cfg, noise, state[1:1 + sampler.history])
+            x, history = sampler.step(x, out, coef, key.scheduler_config, noise, state[1:1 + sampler.history])
         else:
-            x, history = sampler.step(x, out, coef, key.cfg, noise), ()
+            x, history = sampler.step(x, out, coef, key.scheduler_config, noise), ()
         if inputs.mask is not None:
             x = blend(x, row[ROW_SIGNAL] * inputs.x0 + row[ROW_LEVEL] * inputs.noise, inputs.mask)
         if not key.preview:
             return (x, *history)
         # the UNet's input is VP: a x0 + s eps (DDPM eq. (4))
-        return (x, *history, vp_x0(x_in, out, row[ROW_A], row[ROW_S], key.cfg.prediction_type))
+        return (x, *history, vp_x0(x_in, out, row[ROW_A], row[ROW_S], key.scheduler_config.prediction_type))
 
     return step
 

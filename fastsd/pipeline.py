@@ -188,17 +188,17 @@ class Pipeline(DiffusersSurface, LoraMethods, Previews, Stages):
         with self._timed(timings, "text_encoder"):
             encoders = {n: partial(f, ran=call.ran) for n, f in call.text_encoders.items()}
             unet_inputs = self.family.encode(encoders, req, self.device)
-        cfg = req.scheduler_config
+        config = req.scheduler_config
         sampler = SAMPLERS[req.scheduler]
         custom = {k: v for k, v in (("timesteps", req.timesteps), ("sigmas", req.sigmas)) if v is not None}
-        sched = sampler.schedule(cfg, req.steps, **custom)  # host tables
+        sched = sampler.schedule(config, req.steps, **custom)  # host tables
         with self._timed(timings, "vae_encoder"):
             lat = self._prepare_latents(call, sched)
             if sampler.draws_noise(req.eta):  # every step's noise, drawn now in diffusers' order
                 lat.step_noise = self._randn_steps(lat.x.shape, len(sched) - lat.start, call.gen,
                                                    sampler.last_step_noise)
         with self._timed(timings, "unet"):
-            x = self._denoise(call, self._loop(call, lat, unet_inputs, sched, cfg), callback)
+            x = self._denoise(call, self._loop(call, lat, unet_inputs, sched, config), callback)
         if not torch.isfinite(x).all():  # one check after the loop, none inside it
             raise NumericalError(f"the latents became NaN or infinite while denoising in {self.dtype} "
                                  f"(guidance_scale {req.guidance_scale}); try a lower guidance_scale or dtype='fp32'")
@@ -231,19 +231,19 @@ class Pipeline(DiffusersSurface, LoraMethods, Previews, Stages):
         seed = draw_seed() if seed is None else seed
         return torch.Generator().manual_seed(seed), seed
 
-    def _loop(self, call: Call, lat: Latents, unet_inputs: dict, sched, cfg) -> _Loop:
+    def _loop(self, call: Call, lat: Latents, unet_inputs: dict, sched, config) -> _Loop:
         """Everything the loop reads, on the device before it starts: the step rows (built on
         the host, moved in one copy), the ControlNets' images, the first state. Inside the loop
         nothing is copied between host and device (on CUDA each copy would wait for the GPU)."""
         req = call.req
-        rows = step_rows(sched, req.scheduler, cfg, req.eta, lat.start)
+        rows = step_rows(sched, req.scheduler, config, req.eta, lat.start)
         names, control, active = self._control(req, len(rows))
         rows = torch.cat([rows, control], dim=1).to(self.device)
         inputs = StepInputs(unet_inputs, lat.conditioning, lat.x0, lat.noise, lat.mask, self._control_images(req))
         shapes = tuple((n, tuple(t.shape)) for n, t in {"x": lat.x, **inputs.tensors()}.items())
         previews = call.preview is not None
         residuals = tuple(t.name for t in self.family.specs["unet"].optional_inputs) if names else ()
-        key = StepKey(req.scheduler, cfg, req.guidance_scale, req.do_cfg, lat.step_noise is not None, shapes,
+        key = StepKey(req.scheduler, config, req.guidance_scale, req.do_cfg, lat.step_noise is not None, shapes,
                       req.guidance_rescale, previews, names, residuals)
         return _Loop(key, inputs, initial_state(req.scheduler, lat.x, previews), rows, lat.step_noise,
                      sched.host_timesteps[lat.start:], active)

@@ -3,7 +3,8 @@
 A `Schedule` holds every table one run needs, built once on the host (diffusers' schedulers
 compute their coefficients on the host too); the pipeline moves the per-step rows to the
 device once, before the loop. A step is a pure function of (x, model output, one row of
-coefficients, noise). No hidden step counters.
+coefficients, the scheduler config, noise[, history]): it returns the next x, or (next x,
+history') for samplers that carry a history (multistep, Heun, PLMS). No hidden step counters.
 Tables are built from the checkpoint's scheduler config in float32 with diffusers' own
 operations (betas by torch.linspace, alpha_bar by torch.cumprod), so they match its
 schedulers bit for bit.
@@ -516,7 +517,32 @@ def lcm_schedule(cfg: SchedulerConfig, steps: int) -> Schedule:
 # same float32 operations its step would otherwise do per step, so results are bit for bit
 # those of computing them in the loop); a step is then a pure function of (x, model output,
 # that row, noise). Nothing in a step reads a device value on the host, and a step can be
-# replayed inside a CUDA graph with the row copied into a static buffer.
+# replayed inside a CUDA graph with the row copied into a static buffer. Each sampler names
+# its row's columns (a Columns below): a step reads c[DDIM.std], not c[4].
+
+
+class Columns:
+    """The named columns of a sampler's per-step row: `COLUMNS.name` is that column's index."""
+
+    def __init__(self, *names: str):
+        self.names = names
+        for index, name in enumerate(names):
+            setattr(self, name, index)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+DDIM = Columns("root_ab", "root_1m_ab", "w_x0", "w_eps", "std")
+PNDM = Columns("w_out", "w_e1", "w_e2", "w_e3", "divisor", "w_x", "w_first", "push", "take", "root_ab",
+               "root_1m_ab", "ratio", "ab_diff", "denom")
+SIGMA = Columns("sigma", "dt", "v_out", "v_x")  # Euler: x0 = out * v_out + x / v_x for v-prediction
+EULER_A = Columns(*SIGMA.names, "sigma_up")
+HEUN = Columns(*SIGMA.names, "second")
+DPM = Columns("alpha", "sigma", "a", "b", "c", "inv_r0", "s")
+UNIPC = Columns("alpha", "sigma", "c_on", "c_ratio", "c_phi", "c_bh", "c_rho0", "c_rk", "c_rho_last",  # UniC
+                "p_ratio", "p_phi", "p_bh", "p_rho", "p_rk")  # UniP
+LCM = Columns("root_ab", "root_1m_ab", "c_skip", "c_out", "w_f", "w_noise")
 
 
 def ddim_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, start: int = 0) -> torch.Tensor:
@@ -530,7 +556,8 @@ def ddim_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, s
 
 
 def ddim_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None):
-    root_ab, root_1m_ab, w_x0, w_eps, std = c[0], c[1], c[2], c[3], c[4]
+    root_ab, root_1m_ab, w_x0, w_eps, std = (c[DDIM.root_ab], c[DDIM.root_1m_ab], c[DDIM.w_x0], c[DDIM.w_eps],
+                                             c[DDIM.std])
     if cfg.prediction_type == "epsilon":  # DDIM eq. (9)
         x0, eps = (x - root_1m_ab * out) / root_ab, out
     else:  # v: Salimans & Ho 2022
@@ -581,12 +608,12 @@ def pndm_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, s
 def pndm_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None, history=None):
     """-> (x_prev, history'); history = (first sample, e1, e2, e3), zeros before the first step."""
     first, e1, e2, e3 = history
-    eps = (c[0] * out + c[1] * e1 + c[2] * e2 + c[3] * e3) / c[4]
-    sample = c[5] * x + c[6] * first
+    eps = (c[PNDM.w_out] * out + c[PNDM.w_e1] * e1 + c[PNDM.w_e2] * e2 + c[PNDM.w_e3] * e3) / c[PNDM.divisor]
+    sample = c[PNDM.w_x] * x + c[PNDM.w_first] * first
     if cfg.prediction_type == "v_prediction":
-        eps = c[9] * eps + c[10] * sample
-    x_prev = c[11] * sample - c[12] * eps / c[13]
-    push, take = c[7], c[8]
+        eps = c[PNDM.root_ab] * eps + c[PNDM.root_1m_ab] * sample
+    x_prev = c[PNDM.ratio] * sample - c[PNDM.ab_diff] * eps / c[PNDM.denom]
+    push, take = c[PNDM.push], c[PNDM.take]
     kept = 1 - push
     history = (take * x + (1 - take) * first, push * out + kept * e1, push * e1 + kept * e2, push * e2 + kept * e3)
     return x_prev, history
@@ -612,19 +639,19 @@ def euler_ancestral_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: flo
 
 
 def _sigma_x0(x, out, c, prediction_type):
-    """x0 from the model output at noise level sigma = c[0] (x = x0 + sigma * eps)."""
+    """x0 from the model output at noise level sigma (x = x0 + sigma * eps); `c` a SIGMA row."""
     if prediction_type == "epsilon":
-        return x - c[0] * out
-    return out * c[2] + x / c[3]
+        return x - c[SIGMA.sigma] * out
+    return out * c[SIGMA.v_out] + x / c[SIGMA.v_x]
 
 
 def euler_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None):
-    d = (x - _sigma_x0(x, out, c, cfg.prediction_type)) / c[0]  # Karras et al. 2022, eq. (5)
-    return x + d * c[1]
+    d = (x - _sigma_x0(x, out, c, cfg.prediction_type)) / c[SIGMA.sigma]  # Karras et al. 2022, eq. (5)
+    return x + d * c[SIGMA.dt]
 
 
 def euler_ancestral_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None):
-    return euler_step(x, out, c, cfg) + noise * c[4]
+    return euler_step(x, out, c, cfg) + noise * c[EULER_A.sigma_up]
 
 
 # DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2) and its SDE variant: data
@@ -674,10 +701,10 @@ def vp_x0(x, out, alpha, sigma, prediction_type):
 def dpm_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None, history=None):
     """-> (x', (m,)); history = (the previous step's m,), zeros before the first step."""
     (m_prev,) = history
-    m = vp_x0(x, out, c[0], c[1], cfg.prediction_type)
-    x_next = c[2] * x + c[3] * m + c[4] * (c[5] * (m - m_prev))
+    m = vp_x0(x, out, c[DPM.alpha], c[DPM.sigma], cfg.prediction_type)
+    x_next = c[DPM.a] * x + c[DPM.b] * m + c[DPM.c] * (c[DPM.inv_r0] * (m - m_prev))
     if noise is not None:
-        x_next = x_next + c[6] * noise
+        x_next = x_next + c[DPM.s] * noise
     return x_next, (m,)
 
 
@@ -733,10 +760,12 @@ def unipc_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, 
 def unipc_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None, history=None):
     """-> (x', (sample, m, m_prev)); history = (last sample, m_prev, m_prev2), zeros at first."""
     last, m1, m2 = history
-    m = vp_x0(x, out, c[0], c[1], cfg.prediction_type)
-    corrected = c[3] * last - c[4] * m1 - c[5] * (c[6] * ((m2 - m1) / c[7]) + c[8] * (m - m1))  # UniC
-    sample = c[2] * corrected + (1 - c[2]) * x
-    x_next = c[9] * sample - c[10] * m - c[11] * (c[12] * ((m1 - m) / c[13]))  # UniP
+    u = UNIPC
+    m = vp_x0(x, out, c[u.alpha], c[u.sigma], cfg.prediction_type)
+    corrected = c[u.c_ratio] * last - c[u.c_phi] * m1 - c[u.c_bh] * (
+        c[u.c_rho0] * ((m2 - m1) / c[u.c_rk]) + c[u.c_rho_last] * (m - m1))  # UniC
+    sample = c[u.c_on] * corrected + (1 - c[u.c_on]) * x
+    x_next = c[u.p_ratio] * sample - c[u.p_phi] * m - c[u.p_bh] * (c[u.p_rho] * ((m1 - m) / c[u.p_rk]))  # UniP
     return x_next, (sample, m, m1)
 
 
@@ -762,10 +791,10 @@ def heun_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None, history
     x0 = _sigma_x0(x, out, c, cfg.prediction_type)
     if cfg.clip_sample:
         x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-    d = (x - x0) / c[0]
-    second = c[4]
+    d = (x - x0) / c[HEUN.sigma]
+    second = c[HEUN.second]
     d_used = second * ((d_prev + d) / 2) + (1 - second) * d
-    return (second * start + (1 - second) * x) + d_used * c[1], (d, x)
+    return (second * start + (1 - second) * x) + d_used * c[HEUN.dt], (d, x)
 
 
 # LCM (Luo et al. 2023, "Latent Consistency Models"): the consistency function
@@ -795,50 +824,53 @@ def lcm_coefficients(sched: Schedule, cfg: SchedulerConfig, eta: float = 0.0, st
 
 
 def lcm_step(x, out, c: torch.Tensor, cfg: SchedulerConfig, noise=None):
-    x0 = vp_x0(x, out, c[0], c[1], cfg.prediction_type)
+    x0 = vp_x0(x, out, c[LCM.root_ab], c[LCM.root_1m_ab], cfg.prediction_type)
     if cfg.clip_sample:
         x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-    denoised = c[3] * x0 + c[2] * x
-    return c[4] * denoised + c[5] * noise
+    denoised = c[LCM.c_out] * x0 + c[LCM.c_skip] * x
+    return c[LCM.w_f] * denoised + c[LCM.w_noise] * noise
 
 
 
 @dataclass(frozen=True)
 class Sampler:
     name: str
-    schedule: Callable[..., Schedule]  # (cfg, steps) -> Schedule, on the host
-    coefficients: Callable[..., torch.Tensor]  # (sched, cfg, eta, start) -> (n, K) float32, one row per step
-    step: Callable[..., torch.Tensor]  # (x, out, row, cfg, noise[, history]) -> x_prev[, history']
+    schedule: Callable[..., Schedule]  # (config, steps[, timesteps=, sigmas=]) -> Schedule, on the host
+    coefficients: Callable[..., torch.Tensor]  # (sched, config, eta, start) -> (n, K) float32, one row per step
+    step: Callable  # (x, out, row, config, noise[, history]) -> x_prev, or (x_prev, history') with a history
     draws_noise: Callable[[float], bool]  # eta -> does step() take fresh noise?
     history: int = 0  # multistep samplers: how many tensors of x's shape a step carries to the next
     loop_steps: Callable[[int], int] = lambda steps: steps  # schedule length (UNet calls) for `steps`
     custom_schedule: bool = False  # schedule() takes timesteps= / sigmas= (as its diffusers class's set_timesteps)
     order: int = 1  # diffusers' scheduler.order: img2img starts at schedule index first_step * order
     last_step_noise: bool = True  # False: the last step draws no noise (LCM)
+    columns: Columns | None = None  # the names of its row's columns (coefficients() gives (n, len(columns)))
 
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
-    Sampler("ddim", ddim_schedule, ddim_coefficients, ddim_step, draws_noise=lambda eta: eta > 0),
+    Sampler("ddim", ddim_schedule, ddim_coefficients, ddim_step, draws_noise=lambda eta: eta > 0, columns=DDIM),
     Sampler("pndm", pndm_schedule, pndm_coefficients, pndm_step, draws_noise=lambda eta: False, history=PNDM_HISTORY,
-            loop_steps=lambda steps: steps + 1 if steps > 1 else 1),
+            loop_steps=lambda steps: steps + 1 if steps > 1 else 1, columns=PNDM),
     Sampler("euler", euler_schedule, euler_coefficients, euler_step, draws_noise=lambda eta: False,
-            custom_schedule=True),
+            custom_schedule=True, columns=SIGMA),
     Sampler("euler_a", euler_schedule, euler_ancestral_coefficients, euler_ancestral_step,
-            draws_noise=lambda eta: True),
+            draws_noise=lambda eta: True, columns=EULER_A),
     Sampler("euler_karras", partial(euler_schedule, karras=True), euler_coefficients, euler_step,
-            draws_noise=lambda eta: False),
+            draws_noise=lambda eta: False, columns=SIGMA),
     Sampler("heun", heun_schedule, heun_coefficients, heun_step, draws_noise=lambda eta: False,
-            history=HEUN_HISTORY, loop_steps=lambda steps: 2 * steps - 1, order=2),
-    Sampler("dpmpp_2m", multistep_schedule, dpm_coefficients, dpm_step, draws_noise=lambda eta: False, history=1),
+            history=HEUN_HISTORY, loop_steps=lambda steps: 2 * steps - 1, order=2, columns=HEUN),
+    Sampler("dpmpp_2m", multistep_schedule, dpm_coefficients, dpm_step, draws_noise=lambda eta: False, history=1,
+            columns=DPM),
     Sampler("dpmpp_2m_karras", partial(multistep_schedule, karras=True), dpm_coefficients, dpm_step,
-            draws_noise=lambda eta: False, history=1),
+            draws_noise=lambda eta: False, history=1, columns=DPM),
     Sampler("dpmpp_2m_sde", multistep_schedule, dpm_sde_coefficients, dpm_step, draws_noise=lambda eta: True,
-            history=1),
+            history=1, columns=DPM),
     Sampler("dpmpp_2m_sde_karras", partial(multistep_schedule, karras=True), dpm_sde_coefficients, dpm_step,
-            draws_noise=lambda eta: True, history=1),
+            draws_noise=lambda eta: True, history=1, columns=DPM),
     Sampler("unipc", multistep_schedule, unipc_coefficients, unipc_step, draws_noise=lambda eta: False,
-            history=UNIPC_HISTORY),
-    Sampler("lcm", lcm_schedule, lcm_coefficients, lcm_step, draws_noise=lambda eta: True, last_step_noise=False),
+            history=UNIPC_HISTORY, columns=UNIPC),
+    Sampler("lcm", lcm_schedule, lcm_coefficients, lcm_step, draws_noise=lambda eta: True, last_step_noise=False,
+            columns=LCM),
 )}
 if tuple(SAMPLERS) != SAMPLER_NAMES:  # the CLI lists SAMPLER_NAMES without importing this module
     raise ImportError(f"fastsd.sampler_names lists {SAMPLER_NAMES}, fastsd.schedulers defines {tuple(SAMPLERS)}")

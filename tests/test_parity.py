@@ -61,6 +61,12 @@ NEW_SCHEDULERS = ["euler_karras", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_
 GUIDANCE = [7.5, 1.0]  # with and without CFG
 
 
+def test_every_sampler_is_in_the_parity_suite():
+    from fastsd.schedulers import SAMPLER_NAMES
+
+    assert sorted(SCHEDULERS + NEW_SCHEDULERS) == sorted(SAMPLER_NAMES)
+
+
 @pytest.mark.parametrize("guidance", GUIDANCE)
 @pytest.mark.parametrize("scheduler", SCHEDULERS + NEW_SCHEDULERS)
 @pytest.mark.parametrize("variant", ["eps", "v"])

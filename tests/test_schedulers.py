@@ -373,3 +373,13 @@ def test_pipeline_refuses_a_step_count_its_sampler_cannot_run(pipes):
     with pytest.raises(InvalidArgumentError, match="cannot run 1000 steps.*at most 999"):
         pipe.check_call("a cat", num_inference_steps=1000, scheduler="ddim")
     pipe.check_call("a cat", num_inference_steps=999, scheduler="ddim")
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_row_has_its_named_columns(name):
+    """Each sampler names its row's columns; its coefficients fill exactly those."""
+    sampler = SAMPLERS[name]
+    c = cfg(name)
+    rows = sampler.coefficients(sampler.schedule(c, 6), c, 1.0 if sampler.draws_noise(1.0) else 0.0)
+    assert sampler.columns is not None and rows.shape[1] == len(sampler.columns), name
+    assert [getattr(sampler.columns, n) for n in sampler.columns.names] == list(range(len(sampler.columns)))
