@@ -66,7 +66,7 @@ def test_non_finite_and_absurd_numbers(pipe, kwargs, match):
 
 def test_cli_infinite_guidance_is_refused(model, tmp_path, capsys):
     assert main(gen(model, tmp_path / "o.png", "--guidance", "inf")) == 2
-    assert "--guidance must be in [0, 100.0], got inf" in one_line_error(capsys)
+    assert "--guidance must be a finite number, got inf" in one_line_error(capsys)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -162,7 +162,7 @@ def test_cli_impossible_size(model, tmp_path, capsys):
 
 @pytest.mark.parametrize("seed", [2**32, 2**64, -1, 1.5, "5", True])
 def test_bad_seeds(pipe, seed):
-    with pytest.raises(InvalidArgumentError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+    with pytest.raises(InvalidArgumentError, match=r"seed must be an integer in \[0, 4294967295\], got "):
         pipe("a cat", seed=seed, **FAST)
 
 

@@ -276,6 +276,6 @@ def test_scheduler_fastsd_cannot_run_is_an_error(ckpts):
         pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
     with pytest.raises(InvalidArgumentError, match="skip_prk_steps"):
         pipe.scheduler = diffusers.PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=False)
-    with pytest.raises(InvalidArgumentError, match="unknown scheduler"):
+    with pytest.raises(InvalidArgumentError, match="scheduler must be one of fastsd's samplers"):
         pipe("x", scheduler="dpm_fast", num_inference_steps=1)
     assert pipe.scheduler.name == "pndm"  # a refused scheduler leaves the old one
