@@ -167,7 +167,7 @@ class Pipeline(DiffusersSurface, LoraMethods, Previews, Stages):
 
     def _request(self, values: dict):
         """The call's checked Request and the text encoders it runs (raises for bad input)."""
-        values = arguments.check_values(values)
+        values = dict(values)
         if values["clip_skip"] is not None:
             check_clip_skip(self.ckpt, values["clip_skip"])
         if values["scheduler"] is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -158,14 +157,6 @@ class _Fields:
             bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
             raise bad(f"'{name}' must be {bounds}, got {v}", name, "invalid_value")
         return v
-
-    def number(self, name: str, default: float | None) -> float | None:
-        v = self._parsed(name, float, "a number")
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise bad(f"'{name}' must be a finite number, got {_kind(v)}", name, "invalid_type")
-        return float(v)
 
 
 def _kind(v) -> str:
@@ -316,6 +307,8 @@ def parse_request(data, *, form: bool, limits: Limits, factor: int, model_names:
     lora = parse_loras(f.raw("lora"), form, loras)
     control_image = parse_control(f, form, limits, control_uploads)
     negative = args.pop("negative_prompt", None)
+    if negative is not None and not isinstance(negative, str):
+        raise bad(f"'negative_prompt' must be a string, got {_kind(negative)}", "negative_prompt", "invalid_type")
     width, height = args.pop("width", None), args.pop("height", None)
     settings = tuple((k, v) for k, v in args.items() if BY_NAME[k].batch_key)
     return ImageRequest(prompt, negative, n, width, height, draw_seed(n) if seed is None else seed, settings, out,
