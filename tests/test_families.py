@@ -41,11 +41,11 @@ def scaled_family(scale: float):
 
 
 def test_extra_unet_input_is_carried_by_name(ckpts, pipes, monkeypatch):
-    monkeypatch.setattr("fastsd.pipeline.family_for", scaled_family(1.0))
+    monkeypatch.setattr("fastsd.loading.family_for", scaled_family(1.0))
     same = Pipeline.from_pretrained(str(ckpts["eps"]), backend="eager")
     assert same.family.specs["unet"].input_names[-1] == "out_scale"
     assert np.array_equal(same("a fox", **KW).images, pipes("eps")("a fox", **KW).images)
-    monkeypatch.setattr("fastsd.pipeline.family_for", scaled_family(0.5))
+    monkeypatch.setattr("fastsd.loading.family_for", scaled_family(0.5))
     halved = Pipeline.from_pretrained(str(ckpts["eps"]), backend="eager")("a fox", **KW).images
     assert np.abs(halved - pipes("eps")("a fox", **KW).images).max() > 1e-2  # the input reaches the UNet
 
@@ -56,7 +56,7 @@ def test_extra_unet_input_through_onnx(ckpts, tmp_path, monkeypatch):
     from fastsd.export import export_checkpoint
 
     family = scaled_family(0.5)
-    monkeypatch.setattr("fastsd.pipeline.family_for", family)
+    monkeypatch.setattr("fastsd.loading.family_for", family)
     monkeypatch.setattr("fastsd.export.common.family_for", family)
     entry = export_checkpoint(str(ckpts["eps"]), engine_dir=tmp_path, networks=("unet",))
     graph = onnx.load(str(entry / "unet.onnx"), load_external_data=False)

@@ -50,7 +50,7 @@ EXIT_REGRESSION = 1  # bench compare found a regression (for CI); bad input is 2
 
 
 def cmd_bench(args) -> int:
-    from ..pipeline import parse_device
+    from ..devices import parse_device
     from . import compare, default_config, markdown, run_bench, write_reports
     from .runner import BASELINE, FASTSD_BACKENDS
 
