@@ -65,6 +65,42 @@ def ckpts(tmp_path_factory):
     return out
 
 
+# The eps checkpoint's engines, built once per run (exports and AOTInductor builds are the
+# suite's slowest steps). Tests copy the entries they need into stores of their own
+# (copy_entries), so no test changes another's.
+
+
+@pytest.fixture(scope="session")
+def eps_onnx(ckpts, tmp_path_factory):
+    """export_checkpoint(eps): fp32, every network, dynamic shapes."""
+    from fastsd.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("eps-onnx")
+    export_checkpoint(str(ckpts["eps"]), engine_dir=root, dtype="fp32")
+    return root
+
+
+@pytest.fixture(scope="session")
+def eps_compiled(ckpts, tmp_path_factory):
+    """build_compiled(eps): text encoder, UNet and VAE decoder at the checkpoint's 32x32."""
+    from fastsd.export.compiled import build_compiled
+
+    root = tmp_path_factory.mktemp("eps-compiled")
+    build_compiled(str(ckpts["eps"]), engine_dir=root, networks=("text_encoder", "unet", "vae_decoder"))
+    return root
+
+
+def copy_entries(source, store, pattern: str):
+    """Copy the entries of `source` (an engine store) whose kind folder matches `pattern` into `store`."""
+    import shutil
+    from pathlib import Path
+
+    store = Path(store)
+    for entry in sorted(Path(source).glob(f"*/{pattern}")):
+        shutil.copytree(entry, store / entry.parent.name / entry.name)
+    return store
+
+
 @pytest.fixture(scope="session")
 def pipes(ckpts):
     from fastsd import Pipeline

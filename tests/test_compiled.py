@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import copy_entries
 from fastsd.export.compiled import build_compiled
 
 from fastsd import Pipeline
@@ -18,10 +19,9 @@ KW = dict(num_inference_steps=3, output_type="np", seed=5)
 
 
 @pytest.fixture(scope="module")
-def store(ckpts, tmp_path_factory):
-    root = tmp_path_factory.mktemp("compiled")
-    build_compiled(str(ckpts["eps"]), engine_dir=root, networks=("text_encoder", "unet", "vae_decoder"))
-    return root
+def store(eps_compiled, tmp_path_factory):
+    """build_compiled(eps, networks=("text_encoder", "unet", "vae_decoder")), as the session built it."""
+    return copy_entries(eps_compiled, tmp_path_factory.mktemp("compiled"), "compiled-*")
 
 
 def entry(store):

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from conftest import copy_entries
 
 from fastsd import Pipeline
 from fastsd.errors import InvalidArgumentError, ModelNotFoundError, UnsupportedError
@@ -226,17 +228,10 @@ def test_bad_loras_are_clear_errors(models, files, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def engine_store(models, tmp_path_factory):
-    from fastsd.export import export_checkpoint
-
-    from fastsd.backends.kind import BuildOptions
-    from fastsd.backends.registry import ENGINE_KINDS
-
-    store = tmp_path_factory.mktemp("lora-engines")
-    export_checkpoint(str(models["sd"]), engine_dir=store)
-    ENGINE_KINDS["compiled"].build(BuildOptions(str(models["sd"]), engine_dir=store, static="32x32",
-                                                networks=("text_encoder", "unet")))
-    return store
+def engine_store(eps_onnx, eps_compiled, tmp_path_factory):
+    """models["sd"]'s ONNX export and compiled packages at 32x32 (the session's, copied)."""
+    store = copy_entries(eps_onnx, tmp_path_factory.mktemp("lora-engines"), "onnxruntime-*")
+    return copy_entries(eps_compiled, store, "compiled-fp32-32x32")
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "compiled"])
@@ -282,15 +277,17 @@ def test_frozen_engine_leaves_lora_networks_to_eager(models, files, tmp_path, ca
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "compiled"])
-def test_new_checkpoint_refits_existing_entry(models, tmp_path, backend, capsys):
+def test_new_checkpoint_refits_existing_entry(models, engine_store, tmp_path, backend, capsys):
     """A second checkpoint of an exported architecture: the donor's graphs / packages are
-    reused and only the weights written; the result runs like eager on the new weights."""
+    reused and only the weights written; the result runs like eager on the new weights. The
+    donor is the module's entry of the first checkpoint, built as this command builds it."""
     from fastsd.cli import main
     from fastsd.engines import list_entries
 
     command = (["export"] if backend == "onnxruntime"
                else ["build", "--backend", "compiled", "--static", "32x32", "--networks", "text_encoder,unet"])
-    assert main([*command, "--model", str(models["sd"]), "--engine-dir", str(tmp_path)]) == 0
+    for donor in engine_store.glob("*/onnxruntime-*" if backend == "onnxruntime" else "*/compiled-fp32-32x32"):
+        shutil.copytree(donor, tmp_path / donor.parent.name / donor.name)
     capsys.readouterr()
     assert main([*command, "--model", str(models["sd_b"]), "--engine-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out

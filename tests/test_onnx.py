@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import copy_entries
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxslim")
@@ -32,9 +33,9 @@ ALL_ORT = {n: "onnxruntime" for n in SD_NETWORKS}
 
 
 @pytest.fixture(scope="module")
-def store(ckpts, tmp_path_factory):
-    root = tmp_path_factory.mktemp("engines")
-    for variant in ("eps", "inpaint9", "v"):
+def store(ckpts, eps_onnx, tmp_path_factory):
+    root = copy_entries(eps_onnx, tmp_path_factory.mktemp("engines"), "onnxruntime-*")  # eps, fp32
+    for variant in ("inpaint9", "v"):
         export_checkpoint(str(ckpts[variant]), engine_dir=root, dtype="fp32")
     export_checkpoint(str(ckpts["eps"]), engine_dir=root, dtype="fp16")
     return root

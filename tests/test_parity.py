@@ -59,6 +59,22 @@ SCHEDULERS = ["ddim", "pndm", "euler", "euler_a"]
 NEW_SCHEDULERS = ["euler_karras", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
                   "unipc", "lcm"]
 GUIDANCE = [7.5, 1.0]  # with and without CFG
+# Sweeps are cut where a case would run a code path another case runs: each sampler's own
+# arithmetic (eps and v, with and without noise) is swept in txt2img; img2img and inpaint sweep
+# every sampler once for what they add per sampler (the start index, the re-noising of the
+# original), with CFG off, v-prediction and the 9-channel UNet crossed with a few samplers,
+# as those paths do not depend on the sampler.
+CROSS = ["euler_a", "dpmpp_2m", "heun"]  # noise drawn per step, a multistep history, two UNet calls a step
+
+
+def _cases(samplers, variants, guidances, cross_variants=(), cross_guidances=()):
+    """(variant, scheduler, guidance): every sampler at the first variant and guidance, the
+    CROSS samplers at the others."""
+    out = [(variants[0], s, guidances[0]) for s in samplers]
+    out += [(v, s, g) for s in CROSS if s in samplers for v in variants for g in guidances
+            if (v, g) != (variants[0], guidances[0]) and (v in cross_variants or v == variants[0])
+            and (g in cross_guidances or g == guidances[0])]
+    return out
 
 
 def test_every_sampler_is_in_the_parity_suite():
@@ -67,9 +83,9 @@ def test_every_sampler_is_in_the_parity_suite():
     assert sorted(SCHEDULERS + NEW_SCHEDULERS) == sorted(SAMPLER_NAMES)
 
 
-@pytest.mark.parametrize("guidance", GUIDANCE)
-@pytest.mark.parametrize("scheduler", SCHEDULERS + NEW_SCHEDULERS)
-@pytest.mark.parametrize("variant", ["eps", "v"])
+@pytest.mark.parametrize("variant,scheduler,guidance",
+                         [(v, s, 7.5) for v in ("eps", "v") for s in SCHEDULERS + NEW_SCHEDULERS]
+                         + [(v, s, 1.0) for v in ("eps", "v") for s in CROSS])
 def test_txt2img(ckpts, pipes, variant, scheduler, guidance):
     diff, out = run_both(ckpts, pipes, variant, "txt2img", scheduler, prompt="a red fox in snow",
                          num_inference_steps=5, guidance_scale=guidance, height=24, width=40)
@@ -96,7 +112,7 @@ def test_inpaint_default_strength(ckpts, pipes, init_image, mask_image, variant)
     assert diff <= TOL
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS + NEW_SCHEDULERS)
+@pytest.mark.parametrize("scheduler", ["ddim", "pndm", "lcm", "dpmpp_2m_sde", *CROSS])  # batches of noise and history
 def test_txt2img_batch_negative(ckpts, pipes, scheduler):
     diff, out = run_both(ckpts, pipes, "eps", "txt2img", scheduler, prompt=["a fox", "a boat at dusk"],
                          negative_prompt=["blurry", "dark"], num_images_per_prompt=2, num_inference_steps=4,
@@ -119,9 +135,8 @@ def test_ddim_eta(ckpts, pipes):
     assert diff <= TOL
 
 
-@pytest.mark.parametrize("guidance", GUIDANCE)
-@pytest.mark.parametrize("scheduler", SCHEDULERS + NEW_SCHEDULERS)
-@pytest.mark.parametrize("variant", ["eps", "v"])
+@pytest.mark.parametrize("variant,scheduler,guidance",
+                         _cases(SCHEDULERS + NEW_SCHEDULERS, ["eps", "v"], GUIDANCE, ["v"], [1.0]))
 def test_img2img(ckpts, pipes, init_image, variant, scheduler, guidance):
     diff, out = run_both(ckpts, pipes, variant, "img2img", scheduler, prompt="an oil painting",
                          image=init_image, strength=0.6, num_inference_steps=8, guidance_scale=guidance)
@@ -137,9 +152,9 @@ def test_img2img_batch(ckpts, pipes, init_image):
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.7])
-@pytest.mark.parametrize("guidance", GUIDANCE)
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
-@pytest.mark.parametrize("variant", ["eps", "v", "inpaint9"])
+@pytest.mark.parametrize("variant,scheduler,guidance",
+                         [(v, s, 7.5) for v in ("eps", "inpaint9") for s in SCHEDULERS]
+                         + [(v, "euler_a", g) for v, g in (("eps", 1.0), ("inpaint9", 1.0), ("v", 7.5))])
 def test_inpaint(ckpts, pipes, init_image, mask_image, variant, scheduler, guidance, strength):
     diff, out = run_both(ckpts, pipes, variant, "inpaint", scheduler, prompt="a stone wall", image=init_image,
                          mask_image=mask_image, strength=strength, num_inference_steps=6,
@@ -149,8 +164,8 @@ def test_inpaint(ckpts, pipes, init_image, mask_image, variant, scheduler, guida
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.7])
-@pytest.mark.parametrize("scheduler", NEW_SCHEDULERS)
-@pytest.mark.parametrize("variant", ["eps", "inpaint9"])
+@pytest.mark.parametrize("variant,scheduler", [("eps", s) for s in NEW_SCHEDULERS]
+                         + [("inpaint9", s) for s in CROSS if s in NEW_SCHEDULERS])  # 9 channels: no blending
 def test_inpaint_new_samplers(ckpts, pipes, init_image, mask_image, variant, scheduler, strength):
     """Latent blending re-noises the original to each next step with the sampler's own noising
     (VP for DPM-Solver/UniPC, DDPM for LCM, sigma for Heun's interleaved steps)."""

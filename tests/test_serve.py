@@ -601,11 +601,19 @@ def test_sigterm_with_drain_seconds_keeps_listening_with_healthz_503(ckpts, tmp_
             proc.kill()
 
 
-def test_cli_errors_are_one_line(ckpts, tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "fastsd", "serve", *args], capture_output=True, text=True,
-                              timeout=120)
+def test_cli_errors_are_one_line(ckpts, tmp_path, capsys):
+    """One real process (the console script's exit code and stderr), the other cases in
+    this process through the same main()."""
+    from fastsd.cli import main
 
+    def run(*args):
+        code = main(["serve", *args])
+        return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
+
+    proc = subprocess.run([sys.executable, "-m", "fastsd", "serve", "--model", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        proc.stderr.strip()] and "model not found" in proc.stderr and "Traceback" not in proc.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
