@@ -9,8 +9,8 @@ its flags and their help from it, and the server reads its fields with it. An er
 its argument (`InvalidArgumentError.param`) and each front end shows the name its user
 typed: `label(name)` here for the CLI and `field(name)` for HTTP.
 
-Adding a call argument: a row here, a field in `settings.Request` (by the same name, unless
-it is one of the `run` group's), and the code that uses the value.
+Adding a call argument: a row here, the `settings.Request` field `make_request` fills from it
+(none for the `run` group's, which say how a call runs), and the code that uses the value.
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ class Arg:
     batch_key: bool = False  # requests share a server batch only where they agree on it
     group: str = "call"  # call: a Request field; run: how the call runs; xl: SD-XL only; control: ControlNets
     default_doc: str | None = None  # the help's words for the default, where the value alone does not say it
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"argument {self.name}: unknown kind {self.kind!r}")
 
     @property
     def api_default(self):
