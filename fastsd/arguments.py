@@ -151,7 +151,6 @@ ARGS: tuple[Arg, ...] = (
 BY_NAME: dict[str, Arg] = {a.name: a for a in ARGS}
 GROUP: dict[str, tuple[str, ...]] = {g: tuple(a.name for a in ARGS if a.group == g)
                                      for g in ("call", "run", "xl", "control")}
-FLAG_NAMES: dict[str, str] = {a.flag: a.name for a in ARGS if a.flag}
 
 
 def defaults() -> dict[str, Any]:

@@ -170,10 +170,8 @@ class Pipeline(DiffusersSurface, LoraMethods, Previews, Stages):
         values = dict(values)
         if values["clip_skip"] is not None:
             check_clip_skip(self.ckpt, values["clip_skip"])
-        if values["scheduler"] is not None:
-            values["scheduler"] = choose_scheduler(values["scheduler"], self._scheduler.config)
-        else:
-            values["scheduler"] = self._scheduler
+        values["scheduler"] = (self._scheduler if values["scheduler"] is None
+                               else choose_scheduler(values["scheduler"], self._scheduler.config))
         req = make_request(self.info, values, text_width=self.info.cross_attention_dim,
                            defaults=self.family.defaults, controlnets=len(self.family.controlnets),
                            max_side=check_max_side(self.max_side))

@@ -162,7 +162,7 @@ def _embeds(value, what: str, width: int | None, tokens: int | None = None):
     return value
 
 
-def _texts(value, what: str) -> list[str]:
+def _texts(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
@@ -177,13 +177,13 @@ def _prompts(v: dict, info, text_width: int | None) -> dict:
     elif v["prompt"] is None:
         raise bad_value("prompt", "must be a string or a non-empty list of strings (or pass prompt_embeds)")
     else:
-        prompts = _texts(v["prompt"], "prompt")
+        prompts = _texts(v["prompt"])
     if v["negative_prompt"] is not None and negative_embeds is not None:
         raise bad_value("negative_prompt", "and negative_prompt_embeds: pass one, not both", "negative_prompt_embeds")
     if negative_embeds is not None and (prompt_embeds is None or negative_embeds.shape != prompt_embeds.shape):
         raise bad_value("negative_prompt_embeds", "needs prompt_embeds of the same shape, got "
                                                   f"{tuple(negative_embeds.shape)}", "prompt_embeds")
-    negatives = [""] * len(prompts) if v["negative_prompt"] is None else _texts(v["negative_prompt"], "")
+    negatives = [""] * len(prompts) if v["negative_prompt"] is None else _texts(v["negative_prompt"])
     if len(negatives) == 1 and len(prompts) > 1:
         negatives = negatives * len(prompts)
     if len(negatives) != len(prompts):
@@ -204,7 +204,7 @@ def _xl_options(v: dict, p: dict, defaults: Defaults) -> dict:
                               ("negative_prompts_2", p["negative_prompts"], "negative_prompt_2")):
         if v[what] is None or v[what] == "":  # diffusers: `prompt_2 or prompt`
             continue
-        items = _texts(v[what], what)
+        items = _texts(v[what])
         if len(items) == 1 and len(texts) > 1:
             items = items * len(texts)
         if len(items) != len(texts):

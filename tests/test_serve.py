@@ -272,6 +272,7 @@ def test_bad_input_gets_openai_errors_and_the_server_stays_healthy(server):
         (post_json(u, {"prompt": "x", "seed": 2**32}), 400, "'seed' must be an integer in [0, 4294967295], got 4"),
         (post_json(u, {"prompt": "x", "n": 2, "seed": 2**32 - 1}), 400, "'seed' must be at most 4294967294 with n=2"),
         (post_json(u, {"prompt": "x", "strength": 0.5}), 400, "strength"),
+        (post_json(u, {"prompt": "x", "negative_prompt": ["a", "b"]}), 400, "'negative_prompt' must be a string"),
         (post_json(u, {"prompt": "x", "frobnicate": 1}), 400, "Unrecognized request argument supplied: frobnicate"),
         (post_json(u, {"prompt": "x", "response_format": "url"}), 400, "b64_json"),
         (post_json(u, {"prompt": "x", "style": "vivid"}), 400, "style"),

@@ -234,20 +234,25 @@ def parse_control(f: "_Fields", form: bool, limits: Limits, uploads: list[bytes]
     return tuple(as_rgb(im) for im in images)
 
 
+def _table_value(f: "_Fields", form: bool, name: str, http: str):
+    """Field `http` as argument `name`: form text converted by the row's kind, then checked by
+    the table (None: absent). Raises InvalidArgumentError."""
+    value = f.raw(http)
+    if form and isinstance(value, str):
+        value = form_value(name, value)
+    return check_value(name, value)
+
+
 def _arguments(f: "_Fields", form: bool) -> dict[str, Any]:
     """The table's fields the body has, by API name, checked by the table (form text converted first)."""
-    out = {}
     try:
-        for arg in _TABLE:
-            value = f.raw(arg.http)
-            if value is None:
-                continue
-            if form and isinstance(value, str):
-                value = form_value(arg.name, value)
-            out[arg.name] = check_value(arg.name, value)
+        values = {arg.name: _table_value(f, form, arg.name, arg.http) for arg in _TABLE}
     except InvalidArgumentError as e:
         raise argument_error(e) from None
-    return out
+    negative = values.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str):  # the API takes a list; a request is one prompt
+        raise bad(f"'negative_prompt' must be a string, got {_kind(negative)}", "negative_prompt", "invalid_type")
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _limit(args: dict, name: str, hi: int, why: str) -> None:
@@ -307,8 +312,6 @@ def parse_request(data, *, form: bool, limits: Limits, factor: int, model_names:
     lora = parse_loras(f.raw("lora"), form, loras)
     control_image = parse_control(f, form, limits, control_uploads)
     negative = args.pop("negative_prompt", None)
-    if negative is not None and not isinstance(negative, str):
-        raise bad(f"'negative_prompt' must be a string, got {_kind(negative)}", "negative_prompt", "invalid_type")
     width, height = args.pop("width", None), args.pop("height", None)
     settings = tuple((k, v) for k, v in args.items() if BY_NAME[k].batch_key)
     return ImageRequest(prompt, negative, n, width, height, draw_seed(n) if seed is None else seed, settings, out,
@@ -318,10 +321,8 @@ def parse_request(data, *, form: bool, limits: Limits, factor: int, model_names:
 def _sizes(f: "_Fields", form: bool, factor: int, limits: Limits, args: dict) -> int:
     """`n` and `size` (OpenAI's fields for num_images_per_prompt and width x height) into
     `args`, checked by the table, then by the server's limits; returns n."""
-    raw_n = f.raw("n")
     try:
-        n = check_value("num_images_per_prompt", form_value("num_images_per_prompt", raw_n) if form and isinstance(
-            raw_n, str) else raw_n)
+        n = _table_value(f, form, "num_images_per_prompt", "n")
         width, height = _size(f.text("size"))
         for name, value in (("width", width), ("height", height)):
             if value is not None:
