@@ -96,7 +96,7 @@ run_tests() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv \
         >"$OUT/nvidia-smi.csv" 2>&1 || true
     say "GPU-marked tests"
-    "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+    "$PY" -m pytest -q -p no:cacheprovider -o addopts= -m gpu -rs tests --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
     local rc=$?
     tail -n 5 "$OUT/tests.log" | tee -a "$LOG"
     [ $rc -eq 0 ] || { say "GPU tests FAILED (rc $rc): see tests.log"; status=1; }

@@ -4,6 +4,10 @@ as the reference oracle."""
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +28,34 @@ VARIANTS = {
 }
 
 
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # two workers on two cores: one thread each (intra-op threads of both would fight for
+        # the cores; the tiny networks gain nothing from a second thread)
+        torch.set_num_threads(1)
+
+
+def _module_fixture_group(item) -> str | None:
+    """The test module's name where `item` uses a module-scoped fixture of its own module:
+    those tests go to one pytest-xdist worker (the fixture is built once, not once per worker).
+    Fixtures named with a leading underscore (autouse bookkeeping) do not count."""
+    module = item.getparent(pytest.Module).nodeid
+    for name in item.fixturenames:
+        defs = item._fixtureinfo.name2fixturedefs.get(name)
+        if not name.startswith("_") and defs and defs[-1].scope == "module" and defs[-1].baseid == module:
+            return module
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    # `slow` tests first: pytest-xdist hands out single tests in this order (groups, largest
+    # first, before them), and a long test started last would leave the other worker idle
+    items.sort(key=lambda item: "slow" not in item.keywords)
+    for item in items:
+        group = _module_fixture_group(item)
+        if group and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(group))
     has_cuda = torch.cuda.is_available()
     try:
         import tensorrt  # noqa: F401
@@ -48,25 +79,48 @@ def _isolated_cache(tmp_path_factory):
     mp.undo()
 
 
-@pytest.fixture(scope="session")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpts")
-    out = {}
+def shared(tmp_path_factory, name: str, make) -> Path:
+    """The folder `name`, made by `make(folder)` once per test run: under pytest-xdist, the
+    first worker to ask makes it (the others wait on its lock) and every worker reads it. A
+    make that fails leaves no folder behind; the next worker to ask tries again (and fails
+    with its own error)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder, done = root / "shared" / name, root / "shared" / f"{name}.done"
+    folder.parent.mkdir(exist_ok=True)
+    with FileLock(str(root / "shared" / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
+def _build_variants(root: Path) -> None:
+    import json
+
     for name, kw in VARIANTS.items():
         kw = dict(kw)
         sched = kw.pop("scheduler", None)
         path = build(root / name, "tiny", scheduler=sched, **kw)
         if sched:  # None means "drop the key", as older configs do
-            import json
             f = path / "scheduler" / "scheduler_config.json"
             cfg = {k: v for k, v in json.loads(f.read_text()).items() if v is not None}
             f.write_text(json.dumps(cfg))
-        out[name] = path
-    return out
 
 
-# The eps checkpoint's engines, built once per run (exports and AOTInductor builds are the
-# suite's slowest steps). Tests copy the entries they need into stores of their own
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory):
+    root = shared(tmp_path_factory, "ckpts", _build_variants)
+    return {name: root / name for name in VARIANTS}
+
+
+# The eps checkpoint's engines, built once per run and shared by the workers (exports and
+# AOTInductor builds are the suite's slowest steps). Tests copy the entries they need into stores of their own
 # (copy_entries), so no test changes another's.
 
 
@@ -75,9 +129,8 @@ def eps_onnx(ckpts, tmp_path_factory):
     """export_checkpoint(eps): fp32, every network, dynamic shapes."""
     from fastsd.export import export_checkpoint
 
-    root = tmp_path_factory.mktemp("eps-onnx")
-    export_checkpoint(str(ckpts["eps"]), engine_dir=root, dtype="fp32")
-    return root
+    return shared(tmp_path_factory, "eps-onnx",
+                  lambda root: export_checkpoint(str(ckpts["eps"]), engine_dir=root, dtype="fp32"))
 
 
 @pytest.fixture(scope="session")
@@ -85,16 +138,12 @@ def eps_compiled(ckpts, tmp_path_factory):
     """build_compiled(eps): text encoder, UNet and VAE decoder at the checkpoint's 32x32."""
     from fastsd.export.compiled import build_compiled
 
-    root = tmp_path_factory.mktemp("eps-compiled")
-    build_compiled(str(ckpts["eps"]), engine_dir=root, networks=("text_encoder", "unet", "vae_decoder"))
-    return root
+    return shared(tmp_path_factory, "eps-compiled", lambda root: build_compiled(
+        str(ckpts["eps"]), engine_dir=root, networks=("text_encoder", "unet", "vae_decoder")))
 
 
 def copy_entries(source, store, pattern: str):
     """Copy the entries of `source` (an engine store) whose kind folder matches `pattern` into `store`."""
-    import shutil
-    from pathlib import Path
-
     store = Path(store)
     for entry in sorted(Path(source).glob(f"*/{pattern}")):
         shutil.copytree(entry, store / entry.parent.name / entry.name)

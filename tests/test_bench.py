@@ -25,9 +25,16 @@ def quick(model, tmp_path, **kw):
 
 @pytest.fixture(scope="module")
 def report(ckpts, tmp_path_factory):
+    """Two configurations (2 steps, then 1), interrupted by Ctrl-C as the second starts: the
+    first configuration's rows are the smoke test's, and the run shows what an interrupt keeps."""
     pytest.importorskip("onnxruntime")
     tmp = tmp_path_factory.mktemp("bench")
-    result = run_bench(quick(str(ckpts["eps"]), tmp), progress=lambda line: None)
+
+    def progress(line):
+        if line.startswith("[2/2]"):
+            raise KeyboardInterrupt
+
+    result = run_bench(quick(str(ckpts["eps"]), tmp, steps=(2, 1)), progress=progress)
     return result, write_reports(result, tmp / "out")
 
 
@@ -120,17 +127,11 @@ def test_compare_flags_regressions(report, tmp_path, capsys):
     assert heads[0] != heads[1] and regressions == 0 and "no row of the first report matches" in table
 
 
-def test_interrupt_keeps_finished_rows(ckpts, tmp_path):
-    def progress(line):
-        if line.startswith("[2/2]"):  # Ctrl-C during the second configuration
-            raise KeyboardInterrupt
-
-    result = run_bench(quick(str(ckpts["eps"]), tmp_path, backends=("eager", "diffusers"), steps=(1, 2)),
-                       progress=progress)
+def test_interrupt_keeps_finished_rows(report):
+    result, (_, md, _) = report
     assert result.interrupted
-    assert [(r["backend"], r["steps"]) for r in result.rows] == [("eager", 1), ("diffusers", 1)]
-    paths = write_reports(result, tmp_path / "out")
-    assert "interrupted" in paths[1].read_text()
+    assert [(r["backend"], r["steps"]) for r in result.rows] == [("eager", 2), ("onnxruntime", 2), ("diffusers", 2)]
+    assert "interrupted" in md.read_text()
 
 
 def test_summarize_median_p90():
@@ -138,6 +139,7 @@ def test_summarize_median_p90():
     assert s["end_to_end"] == {"median": 3.0, "p90": 10.0, "n": 5}
 
 
+@pytest.mark.slow
 def test_cli_bench_and_errors(ckpts, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["bench", "--model", str(ckpts["eps"]), "--backends", "eager,diffusers", "--steps", "2", "--warmup", "0",

@@ -83,6 +83,7 @@ def test_auto_mixes_engine_kinds_per_network(ckpts, store, tmp_path):
     assert other == {"text_encoder": "compiled", "unet": "onnxruntime", "vae_decoder": "eager"}
 
 
+@pytest.mark.slow
 def test_build_cli(ckpts, tmp_path, capsys):
     assert main(["build", "--model", str(ckpts["eps"]), "--backend", "tensorrt", "--engine-dir", str(tmp_path)]) == 2
     assert "TensorRT" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import copy_entries
 from PIL import Image
 
 from fastsd import Pipeline
@@ -321,14 +322,12 @@ def test_onnxruntime_engines_match_diffusers(ckpts, cns, control, ort_store, ini
     assert plain.backends["unet"] == "onnxruntime" and np.abs(plain.images - eager.images).max() <= TOL
 
 
-def test_unet_engine_without_residual_inputs(ckpts, cns, control, tmp_path, caplog):
+def test_unet_engine_without_residual_inputs(ckpts, eps_onnx, cns, control, tmp_path, caplog):
     """A UNet engine exported without ControlNet keeps serving calls without one; a call with
     a ControlNet runs its UNet in eager PyTorch (never the engine, which would drop the
     residuals), and says why."""
     pytest.importorskip("onnxruntime")
-    from fastsd.export import export_checkpoint
-
-    export_checkpoint(str(ckpts["eps"]), engine_dir=tmp_path, networks=("unet",))
+    copy_entries(eps_onnx, tmp_path, "onnxruntime-*")  # the session's plain export of eps
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=tmp_path,
                                     controlnet=str(cns["a"]))
     plain = pipe("a fox", num_inference_steps=2, seed=0)
@@ -341,7 +340,7 @@ def test_unet_engine_without_residual_inputs(ckpts, cns, control, tmp_path, capl
     assert np.abs(got.images - want.images).max() <= TOL
 
 
-def test_no_refit_from_a_graph_without_the_residual_inputs(ckpts, cns, tmp_path):
+def test_no_refit_from_a_graph_without_the_residual_inputs(ckpts, eps_onnx, cns, tmp_path):
     """A UNet exported with the ControlNet residual inputs is never written by refit from a
     donor graph that lacks them (here: a record listing no inputs, as entries made before
     inputs were recorded); it is exported, and its graph takes the residuals."""
@@ -351,7 +350,7 @@ def test_no_refit_from_a_graph_without_the_residual_inputs(ckpts, cns, tmp_path)
 
     from fastsd.engines import MANIFEST
 
-    donor = export_checkpoint(str(ckpts["eps"]), engine_dir=tmp_path, networks=("unet",))
+    (donor,) = copy_entries(eps_onnx, tmp_path, "onnxruntime-*").glob("*/onnxruntime-*")
     manifest = json.loads((donor / MANIFEST).read_text())
     del manifest["networks"]["unet"]["inputs"]
     (donor / MANIFEST).write_text(json.dumps(manifest))

@@ -28,6 +28,7 @@ def _port_module():
     return module
 
 
+@pytest.mark.slow
 def test_port_script_gives_diffusers_images(ckpts):
     """examples/diffusers_port.py, unchanged but for the classes passed in: every output
     (each library's defaults, scheduler swap, generator lists, latents, embeddings, step
@@ -300,6 +301,7 @@ def test_image_inputs_agree(pipes, init_image, mask_image):
         pipe("a", image=[array, array[:8]], **kw)
 
 
+@pytest.mark.slow
 def test_readme_port_example_runs_from_another_folder(ckpts, tmp_path, monkeypatch):
     """The script as a user runs it: its own __main__, fastsd side, from another folder."""
     import subprocess

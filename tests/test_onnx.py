@@ -112,16 +112,16 @@ def test_missing_engines_fall_back(ckpts, tmp_path, caplog):
     assert "no fp32 entry for this checkpoint" in caplog.text
 
 
-def test_other_checkpoint_gets_its_own_entry(ckpts, tmp_path):
+def test_other_checkpoint_gets_its_own_entry(ckpts, eps_onnx, tmp_path):
     """Same architecture, other weights: a new entry; each pipeline uses its own engines."""
     other = shutil.copytree(ckpts["eps"], tmp_path / "other")
     unet = load_checkpoint(str(other)).unet
     from safetensors.torch import save_file
     sd = {k: v + 0.01 * torch.randn_like(v) for k, v in unet.state_dict().items()}
     save_file(sd, str(other / "unet" / "diffusion_pytorch_model.safetensors"))
-    store = tmp_path / "engines"
-    a_dir = export_checkpoint(str(ckpts["eps"]), engine_dir=store)
-    b_dir = export_checkpoint(str(other), engine_dir=store)
+    store = copy_entries(eps_onnx, tmp_path / "engines", "onnxruntime-*")
+    (a_dir,) = store.glob("*/onnxruntime-*")
+    b_dir = export_checkpoint(str(other), engine_dir=store)  # refitted from a: same graphs, b's weights
     assert a_dir != b_dir and a_dir.parent.name != b_dir.parent.name
     kw = dict(num_inference_steps=3, output_type="np", seed=0)
     for model in (ckpts["eps"], other):
@@ -135,9 +135,9 @@ def test_other_checkpoint_gets_its_own_entry(ckpts, tmp_path):
     assert set(pipe.backend.backends.values()) == {"eager"}
 
 
-def test_tampered_engine_refused(ckpts, tmp_path, caplog):
-    store = tmp_path / "engines"
-    entry = export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("unet", "text_encoder"))
+def test_tampered_engine_refused(ckpts, eps_onnx, tmp_path, caplog):
+    store = copy_entries(eps_onnx, tmp_path / "engines", "onnxruntime-*")
+    (entry,) = store.glob("*/onnxruntime-*")
     graph = entry / "unet.onnx"
     data = bytearray(graph.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -197,9 +197,16 @@ def test_reexport_replaces_entry_atomically(ckpts, tmp_path):
     assert list_entries(store)[0]["networks"] == ["text_encoder", "vae_decoder"]
 
 
-def test_static_shape_entry(ckpts, pipes, tmp_path, caplog):
-    store = tmp_path / "engines"
+@pytest.fixture(scope="module")
+def static_unet(ckpts, tmp_path_factory):
+    """A store with the eps UNet exported at a static 24x40."""
+    store = tmp_path_factory.mktemp("static")
     export_checkpoint(str(ckpts["eps"]), engine_dir=store, static="24x40", networks=("unet",))
+    return store
+
+
+def test_static_shape_entry(ckpts, pipes, static_unet, tmp_path, caplog):
+    store = copy_entries(static_unet, tmp_path / "engines", "onnxruntime-*")
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
     kw = dict(num_inference_steps=2, output_type="np", seed=4)
     out = pipe("x", height=24, width=40, **kw)
@@ -225,11 +232,11 @@ def test_static_shape_entry(ckpts, pipes, tmp_path, caplog):
     assert got == ["onnxruntime", "eager"] * 4
 
 
-def test_static_and_dynamic_entries_coexist(ckpts, tmp_path, capsys):
+def test_static_and_dynamic_entries_coexist(ckpts, eps_onnx, tmp_path, capsys):
     """`export --static` adds an entry beside the dynamic one (it used to replace it): a call
     at the static size and a call at any other size both run on ONNX Runtime."""
-    store = tmp_path / "engines"
-    dynamic = export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("unet",))
+    store = copy_entries(eps_onnx, tmp_path / "engines", "onnxruntime-*")
+    (dynamic,) = store.glob("*/onnxruntime-*")
     static = export_checkpoint(str(ckpts["eps"]), engine_dir=store, static="24x40", networks=("unet",))
     assert dynamic.is_dir() and static.is_dir() and dynamic != static
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="auto", engine_dir=str(store))

@@ -553,6 +553,7 @@ def _start(args: list[str], port: int, log) -> subprocess.Popen:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_in_flight_requests_and_exits_0(ckpts, tmp_path):
     port = free_port()
     proc = _start(["--model", str(ckpts["eps"]), "--max-batch", "1", "--device", "cpu"], port, tmp_path / "log")
@@ -577,6 +578,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(ckpts, tmp_path):
             proc.kill()
 
 
+@pytest.mark.slow
 def test_sigterm_with_drain_seconds_keeps_listening_with_healthz_503(ckpts, tmp_path):
     """--drain-seconds: after SIGTERM the listener stays open for the drain, /healthz answers
     503 "draining" to new connections (what a load balancer polls) while requests are still

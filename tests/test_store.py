@@ -91,17 +91,17 @@ def test_default_store_does_not_depend_on_the_working_directory(tmp_path, monkey
     monkeypatch.chdir(tmp_path / "a")
     default = default_engine_dir()
     assert default == tmp_path / "cache" / "engines" and default.is_absolute()
-    export_checkpoint(str(ckpts["eps"]), networks=("unet",))
+    export_checkpoint(str(ckpts["eps"]), networks=("text_encoder",))
     monkeypatch.chdir(tmp_path / "b")
     assert default_engine_dir() == default
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]))
-    assert pipe.backend.backends["unet"] == "onnxruntime"
+    assert pipe.backend.backends["text_encoder"] == "onnxruntime"
     assert not (tmp_path / "a" / "engines").exists()
     monkeypatch.setenv("FASTSD_ENGINE_DIR", str(tmp_path / "mine"))  # the variable, then engine_dir=, override it
     assert default_engine_dir() == tmp_path / "mine"
-    assert Pipeline.from_pretrained(str(ckpts["eps"])).backend.backends["unet"] == "eager"
+    assert Pipeline.from_pretrained(str(ckpts["eps"])).backend.backends["text_encoder"] == "eager"
     again = Pipeline.from_pretrained(str(ckpts["eps"]), engine_dir=str(default))
-    assert again.backend.backends["unet"] == "onnxruntime"
+    assert again.backend.backends["text_encoder"] == "onnxruntime"
 
 
 def test_prune_never_follows_symlinks(tmp_path):
@@ -313,7 +313,7 @@ def test_exporting_a_subset_keeps_the_rest_of_the_entry(exported, ckpts, tmp_pat
     from fastsd.export import export_checkpoint
 
     store, entry = _copy_store(exported, tmp_path)
-    again = export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("unet",))
+    again = export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("text_encoder",))
     assert again == entry
     assert list_entries(store)[0]["networks"] == ["text_encoder", "unet"] and not list_entries(store)[0]["problems"]
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
@@ -338,13 +338,13 @@ def test_auto_says_once_which_networks_run_eager(ckpts, tmp_path, caplog):
     assert len(said) == 1 and said[0].levelno == logging.INFO
     assert "text_encoder, unet, vae_encoder, vae_decoder" in said[0].getMessage()
     caplog.clear()
-    export_checkpoint(str(ckpts["eps"]), engine_dir=tmp_path / "some", networks=("unet",))
+    export_checkpoint(str(ckpts["eps"]), engine_dir=tmp_path / "some", networks=("text_encoder",))
     with caplog.at_level(logging.INFO, logger="fastsd"):
         for _ in range(2):
             Pipeline.from_pretrained(str(ckpts["eps"]), engine_dir=str(tmp_path / "some"))
     said = [r for r in caplog.records if "no engine in" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.WARNING
-    assert "text_encoder, vae_encoder, vae_decoder" in said[0].getMessage() and "unet" not in said[0].getMessage()
+    assert "unet, vae_encoder, vae_decoder" in said[0].getMessage() and "text_encoder" not in said[0].getMessage()
 
 
 # ---- prune beside builds ------------------------------------------------------------------------
