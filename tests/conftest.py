@@ -32,7 +32,8 @@ def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         # two workers on two cores: one thread each (intra-op threads of both would fight for
         # the cores; the tiny networks gain nothing from a second thread)
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # ONNX Runtime sessions follow it
+        os.environ["OMP_NUM_THREADS"] = "1"  # and so do the processes tests start (servers, bench workers)
 
 
 def _module_fixture_group(item) -> str | None:

@@ -254,15 +254,17 @@ def test_lora_on_engines_by_refit(models, files, engine_store, backend):
     assert again.backends == base.backends and np.array_equal(again.images, base.images)
 
 
-def test_frozen_engine_leaves_lora_networks_to_eager(models, files, tmp_path, caplog):
-    """A frozen package (weights folded into the code) cannot take a LoRA: the network a LoRA
-    touches runs eager while the LoRA is loaded, and the package again once it is unloaded.
-    The text encoder's package: the same frozen build as the UNet's, at a tenth of the build time."""
-    from fastsd.backends.kind import BuildOptions
-    from fastsd.backends.registry import ENGINE_KINDS
+def test_frozen_engine_leaves_lora_networks_to_eager(models, files, tmp_path, caplog, capsys):
+    """A frozen package (weights folded into the code; built here with `fastsd build --frozen`)
+    cannot take a LoRA: the network a LoRA touches runs eager while the LoRA is loaded, and
+    the package again once it is unloaded. The text encoder's package: the same frozen build
+    as the UNet's, at a third of the build time."""
+    from fastsd.cli import main
 
-    ENGINE_KINDS["compiled"].build(BuildOptions(str(models["sd"]), engine_dir=tmp_path, static="32x32",
-                                                networks=("text_encoder",), refittable=False))
+    assert main(["build", "--model", str(models["sd"]), "--backend", "compiled", "--frozen", "--static", "32x32",
+                 "--networks", "text_encoder", "--engine-dir", str(tmp_path)]) == 0
+    assert "text_encoder: compiled in" in capsys.readouterr().out
+    assert not list(tmp_path.rglob(".staging-*"))
     manifest = json.loads(next(tmp_path.glob("*/compiled-fp32-32x32/manifest.json")).read_text())
     assert manifest["refittable"] is False and manifest["networks"]["text_encoder"]["weights_layout"] == "frozen"
     pipe = Pipeline.from_pretrained(str(models["sd"]), device="cpu", backend="compiled", engine_dir=str(tmp_path))

@@ -66,6 +66,23 @@ def test_each_network_matches_pytorch(ckpts, store, network, precision, tol):
     assert (got - want).abs().max() <= tol * max(1.0, want.abs().max())
 
 
+def test_sessions_take_torchs_thread_count(ckpts, store):
+    """An application's torch.set_num_threads limits ONNX Runtime's sessions too (threads=0);
+    an explicit count wins."""
+    info = load_checkpoint(str(ckpts["eps"])).info
+    entry = entry_dir(store, info.fingerprint, "onnxruntime", "fp32")
+    profile = Profile(**json.loads((entry / "manifest.json").read_text())["profile"])
+    spec = family_for(load_checkpoint(str(ckpts["eps"]))).specs["text_encoder"]
+    before = torch.get_num_threads()
+    try:
+        for torch_threads, threads, want in ((1, 0, 1), (2, 0, 2), (1, 3, 3)):
+            torch.set_num_threads(torch_threads)
+            runner = OrtRunner(entry / "text_encoder.onnx", spec, torch.device("cpu"), profile, threads=threads)
+            assert runner.session.get_session_options().intra_op_num_threads == want
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
 @pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint4", "inpaint9"])
 def test_pipeline_onnx_matches_eager(ckpts, pipes, store, init_image, mask_image, mode, scheduler):

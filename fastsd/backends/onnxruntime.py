@@ -140,7 +140,9 @@ class OrtRunner(EngineRunner):
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = self.threads  # 0: one per physical core
+        # 0: as many as torch's intra-op pool (by default one per physical core, as ONNX Runtime's own
+        # default), so an application's torch.set_num_threads limits both runtimes in one place
+        opts.intra_op_num_threads = self.threads or torch.get_num_threads()
         opts.log_severity_level = 3
         names = list(self._overrides)
         values = [ort.OrtValue.ortvalue_from_numpy(self._overrides[n]) for n in names]
