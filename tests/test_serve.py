@@ -689,7 +689,7 @@ def test_ray_serve_two_replicas_serve_the_same_api(ckpts, pipe, tmp_path):
         assert close(decoded(results[5][1].data[0]), alone(pipe, "scene 5", 5))
         # SIGTERM: in-flight requests finish, then Serve and Ray shut down and the process exits 0
         with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(one, k, 200) for k in range(2)]  # a few seconds each
+            futures = [pool.submit(one, k, 100) for k in range(2)]  # ~2.5 s each, 1 s in at SIGTERM
             time.sleep(1.0)
             proc.send_signal(signal.SIGTERM)
             assert not any(f.done() for f in futures), "the requests were not in flight at SIGTERM"
