@@ -1,5 +1,5 @@
 """Stage-level kernel benchmarks (pytest-benchmark). Run with `pytest -o addopts= benchmarks/`
-(one process: pytest-benchmark does not time under the suite's pytest-xdist workers);
+(without the test suite's options: two pytest-xdist workers, pytest-benchmark off);
 they are not part of the test command. End-to-end comparisons: `fastsd bench`."""
 
 from __future__ import annotations
