@@ -216,15 +216,17 @@ def test_reexport_replaces_entry_atomically(ckpts, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def static_unet(ckpts, tmp_path_factory):
-    """A store with the eps UNet exported at a static 24x40."""
-    store = tmp_path_factory.mktemp("static")
-    export_checkpoint(str(ckpts["eps"]), engine_dir=store, static="24x40", networks=("unet",))
-    return store
+def static_beside_dynamic(ckpts, eps_onnx, tmp_path_factory):
+    """`export --static 24x40` of the eps UNet into a store that holds its dynamic entry:
+    (store, dynamic entry, static entry). Tests read it; a test that writes copies it."""
+    store = copy_entries(eps_onnx, tmp_path_factory.mktemp("static"), "onnxruntime-*")
+    (dynamic,) = store.glob("*/onnxruntime-*")
+    static = export_checkpoint(str(ckpts["eps"]), engine_dir=store, static="24x40", networks=("unet",))
+    return store, dynamic, static
 
 
-def test_static_shape_entry(ckpts, pipes, static_unet, tmp_path, caplog):
-    store = copy_entries(static_unet, tmp_path / "engines", "onnxruntime-*")
+def test_static_shape_entry(ckpts, pipes, static_beside_dynamic, tmp_path, caplog):
+    store = copy_entries(static_beside_dynamic[0], tmp_path / "engines", "onnxruntime-*-24x40")  # the static only
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
     kw = dict(num_inference_steps=2, output_type="np", seed=4)
     out = pipe("x", height=24, width=40, **kw)
@@ -250,12 +252,10 @@ def test_static_shape_entry(ckpts, pipes, static_unet, tmp_path, caplog):
     assert got == ["onnxruntime", "eager"] * 4
 
 
-def test_static_and_dynamic_entries_coexist(ckpts, eps_onnx, tmp_path, capsys):
+def test_static_and_dynamic_entries_coexist(ckpts, static_beside_dynamic, capsys):
     """`export --static` adds an entry beside the dynamic one (it used to replace it): a call
     at the static size and a call at any other size both run on ONNX Runtime."""
-    store = copy_entries(eps_onnx, tmp_path / "engines", "onnxruntime-*")
-    (dynamic,) = store.glob("*/onnxruntime-*")
-    static = export_checkpoint(str(ckpts["eps"]), engine_dir=store, static="24x40", networks=("unet",))
+    store, dynamic, static = static_beside_dynamic
     assert dynamic.is_dir() and static.is_dir() and dynamic != static
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="auto", engine_dir=str(store))
     kw = dict(num_inference_steps=2, output_type="latent", seed=4)
