@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+from conftest import copy_entries
 
 from fastsd.bench import compare, default_config, markdown, run_bench, write_reports
 from fastsd.bench.runner import SCHEMA, add_ratios, steadiness, summarize
@@ -24,11 +25,14 @@ def quick(model, tmp_path, **kw):
 
 
 @pytest.fixture(scope="module")
-def report(ckpts, tmp_path_factory):
+def report(ckpts, eps_onnx, tmp_path_factory):
     """Two configurations (2 steps, then 1), interrupted by Ctrl-C as the second starts: the
-    first configuration's rows are the smoke test's, and the run shows what an interrupt keeps."""
+    first configuration's rows are the smoke test's, and the run shows what an interrupt keeps.
+    The onnxruntime row finds the session's export in its store and reports the export time
+    its manifest recorded (a row that exports first: test_export_missing_builds_before_the_row_loads)."""
     pytest.importorskip("onnxruntime")
     tmp = tmp_path_factory.mktemp("bench")
+    copy_entries(eps_onnx, tmp / "engines", "onnxruntime-*")
 
     def progress(line):
         if line.startswith("[2/2]"):
@@ -204,6 +208,7 @@ def test_export_missing_builds_before_the_row_loads(ckpts, tmp_path, monkeypatch
     assert order == ["build"] and worker.pipe is None and worker.export_s > 0 and not worker.skip
     _, held = ProcessMemory(torch.device("cpu")).measure(worker.load)
     assert held > 0 and set(worker.pipe.backend.backends.values()) == {"onnxruntime"}
+    assert worker.extra()["export_seconds"] == worker.export_s  # the row reports the build it timed
     again = FastSDWorker(cfg, "onnxruntime", torch.device("cpu"), torch.float32)  # entries exist now: no build
     assert order == ["build"] and again.export_s is None
     skipped = FastSDWorker(quick(str(ckpts["eps"]), tmp_path / "other", export_missing=False), "onnxruntime",
