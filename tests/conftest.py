@@ -121,8 +121,8 @@ def ckpts(tmp_path_factory):
 
 
 # The eps checkpoint's engines, built once per run and shared by the workers (exports and
-# AOTInductor builds are the suite's slowest steps). Tests copy the entries they need into stores of their own
-# (copy_entries), so no test changes another's.
+# AOTInductor builds are the suite's slowest steps). Tests copy the entries they need into
+# stores of their own (copy_entries), so no test changes another's.
 
 
 @pytest.fixture(scope="session")
