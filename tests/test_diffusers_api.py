@@ -3,7 +3,6 @@ fastsd takes (or refuses by name)."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -19,13 +18,6 @@ from fastsd.errors import CheckpointError, FastSDError, ImageError, InvalidArgum
 TOL = 1e-3
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(num_inference_steps=3, output_type="np")
-
-
-def _port_module():
-    spec = importlib.util.spec_from_file_location("diffusers_port", ROOT / "examples" / "diffusers_port.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -44,10 +36,11 @@ def test_port_script_gives_diffusers_images(ckpts, tmp_path, monkeypatch, capsys
     model = str(ckpts["eps"])
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [str(script), model])
-    ours = runpy.run_path(str(script), run_name="__main__")["results"]
+    script_globals = runpy.run_path(str(script), run_name="__main__")
+    ours = script_globals["results"]
     assert "inpaint_strength: shape (1, 40, 48, 3)" in capsys.readouterr().out
-    theirs = _port_module().port(diffusers.StableDiffusionPipeline, diffusers.StableDiffusionImg2ImgPipeline,
-                                 diffusers.StableDiffusionInpaintPipeline, model)
+    theirs = script_globals["port"](diffusers.StableDiffusionPipeline, diffusers.StableDiffusionImg2ImgPipeline,
+                                    diffusers.StableDiffusionInpaintPipeline, model)
     assert ours.keys() == theirs.keys()
     worst = {}
     for name in theirs:

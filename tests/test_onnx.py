@@ -70,10 +70,10 @@ def test_each_network_matches_pytorch(ckpts, store, network, precision, tol):
 def test_sessions_take_torchs_thread_count(ckpts, store):
     """An application's torch.set_num_threads limits ONNX Runtime's sessions too (threads=0);
     an explicit count wins."""
-    info = load_checkpoint(str(ckpts["eps"])).info
-    entry = entry_dir(store, info.fingerprint, "onnxruntime", "fp32")
+    ckpt = load_checkpoint(str(ckpts["eps"]))
+    entry = entry_dir(store, ckpt.info.fingerprint, "onnxruntime", "fp32")
     profile = Profile(**json.loads((entry / "manifest.json").read_text())["profile"])
-    spec = family_for(load_checkpoint(str(ckpts["eps"]))).specs["text_encoder"]
+    spec = family_for(ckpt).specs["text_encoder"]
     before = torch.get_num_threads()
     try:
         for torch_threads, threads, want in ((1, 0, 1), (2, 0, 2), (1, 3, 3)):
