@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from fastsd.backends.kind import export_module
-from fastsd.synthetic import build
+from fastsd.synthetic import build, build_controlnet
 
 export_module("onnx_export")  # fastsd.export also where the tests run from a source tree that was not installed
 
@@ -136,11 +137,20 @@ def eps_onnx(ckpts, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def eps_compiled(ckpts, tmp_path_factory):
-    """build_compiled(eps): text encoder, UNet and VAE decoder at the checkpoint's 32x32."""
+    """build_compiled(eps): text encoder, UNet and VAE decoder at the checkpoint's 32x32, the
+    UNet with the ControlNet residual inputs (as `fastsd build --controlnet` makes it; zeros
+    where a call has no ControlNet). The residuals' shapes are the UNet's, so any tiny
+    ControlNet gives this package: test_controlnet compiles its own ControlNet beside it. The
+    UNet package without those inputs is SD-XL's (test_sdxl): each UNet package costs ~35 s."""
     from fastsd.export.compiled import build_compiled
 
-    return shared(tmp_path_factory, "eps-compiled", lambda root: build_compiled(
-        str(ckpts["eps"]), engine_dir=root, networks=("text_encoder", "unet", "vae_decoder")))
+    def make(root):
+        with tempfile.TemporaryDirectory() as tmp:
+            cn = build_controlnet(Path(tmp) / "controlnet", "tiny")
+            build_compiled(str(ckpts["eps"]), engine_dir=root, networks=("text_encoder", "unet", "vae_decoder"),
+                           controlnets=(str(cn),))
+
+    return shared(tmp_path_factory, "eps-compiled", make)
 
 
 def copy_entries(source, store, pattern: str):

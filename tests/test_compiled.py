@@ -20,7 +20,8 @@ KW = dict(num_inference_steps=3, output_type="np", seed=5)
 
 @pytest.fixture(scope="module")
 def store(eps_compiled, tmp_path_factory):
-    """build_compiled(eps, networks=("text_encoder", "unet", "vae_decoder")), as the session built it."""
+    """build_compiled(eps, networks=("text_encoder", "unet", "vae_decoder")), as the session built it
+    (the UNet with the ControlNet residual inputs, which calls without a ControlNet fill with zeros)."""
     return copy_entries(eps_compiled, tmp_path_factory.mktemp("compiled"), "compiled-*")
 
 

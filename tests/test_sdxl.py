@@ -385,7 +385,8 @@ def test_compiled_matches_eager(xl, xl_pipes, tmp_path, init_image, mask_image):
     inputs) and the VAE encoder, at the 40x48 of the test images: txt2img, img2img and inpaint
     on the engines, within 1e-3 of eager. (The VAE decoder's package is SD's build, run in
     test_compiled; the 9-channel XL UNet runs on ONNX Runtime above and the compiled kind
-    builds it from the same spec. Each UNet package costs ~35 s of this suite.)"""
+    builds it from the same spec. This is the suite's compiled UNet without the ControlNet
+    residual inputs; the session's SD one has them. Each UNet package costs ~35 s of this suite.)"""
     from fastsd.export.compiled import build_compiled
 
     build_compiled(str(xl["xl"]), engine_dir=tmp_path, static="40x48",
