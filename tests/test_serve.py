@@ -549,8 +549,22 @@ def _start(args: list[str], port: int, log) -> subprocess.Popen:
                 return proc
         except OSError:
             pass
-        assert time.monotonic() < deadline, "the server did not become healthy"
+        if time.monotonic() > deadline:
+            _stop(proc)
+            raise AssertionError("the server did not become healthy")
         time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a server a test leaves running: SIGTERM first (a --ray server then shuts its Ray
+    cluster down; SIGKILL would leave the cluster's processes running), SIGKILL after 60 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.slow
@@ -696,9 +710,7 @@ def test_ray_serve_two_replicas_serve_the_same_api(ckpts, pipe, tmp_path):
             assert all(len(f.result(timeout=120)[1].data) == 1 for f in futures)
         assert proc.wait(120) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 def test_ray_application_builder_takes_ray_cli_arguments():
