@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -136,21 +135,24 @@ def eps_onnx(ckpts, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def eps_compiled(ckpts, tmp_path_factory):
+def tiny_controlnet(tmp_path_factory) -> Path:
+    """A ControlNet of the tiny SD architecture (random weights), shared by the workers: what
+    a build of the session's checkpoints with --controlnet takes. The residual inputs it gives
+    the UNet have the UNet's shapes, whatever the ControlNet's weights."""
+    return shared(tmp_path_factory, "controlnet", lambda root: build_controlnet(root / "tiny", "tiny")) / "tiny"
+
+
+@pytest.fixture(scope="session")
+def eps_compiled(ckpts, tiny_controlnet, tmp_path_factory):
     """build_compiled(eps): text encoder, UNet and VAE decoder at the checkpoint's 32x32, the
     UNet with the ControlNet residual inputs (as `fastsd build --controlnet` makes it; zeros
-    where a call has no ControlNet). The residuals' shapes are the UNet's, so any tiny
-    ControlNet gives this package: test_controlnet compiles its own ControlNet beside it. The
+    where a call has no ControlNet): test_controlnet compiles its own ControlNet beside it. The
     UNet package without those inputs is SD-XL's (test_sdxl): each UNet package costs ~35 s."""
     from fastsd.export.compiled import build_compiled
 
-    def make(root):
-        with tempfile.TemporaryDirectory() as tmp:
-            cn = build_controlnet(Path(tmp) / "controlnet", "tiny")
-            build_compiled(str(ckpts["eps"]), engine_dir=root, networks=("text_encoder", "unet", "vae_decoder"),
-                           controlnets=(str(cn),))
-
-    return shared(tmp_path_factory, "eps-compiled", make)
+    return shared(tmp_path_factory, "eps-compiled", lambda root: build_compiled(
+        str(ckpts["eps"]), engine_dir=root, networks=("text_encoder", "unet", "vae_decoder"),
+        controlnets=(str(tiny_controlnet),)))
 
 
 def copy_entries(source, store, pattern: str):

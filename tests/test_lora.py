@@ -284,18 +284,17 @@ def test_frozen_engine_leaves_lora_networks_to_eager(models, files, tmp_path, ca
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "compiled"])
-def test_new_checkpoint_refits_existing_entry(models, engine_store, tmp_path, tmp_path_factory, backend, capsys):
+def test_new_checkpoint_refits_existing_entry(models, engine_store, tiny_controlnet, tmp_path, backend, capsys):
     """A second checkpoint of an exported architecture: the donor's graphs / packages are
     reused and only the weights written; the result runs like eager on the new weights. The
     donor is the module's entry of the first checkpoint, built as this command builds it (the
-    compiled UNet with a ControlNet's residual inputs, which any tiny ControlNet gives)."""
+    compiled UNet with the residual inputs of the session's tiny ControlNet)."""
     from fastsd.cli import main
     from fastsd.engines import list_entries
-    from fastsd.synthetic import build_controlnet
 
     command = (["export"] if backend == "onnxruntime"
                else ["build", "--backend", "compiled", "--static", "32x32", "--networks", "text_encoder,unet",
-                     "--controlnet", str(build_controlnet(tmp_path_factory.mktemp("cn") / "cn", "tiny"))])
+                     "--controlnet", str(tiny_controlnet)])
     for donor in engine_store.glob("*/onnxruntime-*" if backend == "onnxruntime" else "*/compiled-fp32-32x32"):
         shutil.copytree(donor, tmp_path / donor.parent.name / donor.name)
     capsys.readouterr()

@@ -588,8 +588,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(ckpts, tmp_path):
         with pytest.raises(OSError):  # no longer listening
             http(url + "/healthz")
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _stop(proc)
 
 
 @pytest.mark.slow
@@ -614,8 +613,7 @@ def test_sigterm_with_drain_seconds_keeps_listening_with_healthz_503(ckpts, tmp_
         with pytest.raises(OSError):  # no longer listening
             http(url + "/healthz")
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _stop(proc)
 
 
 def test_cli_errors_are_one_line(ckpts, tmp_path, capsys):
