@@ -7,7 +7,7 @@
 #   tests  the GPU-marked tests, then fp16 vs fp32 per network on synthetic SD 1.5
 #   bench  fastsd bench, synthetic SD 1.5, 512x512, 50 DDIM steps, CFG 7.5, batch 1:
 #          diffusers fp16 (its defaults), eager, eager + whole-step graphs, compiled
-#          (AOTInductor, built inside the run, its build time reported)
+#          (AOTInductor, built inside the run, its build time reported); BENCH_BACKENDS overrides the list
 #   extra  for the two fastest fastsd rows of `bench`: 1 step without CFG at 512x512,
 #          and 50 steps at 1024x1024 (compiled rebuilt static at 1024 first)
 #   sdxl   fastsd bench, synthetic SD-XL (built first), 1024x1024, 30 Euler steps, CFG 5.0, fp16:
@@ -120,7 +120,7 @@ bench() {  # bench NAME ARGS...
 
 run_bench() {
     bench bench-512 --height 512 --width 512 --steps 50 --schedulers ddim --guidance 7.5 --batch 1 \
-        --backends diffusers,eager,eager+graphs,compiled --export-missing --warmup 2 --runs 10
+        --backends "${BENCH_BACKENDS:-diffusers,eager,eager+graphs,compiled}" --export-missing --warmup 2 --runs 10
 }
 
 fastest_two() {  # the two fastest fastsd rows of bench-512 (end to end median, steady or not)

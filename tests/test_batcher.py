@@ -7,6 +7,8 @@ import threading
 
 import pytest
 
+pytest.importorskip("fastapi")  # fastsd.serve imports its app (the serve extra)
+
 from fastsd.serve.batcher import Batcher, Cancelled, DrainingError, Job, QueueFullError
 
 
