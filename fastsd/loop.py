@@ -139,6 +139,16 @@ def run_steps(step: Callable, state: tuple, rows: torch.Tensor, noises: torch.Te
     return state[0]
 
 
+def store_state(static: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> None:
+    """Write the step's new state into the state it read (a graph's static buffers). A sampler
+    may return tensors of the state it was given (Heun keeps its start x, UniPC shifts its
+    history along): those are copied out first, or an earlier slot's write would change them."""
+    held = {t.untyped_storage().data_ptr() for t in static}
+    new = tuple(t.clone() if t.untyped_storage().data_ptr() in held else t for t in new)
+    for s, t in zip(static, new, strict=True):
+        s.copy_(t)
+
+
 class _StepGraph:
     """One captured step: static x, row, noise and inputs; the graph writes x in place.
     `ran` is what ran each network during the capture (what every replay runs)."""
@@ -153,8 +163,7 @@ class _StepGraph:
                          None if controlnet is None else partial(controlnet, ran=self.ran))
 
         def replayed():  # the graph writes the new state into its own input; run() sets it first
-            for static, new in zip(self.state, step(self.state, self.row, self.noise), strict=True):
-                static.copy_(new)
+            store_state(self.state, step(self.state, self.row, self.noise))
 
         self.graph, _ = capture(replayed, pool, row.device)
 

@@ -76,6 +76,31 @@ def test_step_reads_no_device_value(sampler, preview):
     assert state[0].shape == x.shape and len(state) == 1 + SAMPLERS[sampler].history + preview
 
 
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("preview", [False, True])
+def test_state_written_in_place_as_a_captured_step_writes_it(sampler, preview):
+    """A captured step writes its new state into the buffers it read (store_state): the same
+    state as the step run functionally, for every sampler. Heun returns its input x as its
+    history and UniPC shifts its history along; an in-order copy overwrote those first (found
+    on an H200: Heun's whole-step graph off the plain loop by 5.1, UniPC's by 0.028)."""
+    from fastsd.loop import StepInputs, StepKey, initial_state, make_step, store_state
+
+    cfg = SchedulerConfig.from_dict(SD, sampler)
+    rows = step_rows(SAMPLERS[sampler].schedule(cfg, 5), sampler, cfg, 0.5)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    noises = torch.randn(len(rows), *x.shape, generator=gen) if SAMPLERS[sampler].draws_noise(0.5) else None
+    key = StepKey(sampler, cfg, 7.5, False, noises is not None, (), preview=preview)
+    step = make_step(lambda sample, timestep, **kw: torch.tanh(sample) + timestep[0] * 1e-3, key, StepInputs({}))
+    state = initial_state(sampler, x, preview)
+    static = tuple(t.clone() for t in state)
+    for k in range(len(rows)):
+        noise = None if noises is None else noises[k]
+        state = step(state, rows[k], noise)
+        store_state(static, step(static, rows[k], noise))
+    assert all(torch.equal(a, b) for a, b in zip(state, static, strict=True))
+
+
 def test_heun_legacy_callback_once_per_step(pipes):
     """diffusers calls the legacy callback when a loop step completes a sampler step (Heun: every
     second UNet call, and the last), with step = i // order; callback_on_step_end every call."""
