@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_suite.sh [check|tests|bench|extra|sdxl|controlnet|all] OUTDIR
 #
 #   check  bring what fastsd needs (below) and say what is missing; nothing else
-#   tests  the GPU-marked tests, then fp16 vs fp32 per network on synthetic SD 1.5
+#   tests  the GPU-marked tests, then fp16 vs fp32 per network (contiguous and channels-last
+#          where eager runs channels-last) on the tests' tiny architecture and synthetic SD 1.5
 #   bench  fastsd bench, synthetic SD 1.5, 512x512, 50 DDIM steps, CFG 7.5, batch 1:
 #          diffusers fp16 (its defaults), eager, eager + whole-step graphs, compiled
 #          (AOTInductor, built inside the run, its build time reported); BENCH_BACKENDS overrides the list
@@ -100,12 +101,16 @@ run_tests() {
     local rc=$?
     tail -n 5 "$OUT/tests.log" | tee -a "$LOG"
     [ $rc -eq 0 ] || { say "GPU tests FAILED (rc $rc): see tests.log"; status=1; }
-    say "fp16 vs fp32 per network ($MODEL)"
-    "$PY" benchmarks/precision.py --model "$MODEL" --device cuda --dtype fp16 --out "$OUT/precision" \
-        >"$OUT/precision.log" 2>&1
-    rc=$?
-    cat "$OUT/precision/precision.md" 2>/dev/null | tee -a "$LOG"
-    [ $rc -eq 0 ] || { say "precision check FAILED (rc $rc): see precision.log"; status=1; }
+    precision precision-tiny synthetic:tiny  # seconds: the tests' architecture, where the fp16 tests run
+    precision precision "$MODEL"
+}
+
+precision() {  # precision NAME MODEL: fp16 vs fp32 per network, each layout eager runs on CUDA
+    say "fp16 vs fp32 per network ($2)"
+    "$PY" benchmarks/precision.py --model "$2" --device cuda --dtype fp16 --out "$OUT/$1" >"$OUT/$1.log" 2>&1
+    local rc=$?
+    cat "$OUT/$1/precision.md" 2>/dev/null | tee -a "$LOG"
+    [ $rc -eq 0 ] || { say "precision check $2 FAILED (rc $rc): see $1.log"; status=1; }
 }
 
 bench() {  # bench NAME ARGS...
@@ -168,7 +173,7 @@ summary() {
         echo "# fastsd GPU suite, $(date -u +%Y-%m-%d), $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
         echo
         echo "command: bash benchmarks/gpu_suite.sh $PART $OUT (commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
-        for f in precision/precision.md bench-512/bench.md one-step/bench.md bench-1024/bench.md \
+        for f in precision-tiny/precision.md precision/precision.md bench-512/bench.md one-step/bench.md bench-1024/bench.md \
                  bench-sdxl-1024/bench.md bench-controlnet-512/bench.md; do
             [ -f "$OUT/$f" ] && { echo; cat "$OUT/$f"; }
         done

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from fastsd.backends.eager import channels_last  # noqa: E402
 from fastsd.checkpoint import load_checkpoint  # noqa: E402
 from fastsd.families import family_for  # noqa: E402
 from fastsd.networks import FLOAT, relative_error  # noqa: E402
@@ -64,19 +65,25 @@ def check(model: str, device: str, half: str, size: int | None, batch: int = 2) 
         inputs = specs[name].sample_inputs(batch, size, size, torch.float32)
         if name == "vae_encoder":  # images in [-1, 1], as the pipeline feeds it
             inputs = (inputs[0].clamp(-1, 1),)
+        # as eager runs it on this device: channels-last convolutions on CUDA (measured both ways there,
+        # so a fault of the layout shows apart from one of the precision)
+        layouts = ["contiguous", "channels_last"] if torch.device(device).type == "cuda" and channels_last(name) \
+            else ["contiguous"]
         with torch.inference_mode():
             want = _outputs(module(*(t.to(device) for t in inputs)))
             module.to(dtype=HALF[half])
-            t0 = time.perf_counter()
-            got = _outputs(module(*(t.to(device, HALF[half]) if spec.kind == FLOAT else t.to(device)
-                                    for spec, t in zip(specs[name].inputs, inputs, strict=True))))
-            seconds = time.perf_counter() - t0
-        err = max(relative_error(g, w) for g, w in zip(got, want, strict=True))  # several outputs: the worst
-        got = got[0]
-        bound = BOUNDS[half][name]
-        rows.append({"network": name, "relative_error": err, "bound": bound, "ok": err <= bound,
-                     "finite": bool(torch.isfinite(got).all()), "shape": list(got.shape),
-                     "half_seconds": round(seconds, 4)})
+            for layout in layouts:
+                if layout == "channels_last":
+                    module.to(memory_format=torch.channels_last)
+                t0 = time.perf_counter()
+                got = _outputs(module(*(t.to(device, HALF[half]) if spec.kind == FLOAT else t.to(device)
+                                        for spec, t in zip(specs[name].inputs, inputs, strict=True))))
+                seconds = time.perf_counter() - t0
+                err = max(relative_error(g, w) for g, w in zip(got, want, strict=True))  # several outputs: the worst
+                bound = BOUNDS[half][name]
+                rows.append({"network": name, "layout": layout, "relative_error": err, "bound": bound,
+                             "ok": err <= bound, "finite": bool(torch.isfinite(got[0]).all()),
+                             "shape": list(got[0].shape), "half_seconds": round(seconds, 4)})
         module.to("cpu")
         del module
     return rows
@@ -90,9 +97,9 @@ def _outputs(out) -> tuple:
 def markdown(rows: list[dict], model: str, device: str, half: str, tf32: dict) -> str:
     flags = ", ".join(f"{k} {v}" for k, v in tf32.items())
     lines = [f"{half} vs fp32, eager, `{model}` on {device} (fp32 reference: {flags})", "",
-             "| network | relative error (max abs / max abs ref) | bound | ok |", "|---|---|---|---|"]
-    lines += [f"| {r['network']} | {r['relative_error']:.2e} | {r['bound']:.0e} | {'yes' if r['ok'] else 'NO'} |"
-              for r in rows]
+             "| network | layout | relative error (max abs / max abs ref) | bound | ok |", "|---|---|---|---|---|"]
+    lines += [f"| {r['network']} | {r['layout']} | {r['relative_error']:.2e} | {r['bound']:.0e} | "
+              f"{'yes' if r['ok'] else 'NO'} |" for r in rows]
     return "\n".join(lines)
 
 

@@ -152,6 +152,28 @@ def test_compiled_on_cuda_captures_whole_steps(ckpts, tmp_path):
 
 
 @pytest.mark.gpu
+def test_every_network_compiles_and_loads_on_cuda(ckpts, tmp_path):
+    """Every network of the checkpoint, built and loaded on CUDA in a process of its own (a
+    loader that crashes fails this test, not the run). Found on an H200 with torch 2.11: the
+    full-size SD 1.5 build died of SIGSEGV loading its first package (the text encoder's)."""
+    import subprocess
+    import sys
+
+    build = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "fastsd", "build", "--model", str(ckpts["eps"]),
+                            "--backend", "compiled", "--device", "cuda", "--engine-dir", str(tmp_path)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run([sys.executable, "-c", (
+        "import json, sys; from fastsd import Pipeline; "
+        "pipe = Pipeline.from_pretrained(sys.argv[1], backend='compiled', device='cuda', engine_dir=sys.argv[2]); "
+        "print(json.dumps(pipe('a cat', num_inference_steps=2, seed=0, output_type='np').backends))"),
+        str(ckpts["eps"]), str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ran = json.loads(run.stdout.strip().splitlines()[-1])
+    assert ran["unet"] == ran["text_encoder"] == ran["vae_decoder"] == "compiled", ran
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_compiled_loads_on_the_pipelines_device(ckpts, tmp_path):
     """On a machine of several GPUs, a pipeline on cuda:1 loads and runs its packages there."""

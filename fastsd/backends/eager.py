@@ -37,6 +37,12 @@ def _conv_search(on: bool) -> Iterator[None]:
         torch.backends.cudnn.benchmark = before
 
 
+def channels_last(network: str) -> bool:
+    """Whether eager runs `network` channels-last on CUDA (the convolutional ones: cuDNN's
+    NHWC kernels are the fast ones on tensor cores)."""
+    return network in ("unet", "vae_encoder", "vae_decoder") or network.startswith("controlnet")
+
+
 class Fp32VaeDecoder:
     """The VAE decoder in fp32 made from the weights as loaded: made for a pipeline before any
     backend casts the checkpoint's modules, it keeps those weights (the fp32 tensors on the CPU:
@@ -70,7 +76,7 @@ class EagerBackend(Networks):
         self.modules = {k: m.to(device=device, dtype=dtype).eval() for k, m in family.modules(ckpt, clip_skip).items()}
         if device.type == "cuda":
             for k in self.modules:
-                if k in ("unet", "vae_encoder", "vae_decoder") or k.startswith("controlnet"):
+                if channels_last(k):
                     self.modules[k].to(memory_format=torch.channels_last)
         self.static_shapes = cuda_graphs  # graphs replay one shape: a one-time cuDNN search per shape pays
         self._graphed_unet = None
