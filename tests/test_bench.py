@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 from conftest import copy_entries
@@ -136,6 +137,28 @@ def test_interrupt_keeps_finished_rows(report):
     assert result.interrupted
     assert [(r["backend"], r["steps"]) for r in result.rows] == [("eager", 2), ("onnxruntime", 2), ("diffusers", 2)]
     assert "interrupted" in md.read_text()
+
+
+def test_a_worker_that_crashes_is_named_by_signal_and_frame(tmp_path):
+    """A worker killed by a signal is reported by the signal's name and the innermost Python
+    frame of the crash (as a worker's log has it); an exit with a code, by its last line that
+    is not a progress bar. (Found on an H200: a compiled row said only "worker exited (code
+    -11); Loading weights: 100%|...".)"""
+    import os
+    import subprocess
+    import sys
+
+    from fastsd.bench.runner import WORKER_ENV, exit_reason
+
+    log = tmp_path / "worker.log"
+    with open(log, "w") as f:
+        code = "import ctypes\ndef load():\n    ctypes.string_at(0)\nload()\n"
+        rc = subprocess.run([sys.executable, "-c", code], stderr=f, env=dict(os.environ, **WORKER_ENV)).returncode
+    reason = exit_reason(rc, log.read_text())  # the innermost frame: ctypes' own, which load() called
+    assert re.fullmatch(r"worker died of SIGSEGV in string_at \(.+ctypes.__init__\.py:\d+\)", reason), reason
+    assert exit_reason(-9, "") == "worker died of SIGKILL"
+    bars = "Loading weights: 100%|##| 36/36\nValueError: no such file\n\rLoading: 50%|#  | 1/2\n"
+    assert exit_reason(1, bars) == "worker exited (code 1); ValueError: no such file"
 
 
 def test_summarize_median_p90():

@@ -21,6 +21,8 @@ import itertools
 import json
 import logging
 import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +49,8 @@ NOISY_FAULTS = 100  # major page faults in one timed run above this: the machine
 # huge pages. Without it, the same fp32 SD 1.5 UNet step ran at 2.6 s in some processes and
 # 3.3 s in others on the 2-core development VM (bimodal, by process); with it, 2.65-2.72 s
 # in every process. One process per backend would otherwise turn that luck into ratios.
-WORKER_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+# And a worker killed by a signal leaves its Python stack in its log (faulthandler).
+WORKER_ENV = {"THP_MEM_ALLOC_ENABLE": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def default_config(model: str, device: torch.device, **overrides) -> BenchConfig:
@@ -89,6 +92,31 @@ class BenchResult:
     command: str = field(default_factory=lambda: " ".join(["fastsd"] + sys.argv[1:]) if sys.argv else "")
 
 
+_PROGRESS_BAR = re.compile(r"\d+%\|")
+
+
+def exit_reason(returncode: int, log: str) -> str:
+    """Why a worker process ended before answering, from its exit status and its stderr log:
+    the signal that killed it and, from the stack faulthandler wrote, the innermost Python
+    frame of the thread that crashed; else its code and its last line that is not a
+    progress bar."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        lines = log.splitlines()
+        for k, line in enumerate(lines):
+            if line.startswith("Current thread") and k + 1 < len(lines):
+                frame = re.match(r'\s*File "(.+)", line (\d+) in (\S+)', lines[k + 1])
+                if frame:
+                    return f"worker died of {name} in {frame[3]} ({frame[1]}:{frame[2]})"
+        return f"worker died of {name}"
+    shown = [ln.rsplit("\r", 1)[-1].strip() for ln in log.splitlines()]
+    shown = [ln for ln in shown if ln and not _PROGRESS_BAR.search(ln)]
+    return f"worker exited (code {returncode}); {shown[-1][:300] if shown else 'no output'}"
+
+
 class Worker:
     """The parent's handle on one worker process."""
 
@@ -107,7 +135,11 @@ class Worker:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
-            raise RuntimeError(f"worker exited (code {self.proc.returncode}); {self.tail()}")
+            try:
+                log = self.log_path.read_text(errors="replace")
+            except OSError:
+                log = ""
+            raise RuntimeError(exit_reason(self.proc.returncode, log))
         msg = json.loads(line)
         if "error" in msg:
             raise RuntimeError(msg["error"])
@@ -117,13 +149,6 @@ class Worker:
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         return self.receive()
-
-    def tail(self) -> str:
-        try:
-            lines = [ln for ln in self.log_path.read_text().splitlines() if ln.strip()]
-        except OSError:
-            return ""
-        return lines[-1][:300] if lines else "no output"
 
     def close(self) -> None:
         if self.proc.poll() is None:
