@@ -69,6 +69,7 @@ def check(model: str, device: str, half: str, size: int | None, batch: int = 2) 
         # so a fault of the layout shows apart from one of the precision)
         layouts = ["contiguous", "channels_last"] if torch.device(device).type == "cuda" and channels_last(name) \
             else ["contiguous"]
+        bound = BOUNDS[half][name]
         with torch.inference_mode():
             want = _outputs(module(*(t.to(device) for t in inputs)))
             module.to(dtype=HALF[half])
@@ -80,7 +81,6 @@ def check(model: str, device: str, half: str, size: int | None, batch: int = 2) 
                                         for spec, t in zip(specs[name].inputs, inputs, strict=True))))
                 seconds = time.perf_counter() - t0
                 err = max(relative_error(g, w) for g, w in zip(got, want, strict=True))  # several outputs: the worst
-                bound = BOUNDS[half][name]
                 rows.append({"network": name, "layout": layout, "relative_error": err, "bound": bound,
                              "ok": err <= bound, "finite": bool(torch.isfinite(got[0]).all()),
                              "shape": list(got[0].shape), "half_seconds": round(seconds, 4)})

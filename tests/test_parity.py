@@ -67,7 +67,6 @@ GUIDANCE = [7.5, 1.0]  # with and without CFG
 CROSS = ["euler_a", "dpmpp_2m", "heun"]  # noise drawn per step, a multistep history, two UNet calls a step
 
 
-
 def test_every_sampler_is_in_the_parity_suite():
     from fastsd.schedulers import SAMPLER_NAMES
 
