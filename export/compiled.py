@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -47,6 +48,27 @@ def _dynamic_batch(module: torch.nn.Module, spec: NetworkSpec) -> dict:
     return out
 
 
+@contextmanager
+def _without_buffers(module: torch.nn.Module) -> Iterator[None]:
+    """`module` without its buffers while it is exported (put back after). The networks compute
+    what their buffers held (CLIP's position ids: fastsd.networks.positions), so the package's
+    constants are the weights alone. On an H200 with torch 2.11, AOTInductor packages of the
+    text encoders, the only networks with a buffer, crashed the process (SIGSEGV) as they
+    loaded, with the weights inside the .so or beside it alike; the UNet's loaded and ran."""
+    taken = [(m, name, m._buffers.pop(name)) for m in module.modules() for name in list(m._buffers)]
+    try:
+        yield
+    finally:
+        for m, name, buf in taken:
+            m._buffers[name] = buf
+
+
+def export_program(module: torch.nn.Module, spec: NetworkSpec, args: tuple) -> torch.export.ExportedProgram:
+    """torch.export of `module` with a dynamic batch, without its buffers (above)."""
+    with torch.no_grad(), _without_buffers(module):
+        return torch.export.export(module, args, dynamic_shapes=_dynamic_batch(module, spec))
+
+
 def compile_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, path: Path, frozen: bool) -> list[str]:
     """Compile `module` into the package `path`. Frozen: the weights become constants of the
     code, folded and prepacked (measured on the CPU, SD 1.5 UNet at 256x256: 3.70 s -> 2.75 s
@@ -56,7 +78,7 @@ def compile_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, pat
     swapping some constants in memory (LoRA). Returns the files written."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(module, args, dynamic_shapes=_dynamic_batch(module, spec))
+        program = export_program(module, spec, args)
         # not frozen: constants Inductor derives from weights (views, permutes) are folded at run time,
         # after the weights are loaded, not baked in at compile time from the weights traced here
         configs = {"freezing": True} if frozen else {"aot_inductor.package_constants_in_so": False,

@@ -16,6 +16,13 @@ NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decode
 SD_NETWORKS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")  # a model family has its own subset
 
 
+def positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """CLIP's position ids (1, L), 0 .. L-1, computed: the values of CLIP's own position_ids
+    buffer, which a network then does not read, so an exported graph holds no buffer (AOTInductor
+    on CUDA, torch 2.11, crashed loading the text encoders' packages, the only networks with one)."""
+    return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+
+
 class TextEncoder(nn.Module):
     """input_ids (B, 77) int64 -> text_embeddings (B, 77, D): the last hidden state, or with
     clip_skip = k the output of layer -(k + 1) through the final LayerNorm (as diffusers)."""
@@ -26,8 +33,9 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.clip_skip == 0:
-            return self.clip(input_ids).last_hidden_state
-        hidden = self.clip(input_ids, output_hidden_states=True).hidden_states[-(self.clip_skip + 1)]
+            return self.clip(input_ids, position_ids=positions(input_ids)).last_hidden_state
+        hidden = self.clip(input_ids, position_ids=positions(input_ids),
+                           output_hidden_states=True).hidden_states[-(self.clip_skip + 1)]
         tower = getattr(self.clip, "text_model", self.clip)  # transformers 5 flattens CLIPTextModel
         return tower.final_layer_norm(hidden)
 
@@ -42,7 +50,7 @@ class XLTextEncoder(TextEncoder):
     text_embeds (B, P), its projected pooled output."""
 
     def forward(self, input_ids: torch.Tensor):
-        out = self.clip(input_ids, output_hidden_states=True)
+        out = self.clip(input_ids, position_ids=positions(input_ids), output_hidden_states=True)
         hidden = out.hidden_states[-(self.clip_skip + 2)]
         pooled = getattr(out, "text_embeds", None)
         return hidden if pooled is None else (hidden, pooled)
