@@ -52,9 +52,7 @@ def _dynamic_batch(module: torch.nn.Module, spec: NetworkSpec) -> dict:
 def _without_buffers(module: torch.nn.Module) -> Iterator[None]:
     """`module` without its buffers while it is exported (put back after). The networks compute
     what their buffers held (CLIP's position ids: fastsd.networks.positions), so the package's
-    constants are the weights alone. On an H200 with torch 2.11, AOTInductor packages of the
-    text encoders, the only networks with a buffer, crashed the process (SIGSEGV) as they
-    loaded, with the weights inside the .so or beside it alike; the UNet's loaded and ran."""
+    constants are the weights alone, the same names as the weights file beside it."""
     taken = [(m, name, m._buffers.pop(name)) for m in module.modules() for name in list(m._buffers)]
     try:
         yield

@@ -18,8 +18,8 @@ SD_NETWORKS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")  # a model 
 
 def positions(input_ids: torch.Tensor) -> torch.Tensor:
     """CLIP's position ids (1, L), 0 .. L-1, computed: the values of CLIP's own position_ids
-    buffer, which a network then does not read, so an exported graph holds no buffer (AOTInductor
-    on CUDA, torch 2.11, crashed loading the text encoders' packages, the only networks with one)."""
+    buffer, which a network then does not read, so an exported graph's constants are its
+    weights alone (and the ids follow the sequence length, whatever it is)."""
     return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
 
 
