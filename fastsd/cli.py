@@ -379,6 +379,7 @@ def _call_values(args) -> dict:
         elif arg.kind == "text":
             value = _argv_text(value)
         values[arg.name] = value
+    values.setdefault("prompt_syntax", "a1111")  # the CLI reads prompts as the web UI does (the API: plain)
     return values
 
 

@@ -32,6 +32,7 @@ from .networks import (
     residual_specs,
     wrap,
 )
+from .prompts import A1111, Vocab, chunk_prompt, empty_chunk, encode_chunks
 from .settings import Defaults
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class StableDiffusion:
                                                int(cn.config.conditioning_channels))
         self.networks = type(self).networks + tuple(self.controlnets)
         self._lock = threading.Lock()  # tokenizers keep truncation/padding state between calls
+        self._vocabs = {n: Vocab.of(t) for n, t in self.tokenizers.items() if t is not None}
 
     @property
     def tokenizer(self):
@@ -97,17 +99,35 @@ class StableDiffusion:
                                 n, len(full) - n, _shorten(dropped))
         return ids.to(device)
 
+    def weighted(self, encoders: dict[str, Callable], texts: dict[str, list[str]],
+                 device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """A1111-syntax texts, per text encoder, encoded in chunks (fastsd/prompts.py): each
+        encoder's (N, 77 * k, C) hidden states and pooled output (None for one without), every
+        text padded with the empty prompt's chunk to the same k chunks, the most any text of
+        any encoder needs."""
+        with self._lock:
+            chunks = {net: [chunk_prompt(t, self.tokenizers[net], self._vocabs[net]) for t in ts]
+                      for net, ts in texts.items()}
+        k = max(len(c) for cs in chunks.values() for c in cs)
+        return {net: encode_chunks(encoders[net], cs, device, empty_chunk(self._vocabs[net]), k)
+                for net, cs in chunks.items()}
+
     def encode(self, encoders: dict[str, Callable], req, device: torch.device) -> dict[str, torch.Tensor]:
         """The UNet's conditioning inputs for Request `req`: encoder_hidden_states (B*n, 77, D),
         or with CFG (2*B*n, 77, D) [uncond; cond]. Prompts and negatives are encoded in two
         calls, as diffusers does (CPU kernels round a batch of 2B differently). Embeddings given
-        by the caller are used as they are (diffusers' prompt_embeds / negative_prompt_embeds)."""
+        by the caller are used as they are (diffusers' prompt_embeds / negative_prompt_embeds).
+        With prompt_syntax "a1111", texts are read as AUTOMATIC1111 reads them (77 * k tokens,
+        prompts and negatives encoded together)."""
         text_encoder = encoders["text_encoder"]
-        if req.prompt_embeds is not None:
+        if req.prompt_syntax == A1111 and req.prompt_embeds is None:
+            texts = (req.negative_prompts if req.do_cfg else []) + req.prompts
+            emb, _ = self.weighted(encoders, {"text_encoder": texts}, device)["text_encoder"]
+        elif req.prompt_embeds is not None:
             emb = req.prompt_embeds.to(device).float()
         else:
             emb = text_encoder(self.token_ids(req.prompts, device))
-        if req.do_cfg:
+        if req.do_cfg and not (req.prompt_syntax == A1111 and req.prompt_embeds is None):  # a1111: [neg; cond] already
             if req.negative_prompt_embeds is not None:
                 neg = req.negative_prompt_embeds.to(device).float()
             else:
@@ -152,12 +172,14 @@ class StableDiffusionXL(StableDiffusion):
         prompt_2 / negative_prompt_2 default to the first texts (so does an empty string); the
         negatives are zeros when no negative_prompt is given and the checkpoint says
         force_zeros_for_empty_prompt (whatever negative_prompt_2 is)."""
-        if req.prompt_embeds is not None:
+        time_ids = self.time_ids(req.original_size, req.crops_coords_top_left, req.target_size, req)
+        if req.prompt_syntax == A1111 and req.prompt_embeds is None:
+            emb, pooled = self._weighted_xl(encoders, req, device)
+        elif req.prompt_embeds is not None:
             emb, pooled = req.prompt_embeds.to(device).float(), req.pooled_prompt_embeds.to(device).float()
         else:
             emb, pooled = self._embed(encoders, req.prompts, req.prompts_2 or req.prompts, device)
-        time_ids = self.time_ids(req.original_size, req.crops_coords_top_left, req.target_size, req)
-        if req.do_cfg:
+        if req.do_cfg and not (req.prompt_syntax == A1111 and req.prompt_embeds is None):
             if req.negative_prompt_embeds is not None:
                 neg = req.negative_prompt_embeds.to(device).float()
                 neg_pooled = req.negative_pooled_prompt_embeds.to(device).float()
@@ -171,6 +193,25 @@ class StableDiffusionXL(StableDiffusion):
         return {"encoder_hidden_states": emb.repeat_interleave(req.n, dim=0),
                 "text_embeds": pooled.repeat_interleave(req.n, dim=0),
                 "time_ids": self._time_id_rows(time_ids, req, rows).to(device)}
+
+    def _weighted_xl(self, encoders, req, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A1111 syntax: both encoders' chunks ([uncond; cond] with CFG). Negatives that are all
+        empty are zeros where the checkpoint says force_zeros_for_empty_prompt (as the web UI
+        zeroes empty SD-XL negatives), their padding chunks the empty prompt's."""
+        first, second = req.prompts, req.prompts_2 or req.prompts
+        if req.do_cfg:
+            first, second = req.negative_prompts + first, (req.negative_prompts_2 or req.negative_prompts) + second
+        out = self.weighted(encoders, {"text_encoder": first, "text_encoder_2": second}, device)
+        (hidden, _), (hidden_2, pooled) = out["text_encoder"], out["text_encoder_2"]
+        emb = torch.cat([hidden, hidden_2], dim=-1)
+        negatives = len(req.negative_prompts) if req.do_cfg else 0
+        zero = negatives and self.info.force_zeros_for_empty_prompt and not any(
+            req.negative_prompts + (req.negative_prompts_2 or []))
+        if zero:  # the negatives' own chunk (an empty prompt has one) is zeros
+            emb, pooled = emb.clone(), pooled.clone()  # out of the encoders' inference mode
+            emb[:negatives, :self.info.max_tokens] = 0
+            pooled[:negatives] = 0
+        return emb, pooled
 
     def _time_id_rows(self, ids: torch.Tensor, req, rows: int) -> torch.Tensor:
         """(rows, 6) time ids in diffusers' layout, which differs by pipeline. txt2img: the

@@ -112,7 +112,7 @@ class Pipeline(DiffusersSurface, LoraMethods, Previews, Stages):
                  crops_coords_top_left=None, target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=None, negative_target_size=None, preview_every: int | None = None,
                  control_image=None, controlnet_conditioning_scale=None, control_guidance_start=0.0,
-                 control_guidance_end=1.0, **unsupported):
+                 control_guidance_end=1.0, prompt_syntax: str = "plain", **unsupported):
         """Generate images; keyword names and defaults are diffusers' (see the README): a None
         guidance_scale or strength is the model family's default for the mode, as its diffusers
         pipelines (SD: guidance 7.5, strength img2img 0.8, inpaint 1.0; SD-XL: guidance 5.0,
@@ -127,6 +127,9 @@ class Pipeline(DiffusersSurface, LoraMethods, Previews, Stages):
         inpaint 1.0), `control_guidance_start` / `end` (fractions of the steps run; each a
         number or one per ControlNet); txt2img takes its size from the control image, inpaint
         from the image. Without control_image the call runs without them.
+        `prompt_syntax`: "plain" reads prompts as diffusers (literal text, 77 tokens); "a1111"
+        as AUTOMATIC1111 (`(word:1.2)` weights, `[word]`, BREAK, prompts past 77 tokens in
+        chunks: fastsd/prompts.py).
         Returns a PipelineOutput, or with return_dict=False the tuple (images, None) as diffusers'
         (images, nsfw flags) without a safety checker."""
         values = dict(locals())  # the arguments, by name (as the table lists them)

@@ -60,6 +60,7 @@ class Request:
     timesteps: tuple[float, ...] | None = None  # custom schedule (samplers that take one)
     sigmas: tuple[float, ...] | None = None
     clip_skip: int | None = None  # None: the load-time setting (checked against the checkpoint by the caller)
+    prompt_syntax: str = "plain"  # "plain" (diffusers') | "a1111" (fastsd/prompts.py)
     prompt_embeds: Any = None  # (B, 77, D) tensors instead of prompts
     negative_prompt_embeds: Any = None
     latents: Any = None  # (B*n, C, h, w): the initial noise instead of drawing it
@@ -105,7 +106,7 @@ class Request:
                "guidance_rescale": self.guidance_rescale, "eta": self.eta,
                "strength": self.strength if self.image is not None else None, "height": self.height,
                "width": self.width, "num_images_per_prompt": self.n, "timesteps": self.timesteps,
-               "sigmas": self.sigmas, "clip_skip": self.clip_skip}
+               "sigmas": self.sigmas, "clip_skip": self.clip_skip, "prompt_syntax": self.prompt_syntax}
         if self.prompts_2 is not None or self.negative_prompts_2 is not None:
             out.update(prompt_2=self.prompts_2 and (self.prompts_2[0] if one else self.prompts_2),
                        negative_prompt_2=self.negative_prompts_2 and (self.negative_prompts_2[0] if one
@@ -367,4 +368,5 @@ def make_request(info, values: dict[str, Any], *, text_width: int | None = None,
     latents = _latents(v["latents"], (batch, info.latent_channels, h // f, w // f))
     return Request(**prompts, **xl, **control, **schedule, **images, guidance_scale=guidance,
                    guidance_rescale=v["guidance_rescale"], height=h, width=w, n=v["num_images_per_prompt"],
-                   output_type=v["output_type"], clip_skip=v["clip_skip"], latents=latents)
+                   output_type=v["output_type"], clip_skip=v["clip_skip"], latents=latents,
+                   prompt_syntax=v["prompt_syntax"])

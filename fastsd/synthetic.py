@@ -25,7 +25,7 @@ from .paths import cache_dir
 log = logging.getLogger(__name__)
 
 SYNTHETIC_PREFIX = "synthetic:"
-SYNTHETIC_VERSION = 1  # bump when what build() writes changes
+SYNTHETIC_VERSION = 2  # bump when what build() writes changes (2: text encoders' final LayerNorm bias)
 MAX_TOKENS = 77  # CLIP context length (tokenizer model_max_length)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -81,10 +81,11 @@ def build(
             UNet2DConditionModel(**spec["unet"]).save_pretrained(tmp / "unet")
             AutoencoderKL(**spec["vae"]).save_pretrained(tmp / "vae")
             ids = {"bos_token_id": len(_bytes_to_unicode()) * 2, "eos_token_id": len(_bytes_to_unicode()) * 2 + 1}
-            CLIPTextModel(CLIPTextConfig(**spec["text_encoder"], **ids)).save_pretrained(tmp / "text_encoder")
+            _trained_norm(CLIPTextModel(CLIPTextConfig(**spec["text_encoder"], **ids))).save_pretrained(
+                tmp / "text_encoder")
             if "text_encoder_2" in spec:  # SD-XL: the second tower returns its projected pooled output too
-                CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"], **ids)).save_pretrained(
-                    tmp / "text_encoder_2")
+                _trained_norm(CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"], **ids))
+                              ).save_pretrained(tmp / "text_encoder_2")
         write_tokenizer(tmp / "tokenizer", spec["pad_token"])
         if "text_encoder_2" in spec:
             write_tokenizer(tmp / "tokenizer_2", spec["pad_token_2"])
@@ -92,6 +93,17 @@ def build(
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
         (tmp / "model_index.json").write_text(json.dumps(_model_index(sched["_class_name"], spec), indent=2))
     return Path(out)
+
+
+def _trained_norm(clip):
+    """A text encoder whose final LayerNorm has a random scale and shift, as a trained one has
+    (freshly made, it has none, so every token's embedding averages exactly zero and A1111's
+    prompt weighting, which rescales to a chunk's mean, would divide by rounding noise)."""
+    norm = getattr(clip, "text_model", clip).final_layer_norm
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1)
+        norm.bias.normal_(0.0, 0.5)
+    return clip
 
 
 @contextmanager

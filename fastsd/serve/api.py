@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from ..arguments import ARGS, BY_NAME, SEED_LIMIT, check_value, field, form_value
 from ..errors import InvalidArgumentError
 from ..images import as_mask, as_rgb
+from ..prompts import A1111
 from ..settings import check_size, draw_seed
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -252,6 +253,7 @@ def _arguments(f: "_Fields", form: bool) -> dict[str, Any]:
     negative = values.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):  # the API takes a list; a request is one prompt
         raise bad(f"'negative_prompt' must be a string, got {_kind(negative)}", "negative_prompt", "invalid_type")
+    values["prompt_syntax"] = values["prompt_syntax"] or A1111  # the server reads prompts as the web UI does
     return {k: v for k, v in values.items() if v is not None}
 
 
