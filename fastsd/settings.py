@@ -156,8 +156,9 @@ def _embeds(value, what: str, width: int | None, tokens: int | None = None):
                               f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
     if width is not None and value.shape[-1] != width:
         raise bad_value(what, f"has {value.shape[-1]} features; this checkpoint's UNet takes {width}")
-    if tokens is not None and value.shape[1] != tokens:
-        raise bad_value(what, f"has {value.shape[1]} tokens; this checkpoint's text encoder gives {tokens}")
+    if tokens is not None and (value.shape[1] == 0 or value.shape[1] % tokens):
+        raise bad_value(what, f"has {value.shape[1]} tokens; this checkpoint's text encoder gives {tokens} (or "
+                              f"{tokens} per chunk of a long prompt)")
     if not torch.isfinite(value).all():
         raise bad_value(what, "holds NaN or infinite values")
     return value
