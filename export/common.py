@@ -35,6 +35,17 @@ def parse_static(text: str | None, factor: int) -> tuple[int, int] | None:
     return h, w
 
 
+MAX_PROMPT_CHUNKS = 8  # 600 tokens: far past any prompt people write
+
+
+def check_chunks(max_chunks) -> int:
+    """--max-prompt-chunks: an integer in [1, 8]."""
+    if isinstance(max_chunks, bool) or not isinstance(max_chunks, int) or not 1 <= max_chunks <= MAX_PROMPT_CHUNKS:
+        raise InvalidArgumentError(f"--max-prompt-chunks must be an integer in [1, {MAX_PROMPT_CHUNKS}], got "
+                                   f"{max_chunks!r}")
+    return max_chunks
+
+
 def load_for_build(model: str, networks: tuple[str, ...] | None, allow_pickle: bool, clip_skip: int,
                    engine_dir: str | Path | None, vae: str | None = None, controlnets: tuple = ()):
     """Check a build's arguments and the store, then load the checkpoint (with `vae`

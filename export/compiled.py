@@ -21,23 +21,32 @@ import torch
 
 from fastsd.backends.compiled import FOLDED, FROZEN, SEPARATE, runtime_facts, weights_name
 from fastsd.devices import parse_device
-from fastsd.engines import DTYPES, MAX_BATCH, Profile, read_manifest, refit_source
+from fastsd.engines import DTYPES, MAX_BATCH, MAX_CHUNKS, Profile, read_manifest, refit_source
 from fastsd.errors import FastSDError, InvalidArgumentError
-from fastsd.networks import BATCH, NetworkSpec, weights_of
+from fastsd.networks import BATCH, TOKENS, NetworkSpec, weights_of
 
-from .common import build_entries, build_spec, donor_record, load_for_build, parse_static, weight_bytes
+from .common import build_entries, build_spec, check_chunks, donor_record, load_for_build, parse_static, weight_bytes
 
 log = logging.getLogger(__name__)
 
 
 
-def _dynamic_batch(module: torch.nn.Module, spec: NetworkSpec) -> dict:
-    """torch.export's dynamic_shapes: the batch axis of every input that has one, by the
-    forward's parameter names (the inputs a *args parameter takes: a tuple under its name)."""
+def _dynamic_batch(module: torch.nn.Module, spec: NetworkSpec, max_chunks: int = 1) -> dict:
+    """torch.export's dynamic_shapes: the batch axis of every input that has one, and the text
+    axis where a text of up to `max_chunks` chunks goes in, by the forward's parameter names
+    (the inputs a *args parameter takes: a tuple under its name)."""
     import inspect
 
     batch = torch.export.Dim("batch", min=1, max=2 * MAX_BATCH)
-    dims = [{0: batch} if t.shape[0] == BATCH else None for t in spec.inputs]
+    tokens = (torch.export.Dim("tokens", min=spec.chunk_tokens, max=spec.chunk_tokens * max_chunks)
+              if max_chunks > 1 else None)
+
+    def axes(t) -> dict | None:
+        out = {a: batch if d == BATCH else tokens for a, d in enumerate(t.shape)
+               if d == BATCH or (d == TOKENS and tokens is not None)}
+        return out or None
+
+    dims = [axes(t) for t in spec.inputs]
     out, params = {}, list(inspect.signature(module.forward).parameters.values())
     for i, p in enumerate(params):
         if p.kind == p.VAR_POSITIONAL:
@@ -61,13 +70,16 @@ def _without_buffers(module: torch.nn.Module) -> Iterator[None]:
             m._buffers[name] = buf
 
 
-def export_program(module: torch.nn.Module, spec: NetworkSpec, args: tuple) -> torch.export.ExportedProgram:
-    """torch.export of `module` with a dynamic batch, without its buffers (above)."""
+def export_program(module: torch.nn.Module, spec: NetworkSpec, args: tuple,
+                   max_chunks: int = 1) -> torch.export.ExportedProgram:
+    """torch.export of `module` with a dynamic batch (and text, up to `max_chunks` chunks),
+    without its buffers (above)."""
     with torch.no_grad(), _without_buffers(module):
-        return torch.export.export(module, args, dynamic_shapes=_dynamic_batch(module, spec))
+        return torch.export.export(module, args, dynamic_shapes=_dynamic_batch(module, spec, max_chunks))
 
 
-def compile_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, path: Path, frozen: bool) -> list[str]:
+def compile_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, path: Path, frozen: bool,
+                    max_chunks: int = 1) -> list[str]:
     """Compile `module` into the package `path`. Frozen: the weights become constants of the
     code, folded and prepacked (measured on the CPU, SD 1.5 UNet at 256x256: 3.70 s -> 2.75 s
     per CFG step; eager 2.82 s), and no other weights can go in. Otherwise the package holds
@@ -76,7 +88,7 @@ def compile_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, pat
     swapping some constants in memory (LoRA). Returns the files written."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = export_program(module, spec, args)
+        program = export_program(module, spec, args, max_chunks)
         # not frozen: constants Inductor derives from weights (views, permutes) are folded at run time,
         # after the weights are loaded, not baked in at compile time from the weights traced here
         configs = {"freezing": True} if frozen else {"aot_inductor.package_constants_in_so": False,
@@ -127,7 +139,8 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str | None = None,
                    static: str | None = None, device: str | None = None, networks: tuple[str, ...] | None = None,
                    allow_pickle: bool = False, clip_skip: int = 0, vae: str | None = None, frozen: bool = False,
-                   refit: bool = True, progress: Callable[[str], None] = log.info, controlnets: tuple = ()) -> Path:
+                   refit: bool = True, progress: Callable[[str], None] = log.info, controlnets: tuple = (),
+                   max_chunks: int | None = None) -> Path:
     """Compile `model` into engine_dir/<fingerprint>/compiled-<dtype>/; returns that folder.
     With `controlnets`, its UNet takes their residuals and each ControlNet is compiled into an
     entry of its own. Not `frozen`, where the store holds a refittable entry of another
@@ -141,7 +154,7 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
                                                   controlnets)
     info = ckpt.info
     size = parse_static(static, info.vae_factor) or (info.default_size, info.default_size)
-    profile = Profile.for_model(info, size)
+    profile = Profile.for_model(info, size, max_chunks=check_chunks(max_chunks or MAX_CHUNKS))
     modules = family.modules(ckpt, clip_skip)
     facts = dict(clip_skip=clip_skip, **runtime_facts(dev))
 
@@ -160,7 +173,7 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
                 return [path.name, weights_name(spec.name)], extra, ""
             module = modules[name].to(dev, DTYPES[dtype]).eval()
             args = tuple(a.to(dev) for a in spec.sample_inputs(2, *size, DTYPES[dtype]))
-            files = compile_network(module, spec, args, path, frozen)
+            files = compile_network(module, spec, args, path, frozen, profile.max_chunks)
             return files, {"weights_layout": FROZEN if frozen else SEPARATE, **inputs}, ""
 
         return make

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from fastsd.backends.kind import WEIGHTS_BY_NAME
-from fastsd.engines import Profile, read_manifest, refit_source
+from fastsd.engines import MAX_CHUNKS, Profile, read_manifest, refit_source
 from fastsd.errors import InvalidArgumentError
 from fastsd.networks import FLOAT32, NetworkSpec, weights_of
 
-from .common import build_entries, build_spec, donor_record, load_for_build, parse_static, weight_bytes
+from .common import build_entries, build_spec, check_chunks, donor_record, load_for_build, parse_static, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,8 @@ class RefitError(Exception):
 def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: str = "fp32",
                       static: str | None = None, networks: tuple[str, ...] | None = None, simplify: bool = True,
                       allow_pickle: bool = False, clip_skip: int = 0, vae: str | None = None, refit: bool = True,
-                      progress: Callable[[str], None] = log.info, controlnets: tuple = ()) -> Path:
+                      progress: Callable[[str], None] = log.info, controlnets: tuple = (),
+                      max_chunks: int | None = None) -> Path:
     """Export `model` to engine_dir/<fingerprint>/onnxruntime-<dtype>/; returns that folder.
     With `controlnets`, its UNet takes their residuals and each ControlNet is exported into
     an entry of its own (engine_dir/<its fingerprint>/onnxruntime-<dtype>/). With `refit`,
@@ -240,7 +241,8 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
     ckpt, family, root, networks = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir, vae,
                                                   controlnets)
     info = ckpt.info
-    profile = Profile.for_model(info, parse_static(static, info.vae_factor))
+    profile = Profile.for_model(info, parse_static(static, info.vae_factor),
+                                max_chunks=check_chunks(max_chunks or MAX_CHUNKS))
     modules = family.modules(ckpt, clip_skip)
 
     def make_for(owner, facts: dict):

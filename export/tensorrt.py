@@ -83,9 +83,13 @@ def _onnx_entry(engine_dir: Path, info, precision: str, networks: tuple[str, ...
     return src, manifest
 
 
-def entry_profile(onnx_manifest: dict, static: tuple[int, int] | None) -> Profile:
-    """The profile engines are built for: the ONNX entry's. `--static` must agree with it."""
+def entry_profile(onnx_manifest: dict, static: tuple[int, int] | None, max_chunks: int | None = None) -> Profile:
+    """The profile engines are built for: the ONNX entry's. `--static` and `--max-prompt-chunks`
+    must agree with it."""
     profile = Profile(**onnx_manifest["profile"])
+    if max_chunks is not None and max_chunks != profile.max_chunks:
+        raise FastSDError(f"the ONNX graphs were exported for texts of up to {profile.max_chunks} chunk(s); export "
+                          f"them with --max-prompt-chunks {max_chunks} before building engines for that")
     if static is not None and (not profile.static or (profile.opt_size, profile.opt_width) != static):
         have = f"static {profile.opt_size}x{profile.opt_width}" if profile.static else "dynamic"
         raise FastSDError(f"the ONNX graphs were exported {have}; export them with --static "
@@ -195,10 +199,12 @@ def _make_plan(trt, logger, family, modules: dict, device, root: Path, src: Path
 def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str | None = None,
                    networks: tuple[str, ...] | None = None, allow_pickle: bool = False,
                    refittable: bool | None = None, vae: str | None = None, refit: bool = True,
-                   progress: Callable[[str], None] = log.info, controlnets: tuple = ()) -> Path:
+                   progress: Callable[[str], None] = log.info, controlnets: tuple = (),
+                   max_chunks: int | None = None) -> Path:
     """Refit the engines of a same-architecture entry if one exists, else build them. With
     `controlnets`, each ControlNet's engine goes into its own entry (from its ONNX entry), and
-    the UNet is built from its graph with the ControlNet residual inputs."""
+    the UNet is built from its graph with the ControlNet residual inputs. The profile, the
+    longest text (`max_chunks`) included, is the ONNX entry's."""
     trt = _trt()
     logger = trt.Logger(trt.Logger.WARNING)
     mode, source = build_mode(trt)
@@ -214,7 +220,7 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
         is_controlnet = owner is not info
         src, onnx_manifest = _onnx_entry(root, info, source, tuple(stored.values()), size,
                                          owner if is_controlnet else None)
-        profile = entry_profile(onnx_manifest, size)
+        profile = entry_profile(onnx_manifest, size, max_chunks)
         donor = refit_source(root, owner, "tensorrt", PRECISION, facts, profile) \
             if refit and refittable is not False else None
         donor_manifest = read_manifest(donor) if donor else None

@@ -137,6 +137,9 @@ def _export_parser(sub_parser) -> None:
                         "inputs; repeatable")
     e.add_argument("--no-refit", action="store_true",
                    help="trace from scratch even where an entry of the same architecture could be refitted")
+    e.add_argument("--max-prompt-chunks", type=int, default=None, metavar="K",
+                   help="the longest prompt the UNet and ControlNets take, in chunks of 77 tokens (default 3: 225 "
+                        "prompt tokens with --prompt-syntax a1111; 1: 77 tokens, as before)")
     e.set_defaults(func=cmd_export)
 
 
@@ -159,6 +162,9 @@ def _build_parser(sub_parser) -> None:
                         "checkpoints need eager or a rebuild)")
     c.add_argument("--no-refit", action="store_true",
                    help="build from scratch even where an entry of the same architecture could be refitted")
+    c.add_argument("--max-prompt-chunks", type=int, default=None, metavar="K",
+                   help="the longest prompt the UNet and ControlNets take, in chunks of 77 tokens (default 3: 225 "
+                        "prompt tokens with --prompt-syntax a1111; tensorrt: the ONNX graphs')")
     c.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
     c.add_argument("--vae", default=None, help="a VAE folder or .safetensors file replacing the model's")
     c.add_argument("--controlnet", action="append", default=[], metavar="M",
@@ -644,7 +650,7 @@ def _build(kind_name: str, args, **options) -> int:
 
 def cmd_export(args) -> int:
     return _build("onnxruntime", args, dtype=args.dtype, simplify=not args.no_simplify, vae=args.vae,
-                  refit=not args.no_refit, controlnets=tuple(args.controlnet))
+                  refit=not args.no_refit, controlnets=tuple(args.controlnet), max_chunks=args.max_prompt_chunks)
 
 
 def cmd_build(args) -> int:
@@ -652,7 +658,8 @@ def cmd_build(args) -> int:
         raise FastSDError("--refittable and --frozen contradict each other")
     refittable = True if args.refittable else False if args.frozen else None
     return _build(args.backend, args, dtype=args.dtype, device=args.device, refittable=refittable,
-                  vae=args.vae, refit=not args.no_refit, controlnets=tuple(args.controlnet))
+                  vae=args.vae, refit=not args.no_refit, controlnets=tuple(args.controlnet),
+                  max_chunks=args.max_prompt_chunks)
 
 
 def cmd_engines(args) -> int:

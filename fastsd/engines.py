@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -54,6 +54,7 @@ MANIFEST_FIELDS = {"format": int, "fastsd": str, "backend": str, "precision": st
 FACT_DEFAULTS = {"clip_skip": 0}  # what entries written before a fact was recorded were built with
 PER_BUILD = ("networks", "created", "source")  # manifest keys that may differ between builds of one entry
 MAX_BATCH = 4  # default profile: images per call (CFG doubles text encoder / UNet batches)
+MAX_CHUNKS = 3  # default profile: prompt chunks of 77 tokens the UNet takes (231 tokens; fastsd/prompts.py)
 
 # Why an entry cannot serve a network: a code to decide on, with the text users read.
 NO_ENTRY, UNFINISHED, INVALID, FORMAT, VERSION = "no-entry", "unfinished", "invalid", "format", "version"
@@ -97,19 +98,22 @@ class Profile:
     max_size: int
     static: bool  # built for exactly opt_size x opt_width
     opt_width: int  # width the graph was traced at (the static width)
+    max_chunks: int = 1  # the longest text the UNet takes, in chunks of 77 tokens (entries made before
+    # prompts past 77 tokens have no such field: they take one chunk)
 
     def describe(self) -> str:
         size = (f"static {self.opt_size}x{self.opt_width}" if self.static
                 else f"dynamic {self.min_size}-{self.max_size} px")
-        return f"{size}, batch {self.min_batch}-{self.max_batch}"
+        return f"{size}, batch {self.min_batch}-{self.max_batch}, text up to {self.max_chunks} chunk(s) of 77 tokens"
 
     @classmethod
-    def for_model(cls, info, static: tuple[int, int] | None = None, max_batch: int = MAX_BATCH) -> "Profile":
+    def for_model(cls, info, static: tuple[int, int] | None = None, max_batch: int = MAX_BATCH,
+                  max_chunks: int = MAX_CHUNKS) -> "Profile":
         if static is not None:
             h, w = static
-            return cls(1, 1, max_batch, min(h, w), h, max(h, w), True, w)
+            return cls(1, 1, max_batch, min(h, w), h, max(h, w), True, w, max_chunks)
         d, f = info.default_size, info.vae_factor
-        return cls(1, 1, max_batch, max(f, d // 2 // f * f), d, 2 * d, False, d)
+        return cls(1, 1, max_batch, max(f, d // 2 // f * f), d, 2 * d, False, d, max_chunks)
 
 
 def entry_name(backend: str, precision: str, profile: Profile | None = None) -> str:
@@ -266,7 +270,8 @@ def graph_file(network: str, record: dict) -> str:
 
 def _profile_problem(profile) -> str | None:
     names = {f.name: f.type for f in fields(Profile)}
-    if not isinstance(profile, dict) or set(profile) != set(names):
+    required = {f.name for f in fields(Profile) if f.default is MISSING}
+    if not isinstance(profile, dict) or not required <= set(profile) <= set(names):
         return "profile fields are not those of a shape profile"
     for key, value in profile.items():
         want_bool = names[key] in (bool, "bool")

@@ -64,7 +64,7 @@ def _residual_kwargs(residuals: tuple) -> dict:
 
 
 class UNet(nn.Module):
-    """sample (B, C_in, h, w), timestep (B,) float32, encoder_hidden_states (B, 77, D)
+    """sample (B, C_in, h, w), timestep (B,) float32, encoder_hidden_states (B, 77 * k, D)
     -> noise prediction (B, C_latent, h, w) (eps or v, per the scheduler config). After the
     family's inputs, optionally the ControlNet residuals (down_residual_0 ..., mid_residual),
     added to the skip connections and the mid block's output."""
@@ -180,6 +180,7 @@ def wrap(ckpt, clip_skip: int = 0, unet_module: type[nn.Module] | None = None,
 
 FLOAT, FLOAT32, INT64 = "float", "float32", "int64"  # tensor kinds: the engine's precision, always fp32, ids
 BATCH, LATENT_H, LATENT_W, PIXEL_H, PIXEL_W = "B", "h", "w", "H", "W"  # dynamic axis symbols
+TOKENS = "T"  # the text sequence the UNet attends to: 77 per chunk of a long prompt (fastsd/prompts.py)
 
 
 def latent_axis(axis: str, halvings: int) -> str:
@@ -226,6 +227,7 @@ class NetworkSpec:
     vae_factor: int  # image pixels per latent pixel
     optional_inputs: tuple[TensorSpec, ...] = ()  # inputs an engine may be built with too (the UNet's
     # ControlNet residuals): not in `inputs`, which are the plain graph's; see `with_inputs`
+    chunk_tokens: int = 77  # the text encoder's sequence; the T axis is a multiple of it
 
     def with_inputs(self, names) -> "NetworkSpec":
         """The spec of the network taking `names`: its inputs plus those optional ones named
@@ -251,29 +253,42 @@ class NetworkSpec:
         return any(d in (LATENT_H, PIXEL_H) for t in self.inputs for d in t.shape)
 
     def dynamic_axes(self, static: bool = False) -> dict[str, dict[int, str]]:
-        """ONNX dynamic axes per tensor; `static` keeps only the batch axis dynamic."""
-        return {t.name: {a: d for a, d in enumerate(t.shape) if isinstance(d, str) and (d == BATCH or not static)}
+        """ONNX dynamic axes per tensor; `static` keeps only the batch and text axes dynamic."""
+        return {t.name: {a: d for a, d in enumerate(t.shape)
+                         if isinstance(d, str) and (d in (BATCH, TOKENS) or not static)}
                 for t in self.inputs + self.outputs}
 
-    def shapes(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
-        """Every input and output shape for `batch` rows at height x width image pixels."""
+    @property
+    def takes_text(self) -> bool:
+        """Whether it attends to the text (the T axis: UNet, ControlNet)."""
+        return any(TOKENS in t.shape for t in self.inputs)
+
+    def shapes(self, batch: int, height: int, width: int, chunks: int = 1) -> dict[str, tuple[int, ...]]:
+        """Every input and output shape for `batch` rows at height x width image pixels (and a
+        text of `chunks` chunks)."""
         f = self.vae_factor
-        sizes = {BATCH: batch, PIXEL_H: height, PIXEL_W: width, LATENT_H: height // f, LATENT_W: width // f}
+        sizes = {BATCH: batch, PIXEL_H: height, PIXEL_W: width, LATENT_H: height // f, LATENT_W: width // f,
+                 TOKENS: chunks * self.chunk_tokens}
         return {t.name: t.shape_for(sizes) for t in self.inputs + self.outputs}
 
-    def dims(self, inputs: dict[str, torch.Tensor]) -> tuple[int, int, int]:
-        """(batch, height, width in image pixels) of a call (0, 0 for the text encoder)."""
+    def _sizes(self, inputs: dict[str, torch.Tensor]) -> dict[str, int]:
         sizes: dict[str, int] = {}
         for t in self.inputs:
             if t.name in inputs:
                 sizes.update((d, n) for d, n in zip(t.shape, inputs[t.name].shape, strict=True) if isinstance(d, str))
-        f = self.vae_factor
-        return (sizes[BATCH], sizes.get(PIXEL_H, sizes.get(LATENT_H, 0) * f),
-                sizes.get(PIXEL_W, sizes.get(LATENT_W, 0) * f))
+        return sizes
 
-    def sample_inputs(self, batch: int, height: int, width: int, precision: torch.dtype) -> tuple[torch.Tensor, ...]:
+    def dims(self, inputs: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
+        """(batch, height, width in image pixels, text chunks) of a call (height and width 0
+        for the text encoder; chunks 1 for networks without the text axis)."""
+        sizes, f = self._sizes(inputs), self.vae_factor
+        return (sizes[BATCH], sizes.get(PIXEL_H, sizes.get(LATENT_H, 0) * f),
+                sizes.get(PIXEL_W, sizes.get(LATENT_W, 0) * f), -(-sizes.get(TOKENS, 1) // self.chunk_tokens))
+
+    def sample_inputs(self, batch: int, height: int, width: int, precision: torch.dtype,
+                      chunks: int = 1) -> tuple[torch.Tensor, ...]:
         """Inputs to trace or check the network with, in input order."""
-        shapes, out = self.shapes(batch, height, width), []
+        shapes, out = self.shapes(batch, height, width, chunks), []
         for t in self.inputs:
             if t.kind == INT64:
                 out.append(torch.zeros(shapes[t.name], dtype=torch.int64))
@@ -297,10 +312,14 @@ class NetworkSpec:
             residual = unknown[0].startswith(RESIDUAL_PREFIXES)
             return ("built without the ControlNet residual inputs (export it with --controlnet)" if residual
                     else f"it takes no input {unknown[0]!r}")
-        batch, height, width = self.dims(inputs)
+        batch, height, width, _ = self.dims(inputs)
         most = profile.max_batch * (2 if self.cfg_doubled else 1)
         if not profile.min_batch <= batch <= most:
             return f"batch {batch} outside the engine's 1..{most}"
+        tokens = self._sizes(inputs).get(TOKENS)
+        if tokens is not None and (tokens % self.chunk_tokens or tokens > profile.max_chunks * self.chunk_tokens):
+            return (f"a text of {tokens} tokens; the engine takes {self.chunk_tokens} per chunk, up to "
+                    f"{profile.max_chunks} chunk{'s' if profile.max_chunks > 1 else ''} (a longer prompt)")
         if not self.sized:
             return None
         if profile.static:
@@ -320,7 +339,7 @@ class NetworkSpec:
             lo_w = hi_w = profile.opt_width
         lo = self.shapes(profile.min_batch, lo_h, lo_w)
         opt = self.shapes(profile.opt_batch * doubled, profile.opt_size, profile.opt_width)
-        hi = self.shapes(profile.max_batch * doubled, hi_h, hi_w)
+        hi = self.shapes(profile.max_batch * doubled, hi_h, hi_w, profile.max_chunks)
         return {name: (lo[name], opt[name], hi[name]) for name in self.input_names}
 
 
@@ -355,14 +374,14 @@ def controlnet_spec(info, extra_unet_inputs: tuple[TensorSpec, ...], residuals: 
     """A ControlNet's spec: the UNet's sample (latent channels: a 9-channel UNet's ControlNet
     takes the 4-channel latents), timestep, text and family inputs, plus the conditioning
     image and its scale; the residuals out, as the UNet takes them."""
-    text = (BATCH, info.max_tokens, info.cross_attention_dim)
+    text = (BATCH, TOKENS, info.cross_attention_dim)
     inputs = (TensorSpec("sample", (BATCH, info.latent_channels, LATENT_H, LATENT_W)),
               TensorSpec("timestep", (BATCH,), FLOAT32, sample=500.0),
               TensorSpec("encoder_hidden_states", text),
               TensorSpec("controlnet_cond", (BATCH, conditioning_channels, PIXEL_H, PIXEL_W), sample=0.5),
               TensorSpec("conditioning_scale", (1,), FLOAT32, sample=1.0)) + tuple(extra_unet_inputs)
     outputs = tuple(replace(t, optional=False) for t in residuals)
-    return NetworkSpec("controlnet", inputs, outputs, True, info.vae_factor)
+    return NetworkSpec("controlnet", inputs, outputs, True, info.vae_factor, chunk_tokens=info.max_tokens)
 
 
 def network_specs(info, extra_unet_inputs: tuple[TensorSpec, ...] = (),
@@ -374,7 +393,7 @@ def network_specs(info, extra_unet_inputs: tuple[TensorSpec, ...] = (),
     encoder to (hidden width, pooled width or 0): one with a pooled output also returns
     text_embeds (B, pooled). Default: SD's one encoder."""
     f, c = info.vae_factor, info.latent_channels
-    text = (BATCH, info.max_tokens, info.cross_attention_dim)
+    text = (BATCH, TOKENS, info.cross_attention_dim)
     latent = TensorSpec("latent", (BATCH, c, LATENT_H, LATENT_W))
     images = TensorSpec("images", (BATCH, 3, PIXEL_H, PIXEL_W))
     specs = {}
@@ -387,7 +406,7 @@ def network_specs(info, extra_unet_inputs: tuple[TensorSpec, ...] = (),
         "unet": NetworkSpec("unet", (TensorSpec("sample", (BATCH, info.unet_in_channels, LATENT_H, LATENT_W)),
                                      TensorSpec("timestep", (BATCH,), FLOAT32, sample=500.0),
                                      TensorSpec("encoder_hidden_states", text)) + tuple(extra_unet_inputs),
-                            (latent,), True, f, optional_inputs=tuple(residuals)),
+                            (latent,), True, f, optional_inputs=tuple(residuals), chunk_tokens=info.max_tokens),
         "vae_encoder": NetworkSpec("vae_encoder", (images,), (  # a tiny autoencoder's gives the latents
             TensorSpec("latents", (BATCH, c, LATENT_H, LATENT_W)) if getattr(info, "tiny_vae", False) else
             TensorSpec("latent_moments", (BATCH, 2 * c, LATENT_H, LATENT_W)),), False, f),

@@ -49,6 +49,21 @@ def test_new_samplers_compiled_match_eager(ckpts, pipes, store, scheduler):
     assert np.abs(out.images - pipes("eps")("a lighthouse", **kw).images).max() <= TOL
 
 
+LONG = "a (red:1.3) fox, " + "in the deep snow, " * 10  # 148 prompt tokens: 3 chunks (comma backtrack)
+ENGINE_TOL = 2e-3
+
+
+def test_long_weighted_prompt_runs_on_the_packages(ckpts, pipes, store):
+    """A 150-token weighted prompt (a1111): the text encoder's package takes its chunks as rows,
+    the UNet's its 231-token text (the text axis is dynamic up to 3 chunks); within 2e-3 of eager."""
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="compiled", engine_dir=str(store))
+    kw = dict(KW, prompt_syntax="a1111", negative_prompt="[ugly]")
+    out = pipe(LONG, **kw)
+    assert out.backends == {"text_encoder": "compiled", "unet": "compiled", "vae_decoder": "compiled"}
+    assert np.abs(out.images - pipes("eps")(LONG, **kw).images).max() <= ENGINE_TOL
+    assert json.loads((entry(store) / "manifest.json").read_text())["profile"]["max_chunks"] == 3
+
+
 def test_other_size_runs_eager(ckpts, store, caplog):
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="compiled", engine_dir=str(store))
     out = pipe("x", height=24, width=24, **KW)

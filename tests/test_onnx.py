@@ -252,6 +252,44 @@ def test_static_shape_entry(ckpts, pipes, static_beside_dynamic, tmp_path, caplo
     assert got == ["onnxruntime", "eager"] * 4
 
 
+LONG = "a (red:1.3) fox, " + "in the deep snow, " * 10  # 148 prompt tokens: 3 chunks (comma backtrack)
+ENGINE_TOL = 2e-3
+
+
+@pytest.mark.parametrize("profile", ["dynamic", "static"])
+def test_long_weighted_prompt_runs_on_onnx_runtime(ckpts, pipes, static_beside_dynamic, tmp_path, profile):
+    """A 150-token weighted prompt (a1111) on the dynamic and the static entry: the UNet's
+    graph takes the 231-token text (a dynamic axis, up to 3 chunks), the text encoder the
+    chunks as rows; within 2e-3 of eager."""
+    store, dynamic, static = static_beside_dynamic
+    pattern = "onnxruntime-fp32-24x40" if profile == "static" else "onnxruntime-fp32"
+    store = copy_entries(store, tmp_path / "engines", pattern)
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
+    kw = dict(num_inference_steps=2, output_type="np", seed=4, height=24, width=40, prompt_syntax="a1111",
+              negative_prompt="(ugly:1.2)")
+    out = pipe(LONG, **kw)
+    assert out.backends["unet"] == "onnxruntime"
+    if profile == "dynamic":
+        assert out.backends["text_encoder"] == "onnxruntime"
+    assert np.abs(out.images - pipes("eps")(LONG, **kw).images).max() <= ENGINE_TOL
+
+
+def test_an_entry_for_77_tokens_serves_short_prompts_only(ckpts, eps_onnx, tmp_path, caplog):
+    """An entry made before long prompts (its profile has no max_chunks: one chunk) keeps
+    serving prompts that fit 77 tokens; a longer one runs the UNet eager, with the warning."""
+    store = copy_entries(eps_onnx, tmp_path / "engines", "onnxruntime-fp32")
+    manifest_file = next(store.glob("*/onnxruntime-fp32/manifest.json"))
+    manifest = json.loads(manifest_file.read_text())
+    del manifest["profile"]["max_chunks"]
+    manifest_file.write_text(json.dumps(manifest))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
+    kw = dict(num_inference_steps=1, output_type="np", seed=4, prompt_syntax="a1111")
+    assert pipe("a (red:1.3) fox", **kw).backends["unet"] == "onnxruntime"
+    out = pipe(LONG, **kw)
+    assert out.backends["unet"] == "eager" and out.backends["text_encoder"] == "onnxruntime"
+    assert "a text of 231 tokens; the engine takes 77 per chunk, up to 1 chunk " in caplog.text
+
+
 def test_static_and_dynamic_entries_coexist(ckpts, static_beside_dynamic, capsys):
     """`export --static` adds an entry beside the dynamic one (it used to replace it): a call
     at the static size and a call at any other size both run on ONNX Runtime."""

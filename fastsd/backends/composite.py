@@ -9,6 +9,8 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ..engines import check_entry
 from ..errors import InvalidArgumentError
 from ..networks import SD_NETWORKS, NetworkSpec
@@ -150,7 +152,16 @@ class CompositeBackend(Networks):
         return self.eager.text_encoders_for(clip_skip)
 
     def _text(self, network: str, input_ids, *, ran: dict | None = None):
-        return self.run(network, {"input_ids": input_ids}, ran)
+        """The text encoder on `input_ids`, in pieces its first engine's batch takes where there
+        are more rows (a long prompt's chunks go in as rows)."""
+        profile = getattr(next(iter(self.engines.get(network, ())), None), "profile", None)
+        most = None if profile is None else profile.max_batch * 2
+        if most is None or input_ids.shape[0] <= most:
+            return self.run(network, {"input_ids": input_ids}, ran)
+        parts = [self.run(network, {"input_ids": ids}, ran) for ids in input_ids.split(most)]
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+        return torch.cat(parts)
 
     def vae_decoder_fp32(self, latent, *, ran: dict | None = None):
         """The fp32 VAE decoder alone: no eager backend (every network on the device) for it."""

@@ -97,6 +97,8 @@ class BuildOptions:
     # (compiled: yes, weights beside the code, False = frozen; TensorRT: no, True = refittable plans)
     refit: bool = True  # a new checkpoint of an architecture the store holds is refitted, not rebuilt
     simplify: bool = True  # ONNX: run onnxslim
+    max_chunks: int | None = None  # the longest text the UNet (and ControlNets) take, in chunks of 77
+    # tokens; None: 3 (231 tokens) for a new export, the ONNX entry's for TensorRT
     progress: Callable[[str], None] = log.info  # one line per network built
 
 

@@ -251,7 +251,7 @@ def _build(opts: BuildOptions) -> Path:
         opts.model, engine_dir=opts.engine_dir, dtype=opts.dtype or "fp32", static=opts.static,
         networks=opts.networks, simplify=opts.simplify, allow_pickle=opts.allow_pickle, clip_skip=opts.clip_skip,
         vae=opts.vae, refit=opts.refit, progress=opts.progress,
-        controlnets=opts.controlnets)
+        controlnets=opts.controlnets, max_chunks=opts.max_chunks)
 
 
 def _details() -> str:
