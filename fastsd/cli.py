@@ -98,6 +98,11 @@ def _generate_parser(sub_parser) -> None:
                         "SD-XL VAE, or TAESD for a fast final decode)")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="fuse a LoRA (.safetensors, kohya or diffusers/PEFT) at SCALE (default 1); repeatable")
+    g.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="the folder <lora:NAME:W> prompt tags name NAME.safetensors files in (a1111 syntax)")
+    g.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual inversion embedding; its token (default: the file's name) is a word of prompts; "
+                        "repeatable")
     g.add_argument("--controlnet", action="append", default=[], metavar="M",
                    help="a ControlNet (diffusers folder, .safetensors file, hub id or synthetic:controlnet-<arch>); "
                         "repeatable (multi-ControlNet), one --control-image each, in the same order")
@@ -463,7 +468,7 @@ def _load(args):
                                     engine_dir=args.engine_dir, allow_pickle=args.allow_pickle,
                                     prediction_type=args.prediction_type, clip_skip=args.clip_skip,
                                     variant=args.variant, vae=args.vae, controlnet=args.controlnet or None,
-                                    max_side=args.max_side)
+                                    max_side=args.max_side, lora_dir=args.lora_dir)
 
 
 def _load_loras(pipe, files: list[str]) -> list[dict]:
@@ -479,6 +484,19 @@ def _load_loras(pipe, files: list[str]) -> list[dict]:
     return loras
 
 
+def _load_embeddings(pipe, specs: list[str], allow_pickle: bool) -> list[dict]:
+    """--embedding FILE[:TOKEN] ...: each loaded, its token printed."""
+    out = []
+    for spec in specs:
+        path, sep, token = spec.rpartition(":")
+        if not (sep and path and Path(path).is_file() and not Path(spec).is_file()):
+            path, token = spec, None
+        token = pipe.load_textual_inversion(path, token or None, allow_pickle=allow_pickle)
+        print(f"embedding {token}: {pipe.textual_inversions[-1]['vectors']} vector(s) from {Path(path).name}")
+        out.append({"path": path, "token": token})
+    return out
+
+
 def cmd_generate(args) -> int:
     values = _call_values(args)
     _check_generate(args, values)
@@ -486,6 +504,7 @@ def cmd_generate(args) -> int:
     call = _read_images(values)
     pipe = _load(args)
     loras = _load_loras(pipe, args.lora)
+    embeddings = _load_embeddings(pipe, args.embedding, args.allow_pickle)
     preview = None
     if args.preview:
         pipe.load_preview_vae(args.preview_vae or _default_preview_vae(args.model, pipe.info))
@@ -509,6 +528,7 @@ def cmd_generate(args) -> int:
             preview.close()
     settings = {**out.settings, "image": args.image, "mask_image": args.mask_image,
                 "model": args.model, "vae": args.vae, "loras": loras,
+                **({"embeddings": embeddings} if embeddings else {}),
                 **({"controlnets": [{"model": m, "image": i} for m, i in zip(args.controlnet, args.control_image,
                                                                              strict=True)]} if args.controlnet else {}),
                 "model_fingerprint": pipe.info.fingerprint,
@@ -749,7 +769,8 @@ def cmd_serve(args) -> int:
                            engine_dir=args.engine_dir, variant=args.variant, allow_pickle=args.allow_pickle,
                            max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
                            max_queue=args.max_queue, limits=limits, model_name=args.model_name,
-                           loras=_serve_loras(args.lora, args.lora_dir), controlnets=tuple(args.controlnet))
+                           loras=_serve_loras(args.lora, args.lora_dir), controlnets=tuple(args.controlnet),
+                           lora_dir=args.lora_dir)
     if args.ray:
         try:
             from .serve import ray_serve

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .embeddings import TextualInversions, flatten
 from .networks import (
     BATCH,
     FLOAT32,
@@ -70,6 +72,7 @@ class StableDiffusion:
         self.networks = type(self).networks + tuple(self.controlnets)
         self._lock = threading.Lock()  # tokenizers keep truncation/padding state between calls
         self._vocabs = {n: Vocab.of(t) for n, t in self.tokenizers.items() if t is not None}
+        self.embeddings = TextualInversions()  # loaded by the pipeline (load_textual_inversion)
 
     @property
     def tokenizer(self):
@@ -89,6 +92,8 @@ class StableDiffusion:
         """(len(texts), 77) int64, padded with the tokenizer's own pad token, truncated with a
         warning that shows what was dropped."""
         n, tokenizer = self.info.max_tokens, self.tokenizers[network]
+        if self.embeddings:
+            return self._token_ids_with_embeddings(texts, device, network)
         with self._lock:
             ids = tokenizer(texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
             for text in dict.fromkeys(texts):  # each distinct prompt once, in order
@@ -99,6 +104,23 @@ class StableDiffusion:
                                 n, len(full) - n, _shorten(dropped))
         return ids.to(device)
 
+    def _token_ids_with_embeddings(self, texts: list[str], device: torch.device, network: str) -> torch.Tensor:
+        """token_ids where textual inversions are loaded: each loaded token's words replaced by
+        its vector ids (as diffusers' added tokens, expanded), then truncated and padded as the
+        tokenizer does."""
+        n, vocab = self.info.max_tokens, self._vocabs[network]
+        rows = []
+        with self._lock:
+            words = self.tokenizers[network](texts, add_special_tokens=False, truncation=False, verbose=False).input_ids
+        for text, ids in zip(texts, words, strict=True):
+            ids = flatten(self.embeddings.split(ids, network))
+            if len(ids) > n - 2:
+                log.warning("prompt longer than %d tokens was truncated; %d tokens dropped: %s", n, len(ids) - n + 2,
+                            _shorten(text))
+                ids = ids[:n - 2]
+            rows.append([vocab.bos, *ids, vocab.eos] + [vocab.pad] * (n - 2 - len(ids)))
+        return torch.tensor(rows, dtype=torch.int64, device=device)
+
     def weighted(self, encoders: dict[str, Callable], texts: dict[str, list[str]],
                  device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """A1111-syntax texts, per text encoder, encoded in chunks (fastsd/prompts.py): each
@@ -106,8 +128,9 @@ class StableDiffusion:
         text padded with the empty prompt's chunk to the same k chunks, the most any text of
         any encoder needs."""
         with self._lock:
-            chunks = {net: [chunk_prompt(t, self.tokenizers[net], self._vocabs[net]) for t in ts]
-                      for net, ts in texts.items()}
+            chunks = {net: [chunk_prompt(t, self.tokenizers[net], self._vocabs[net],
+                                         partial(self.embeddings.split, network=net) if self.embeddings else None)
+                            for t in ts] for net, ts in texts.items()}
         k = max(len(c) for cs in chunks.values() for c in cs)
         return {net: encode_chunks(encoders[net], cs, device, empty_chunk(self._vocabs[net]), k)
                 for net, cs in chunks.items()}

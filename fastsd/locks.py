@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import InvalidArgumentError
 
@@ -57,3 +57,46 @@ class SharedLock:
             with self._cond:
                 self._exclusive = False
                 self._cond.notify_all()
+
+    @contextmanager
+    def shared_when(self, ready: Callable[[], bool], prepare: Callable[[], None], what: str) -> Iterator[None]:
+        """A shared hold on a state where `ready()`; where it is not, an exclusive hold first runs
+        `prepare()` (which makes it ready) and then becomes the shared hold, with no other
+        change in between. `ready` is read only under the lock (changes hold it exclusively)."""
+        with self._cond:
+            fast = not (self._exclusive or self._waiting) and ready()
+            if fast:
+                self._shared += 1
+        if not fast:
+            if getattr(self._mine, "count", 0):
+                raise InvalidArgumentError(f"{what} cannot happen inside a pipeline call (from its callback): "
+                                           "the call runs on the weights it started with")
+            with self._cond:
+                self._waiting += 1
+                try:
+                    while self._exclusive or self._shared:
+                        self._cond.wait()
+                finally:
+                    self._waiting -= 1
+                self._exclusive = True
+            try:
+                if not ready():
+                    prepare()
+            except BaseException:
+                with self._cond:
+                    self._exclusive = False
+                    self._cond.notify_all()
+                raise
+            with self._cond:  # exclusive -> shared: nothing changes the state in between
+                self._exclusive = False
+                self._shared += 1
+                self._cond.notify_all()
+        self._mine.count = getattr(self._mine, "count", 0) + 1
+        try:
+            yield
+        finally:
+            self._mine.count -= 1
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()

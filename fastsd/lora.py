@@ -311,8 +311,16 @@ class LoraWeights:
         lora.scale = float(scale)
         return self._fuse({(d.network, d.param) for d in lora.deltas})
 
+    def remove_all(self, prefix: str) -> dict[str, dict[str, torch.Tensor]]:
+        """Remove every LoRA whose name starts with `prefix` (none there: no change)."""
+        names = [n for n in self.loras if n.startswith(prefix)]
+        touched = {(d.network, d.param) for n in names for d in self.loras[n].deltas}
+        for n in names:
+            del self.loras[n]
+        return self._fuse(touched) if touched else {}
+
     def remove(self, name: str | None) -> dict[str, dict[str, torch.Tensor]]:
-        names = list(self.loras) if name is None else [self._get(name).name]
+        names = [n for n in self.loras if not n.startswith(TAG)] if name is None else [self._get(name).name]
         touched = {(d.network, d.param) for n in names for d in self.loras[n].deltas}
         for n in names:
             del self.loras[n]
@@ -399,8 +407,13 @@ def check_scale(scale) -> float:
     return float(scale)
 
 
+TAG = "<lora>:"  # the prefix of the names prompt-tag LoRAs are fused under
+
+
 class LoraMethods:
     """Pipeline's LoRA methods (a mixin of fastsd/pipeline.py's Pipeline)."""
+
+    _tagged: tuple[tuple[str, float], ...] = ()  # the <lora:...> tag LoRAs fused now, (name, weight) in order
 
     def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
         """Fuse a LoRA (.safetensors: kohya / A1111, or diffusers / PEFT) into the UNet and text
@@ -439,7 +452,84 @@ class LoraMethods:
     def loras(self) -> list[dict]:
         """The loaded LoRAs in load order: name, path, scale, weights, networks, and how long
         its last load or scale change took (fusing and refitting engines), in seconds."""
-        return [lora.describe() for lora in self._loras.loras.values()]
+        return [lora.describe() for lora in self._loras.loras.values() if not lora.name.startswith(TAG)]
+
+    # ---- <lora:NAME:W> prompt tags (prompt_syntax="a1111") ----------------------------------
+
+    def _prompt_loras(self, values: dict) -> tuple[tuple[str, float], ...]:
+        """The LoRAs a call's tags ask for, (name, weight) in order, with the tags cut out of
+        `values`' texts (changed in place); none for prompt_syntax "plain" (tags are text there,
+        as in diffusers). The prompts of one call must name the same LoRAs; a name given two
+        weights is an error."""
+        from .prompts import A1111, lora_tags
+
+        if values.get("prompt_syntax") != A1111:
+            return ()
+        wanted: dict[str, float] = {}
+        for key in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2"):
+            value = values.get(key)
+            texts = [value] if isinstance(value, str) else value
+            if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+                continue  # not text: the call's own checks say so
+            cut = [lora_tags(t) for t in texts]
+            if key in ("prompt", "prompt_2") and len({tags for _, tags in cut}) > 1:
+                raise InvalidArgumentError("the prompts of one call name different LoRAs: make one call per set of "
+                                           "<lora:...> tags", key)
+            for _, tags in cut:
+                for name, weight in tags:
+                    if wanted.setdefault(name, weight) != weight:
+                        raise InvalidArgumentError(f"<lora:{name}:...> is given two weights ({wanted[name]:g} and "
+                                                   f"{weight:g})", key)
+            values[key] = cut[0][0] if isinstance(value, str) else [text for text, _ in cut]
+        if wanted:
+            self._lora_file(next(iter(wanted)))  # a missing folder or name fails before any work
+            for name in wanted:
+                self._lora_file(name)
+        return tuple(wanted.items())
+
+    def _lora_file(self, name: str) -> Path:
+        """The file of a LoRA tag's NAME: NAME.safetensors in lora_dir or a folder below it."""
+        folder = getattr(self, "lora_dir", None)
+        if folder is None:
+            raise InvalidArgumentError(f"<lora:{name}> needs a LoRA folder: Pipeline.from_pretrained(..., "
+                                       "lora_dir=...) (CLI and server: --lora-dir)", "prompt")
+        files = {f.stem: f for f in sorted(Path(folder).rglob("*.safetensors"))}
+        if name in files:
+            return files[name]
+        folded = [f for stem, f in files.items() if stem.lower() == name.lower()]
+        if len(folded) == 1:
+            return folded[0]
+        have = ", ".join(sorted(files)[:10]) or "none"
+        raise InvalidArgumentError(f"no LoRA named {name!r} in {folder} (.safetensors files there: {have})", "prompt")
+
+    def _lora_state(self, wanted: tuple[tuple[str, float], ...]):
+        """The shared hold of a call on weights with exactly the tag LoRAs `wanted` fused (after
+        the explicitly loaded ones): a call that wants another set waits for the calls running,
+        switches, and runs; the weights equal loading those LoRAs with load_lora."""
+        read: dict = {}
+        if wanted != self._tagged:  # read the files before taking the weights (a switch is then quick)
+            modules = self.family.modules(self.ckpt)
+            read = {(n, w): read_lora(self._lora_file(n), modules, TAG + n, w) for n, w in wanted}
+
+        def switch() -> None:
+            t0 = time.perf_counter()
+            changed: dict[str, dict[str, torch.Tensor]] = {}
+            for network, weights in self._loras.remove_all(TAG).items():
+                changed.setdefault(network, {}).update(weights)
+            modules = None
+            for n, w in wanted:
+                lora = read.get((n, w))
+                if lora is None:  # another call switched meanwhile
+                    modules = modules or self.family.modules(self.ckpt)
+                    lora = read_lora(self._lora_file(n), modules, TAG + n, w)
+                for network, weights in self._loras.add(lora).items():
+                    changed.setdefault(network, {}).update(weights)
+            self._weights_changed(changed)
+            log.info("LoRA tags: %s -> %s in %.2fs", list(self._tagged) or "none", list(wanted) or "none",
+                     time.perf_counter() - t0)
+            self._tagged = wanted
+
+        return self._weights_lock.shared_when(lambda: self._tagged == wanted, switch, "a LoRA tag switch")
 
     def _weights_changed(self, changed: dict[str, dict[str, torch.Tensor]]) -> None:
         """Weights changed: engines are refitted, captured steps dropped."""

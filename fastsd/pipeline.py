@@ -26,6 +26,7 @@ from . import images as imgs
 from .backends import Backend, on_work_stream
 from .budget import check_fits, widths_of
 from .checkpoint import check_clip_skip
+from .embeddings import EmbeddingMethods
 from .errors import InvalidArgumentError, NumericalError
 from .families import family_for
 from .loading import MemoryOptions, from_pretrained
@@ -71,7 +72,7 @@ class _Loop:
     control: tuple[bool, ...] | None  # per step: whether the ControlNets run (None without ControlNets)
 
 
-class Pipeline(DiffusersSurface, LoraMethods, Previews, Stages):
+class Pipeline(DiffusersSurface, LoraMethods, EmbeddingMethods, Previews, Stages):
     """A Stable Diffusion pipeline (SD 1.x/2.x, SD-XL, inpainting UNets, ControlNets) over
     whichever engines exist, with eager PyTorch for the rest. Load one with from_pretrained;
     call it as a diffusers pipeline (txt2img; img2img with image=; inpainting with image= and
@@ -135,6 +136,8 @@ class Pipeline(DiffusersSurface, LoraMethods, Previews, Stages):
         values = dict(locals())  # the arguments, by name (as the table lists them)
         del values["self"], values["unsupported"]
         arguments.unknown(unsupported)
+        given = {k: values[k] for k in ("prompt", "negative_prompt")}
+        tags = self._prompt_loras(values)  # a1111: <lora:NAME:W> tags cut out of the texts
         req, text_encoders = self._request(values)
         gen, seed = self._generator(values["generator"], values["seed"], req.batch)
         total = req.loop_steps
@@ -143,7 +146,7 @@ class Pipeline(DiffusersSurface, LoraMethods, Previews, Stages):
                                                  callback_on_step_end_tensor_inputs, total,
                                                  SAMPLERS[req.scheduler].order, preview)
         try:
-            with self._weights_lock.shared(), on_work_stream(self.device):  # on CUDA: fastsd's one work stream
+            with self._lora_state(tags), on_work_stream(self.device):  # on CUDA: fastsd's one work stream
                 out = self._generate(Call(req, gen, text_encoders, preview=preview), step_callback)
         finally:
             if bar is not None:
@@ -151,6 +154,9 @@ class Pipeline(DiffusersSurface, LoraMethods, Previews, Stages):
         out.seed = seed
         out.settings = dict(req.settings(), seed=seed, clip_skip=self.clip_skip if req.clip_skip is None
                             else req.clip_skip)
+        if tags:  # the texts as given, tags included (as the web UI's infotext)
+            out.settings.update({k: v for k, v in given.items() if out.settings.get(k) is not None},
+                                lora_tags=[{"name": n, "scale": w} for n, w in tags])
         return out if return_dict else (out.images, None)
 
     def check_call(self, *args, **kwargs) -> Request:
@@ -162,6 +168,7 @@ class Pipeline(DiffusersSurface, LoraMethods, Previews, Stages):
         call.apply_defaults()
         values = dict(call.arguments)
         arguments.unknown(values.pop("unsupported", {}))
+        self._prompt_loras(values)
         req, _ = self._request(values)
         self._check_preview(values["preview_every"], values["callback_on_step_end"])
         if values["generator"] is not None:

@@ -126,8 +126,10 @@ def empty_chunk(vocab: Vocab) -> Chunk:
     return _close([], [], vocab)
 
 
-def chunk_prompt(text: str, tokenizer, vocab: Vocab | None = None) -> list[Chunk]:
-    """The chunks of an A1111-syntax prompt (at least one)."""
+def chunk_prompt(text: str, tokenizer, vocab: Vocab | None = None, split=None) -> list[Chunk]:
+    """The chunks of an A1111-syntax prompt (at least one). `split(ids)` gives a span's ids with
+    textual-inversion words as tuples of their vector ids (fastsd/embeddings.py), which stay
+    in one chunk, as the web UI keeps them."""
     vocab = vocab or Vocab.of(tokenizer)
     spans = parse_attention(text)
     texts = [t for t, w in spans if w is not BREAK]
@@ -147,7 +149,8 @@ def chunk_prompt(text: str, tokenizer, vocab: Vocab | None = None) -> list[Chunk
         if weight is BREAK:
             close()
             continue
-        for token in next(tokenized):
+        ids = next(tokenized)
+        for token in (split(ids) if split is not None else ids):
             if token == vocab.comma:
                 comma = len(tokens)
             elif len(tokens) == CHUNK_TOKENS and comma != -1 and len(tokens) - comma <= COMMA_BACKTRACK:
@@ -157,6 +160,12 @@ def chunk_prompt(text: str, tokenizer, vocab: Vocab | None = None) -> list[Chunk
                 tokens, weights = moved, moved_weights
             if len(tokens) == CHUNK_TOKENS:
                 close()
+            if isinstance(token, tuple):  # an embedding's vectors
+                if len(tokens) + len(token) > CHUNK_TOKENS:
+                    close()
+                tokens.extend(token)
+                weights.extend([weight] * len(token))
+                continue
             tokens.append(token)
             weights.append(weight)
     if tokens or not chunks:
@@ -189,3 +198,34 @@ def encode_chunks(encoder, texts: list[list[Chunk]], device: torch.device, pad: 
     n, length, width = len(texts), hidden.shape[1], hidden.shape[2]
     hidden = hidden.reshape(n, k * length, width)
     return hidden, (None if pooled is None else pooled.reshape(n, k, -1)[:, 0])
+
+
+# ---- extra networks: <lora:NAME:W> ------------------------------------------------------------
+
+_EXTRA = re.compile(r"<(\w+):([^>]+)>")  # the web UI's extra-network tags
+LORA_KINDS = ("lora", "lyco")  # lyco: the LyCORIS extension's spelling, the same LoRA files
+
+
+def lora_tags(text: str) -> tuple[str, tuple[tuple[str, float], ...]]:
+    """(the text without its extra-network tags, the (name, weight) of each <lora:NAME[:W]>
+    in order; W defaults to 1). The tags are cut out as the web UI cuts them (the words around
+    them stay as they are). Other extra networks (hypernetworks, ...) and separate text-encoder
+    and UNet weights are InvalidArgumentErrors of `prompt`."""
+    found = []
+    for m in _EXTRA.finditer(text):
+        kind, params = m.group(1), m.group(2).split(":")
+        if kind not in LORA_KINDS:
+            raise InvalidArgumentError(f"the tag {m.group(0)!r}: fastsd applies <lora:...> tags only, not {kind}",
+                                       "prompt")
+        name, weights = params[0].strip(), params[1:]
+        if not name:
+            raise InvalidArgumentError(f"the tag {m.group(0)!r} names no LoRA", "prompt")
+        try:
+            values = [float(w) for w in weights[:2]]
+        except ValueError:
+            raise InvalidArgumentError(f"the tag {m.group(0)!r}: its weight is not a number", "prompt") from None
+        if len(values) == 2 and values[0] != values[1]:
+            raise InvalidArgumentError(f"the tag {m.group(0)!r}: separate text-encoder and UNet weights are not "
+                                       "supported (give one weight)", "prompt")
+        found.append((name, values[0] if values else 1.0))
+    return _EXTRA.sub("", text), tuple(found)

@@ -388,3 +388,81 @@ def test_a_server_with_a_non_finite_lora_fails_its_start(models, tmp_path):
                "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 2, 1, 1)}, str(path))
     with pytest.raises(InvalidArgumentError, match="LoRA bad.safetensors: unet conv_in: its down tensor holds NaN"):
         ServeOptions(model=str(models["sd"]), loras=(("bad", str(path)),)).load()
+
+
+# ---- <lora:NAME:W> prompt tags --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_dir(files, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lora-dir")
+    (folder / "styles").mkdir()
+    shutil.copy(files[("sd", "kohya-te")], folder / "detail.safetensors")
+    shutil.copy(files[("sd", "peft")], folder / "styles" / "Ink.safetensors")  # a folder below, any case
+    return folder
+
+
+def test_lora_tags_are_the_loras_loaded_for_that_call(models, files, lora_dir):
+    """a1111 syntax: <lora:NAME:W> tags are cut out of the prompt and the LoRAs of lora_dir
+    fused for that call: the image equals load_lora with those scales on the cut prompt; the
+    next call without tags is the base model again, bit for bit; explicit LoRAs stay."""
+    pipe = Pipeline.from_pretrained(str(models["sd"]), device="cpu", lora_dir=str(lora_dir))
+    kw = dict(KW, seed=1, prompt_syntax="a1111")
+    base = pipe("a red fox, ", **kw).images
+    out = pipe("a red fox, <lora:detail:0.7><lora:ink>", negative_prompt="<lora:detail:0.7>blurry", **kw)
+    assert out.settings["prompt"] == "a red fox, <lora:detail:0.7><lora:ink>"
+    assert out.settings["lora_tags"] == [{"name": "detail", "scale": 0.7}, {"name": "ink", "scale": 1.0}]
+    assert pipe.loras == []  # tag LoRAs are the call's, not listed as loaded
+    ref = Pipeline.from_pretrained(str(models["sd"]), device="cpu")
+    ref.load_lora(files[("sd", "kohya-te")], scale=0.7)
+    ref.load_lora(files[("sd", "peft")], scale=1.0)
+    want = ref("a red fox, ", negative_prompt="blurry", **kw).images
+    assert np.abs(out.images - want).max() <= 1e-6
+    assert np.abs(out.images - base).max() > 1e-3
+    assert np.array_equal(pipe("a red fox, ", **kw).images, base)
+    # plain syntax: the tag is text, as in diffusers (no LoRA)
+    plain = pipe("a red fox, <lora:detail:0.7>", **dict(kw, prompt_syntax="plain"))
+    assert "lora_tags" not in plain.settings and pipe.loras == []
+
+
+def test_lora_tags_in_threads_each_get_their_own(models, lora_dir):
+    import threading
+
+    pipe = Pipeline.from_pretrained(str(models["sd"]), device="cpu", lora_dir=str(lora_dir))
+    kw = dict(KW, num_inference_steps=1, seed=2, prompt_syntax="a1111")
+    prompts = ["a fox <lora:detail:0.5>", "a fox <lora:ink:1.2>", "a fox"]
+    want = {p: pipe(p, **kw).images for p in prompts}
+    got: dict = {}
+    barrier = threading.Barrier(3)
+
+    def worker(p):
+        barrier.wait()
+        got[p] = [pipe(p, **kw).images for _ in range(2)]
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in prompts:
+        assert all(np.array_equal(g, want[p]) for g in got[p]), p
+
+
+def test_lora_tag_errors(models, lora_dir):
+    pipe = Pipeline.from_pretrained(str(models["sd"]), device="cpu", lora_dir=str(lora_dir))
+    kw = dict(KW, num_inference_steps=1, prompt_syntax="a1111")
+    with pytest.raises(InvalidArgumentError, match="no LoRA named 'missing'.*Ink, detail") as e:
+        pipe("a fox <lora:missing:1>", **kw)
+    assert e.value.param == "prompt"
+    with pytest.raises(InvalidArgumentError, match="not a number"):
+        pipe.check_call("a fox <lora:detail:strong>", prompt_syntax="a1111")
+    with pytest.raises(InvalidArgumentError, match="hypernet"):
+        pipe.check_call("a fox <hypernet:x:1>", prompt_syntax="a1111")
+    with pytest.raises(InvalidArgumentError, match="different LoRAs"):
+        pipe.check_call(["a <lora:detail>", "b"], prompt_syntax="a1111")
+    with pytest.raises(InvalidArgumentError, match="two weights"):
+        pipe.check_call("a <lora:detail:1> b <lora:detail:0.5>", prompt_syntax="a1111")
+    bare = Pipeline.from_pretrained(str(models["sd"]), device="cpu")
+    with pytest.raises(InvalidArgumentError, match="needs a LoRA folder"):
+        bare("a fox <lora:detail>", **kw)
+    with pytest.raises(InvalidArgumentError, match="no folder"):
+        Pipeline.from_pretrained(str(models["sd"]), device="cpu", lora_dir=str(lora_dir / "nope"))

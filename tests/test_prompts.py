@@ -282,3 +282,103 @@ def test_cli_and_server_read_a1111_by_default(ckpts, tmp_path):
     with pytest.raises(APIError) as e:
         settings(prompt_syntax="comfy")
     assert e.value.param == "prompt_syntax"
+
+
+# ---- textual inversion ---------------------------------------------------------------------
+
+def _embedding_files(folder, widths: dict[str, int], seed: int = 0):
+    """Random embeddings in every format: diffusers' (2 vectors), A1111's safetensors (3),
+    A1111's .pt (1), and an SD-XL pair (2) where two widths are given."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    width = widths["text_encoder"]
+    files = {"diffusers": folder / "learned_embeds.safetensors", "a1111": folder / "easyneg.safetensors",
+             "pt": folder / "old.pt"}
+    save_file({"mytok": torch.randn(2, width, generator=g)}, str(files["diffusers"]))
+    save_file({"emb_params": torch.randn(3, width, generator=g)}, str(files["a1111"]))
+    torch.save({"string_to_param": {"*": torch.randn(1, width, generator=g)}, "name": "oldtok"}, str(files["pt"]))
+    if "text_encoder_2" in widths:
+        files["xl"] = folder / "xlemb.safetensors"
+        save_file({"clip_l": torch.randn(2, width, generator=g),
+                   "clip_g": torch.randn(2, widths["text_encoder_2"], generator=g)}, str(files["xl"]))
+    return files
+
+
+def test_textual_inversion_matches_diffusers_and_unloads_exactly(ckpts, tmp_path):
+    """diffusers' load_textual_inversion with the same file and token gives the same image, in
+    the prompt and in the negative, multi-vector included; a1111 syntax reads the token too
+    (with weights); unloading gives the images from before, bit for bit."""
+    import diffusers
+
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="eager", device="cpu")
+    files = _embedding_files(tmp_path, {"text_encoder": pipe.text_encoder.config.hidden_size})
+    kw = dict(num_inference_steps=2, output_type="np")
+    before = pipe("a mytok fox", negative_prompt="easyneg", seed=2, **kw).images
+    assert pipe.load_textual_inversion(str(files["diffusers"])) == "mytok"
+    assert pipe.load_textual_inversion(str(files["a1111"])) == "easyneg"  # the file's name, as the web UI
+    assert [t["vectors"] for t in pipe.textual_inversions] == [2, 3]
+    got = pipe("a mytok fox", negative_prompt="easyneg", seed=2, **kw).images
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(str(ckpts["eps"]), safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_textual_inversion(str(files["diffusers"]))
+    ref.load_textual_inversion(str(files["a1111"]), token="easyneg")
+    want = ref("a mytok fox", negative_prompt="easyneg", generator=torch.Generator().manual_seed(2), **kw).images
+    assert np.abs(got - want).max() <= TOL
+    assert np.abs(got - before).max() > 1e-3
+    weighted = pipe("a (mytok:1.0) fox", negative_prompt="easyneg", prompt_syntax="a1111", seed=2, **kw).images
+    assert np.abs(weighted - got).max() <= 1e-5  # one batch of both texts: CPU rounding only
+    pipe.unload_textual_inversion("mytok")
+    assert [t["token"] for t in pipe.textual_inversions] == ["easyneg"]
+    pipe.unload_textual_inversion()
+    assert np.array_equal(pipe("a mytok fox", negative_prompt="easyneg", seed=2, **kw).images, before)
+
+
+def test_textual_inversion_sdxl_pairs(tokenizers, tmp_path):
+    """SD-XL: clip_l vectors into the first text encoder, clip_g into the second, as diffusers'
+    documented two-call load."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    path = tokenizers[0]
+    pipe = Pipeline.from_pretrained(str(path), backend="eager", device="cpu")
+    files = _embedding_files(tmp_path, {"text_encoder": pipe.text_encoder.config.hidden_size,
+                                        "text_encoder_2": pipe.text_encoder_2.config.hidden_size})
+    assert pipe.load_textual_inversion(str(files["xl"]), token="xltok") == "xltok"
+    kw = dict(num_inference_steps=2, output_type="np", negative_prompt="ugly")
+    got = pipe("a xltok fox", seed=3, **kw).images
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(str(path))
+    ref.set_progress_bar_config(disable=True)
+    state = load_file(str(files["xl"]))
+    ref.load_textual_inversion(state["clip_l"], token="xltok", text_encoder=ref.text_encoder, tokenizer=ref.tokenizer)
+    ref.load_textual_inversion(state["clip_g"], token="xltok", text_encoder=ref.text_encoder_2,
+                               tokenizer=ref.tokenizer_2)
+    want = ref("a xltok fox", generator=torch.Generator().manual_seed(3), **kw).images
+    assert np.abs(got - want).max() <= TOL
+    with pytest.raises(InvalidArgumentError, match="SD-XL checkpoint needs an SD-XL embedding"):
+        pipe.load_textual_inversion(str(files["a1111"]))
+
+
+def test_textual_inversion_errors(ckpts, tmp_path):
+    from safetensors.torch import save_file
+
+    from fastsd.errors import CheckpointError
+
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="eager", device="cpu")
+    width = pipe.text_encoder.config.hidden_size
+    files = _embedding_files(tmp_path, {"text_encoder": width, "text_encoder_2": 2 * width})
+    with pytest.raises(InvalidArgumentError, match="pickle"):
+        pipe.load_textual_inversion(str(files["pt"]))
+    assert pipe.load_textual_inversion(str(files["pt"]), allow_pickle=True) == "oldtok"
+    with pytest.raises(InvalidArgumentError, match="loaded already"):
+        pipe.load_textual_inversion(str(files["pt"]), allow_pickle=True)
+    with pytest.raises(InvalidArgumentError, match="SD-XL embedding"):
+        pipe.load_textual_inversion(str(files["xl"]))
+    save_file({"wide": torch.zeros(1, width + 1)}, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(InvalidArgumentError, match="another model"):
+        pipe.load_textual_inversion(str(tmp_path / "wide.safetensors"))
+    with pytest.raises(CheckpointError, match="no textual inversion file"):
+        pipe.load_textual_inversion(str(tmp_path / "missing.safetensors"))
+    with pytest.raises(InvalidArgumentError, match="not loaded|no textual inversion with the token"):
+        pipe.unload_textual_inversion("nothing")
+    assert [t["token"] for t in pipe.textual_inversions] == ["oldtok"]  # the failures changed nothing

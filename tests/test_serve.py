@@ -781,7 +781,7 @@ def test_lora_requests_are_batched_apart(ckpts, tmp_path):
 SWEEP = {"strength": 1.5, "num_inference_steps": 0, "guidance_scale": 101.0, "scheduler": "nope", "eta": 1.5,
          "seed": -1, "height": 33, "width": 33, "num_images_per_prompt": 0, "guidance_rescale": 2.0,
          "timesteps": [-1.0], "sigmas": [-1.0], "controlnet_conditioning_scale": 11.0,
-         "control_guidance_start": 2.0, "control_guidance_end": -1.0}
+         "control_guidance_start": 2.0, "control_guidance_end": -1.0, "prompt_syntax": "comfy"}
 NO_COMMON_BAD_VALUE = {  # the table's rows on both front ends whose bad values differ by front end
     "prompt": "any text is a prompt on the command line and over HTTP",
     "negative_prompt": "as prompt", "image": "a file on the CLI, an upload over HTTP", "mask_image": "as image",
@@ -842,7 +842,8 @@ def test_guidance_rescale_timesteps_and_sigmas_in_the_cli_and_the_server(server,
     settings = json.loads(Image.open(path).text["fastsd"])
     assert settings["timesteps"] == [999.0, 500.0, 100.0] and settings["guidance_rescale"] == 0.7
     assert settings["num_inference_steps"] == 3 and settings["seed"] == 3
-    again = pipe("a lighthouse", seed=3, guidance_rescale=0.7, scheduler="euler", timesteps=[999, 500, 100])
+    again = pipe("a lighthouse", seed=3, guidance_rescale=0.7, scheduler="euler", timesteps=[999, 500, 100],
+                 prompt_syntax=settings["prompt_syntax"])  # the CLI's default: a1111
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(Image.open(path).convert("RGB")))
     assert again.settings == {**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()
                                  if k in again.settings}}

@@ -119,4 +119,6 @@ def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.
                     "it" if len(missing) == 1 else "them")
     if not any(engines.values()):
         return make_eager()
-    return CompositeBackend(engines, make_eager, vae_fp32, clip_skip, family.networks)
+    vocab = {n: int(getattr(ckpt, n).config.vocab_size) for n in family.networks
+             if n.startswith("text_encoder") and getattr(ckpt, n, None) is not None}
+    return CompositeBackend(engines, make_eager, vae_fp32, clip_skip, family.networks, vocab)

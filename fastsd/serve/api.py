@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from ..arguments import ARGS, BY_NAME, SEED_LIMIT, check_value, field, form_value
 from ..errors import InvalidArgumentError
 from ..images import as_mask, as_rgb
-from ..prompts import A1111
+from ..prompts import A1111, lora_tags
 from ..settings import check_size, draw_seed
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -77,6 +77,16 @@ class ImageRequest:
     @property
     def mode(self) -> str:
         return "txt2img" if self.image is None else "img2img" if self.mask is None else "inpaint"
+
+    @property
+    def lora_tags(self) -> tuple:
+        """The <lora:NAME:W> tags of its texts (prompt_syntax a1111): a batch runs on one set."""
+        if dict(self.settings).get("prompt_syntax") != A1111:
+            return ()
+        try:
+            return tuple(tag for text in (self.prompt, self.negative_prompt or "") for tag in lora_tags(text)[1])
+        except InvalidArgumentError:
+            return ()  # the pipeline's check names the problem
 
     def call_kwargs(self) -> dict:
         """Pipeline keywords shared by every image of the request (not prompt, seed or n)."""

@@ -60,6 +60,7 @@ class ServeOptions:
     limits: Limits = field(default_factory=Limits)
     model_name: str | None = None  # the id clients pass as `model` (default: the model's name)
     loras: tuple[tuple[str, str], ...] = ()  # (name, file) of the LoRAs requests may name
+    lora_dir: str | None = None  # the folder <lora:NAME:W> prompt tags name files of
     controlnets: tuple[str, ...] = ()  # ControlNets: requests may pass a control_image (one per ControlNet)
 
     @property
@@ -79,7 +80,7 @@ class ServeOptions:
         pipe = Pipeline.from_pretrained(self.model, backend=self.backend, device=self.device, dtype=self.dtype,
                                         engine_dir=self.engine_dir, variant=self.variant,
                                         allow_pickle=self.allow_pickle, controlnet=list(self.controlnets) or None,
-                                        max_side=self.limits.max_side)
+                                        max_side=self.limits.max_side, lora_dir=self.lora_dir)
         modules = pipe.family.modules(pipe.ckpt)
         for name, path in self.loras:  # a LoRA that does not fit the model fails the start, not a request
             read_lora(path, modules, name, 1.0)
@@ -157,7 +158,7 @@ class _State:
             w, h = req.image.size
         elif req.control_image and w is None:  # txt2img with a ControlNet: the control image's size
             w, h = req.control_image[0].size
-        return (req.mode, w, h, req.settings, req.loras, len(req.control_image))
+        return (req.mode, w, h, req.settings, req.loras, req.lora_tags, len(req.control_image))
 
     def check(self, req: ImageRequest) -> None:
         """The pipeline's own checks, on the batch this request may be part of."""
