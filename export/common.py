@@ -87,7 +87,8 @@ def donor_record(donor_manifest: dict | None, family, name: str, layout: str) ->
     record = donor_manifest["networks"].get(spec.name) if donor_manifest else None
     if record is None or record.get("weights_layout") != layout:
         return None
-    built_with = record.get("inputs", list(family.specs[name].input_names))
+    plain = None if spec.name.startswith("text_encoder") else list(family.specs[name].input_names)
+    built_with = record.get("inputs", plain)  # text encoders that list none took token ids
     return record if built_with == list(spec.input_names) else None
 
 

@@ -53,7 +53,8 @@ def _dynamic_batch(module: torch.nn.Module, spec: NetworkSpec, max_chunks: int =
             if dims[i:]:
                 out[p.name] = tuple(dims[i:])
             break
-        out[p.name] = dims[i] if i < len(dims) else None
+        if i < len(dims):  # a parameter with a default the spec does not feed is left out
+            out[p.name] = dims[i]
     return out
 
 

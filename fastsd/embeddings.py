@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .errors import CheckpointError, InvalidArgumentError
 
@@ -99,42 +98,41 @@ def read_embedding(path, token: str | None, allow_pickle: bool) -> tuple[str, di
 
 
 class TextualInversions:
-    """The loaded embeddings of one pipeline, in load order, and what the prompts and the
-    eager text encoders need of them."""
+    """The loaded embeddings of one pipeline, in load order: their words in each tokenizer, the
+    ids their vectors have, and the token tables with their vectors after the checkpoint's."""
 
     def __init__(self):
         self.loaded: dict[str, Embedding] = {}
-        self._bases: dict[str, nn.Embedding] = {}  # per text encoder: its own table, while extended
+        self._tables: dict[str, tuple] = {}  # per text encoder: (key, table) of the last table built
 
     def __bool__(self) -> bool:
         return bool(self.loaded)
 
-    def check(self, token: str, vectors: dict[str, torch.Tensor], encoders: dict[str, nn.Module], path) -> None:
+    def check(self, token: str, vectors: dict[str, torch.Tensor], widths: dict[str, int], path) -> None:
         """A new embedding fits this model: one set of vectors per text encoder, each as wide
         as that encoder's token embeddings, and a token not loaded yet."""
         if token in self.loaded:
             raise InvalidArgumentError(f"a textual inversion with the token {token!r} is loaded already: unload it "
                                        "first, or pass another token")
         name = Path(path).name
-        if set(vectors) != set(encoders):
-            if set(encoders) == {"text_encoder"}:
+        if set(vectors) != set(widths):
+            if set(widths) == {"text_encoder"}:
                 raise InvalidArgumentError(f"{name} is an SD-XL embedding (clip_l and clip_g); this checkpoint is "
                                            "SD 1.x/2.x")
             raise InvalidArgumentError(f"{name} has vectors for one text encoder; this SD-XL checkpoint needs an "
                                        "SD-XL embedding (clip_l and clip_g)")
         for network, v in vectors.items():
-            width = _table(encoders[network]).embedding_dim
-            if v.shape[1] != width:
+            if v.shape[1] != widths[network]:
                 raise InvalidArgumentError(f"{name}: its vectors are {v.shape[1]} wide; this checkpoint's "
-                                           f"{network} takes {width} (an embedding for another model)")
+                                           f"{network} takes {widths[network]} (an embedding for another model)")
 
-    def add(self, embedding: Embedding, tokenizers: dict, encoders: dict[str, nn.Module]) -> None:
+    def add(self, embedding: Embedding, tokenizers: dict, vocab: int) -> None:
         for network, tok in tokenizers.items():
             embedding.words[network] = tuple(tok(embedding.token, add_special_tokens=False).input_ids)
         self.loaded[embedding.token] = embedding
-        self._apply(encoders)
+        self._number(vocab)
 
-    def remove(self, tokens, encoders: dict[str, nn.Module]) -> list[str]:
+    def remove(self, tokens, vocab: int) -> list[str]:
         names = list(self.loaded) if tokens is None else [tokens] if isinstance(tokens, str) else list(tokens)
         missing = [t for t in names if t not in self.loaded]
         if missing:
@@ -142,32 +140,30 @@ class TextualInversions:
                                        f"(loaded: {', '.join(self.loaded) or 'none'})")
         for t in names:
             del self.loaded[t]
-        self._apply(encoders)
+        self._number(vocab)
         return names
 
-    def _apply(self, encoders: dict[str, nn.Module]) -> None:
-        """Each eager text encoder's table: its own rows, then the loaded vectors at V, V+1, ...
-        (its own table object back, on the encoder's device and dtype, when none is loaded)."""
-        for network, module in encoders.items():
-            current = _table(module)
-            base = self._bases.get(network, current).to(current.weight.device, current.weight.dtype)
-            rows = [e.vectors[network] for e in self.loaded.values()]
-            if not rows:
-                if network in self._bases:
-                    _set_table(module, self._bases.pop(network).to(current.weight.device, current.weight.dtype))
-                continue
-            self._bases[network] = base
-            extra = torch.cat(rows).to(base.weight.device, base.weight.dtype)
-            table = nn.Embedding(base.num_embeddings + extra.shape[0], base.embedding_dim, device=base.weight.device,
-                                 dtype=base.weight.dtype)
-            with torch.no_grad():
-                table.weight.copy_(torch.cat([base.weight, extra]))
-            table.weight.requires_grad_(False)
-            _set_table(module, table)
-        start = self._bases["text_encoder"].num_embeddings if self._bases else 0
+    def _number(self, vocab: int) -> None:
+        """The vectors' ids: V, V+1, ... in load order (as diffusers numbers added tokens)."""
+        start = vocab
         for e in self.loaded.values():
             e.ids = tuple(range(start, start + e.count))
             start += e.count
+        self._tables.clear()
+
+    def table(self, network: str, base: torch.Tensor) -> torch.Tensor:
+        """The token table of `network`: the checkpoint's rows `base` (V, D), then every loaded
+        embedding's vectors, in base's dtype and on its device (built once per change)."""
+        if not self.loaded:
+            return base
+        key = (base.data_ptr(), base.device, base.dtype, tuple(self.loaded))
+        kept = self._tables.get(network)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        rows = torch.cat([e.vectors[network] for e in self.loaded.values()]).to(base.device, base.dtype)
+        table = torch.cat([base.detach(), rows])
+        self._tables[network] = (key, table)
+        return table
 
     def split(self, ids: list[int], network: str) -> list[int | tuple[int, ...]]:
         """A text's token ids with each loaded token's BPE ids replaced by a tuple of its vector
@@ -194,16 +190,6 @@ def flatten(items: list[int | tuple[int, ...]]) -> list[int]:
     return [t for item in items for t in (item if isinstance(item, tuple) else (item,))]
 
 
-def _table(module: nn.Module) -> nn.Embedding:
-    clip = getattr(module, "clip", module)
-    return getattr(clip, "text_model", clip).embeddings.token_embedding
-
-
-def _set_table(module: nn.Module, table: nn.Embedding) -> None:
-    clip = getattr(module, "clip", module)
-    getattr(clip, "text_model", clip).embeddings.token_embedding = table
-
-
 class EmbeddingMethods:
     """Pipeline's textual-inversion methods (a mixin of fastsd/pipeline.py's Pipeline)."""
 
@@ -225,11 +211,12 @@ class EmbeddingMethods:
                     for p, t in zip(pretrained_model_name_or_path, tokens, strict=True)]
         path = pretrained_model_name_or_path
         token, vectors = read_embedding(path, token, allow_pickle)
+        tables = self.family.token_tables
         with self._weights_lock.exclusive("load_textual_inversion"):
-            encoders = self._text_modules()
-            self.family.embeddings.check(token, vectors, encoders, path)
+            self.family.embeddings.check(token, vectors, {n: t.embedding_dim for n, t in tables.items()}, path)
             tokenizers = {n: t for n, t in self.family.tokenizers.items() if t is not None}
-            self.family.embeddings.add(Embedding(token, str(path), vectors), tokenizers, encoders)
+            self.family.embeddings.add(Embedding(token, str(path), vectors), tokenizers,
+                                       tables["text_encoder"].num_embeddings)
         log.info("textual inversion %r: %d vector(s) from %s", token, next(iter(vectors.values())).shape[0],
                  Path(path).name)
         return token
@@ -240,13 +227,9 @@ class EmbeddingMethods:
         if unsupported:
             raise InvalidArgumentError(f"unload_textual_inversion takes no {sorted(unsupported)[0]!r}")
         with self._weights_lock.exclusive("unload_textual_inversion"):
-            self.family.embeddings.remove(tokens, self._text_modules())
+            self.family.embeddings.remove(tokens, self.family.token_tables["text_encoder"].num_embeddings)
 
     @property
     def textual_inversions(self) -> list[dict]:
         """The loaded embeddings in load order: token, path, vectors."""
         return [{"token": e.token, "path": e.path, "vectors": e.count} for e in self.family.embeddings.loaded.values()]
-
-    def _text_modules(self) -> dict[str, nn.Module]:
-        return {n: getattr(self.ckpt, n) for n in ("text_encoder", "text_encoder_2")
-                if getattr(self.ckpt, n, None) is not None}

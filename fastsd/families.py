@@ -104,6 +104,35 @@ class StableDiffusion:
                                 n, len(full) - n, _shorten(dropped))
         return ids.to(device)
 
+    def use_text_encoders(self, ckpt) -> None:
+        """The checkpoint's text encoders as the runtime needs them: each one's token table (the
+        runtime looks the ids up: the networks take token embeddings, so textual inversions'
+        vectors reach every backend) and how it finds the end of text for its pooled output."""
+        self.token_tables, self._eos = {}, {}
+        for net in ("text_encoder", "text_encoder_2"):
+            clip = getattr(ckpt, net, None)
+            if clip is not None:
+                self.token_tables[net] = getattr(clip, "text_model", clip).embeddings.token_embedding
+                eos = clip.config.eos_token_id
+                self._eos[net] = (eos, eos == 2)  # 2: transformers' legacy configs read the highest id
+
+    def text_inputs(self, network: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A text encoder's inputs for token ids (N, 77): inputs_embeds (N, 77, D) from its token
+        table (textual inversions' vectors after the checkpoint's), and for one with a pooled
+        output eos_mask (N, 77), one-hot where CLIP reads it (as transformers finds it: the first
+        end-of-text token, or for legacy configs the highest id)."""
+        table = self.embeddings.table(network, self.token_tables[network].weight)
+        out = {"inputs_embeds": nn.functional.embedding(ids.to(table.device), table)}
+        if "eos_mask" in self.specs[network].input_names:
+            eos, legacy = self._eos[network]
+            at = ids.argmax(dim=-1) if legacy else (ids == eos).int().argmax(dim=-1)
+            out["eos_mask"] = nn.functional.one_hot(at, ids.shape[1]).float()
+        return out
+
+    def run_text(self, encoders: dict[str, Callable], network: str, ids: torch.Tensor):
+        """The text encoder `network` on token ids."""
+        return encoders[network](self.text_inputs(network, ids))
+
     def _token_ids_with_embeddings(self, texts: list[str], device: torch.device, network: str) -> torch.Tensor:
         """token_ids where textual inversions are loaded: each loaded token's words replaced by
         its vector ids (as diffusers' added tokens, expanded), then truncated and padded as the
@@ -132,7 +161,7 @@ class StableDiffusion:
                                          partial(self.embeddings.split, network=net) if self.embeddings else None)
                             for t in ts] for net, ts in texts.items()}
         k = max(len(c) for cs in chunks.values() for c in cs)
-        return {net: encode_chunks(encoders[net], cs, device, empty_chunk(self._vocabs[net]), k)
+        return {net: encode_chunks(partial(self.run_text, encoders, net), cs, device, empty_chunk(self._vocabs[net]), k)
                 for net, cs in chunks.items()}
 
     def encode(self, encoders: dict[str, Callable], req, device: torch.device) -> dict[str, torch.Tensor]:
@@ -142,19 +171,18 @@ class StableDiffusion:
         by the caller are used as they are (diffusers' prompt_embeds / negative_prompt_embeds).
         With prompt_syntax "a1111", texts are read as AUTOMATIC1111 reads them (77 * k tokens,
         prompts and negatives encoded together)."""
-        text_encoder = encoders["text_encoder"]
         if req.prompt_syntax == A1111 and req.prompt_embeds is None:
             texts = (req.negative_prompts if req.do_cfg else []) + req.prompts
             emb, _ = self.weighted(encoders, {"text_encoder": texts}, device)["text_encoder"]
         elif req.prompt_embeds is not None:
             emb = req.prompt_embeds.to(device).float()
         else:
-            emb = text_encoder(self.token_ids(req.prompts, device))
+            emb = self.run_text(encoders, "text_encoder", self.token_ids(req.prompts, device))
         if req.do_cfg and not (req.prompt_syntax == A1111 and req.prompt_embeds is None):  # a1111: [neg; cond] already
             if req.negative_prompt_embeds is not None:
                 neg = req.negative_prompt_embeds.to(device).float()
             else:
-                neg = text_encoder(self.token_ids(req.negative_prompts, device))
+                neg = self.run_text(encoders, "text_encoder", self.token_ids(req.negative_prompts, device))
             emb = torch.cat([neg, emb])
         return {"encoder_hidden_states": emb.repeat_interleave(req.n, dim=0)}  # per prompt: n copies, as diffusers
 
@@ -186,8 +214,9 @@ class StableDiffusionXL(StableDiffusion):
         return self._widths
 
     def _embed(self, encoders, first: list[str], second: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, (hidden_2, pooled) = (encoders["text_encoder"](self.token_ids(first, device)),
-                                      encoders["text_encoder_2"](self.token_ids(second, device, "text_encoder_2")))
+        hidden, (hidden_2, pooled) = (
+            self.run_text(encoders, "text_encoder", self.token_ids(first, device)),
+            self.run_text(encoders, "text_encoder_2", self.token_ids(second, device, "text_encoder_2")))
         return torch.cat([hidden, hidden_2], dim=-1), pooled
 
     def encode(self, encoders: dict[str, Callable], req, device: torch.device) -> dict[str, torch.Tensor]:
@@ -275,5 +304,8 @@ def family_for(ckpt, controlnets=()) -> StableDiffusion:
         widths = {"text_encoder": (int(ckpt.text_encoder.config.hidden_size), 0),
                   "text_encoder_2": (int(ckpt.text_encoder_2.config.hidden_size),
                                      int(ckpt.text_encoder_2.config.projection_dim))}
-        return StableDiffusionXL(ckpt.info, ckpt.tokenizer, ckpt.tokenizer_2, widths, unet_config, controlnets)
-    return StableDiffusion(ckpt.info, ckpt.tokenizer, None, unet_config, controlnets)
+        family = StableDiffusionXL(ckpt.info, ckpt.tokenizer, ckpt.tokenizer_2, widths, unet_config, controlnets)
+    else:
+        family = StableDiffusion(ckpt.info, ckpt.tokenizer, None, unet_config, controlnets)
+    family.use_text_encoders(ckpt)
+    return family

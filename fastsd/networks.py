@@ -16,44 +16,90 @@ NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decode
 SD_NETWORKS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")  # a model family has its own subset
 
 
-def positions(input_ids: torch.Tensor) -> torch.Tensor:
-    """CLIP's position ids (1, L), 0 .. L-1, computed: the values of CLIP's own position_ids
-    buffer, which a network then does not read, so an exported graph's constants are its
-    weights alone (and the ids follow the sequence length, whatever it is)."""
-    return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+def positions(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's position ids (1, L), 0 .. L-1, for a sequence x (B, L, ...), computed: the values
+    of CLIP's own position_ids buffer, which a network then does not read, so an exported
+    graph's constants are its weights alone."""
+    return torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+
+
+def _causal_mask(h: torch.Tensor) -> torch.Tensor:
+    """CLIP's causal attention as an additive mask (1, 1, L, L): 0 on and below the diagonal,
+    the dtype's lowest value above it (what transformers' CLIP builds)."""
+    n = torch.arange(h.shape[1], device=h.device)
+    mask = torch.zeros(h.shape[1], h.shape[1], dtype=h.dtype, device=h.device)
+    return mask.masked_fill(n[None, :] > n[:, None], torch.finfo(h.dtype).min)[None, None]
+
+
+def _tower(clip):
+    return getattr(clip, "text_model", clip)  # transformers 5 flattens CLIPTextModel
+
+
+_TWO_MASKS: dict[type, bool] = {}  # per CLIP layer class: whether it takes transformers 4's two masks
+
+
+def _layer(layer, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One CLIP encoder layer, as transformers 4 (attention_mask, causal_attention_mask) and 5
+    (one attention_mask) call it."""
+    two = _TWO_MASKS.get(type(layer))
+    if two is None:
+        import inspect
+
+        two = _TWO_MASKS[type(layer)] = "causal_attention_mask" in inspect.signature(layer.forward).parameters
+    if two:
+        out = layer(h, None, mask)
+    else:
+        out = layer(h, mask)
+    return out[0] if isinstance(out, tuple) else out
 
 
 class TextEncoder(nn.Module):
-    """input_ids (B, 77) int64 -> text_embeddings (B, 77, D): the last hidden state, or with
-    clip_skip = k the output of layer -(k + 1) through the final LayerNorm (as diffusers)."""
+    """inputs_embeds (B, 77, D): the prompt's token embeddings (the runtime looks the ids up in
+    the token table, textual inversions' vectors included) -> text_embeddings (B, 77, D): the
+    last hidden state, or with clip_skip = k the output of layer -(k + 1), through the final
+    LayerNorm (as diffusers). CLIP's own forward, from the embeddings on: position embeddings,
+    causal self-attention layers (only as many as the output needs), final LayerNorm."""
 
     def __init__(self, clip, clip_skip: int = 0):
         super().__init__()
         self.clip, self.clip_skip = clip, clip_skip
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.clip_skip == 0:
-            return self.clip(input_ids, position_ids=positions(input_ids)).last_hidden_state
-        hidden = self.clip(input_ids, position_ids=positions(input_ids),
-                           output_hidden_states=True).hidden_states[-(self.clip_skip + 1)]
-        tower = getattr(self.clip, "text_model", self.clip)  # transformers 5 flattens CLIPTextModel
-        return tower.final_layer_norm(hidden)
+    def _layers(self, inputs_embeds: torch.Tensor, count: int) -> torch.Tensor:
+        tower = _tower(self.clip)
+        h = tower.embeddings(inputs_embeds=inputs_embeds, position_ids=positions(inputs_embeds))
+        mask = _causal_mask(h)
+        for layer in tower.encoder.layers[:count]:
+            h = _layer(layer, h, mask)
+        return h
+
+    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        tower = _tower(self.clip)
+        return tower.final_layer_norm(self._layers(inputs_embeds, len(tower.encoder.layers) - self.clip_skip))
 
     def with_clip_skip(self, clip_skip: int) -> "TextEncoder":
         return type(self)(self.clip, clip_skip)
 
 
 class XLTextEncoder(TextEncoder):
-    """SD-XL's text encoders: input_ids (B, 77) int64 -> text_embeddings (B, 77, D), the
-    hidden state of layer -(clip_skip + 2) as it is (no final LayerNorm), as
-    StableDiffusionXLPipeline; the second encoder (CLIPTextModelWithProjection) also gives
-    text_embeds (B, P), its projected pooled output."""
+    """SD-XL's text encoders: inputs_embeds (B, 77, D) -> text_embeddings (B, 77, D), the hidden
+    state of layer -(clip_skip + 2) as it is (no final LayerNorm), as StableDiffusionXLPipeline;
+    the second encoder (CLIPTextModelWithProjection) also takes eos_mask (B, 77), 1 at the token
+    its pooled output is read at (the end of text) and 0 elsewhere, and also gives text_embeds
+    (B, P), the projection of the final LayerNorm's output there."""
 
-    def forward(self, input_ids: torch.Tensor):
-        out = self.clip(input_ids, position_ids=positions(input_ids), output_hidden_states=True)
-        hidden = out.hidden_states[-(self.clip_skip + 2)]
-        pooled = getattr(out, "text_embeds", None)
-        return hidden if pooled is None else (hidden, pooled)
+    def forward(self, inputs_embeds: torch.Tensor, eos_mask: torch.Tensor | None = None):
+        tower = _tower(self.clip)
+        count = len(tower.encoder.layers)
+        hidden = self._layers(inputs_embeds, count - self.clip_skip - 1)
+        projection = getattr(self.clip, "text_projection", None)
+        if projection is None:
+            return hidden
+        h, mask = hidden, _causal_mask(hidden)
+        for layer in tower.encoder.layers[count - self.clip_skip - 1:]:
+            h = _layer(layer, h, mask)
+        last = tower.final_layer_norm(h)
+        pooled = (eos_mask.to(last.dtype)[:, :, None] * last).sum(dim=1)
+        return hidden, projection(pooled)
 
 
 def _residual_kwargs(residuals: tuple) -> dict:
@@ -401,7 +447,10 @@ def network_specs(info, extra_unet_inputs: tuple[TensorSpec, ...] = (),
         outputs = (TensorSpec("text_embeddings", (BATCH, info.max_tokens, width)),)
         if pooled:
             outputs += (TensorSpec("text_embeds", (BATCH, pooled)),)
-        specs[name] = NetworkSpec(name, (TensorSpec("input_ids", (BATCH, info.max_tokens), INT64),), outputs, True, f)
+        inputs = (TensorSpec("inputs_embeds", (BATCH, info.max_tokens, width)),)
+        if pooled:  # where the pooled output is read: the end of text (fastsd.families.eos_mask)
+            inputs += (TensorSpec("eos_mask", (BATCH, info.max_tokens), sample=1.0 / info.max_tokens),)
+        specs[name] = NetworkSpec(name, inputs, outputs, True, f)
     return specs | {
         "unet": NetworkSpec("unet", (TensorSpec("sample", (BATCH, info.unet_in_channels, LATENT_H, LATENT_W)),
                                      TensorSpec("timestep", (BATCH,), FLOAT32, sample=500.0),

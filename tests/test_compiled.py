@@ -64,6 +64,23 @@ def test_long_weighted_prompt_runs_on_the_packages(ckpts, pipes, store):
     assert json.loads((entry(store) / "manifest.json").read_text())["profile"]["max_chunks"] == 3
 
 
+def test_textual_inversion_runs_on_the_text_encoder_package(ckpts, store, tmp_path):
+    """The text encoder's package takes token embeddings: a textual inversion needs no rebuild."""
+    from safetensors.torch import save_file
+
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="compiled", engine_dir=str(store))
+    eager = Pipeline.from_pretrained(str(ckpts["eps"]), backend="eager")
+    width = pipe.text_encoder.config.hidden_size
+    save_file({"mytok": torch.randn(3, width, generator=torch.Generator().manual_seed(6))},
+              str(tmp_path / "emb.safetensors"))
+    for p in (pipe, eager):
+        p.load_textual_inversion(str(tmp_path / "emb.safetensors"))
+    kw = dict(KW, prompt_syntax="a1111")
+    out = pipe("a (mytok:1.2) fox", **kw)
+    assert out.backends["text_encoder"] == "compiled"
+    assert np.abs(out.images - eager("a (mytok:1.2) fox", **kw).images).max() <= ENGINE_TOL
+
+
 def test_other_size_runs_eager(ckpts, store, caplog):
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="compiled", engine_dir=str(store))
     out = pipe("x", height=24, width=24, **KW)

@@ -58,8 +58,8 @@ def test_each_network_matches_pytorch(ckpts, store, network, precision, tol):
     spec = family_for(ckpt).specs[network]
     runner = OrtRunner(entry / f"{network}.onnx", spec, torch.device("cpu"), profile)
     args = spec.sample_inputs(3, 24, 40, torch.float32)
-    if network == "text_encoder":
-        args = (torch.randint(0, 500, (3, 77)),)
+    if network == "text_encoder":  # the embeddings of real token ids
+        args = tuple(family_for(ckpt).text_inputs(network, torch.randint(0, 500, (3, 77))).values())
     with torch.no_grad():
         want = wrap(ckpt)[network](*args)
     got = runner(**dict(zip(spec.input_names, args, strict=True)))
@@ -274,6 +274,26 @@ def test_long_weighted_prompt_runs_on_onnx_runtime(ckpts, pipes, static_beside_d
     assert np.abs(out.images - pipes("eps")(LONG, **kw).images).max() <= ENGINE_TOL
 
 
+def test_textual_inversion_runs_on_the_text_encoder_graph(ckpts, pipes, eps_onnx, tmp_path):
+    """The text encoder's graph takes token embeddings: a textual inversion's vectors reach it
+    without a rebuild (the runtime's table holds them); within 2e-3 of eager."""
+    from safetensors.torch import save_file
+
+    store = copy_entries(eps_onnx, tmp_path / "engines", "onnxruntime-fp32")
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
+    eager = Pipeline.from_pretrained(str(ckpts["eps"]), backend="eager")
+    width = pipe.text_encoder.config.hidden_size
+    save_file({"mytok": torch.randn(2, width, generator=torch.Generator().manual_seed(5))},
+              str(tmp_path / "emb.safetensors"))
+    kw = dict(num_inference_steps=2, output_type="np", seed=4, negative_prompt="mytok")
+    for p in (pipe, eager):
+        p.load_textual_inversion(str(tmp_path / "emb.safetensors"))
+    out = pipe("a mytok fox", **kw)
+    assert out.backends["text_encoder"] == "onnxruntime" and out.backends["unet"] == "onnxruntime"
+    assert np.abs(out.images - eager("a mytok fox", **kw).images).max() <= ENGINE_TOL
+    assert np.abs(out.images - pipes("eps")("a mytok fox", **kw).images).max() > 1e-3  # the vectors count
+
+
 def test_an_entry_for_77_tokens_serves_short_prompts_only(ckpts, eps_onnx, tmp_path, caplog):
     """An entry made before long prompts (its profile has no max_chunks: one chunk) keeps
     serving prompts that fit 77 tokens; a longer one runs the UNet eager, with the warning."""
@@ -281,13 +301,16 @@ def test_an_entry_for_77_tokens_serves_short_prompts_only(ckpts, eps_onnx, tmp_p
     manifest_file = next(store.glob("*/onnxruntime-fp32/manifest.json"))
     manifest = json.loads(manifest_file.read_text())
     del manifest["profile"]["max_chunks"]
+    manifest["networks"]["text_encoder"]["inputs"] = ["input_ids"]  # and its text encoder took token ids
     manifest_file.write_text(json.dumps(manifest))
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
     kw = dict(num_inference_steps=1, output_type="np", seed=4, prompt_syntax="a1111")
-    assert pipe("a (red:1.3) fox", **kw).backends["unet"] == "onnxruntime"
+    assert pipe("a (red:1.3) fox", **kw).backends == {"text_encoder": "eager", "unet": "onnxruntime",
+                                                      "vae_decoder": "onnxruntime"}
     out = pipe(LONG, **kw)
-    assert out.backends["unet"] == "eager" and out.backends["text_encoder"] == "onnxruntime"
+    assert out.backends["unet"] == "eager" and out.backends["text_encoder"] == "eager"
     assert "a text of 231 tokens; the engine takes 77 per chunk, up to 1 chunk " in caplog.text
+    assert "built to take token ids" in caplog.text
 
 
 def test_static_and_dynamic_entries_coexist(ckpts, static_beside_dynamic, capsys):
@@ -348,9 +371,9 @@ def test_clip_skip_entries(ckpts, tmp_path):
     export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("text_encoder",), clip_skip=1)
     skip1 = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store), clip_skip=1)
     eager = Pipeline.from_pretrained(str(ckpts["eps"]), backend="eager", clip_skip=1)
-    ids = torch.randint(0, 500, (2, 77))
+    embeds = skip1.family.text_inputs("text_encoder", torch.randint(0, 500, (2, 77)))["inputs_embeds"]
     assert skip1.backend.backends["text_encoder"] == "onnxruntime"
-    assert (skip1.backend.text_encoder(ids) - eager.backend.text_encoder(ids)).abs().max() < 1e-4
+    assert (skip1.backend.text_encoder(embeds) - eager.backend.text_encoder(embeds)).abs().max() < 1e-4
     with pytest.raises(InvalidArgumentError, match="clip_skip"):
         export_checkpoint(str(ckpts["eps"]), engine_dir=store, clip_skip=2)  # the tiny CLIP has 2 layers
 

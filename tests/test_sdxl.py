@@ -405,9 +405,10 @@ def test_compiled_matches_eager(xl, xl_pipes, tmp_path, init_image, mask_image):
 
 def test_exported_text_encoders_hold_no_buffers(ckpts, xl):
     """What AOTInductor compiles holds the weights and nothing else: the text encoders' position
-    ids are computed in the graph, not read from CLIP's buffer (packages of the text encoders,
-    the only networks with a buffer, crashed as they loaded on an H200 with torch 2.11), the
-    graph gives the module's own output, and the module keeps its buffer."""
+    ids are computed in the graph, not read from CLIP's buffer, their inputs are floating point
+    (token embeddings and the end-of-text mask: packages with an int64 input crashed the loader
+    on an H200 with torch 2.11), the graph gives the module's own output, and the module keeps
+    its buffer."""
     from fastsd.export.common import build_spec
     from fastsd.export.compiled import export_program
 
@@ -421,11 +422,14 @@ def test_exported_text_encoders_hold_no_buffers(ckpts, xl):
         for name in [n for n in family.networks if n.startswith("text_encoder")]:
             module, spec = modules[name].eval(), build_spec(family, name)
             ids = torch.randint(0, 100, (2, ckpt.info.max_tokens), generator=torch.Generator().manual_seed(0))
-            program = export_program(module, spec, (ids,))
+            ids[:, 20] = ckpt.tokenizer.eos_token_id
+            args = tuple(family.text_inputs(name, ids).values())
+            assert all(a.is_floating_point() for a in args), name
+            program = export_program(module, spec, args)
             assert {s.kind.name for s in program.graph_signature.input_specs} == {"PARAMETER", "USER_INPUT"}, name
             assert list(module.buffers()), name  # put back after the export
             with torch.no_grad():
-                want, got = module(ids), program.module()(ids)
+                want, got = module(*args), program.module()(*args)
             want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
             assert len(want) == len(got) and all(torch.equal(w, g) for w, g in zip(want, got, strict=True)), name
 

@@ -82,7 +82,7 @@ class Backend(Protocol):
 
     def run(self, network: str, inputs: dict[str, torch.Tensor], ran: dict | None = None) -> torch.Tensor: ...
 
-    def text_encoder(self, input_ids: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor: ...
+    def text_encoder(self, inputs_embeds: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor: ...
 
     def unet(self, *, ran: dict | None = None, **inputs: torch.Tensor) -> torch.Tensor: ...
 
@@ -114,8 +114,8 @@ class Networks:
     def run(self, network: str, inputs: dict[str, torch.Tensor], ran: dict | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def text_encoder(self, input_ids: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor:
-        return self.run("text_encoder", {"input_ids": input_ids}, ran)
+    def text_encoder(self, inputs_embeds: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor:
+        return self.run("text_encoder", {"inputs_embeds": inputs_embeds}, ran)
 
     def unet(self, *, ran: dict | None = None, **inputs: torch.Tensor) -> torch.Tensor:
         return self.run("unet", inputs, ran)

@@ -90,12 +90,11 @@ class LazyRunner:
 
 class CompositeBackend(Networks):
     def __init__(self, engines: dict[str, list], make_eager: Callable, vae_fp32: Callable, clip_skip: int = 0,
-                 networks: tuple[str, ...] = SD_NETWORKS, vocab: dict[str, int] | None = None):
+                 networks: tuple[str, ...] = SD_NETWORKS):
         """`engines`: per network, its engines fastest first (LazyRunner or any Runner), all
         built for `clip_skip`; `vae_fp32`: the pipeline's fp32 VAE decoder; `networks`: the
-        model family's; `vocab`: each text encoder's vocabulary (ids past it are textual
-        inversions' vectors, which only the eager text encoders hold)."""
-        self.vae_fp32, self.vocab = vae_fp32, dict(vocab or {})
+        model family's."""
+        self.vae_fp32 = vae_fp32
         self.engines = {n: list(r) for n, r in engines.items() if r}
         self.clip_skip = clip_skip
         self._make_eager, self._eager = make_eager, None
@@ -152,23 +151,15 @@ class CompositeBackend(Networks):
                 "for it, or eager) to use another")
         return self.eager.text_encoders_for(clip_skip)
 
-    def _text(self, network: str, input_ids, *, ran: dict | None = None):
-        """The text encoder on `input_ids`, in pieces its first engine's batch takes where there
-        are more rows (a long prompt's chunks go in as rows)."""
-        vocab = self.vocab.get(network)
-        if vocab is not None and self.engines.get(network) and int(input_ids.max()) >= vocab:
-            with self._lock:
-                first = (network, "embeddings") not in self._warned
-                self._warned.add((network, "embeddings"))
-            if first:
-                log.warning("the %s engine holds the checkpoint's token table, not the textual inversions the prompt "
-                            "uses; running it in eager PyTorch for such prompts", network)
-            return self.eager.run(network, {"input_ids": input_ids}, ran)
+    def _text(self, network: str, inputs: dict, *, ran: dict | None = None):
+        """The text encoder on `inputs` (the spec's, by name), in pieces its first engine's batch
+        takes where there are more rows (a long prompt's chunks go in as rows)."""
         profile = getattr(next(iter(self.engines.get(network, ())), None), "profile", None)
+        rows = next(iter(inputs.values())).shape[0]
         most = None if profile is None else profile.max_batch * 2
-        if most is None or input_ids.shape[0] <= most:
-            return self.run(network, {"input_ids": input_ids}, ran)
-        parts = [self.run(network, {"input_ids": ids}, ran) for ids in input_ids.split(most)]
+        if most is None or rows <= most:
+            return self.run(network, inputs, ran)
+        parts = [self.run(network, {k: v[i:i + most] for k, v in inputs.items()}, ran) for i in range(0, rows, most)]
         if isinstance(parts[0], tuple):
             return tuple(torch.cat(p) for p in zip(*parts, strict=True))
         return torch.cat(parts)

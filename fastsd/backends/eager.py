@@ -116,9 +116,9 @@ class EagerBackend(Networks):
             return {n: partial(self._text, n, self.modules[n]) for n in names}
         return {n: partial(self._text, n, self.modules[n].with_clip_skip(clip_skip)) for n in names}
 
-    def _text(self, network: str, module, input_ids: torch.Tensor, *, ran: dict | None = None):
+    def _text(self, network: str, module, inputs: dict[str, torch.Tensor], *, ran: dict | None = None):
         record(ran, network, "eager")
-        args = self.specs[network].cast({"input_ids": input_ids}, self.device, self.dtype)
+        args = self.specs[network].cast(inputs, self.device, self.dtype)
         with torch.inference_mode():
             return as_float(module(**args))
 

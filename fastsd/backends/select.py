@@ -45,6 +45,10 @@ def _engines(kind: EngineKind, fingerprint: str, specs: dict, device, dtype, eng
             record = manifest.get("networks", {}).get(spec.name)
             if spec.name in problems or record is None:
                 continue
+            if spec.name.startswith("text_encoder") and "inputs_embeds" not in record.get("inputs", ()):
+                _warn_unusable(f"{kind.name} ({entry.name})", {n: "built to take token ids (before fastsd's text "
+                               "encoders took token embeddings); rebuild the entry to run it there"}, True, True)
+                continue
             try:  # a UNet built with the ControlNet residual inputs takes those too
                 spec = spec.with_inputs(record.get("inputs", spec.input_names))
             except ValueError as e:
@@ -119,6 +123,4 @@ def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.
                     "it" if len(missing) == 1 else "them")
     if not any(engines.values()):
         return make_eager()
-    vocab = {n: int(getattr(ckpt, n).config.vocab_size) for n in family.networks
-             if n.startswith("text_encoder") and getattr(ckpt, n, None) is not None}
-    return CompositeBackend(engines, make_eager, vae_fp32, clip_skip, family.networks, vocab)
+    return CompositeBackend(engines, make_eager, vae_fp32, clip_skip, family.networks)
