@@ -9,10 +9,10 @@ syntaxes; an embedding of n vectors stands for n tokens, as diffusers expands it
 
 How: as AUTOMATIC1111, the tokenizer is left as it is. A prompt is tokenized as usual and
 where the token's own BPE ids appear, they are replaced by ids past the vocabulary (V, V+1,
-... in load order, as diffusers numbers added tokens); the eager text encoders' token
-embedding table is extended with the vectors at those ids. A text-encoder engine holds the
-checkpoint's table, so a call whose text uses an embedding runs that text encoder eager, with
-a warning (engines that take token embeddings instead of ids are the way to serve these too).
+... in load order, as diffusers numbers added tokens). The runtime looks every id up in the
+token table (the checkpoint's rows, then the loaded vectors: `TextualInversions.table`) and
+the text-encoder networks take those embeddings, eager and engines alike: an embedding needs
+no rebuild and no refit, and unloading one gives the checkpoint's table back untouched.
 """
 
 from __future__ import annotations

@@ -37,7 +37,12 @@ def scaled_family(scale: float):
             rows = out["encoder_hidden_states"].shape[0]
             return {**out, "out_scale": torch.full((rows,), scale, device=device)}
 
-    return lambda ckpt, controlnets=(): Scaled(ckpt.info, ckpt.tokenizer, None, ckpt.unet.config, controlnets)
+    def make(ckpt, controlnets=()):
+        family = Scaled(ckpt.info, ckpt.tokenizer, None, ckpt.unet.config, controlnets)
+        family.use_text_encoders(ckpt)  # the token tables its text inputs are looked up in
+        return family
+
+    return make
 
 
 def test_extra_unet_input_is_carried_by_name(ckpts, pipes, monkeypatch):

@@ -382,3 +382,32 @@ def test_textual_inversion_errors(ckpts, tmp_path):
     with pytest.raises(InvalidArgumentError, match="not loaded|no textual inversion with the token"):
         pipe.unload_textual_inversion("nothing")
     assert [t["token"] for t in pipe.textual_inversions] == ["oldtok"]  # the failures changed nothing
+
+
+def test_cli_embedding_and_server_tag_batches(ckpts, tmp_path):
+    """CLI --embedding FILE[:TOKEN] loads it before generating (the PNG records it); a bad one
+    is one line and exit 2. The server keeps requests with other <lora:...> tags in other batches."""
+    import json
+
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from fastsd.cli import main
+    from fastsd.serve import Limits
+    from fastsd.serve.api import parse_request
+
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="eager", device="cpu")
+    save_file({"tok": torch.randn(2, pipe.text_encoder.config.hidden_size)}, str(tmp_path / "e.safetensors"))
+    base = ["generate", "a mytok fox", "--model", str(ckpts["eps"]), "--steps", "1", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "a.png"), "--embedding", f"{tmp_path / 'e.safetensors'}:mytok"]) == 0
+    assert json.loads(Image.open(tmp_path / "a.png").text["fastsd"])["embeddings"] == [
+        {"path": str(tmp_path / "e.safetensors"), "token": "mytok"}]
+    assert main([*base, "--out", str(tmp_path / "b.png"), "--embedding", str(tmp_path / "missing.pt")]) == 2
+    assert not (tmp_path / "b.png").exists()
+
+    def tags(prompt, **body):
+        return parse_request({"prompt": prompt, **body}, form=False, limits=Limits(), factor=8,
+                             model_names=("m",)).lora_tags
+
+    assert tags("a fox <lora:ink:0.5>", negative_prompt="<lora:detail>") == (("ink", 0.5), ("detail", 1.0))
+    assert tags("a fox") == () and tags("a fox <lora:ink>", prompt_syntax="plain") == ()

@@ -31,7 +31,7 @@ def test_dynamic_profile_shapes(info):
     assert s["timestep"] == ((1,), (2,), (8,))
     assert s["encoder_hidden_states"] == ((1, 77, 64), (2, 77, 64), (8, 231, 64))  # texts of 1..3 chunks
     assert trt_shapes("vae_decoder", info, p)["latent"] == ((1, 4, 8, 8), (1, 4, 16, 16), (4, 4, 32, 32))
-    assert trt_shapes("text_encoder", info, p)["input_ids"] == ((1, 77), (2, 77), (8, 77))
+    assert trt_shapes("text_encoder", info, p)["inputs_embeds"] == ((1, 77, 64), (2, 77, 64), (8, 77, 64))
 
 
 def test_static_profile_shapes(info):

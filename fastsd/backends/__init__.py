@@ -1,7 +1,7 @@
 """The backend protocol: the networks, called by their NetworkSpec's input names.
 
 The pipeline only ever calls these; it never branches on which backend it holds.
-Inputs arrive in float32 (input_ids int64) on the pipeline's device; outputs are
+Inputs arrive in float32 (the text encoders' token embeddings too) on the pipeline's device; outputs are
 returned in float32 on that device: one tensor, or a tuple in the spec's output order
 for a network with several outputs (SD-XL's second text encoder). Precision inside is the backend's business. Each
 call may pass `ran`, a dict of its own, where the backend records what ran each network
