@@ -320,6 +320,13 @@ def test_onnxruntime_engines_match_diffusers(ckpts, cns, control, ort_store, ini
     plain = pipe("a fox", num_inference_steps=3, seed=4, output_type="np")
     eager = ours(ckpts["eps"])("a fox", num_inference_steps=3, seed=4, output_type="np")
     assert plain.backends["unet"] == "onnxruntime" and np.abs(plain.images - eager.images).max() <= TOL
+    # a long weighted prompt (a1111: 3 chunks, 231 tokens) takes the same text axis in the ControlNets
+    long = dict(prompt="a (red:1.3) fox, " + "in the deep snow, " * 10, prompt_syntax="a1111",
+                control_image=list(control),
+                num_inference_steps=2, seed=4, output_type="np")
+    out, want = pipe(**long), ours(ckpts["eps"], cns["a"], cns["b"])(**long)
+    assert {out.backends[n] for n in ("unet", "controlnet", "controlnet_2")} == {"onnxruntime"}
+    assert np.abs(out.images - want.images).max() <= 2e-3
 
 
 def test_unet_engine_without_residual_inputs(ckpts, eps_onnx, cns, control, tmp_path, caplog):

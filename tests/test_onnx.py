@@ -286,12 +286,23 @@ def test_textual_inversion_runs_on_the_text_encoder_graph(ckpts, pipes, eps_onnx
     save_file({"mytok": torch.randn(2, width, generator=torch.Generator().manual_seed(5))},
               str(tmp_path / "emb.safetensors"))
     kw = dict(num_inference_steps=2, output_type="np", seed=4, negative_prompt="mytok")
+    before = pipe("a mytok fox", **kw).images
     for p in (pipe, eager):
         p.load_textual_inversion(str(tmp_path / "emb.safetensors"))
     out = pipe("a mytok fox", **kw)
     assert out.backends["text_encoder"] == "onnxruntime" and out.backends["unet"] == "onnxruntime"
     assert np.abs(out.images - eager("a mytok fox", **kw).images).max() <= ENGINE_TOL
-    assert np.abs(out.images - pipes("eps")("a mytok fox", **kw).images).max() > 1e-3  # the vectors count
+    assert np.abs(out.images - before).max() > 1e-3  # the vectors count
+    import diffusers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(str(ckpts["eps"]), safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_textual_inversion(str(tmp_path / "emb.safetensors"))
+    want = ref("a mytok fox", negative_prompt="mytok", num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(4)).images
+    assert np.abs(out.images - want).max() <= TOL  # diffusers' image, on the text encoder's graph
+    pipe.unload_textual_inversion()
+    assert np.array_equal(pipe("a mytok fox", **kw).images, before)
 
 
 def test_an_entry_for_77_tokens_serves_short_prompts_only(ckpts, eps_onnx, tmp_path, caplog):
