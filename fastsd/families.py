@@ -174,17 +174,23 @@ class StableDiffusion:
         if req.prompt_syntax == A1111 and req.prompt_embeds is None:
             texts = (req.negative_prompts if req.do_cfg else []) + req.prompts
             emb, _ = self.weighted(encoders, {"text_encoder": texts}, device)["text_encoder"]
-        elif req.prompt_embeds is not None:
+        else:
+            emb = self._plain(encoders, req, device)
+        return {"encoder_hidden_states": emb.repeat_interleave(req.n, dim=0)}  # per prompt: n copies, as diffusers
+
+    def _plain(self, encoders: dict[str, Callable], req, device: torch.device) -> torch.Tensor:
+        """diffusers' reading, or the caller's embeddings: [uncond; cond] with CFG."""
+        if req.prompt_embeds is not None:
             emb = req.prompt_embeds.to(device).float()
         else:
             emb = self.run_text(encoders, "text_encoder", self.token_ids(req.prompts, device))
-        if req.do_cfg and not (req.prompt_syntax == A1111 and req.prompt_embeds is None):  # a1111: [neg; cond] already
-            if req.negative_prompt_embeds is not None:
-                neg = req.negative_prompt_embeds.to(device).float()
-            else:
-                neg = self.run_text(encoders, "text_encoder", self.token_ids(req.negative_prompts, device))
-            emb = torch.cat([neg, emb])
-        return {"encoder_hidden_states": emb.repeat_interleave(req.n, dim=0)}  # per prompt: n copies, as diffusers
+        if not req.do_cfg:
+            return emb
+        if req.negative_prompt_embeds is not None:
+            neg = req.negative_prompt_embeds.to(device).float()
+        else:
+            neg = self.run_text(encoders, "text_encoder", self.token_ids(req.negative_prompts, device))
+        return torch.cat([neg, emb])
 
 
 class StableDiffusionXL(StableDiffusion):
@@ -227,24 +233,31 @@ class StableDiffusionXL(StableDiffusion):
         time_ids = self.time_ids(req.original_size, req.crops_coords_top_left, req.target_size, req)
         if req.prompt_syntax == A1111 and req.prompt_embeds is None:
             emb, pooled = self._weighted_xl(encoders, req, device)
-        elif req.prompt_embeds is not None:
-            emb, pooled = req.prompt_embeds.to(device).float(), req.pooled_prompt_embeds.to(device).float()
         else:
-            emb, pooled = self._embed(encoders, req.prompts, req.prompts_2 or req.prompts, device)
-        if req.do_cfg and not (req.prompt_syntax == A1111 and req.prompt_embeds is None):
-            if req.negative_prompt_embeds is not None:
-                neg = req.negative_prompt_embeds.to(device).float()
-                neg_pooled = req.negative_pooled_prompt_embeds.to(device).float()
-            elif not req.negative_given and self.info.force_zeros_for_empty_prompt:
-                neg, neg_pooled = torch.zeros_like(emb), torch.zeros_like(pooled)
-            else:
-                neg, neg_pooled = self._embed(encoders, req.negative_prompts, req.negative_prompts_2 or
-                                              req.negative_prompts, device)
-            emb, pooled = torch.cat([neg, emb]), torch.cat([neg_pooled, pooled])
+            emb, pooled = self._plain_xl(encoders, req, device)
         rows = emb.shape[0] * req.n
         return {"encoder_hidden_states": emb.repeat_interleave(req.n, dim=0),
                 "text_embeds": pooled.repeat_interleave(req.n, dim=0),
                 "time_ids": self._time_id_rows(time_ids, req, rows).to(device)}
+
+    def _plain_xl(self, encoders, req, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """diffusers' reading, or the caller's embeddings: hidden states and pooled, [uncond;
+        cond] with CFG."""
+        if req.prompt_embeds is not None:
+            emb, pooled = req.prompt_embeds.to(device).float(), req.pooled_prompt_embeds.to(device).float()
+        else:
+            emb, pooled = self._embed(encoders, req.prompts, req.prompts_2 or req.prompts, device)
+        if not req.do_cfg:
+            return emb, pooled
+        if req.negative_prompt_embeds is not None:
+            neg = req.negative_prompt_embeds.to(device).float()
+            neg_pooled = req.negative_pooled_prompt_embeds.to(device).float()
+        elif not req.negative_given and self.info.force_zeros_for_empty_prompt:
+            neg, neg_pooled = torch.zeros_like(emb), torch.zeros_like(pooled)
+        else:
+            neg, neg_pooled = self._embed(encoders, req.negative_prompts, req.negative_prompts_2 or
+                                          req.negative_prompts, device)
+        return torch.cat([neg, emb]), torch.cat([neg_pooled, pooled])
 
     def _weighted_xl(self, encoders, req, device) -> tuple[torch.Tensor, torch.Tensor]:
         """A1111 syntax: both encoders' chunks ([uncond; cond] with CFG). Negatives that are all
