@@ -481,10 +481,8 @@ class LoraMethods:
                         raise InvalidArgumentError(f"<lora:{name}:...> is given two weights ({wanted[name]:g} and "
                                                    f"{weight:g})", key)
             values[key] = cut[0][0] if isinstance(value, str) else [text for text, _ in cut]
-        if wanted:
-            self._lora_file(next(iter(wanted)))  # a missing folder or name fails before any work
-            for name in wanted:
-                self._lora_file(name)
+        for name in wanted:  # a missing folder or name fails before any work
+            self._lora_file(name)
         return tuple(wanted.items())
 
     def _lora_file(self, name: str) -> Path:
