@@ -28,35 +28,15 @@ class SharedLock:
             while self._exclusive or self._waiting:
                 self._cond.wait()
             self._shared += 1
-        self._mine.count = getattr(self._mine, "count", 0) + 1
-        try:
-            yield
-        finally:
-            self._mine.count -= 1
-            with self._cond:
-                self._shared -= 1
-                if not self._shared:
-                    self._cond.notify_all()
+        yield from self._held_shared()
 
     @contextmanager
     def exclusive(self, what: str) -> Iterator[None]:
-        if getattr(self._mine, "count", 0):
-            raise InvalidArgumentError(f"{what} cannot happen inside a pipeline call (from its callback): "
-                                       "the call runs on the weights it started with")
-        with self._cond:
-            self._waiting += 1
-            try:
-                while self._exclusive or self._shared:
-                    self._cond.wait()
-            finally:
-                self._waiting -= 1
-            self._exclusive = True
+        self._take_exclusive(what)
         try:
             yield
         finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
+            self._end_exclusive(shared=False)
 
     @contextmanager
     def shared_when(self, ready: Callable[[], bool], prepare: Callable[[], None], what: str) -> Iterator[None]:
@@ -68,29 +48,38 @@ class SharedLock:
             if fast:
                 self._shared += 1
         if not fast:
-            if getattr(self._mine, "count", 0):
-                raise InvalidArgumentError(f"{what} cannot happen inside a pipeline call (from its callback): "
-                                           "the call runs on the weights it started with")
-            with self._cond:
-                self._waiting += 1
-                try:
-                    while self._exclusive or self._shared:
-                        self._cond.wait()
-                finally:
-                    self._waiting -= 1
-                self._exclusive = True
+            self._take_exclusive(what)
             try:
                 if not ready():
                     prepare()
             except BaseException:
-                with self._cond:
-                    self._exclusive = False
-                    self._cond.notify_all()
+                self._end_exclusive(shared=False)
                 raise
-            with self._cond:  # exclusive -> shared: nothing changes the state in between
-                self._exclusive = False
-                self._shared += 1
-                self._cond.notify_all()
+            self._end_exclusive(shared=True)  # exclusive -> shared: nothing changes the state in between
+        yield from self._held_shared()
+
+    def _take_exclusive(self, what: str) -> None:
+        if getattr(self._mine, "count", 0):
+            raise InvalidArgumentError(f"{what} cannot happen inside a pipeline call (from its callback): "
+                                       "the call runs on the weights it started with")
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+
+    def _end_exclusive(self, shared: bool) -> None:
+        """Give the exclusive hold up, or (`shared`) turn it into a shared one."""
+        with self._cond:
+            self._exclusive = False
+            self._shared += int(shared)
+            self._cond.notify_all()
+
+    def _held_shared(self) -> Iterator[None]:
+        """The body of a shared hold taken already: this thread's count, released at the end."""
         self._mine.count = getattr(self._mine, "count", 0) + 1
         try:
             yield

@@ -481,46 +481,55 @@ class LoraMethods:
                         raise InvalidArgumentError(f"<lora:{name}:...> is given two weights ({wanted[name]:g} and "
                                                    f"{weight:g})", key)
             values[key] = cut[0][0] if isinstance(value, str) else [text for text, _ in cut]
-        for name in wanted:  # a missing folder or name fails before any work
-            self._lora_file(name)
+        if wanted:  # a missing folder or name fails before any work
+            files = self._lora_files(next(iter(wanted)))
+            for name in wanted:
+                self._lora_file(name, files)
         return tuple(wanted.items())
 
-    def _lora_file(self, name: str) -> Path:
-        """The file of a LoRA tag's NAME: NAME.safetensors in lora_dir or a folder below it."""
+    def _lora_files(self, name: str) -> dict[str, Path]:
+        """The LoRA tags' files by name: the .safetensors files in lora_dir and the folders below
+        it (`name`: a tag's, for the error where there is no folder)."""
         folder = getattr(self, "lora_dir", None)
         if folder is None:
             raise InvalidArgumentError(f"<lora:{name}> needs a LoRA folder: Pipeline.from_pretrained(..., "
                                        "lora_dir=...) (CLI and server: --lora-dir)", "prompt")
-        files = {f.stem: f for f in sorted(Path(folder).rglob("*.safetensors"))}
+        return {f.stem: f for f in sorted(Path(folder).rglob("*.safetensors"))}
+
+    def _lora_file(self, name: str, files: dict[str, Path]) -> Path:
+        """The file of a LoRA tag's NAME among `files` (its exact name first, then ignoring case)."""
         if name in files:
             return files[name]
         folded = [f for stem, f in files.items() if stem.lower() == name.lower()]
         if len(folded) == 1:
             return folded[0]
         have = ", ".join(sorted(files)[:10]) or "none"
-        raise InvalidArgumentError(f"no LoRA named {name!r} in {folder} (.safetensors files there: {have})", "prompt")
+        raise InvalidArgumentError(f"no LoRA named {name!r} in {self.lora_dir} (.safetensors files there: {have})",
+                                   "prompt")
 
     def _lora_state(self, wanted: tuple[tuple[str, float], ...]):
         """The shared hold of a call on weights with exactly the tag LoRAs `wanted` fused (after
         the explicitly loaded ones): a call that wants another set waits for the calls running,
         switches, and runs; the weights equal loading those LoRAs with load_lora."""
         read: dict = {}
-        if wanted != self._tagged:  # read the files before taking the weights (a switch is then quick)
-            modules = self.family.modules(self.ckpt)
-            read = {(n, w): read_lora(self._lora_file(n), modules, TAG + n, w) for n, w in wanted}
+
+        def read_files() -> None:  # each wanted LoRA's file, once per call
+            missing = [(n, w) for n, w in wanted if (n, w) not in read]
+            if missing:
+                files, modules = self._lora_files(missing[0][0]), self.family.modules(self.ckpt)
+                read.update({(n, w): read_lora(self._lora_file(n, files), modules, TAG + n, w) for n, w in missing})
+
+        if wanted != self._tagged:  # read before taking the weights: the switch is then quick
+            read_files()
 
         def switch() -> None:
             t0 = time.perf_counter()
+            read_files()  # where another call switched since the check above
             changed: dict[str, dict[str, torch.Tensor]] = {}
             for network, weights in self._loras.remove_all(TAG).items():
                 changed.setdefault(network, {}).update(weights)
-            modules = None
-            for n, w in wanted:
-                lora = read.get((n, w))
-                if lora is None:  # another call switched meanwhile
-                    modules = modules or self.family.modules(self.ckpt)
-                    lora = read_lora(self._lora_file(n), modules, TAG + n, w)
-                for network, weights in self._loras.add(lora).items():
+            for key in wanted:
+                for network, weights in self._loras.add(read[key]).items():
                     changed.setdefault(network, {}).update(weights)
             self._weights_changed(changed)
             log.info("LoRA tags: %s -> %s in %.2fs", list(self._tagged) or "none", list(wanted) or "none",

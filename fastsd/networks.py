@@ -327,7 +327,10 @@ class NetworkSpec:
     def dims(self, inputs: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
         """(batch, height, width in image pixels, text chunks) of a call (height and width 0
         for the text encoder; chunks 1 for networks without the text axis)."""
-        sizes, f = self._sizes(inputs), self.vae_factor
+        return self._dims(self._sizes(inputs))
+
+    def _dims(self, sizes: dict[str, int]) -> tuple[int, int, int, int]:
+        f = self.vae_factor
         return (sizes[BATCH], sizes.get(PIXEL_H, sizes.get(LATENT_H, 0) * f),
                 sizes.get(PIXEL_W, sizes.get(LATENT_W, 0) * f), -(-sizes.get(TOKENS, 1) // self.chunk_tokens))
 
@@ -358,11 +361,12 @@ class NetworkSpec:
             residual = unknown[0].startswith(RESIDUAL_PREFIXES)
             return ("built without the ControlNet residual inputs (export it with --controlnet)" if residual
                     else f"it takes no input {unknown[0]!r}")
-        batch, height, width, _ = self.dims(inputs)
+        sizes = self._sizes(inputs)
+        batch, height, width, _ = self._dims(sizes)
         most = profile.max_batch * (2 if self.cfg_doubled else 1)
         if not profile.min_batch <= batch <= most:
             return f"batch {batch} outside the engine's 1..{most}"
-        tokens = self._sizes(inputs).get(TOKENS)
+        tokens = sizes.get(TOKENS)
         if tokens is not None and (tokens % self.chunk_tokens or tokens > profile.max_chunks * self.chunk_tokens):
             return (f"a text of {tokens} tokens; the engine takes {self.chunk_tokens} per chunk, up to "
                     f"{profile.max_chunks} chunk{'s' if profile.max_chunks > 1 else ''} (a longer prompt)")
