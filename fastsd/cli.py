@@ -10,6 +10,7 @@ import platform
 import secrets
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 from .errors import FastSDError, InvalidArgumentError, OutputPathError
@@ -106,6 +107,18 @@ def _generate_parser(sub_parser) -> None:
     g.add_argument("--controlnet", action="append", default=[], metavar="M",
                    help="a ControlNet (diffusers folder, .safetensors file, hub id or synthetic:controlnet-<arch>); "
                         "repeatable (multi-ControlNet), one --control-image each, in the same order")
+    g.add_argument("--hires", type=float, default=None, metavar="SCALE",
+                   help="hires fix: generate at the size asked, upscale by SCALE, repaint with img2img "
+                        "(Pipeline.hires_fix)")
+    g.add_argument("--hires-upscaler", default="Latent", metavar="NAME",
+                   help="Latent, Latent (bicubic), ... (the web UI's latent modes), Lanczos, Nearest, or a model "
+                        "upscaler: a file, or a name in --upscaler-dir (default: Latent)")
+    g.add_argument("--hires-steps", type=int, default=None, metavar="N",
+                   help="the second pass's steps (default: --steps)")
+    g.add_argument("--hires-strength", type=float, default=0.7, metavar="S",
+                   help="the second pass's denoising strength (default 0.7)")
+    g.add_argument("--upscaler-dir", default=None, metavar="DIR",
+                   help="the folder of upscaler models (.safetensors: ESRGAN and the others spandrel reads)")
     g.add_argument("--preview", default=None, metavar="FILE.png",
                    help="keep a live preview PNG of the first image updated while denoising (TAESD decodes)")
     g.add_argument("--preview-every", type=int, default=1, metavar="K", help="a preview every K steps (default 1)")
@@ -413,6 +426,11 @@ def _check_generate(args, values: dict) -> None:
             raise FastSDError("--preview must not be the output file")
     elif args.preview_vae is not None:
         raise FastSDError("--preview-vae is for --preview")
+    if args.hires is None and (args.hires_steps is not None or args.hires_upscaler != "Latent"
+                               or args.hires_strength != 0.7):
+        raise FastSDError("--hires-upscaler, --hires-steps and --hires-strength are for --hires SCALE")
+    if args.hires is not None and any(values.get(k) is not None for k in ("image", "mask_image", "control_image")):
+        raise FastSDError("--hires is txt2img: not with --image, --mask or --control-image")
     for path, _ in map(parse_lora_arg, args.lora):
         if not Path(path).is_file():
             raise FastSDError(f"--lora {path}: no such file")
@@ -468,7 +486,8 @@ def _load(args):
                                     engine_dir=args.engine_dir, allow_pickle=args.allow_pickle,
                                     prediction_type=args.prediction_type, clip_skip=args.clip_skip,
                                     variant=args.variant, vae=args.vae, controlnet=args.controlnet or None,
-                                    max_side=args.max_side, lora_dir=args.lora_dir)
+                                    max_side=args.max_side, lora_dir=args.lora_dir,
+                                    upscaler_dir=getattr(args, "upscaler_dir", None))
 
 
 def _load_loras(pipe, files: list[str]) -> list[dict]:
@@ -510,7 +529,12 @@ def cmd_generate(args) -> int:
         pipe.load_preview_vae(args.preview_vae or _default_preview_vae(args.model, pipe.info))
         preview = _PreviewWriter(Path(args.preview))
     req = pipe.check_call(**call)  # all checked before any work; the bar's length is the call's loop
-    bar = None if args.no_progress else _Bar(req.loop_steps)
+    hires = {} if args.hires is None else {
+        "hr_scale": args.hires, "hr_upscaler": args.hires_upscaler, "hr_second_pass_steps": args.hires_steps,
+        "denoising_strength": args.hires_strength}
+    if hires:
+        _check_hires(pipe, hires)
+    bar = None if args.no_progress else _Bar(None if hires else req.loop_steps)
     on_step_end = None
     if bar or preview:
         def on_step_end(_pipe, step, t, kwargs):
@@ -520,7 +544,8 @@ def cmd_generate(args) -> int:
                 preview.submit(kwargs["preview"][0])
             return {}
     try:
-        out = pipe(**call, callback_on_step_end=on_step_end, preview_every=args.preview_every if preview else None)
+        run = partial(pipe.hires_fix, **hires) if hires else pipe
+        out = run(**call, callback_on_step_end=on_step_end, preview_every=args.preview_every if preview else None)
     finally:
         if bar:
             bar.close()
@@ -544,6 +569,23 @@ def cmd_generate(args) -> int:
         print(f"previews: {preview.written} written to {args.preview} (decoding {t['preview']:.3f}s of the unet's "
               f"{t['unet']:.3f}s)")
     return 0
+
+
+def _check_hires(pipe, hires: dict) -> None:
+    """--hires's settings, checked before any work (the upscaler model loaded)."""
+    from .errors import InvalidArgumentError
+    from .hires import Hires, check_hires
+    from .upscale import LATENT_MODES, RESAMPLERS, model_files
+
+    flags = {"hr_scale": "--hires", "hr_upscaler": "--hires-upscaler", "hr_second_pass_steps": "--hires-steps",
+             "denoising_strength": "--hires-strength"}
+    try:
+        check_hires(Hires(hires["hr_scale"], upscaler=hires["hr_upscaler"], steps=hires["hr_second_pass_steps"],
+                          strength=hires["denoising_strength"]), model_files(pipe.upscaler_dir))
+    except InvalidArgumentError as e:
+        raise FastSDError(e.named(lambda name: flags.get(name, name))) from None
+    if hires["hr_upscaler"] not in LATENT_MODES and hires["hr_upscaler"] not in RESAMPLERS:
+        pipe.upscaler(hires["hr_upscaler"])
 
 
 def _default_preview_vae(model: str, info) -> str:

@@ -73,7 +73,7 @@ def from_pretrained(cls, model: str, backend: str = "auto", device: str | None =
                     safety_checker=None, requires_safety_checker: bool | None = None,
                     feature_extractor=None, use_safetensors: bool | None = None,
                     local_files_only: bool = False, vae=None, preview_vae=None, controlnet=None,
-                    max_side: int | None = MAX_SIDE, lora_dir=None, **unsupported):
+                    max_side: int | None = MAX_SIDE, lora_dir=None, upscaler_dir=None, **unsupported):
     """Load `model` (see the README). `allow_pickle` permits .ckpt/.bin files;
     `prediction_type` ("epsilon" | "v_prediction") overrides the checkpoint's scheduler
     config, for single files whose config cannot be known (SD 2.x 512-base vs 768-v);
@@ -90,13 +90,16 @@ def from_pretrained(cls, model: str, backend: str = "auto", device: str | None =
     a ControlNetModel, or a list of these: multi-ControlNet) lets calls pass control_image;
     `max_side`: the pixels a side a call may ask for (None: no limit); `lora_dir`: the folder
     (searched below too) whose NAME.safetensors files `<lora:NAME:W>` prompt tags name, with
-    prompt_syntax="a1111"; others raise InvalidArgumentError."""
+    prompt_syntax="a1111"; `upscaler_dir`: the folder whose upscaler models (ESRGAN, ...)
+    hires_fix's hr_upscaler names by file stem; others raise InvalidArgumentError."""
     dev, dtype = _check_loading(backend, device, dtype, torch_dtype, cuda_graphs, variant, allow_pickle,
                                 use_safetensors, safety_checker, feature_extractor, unsupported)
     check_memory(memory)
     max_side = check_max_side(max_side)
     if lora_dir is not None and not Path(lora_dir).is_dir():
         raise InvalidArgumentError(f"no folder {lora_dir}", "lora_dir")
+    if upscaler_dir is not None and not Path(upscaler_dir).is_dir():
+        raise InvalidArgumentError(f"no folder {upscaler_dir}", "upscaler_dir")
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise InvalidArgumentError(f"must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}",
                                    "prediction_type")
@@ -117,6 +120,7 @@ def from_pretrained(cls, model: str, backend: str = "auto", device: str | None =
                DTYPES[dtype], memory, cuda_graphs, family)
     pipe._remake, pipe.clip_skip, pipe.max_side = remake, clip_skip, max_side
     pipe.lora_dir = None if lora_dir is None else Path(lora_dir)
+    pipe.upscaler_dir, pipe._allow_pickle = upscaler_dir, allow_pickle
     pipe._tiling()  # the tile geometry, checked against this VAE now (not at the first decode)
     if preview_vae is not None:
         pipe.load_preview_vae(preview_vae)

@@ -29,6 +29,7 @@ from .checkpoint import check_clip_skip
 from .embeddings import EmbeddingMethods
 from .errors import InvalidArgumentError, NumericalError
 from .families import family_for
+from .hires import HiresMethods
 from .loading import MemoryOptions, from_pretrained
 from .locks import SharedLock
 from .loop import StepGraphs, StepInputs, StepKey, initial_state, make_step, run_steps, step_rows
@@ -72,7 +73,7 @@ class _Loop:
     control: tuple[bool, ...] | None  # per step: whether the ControlNets run (None without ControlNets)
 
 
-class Pipeline(DiffusersSurface, LoraMethods, EmbeddingMethods, Previews, Stages):
+class Pipeline(DiffusersSurface, LoraMethods, EmbeddingMethods, HiresMethods, Previews, Stages):
     """A Stable Diffusion pipeline (SD 1.x/2.x, SD-XL, inpainting UNets, ControlNets) over
     whichever engines exist, with eager PyTorch for the rest. Load one with from_pretrained;
     call it as a diffusers pipeline (txt2img; img2img with image=; inpainting with image= and

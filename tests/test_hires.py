@@ -1,0 +1,106 @@
+"""The hires fix (Pipeline.hires_fix) is exactly its three steps, and model upscalers
+(spandrel) run tiled as untiled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastsd.errors import InvalidArgumentError
+from fastsd.upscale import load_model_upscaler, upscale_latents
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def pipe(pipes):
+    return pipes("eps")
+
+
+def make_upscaler(path, scale: int = 2):
+    """A tiny Real-ESRGAN Compact model with random weights (an architecture spandrel detects)."""
+    spandrel = pytest.importorskip("spandrel")
+    from safetensors.torch import save_file
+    from spandrel.architectures.Compact import Compact
+
+    torch.manual_seed(0)
+    model = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=3, upscale=scale)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    save_file(model.state_dict(), str(path))
+    assert spandrel.__version__
+    return path
+
+
+def test_latent_hires_fix_is_exactly_the_two_passes(pipe):
+    kw = {"num_inference_steps": STEPS, "negative_prompt": "fog", "width": 24, "height": 16}
+    out = pipe.hires_fix("a red barn", hr_scale=2.0, hr_upscaler="Latent (bicubic)", denoising_strength=0.6,
+                         hr_second_pass_steps=4, seed=7, output_type="np", **kw)
+    g = torch.Generator().manual_seed(7)
+    lat = pipe("a red barn", generator=g, output_type="latent", **kw).images
+    lat = upscale_latents(lat, 16, 24, "Latent (bicubic)")  # 48x32 pixels at the tiny VAE's factor 2
+    ref = pipe("a red barn", image=lat, strength=0.6, generator=g, output_type="np", num_inference_steps=4,
+               negative_prompt="fog")
+    assert out.images.shape == (1, 32, 48, 3)
+    assert np.array_equal(out.images, ref.images)
+    assert out.seed == 7 and out.settings["hires"]["upscaler"] == "Latent (bicubic)"
+    assert out.settings["first_pass"]["width"] == 24 and out.settings["width"] == 48
+    assert {"first_pass", "upscale", "second_pass", "total"} <= set(out.timings)
+
+
+def test_image_hires_fix_with_resize_and_crop_is_exactly_the_two_passes(pipe):
+    kw = {"num_inference_steps": STEPS, "width": 24, "height": 16, "num_images_per_prompt": 2}
+    out = pipe.hires_fix("a castle", hr_resize_x=40, hr_resize_y=40, hr_upscaler="Lanczos", seed=3,
+                         hr_prompt="a castle, detailed", output_type="np", **kw)
+    g = torch.Generator().manual_seed(3)
+    first = pipe("a castle", generator=g, **kw).images
+    ups = [im.resize((60, 40), Image.Resampling.LANCZOS).crop((10, 0, 50, 40)) for im in first]  # cover, then crop
+    ref = pipe(["a castle, detailed"] * 2, image=ups, strength=0.7, generator=g, num_inference_steps=STEPS,
+               output_type="np")
+    assert out.images.shape == (2, 40, 40, 3) and np.array_equal(out.images, ref.images)
+
+
+def test_model_upscaler_tiled_equals_untiled_and_drives_the_hires_fix(pipe, tmp_path):
+    path = make_upscaler(tmp_path / "tiny-x2.safetensors")
+    up = load_model_upscaler(path)
+    assert up.scale == 2 and up.name == "tiny-x2"
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    whole, tiled = up.run(x, 0), up.run(x, 32)
+    assert whole.shape == (1, 3, 140, 180) and float((whole - tiled).abs().max()) <= 1e-3
+    assert up(im, 180, 140, tile=0).size == (180, 140)
+
+    old = pipe.upscaler_dir
+    pipe.upscaler_dir = str(tmp_path)
+    try:
+        out = pipe.hires_fix("a castle", hr_upscaler="tiny-x2", hr_tile=16, seed=5, num_inference_steps=STEPS,
+                             width=24, height=16, output_type="np")
+    finally:
+        pipe.upscaler_dir = old
+    g = torch.Generator().manual_seed(5)
+    first = pipe("a castle", generator=g, num_inference_steps=STEPS, width=24, height=16).images
+    ups = [up(im, 48, 32, tile=16) for im in first]
+    ref = pipe("a castle", image=ups, strength=0.7, generator=g, num_inference_steps=STEPS, output_type="np")
+    assert np.array_equal(out.images, ref.images)
+
+
+def test_hires_fix_bad_input_is_refused_before_work(pipe, tmp_path):
+    with pytest.raises(InvalidArgumentError) as e:
+        pipe.hires_fix("x", hr_upscaler="ESRGAN_4x", num_inference_steps=STEPS)
+    assert e.value.param == "hr_upscaler" and "Latent" in str(e.value)
+    with pytest.raises(InvalidArgumentError) as e:
+        pipe.hires_fix("x", denoising_strength=0.0)
+    assert e.value.param == "denoising_strength"
+    with pytest.raises(InvalidArgumentError) as e:
+        pipe.hires_fix("x", hr_scale=20)
+    assert e.value.param == "hr_scale"
+    with pytest.raises(InvalidArgumentError) as e:
+        pipe.hires_fix("x", image=Image.new("RGB", (16, 16)))
+    assert e.value.param == "image"
+    pickle = tmp_path / "model.pth"
+    pickle.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(InvalidArgumentError, match="pickle"):
+        load_model_upscaler(pickle)
