@@ -235,7 +235,8 @@ def _bench_parser(sub_parser) -> None:
 
 def _serve_parser(sub_parser) -> None:
     """`fastsd serve`: OpenAI's images API over HTTP."""
-    v = sub_parser("serve", help="serve OpenAI's images API over HTTP (dynamic batching; Ray Serve with --ray)")
+    v = sub_parser("serve", help="serve OpenAI's images API and AUTOMATIC1111's /sdapi/v1 over HTTP (dynamic "
+                   "batching; Ray Serve with --ray)")
     v.add_argument("--model", required=True, help="as for generate")
     v.add_argument("--backend", default="auto", help=BACKEND_HELP)
     v.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
@@ -257,6 +258,25 @@ def _serve_parser(sub_parser) -> None:
                         "repeatable")
     v.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="every .safetensors LoRA in DIR, by stem, may be named in requests")
+    v.add_argument("--embeddings-dir", default=None, metavar="DIR",
+                   help="textual inversions loaded at start: each file's stem is its prompt token")
+    v.add_argument("--upscaler-dir", default=None, metavar="DIR",
+                   help="upscaler models (.safetensors ESRGAN and the others spandrel reads) the hires fix may name")
+    v.add_argument("--preview-vae", default=None, metavar="M",
+                   help="a TAESD: /sdapi/v1/progress then returns the running batch's image (current_image)")
+    v.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="where A1111 requests with save_images true have their PNGs written (default: not saved)")
+    v.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require this key (Authorization: Bearer KEY; repeatable). Shown in the process list: "
+                        "prefer --api-key-file or $FASTSD_API_KEY")
+    v.add_argument("--api-key-file", action="append", default=[], metavar="FILE",
+                   help="API keys, one per line (or separated by commas)")
+    v.add_argument("--api-auth", action="append", default=[], metavar="USER:PASS[,USER:PASS]",
+                   help="require HTTP Basic with one of these users (the web UI's --api-auth); or "
+                        "--api-auth-file / $FASTSD_API_AUTH")
+    v.add_argument("--api-auth-file", action="append", default=[], metavar="FILE",
+                   help="users as USER:PASS, one per line (or separated by commas)")
+    v.add_argument("--metrics-public", action="store_true", help="serve /metrics without credentials")
     v.add_argument("--max-n", type=int, default=10, help="images per request (default 10)")
     v.add_argument("--max-side", type=int, default=2048, help="pixels per side, output and uploads (default 2048)")
     v.add_argument("--max-steps", type=int, default=200, help="num_inference_steps per request (default 200)")
@@ -805,6 +825,12 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise FastSDError(f"fastsd serve needs the serve extra ({e.name} is missing): "
                           "pip install 'fastsd[serve]'") from None
+    from .serve.auth import is_loopback, read_auth
+
+    auth = read_auth(args.api_key, args.api_key_file, args.api_auth, args.api_auth_file, args.metrics_public)
+    for flag, folder in (("--embeddings-dir", args.embeddings_dir), ("--upscaler-dir", args.upscaler_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise FastSDError(f"{flag} {folder}: no such folder")
     limits = Limits(max_n=args.max_n, max_side=args.max_side, max_steps=args.max_steps,
                     max_upload_bytes=int(args.max_upload_mb * 2**20))
     options = ServeOptions(model=model, backend=args.backend, device=args.device, dtype=args.dtype,
@@ -812,7 +838,12 @@ def cmd_serve(args) -> int:
                            max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
                            max_queue=args.max_queue, limits=limits, model_name=args.model_name,
                            loras=_serve_loras(args.lora, args.lora_dir), controlnets=tuple(args.controlnet),
-                           lora_dir=args.lora_dir)
+                           lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+                           upscaler_dir=args.upscaler_dir, preview_vae=args.preview_vae, output_dir=args.output_dir,
+                           auth=auth)
+    if not auth.enabled and not is_loopback(args.host):
+        print(f"fastsd: warning: serving on {args.host} without --api-key or --api-auth: anyone who can reach "
+              "this address can use it", file=sys.stderr)
     if args.ray:
         try:
             from .serve import ray_serve

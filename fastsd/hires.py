@@ -50,6 +50,16 @@ class Hires:
     negative_prompt: object = None  # hr_negative_prompt
     scheduler: object = None  # hr_sampler_name (None: the first pass's)
 
+    def call_kwargs(self, count: int) -> dict:
+        """Pipeline.hires_fix's keywords for a batch of `count` images."""
+        def per(text):
+            return None if text is None else [text] * count
+
+        return {"hr_scale": self.scale, "hr_resize_x": self.resize_x, "hr_resize_y": self.resize_y,
+                "hr_upscaler": self.upscaler, "hr_second_pass_steps": self.steps, "denoising_strength": self.strength,
+                "hr_prompt": per(self.prompt), "hr_negative_prompt": per(self.negative_prompt),
+                "hr_scheduler": self.scheduler}
+
     def target(self, width: int, height: int, factor: int) -> tuple[int, int, int, int]:
         """(final width, height; the size upscaled to before a centre crop), multiples of factor."""
         if self.resize_x or self.resize_y:
@@ -142,20 +152,8 @@ class HiresMethods:
         t1 = time.perf_counter()
         upscaled, (w, h_px) = self._hires_upscale(first.images, h, latent, model, hr_tile)
         t2 = time.perf_counter()
-        second_kwargs = dict(kwargs)
-        for name in ("width", "height", "num_images_per_prompt", "prompt_embeds", "negative_prompt_embeds",
-                     "pooled_prompt_embeds", "negative_pooled_prompt_embeds"):
-            second_kwargs.pop(name, None)
-        n = kwargs.get("num_images_per_prompt", 1)
-        texts = _per_image(h.prompt if h.prompt is not None else prompt, n)
-        negative = h.negative_prompt if h.negative_prompt is not None else kwargs.get("negative_prompt")
-        second_kwargs["negative_prompt"] = None if negative is None else _per_image(negative, n)
-        if h.steps:
-            second_kwargs["num_inference_steps"] = h.steps
-        if h.scheduler is not None:
-            second_kwargs["scheduler"] = h.scheduler
-        second = self(texts, image=upscaled, strength=h.strength, generator=generator, output_type=output_type,
-                      height=h_px, width=w, **second_kwargs)
+        second = self(**_second_pass(h, prompt, kwargs, len(upscaled)), image=upscaled, strength=h.strength,
+                      generator=generator, output_type=output_type, height=h_px, width=w)
         t3 = time.perf_counter()
         timings = {k: v if k == "unet_per_step" else v + first.timings.get(k, 0.0)  # per step: the second's
                    for k, v in second.timings.items()}
@@ -190,8 +188,26 @@ class HiresMethods:
         return [crop_center(im, hh, w) for im in images], (w, hh)
 
 
-def _per_image(text, n: int):
-    """Prompts for the second pass, one per first-pass image (prompt-major, as diffusers orders them)."""
+def _second_pass(h: Hires, prompt, kwargs: dict, count: int) -> dict:
+    """The second pass's arguments: the first's, less its size, inputs and embeddings, with the
+    hires prompts, steps and sampler (prompts: one per first-pass image)."""
+    out = {k: v for k, v in kwargs.items() if k not in (
+        "width", "height", "num_images_per_prompt", "image", "mask_image", "control_image", "latents",
+        "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")}
+    n = kwargs.get("num_images_per_prompt", 1)
+    out["prompt"] = _per_image(h.prompt if h.prompt is not None else prompt, n, count)
+    negative = h.negative_prompt if h.negative_prompt is not None else kwargs.get("negative_prompt")
+    out["negative_prompt"] = _per_image(negative, n, count)
+    if h.steps:
+        out["num_inference_steps"] = h.steps
+    if h.scheduler is not None:
+        out["scheduler"] = h.scheduler
+    return out
+
+
+def _per_image(text, n: int, count: int):
+    """Prompts for the second pass, one per first-pass image (`count`; a list of prompts gives
+    n images each, prompt-major, as diffusers orders them)."""
     if text is None or isinstance(text, str):
-        return text if n == 1 or text is None else [text] * n
+        return text if count == 1 or text is None else [text] * count
     return [t for t in text for _ in range(n)]

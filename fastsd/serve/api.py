@@ -73,6 +73,7 @@ class ImageRequest:
     mask: Image.Image | None = None  # edits: L, white = repaint
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale) of the server's LoRAs to fuse, in order
     control_image: tuple[Image.Image, ...] = ()  # one per ControlNet of the server (none: no ControlNet)
+    hires: Any = None  # a hires fix (fastsd.hires.Hires): the batch runs Pipeline.hires_fix
 
     @property
     def mode(self) -> str:

@@ -13,6 +13,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import FastSDError, ImageError, InvalidArgumentError
 from ..version import __version__
+from .a1111 import ENDPOINTS as A1111_ENDPOINTS
+from .a1111 import register as register_a1111
 from .api import (
     APIError,
     ImageRequest,
@@ -34,7 +37,9 @@ from .api import (
     parse_request,
     read_upload,
 )
+from .auth import Auth, refusal
 from .batcher import Batcher, Cancelled, DrainingError, Job, QueueFullError, Slot
+from .progress import Progress
 
 log = logging.getLogger("fastsd.serve")
 
@@ -62,6 +67,12 @@ class ServeOptions:
     loras: tuple[tuple[str, str], ...] = ()  # (name, file) of the LoRAs requests may name
     lora_dir: str | None = None  # the folder <lora:NAME:W> prompt tags name files of
     controlnets: tuple[str, ...] = ()  # ControlNets: requests may pass a control_image (one per ControlNet)
+    embeddings_dir: str | None = None  # textual inversions loaded at start, each FILE as the token FILE's stem
+    upscaler_dir: str | None = None  # model upscalers (ESRGAN, ...) the hires fix may name
+    preview_vae: str | None = None  # a TAESD: /sdapi/v1/progress then shows the running batch's image
+    preview_every: int = 5  # steps between previews (the web UI's show_progress_every_n_steps)
+    output_dir: str | None = None  # A1111's save_images writes PNGs here (the web UI's samples_save)
+    auth: Auth = field(default_factory=Auth)  # API keys (Bearer) and users (HTTP Basic); none: open
 
     @property
     def lora_names(self) -> tuple[str, ...]:
@@ -80,11 +91,23 @@ class ServeOptions:
         pipe = Pipeline.from_pretrained(self.model, backend=self.backend, device=self.device, dtype=self.dtype,
                                         engine_dir=self.engine_dir, variant=self.variant,
                                         allow_pickle=self.allow_pickle, controlnet=list(self.controlnets) or None,
-                                        max_side=self.limits.max_side, lora_dir=self.lora_dir)
+                                        max_side=self.limits.max_side, lora_dir=self.lora_dir,
+                                        upscaler_dir=self.upscaler_dir, preview_vae=self.preview_vae)
         modules = pipe.family.modules(pipe.ckpt)
         for name, path in self.loras:  # a LoRA that does not fit the model fails the start, not a request
             read_lora(path, modules, name, 1.0)
+        for path in embedding_files(self.embeddings_dir, self.allow_pickle):
+            pipe.load_textual_inversion(str(path), allow_pickle=self.allow_pickle)
+            log.info("fastsd serve: embedding %s from %s", path.stem, path.name)
         return pipe
+
+
+def embedding_files(folder: str | None, allow_pickle: bool) -> list[Path]:
+    """The textual inversion files of --embeddings-dir (pickles only with --allow-pickle)."""
+    if folder is None:
+        return []
+    suffixes = (".safetensors", ".pt", ".bin") if allow_pickle else (".safetensors",)
+    return [p for p in sorted(Path(folder).iterdir()) if p.is_file() and p.suffix.lower() in suffixes]
 
 
 class _Metrics:
@@ -123,6 +146,8 @@ class _State:
         self.batcher = Batcher(self._run_batch, options.max_batch, options.batch_window_ms / 1000.0,
                                options.max_queue, on_batch=self._on_batch)
         self.metrics = _Metrics(self.batcher, options.max_batch)
+        self.progress = Progress()
+        self.a1111 = None  # the web UI's options (fastsd/serve/a1111.py), once the model is loaded
 
     # ---- model -----------------------------------------------------------------------
 
@@ -158,7 +183,7 @@ class _State:
             w, h = req.image.size
         elif req.control_image and w is None:  # txt2img with a ControlNet: the control image's size
             w, h = req.control_image[0].size
-        return (req.mode, w, h, req.settings, req.loras, req.lora_tags, len(req.control_image))
+        return (req.mode, w, h, req.settings, req.loras, req.lora_tags, len(req.control_image), req.hires)
 
     def check(self, req: ImageRequest) -> None:
         """The pipeline's own checks, on the batch this request may be part of."""
@@ -175,8 +200,25 @@ class _State:
 
     async def generate(self, request: Request, req: ImageRequest) -> dict:
         """Queue a checked request (its handler has called check_ready) and answer it."""
-        self.check(req)
         t0 = time.perf_counter()
+        images = await self.images(request, req)
+        if any(im is None for im in images):
+            raise APIError(503, "the request was interrupted (POST /sdapi/v1/interrupt or skip) before its images "
+                                "were done", code="interrupted")
+        blobs = await asyncio.to_thread(lambda: [encode_image(im, req.output_format, req.output_compression)
+                                                 for im in images])
+        self.metrics.stage.labels("request").observe(time.perf_counter() - t0)
+        self.metrics.images.inc(len(blobs))
+        w, h = images[0].size
+        return {"created": int(time.time()),
+                "data": [{"b64_json": base64.b64encode(b).decode("ascii"), "revised_prompt": None,
+                          "seed": req.seed + i} for i, b in enumerate(blobs)],
+                "output_format": req.output_format, "size": f"{w}x{h}", "background": "opaque"}
+
+    async def images(self, request: Request, req: ImageRequest) -> list:
+        """Check and queue a request, wait for its images (None for any an interrupt or skip
+        dropped); a client that goes away cancels it."""
+        self.check(req)
         job = Job(self.key(req), req.n, req)
         task = asyncio.ensure_future(self.batcher.submit(job))
         try:
@@ -207,15 +249,7 @@ class _State:
                            code="internal_error") from None
         if job.started is not None:
             self.metrics.stage.labels("queue").observe(job.started - job.arrival)
-        blobs = await asyncio.to_thread(lambda: [encode_image(im, req.output_format, req.output_compression)
-                                                 for im in images])
-        self.metrics.stage.labels("request").observe(time.perf_counter() - t0)
-        self.metrics.images.inc(len(blobs))
-        w, h = images[0].size
-        return {"created": int(time.time()),
-                "data": [{"b64_json": base64.b64encode(b).decode("ascii"), "revised_prompt": None,
-                          "seed": req.seed + i} for i, b in enumerate(blobs)],
-                "output_format": req.output_format, "size": f"{w}x{h}", "background": "opaque"}
+        return images
 
     def _run_batch(self, slots: list[Slot], stopped: Callable[[], bool]) -> tuple[list, dict]:
         """Runs on the worker thread: one pipeline call for the batch, image i from its own
@@ -226,18 +260,39 @@ class _State:
         reqs: list[ImageRequest] = [s.job.payload for s in slots]
         first = reqs[0]
 
+        progress = self.progress.begin(slots, self._steps(first))
+
         def step(k, t, latents):
             if stopped():
                 raise Cancelled()
+            progress.step()
+
+        def on_step_end(_pipe, k, t, kwargs):
+            if "preview" in kwargs:
+                progress.preview = kwargs["preview"][0]
+            return {}
 
         self._use_loras(first.loras)
-        out = self.pipe([r.prompt for r in reqs], negative_prompt=[r.negative_prompt or "" for r in reqs],
-                        image=None if first.image is None else [r.image for r in reqs],
-                        mask_image=None if first.mask is None else [r.mask for r in reqs],
-                        generator=[torch.Generator().manual_seed(s.job.payload.seed + s.index) for s in slots],
-                        callback=step, output_type="pil", **first.call_kwargs(),
-                        **first.control_kwargs([r.control_image for r in reqs]))
+        previews = {} if self.pipe.preview_vae is None else {"preview_every": self.options.preview_every,
+                                                             "callback_on_step_end": on_step_end}
+        run = self.pipe if first.hires is None else partial(self.pipe.hires_fix, **first.hires.call_kwargs(len(reqs)))
+        try:
+            out = run([r.prompt for r in reqs], negative_prompt=[r.negative_prompt or "" for r in reqs],
+                      image=None if first.image is None else [r.image for r in reqs],
+                      mask_image=None if first.mask is None else [r.mask for r in reqs],
+                      generator=[torch.Generator().manual_seed(s.job.payload.seed + s.index) for s in slots],
+                      callback=step, output_type="pil", **first.call_kwargs(),
+                      **first.control_kwargs([r.control_image for r in reqs]), **previews)
+        finally:
+            self.progress.end()
         return out.images, out.timings
+
+    def _steps(self, req: ImageRequest) -> int:
+        """The denoising steps a request's batch runs (both passes of a hires fix)."""
+        steps = dict(req.settings).get("num_inference_steps", 50)
+        if req.hires is None:
+            return steps if req.image is None else max(int(steps * dict(req.settings).get("strength", 0.8)), 1)
+        return steps + max(int((req.hires.steps or steps) * req.hires.strength), 1)
 
     def _use_loras(self, wanted: tuple[tuple[str, float], ...]) -> None:
         """Make the pipeline's fused LoRAs the batch's (same names in order: only scales change)."""
@@ -308,7 +363,7 @@ class _Guard:
 
     def _limit(self, path: str) -> int:
         lim = self.state.options.limits
-        return lim.max_upload_bytes if path.endswith("/edits") else lim.max_json_bytes
+        return lim.max_upload_bytes if path.endswith(("/edits", "/img2img")) else lim.max_json_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -326,8 +381,16 @@ class _Guard:
             await send(message)
 
         limit = self._limit(path)
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        auth = self.state.options.auth
         try:
+            if auth.protects(path) and not auth.allows(headers.get(b"authorization")):
+                await _drain(receive, DRAIN_LIMIT)
+                code, body, extra = refusal(path)
+                await JSONResponse(body, status_code=code, headers={k.decode(): v.decode() for k, v in extra})(
+                    scope, receive, send_counted)
+                return
             if length is not None and length.isdigit() and int(length) > limit:
                 await _drain(receive, DRAIN_LIMIT)  # so that the client reads the 413 (not a reset)
                 await _too_large(_TooLarge(limit, int(length)))(scope, receive, send_counted)
@@ -398,7 +461,9 @@ def create_app(options: ServeOptions, *, pipeline=None, load_in_background: bool
     _error_handlers(app)
     _status_routes(app, state, options)
     _image_routes(app, state, options)
-    endpoints = ("/v1/images/generations", "/v1/images/edits", "/healthz", "/metrics", "/v1/models")
+    register_a1111(app, state)
+    endpoints = ("/v1/images/generations", "/v1/images/edits", "/healthz", "/metrics", "/v1/models",
+                 *A1111_ENDPOINTS)
     app.add_middleware(_Guard, state=state, endpoints=endpoints)
     return app
 

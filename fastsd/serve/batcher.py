@@ -32,6 +32,16 @@ class Cancelled(Exception):
     """Raised inside a running batch once every request in it has gone."""
 
 
+class Interrupted(Exception):
+    """Raised inside a running batch told to stop (A1111's skip and interrupt): its images are
+    dropped (None in their requests' results); with `whole_jobs`, so are its requests' images
+    not yet run, and those requests are answered with what they have."""
+
+    def __init__(self, whole_jobs: bool):
+        super().__init__("interrupted" if whole_jobs else "skipped")
+        self.whole_jobs = whole_jobs
+
+
 @dataclass(eq=False)
 class Job:
     key: Hashable  # requests with equal keys may share a batch
@@ -188,6 +198,9 @@ class Batcher:
                     raise RuntimeError(f"the batch runner gave {len(results)} results for {len(slots)} images")
             except Cancelled:
                 return
+            except Interrupted as e:
+                self._interrupted(slots, jobs, e.whole_jobs)
+                return
             except Exception as e:  # noqa: BLE001 - handed to the requests that asked
                 if len(jobs) > 1:  # one request's trouble must not fail the others: each alone
                     for job in jobs:
@@ -205,6 +218,17 @@ class Batcher:
                     job.future.set_result(job.results)
         finally:
             self._running = []
+
+    def _interrupted(self, slots: list[Slot], jobs: list[Job], whole_jobs: bool) -> None:
+        for job in jobs:
+            job.left -= sum(1 for s in slots if s.job is job)
+            if whole_jobs and job.waiting:
+                job.left -= job.waiting
+                job.taken = job.n
+                if job in self._pending:
+                    self._pending.remove(job)
+            if not job.left and job.future is not None and not job.future.done():
+                job.future.set_result(job.results)
 
     def _fail(self, job: Job, error: Exception) -> None:
         if job.future is not None and not job.future.done():
