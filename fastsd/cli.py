@@ -404,7 +404,14 @@ def _parameters_line(s: dict) -> str:
     neg = f"\nNegative prompt: {s['negative_prompt']}" if s.get("negative_prompt") else ""
     return (f"{s['prompt']}{neg}\nSteps: {s['num_inference_steps']}, Sampler: {s['scheduler']}, "
             f"CFG scale: {s['guidance_scale']:g}, Seed: {s['seed']}, Size: {s['width']}x{s['height']}, "
-            f"Model hash: {s['model_fingerprint']}")
+            f"Model hash: {s['model_fingerprint']}" + _hires_items(s.get("hires")))
+
+
+def _hires_items(h: dict | None) -> str:
+    if not h:
+        return ""
+    return (f", Denoising strength: {h['strength']:g}, Hires upscale: {h['scale']:g}, Hires steps: {h['steps']}, "
+            f"Hires upscaler: {h['upscaler']}")
 
 
 def _call_values(args) -> dict:
@@ -825,7 +832,7 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise FastSDError(f"fastsd serve needs the serve extra ({e.name} is missing): "
                           "pip install 'fastsd[serve]'") from None
-    from .serve.auth import is_loopback, read_auth
+    from .serve.auth import open_warning, read_auth
 
     auth = read_auth(args.api_key, args.api_key_file, args.api_auth, args.api_auth_file, args.metrics_public)
     for flag, folder in (("--embeddings-dir", args.embeddings_dir), ("--upscaler-dir", args.upscaler_dir)):
@@ -841,9 +848,9 @@ def cmd_serve(args) -> int:
                            lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
                            upscaler_dir=args.upscaler_dir, preview_vae=args.preview_vae, output_dir=args.output_dir,
                            auth=auth)
-    if not auth.enabled and not is_loopback(args.host):
-        print(f"fastsd: warning: serving on {args.host} without --api-key or --api-auth: anyone who can reach "
-              "this address can use it", file=sys.stderr)
+    warning = open_warning(args.host, auth)
+    if warning:
+        print(warning, file=sys.stderr)
     if args.ray:
         try:
             from .serve import ray_serve

@@ -377,3 +377,81 @@ def test_auth_from_files_and_environment_and_metrics_public(tmp_path, ckpts, pip
         assert http(running.url + "/sdapi/v1/options")[0] == 401
     finally:
         running.stop()
+
+
+# ---- the server's folders: embeddings, LoRA tags, upscaler models, previews -------------------------
+
+
+def test_folders_previews_and_send_images(ckpts, pipe, tmp_path):
+    from safetensors.torch import save_file
+    from test_hires import make_upscaler
+    from test_lora import kohya_lora
+
+    emb, loras, ups, made = (tmp_path / d for d in ("emb", "loras", "ups", "made"))
+    for d in (emb, loras, ups, made):
+        d.mkdir()
+    save_file({"emb_params": torch.randn(2, pipe.info.cross_attention_dim)}, str(emb / "mystyle.safetensors"))
+    kohya_lora(ckpts["eps"], made, 3, text=False).rename(loras / "ink.safetensors")
+    make_upscaler(ups / "tiny-x2.safetensors")
+    options = ServeOptions(model=str(ckpts["eps"]), embeddings_dir=str(emb), lora_dir=str(loras),
+                           upscaler_dir=str(ups), preview_vae="synthetic:taesd-tiny", preview_every=1)
+    running = Running(create_app(options, load_in_background=False))
+    try:
+        server = running
+        assert sdapi(server, "embeddings")[1]["loaded"]["mystyle"]["vectors"] == 2
+        assert [x["name"] for x in sdapi(server, "loras")[1]] == ["ink"]
+        assert "tiny-x2" in [u["name"] for u in sdapi(server, "upscalers")[1]]
+        base = {"prompt": "a fox mystyle", "seed": 3, "steps": STEPS, "width": 32, "height": 32}
+        plain = sdapi(server, "txt2img", base)[1]["images"][0]
+        tagged = sdapi(server, "txt2img", {**base, "prompt": "a fox mystyle <lora:ink:0.8>"})[1]
+        assert tagged["images"][0] != plain and "<lora:ink:0.8>" in json.loads(tagged["info"])["infotexts"][0]
+        status, res = sdapi(server, "txt2img", {**base, "enable_hr": True, "hr_upscaler": "tiny-x2",
+                                                "denoising_strength": 0.4})
+        assert status == 200 and Image.open(io.BytesIO(base64.b64decode(res["images"][0]))).size == (64, 64)
+        status, res = sdapi(server, "txt2img", {**base, "send_images": False})
+        assert status == 200 and res["images"] == [] and json.loads(res["info"])["seed"] == 3
+
+        done, previews = {}, []
+        worker = threading.Thread(target=lambda: done.setdefault("r", sdapi(server, "txt2img", {
+            **base, "steps": 150, "width": 64, "height": 64})))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not previews and time.monotonic() < deadline and worker.is_alive():
+            p = sdapi(server, "progress")[1]
+            if p["current_image"]:
+                previews.append(Image.open(io.BytesIO(base64.b64decode(p["current_image"]))))
+            time.sleep(0.05)
+        sdapi(server, "interrupt", {})
+        worker.join(120)
+        assert previews and previews[0].size == (64, 64) and done["r"][0] == 200 and done["r"][1]["images"] == []
+        assert sdapi(server, "progress?skip_current_image=true")[1]["current_image"] is None
+    finally:
+        running.stop()
+
+
+def test_every_sampler_name_maps_to_the_python_api(server, pipe):
+    from fastsd.serve.a1111 import SAMPLERS
+
+    for name, _, ours, karras in SAMPLERS:
+        for schedule, want in (("Automatic", ours), ("Karras", karras)):
+            if want is None:
+                continue
+            status, res = sdapi(server, "txt2img", {"prompt": "a hill", "seed": 4, "steps": STEPS, "width": 32,
+                                                    "height": 32, "sampler_name": name, "scheduler": schedule})
+            assert status == 200, (name, res)
+            im = Image.open(io.BytesIO(base64.b64decode(res["images"][0])))
+            assert close(pixels(im), direct(pipe, "a hill", 4, want, guidance_scale=7.0, width=32, height=32)), name
+
+
+def test_serve_flags_warn_when_open_beyond_loopback_and_refuse_bad_folders(ckpts, tmp_path, capsys):
+    from fastsd.cli import main
+    from fastsd.serve.auth import open_warning
+
+    assert open_warning("127.0.0.1", Auth()) is None and open_warning("::1", Auth()) is None
+    assert "without --api-key" in open_warning("0.0.0.0", Auth())
+    assert open_warning("0.0.0.0", Auth(keys=(KEY,))) is None
+    base = ["serve", "--model", str(ckpts["eps"]), "--port", "1"]
+    assert main([*base, "--upscaler-dir", str(tmp_path / "missing")]) == 2
+    assert main([*base, "--api-auth", "nocolon"]) == 2
+    err = capsys.readouterr().err
+    assert "--upscaler-dir" in err and "user:password" in err and "Traceback" not in err

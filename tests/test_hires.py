@@ -104,3 +104,23 @@ def test_hires_fix_bad_input_is_refused_before_work(pipe, tmp_path):
     pickle.write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(InvalidArgumentError, match="pickle"):
         load_model_upscaler(pickle)
+
+
+def test_cli_hires(ckpts, tmp_path, capsys):
+    import json
+
+    from fastsd.cli import main
+
+    base = ["generate", "a fox", "--model", str(ckpts["eps"]), "--steps", "2", "--width", "24", "--height", "16",
+            "--no-progress", "--seed", "4"]
+    assert main([*base, "--out", str(tmp_path / "a.png"), "--hires", "2", "--hires-upscaler", "Nearest",
+                 "--hires-strength", "0.5"]) == 0
+    im = Image.open(tmp_path / "a.png")
+    settings = json.loads(im.text["fastsd"])
+    assert im.size == (48, 32) and settings["hires"]["upscaler"] == "Nearest" and settings["seed"] == 4
+    assert "Size: 48x32" in im.text["parameters"] and "Hires upscale: 2, Hires steps: 2" in im.text["parameters"]
+    assert main([*base, "--out", str(tmp_path / "b.png"), "--hires-steps", "3"]) == 2
+    assert main([*base, "--out", str(tmp_path / "c.png"), "--hires", "2", "--hires-upscaler", "x4"]) == 2
+    err = capsys.readouterr().err
+    assert "--hires-upscaler must be one of" in err and "are for --hires SCALE" in err
+    assert not (tmp_path / "b.png").exists() and not (tmp_path / "c.png").exists()

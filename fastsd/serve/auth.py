@@ -117,3 +117,11 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def open_warning(host: str, auth: Auth) -> str | None:
+    """The warning for a server that anyone who reaches it may use (None: loopback or locked)."""
+    if auth.enabled or is_loopback(host):
+        return None
+    return (f"fastsd: warning: serving on {host} without --api-key or --api-auth: anyone who can reach this "
+            "address can use it")
