@@ -386,7 +386,7 @@ class _Guard:
         auth = self.state.options.auth
         try:
             if auth.protects(path) and not auth.allows(headers.get(b"authorization")):
-                await _drain(receive, DRAIN_LIMIT)
+                await _drain(receive, limit)  # no more than an allowed body is read for a stranger
                 code, body, extra = refusal(path)
                 await JSONResponse(body, status_code=code, headers={k.decode(): v.decode() for k, v in extra})(
                     scope, receive, send_counted)
