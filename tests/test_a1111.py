@@ -455,3 +455,24 @@ def test_serve_flags_warn_when_open_beyond_loopback_and_refuse_bad_folders(ckpts
     assert main([*base, "--api-auth", "nocolon"]) == 2
     err = capsys.readouterr().err
     assert "--upscaler-dir" in err and "user:password" in err and "Traceback" not in err
+
+
+def test_skip_drops_the_running_batch_only(ckpts, pipe):
+    options = ServeOptions(model=str(ckpts["eps"]), max_batch=1, batch_window_ms=0)
+    running = Running(create_app(options, pipeline=pipe))
+    try:
+        done = {}
+        body = {"prompt": "a skipped one", "seed": 30, "steps": 60, "width": 32, "height": 32, "n_iter": 2}
+        worker = threading.Thread(target=lambda: done.setdefault("r", sdapi(running, "txt2img", body)))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and sdapi(running, "progress")[1]["state"]["sampling_step"] < 3:
+            time.sleep(0.02)
+        sdapi(running, "skip", {})
+        worker.join(120)
+        status, res = done["r"]
+        info = json.loads(res["info"])
+        assert status == 200 and len(res["images"]) == 1 and info["images_seeds"] == [31]  # the second image ran
+        assert "Seed: 31," in info["infotexts"][0]
+    finally:
+        running.stop()
