@@ -474,5 +474,17 @@ def test_skip_drops_the_running_batch_only(ckpts, pipe):
         info = json.loads(res["info"])
         assert status == 200 and len(res["images"]) == 1 and info["images_seeds"] == [31]  # the second image ran
         assert "Seed: 31," in info["infotexts"][0]
+        # an OpenAI request in a skipped batch: a 400 its client does not resend by itself
+        worker = threading.Thread(target=lambda: done.__setitem__("o", http(
+            running.url + "/v1/images/generations", "POST", json.dumps({
+                "prompt": "x", "size": "32x32", "num_inference_steps": 60, "seed": 1}).encode(),
+            {"content-type": "application/json"})))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and sdapi(running, "progress")[1]["state"]["sampling_step"] < 3:
+            time.sleep(0.02)
+        sdapi(running, "skip", {})
+        worker.join(120)
+        assert done["o"][0] == 400 and done["o"][1]["error"]["code"] == "interrupted"
     finally:
         running.stop()

@@ -580,7 +580,7 @@ class _Api:
 
     async def generate(self, request: Request, mode: str) -> dict:
         self.ready()
-        state = self.state
+        t0, state = time.perf_counter(), self.state
         p = parse(await self.body(request), mode, self.context())
         try:
             images = await state.images(request, p.req)
@@ -599,6 +599,7 @@ class _Api:
         if p.save_images and state.options.output_dir is not None and blobs:
             await asyncio.to_thread(save_pngs, state.options.output_dir, blobs, seeds)
         state.metrics.images.inc(len(blobs))
+        state.metrics.stage.labels("request").observe(time.perf_counter() - t0)
         return {"images": [base64.b64encode(x).decode("ascii") for x in blobs] if p.send_images else [],
                 "parameters": p.parameters, "info": info_json(p, seeds, texts, (name, short))}
 

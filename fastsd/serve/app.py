@@ -203,8 +203,8 @@ class _State:
         t0 = time.perf_counter()
         images = await self.images(request, req)
         if any(im is None for im in images):
-            raise APIError(503, "the request was interrupted (POST /sdapi/v1/interrupt or skip) before its images "
-                                "were done", code="interrupted")
+            raise APIError(400, "the request was interrupted (POST /sdapi/v1/interrupt or skip) before its images "
+                                "were done", code="interrupted")  # a 400: clients do not resend it by themselves
         blobs = await asyncio.to_thread(lambda: [encode_image(im, req.output_format, req.output_compression)
                                                  for im in images])
         self.metrics.stage.labels("request").observe(time.perf_counter() - t0)
@@ -260,6 +260,7 @@ class _State:
         reqs: list[ImageRequest] = [s.job.payload for s in slots]
         first = reqs[0]
 
+        self._use_loras(first.loras)
         progress = self.progress.begin(slots, self._steps(first))
 
         def step(k, t, latents):
@@ -272,11 +273,10 @@ class _State:
                 progress.preview = kwargs["preview"][0]
             return {}
 
-        self._use_loras(first.loras)
         previews = {} if self.pipe.preview_vae is None else {"preview_every": self.options.preview_every,
                                                              "callback_on_step_end": on_step_end}
         run = self.pipe if first.hires is None else partial(self.pipe.hires_fix, **first.hires.call_kwargs(len(reqs)))
-        try:
+        try:  # from here on the progress is this batch's until it ends, however it ends
             out = run([r.prompt for r in reqs], negative_prompt=[r.negative_prompt or "" for r in reqs],
                       image=None if first.image is None else [r.image for r in reqs],
                       mask_image=None if first.mask is None else [r.mask for r in reqs],
