@@ -124,6 +124,21 @@ def model_files(folder: str | Path | None) -> dict[str, Path]:
     return {p.stem: p for p in sorted(root.iterdir()) if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES}
 
 
+def import_spandrel():
+    """spandrel, or a FastSDError that says why not (absent, or its torchvision does not fit
+    the installed torch: PyPI's torchvision is built for CUDA torch)."""
+    try:
+        import spandrel
+    except ImportError as e:
+        raise FastSDError(f"model upscalers need spandrel ({e.name} is missing): pip install 'fastsd[upscale]'; with "
+                          "a CPU-only torch, install the matching CPU torchvision from PyTorch's index first") from None
+    except Exception as e:  # noqa: BLE001 - torchvision built for another torch fails at import
+        raise FastSDError(f"model upscalers need spandrel, which could not be imported ({type(e).__name__}: {e}); "
+                          "its torchvision must be the build for the installed torch (CPU torch: PyTorch's CPU "
+                          "index)") from None
+    return spandrel
+
+
 def load_model_upscaler(path: str | Path, *, allow_pickle: bool = False, device=None) -> ModelUpscaler:
     """A super-resolution model from a weights file, its architecture detected by spandrel.
     Pickled files (.pth, .pt, .ckpt, .bin) can run code when read: refused unless allow_pickle."""
@@ -134,10 +149,7 @@ def load_model_upscaler(path: str | Path, *, allow_pickle: bool = False, device=
         raise InvalidArgumentError(f"upscaler model {path.name} is a pickle file, which can run code when loaded; "
                                    "convert it to .safetensors, or pass allow_pickle=True (--allow-pickle) if you "
                                    "trust it")
-    try:
-        import spandrel
-    except ImportError:
-        raise FastSDError("model upscalers need spandrel: pip install 'fastsd[upscale]'") from None
+    spandrel = import_spandrel()
     try:
         descriptor = spandrel.ModelLoader(device=device).load_from_file(str(path))
     except Exception as e:  # noqa: BLE001 - spandrel's errors for files it cannot read or place

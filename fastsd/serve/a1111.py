@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image, PngImagePlugin
 
 from ..arguments import MAX_GUIDANCE, SEED_LIMIT
-from ..errors import InvalidArgumentError
+from ..errors import FastSDError, InvalidArgumentError
 from ..hires import Hires, check_hires
 from ..settings import check_size, draw_seed
 from ..upscale import LATENT_MODES, RESAMPLERS, model_files
@@ -242,6 +242,7 @@ class Context:
     options: dict  # the current /sdapi/v1/options
     upscaler_dir: str | None
     clip_layers: int
+    load_upscaler: Any = None  # a model upscaler by name, loaded (and kept) before a request is queued
 
 
 def _check_defaults(data: dict, known: tuple[str, ...]) -> None:
@@ -391,8 +392,12 @@ def _hires(b: _Body, ctx: Context, sizes: dict, sampler_label: str, schedule: st
               scheduler=scheduler)
     try:
         check_hires(h, files)
+        if up in files and ctx.load_upscaler is not None:
+            ctx.load_upscaler(up)
     except InvalidArgumentError as e:
         raise _bad(e.param or "enable_hr", e.detail) from None
+    except FastSDError as e:  # the model file cannot be loaded (spandrel, its architecture)
+        raise _bad("hr_upscaler", str(e)) from None
     w, hh, _, _ = h.target(sizes["width"], sizes["height"], ctx.factor)
     if max(w, hh) > ctx.limits.max_side:
         raise _bad("hr_scale", f"the hires size {w}x{hh} is over this server's {ctx.limits.max_side} pixels a side")
@@ -568,7 +573,7 @@ class _Api:
         names = (*state.options.served_names, *model_identity(state)[::2])
         layers = state.pipe.ckpt.text_encoder.config.num_hidden_layers
         return Context(state.pipe.info.vae_factor, state.options.limits, names, state.a1111,
-                       state.options.upscaler_dir, layers)
+                       state.options.upscaler_dir, layers, state.pipe.upscaler)
 
     @staticmethod
     async def body(request: Request):
