@@ -130,6 +130,11 @@ def test_webuiapi_options_listings_progress_and_interrupt(server, pipe):
         assert r.info["clip_skip"] == 2 and "Clip skip: 2" in r.info["infotexts"][0]
         assert close(pixels(r.image), direct(pipe, "a hill", 9, "euler_a", guidance_scale=7.0, width=32, height=32,
                                              clip_skip=1))
+        r = a.txt2img(prompt="a hill", seed=9, width=32, height=32, override_settings={"CLIP_stop_at_last_layers": 1})
+        assert r.info["clip_skip"] == 1 and a.get_options()["CLIP_stop_at_last_layers"] == 2  # restored afterwards
+        a.txt2img(prompt="a hill", seed=9, width=32, height=32, override_settings={"CLIP_stop_at_last_layers": 1},
+                  override_settings_restore_afterwards=False)
+        assert a.get_options()["CLIP_stop_at_last_layers"] == 1  # kept, as the web UI keeps it
     finally:
         a.set_options({"CLIP_stop_at_last_layers": 1})
     assert {s["name"] for s in a.get_samplers()} >= {"Euler a", "DPM++ 2M", "DPM++ 2M SDE", "UniPC", "LCM", "Heun",

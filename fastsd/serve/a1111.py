@@ -586,7 +586,12 @@ class _Api:
     async def generate(self, request: Request, mode: str) -> dict:
         self.ready()
         t0, state = time.perf_counter(), self.state
-        p = parse(await self.body(request), mode, self.context())
+        data = await self.body(request)
+        p = parse(data, mode, self.context())
+        if data.get("override_settings_restore_afterwards") is False:  # the web UI keeps the overrides
+            kept = {k: v for k, v in data["override_settings"].items() if k in ("CLIP_stop_at_last_layers", "sd_vae")
+                    and v is not None} if isinstance(data.get("override_settings"), dict) else {}
+            state.a1111.update(kept)
         try:
             images = await state.images(request, p.req)
         except APIError as e:
