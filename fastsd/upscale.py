@@ -15,12 +15,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from .errors import CheckpointError, FastSDError, InvalidArgumentError
+from .images import as_rgb, image_to_tensor, to_numpy, to_pil
 
 # name -> (torch interpolate mode, antialias)
 LATENT_MODES: dict[str, tuple[str, bool]] = {
@@ -81,13 +81,12 @@ class ModelUpscaler:
         for targets past one pass), then resized to exactly (width, height) with Lanczos.
         `tile`: input pixels per tile side (0: the whole image at once; None: this upscaler's)."""
         tile = self.tile if tile is None else tile
-        im = image.convert("RGB")
+        im = as_rgb(image)
         for _ in range(4):
             if im.width >= width and im.height >= height:
                 break
-            x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-            y = self.run(x, tile)
-            im = Image.fromarray((y[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255.0).round().astype(np.uint8))
+            y = self.run(image_to_tensor(im, im.height, im.width, normalize=False), tile)
+            im = to_pil(to_numpy(y.clamp(0, 1)))[0]
         return im if im.size == (width, height) else im.resize((width, height), Image.Resampling.LANCZOS)
 
     def run(self, x: torch.Tensor, tile: int = 0) -> torch.Tensor:

@@ -61,6 +61,17 @@ def direct(pipe, prompt, seed, sampler, **kw) -> np.ndarray:
     return pixels(out.images[0])
 
 
+def wait_for(get, ready, timeout: float = 60.0):
+    """The first `get()` (a progress answer) that is `ready`, polled; None after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = get()
+        if ready(value):
+            return value
+        time.sleep(0.02)
+    return None
+
+
 def sdapi(server, path: str, body=None, method: str | None = None, headers: dict | None = None):
     data = None if body is None else json.dumps(body).encode()
     return http(server.url + "/sdapi/v1/" + path, method or ("GET" if body is None else "POST"), data,
@@ -149,14 +160,8 @@ def test_webuiapi_options_listings_progress_and_interrupt(server, pipe):
     worker = threading.Thread(target=lambda: result.setdefault("r", a.txt2img(
         prompt="a long job", seed=1, width=64, height=64, steps=200, batch_size=1)))
     worker.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        p = a.get_progress()
-        if p["state"]["sampling_step"] >= 3:
-            seen.append(p)
-            break
-        time.sleep(0.05)
-    assert seen and 0 < seen[0]["progress"] < 1 and seen[0]["state"]["job_count"] == 1
+    seen.append(wait_for(a.get_progress, lambda p: p["state"]["sampling_step"] >= 3))
+    assert seen[0] and 0 < seen[0]["progress"] < 1 and seen[0]["state"]["job_count"] == 1
     assert seen[0]["state"]["sampling_steps"] == 200 and seen[0]["eta_relative"] > 0
     a.interrupt()
     worker.join(60)
@@ -425,12 +430,9 @@ def test_folders_previews_and_send_images(ckpts, pipe, tmp_path):
         worker = threading.Thread(target=lambda: done.setdefault("r", sdapi(server, "txt2img", {
             **base, "steps": 150, "width": 64, "height": 64})))
         worker.start()
-        deadline = time.monotonic() + 60
-        while not previews and time.monotonic() < deadline and worker.is_alive():
-            p = sdapi(server, "progress")[1]
-            if p["current_image"]:
-                previews.append(Image.open(io.BytesIO(base64.b64decode(p["current_image"]))))
-            time.sleep(0.05)
+        p = wait_for(lambda: sdapi(server, "progress")[1], lambda p: p["current_image"] or not worker.is_alive())
+        if p and p["current_image"]:
+            previews.append(Image.open(io.BytesIO(base64.b64decode(p["current_image"]))))
         sdapi(server, "interrupt", {})
         worker.join(120)
         assert previews and previews[0].size == (64, 64) and done["r"][0] == 200 and done["r"][1]["images"] == []
@@ -475,9 +477,7 @@ def test_skip_drops_the_running_batch_only(ckpts, pipe):
         body = {"prompt": "a skipped one", "seed": 30, "steps": 60, "width": 32, "height": 32, "n_iter": 2}
         worker = threading.Thread(target=lambda: done.setdefault("r", sdapi(running, "txt2img", body)))
         worker.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and sdapi(running, "progress")[1]["state"]["sampling_step"] < 3:
-            time.sleep(0.02)
+        wait_for(lambda: sdapi(running, "progress")[1], lambda p: p["state"]["sampling_step"] >= 3)
         sdapi(running, "skip", {})
         worker.join(120)
         status, res = done["r"]
@@ -490,9 +490,7 @@ def test_skip_drops_the_running_batch_only(ckpts, pipe):
                 "prompt": "x", "size": "32x32", "num_inference_steps": 60, "seed": 1}).encode(),
             {"content-type": "application/json"})))
         worker.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and sdapi(running, "progress")[1]["state"]["sampling_step"] < 3:
-            time.sleep(0.02)
+        wait_for(lambda: sdapi(running, "progress")[1], lambda p: p["state"]["sampling_step"] >= 3)
         sdapi(running, "skip", {})
         worker.join(120)
         assert done["o"][0] == 400 and done["o"][1]["error"]["code"] == "interrupted"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import io
 import json
 import logging
@@ -34,11 +33,12 @@ from PIL import Image, PngImagePlugin
 from ..arguments import MAX_GUIDANCE, SEED_LIMIT
 from ..errors import FastSDError, InvalidArgumentError
 from ..hires import Hires, check_hires
+from ..images import as_rgb
 from ..settings import check_size, draw_seed
 from ..upscale import LATENT_MODES, RESAMPLERS, model_files
 from ..version import __version__
 from .a1111_images import FILL, ORIGINAL, InpaintPlan, plan_inpaint
-from .api import APIError, ImageRequest, read_upload
+from .api import APIError, ImageRequest, decode_base64, read_upload
 
 log = logging.getLogger("fastsd.serve")
 
@@ -408,14 +408,8 @@ def decode_image(text, name: str, limits) -> Image.Image:
     """A base64 image (or data URL), checked as uploads are: 422 naming the field."""
     if not isinstance(text, str) or not text:
         raise _bad(name, "must be a base64-encoded image (or a data URL)")
-    if text.startswith("data:"):
-        text = text.split(",", 1)[-1]
     try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise _bad(name, "is not valid base64") from None
-    try:
-        return read_upload(raw, name, limits)
+        return read_upload(decode_base64(text, name), name, limits)
     except APIError as e:
         raise _bad(name, e.message.removeprefix(f"'{name}' ")) from None
 
@@ -424,7 +418,7 @@ def _init_images(b: _Body, width: int, height: int, limits):
     images = b.get("init_images")
     if not isinstance(images, list) or len(images) != 1:
         raise _bad("init_images", "must be a list of one base64-encoded image")
-    image = decode_image(images[0], "init_images", limits).convert("RGB")
+    image = as_rgb(decode_image(images[0], "init_images", limits))
     if b.get("mask") is None:
         return image, None, []
     mask = decode_image(b.get("mask"), "mask", limits)

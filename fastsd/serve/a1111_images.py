@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
+from ..images import as_mask, as_rgb
+
 FILL, ORIGINAL = 0, 1  # inpainting_fill values fastsd runs (2 latent noise, 3 latent nothing: refused)
 FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))  # (blur radius, repeats), coarse to fine
 
@@ -97,8 +99,7 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
 def plan_inpaint(image: Image.Image, mask: Image.Image, width: int, height: int, *, invert: bool, blur_x: int,
                  blur_y: int, full_res: bool, padding: int, fill: int) -> InpaintPlan:
     """The web UI's img2img-with-mask steps before and after sampling, for one image."""
-    image = image.convert("RGB")
-    mask = mask.convert("L")
+    image, mask = as_rgb(image), as_mask(mask)  # 16-bit and float images read by their range, as everywhere
     if mask.size != image.size:
         mask = mask.resize(image.size, Image.Resampling.LANCZOS)
     if invert:

@@ -242,7 +242,7 @@ def parse_control(f: "_Fields", form: bool, limits: Limits, uploads: list[bytes]
         if not all(isinstance(e, str) for e in encoded) or (isinstance(raw, list) and not raw):
             raise bad("'control_image' must be a base64-encoded image (or a data URL), or a list of them",
                       "control_image", "invalid_type")
-        images = [read_upload(_base64(e), "control_image", limits) for e in encoded]
+        images = [read_upload(decode_base64(e, "control_image"), "control_image", limits) for e in encoded]
     return tuple(as_rgb(im) for im in images)
 
 
@@ -273,13 +273,14 @@ def _limit(args: dict, name: str, hi: int, why: str) -> None:
         raise bad(f"'{field(name)}' {why}", field(name), "invalid_value")
 
 
-def _base64(text: str) -> bytes:
+def decode_base64(text: str, param: str) -> bytes:
+    """A base64 field's bytes (a data URL's too); not base64: a 400 naming `param`."""
     if text.startswith("data:"):
         text = text.split(",", 1)[-1]
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise bad("'control_image' is not valid base64", "control_image", "invalid_image") from None
+        raise bad(f"'{param}' is not valid base64", param, "invalid_image") from None
 
 
 def parse_request(data, *, form: bool, limits: Limits, factor: int, model_names: tuple[str, ...],
