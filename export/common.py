@@ -11,12 +11,23 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from fastsd.checkpoint import check_clip_skip, load_checkpoint
 from fastsd.controlnet import load_controlnets
-from fastsd.engines import DTYPES, Profile, Staging, base_manifest, default_engine_dir, entry_dir, writable_store
-from fastsd.errors import InvalidArgumentError, OutputPathError
+from fastsd.engines import (
+    DTYPES,
+    Profile,
+    Staging,
+    base_manifest,
+    check_entry,
+    default_engine_dir,
+    entry_dir,
+    writable_store,
+)
+from fastsd.errors import FastSDError, InvalidArgumentError, OutputPathError
 from fastsd.families import family_for
-from fastsd.networks import NETWORKS, NetworkSpec
+from fastsd.networks import NETWORKS, NetworkSpec, relative_error
 
 # make(network, staging folder) -> (files written, extra manifest facts of the network, note for the progress line)
 MakeNetwork = Callable[[str, Path], tuple[list[str], dict, str]]
@@ -177,3 +188,48 @@ def build_entry(root: Path, info, kind: str, precision: str, profile: Profile, n
             f"was kept); it needs about {_mib(max(need or 0, written))}{'' if need else ' or more'} free and has "
             f"{_mib(free)}: free some space, prune the store (fastsd engines prune) or pass --engine-dir on a "
             "larger disk") from None
+
+
+def onnx_entry(engine_dir: Path, info, precision: str, networks: tuple[str, ...],
+               static: tuple[int, int] | None = None, owner=None) -> tuple[Path, dict]:
+    """The ONNX entry the engines are built from: the checkpoint's (`info`), or where `owner`
+    is a ControlNet, that ControlNet's (for the checkpoint's profile)."""
+    fingerprint = (owner or info).fingerprint
+    src = entry_dir(engine_dir, fingerprint, "onnxruntime", precision, Profile.for_model(info, static))
+    manifest, problems = check_entry(src, fingerprint, networks=networks)
+    if not manifest or problems:
+        why = "; ".join(sorted({f"{n}: {p}" for n, p in problems.items()})) or "no valid entry"
+        what = "this checkpoint" if owner is None else f"the ControlNet {owner.source}"
+        raise FastSDError(f"no usable {precision} ONNX graphs for {what} in {src} ({why}): run "
+                          f"`fastsd export --dtype {precision}"
+                          f"{f' --static {static[0]}x{static[1]}' if static else ''}"
+                          f"{' --controlnet ...' if owner is not None else ''}` first")
+    return src, manifest
+
+
+def entry_profile(onnx_manifest: dict, static: tuple[int, int] | None, max_chunks: int | None = None) -> Profile:
+    """The profile engines are built for: the ONNX entry's. `--static` and `--max-prompt-chunks`
+    must agree with it."""
+    profile = Profile(**onnx_manifest["profile"])
+    if max_chunks is not None and max_chunks != profile.max_chunks:
+        raise FastSDError(f"the ONNX graphs were exported for texts of up to {profile.max_chunks} chunk(s); export "
+                          f"them with --max-prompt-chunks {max_chunks} before building engines for that")
+    if static is not None and (not profile.static or (profile.opt_size, profile.opt_width) != static):
+        have = f"static {profile.opt_size}x{profile.opt_width}" if profile.static else "dynamic"
+        raise FastSDError(f"the ONNX graphs were exported {have}; export them with --static "
+                          f"{static[0]}x{static[1]} before building static engines")
+    return profile
+
+
+def check_engine(name: str, run: Callable, module: torch.nn.Module, inputs: tuple, bound: float) -> float:
+    """Run the engine (`run`) and the eager fp32 network on the same sample inputs; refuse
+    an engine whose relative error exceeds `bound`. Returns the error."""
+    with torch.inference_mode():
+        want = module(*inputs)
+    got = run(*inputs)
+    pairs = zip(got, want, strict=True) if isinstance(want, tuple) else [(got, want)]  # several outputs: the worst
+    err = max(relative_error(g, w) for g, w in pairs)
+    if not err <= bound:
+        raise FastSDError(f"the {name} engine disagrees with eager PyTorch on its sample inputs "
+                          f"(relative error {err:.3g} > {bound}); nothing was written")
+    return err

@@ -31,12 +31,20 @@ import torch
 
 from fastsd.backends.kind import WEIGHTS_BY_NAME
 from fastsd.backends.tensorrt import deserialize, runtime_facts
-from fastsd.engines import Profile, check_entry, entry_dir, graph_file, read_manifest, refit_source
+from fastsd.engines import Profile, graph_file, read_manifest, refit_source
 from fastsd.errors import FastSDError
 from fastsd.files import atomic_write
-from fastsd.networks import relative_error
 
-from .common import build_entry, entry_groups, load_for_build, parse_static, weight_bytes
+from .common import (
+    build_entry,
+    check_engine,
+    entry_groups,
+    entry_profile,
+    load_for_build,
+    onnx_entry,
+    parse_static,
+    weight_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,37 +72,6 @@ def build_mode(trt) -> tuple[str, str]:
         return "fp16_flag", "fp32"
     raise FastSDError(f"TensorRT {getattr(trt, '__version__', '?')} has neither strongly typed networks nor "
                       "an FP16 builder flag")
-
-
-def _onnx_entry(engine_dir: Path, info, precision: str, networks: tuple[str, ...],
-                static: tuple[int, int] | None = None, owner=None) -> tuple[Path, dict]:
-    """The ONNX entry the engines are built from: the checkpoint's (`info`), or where `owner`
-    is a ControlNet, that ControlNet's (for the checkpoint's profile)."""
-    fingerprint = (owner or info).fingerprint
-    src = entry_dir(engine_dir, fingerprint, "onnxruntime", precision, Profile.for_model(info, static))
-    manifest, problems = check_entry(src, fingerprint, networks=networks)
-    if not manifest or problems:
-        why = "; ".join(sorted({f"{n}: {p}" for n, p in problems.items()})) or "no valid entry"
-        what = "this checkpoint" if owner is None else f"the ControlNet {owner.source}"
-        raise FastSDError(f"no usable {precision} ONNX graphs for {what} in {src} ({why}): run "
-                          f"`fastsd export --dtype {precision}"
-                          f"{f' --static {static[0]}x{static[1]}' if static else ''}"
-                          f"{' --controlnet ...' if owner is not None else ''}` first")
-    return src, manifest
-
-
-def entry_profile(onnx_manifest: dict, static: tuple[int, int] | None, max_chunks: int | None = None) -> Profile:
-    """The profile engines are built for: the ONNX entry's. `--static` and `--max-prompt-chunks`
-    must agree with it."""
-    profile = Profile(**onnx_manifest["profile"])
-    if max_chunks is not None and max_chunks != profile.max_chunks:
-        raise FastSDError(f"the ONNX graphs were exported for texts of up to {profile.max_chunks} chunk(s); export "
-                          f"them with --max-prompt-chunks {max_chunks} before building engines for that")
-    if static is not None and (not profile.static or (profile.opt_size, profile.opt_width) != static):
-        have = f"static {profile.opt_size}x{profile.opt_width}" if profile.static else "dynamic"
-        raise FastSDError(f"the ONNX graphs were exported {have}; export them with --static "
-                          f"{static[0]}x{static[1]} before building static engines")
-    return profile
 
 
 def load_timing_cache(config, cache_file: Path):
@@ -151,20 +128,6 @@ def refit_engine(trt, plan: bytes, onnx_path: Path, logger) -> bytes:
     return bytes(engine.serialize())
 
 
-def check_engine(name: str, run: Callable, module: torch.nn.Module, inputs: tuple, bound: float) -> float:
-    """Run the engine (`run`) and the eager fp32 network on the same sample inputs; refuse
-    an engine whose relative error exceeds `bound`. Returns the error."""
-    with torch.inference_mode():
-        want = module(*inputs)
-    got = run(*inputs)
-    pairs = zip(got, want, strict=True) if isinstance(want, tuple) else [(got, want)]  # several outputs: the worst
-    err = max(relative_error(g, w) for g, w in pairs)
-    if not err <= bound:
-        raise FastSDError(f"the TensorRT {name} engine disagrees with eager PyTorch on its sample inputs "
-                          f"(relative error {err:.3g} > {bound}); nothing was written")
-    return err
-
-
 def _make_plan(trt, logger, family, modules: dict, device, root: Path, src: Path, onnx_manifest: dict,
                stored: dict, profile: Profile, donor: Path | None, donor_manifest: dict | None, refitting: bool,
                name: str, folder: Path) -> tuple[list[str], dict, str]:
@@ -185,7 +148,7 @@ def _make_plan(trt, logger, family, modules: dict, device, root: Path, src: Path
     inputs = tuple(t.to(device) for t in spec.sample_inputs(batch, profile.opt_size, profile.opt_width,
                                                             torch.float32))
     runner = TrtRunner(path, spec, device, profile, cuda_graphs=False)
-    err = check_engine(name, lambda *args: runner(**dict(zip(spec.input_names, args, strict=True))),
+    err = check_engine(f"TensorRT {name}", lambda *args: runner(**dict(zip(spec.input_names, args, strict=True))),
                        modules[name].to(device, torch.float32).eval(), inputs, ENGINE_TOLERANCE)
     modules[name].to("cpu")
     extra = {"relative_error": round(err, 6), "inputs": list(spec.input_names)}
@@ -218,7 +181,7 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
     for owner, nets, _ in entry_groups(info, family, networks, {}):
         stored = {n: family.specs[n].name for n in nets}
         is_controlnet = owner is not info
-        src, onnx_manifest = _onnx_entry(root, info, source, tuple(stored.values()), size,
+        src, onnx_manifest = onnx_entry(root, info, source, tuple(stored.values()), size,
                                          owner if is_controlnet else None)
         profile = entry_profile(onnx_manifest, size, max_chunks)
         donor = refit_source(root, owner, "tensorrt", PRECISION, facts, profile) \

@@ -235,7 +235,7 @@ def test_mismatched_timing_cache_is_replaced(info, tmp_path, caplog):
 def test_profile_comes_from_the_onnx_entry(info):
     from dataclasses import asdict
 
-    from fastsd.export.tensorrt import entry_profile
+    from fastsd.export.common import entry_profile
 
     from fastsd.errors import FastSDError
 

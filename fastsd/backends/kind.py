@@ -116,6 +116,7 @@ class EngineKind:
     refit_optional: bool  # whether its engines take other weights is a build choice (--refittable / --frozen)
     needs: str = ""  # what it takes to run, for `fastsd info`
     details: Callable[[], str] = lambda: ""  # what this installation has (versions, providers), for `fastsd info`
+    devices: tuple[str, ...] = ("cpu", "cuda")  # the device types its engines run on
 
 
 def export_module(name: str):

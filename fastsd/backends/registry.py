@@ -3,11 +3,12 @@ Adding a kind: its module (with a `KIND`) and one line here."""
 
 from __future__ import annotations
 
-from . import compiled, onnxruntime, tensorrt
+from . import compiled, onnxruntime, openvino, tensorrt
 from .kind import EngineKind
 
 ENGINE_KINDS: dict[str, EngineKind] = {k.name: k for k in (
     tensorrt.KIND,
+    openvino.KIND,  # CPU only: ahead of the kinds that also serve the CPU
     compiled.KIND,
     onnxruntime.KIND,
 )}

@@ -79,7 +79,8 @@ def candidates(ckpt, family, backend: str, device: torch.device, dtype: torch.dt
     loud, specs = backend != "auto", family.specs
     owned = getattr(family, "controlnets", {})  # networks with store entries of their own (ControlNets)
     for kind in kinds:  # fastest kind first
-        why = kind.unavailable()
+        why = kind.unavailable() or (None if device.type in kind.devices else
+                                     f"its engines run on the {' or '.join(kind.devices)}, not {device.type}")
         if why:
             if loud:
                 log.warning("%s: %s; falling back to eager", kind.name, why)

@@ -1,0 +1,208 @@
+"""OpenVINO runner for one network, on the CPU: the entry's ONNX graph compiled by OpenVINO.
+
+An `openvino-<precision>` entry holds each network's ONNX graph (linked from the ONNX
+entry it was built from: no second export) and the compiled model OpenVINO made of it at
+build time (`<network>.ovblob`), both hashed in the manifest like every engine file. The
+blob is a cache: it is imported where this machine has the OpenVINO version and CPU it was
+compiled for (recorded beside it), and the graph is compiled again where not.
+Precision is OpenVINO's inference precision: fp32 entries pin it to f32 (parity with eager
+fp32); bf16 entries run the CPU's bf16 instructions (AVX512_BF16, AMX) where it has them,
+and f32, with a warning, where it does not. Refit (LoRA, another checkpoint's weights)
+compiles the graph again with its weight constants, named as the network's parameters,
+replaced. Inputs and outputs are float32 numpy views of CPU torch tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .kind import WEIGHTS_BY_NAME, BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module
+
+log = logging.getLogger(__name__)
+
+BLOB_SUFFIX = ".ovblob"
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}  # entry precision -> INFERENCE_PRECISION_HINT
+PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_core_lock = threading.Lock()
+_warned: set[str] = set()
+
+
+def unavailable() -> str | None:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "openvino is not installed (pip install 'fastsd[openvino]')"
+    return None
+
+
+@lru_cache(maxsize=1)
+def core():
+    """The process's one OpenVINO Core (plugins load once)."""
+    import openvino as ov
+
+    return ov.Core()
+
+
+def cpu_facts() -> dict:
+    """What a compiled blob is tied to: the OpenVINO version and the CPU (its name and the
+    precisions OpenVINO can run on it)."""
+    import openvino as ov
+
+    with _core_lock:
+        c = core()
+        caps = sorted(c.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        return {"openvino": ov.get_version(), "cpu": c.get_property("CPU", "FULL_DEVICE_NAME"), "cpu_caps": caps}
+
+
+def has_bf16() -> bool:
+    """Whether OpenVINO runs bf16 natively on this CPU."""
+    return "BF16" in cpu_facts()["cpu_caps"]
+
+
+def compile_config(precision: str, threads: int = 0, int8: bool = False) -> dict:
+    """OpenVINO's CPU settings for a network of the entry's `precision`: one latency stream on
+    torch's threads (so torch.set_num_threads limits both), the inference precision pinned,
+    and dynamic int8 quantisation of activations only where asked (`int8`)."""
+    hint = PRECISION_HINTS[precision]
+    if hint == "bf16" and not has_bf16():
+        if "bf16" not in _warned:
+            _warned.add("bf16")
+            log.warning("this CPU has no bf16 instructions (OpenVINO reports %s): OpenVINO runs the bf16 entry "
+                        "in fp32", ", ".join(cpu_facts()["cpu_caps"]))
+        hint = "f32"
+    return {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
+            "INFERENCE_NUM_THREADS": str(threads or torch.get_num_threads()),
+            "DYNAMIC_QUANTIZATION_GROUP_SIZE": "32" if int8 else "0"}
+
+
+def weight_constants(model) -> dict:
+    """The model's constants by name (OpenVINO names an ONNX initializer's Constant after it)."""
+    return {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
+
+
+def with_weights(model, weights: dict[str, torch.Tensor], transposed: set[str]) -> int:
+    """Replace the model's weight constants of those names by the given values (in the
+    constant's dtype and shape; `transposed`: stored transposed in the graph). Names the graph
+    does not hold are skipped. Returns how many were replaced."""
+    from openvino import opset13 as ops
+
+    constants, replaced = weight_constants(model), 0
+    for name, tensor in weights.items():
+        old = constants.get(name)
+        if old is None:
+            continue
+        t = tensor.detach().t() if name in transposed else tensor.detach()
+        have = old.get_data()
+        array = np.ascontiguousarray(t.to("cpu", torch.float32).numpy().astype(have.dtype, copy=False))
+        if array.shape != have.shape:
+            raise RefitUnsupported(f"{name} is {array.shape}, the graph's is {have.shape}")
+        new = ops.constant(array, shared_memory=False)
+        new.set_friendly_name(name)
+        for target in list(old.output(0).get_target_inputs()):
+            target.replace_source_output(new.output(0))
+        replaced += 1
+    return replaced
+
+
+class OvRunner(EngineRunner):
+    """One compiled model and its infer request, one call at a time (a lock)."""
+
+    name = "openvino"
+
+    def __init__(self, path: Path, spec, device: torch.device, profile, precision: str = "fp32",
+                 record: dict | None = None, threads: int = 0, int8: bool = False):
+        if device.type != "cpu":
+            raise RuntimeError(f"OpenVINO engines run on the CPU, not {device}")
+        super().__init__(spec, profile)
+        record = record or {}
+        self.path, self.precision = path, precision
+        self.config = compile_config(precision, threads, int8)
+        self.by_name = record.get("weights_layout") == WEIGHTS_BY_NAME
+        self.transposed = set(record.get("transposed", ()))
+        self.blob = record.get("blob")
+        self.blob_facts = record.get("blob_facts")
+        self.lock = threading.Lock()
+        self.compiled = self._base()
+        self.request = self.compiled.create_infer_request()
+        self.in_types = {i.get_any_name(): i.get_element_type().to_dtype() for i in self.compiled.inputs}
+
+    def _base(self):
+        """The entry's compiled model: its blob where this machine matches it, else compiled now."""
+        if self.blob and self.blob_facts == blob_facts(self.config):
+            import openvino as ov
+
+            # mapped copy-on-write (its pages stay the file's) and kept: the imported model reads from them
+            self._mapped = np.memmap(self.path.parent / self.blob, dtype=np.uint8, mode="c")
+            with _core_lock:
+                return core().import_model(ov.Tensor(self._mapped, shared_memory=True), "CPU", self.config)
+        if self.blob:
+            log.info("openvino %s: the entry's compiled model is for another OpenVINO or CPU; compiling the graph",
+                     self.spec.name)
+        return self._compile(core().read_model(str(self.path)))
+
+    def _compile(self, model):
+        with _core_lock:
+            return core().compile_model(model, "CPU", self.config)
+
+    def set_weights(self, weights: dict[str, torch.Tensor], at_base: bool) -> None:
+        """Compile the graph again with those weights (the others are the graph's); at base,
+        the entry's own compiled model again. A failure keeps the old model."""
+        if not self.by_name:
+            raise RefitUnsupported("its graph was exported with weights not named as the network's parameters "
+                                   "(by an older fastsd); re-export it to refit it")
+        if at_base:
+            compiled = self._base()
+        else:
+            model = core().read_model(str(self.path))
+            with_weights(model, weights, self.transposed)
+            compiled = self._compile(model)
+        with self.lock:
+            self.compiled, self.request = compiled, compiled.create_infer_request()
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        inputs = self.complete(inputs, lambda t: torch.float32)
+        feeds = {n: np.ascontiguousarray(inputs[n].detach().to("cpu", torch.float32).numpy(), dtype=dtype)
+                 for n, dtype in self.in_types.items()}
+        with self.lock:
+            result = self.request.infer(feeds, share_inputs=True)
+            outs = tuple(torch.from_numpy(np.array(result[self.compiled.output(n)], dtype=np.float32, copy=True))
+                         for n in self.spec.output_names)
+        return outs if len(outs) > 1 else outs[0]  # several outputs: a tuple in the spec's order
+
+
+def blob_facts(config: dict) -> dict:
+    """What a blob compiled with `config` holds to: the machine (`cpu_facts`) and the precision run."""
+    return {**cpu_facts(), "inference_precision": config["INFERENCE_PRECISION_HINT"]}
+
+
+def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile, record: dict | None = None):
+    return OvRunner(path, spec, device, profile, PRECISIONS[dtype], record)
+
+
+def _build(opts: BuildOptions) -> Path:
+    if opts.device not in (None, "cpu"):
+        from ..errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"OpenVINO engines run on the CPU, not {opts.device}")
+    return export_module("openvino").build_openvino(
+        opts.model, engine_dir=opts.engine_dir, dtype=opts.dtype or "fp32", static=opts.static,
+        networks=opts.networks, allow_pickle=opts.allow_pickle, clip_skip=opts.clip_skip, vae=opts.vae,
+        refit=opts.refit, progress=opts.progress, controlnets=opts.controlnets, max_chunks=opts.max_chunks)
+
+
+def _details() -> str:
+    facts = cpu_facts()
+    return f"openvino {facts['openvino']}, CPU: {facts['cpu']} ({', '.join(facts['cpu_caps'])})"
+
+
+KIND = EngineKind("openvino", ".onnx", unavailable, lambda device: {}, _load, _build,
+                  build_command="fastsd build --backend openvino", builds_alone=True, refit_optional=False,
+                  needs="openvino (pip install 'fastsd[openvino]'), on the CPU; compiles the ONNX graphs of "
+                        "`fastsd export` (exported first where missing)",
+                  details=_details, devices=("cpu",))
