@@ -928,7 +928,7 @@ def cmd_info(args) -> int:
         state = f"not available: {why}" if why else f"available ({kind.details()})"
         print(f"  {kind.name}: {state}")
         print(f"    needs: {kind.needs}; built by `{kind.build_command}`")
-    for mod in ("diffusers", "transformers", "onnx", "onnxruntime", "onnxslim", "tensorrt"):
+    for mod in ("diffusers", "transformers", "onnx", "onnxruntime", "onnxslim", "openvino", "tensorrt"):
         try:
             m = __import__(mod)
             print(f"{mod} {getattr(m, '__version__', '?')}")

@@ -1,0 +1,179 @@
+"""The openvino engine kind: entries compiled from the ONNX graphs, against eager PyTorch."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import copy_entries
+
+pytest.importorskip("openvino")
+pytest.importorskip("onnxruntime")
+
+from fastsd.export.openvino import build_openvino  # noqa: E402
+
+from fastsd import Pipeline  # noqa: E402
+from fastsd.backends.openvino import OvRunner, has_bf16  # noqa: E402
+from fastsd.backends.select import candidates  # noqa: E402
+from fastsd.checkpoint import load_checkpoint  # noqa: E402
+from fastsd.cli import main  # noqa: E402
+from fastsd.engines import Profile, entry_dir  # noqa: E402
+from fastsd.families import family_for  # noqa: E402
+from fastsd.networks import SD_NETWORKS, wrap  # noqa: E402
+
+TOL = 2e-3  # engines vs eager fp32 (the project's engine bound)
+KW = dict(num_inference_steps=4, output_type="np", seed=1)
+
+
+@pytest.fixture(scope="module")
+def store(ckpts, eps_onnx, tmp_path_factory):
+    """eps's fp32 ONNX entry (the session's, copied) and the OpenVINO fp32 and bf16 entries compiled from it."""
+    root = copy_entries(eps_onnx, tmp_path_factory.mktemp("ov-engines"), "onnxruntime-fp32")
+    lines = []
+    for dtype in ("fp32", "bf16"):
+        build_openvino(str(ckpts["eps"]), engine_dir=root, dtype=dtype, progress=lines.append)
+    assert not any("exporting" in line for line in lines), lines  # the ONNX entry was there: compiled, not exported
+    return root
+
+
+def _entry(ckpts, store, precision):
+    ckpt = load_checkpoint(str(ckpts["eps"]))
+    entry = entry_dir(store, ckpt.info.fingerprint, "openvino", precision)
+    return ckpt, entry, json.loads((entry / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("network", SD_NETWORKS)
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("bf16", 8e-2)])
+def test_each_network_matches_pytorch(ckpts, store, network, precision, tol):
+    """Each compiled network alone vs its fp32 PyTorch module, at a batch and size other than the trace's."""
+    ckpt, entry, manifest = _entry(ckpts, store, precision)
+    spec = family_for(ckpt).specs[network]
+    runner = OvRunner(entry / f"{network}.onnx", spec, torch.device("cpu"), Profile(**manifest["profile"]), precision,
+                      manifest["networks"][network])
+    args = spec.sample_inputs(3, 24, 40, torch.float32)
+    if network == "text_encoder":  # the embeddings of real token ids
+        args = tuple(family_for(ckpt).text_inputs(network, torch.randint(0, 500, (3, 77))).values())
+    with torch.no_grad():
+        want = wrap(ckpt)[network](*args)
+    got = runner(**dict(zip(spec.input_names, args, strict=True)))
+    assert got.shape == want.shape and got.dtype == torch.float32
+    err = (got - want).abs().max() / max(1.0, want.abs().max())
+    assert err <= tol
+    if precision == "bf16" and has_bf16() and network == "unet":
+        assert err > 1e-5  # bf16 ran: fp32 would agree to ~1e-6
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
+def test_pipeline_matches_eager(ckpts, pipes, store, init_image, mask_image, mode):
+    kw = dict(KW, scheduler="euler_a")
+    if mode != "txt2img":
+        kw.update(image=init_image, strength=0.9)
+    if mode == "inpaint":
+        kw.update(mask_image=mask_image)
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="openvino", engine_dir=str(store))
+    out, want = pipe("a lighthouse", **kw), pipes("eps")("a lighthouse", **kw)
+    assert np.abs(out.images - want.images).max() <= TOL
+    used = {"text_encoder", "unet", "vae_decoder"} | ({"vae_encoder"} if mode != "txt2img" else set())
+    assert {out.backends[n] for n in used} == {"openvino"}
+
+
+def test_bf16_runs_end_to_end_beside_eager_bf16(ckpts, pipes, store, init_image):
+    """dtype="bf16" on the CPU: the openvino-bf16 entry serves every network; eager runs bf16
+    weights. Both stay near the fp32 image (tiny random networks: the deviation is measured
+    in benchmarks/precision.py at full size)."""
+    want = pipes("eps")("a lighthouse", **KW).images
+    ov = Pipeline.from_pretrained(str(ckpts["eps"]), backend="openvino", dtype="bf16", engine_dir=str(store))
+    out = ov("a lighthouse", **KW)
+    assert set(out.backends.values()) == {"openvino"}
+    eager = Pipeline.from_pretrained(str(ckpts["eps"]), backend="eager", dtype="bf16")("a lighthouse", **KW)
+    for got in (out.images, eager.images):
+        assert np.isfinite(got).all() and 0 < np.abs(got - want).max() <= 0.1
+    img2img = ov("a lighthouse", image=init_image, strength=0.6, **KW)
+    assert img2img.backends["vae_encoder"] == "openvino" and np.isfinite(img2img.images).all()
+
+
+def test_auto_prefers_openvino_on_the_cpu(ckpts, store):
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="auto", engine_dir=str(store))
+    assert pipe.backend.backends == {n: "openvino" for n in SD_NETWORKS}
+
+
+def test_blob_for_another_machine_compiles_the_graph(ckpts, pipes, store, tmp_path, caplog):
+    """The compiled blob is a cache of this OpenVINO on this CPU: an entry whose blob was made
+    elsewhere compiles its (verified) graph instead, with the same result."""
+    copy_entries(store, tmp_path, "openvino-fp32")
+    manifest_file = next(tmp_path.glob("*/openvino-fp32/manifest.json"))
+    manifest = json.loads(manifest_file.read_text())
+    for record in manifest["networks"].values():
+        record["blob_facts"]["cpu"] = "another CPU"
+    manifest_file.write_text(json.dumps(manifest))
+    with caplog.at_level(logging.INFO):  # engines load with the pipeline
+        out = Pipeline.from_pretrained(str(ckpts["eps"]), backend="openvino", engine_dir=str(tmp_path))(
+            "a lighthouse", **KW)
+    assert "compiling the graph" in caplog.text and out.backends["unet"] == "openvino"
+    assert np.abs(out.images - pipes("eps")("a lighthouse", **KW).images).max() <= TOL
+
+
+def test_tampered_blob_is_refused(ckpts, store, tmp_path, caplog):
+    copy_entries(store, tmp_path, "openvino-fp32")
+    blob = next(tmp_path.glob("*/openvino-fp32/unet.ovblob"))
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.unlink()  # a new inode: the ONNX entry's linked graph files are not touched
+    blob.write_bytes(bytes(data))
+    out = Pipeline.from_pretrained(str(ckpts["eps"]), backend="openvino", engine_dir=str(tmp_path))("a", **KW)
+    assert out.backends["unet"] == "eager" and "unet.ovblob does not match its manifest hash" in caplog.text
+
+
+def test_cli_build_exports_first_where_graphs_are_missing(ckpts, pipes, tmp_path, capsys):
+    """`fastsd build --backend openvino` on an empty store exports the ONNX graph, then compiles
+    it (here: a static UNet); the graph files are shared with the ONNX entry, not copied."""
+    assert main(["build", "--backend", "openvino", "--model", str(ckpts["eps"]), "--static", "32x32",
+                 "--networks", "unet", "--engine-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "exporting them first" in printed and "unet: compiled in" in printed
+    (entry,) = tmp_path.glob("*/openvino-fp32-32x32")
+    onnx_data = entry.parent / "onnxruntime-fp32-32x32" / "unet.onnx.data"
+    assert (entry / "unet.onnx.data").stat().st_ino == onnx_data.stat().st_ino
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="openvino", engine_dir=str(tmp_path))
+    kw = dict(KW, height=32, width=32)
+    out = pipe("a", **kw)
+    assert out.backends["unet"] == "openvino" and out.backends["text_encoder"] == "eager"
+    assert np.abs(out.images - pipes("eps")("a", **kw).images).max() <= TOL
+    assert pipe("a", **dict(KW, height=24, width=40)).backends["unet"] == "eager"  # outside the static profile
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dtype", "fp16"], "OpenVINO engines run in fp32 or bf16, not fp16"),
+    (["--device", "cuda"], "OpenVINO engines run on the CPU, not cuda"),
+])
+def test_cli_build_errors(ckpts, tmp_path, capsys, args, message):
+    assert main(["build", "--backend", "openvino", "--model", str(ckpts["eps"]), "--engine-dir", str(tmp_path),
+                 *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*/*"))
+
+
+def test_openvino_entries_serve_the_cpu_only(ckpts, store, caplog):
+    """On a CUDA device the kind is skipped before any entry is read (said where it was asked for)."""
+    ckpt = load_checkpoint(str(ckpts["eps"]))
+    found = candidates(ckpt, family_for(ckpt), "openvino", torch.device("cuda"), torch.float32, store)
+    assert found == {} and "its engines run on the cpu, not cuda" in caplog.text
+    on_cpu = candidates(ckpt, family_for(ckpt), "openvino", torch.device("cpu"), torch.float32, store)
+    assert set(on_cpu) == set(SD_NETWORKS)
+
+
+def test_without_openvino_nothing_changes(ckpts, store, capsys, monkeypatch):
+    """Where openvino cannot be imported, `fastsd info` says what the kind needs and auto runs
+    the ONNX Runtime entry beside the OpenVINO ones, silently."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino: ImportError
+    assert main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  openvino: "))
+    assert "not available: openvino is not installed (pip install 'fastsd[openvino]')" in line
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="auto", engine_dir=str(store))
+    assert set(pipe.backend.backends.values()) == {"onnxruntime"}
