@@ -329,6 +329,22 @@ def test_onnxruntime_engines_match_diffusers(ckpts, cns, control, ort_store, ini
     assert np.abs(out.images - want.images).max() <= 2e-3
 
 
+def test_openvino_engines_match_diffusers(ckpts, cns, control, ort_store, init_image):
+    """OpenVINO entries compiled from the module's ONNX graphs: the UNet with residual inputs
+    and each ControlNet's own entry, as diffusers' ControlNet pipeline."""
+    pytest.importorskip("openvino")
+    from fastsd.export.openvino import build_openvino
+
+    build_openvino(str(ckpts["eps"]), engine_dir=ort_store, networks=("unet", "controlnet", "controlnet_2"),
+                   controlnets=(str(cns["a"]), str(cns["b"])))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="openvino", engine_dir=ort_store,
+                                    controlnet=[str(cns["a"]), str(cns["b"])])
+    diff, out = compare("StableDiffusionControlNetImg2ImgPipeline", ckpts["eps"], [cns["a"], cns["b"]], "unipc",
+                        backend_pipe=pipe, prompt="a fox", image=init_image, control_image=list(control),
+                        num_inference_steps=STEPS)
+    assert diff <= 2e-3 and {out.backends[n] for n in ("unet", "controlnet", "controlnet_2")} == {"openvino"}
+
+
 def test_unet_engine_without_residual_inputs(ckpts, eps_onnx, cns, control, tmp_path, caplog):
     """A UNet engine exported without ControlNet keeps serving calls without one; a call with
     a ControlNet runs its UNet in eager PyTorch (never the engine, which would drop the

@@ -234,14 +234,26 @@ def engine_store(eps_onnx, eps_compiled, tmp_path_factory):
     return copy_entries(eps_compiled, store, "compiled-fp32-32x32")
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "compiled"])
-def test_lora_on_engines_by_refit(models, files, engine_store, backend):
+@pytest.fixture(scope="module")
+def openvino_store(engine_store, models, tmp_path_factory):
+    """models["sd"]'s OpenVINO fp32 entry, compiled from the module's ONNX graphs."""
+    pytest.importorskip("openvino")
+    from fastsd.export.openvino import build_openvino
+
+    store = copy_entries(engine_store, tmp_path_factory.mktemp("lora-openvino"), "onnxruntime-fp32")
+    build_openvino(str(models["sd"]), engine_dir=store)
+    return store
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "compiled", "openvino"])
+def test_lora_on_engines_by_refit(models, files, request, backend):
     size = dict(height=32, width=32)
     ref = _diffusers(models["sd"])
     ref.load_lora_weights(str(files["sd", "peft"]), adapter_name="a")
     ref.load_lora_weights(str(files["sd", "kohya"]), adapter_name="b")
     ref.set_adapters(["a", "b"], [0.7, 1.0])
-    pipe = Pipeline.from_pretrained(str(models["sd"]), device="cpu", backend=backend, engine_dir=str(engine_store))
+    store = request.getfixturevalue("openvino_store" if backend == "openvino" else "engine_store")
+    pipe = Pipeline.from_pretrained(str(models["sd"]), device="cpu", backend=backend, engine_dir=str(store))
     pipe.scheduler = "ddim"
     base = pipe("a red fox", seed=1, **KW, **size)
     pipe.load_lora(files["sd", "peft"], scale=0.7)

@@ -177,3 +177,17 @@ def test_without_openvino_nothing_changes(ckpts, store, capsys, monkeypatch):
     assert "not available: openvino is not installed (pip install 'fastsd[openvino]')" in line
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="auto", engine_dir=str(store))
     assert set(pipe.backend.backends.values()) == {"onnxruntime"}
+
+
+def test_new_checkpoint_of_a_known_architecture_is_refitted_then_compiled(ckpts, pipes, store, tmp_path, capsys):
+    """Another checkpoint of eps's architecture (v): its ONNX graphs come by refit from eps's
+    entry (weights written, no export), then OpenVINO compiles them."""
+    copy_entries(store, tmp_path, "onnxruntime-fp32")
+    assert main(["build", "--backend", "openvino", "--model", str(ckpts["v"]), "--engine-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "exporting them first" in printed and printed.count("refitted from") == 4
+    assert printed.count(": compiled in") == 4
+    kw = dict(KW, scheduler="euler")
+    out = Pipeline.from_pretrained(str(ckpts["v"]), backend="openvino", engine_dir=str(tmp_path))("a", **kw)
+    assert set(out.backends.values()) == {"openvino"}
+    assert np.abs(out.images - pipes("v")("a", **kw).images).max() <= TOL

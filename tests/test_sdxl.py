@@ -360,6 +360,23 @@ def test_onnxruntime_matches_eager(xl, xl_pipes, xl_store, init_image, mask_imag
         assert np.abs(out.images - xl_pipes(name)("a fox", **kw).images).max() <= TOL
 
 
+def test_openvino_matches_eager(xl, xl_pipes, xl_store, init_image, mask_image):
+    """OpenVINO fp32 entries compiled from the module's ONNX graphs (both text encoders, their
+    two outputs, the added-conditioning UNet, the 9-channel inpainting UNet): as eager."""
+    pytest.importorskip("openvino")
+    from fastsd.export.openvino import build_openvino
+
+    build_openvino(str(xl["xl"]), engine_dir=xl_store)
+    build_openvino(str(xl["xl9"]), engine_dir=xl_store, networks=("unet",))
+    kw = dict(num_inference_steps=3, seed=2, output_type="np", negative_prompt="dark", prompt_2="fog")
+    for name, extra in (("xl", dict(height=24, width=40)), ("xl9", dict(image=init_image, mask_image=mask_image))):
+        out = Pipeline.from_pretrained(str(xl[name]), backend="openvino", engine_dir=str(xl_store))("a fox", **kw,
+                                                                                                   **extra)
+        want = {"text_encoder", "text_encoder_2", "unet", "vae_decoder"} if name == "xl" else {"unet"}
+        assert {out.backends[n] for n in want} == {"openvino"}
+        assert np.abs(out.images - xl_pipes(name)("a fox", **kw, **extra).images).max() <= 2e-3
+
+
 def test_streamed_export_names_every_weight(xl, xl_store):
     """Every network is exported without weights and gets them tensor by tensor in one
     external-data file, each under its parameter's name, transposed Linear weights folded

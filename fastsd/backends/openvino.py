@@ -128,6 +128,7 @@ class OvRunner(EngineRunner):
         self.blob = record.get("blob")
         self.blob_facts = record.get("blob_facts")
         self.lock = threading.Lock()
+        self._overrides: dict[str, torch.Tensor] = {}  # weights given since the entry's own: compiled in
         self.compiled = self._base()
         self.request = self.compiled.create_infer_request()
         self.in_types = {i.get_any_name(): i.get_element_type().to_dtype() for i in self.compiled.inputs}
@@ -151,19 +152,21 @@ class OvRunner(EngineRunner):
             return core().compile_model(model, "CPU", self.config)
 
     def set_weights(self, weights: dict[str, torch.Tensor], at_base: bool) -> None:
-        """Compile the graph again with those weights (the others are the graph's); at base,
-        the entry's own compiled model again. A failure keeps the old model."""
+        """Compile the graph again with the weights given so far since the last `at_base` (each
+        call passes those it changed; the others are the graph's); at base, the entry's own
+        compiled model again. A failure keeps the old model and its weights."""
         if not self.by_name:
             raise RefitUnsupported("its graph was exported with weights not named as the network's parameters "
                                    "(by an older fastsd); re-export it to refit it")
-        if at_base:
+        overrides = {} if at_base else {**self._overrides, **{n: t.detach().clone() for n, t in weights.items()}}
+        if not overrides:
             compiled = self._base()
         else:
             model = core().read_model(str(self.path))
-            with_weights(model, weights, self.transposed)
+            with_weights(model, overrides, self.transposed)
             compiled = self._compile(model)
         with self.lock:
-            self.compiled, self.request = compiled, compiled.create_infer_request()
+            self._overrides, self.compiled, self.request = overrides, compiled, compiled.create_infer_request()
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         inputs = self.complete(inputs, lambda t: torch.float32)
