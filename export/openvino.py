@@ -2,10 +2,9 @@
 
 engine_dir/<fp>/onnxruntime-fp32/*.onnx (`fastsd export`; exported first where it is
 missing) -> engine_dir/<fp>/openvino-<fp32|bf16>/: each network's graph and weights
-(hard links to the ONNX entry's files where the file system allows, copies where not)
-and `<network>.ovblob`, the model OpenVINO compiled from them for this CPU at the entry's
-precision, with the OpenVINO version and CPU it holds to. Every compiled model runs on its
-sample inputs against the eager fp32 network before the entry is committed. The profile
+(hard links to the ONNX entry's files where the file system allows, copies where not).
+Each is compiled at the entry's precision and run on its sample inputs against the eager
+fp32 network before the entry is committed. The profile
 (dynamic or static, the longest text) is the ONNX entry's. A new checkpoint of a known
 architecture gets its ONNX graphs by refit (`fastsd export`'s), then its compiled models.
 """
@@ -22,7 +21,7 @@ from typing import Callable
 import torch
 
 from fastsd.backends.kind import WEIGHTS_BY_NAME
-from fastsd.backends.openvino import BLOB_SUFFIX, PRECISION_HINTS, OvRunner, blob_facts, unavailable
+from fastsd.backends.openvino import PRECISION_HINTS, OvRunner, unavailable
 from fastsd.engines import Profile, graph_file
 from fastsd.errors import FastSDError, InvalidArgumentError
 
@@ -46,7 +45,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 def _make_network(family, modules: dict, src: Path, onnx_manifest: dict, stored: dict, profile: Profile,
                   precision: str, name: str, folder: Path) -> tuple[list[str], dict, str]:
-    """One network: its graph files linked in, compiled, checked against eager, the blob written."""
+    """One network: its graph files linked in, compiled, checked against eager."""
     record = onnx_manifest["networks"][stored[name]]
     spec = family.specs[name].with_inputs(record.get("inputs", family.specs[name].input_names))
     files = sorted(record["sha256"])
@@ -54,18 +53,16 @@ def _make_network(family, modules: dict, src: Path, onnx_manifest: dict, stored:
         link_or_copy(src / f, folder / f)
     graph = folder / graph_file(spec.name, record)
     runner = OvRunner(graph, spec, torch.device("cpu"), profile, precision, record)
-    blob = f"{spec.name}{BLOB_SUFFIX}"
-    (folder / blob).write_bytes(runner.compiled.export_model().getbuffer())
     batch = 2 if spec.cfg_doubled else 1
     inputs = spec.sample_inputs(batch, profile.opt_size, profile.opt_width, torch.float32)
     err = check_engine(f"OpenVINO {precision} {name}", lambda *args: runner(**dict(zip(spec.input_names, args,
                                                                                      strict=True))),
                        modules[name].float().eval(), inputs, TOLERANCE[precision])
-    extra = {"relative_error": round(err, 6), "inputs": list(spec.input_names), "blob": blob,
-             "blob_facts": blob_facts(runner.config)}
+    extra = {"relative_error": round(err, 6), "inputs": list(spec.input_names),
+             "inference_precision": runner.config["INFERENCE_PRECISION_HINT"]}
     if record.get("weights_layout") == WEIGHTS_BY_NAME:  # LoRA refits by these names
         extra.update(weights_layout=WEIGHTS_BY_NAME, transposed=record.get("transposed", []))
-    return [*files, blob], extra, f", {runner.config['INFERENCE_PRECISION_HINT']}, relative error vs eager {err:.2e}"
+    return files, extra, f", {runner.config['INFERENCE_PRECISION_HINT']}, relative error vs eager {err:.2e}"
 
 
 def _source_entries(root: Path, info, family, networks: tuple[str, ...], size, export: Callable) -> list[tuple]:

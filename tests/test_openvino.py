@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -100,31 +99,15 @@ def test_auto_prefers_openvino_on_the_cpu(ckpts, store):
     assert pipe.backend.backends == {n: "openvino" for n in SD_NETWORKS}
 
 
-def test_blob_for_another_machine_compiles_the_graph(ckpts, pipes, store, tmp_path, caplog):
-    """The compiled blob is a cache of this OpenVINO on this CPU: an entry whose blob was made
-    elsewhere compiles its (verified) graph instead, with the same result."""
+def test_tampered_graph_is_refused(ckpts, store, tmp_path, caplog):
     copy_entries(store, tmp_path, "openvino-fp32")
-    manifest_file = next(tmp_path.glob("*/openvino-fp32/manifest.json"))
-    manifest = json.loads(manifest_file.read_text())
-    for record in manifest["networks"].values():
-        record["blob_facts"]["cpu"] = "another CPU"
-    manifest_file.write_text(json.dumps(manifest))
-    with caplog.at_level(logging.INFO):  # engines load with the pipeline
-        out = Pipeline.from_pretrained(str(ckpts["eps"]), backend="openvino", engine_dir=str(tmp_path))(
-            "a lighthouse", **KW)
-    assert "compiling the graph" in caplog.text and out.backends["unet"] == "openvino"
-    assert np.abs(out.images - pipes("eps")("a lighthouse", **KW).images).max() <= TOL
-
-
-def test_tampered_blob_is_refused(ckpts, store, tmp_path, caplog):
-    copy_entries(store, tmp_path, "openvino-fp32")
-    blob = next(tmp_path.glob("*/openvino-fp32/unet.ovblob"))
-    data = bytearray(blob.read_bytes())
+    data_file = next(tmp_path.glob("*/openvino-fp32/unet.onnx.data"))
+    data = bytearray(data_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    blob.unlink()  # a new inode: the ONNX entry's linked graph files are not touched
-    blob.write_bytes(bytes(data))
+    data_file.unlink()  # a new inode: the linked file of the module's store is not touched
+    data_file.write_bytes(bytes(data))
     out = Pipeline.from_pretrained(str(ckpts["eps"]), backend="openvino", engine_dir=str(tmp_path))("a", **KW)
-    assert out.backends["unet"] == "eager" and "unet.ovblob does not match its manifest hash" in caplog.text
+    assert out.backends["unet"] == "eager" and "unet.onnx.data does not match its manifest hash" in caplog.text
 
 
 def test_cli_build_exports_first_where_graphs_are_missing(ckpts, pipes, tmp_path, capsys):
