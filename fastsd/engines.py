@@ -29,7 +29,7 @@ except ImportError:  # Windows: no store locks
 
 from .backends.registry import ENGINE_KINDS
 from .errors import OutputPathError
-from .hashing import DigestCache, digest_file
+from .hashing import DigestCache
 from .networks import NETWORKS
 from .paths import default_engine_dir  # noqa: F401 - re-exported: callers take the default from here
 from .version import __version__
@@ -233,7 +233,7 @@ class Staging:
         """Building a subset of networks keeps the intact others of the entry it replaces,
         when that entry was built the same way (same checkpoint, profile and settings)."""
         keep = tuple(n for n in NETWORKS if n not in self.networks)
-        old, problems = check_entry(self.final, manifest["checkpoint"], verify=True, networks=keep)
+        old, problems = check_entry(self.final, manifest["checkpoint"], networks=keep)
         others = {n: r for n, r in old.get("networks", {}).items() if n in keep and n not in problems}
         if not others:
             return
@@ -338,12 +338,14 @@ def read_manifest(entry: Path):
         return None
 
 
-def check_entry(entry: Path, fingerprint: str, runtime_facts: dict | None = None, verify: bool = False,
+def check_entry(entry: Path, fingerprint: str, runtime_facts: dict | None = None,
                 networks: tuple[str, ...] = NETWORKS) -> tuple[dict, dict[str, str]]:
     """Validate an entry for `networks`: returns (manifest or {}, {network: problem}) for those
-    it cannot serve. A network of `networks` absent from the problems is usable. `verify`
-    re-reads their files (for files about to be loaded); otherwise digests may come from
-    the cache. Files of other networks are not read."""
+    it cannot serve. A network of `networks` absent from the problems is usable. Each of their
+    files must have its manifest's sha256: read and hashed where this file (its device, inode,
+    size, mtime and ctime) was not hashed before, else the digest recorded for exactly that
+    file (a rewrite in place moves its ctime, a replacement its inode: see fastsd/hashing.py).
+    Files of other networks are not read."""
     raw = read_manifest(entry)
     if raw is None:
         why = (Problem(UNFINISHED, "the entry has no manifest (unfinished)") if entry.is_dir()
@@ -367,7 +369,7 @@ def check_entry(entry: Path, fingerprint: str, runtime_facts: dict | None = None
                 path = entry / f
                 if path.is_symlink() or not path.is_file():
                     problems[n] = Problem(FILE_MISSING, f"engine file {f} is missing")
-                elif (digest_file(path, "sha256") if verify else digests.digest(path)) != want:
+                elif digests.digest(path) != want:
                     problems[n] = Problem(FILE_CHANGED,
                                           f"engine file {f} does not match its manifest hash (modified or corrupt)")
     digests.save()

@@ -1,10 +1,17 @@
 """File digests, cached so large files are read once.
 
-A cached digest is keyed on (path, device, inode, size, mtime, ctime). A file rewritten
-in place keeps its path, size and (if the writer restores it) its mtime, but the kernel
-moves its ctime on every write and on every utime(), and a replaced file has a new
-inode, so neither can reuse a stale digest. `digest_file` skips the cache altogether:
-the engine loader uses it for the files it is about to run.
+A cached digest is keyed on the file itself: (device, inode, size, mtime, ctime). A file
+rewritten in place keeps its inode, size and (if the writer restores it) its mtime, but
+the kernel moves its ctime on every write, truncation, chmod and utime(), and nothing but
+the system clock sets it back; a replaced file has a new inode. So no change to a file's
+bytes can keep a stale digest valid, and the digest of a file follows it through renames
+(an engine entry's files hashed when the entry was committed from its staging folder) and
+hard links (one inode: the same bytes). Engine files and checkpoint weights are checked
+this way on every load; `digest_file` reads a file regardless. A digest is only recorded
+for a file last changed more than SETTLED seconds before it was read: on a file system whose
+timestamps are coarse (whole or even seconds), a rewrite within the same tick as the
+write before it would keep the ctime, so a file that recent is hashed again next time
+(what git calls "racily clean").
 """
 
 from __future__ import annotations
@@ -12,12 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 from .paths import cache_dir
 
 CHUNK = 1 << 24
-CACHE_FORMAT = 2  # bump when the key changes (old tables are dropped, never trusted)
+SETTLED = 2.0  # seconds since a file's last change before its digest may be recorded
+CACHE_FORMAT = 3  # bump when the key changes (old tables are dropped, never trusted); 3: no path
 
 
 def digest_file(path: Path, algo: str) -> str:
@@ -31,7 +40,7 @@ def digest_file(path: Path, algo: str) -> str:
 
 def _key(path: Path) -> str:
     st = os.stat(path)
-    return f"{Path(path).resolve()}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 class DigestCache:
@@ -51,8 +60,11 @@ class DigestCache:
         key = _key(path)
         cached = self.table.get(key)
         if not isinstance(cached, str):
+            started = time.time()
             cached = digest_file(path, self.algo)
-            if _key(path) == key:  # unchanged while it was read: safe to remember
+            st = os.stat(path)
+            # unchanged while it was read, and changed last before the clock's coarsest tick: safe to remember
+            if _key(path) == key and started - st.st_ctime > SETTLED:
                 self.table[key], self.dirty = cached, True
         return cached
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fastsd
-from fastsd import Pipeline
+from fastsd import Pipeline, hashing
 from fastsd.checkpoint import load_checkpoint
 from fastsd.cli import main
 from fastsd.engines import (
@@ -153,14 +153,62 @@ def test_prune_removes_what_fastsd_made_and_cannot_use(tmp_path):
 # ---- 2. digests ---------------------------------------------------------------------------
 
 
-def test_digest_cache_sees_an_in_place_rewrite(tmp_path):
+def test_digest_cache_sees_an_in_place_rewrite(tmp_path, monkeypatch):
+    monkeypatch.setattr(hashing, "SETTLED", -1.0)  # record files written just now (the test's)
     f = tmp_path / "weights.bin"
     f.write_bytes(bytes(range(256)) * 64)
     cache = DigestCache("sha256")
     first = cache.digest(f)
     cache.save()
+    assert len(DigestCache("sha256").table) == 1
     rewrite_in_place(f, 100)
     assert DigestCache("sha256").digest(f) == hashlib.sha256(f.read_bytes()).hexdigest() != first
+
+
+def test_digest_record_follows_the_file_through_a_rename(tmp_path, monkeypatch):
+    """A digest belongs to the file (device, inode, size, mtime, ctime), not to its path: an
+    entry's files hashed in its staging folder are not read again once it is committed."""
+    monkeypatch.setattr(hashing, "SETTLED", -1.0)
+    (tmp_path / "staging").mkdir()
+    f = tmp_path / "staging" / "a.bin"
+    f.write_bytes(b"x" * 4096)
+    cache = DigestCache("sha256")
+    want = cache.digest(f)
+    cache.save()
+    moved = (tmp_path / "staging").rename(tmp_path / "entry") / "a.bin"  # (renaming the file itself moves its ctime)
+    monkeypatch.setattr(hashing, "digest_file", lambda *a: pytest.fail("a recorded file was read again"))
+    assert DigestCache("sha256").digest(moved) == want
+
+
+def test_a_file_changed_just_now_gets_no_record(tmp_path):
+    """On file systems with whole-second timestamps a second rewrite in the same second keeps
+    the ctime: a file changed within SETTLED seconds is hashed, never recorded."""
+    f = tmp_path / "fresh.bin"
+    f.write_bytes(b"y" * 4096)
+    cache = DigestCache("sha256")
+    assert cache.digest(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert hashing._key(f) not in cache.table and not cache.dirty
+
+
+def test_engine_files_checked_once_per_file(ckpts, eps_onnx, tmp_path, monkeypatch, caplog):
+    """Loading engines checks each file against its manifest hash by its identity-bound
+    record: a second load reads nothing, and a file rewritten in place is still refused."""
+    from conftest import copy_entries
+
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(hashing, "SETTLED", -1.0)
+    copy_entries(eps_onnx, tmp_path, "onnxruntime-fp32")
+    kw = dict(backend="onnxruntime", engine_dir=str(tmp_path))
+    assert Pipeline.from_pretrained(str(ckpts["eps"]), **kw).backend.backends["unet"] == "onnxruntime"
+    read = []
+    real = hashing.digest_file
+    monkeypatch.setattr(hashing, "digest_file", lambda path, algo: read.append(Path(path).name) or real(path, algo))
+    assert Pipeline.from_pretrained(str(ckpts["eps"]), **kw).backend.backends["unet"] == "onnxruntime"
+    assert read == []
+    rewrite_in_place(next(tmp_path.glob("*/onnxruntime-fp32/unet.onnx.data")), 1000)
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), **kw)
+    assert "unet.onnx.data" in read and pipe.backend.backends["unet"] == "eager"
+    assert "unet.onnx.data does not match its manifest hash" in caplog.text
 
 
 def test_checkpoint_edited_in_place_gets_a_new_fingerprint(ckpts, tmp_path):

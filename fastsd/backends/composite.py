@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 class LazyRunner:
     """One store entry's engine for one network: its profile is known from the manifest,
     the engine itself is loaded the first time a call fits it (a fallback entry that no
-    call needs costs nothing, not even hashing its files). Its files are re-hashed from disk
-    right before it loads; one that fails that, or will not load, is refused from then on."""
+    call needs costs nothing, not even checking its files). Its files are checked against the
+    manifest right before it loads (hashed, unless that very file was hashed before: see
+    check_entry); one that fails that, or will not load, is refused from then on."""
 
     def __init__(self, kind: EngineKind, entry: Path, graph: str, spec: NetworkSpec, device, dtype, profile,
                  fingerprint: str, facts: dict):
@@ -43,7 +44,7 @@ class LazyRunner:
     def load(self) -> bool:
         with self._lock:
             if self.runner is None and self.failed is None:
-                manifest, problems = check_entry(self.entry, self.fingerprint, self.facts, verify=True,
+                manifest, problems = check_entry(self.entry, self.fingerprint, self.facts,
                                                  networks=(self.spec.name,))
                 try:
                     if problems:

@@ -37,7 +37,7 @@ def _engines(kind: EngineKind, fingerprint: str, specs: dict, device, dtype, eng
         log.warning("%s: no %s entry for %s in %s; falling back to eager (build one with `%s`)",
                     kind.name, precision, what, engine_dir, kind.build_command)
     found: dict[str, list[LazyRunner]] = {}
-    for entry in entries:  # files are re-hashed from disk when an engine loads (LazyRunner.load)
+    for entry in entries:  # files are checked against the manifest when an engine loads (LazyRunner.load)
         stored = {n: spec.name for n, spec in specs.items()}
         manifest, problems = check_entry(entry, fingerprint, facts, networks=tuple(set(stored.values())))
         _warn_unusable(f"{kind.name} ({entry.name})", problems, loud, True)
