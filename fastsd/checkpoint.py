@@ -288,8 +288,11 @@ def load_checkpoint(model: str, *, allow_pickle: bool = False, variant: str | No
     """Load `model` in fp32 on the CPU; the backend moves and casts what it runs. `variant`
     picks a diffusers folder's variant weights (model.fp16.safetensors for "fp16"); `vae`
     (a folder, a .safetensors file or an AutoencoderKL) replaces the checkpoint's VAE."""
-    ckpt = _load_checkpoint(model, allow_pickle, variant, local_files_only)
-    return ckpt if vae is None else with_vae(ckpt, vae)
+    from .phases import CHECKPOINT, phase
+
+    with phase(CHECKPOINT):
+        ckpt = _load_checkpoint(model, allow_pickle, variant, local_files_only)
+        return ckpt if vae is None else with_vae(ckpt, vae)
 
 
 def _load_checkpoint(model: str, allow_pickle: bool, variant: str | None, local_files_only: bool) -> Checkpoint:

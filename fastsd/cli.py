@@ -13,6 +13,7 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
+from . import phases
 from .errors import FastSDError, InvalidArgumentError, OutputPathError
 from .files import created_mode
 from .sampler_names import SAMPLER_NAMES
@@ -544,6 +545,11 @@ def _load_embeddings(pipe, specs: list[str], allow_pickle: bool) -> list[dict]:
 
 
 def cmd_generate(args) -> int:
+    with phases.phase(phases.IMPORTS):  # the libraries a pipeline loads with, timed apart from loading
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+
+        from . import pipeline  # noqa: F401
     values = _call_values(args)
     _check_generate(args, values)
     paths = output_paths(args.out, values.get("num_images_per_prompt", 1), args.overwrite)
@@ -572,7 +578,8 @@ def cmd_generate(args) -> int:
             return {}
     try:
         run = partial(pipe.hires_fix, **hires) if hires else pipe
-        out = run(**call, callback_on_step_end=on_step_end, preview_every=args.preview_every if preview else None)
+        with phases.phase(phases.FIRST_CALL):
+            out = run(**call, callback_on_step_end=on_step_end, preview_every=args.preview_every if preview else None)
     finally:
         if bar:
             bar.close()
@@ -595,6 +602,7 @@ def cmd_generate(args) -> int:
     if preview:
         print(f"previews: {preview.written} written to {args.preview} (decoding {t['preview']:.3f}s of the unet's "
               f"{t['unet']:.3f}s)")
+    phases.write_if_asked()
     return 0
 
 
@@ -952,8 +960,10 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    phases.since_launch(phases.IMPORTS)  # interpreter start and fastsd's own imports, where the launcher says when
     args = _parser().parse_args(argv)
-    _quiet_libraries(args.verbose)
+    with phases.phase(phases.IMPORTS):  # reaching the libraries' loggers imports them
+        _quiet_libraries(args.verbose)
     try:
         return args.func(args)
     except FastSDError as e:

@@ -108,6 +108,13 @@ def _check_header(header, data_bytes: int) -> int:
 def fingerprint(files: list[Path], root: Path) -> str:
     """Content hash over files (names relative to root). Per-file digests are cached by
     (path, inode, size, mtime, ctime), so only the first load of a checkpoint reads every byte."""
+    from .phases import FINGERPRINT, phase
+
+    with phase(FINGERPRINT):
+        return _fingerprint(files, root)
+
+
+def _fingerprint(files: list[Path], root: Path) -> str:
     cache = DigestCache("blake2b")
     h = hashlib.blake2b(digest_size=8)
     for f in sorted(files):

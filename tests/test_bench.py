@@ -237,3 +237,38 @@ def test_export_missing_builds_before_the_row_loads(ckpts, tmp_path, monkeypatch
     skipped = FastSDWorker(quick(str(ckpts["eps"]), tmp_path / "other", export_missing=False), "onnxruntime",
                            torch.device("cpu"), torch.float32)
     assert "no engines for this checkpoint" in skipped.skip and order == ["build"]
+
+
+def test_phases_are_exclusive_of_the_phases_inside_them():
+    import time
+
+    from fastsd import phases
+
+    before = phases.seconds()
+    with phases.phase("test outer"):
+        time.sleep(0.05)
+        with phases.phase("test inner"):
+            time.sleep(0.1)
+    got = {k: v - before.get(k, 0.0) for k, v in phases.seconds().items()}
+    assert 0.04 <= got["test outer"] < 0.09 and got["test inner"] >= 0.1
+
+
+def test_cold_start_is_broken_down_by_phase(ckpts, eps_onnx, report, tmp_path):
+    """A new `fastsd generate` process on engines: its phases (as it records them) cover its
+    wall time, engine loading among them, and the report prints them."""
+    from fastsd.bench.runner import _cold_start
+
+    pytest.importorskip("onnxruntime")
+    copy_entries(eps_onnx, tmp_path / "engines", "onnxruntime-fp32")
+    cold = _cold_start(quick(str(ckpts["eps"]), tmp_path), "onnxruntime")
+    ph = cold["phases"]
+    assert list(ph)[:1] == ["imports"] and {"checkpoint read", "engine-file check", "engine load",
+                                            "first call", "other"} <= set(ph)
+    assert all(v >= 0 for v in ph.values()) and ph["engine load"] > 0 and ph["imports"] > 0
+    assert abs(sum(ph.values()) - cold["seconds"]) < 0.1 + 0.02 * cold["seconds"]
+    data = json.loads(report[1][0].read_text())
+    row = next(r for r in data["rows"] if r["backend"] == "onnxruntime")
+    row.update(cold_start_seconds=cold["seconds"], cold_start_phases=ph)
+    line = next(x for x in markdown(data).splitlines() if "cold start (new process to first image)" in x)
+    assert f"engine load {ph['engine load']:.1f} s" in line and line.index("imports") < line.index("first call")
+

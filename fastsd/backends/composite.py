@@ -14,6 +14,7 @@ import torch
 from ..engines import check_entry
 from ..errors import InvalidArgumentError
 from ..networks import SD_NETWORKS, NetworkSpec
+from ..phases import ENGINE_FILES, ENGINE_LOAD, phase
 from . import Networks, record
 from .kind import EngineKind, RefitUnsupported, Runner
 
@@ -44,13 +45,15 @@ class LazyRunner:
     def load(self) -> bool:
         with self._lock:
             if self.runner is None and self.failed is None:
-                manifest, problems = check_entry(self.entry, self.fingerprint, self.facts,
-                                                 networks=(self.spec.name,))
+                with phase(ENGINE_FILES):
+                    manifest, problems = check_entry(self.entry, self.fingerprint, self.facts,
+                                                     networks=(self.spec.name,))
                 try:
                     if problems:
                         raise ValueError(problems[self.spec.name])
-                    self.runner = self.kind.load(self.path, self.spec, self.device, self.dtype, self.profile,
-                                                 manifest["networks"][self.spec.name])
+                    with phase(ENGINE_LOAD):
+                        self.runner = self.kind.load(self.path, self.spec, self.device, self.dtype, self.profile,
+                                                     manifest["networks"][self.spec.name])
                 except Exception as e:  # noqa: BLE001 - changed files, no usable provider, an unloadable artifact
                     self._fail(e)
                     log.warning("%s %s: %s; trying the next engine, else eager", self.name, self.spec.name,

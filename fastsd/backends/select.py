@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..engines import NOT_IN_ENTRY, PRECISIONS, Profile, check_entry, graph_file, kind_entries
+from ..phases import ENGINE_FILES, phase
 from .composite import CompositeBackend, LazyRunner
 from .eager import EagerBackend, Fp32VaeDecoder
 from .kind import EngineKind
@@ -39,7 +40,8 @@ def _engines(kind: EngineKind, fingerprint: str, specs: dict, device, dtype, eng
     found: dict[str, list[LazyRunner]] = {}
     for entry in entries:  # files are checked against the manifest when an engine loads (LazyRunner.load)
         stored = {n: spec.name for n, spec in specs.items()}
-        manifest, problems = check_entry(entry, fingerprint, facts, networks=tuple(set(stored.values())))
+        with phase(ENGINE_FILES):
+            manifest, problems = check_entry(entry, fingerprint, facts, networks=tuple(set(stored.values())))
         _warn_unusable(f"{kind.name} ({entry.name})", problems, loud, True)
         for n, spec in specs.items():
             record = manifest.get("networks", {}).get(spec.name)

@@ -58,6 +58,8 @@ def markdown(result: BenchResult | dict) -> str:
     extras = [f"- {row['backend']}: export {row['export_seconds']:.1f} s" for row in r["rows"]
               if row.get("export_seconds")]
     extras += [f"- {row['backend']}: cold start (new process to first image) {row['cold_start_seconds']:.1f} s"
+               + (": " + ", ".join(f"{p} {s:.1f} s" for p, s in row["cold_start_phases"].items())
+                  if row.get("cold_start_phases") else "")
                for row in r["rows"] if row.get("cold_start_seconds")]
     notes = [f"- {n}" for n in r.get("notes", [])]
     runs = r["config"]

@@ -293,7 +293,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = print) -> Benc
                             "peak_memory_bytes": m["memory"], "memory_kind": workers[b].memory_kind,
                             "major_faults": sum(m["faults"]), "min_free_memory_bytes": m["free"],
                             "noisy": steadiness(stages, m["faults"]), **extras[b],
-                            **({"cold_start_seconds": cold[b]} if b in cold else {})})
+                            **({"cold_start_seconds": cold[b]["seconds"], "cold_start_phases": cold[b]["phases"]}
+                               if b in cold else {})})
             except KeyboardInterrupt:
                 result.interrupted = True
                 result.notes.append("interrupted: the rows above are complete, the rest was not run")
@@ -309,17 +310,27 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = print) -> Benc
     return result
 
 
-def _cold_start(cfg: BenchConfig, backend: str) -> float:
-    """A new process, from launch to its first image written (1 step)."""
+def _cold_start(cfg: BenchConfig, backend: str) -> dict:
+    """A new process, from launch to its first image written (1 step): {"seconds": wall time,
+    "phases": {phase: seconds}} as the process records them (fastsd/phases.py), with "other"
+    for the rest (its exit, writing the PNG, what no phase covers)."""
+    from .. import phases
+
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "fastsd", "generate", PROMPT, "--model", cfg.model, "--backend", backend,
                "--steps", "1", "--no-progress", "--out", str(Path(tmp) / "cold.png")]
         for flag, value in (("--device", cfg.device), ("--dtype", cfg.dtype), ("--engine-dir", cfg.engine_dir)):
             if value:
                 cmd += [flag, str(value)]
+        record = Path(tmp) / "phases.json"
+        env = {**os.environ, phases.PHASES_ENV: str(record), phases.T0_ENV: repr(time.time())}
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
-        return time.perf_counter() - t0
+        subprocess.run(cmd, check=True, capture_output=True, env=env)
+        seconds = time.perf_counter() - t0
+        got = json.loads(record.read_text())["phases"] if record.is_file() else {}
+    ordered = {p: round(got[p], 2) for p in phases.ORDER if p in got}
+    ordered["other"] = round(max(0.0, seconds - sum(got.values())), 2)
+    return {"seconds": seconds, "phases": ordered}
 
 
 def add_ratios(rows: list[dict]) -> None:
