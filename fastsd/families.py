@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .embeddings import TextualInversions, flatten
+from .guidance import guidance_embedding
 from .networks import (
     BATCH,
     FLOAT32,
@@ -30,6 +31,7 @@ from .networks import (
     XLTextEncoder,
     XLUNet,
     controlnet_spec,
+    guidance_embedding_spec,
     network_specs,
     residual_specs,
     wrap,
@@ -63,8 +65,9 @@ class StableDiffusion:
         self.info = info
         self.tokenizers = {"text_encoder": tokenizer, "text_encoder_2": tokenizer_2}
         residuals = residual_specs(unet_config) if unet_config is not None else ()
-        self.specs: dict[str, NetworkSpec] = network_specs(info, self.extra_unet_inputs, self.text_widths(),
-                                                           residuals)
+        width = getattr(info, "guidance_embedding_dim", 0)  # an LCM-distilled UNet's: the guidance as an input
+        unet_inputs = self.extra_unet_inputs + ((guidance_embedding_spec(width),) if width else ())
+        self.specs: dict[str, NetworkSpec] = network_specs(info, unet_inputs, self.text_widths(), residuals)
         self.controlnets = dict(zip(controlnet_names(len(controlnets)), controlnets, strict=True))
         for name, cn in self.controlnets.items():
             self.specs[name] = controlnet_spec(info, self.extra_unet_inputs, residuals,
@@ -176,7 +179,16 @@ class StableDiffusion:
             emb, _ = self.weighted(encoders, {"text_encoder": texts}, device)["text_encoder"]
         else:
             emb = self._plain(encoders, req, device)
-        return {"encoder_hidden_states": emb.repeat_interleave(req.n, dim=0)}  # per prompt: n copies, as diffusers
+        emb = emb.repeat_interleave(req.n, dim=0)  # per prompt: n copies, as diffusers
+        return {"encoder_hidden_states": emb, **self.guidance_inputs(req, emb.shape[0], device)}
+
+    def guidance_inputs(self, req, rows: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """A guidance-distilled UNet's timestep_cond: the embedding of guidance_scale - 1 per row
+        (as diffusers' LCM and SD pipelines give it; such a UNet runs without CFG); none else."""
+        width = getattr(self.info, "guidance_embedding_dim", 0)
+        if not width:
+            return {}
+        return {"timestep_cond": guidance_embedding(req.guidance_scale - 1.0, width, rows).to(device)}
 
     def _plain(self, encoders: dict[str, Callable], req, device: torch.device) -> torch.Tensor:
         """diffusers' reading, or the caller's embeddings: [uncond; cond] with CFG."""
@@ -238,7 +250,8 @@ class StableDiffusionXL(StableDiffusion):
         rows = emb.shape[0] * req.n
         return {"encoder_hidden_states": emb.repeat_interleave(req.n, dim=0),
                 "text_embeds": pooled.repeat_interleave(req.n, dim=0),
-                "time_ids": self._time_id_rows(time_ids, req, rows).to(device)}
+                "time_ids": self._time_id_rows(time_ids, req, rows).to(device),
+                **self.guidance_inputs(req, rows, device)}
 
     def _plain_xl(self, encoders, req, device) -> tuple[torch.Tensor, torch.Tensor]:
         """diffusers' reading, or the caller's embeddings: hidden states and pooled, [uncond;

@@ -69,3 +69,16 @@ def cfg_denoiser(denoise: Denoiser, guidance_scale: float, guidance_rescale: flo
 def blend(x: torch.Tensor, x_orig_noised: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Latent inpainting: keep the (noised) original outside the mask (mask 1 = repaint)."""
     return (1 - mask) * x_orig_noised + mask * x
+
+
+def guidance_embedding(w: float, width: int, rows: int) -> torch.Tensor:
+    """The embedding a guidance-distilled (LCM) UNet takes as timestep_cond: sinusoidal
+    features of 1000 w (w = guidance_scale - 1), float32, built as diffusers builds it (VDM's
+    embedding; LatentConsistencyModelPipeline.get_guidance_scale_embedding). (rows, width)."""
+    w_rows = torch.tensor(w).repeat(rows) * 1000.0
+    half = width // 2
+    scale = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -scale)
+    emb = w_rows.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if width % 2 else emb

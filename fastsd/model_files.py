@@ -41,6 +41,8 @@ class ModelInfo:
     family: str = "sd"  # "sd" (SD 1.x/2.x) or "sdxl" (two text encoders, text_time added embedding)
     force_zeros_for_empty_prompt: bool = False  # SD-XL: zero negative embeddings when no negative_prompt
     tiny_vae: bool = False  # the VAE is a tiny autoencoder (TAESD): the encoder gives latents, no distribution
+    guidance_embedding_dim: int = 0  # unet.config.time_cond_proj_dim: a guidance-distilled UNet (LCM) takes the
+    # guidance scale as an embedding of this width (timestep_cond) and runs without CFG; 0: a plain UNet
 
     @property
     def default_size(self) -> int:
@@ -162,10 +164,6 @@ def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str,
     for m in (parts["text_encoder"], unet, vae, text_2):
         if m is not None:
             m.eval().requires_grad_(False)
-    if getattr(unet.config, "time_cond_proj_dim", None) is not None:  # diffusers would feed it w; not supported
-        raise CheckpointError("the UNet takes a guidance-scale embedding (time_cond_proj_dim: an LCM-distilled "
-                              "checkpoint); fastsd does not run these yet: use its base model with an LCM-LoRA "
-                              "and scheduler='lcm'")
     xl = getattr(unet.config, "addition_embed_type", None) == "text_time"
     if xl != (text_2 is not None):
         raise CheckpointError("an SD-XL UNet (text_time added embedding) needs text_encoder_2 and tokenizer_2, "
@@ -196,6 +194,7 @@ def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str,
         architecture=architecture_of(unet, vae, parts["text_encoder"], text_2),
         family="sdxl" if xl else "sd",
         force_zeros_for_empty_prompt=xl and bool((pipeline_config or {}).get("force_zeros_for_empty_prompt", True)),
+        guidance_embedding_dim=int(getattr(unet.config, "time_cond_proj_dim", None) or 0),
     )
     if info.unet_in_channels not in (info.latent_channels, 2 * info.latent_channels + 1):
         raise CheckpointError(f"unsupported UNet with {info.unet_in_channels} input channels")

@@ -112,25 +112,31 @@ def _residual_kwargs(residuals: tuple) -> dict:
 class UNet(nn.Module):
     """sample (B, C_in, h, w), timestep (B,) float32, encoder_hidden_states (B, 77 * k, D)
     -> noise prediction (B, C_latent, h, w) (eps or v, per the scheduler config). After the
-    family's inputs, optionally the ControlNet residuals (down_residual_0 ..., mid_residual),
-    added to the skip connections and the mid block's output."""
+    family's inputs, a guidance-distilled UNet's timestep_cond (B, time_cond_proj_dim), the
+    guidance scale's embedding; then optionally the ControlNet residuals (down_residual_0 ...,
+    mid_residual), added to the skip connections and the mid block's output."""
 
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
+        self.guidance_embedded = getattr(unet.config, "time_cond_proj_dim", None) is not None
 
-    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **_residual_kwargs(residuals))[0]
+    def _call(self, sample, timestep, encoder_hidden_states, rest: tuple, **kwargs):
+        cond, residuals = (rest[0], rest[1:]) if self.guidance_embedded else (None, rest)
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=cond, return_dict=False,
+                         **kwargs, **_residual_kwargs(residuals))[0]
+
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        return self._call(sample, timestep, encoder_hidden_states, rest)
 
 
 class XLUNet(UNet):
     """SD-XL's UNet: also text_embeds (B, P), the pooled text embedding, and time_ids (B, 6),
     (original h, w, crop top, left, target h, w), through its "text_time" added embedding."""
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *residuals):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False,
-                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
-                         **_residual_kwargs(residuals))[0]
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *rest):
+        return self._call(sample, timestep, encoder_hidden_states, rest,
+                          added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
 
 
 class ControlNet(nn.Module):
@@ -395,6 +401,11 @@ class NetworkSpec:
 
 DOWN_RESIDUAL, MID_RESIDUAL = "down_residual_", "mid_residual"  # the ControlNet residuals' names
 RESIDUAL_PREFIXES = (DOWN_RESIDUAL, MID_RESIDUAL)
+
+
+def guidance_embedding_spec(width: int) -> TensorSpec:
+    """A guidance-distilled UNet's input: the guidance scale's embedding (fastsd.guidance.guidance_embedding)."""
+    return TensorSpec("timestep_cond", (BATCH, width))
 
 
 def residual_specs(unet_config) -> tuple[TensorSpec, ...]:

@@ -82,9 +82,11 @@ class Request:
     control_start: tuple[float, ...] = ()  # control_guidance_start: the fraction of steps before it is off
     control_end: tuple[float, ...] = ()  # control_guidance_end: the fraction after which it is off
 
+    guidance_embedded: bool = False  # the UNet takes the guidance scale as an input (LCM-distilled): no CFG
+
     @property
-    def do_cfg(self) -> bool:
-        return self.guidance_scale > 1.0  # <= 1: one UNet batch, no guidance (as diffusers)
+    def do_cfg(self) -> bool:  # <= 1, or a guidance-distilled UNet: one UNet batch, no guidance (as diffusers)
+        return self.guidance_scale > 1.0 and not self.guidance_embedded
 
     @property
     def batch(self) -> int:
@@ -367,7 +369,12 @@ def make_request(info, values: dict[str, Any], *, text_width: int | None = None,
                    v["width"] is not None)
     f = info.vae_factor
     latents = _latents(v["latents"], (batch, info.latent_channels, h // f, w // f))
+    embedded = bool(getattr(info, "guidance_embedding_dim", 0))
+    if embedded and (any(prompts["negative_prompts"]) or v["negative_prompt_embeds"] is not None):
+        log.warning("this UNet is guidance-distilled (LCM: it takes the guidance scale as an input) and runs "
+                    "without classifier-free guidance: the negative prompt has no effect")
     return Request(**prompts, **xl, **control, **schedule, **images, guidance_scale=guidance,
+                   guidance_embedded=embedded,
                    guidance_rescale=v["guidance_rescale"], height=h, width=w, n=v["num_images_per_prompt"],
                    output_type=v["output_type"], clip_skip=v["clip_skip"], latents=latents,
                    prompt_syntax=v["prompt_syntax"])
