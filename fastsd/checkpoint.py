@@ -302,13 +302,15 @@ def _load_checkpoint(model: str, allow_pickle: bool, variant: str | None, local_
             raise InvalidArgumentError(f"variant={variant!r} applies to diffusers folders, not the single file {path}")
         return load_single_file(path, source=str(model), allow_pickle=allow_pickle)
     files, variants = _folder_files(path, allow_pickle, variant)
-    parts = _load_folder(path, allow_pickle, variants)
+    parts = _load_folder(path, allow_pickle, variants, files)
     sched = _check_json(path / "scheduler" / "scheduler_config.json")
     index = json.loads((path / "model_index.json").read_text())
     return make_checkpoint(parts, sched, fingerprint(files, path), str(model), index)
 
 
-def _load_folder(root: Path, allow_pickle: bool, variants: dict) -> dict:
+def _load_folder(root: Path, allow_pickle: bool, variants: dict, files: list[Path] = ()) -> dict:
+    """The folder's components; `files` (its validated files, `_folder_files`): each
+    component's weights among them are what its finite check may remember."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -318,12 +320,14 @@ def _load_folder(root: Path, allow_pickle: bool, variants: dict) -> dict:
         parts["tokenizer_2"] = load_tokenizer(root / "tokenizer_2")
         classes.insert(1, ("text_encoder_2", CLIPTextModelWithProjection))
     for name, cls in classes:
-        parts[name] = load_component(cls, root / name, variants.get(name), allow_pickle)
+        weights = [f for f in files if f.parent == root / name and f.suffix in WEIGHT_SUFFIXES]
+        parts[name] = load_component(cls, root / name, variants.get(name), allow_pickle, weights)
     return parts
 
 
-def load_component(cls, folder: Path, variant: str | None, allow_pickle: bool):
-    """One diffusers/transformers component from its folder, refused when weights are missing."""
+def load_component(cls, folder: Path, variant: str | None, allow_pickle: bool, weights: list[Path] = ()):
+    """One diffusers/transformers component from its folder, refused when weights are missing
+    or not finite (`weights`: the files it loads, whose finite check is remembered)."""
     try:
         model, loading = cls.from_pretrained(str(folder), use_safetensors=None if allow_pickle else True,
                                              variant=variant, output_loading_info=True, local_files_only=True)
@@ -333,7 +337,7 @@ def load_component(cls, folder: Path, variant: str | None, allow_pickle: bool):
     missing = sorted(k for k in loading.get("missing_keys", ()) if not k.endswith("position_ids"))
     if missing:  # the libraries would fill these with random values and only log it
         raise CheckpointError(f"{folder} is incomplete: {len(missing)} weight(s) missing, e.g. {missing[0]}")
-    check_finite(model, str(folder))
+    check_finite(model, str(folder), weights)
     return model
 
 

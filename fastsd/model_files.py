@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from .errors import CheckpointError
 from .hashing import DigestCache
+from .paths import cache_dir
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
@@ -201,15 +203,51 @@ def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str,
     return Checkpoint(info, tok, parts["text_encoder"], unet, vae, parts.get("tokenizer_2"), text_2)
 
 
-def check_finite(model, source: str) -> None:
+FINITE_TABLE = "finite-weights.json"  # in the cache folder: digests of weight files found finite
+
+
+def _finite_digests() -> set[str]:
+    try:
+        table = json.loads((cache_dir() / FINITE_TABLE).read_text())
+    except (OSError, ValueError):
+        return set()
+    return set(table.get("blake2b", ())) if isinstance(table, dict) and table.get("format") == 1 else set()
+
+
+def _record_finite(digests: list[str]) -> None:
+    """Remember these files' digests as finite (atomically; a read-only cache costs speed only)."""
+    try:
+        path = cache_dir() / FINITE_TABLE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"format": 1, "blake2b": sorted(_finite_digests() | set(digests))}))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def check_finite(model, source: str, files: list[Path] = ()) -> None:
     """Refuse weights holding NaN or infinity (a corrupt or badly merged file): every later
     call would fail with a NumericalError blaming its settings. One sum per tensor (fast; a
-    finite sum proves finite values), the exact check only where a sum is not finite."""
+    finite sum proves finite values), the exact check only where a sum is not finite.
+    `files`: the weight files the model was loaded from, and only from. Files whose content
+    was found finite before (by digest, itself cached by the file's identity: fastsd/hashing.py)
+    are not checked again, so their memory-mapped weights are not read at load: a network that
+    engines serve keeps its PyTorch weights on disk, out of the process's memory."""
     import torch
 
+    digests = []
+    if files:
+        cache = DigestCache("blake2b")
+        digests = [cache.digest(Path(f)) for f in files]
+        cache.save()
+        if set(digests) <= _finite_digests():
+            return
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if t.is_floating_point() and t.numel() and not torch.isfinite(t.sum(dtype=torch.float32)):
                 if not torch.isfinite(t).all():
                     raise CheckpointError(f"{source}: weight {name} holds NaN or infinite values (a corrupt or "
                                           "badly merged file)")
+    if digests:
+        _record_finite(digests)

@@ -181,6 +181,35 @@ def test_non_finite_weights_are_refused_at_load(ckpts, tmp_path):
         load_checkpoint(str(ckpts["eps"]), vae=str(tmp_path / "vae.safetensors"))
 
 
+def test_finite_check_is_remembered_by_content(ckpts, tmp_path, monkeypatch):
+    """A weight file found finite is not read again by the check on the next load (its mapped
+    weights stay on disk where engines serve the network); the same bytes under another name
+    are trusted, other bytes (a NaN written in) are checked and refused."""
+    import torch
+
+    from fastsd import hashing
+
+    monkeypatch.setattr(hashing, "SETTLED", -1.0)  # the copy was written just now
+    copy = shutil.copytree(ckpts["eps"], tmp_path / "c")
+    load_checkpoint(str(copy))  # checked, remembered
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a remembered file was checked again")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "isfinite", no_reads)
+        load_checkpoint(str(copy))
+        load_checkpoint(str(shutil.copytree(copy, tmp_path / "again")))
+    from safetensors.torch import load_file
+
+    f = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(f))
+    sd["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(sd, str(f))
+    with pytest.raises(CheckpointError, match=r"unet: weight conv_in.weight holds NaN or infinite"):
+        load_checkpoint(str(copy))
+
+
 @pytest.mark.parametrize("component,key,value,message", [
     ("unet", "sample_size", None, "'sample_size' is missing"),
     ("text_encoder", "hidden_size", "64", "'hidden_size' must be an integer >= 1, got '64'"),
