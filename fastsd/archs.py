@@ -83,6 +83,17 @@ def _sd15() -> dict:
     }
 
 
+def _lcm_sd15() -> dict:
+    """An LCM-distilled SD 1.5 (LCM-Dreamshaper v7's layout): the UNet also takes the guidance
+    scale's embedding (time_cond_proj_dim 256) and runs without CFG; LCMScheduler."""
+    spec = _sd15()
+    spec["unet"] = dict(_UNET_SD15, time_cond_proj_dim=256)
+    spec["scheduler"] = dict(_SCHEDULER_SD, _class_name="LCMScheduler", original_inference_steps=50,
+                             timestep_scaling=10.0)
+    del spec["scheduler"]["skip_prk_steps"]
+    return spec
+
+
 def _sd21() -> dict:
     unet = dict(_UNET_SD15, sample_size=96, cross_attention_dim=1024, use_linear_projection=True)
     unet["attention_head_dim"] = [5, 10, 20, 20]
@@ -223,7 +234,8 @@ def _tiny_xl() -> dict:
     }
 
 
-ARCHS = {"tiny": _tiny, "tiny2": _tiny2, "sd15": _sd15, "sd21": _sd21, "sdxl": _sdxl, "tiny-xl": _tiny_xl}
+ARCHS = {"tiny": _tiny, "tiny2": _tiny2, "sd15": _sd15, "lcm-sd15": _lcm_sd15, "sd21": _sd21, "sdxl": _sdxl,
+         "tiny-xl": _tiny_xl}
 
 
 def arch(name: str) -> dict:

@@ -83,6 +83,27 @@ def test_precision_check_per_network(precision, ckpts, tmp_path, monkeypatch):
     assert "| NO |" in (tmp_path / "precision.md").read_text()
 
 
+def test_precision_bf16_on_the_cpu_with_openvino_and_whole_generations(precision, ckpts, eps_onnx, tmp_path):
+    """The CPU rows: bf16 per network on eager and on the OpenVINO bf16 entry, and whole
+    generations (latents and images against eager fp32, PSNR) for a sampler."""
+    pytest.importorskip("openvino")
+    from conftest import copy_entries
+    from fastsd.export.openvino import build_openvino
+
+    store = copy_entries(eps_onnx, tmp_path / "store", "onnxruntime-fp32")
+    build_openvino(str(ckpts["eps"]), engine_dir=store, dtype="bf16")
+    assert precision.main(["--model", str(ckpts["eps"]), "--device", "cpu", "--dtype", "bf16", "--backends",
+                           "eager,openvino", "--engine-dir", str(store), "--generations", "euler_a", "--steps", "3",
+                           "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "precision.json").read_text())
+    assert {r["layout"] for r in report["rows"]} == {"contiguous", "openvino"} and len(report["rows"]) == 8
+    gens = report["generations"]
+    assert [(g["backend"], g["sampler"]) for g in gens] == [("eager", "euler_a"), ("openvino", "euler_a")]
+    for g in gens:
+        assert 0 < g["latent_rel_l2"] < 0.5 and 0 < g["image_max_abs"] < 0.5 and 15 < g["psnr_db"] < 100
+    assert "PSNR dB" in (tmp_path / "out" / "precision.md").read_text()
+
+
 def test_fp32_reference_without_tf32(precision, monkeypatch):
     """cuDNN convolutions default to TF32: the reference switches it off, and restores it."""
     seen = []

@@ -174,3 +174,19 @@ def test_new_checkpoint_of_a_known_architecture_is_refitted_then_compiled(ckpts,
     out = Pipeline.from_pretrained(str(ckpts["v"]), backend="openvino", engine_dir=str(tmp_path))("a", **kw)
     assert set(out.backends.values()) == {"openvino"}
     assert np.abs(out.images - pipes("v")("a", **kw).images).max() <= TOL
+
+
+def test_compiled_models_take_torchs_thread_count(ckpts, store):
+    """torch.set_num_threads limits OpenVINO's inference threads too; an explicit count wins."""
+    ckpt, entry, manifest = _entry(ckpts, store, "fp32")
+    spec = family_for(ckpt).specs["text_encoder"]
+    before = torch.get_num_threads()
+    try:
+        for torch_threads, threads, want in ((1, 0, 1), (2, 0, 2), (1, 2, 2)):
+            torch.set_num_threads(torch_threads)
+            runner = OvRunner(entry / "text_encoder.onnx", spec, torch.device("cpu"), Profile(**manifest["profile"]),
+                              "fp32", manifest["networks"]["text_encoder"], threads=threads)
+            assert int(runner.compiled.get_property("INFERENCE_NUM_THREADS")) == want
+            assert str(runner.compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
+    finally:
+        torch.set_num_threads(before)

@@ -64,10 +64,11 @@ def has_bf16() -> bool:
     return "BF16" in cpu_facts()["cpu_caps"]
 
 
-def compile_config(precision: str, threads: int = 0, int8: bool = False) -> dict:
+def compile_config(precision: str, threads: int = 0) -> dict:
     """OpenVINO's CPU settings for a network of the entry's `precision`: one latency stream on
     torch's threads (so torch.set_num_threads limits both), the inference precision pinned,
-    and dynamic int8 quantisation of activations only where asked (`int8`)."""
+    and no dynamic quantisation of activations (it applies to int8/int4-compressed weights,
+    which fastsd's graphs do not have; pinned off so no OpenVINO default changes the result)."""
     hint = PRECISION_HINTS[precision]
     if hint == "bf16" and not has_bf16():
         if "bf16" not in _warned:
@@ -77,7 +78,7 @@ def compile_config(precision: str, threads: int = 0, int8: bool = False) -> dict
         hint = "f32"
     return {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
             "INFERENCE_NUM_THREADS": str(threads or torch.get_num_threads()),
-            "DYNAMIC_QUANTIZATION_GROUP_SIZE": "32" if int8 else "0"}
+            "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
 
 
 def weight_constants(model) -> dict:
@@ -115,13 +116,13 @@ class OvRunner(EngineRunner):
     name = "openvino"
 
     def __init__(self, path: Path, spec, device: torch.device, profile, precision: str = "fp32",
-                 record: dict | None = None, threads: int = 0, int8: bool = False):
+                 record: dict | None = None, threads: int = 0):
         if device.type != "cpu":
             raise RuntimeError(f"OpenVINO engines run on the CPU, not {device}")
         super().__init__(spec, profile)
         record = record or {}
         self.path, self.precision = path, precision
-        self.config = compile_config(precision, threads, int8)
+        self.config = compile_config(precision, threads)
         self.by_name = record.get("weights_layout") == WEIGHTS_BY_NAME
         self.transposed = set(record.get("transposed", ()))
         self.lock = threading.Lock()
