@@ -91,6 +91,7 @@ def test_reports_written(report):
     data = json.loads(js.read_text())
     assert data["schema"] == SCHEMA and data["machine"]["torch"] and data["machine"]["cpu_count"] >= 1
     assert data["machine"]["fastsd"] and "git_commit" in data["machine"]
+    assert isinstance(data["machine"]["cpu_flags"], list) and "openvino" in data["machine"]
     text = md.read_text()
     assert "| onnxruntime | 32x32 | 1 | 2 | ddim |" in text and "baseline" in text and "export" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

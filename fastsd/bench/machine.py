@@ -35,13 +35,37 @@ def machine_facts(device: torch.device) -> dict:
         "cpu": cpu_name(), "cpu_count": os.cpu_count(), "os": platform.platform(),
         "python": platform.python_version(), "fastsd": __version__, "git_commit": _git_commit(),
         "torch": torch.__version__, "diffusers": _version("diffusers"), "transformers": _version("transformers"),
-        "onnxruntime": _version("onnxruntime"), "tensorrt": _version("tensorrt"), "device": device.type,
+        "onnxruntime": _version("onnxruntime"), "openvino": _openvino_version(), "tensorrt": _version("tensorrt"),
+        "device": device.type, "cpu_flags": cpu_flags(),
     }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         facts.update(gpu=p.name, compute_capability=f"{p.major}.{p.minor}",
                      gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda, driver=_nvidia_driver())
     return facts
+
+
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8",
+             "amx_tile")  # what decides CPU speed by precision (fp32 SIMD width, int8 dot products, bf16)
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's flags among CPU_FLAGS (Linux's /proc/cpuinfo; empty where it is not readable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((x for x in f if x.startswith("flags")), "")
+    except OSError:
+        return []
+    have = set(line.split(":", 1)[-1].split())
+    return [flag for flag in CPU_FLAGS if flag in have]
+
+
+def _openvino_version() -> str | None:
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return openvino.get_version()
 
 
 def _nvidia_driver() -> str | None:

@@ -40,8 +40,10 @@ def markdown(result: BenchResult | dict) -> str:
     hw = m.get("gpu") or m.get("cpu")
     control = r["config"].get("controlnets") or ()
     model = r["config"]["model"] + "".join(f" + ControlNet `{c}`" for c in control)
-    lines = [f"fastsd bench: `{model}` on {hw} ({m['device']}), {r['created']}, "
-             f"torch {m['torch']}, fastsd {m['fastsd']} ({m.get('git_commit') or 'no git'})", "",
+    flags = f" [{' '.join(m['cpu_flags'])}]" if m.get("cpu_flags") and m["device"] == "cpu" else ""
+    libs = "".join(f", {k} {m[k]}" for k in ("onnxruntime", "openvino") if m.get(k))
+    lines = [f"fastsd bench: `{model}` on {hw}{flags} ({m['device']}), {r['created']}, "
+             f"torch {m['torch']}{libs}, fastsd {m['fastsd']} ({m.get('git_commit') or 'no git'})", "",
              "| backend | size | batch | steps | scheduler | text enc ms | UNet ms/step | VAE dec ms "
              "| end to end ms (median / p90) | img/s | peak memory | vs diffusers (e2e, UNet step) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
