@@ -206,3 +206,19 @@ DIFFUSERS_SCHEDULERS = {
     "lcm": ("LCMScheduler", {}),
 }
 
+
+def engine_vs_module(ckpt, network: str, runner):
+    """(engine output, eager fp32 module output) of `network` on sample inputs at a batch and
+    size other than an entry's trace (3 images, 24x40); the text encoder gets the embeddings
+    of real token ids."""
+    from fastsd.families import family_for
+    from fastsd.networks import wrap
+
+    family = family_for(ckpt)
+    spec = family.specs[network]
+    args = spec.sample_inputs(3, 24, 40, torch.float32)
+    if network == "text_encoder":
+        args = tuple(family.text_inputs(network, torch.randint(0, 500, (3, 77))).values())
+    with torch.no_grad():
+        want = wrap(ckpt)[network](*args)
+    return runner(**dict(zip(spec.input_names, args, strict=True))), want

@@ -158,12 +158,7 @@ def test_non_finite_weights_are_refused_at_load(ckpts, tmp_path):
     from safetensors.torch import load_file
 
     copy = shutil.copytree(ckpts["eps"], tmp_path / "c")
-    f = copy / "unet" / "diffusion_pytorch_model.safetensors"
-    sd = load_file(str(f))
-    sd["conv_in.weight"][0, 0, 0, 0] = float("nan")
-    save_file(sd, str(f))
-    with pytest.raises(CheckpointError, match=r"unet: weight conv_in.weight holds NaN or infinite"):
-        load_checkpoint(str(copy))
+    _unet_with_a_nan_is_refused(copy)
     single = tmp_path / "single"
     single.mkdir()
     state = to_original_layout(load_checkpoint(str(ckpts["eps"])), "sd15")
@@ -200,14 +195,19 @@ def test_finite_check_is_remembered_by_content(ckpts, tmp_path, monkeypatch):
         m.setattr(torch, "isfinite", no_reads)
         load_checkpoint(str(copy))
         load_checkpoint(str(shutil.copytree(copy, tmp_path / "again")))
+    _unet_with_a_nan_is_refused(copy)
+
+
+def _unet_with_a_nan_is_refused(folder) -> None:
+    """Write a NaN into the folder's UNet weights: loading it is refused, naming the weight."""
     from safetensors.torch import load_file
 
-    f = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    f = folder / "unet" / "diffusion_pytorch_model.safetensors"
     sd = load_file(str(f))
     sd["conv_in.weight"][0, 0, 0, 0] = float("nan")
     save_file(sd, str(f))
     with pytest.raises(CheckpointError, match=r"unet: weight conv_in.weight holds NaN or infinite"):
-        load_checkpoint(str(copy))
+        load_checkpoint(str(folder))
 
 
 @pytest.mark.parametrize("component,key,value,message", [

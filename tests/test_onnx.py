@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import copy_entries
+from conftest import copy_entries, engine_vs_module
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxslim")
@@ -26,7 +26,7 @@ from fastsd.cli import main  # noqa: E402
 from fastsd.engines import Profile, entry_dir, list_entries, prune  # noqa: E402
 from fastsd.errors import InvalidArgumentError  # noqa: E402
 from fastsd.families import family_for  # noqa: E402
-from fastsd.networks import SD_NETWORKS, wrap  # noqa: E402
+from fastsd.networks import SD_NETWORKS  # noqa: E402
 
 TOL = 1e-3
 ALL_ORT = {n: "onnxruntime" for n in SD_NETWORKS}
@@ -57,12 +57,7 @@ def test_each_network_matches_pytorch(ckpts, store, network, precision, tol):
     profile = Profile(**json.loads((entry / "manifest.json").read_text())["profile"])
     spec = family_for(ckpt).specs[network]
     runner = OrtRunner(entry / f"{network}.onnx", spec, torch.device("cpu"), profile)
-    args = spec.sample_inputs(3, 24, 40, torch.float32)
-    if network == "text_encoder":  # the embeddings of real token ids
-        args = tuple(family_for(ckpt).text_inputs(network, torch.randint(0, 500, (3, 77))).values())
-    with torch.no_grad():
-        want = wrap(ckpt)[network](*args)
-    got = runner(**dict(zip(spec.input_names, args, strict=True)))
+    got, want = engine_vs_module(ckpt, network, runner)
     assert got.shape == want.shape
     assert (got - want).abs().max() <= tol * max(1.0, want.abs().max())
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import copy_entries
+from conftest import copy_entries, engine_vs_module
 
 pytest.importorskip("openvino")
 pytest.importorskip("onnxruntime")
@@ -21,7 +21,7 @@ from fastsd.checkpoint import load_checkpoint  # noqa: E402
 from fastsd.cli import main  # noqa: E402
 from fastsd.engines import Profile, entry_dir  # noqa: E402
 from fastsd.families import family_for  # noqa: E402
-from fastsd.networks import SD_NETWORKS, wrap  # noqa: E402
+from fastsd.networks import SD_NETWORKS  # noqa: E402
 
 TOL = 2e-3  # engines vs eager fp32 (the project's engine bound)
 KW = dict(num_inference_steps=4, output_type="np", seed=1)
@@ -52,12 +52,7 @@ def test_each_network_matches_pytorch(ckpts, store, network, precision, tol):
     spec = family_for(ckpt).specs[network]
     runner = OvRunner(entry / f"{network}.onnx", spec, torch.device("cpu"), Profile(**manifest["profile"]), precision,
                       manifest["networks"][network])
-    args = spec.sample_inputs(3, 24, 40, torch.float32)
-    if network == "text_encoder":  # the embeddings of real token ids
-        args = tuple(family_for(ckpt).text_inputs(network, torch.randint(0, 500, (3, 77))).values())
-    with torch.no_grad():
-        want = wrap(ckpt)[network](*args)
-    got = runner(**dict(zip(spec.input_names, args, strict=True)))
+    got, want = engine_vs_module(ckpt, network, runner)
     assert got.shape == want.shape and got.dtype == torch.float32
     err = (got - want).abs().max() / max(1.0, want.abs().max())
     assert err <= tol
