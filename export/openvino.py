@@ -65,14 +65,17 @@ def _make_network(family, modules: dict, src: Path, onnx_manifest: dict, stored:
     return files, extra, f", {runner.config['INFERENCE_PRECISION_HINT']}, relative error vs eager {err:.2e}"
 
 
-def _source_entries(root: Path, info, family, networks: tuple[str, ...], size, export: Callable) -> list[tuple]:
+def _source_entries(root: Path, info, family, networks: tuple[str, ...], size, clip_skip: int,
+                    export: Callable) -> list[tuple]:
     """(owner, its networks, its ONNX entry, that entry's manifest) per entry group, the ONNX
-    graphs exported first (`export()`) where any is missing."""
+    graphs exported first (`export()`) where any is missing or was exported for another clip_skip."""
     def find():
         found = []
         for owner, nets, _ in entry_groups(info, family, networks, {}):
             stored = tuple(family.specs[n].name for n in nets)
             src, manifest = onnx_entry(root, info, SOURCE, stored, size, owner if owner is not info else None)
+            if owner is info and manifest.get("clip_skip", 0) != clip_skip:
+                raise FastSDError(f"{src} was exported with clip_skip {manifest.get('clip_skip', 0)}")
             found.append((owner, nets, src, manifest))
         return found
 
@@ -109,7 +112,7 @@ def build_openvino(model: str, engine_dir: str | Path | None = None, dtype: str 
 
     modules: dict = {}
     built = []
-    for owner, nets, src, onnx_manifest in _source_entries(root, info, family, networks, size, export):
+    for owner, nets, src, onnx_manifest in _source_entries(root, info, family, networks, size, clip_skip, export):
         stored = {n: family.specs[n].name for n in nets}
         profile = entry_profile(onnx_manifest, size, max_chunks)
         modules = modules or family.modules(ckpt, onnx_manifest.get("clip_skip", 0))

@@ -208,7 +208,7 @@ def _bench_parser(sub_parser) -> None:
     b.add_argument("action", nargs="*", help="empty to run, or: compare REPORT.json REPORT.json ...")
     b.add_argument("--model", default=None, help="as for generate; synthetic:sd15 etc. run offline")
     b.add_argument("--backends", default=None,
-                   help="comma list of eager,eager+graphs,compiled,onnxruntime,tensorrt,diffusers")
+                   help="comma list of eager,eager+graphs,compiled,onnxruntime,openvino,tensorrt,diffusers")
     b.add_argument("--height", type=int, default=None, help="image height (default: the model's, <= 256 on CPU)")
     b.add_argument("--width", type=int, default=None, help="image width (as --height)")
     b.add_argument("--sizes", default=None, help="comma list of HxW (instead of --height/--width)")

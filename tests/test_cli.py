@@ -81,7 +81,7 @@ def test_random_seed_is_recorded(model, tmp_path):
     (["--image", "IMG", "--strength", "0"], "denoises nothing"),
     (["--image", "BAD"], "cannot read image"),
     (["--image", "NOFILE"], "image not found"),
-    (["--backend", "openvino"], "--backend must be one of auto, "),
+    (["--backend", "vulkan"], "--backend must be one of auto, "),
     (["--n", "0"], "--n must be an integer >= 1"),
 ])
 def test_generate_input_errors(model, tmp_path, init_image, mask_image, capsys, extra, match):

@@ -185,3 +185,13 @@ def test_compiled_models_take_torchs_thread_count(ckpts, store):
             assert str(runner.compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
     finally:
         torch.set_num_threads(before)
+
+
+def test_build_for_another_clip_skip_exports_its_graphs(ckpts, store, tmp_path, capsys):
+    """An ONNX entry exported for another clip_skip is not compiled as if it were this one's."""
+    copy_entries(store, tmp_path, "onnxruntime-fp32")
+    assert main(["build", "--backend", "openvino", "--model", str(ckpts["eps"]), "--clip-skip", "1", "--networks",
+                 "text_encoder", "--engine-dir", str(tmp_path)]) == 0
+    assert "exporting them first" in capsys.readouterr().out
+    (manifest,) = [json.loads(p.read_text()) for p in tmp_path.glob("*/openvino-fp32/manifest.json")]
+    assert manifest["clip_skip"] == 1 and list(manifest["networks"]) == ["text_encoder"]

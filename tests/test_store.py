@@ -160,7 +160,7 @@ def test_digest_cache_sees_an_in_place_rewrite(tmp_path, monkeypatch):
     cache = DigestCache("sha256")
     first = cache.digest(f)
     cache.save()
-    assert len(DigestCache("sha256").table) == 1
+    assert hashing._key(f) in DigestCache("sha256").table  # recorded for the next load
     rewrite_in_place(f, 100)
     assert DigestCache("sha256").digest(f) == hashlib.sha256(f.read_bytes()).hexdigest() != first
 
