@@ -182,7 +182,7 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
         stored = {n: family.specs[n].name for n in nets}
         is_controlnet = owner is not info
         src, onnx_manifest = onnx_entry(root, info, source, tuple(stored.values()), size,
-                                         owner if is_controlnet else None)
+                                        owner if is_controlnet else None)
         profile = entry_profile(onnx_manifest, size, max_chunks)
         donor = refit_source(root, owner, "tensorrt", PRECISION, facts, profile) \
             if refit and refittable is not False else None

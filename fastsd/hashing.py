@@ -39,7 +39,10 @@ def digest_file(path: Path, algo: str) -> str:
 
 
 def _key(path: Path) -> str:
-    st = os.stat(path)
+    return _stat_key(os.stat(path))
+
+
+def _stat_key(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
@@ -64,7 +67,7 @@ class DigestCache:
             cached = digest_file(path, self.algo)
             st = os.stat(path)
             # unchanged while it was read, and changed last before the clock's coarsest tick: safe to remember
-            if _key(path) == key and started - st.st_ctime > SETTLED:
+            if _stat_key(st) == key and started - st.st_ctime > SETTLED:
                 self.table[key], self.dirty = cached, True
         return cached
 

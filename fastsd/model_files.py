@@ -110,8 +110,8 @@ def _check_header(header, data_bytes: int) -> int:
 
 
 def fingerprint(files: list[Path], root: Path) -> str:
-    """Content hash over files (names relative to root). Per-file digests are cached by
-    (path, inode, size, mtime, ctime), so only the first load of a checkpoint reads every byte."""
+    """Content hash over files (names relative to root). Per-file digests are cached by the
+    file's identity (fastsd/hashing.py), so only the first load of a checkpoint reads every byte."""
     from .phases import FINGERPRINT, phase
 
     with phase(FINGERPRINT):

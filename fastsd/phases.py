@@ -1,7 +1,7 @@
 """Where a process's start goes: seconds per phase (imports, checkpoint read, fingerprint,
 engine-file check, engine load and compile, first call), added up as they happen in this
-process. `fastsd generate` writes them as JSON to the file $FASTSD_PHASES names, with the
-time since $FASTSD_T0 (the launcher's time.time() when it started the process): how
+process. `fastsd generate` writes them as JSON to the file $FASTSD_PHASES names, its imports
+counted from $FASTSD_T0 (the launcher's time.time() when it started the process): how
 `fastsd bench --cold-start` breaks its cold start down.
 """
 
@@ -61,13 +61,7 @@ def seconds() -> dict[str, float]:
 
 
 def write_if_asked() -> None:
-    """The phases, and the total since $FASTSD_T0, into $FASTSD_PHASES (when set)."""
+    """The phases into $FASTSD_PHASES (when set); the launcher measures the total itself."""
     target = os.environ.get(PHASES_ENV)
-    if not target:
-        return
-    record = {"phases": seconds()}
-    try:
-        record["total"] = time.time() - float(os.environ[T0_ENV])
-    except (KeyError, ValueError):
-        pass
-    Path(target).write_text(json.dumps(record))
+    if target:
+        Path(target).write_text(json.dumps({"phases": seconds()}))
