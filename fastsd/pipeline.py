@@ -27,6 +27,7 @@ from .backends import Backend, on_work_stream
 from .budget import check_fits, widths_of
 from .checkpoint import check_clip_skip
 from .embeddings import EmbeddingMethods
+from .engines import PRECISIONS
 from .errors import InvalidArgumentError, NumericalError
 from .families import family_for
 from .hires import HiresMethods
@@ -88,6 +89,7 @@ class Pipeline(DiffusersSurface, LoraMethods, EmbeddingMethods, HiresMethods, Pr
         self.family = family or family_for(ckpt)  # the one the backend was made for, when given
         self._graphs = StepGraphs() if cuda_graphs else None  # whole-step graphs, one per shape and setting
         self.backend, self.device, self.dtype = backend, device, dtype
+        self.precision = PRECISIONS[dtype]  # the engines' precision name: from_pretrained sets a quantized one (int8)
         self._widths = widths_of(ckpt)
         self.memory = memory or MemoryOptions()
         self.max_side: int | None = MAX_SIDE  # pixels a side a call may ask for (None: no limit)
@@ -199,8 +201,7 @@ class Pipeline(DiffusersSurface, LoraMethods, EmbeddingMethods, HiresMethods, Pr
             unet_inputs = self.family.encode(encoders, req, self.device)
         config = req.scheduler_config
         sampler = SAMPLERS[req.scheduler]
-        custom = {k: v for k, v in (("timesteps", req.timesteps), ("sigmas", req.sigmas)) if v is not None}
-        sched = sampler.schedule(config, req.steps, **custom)  # host tables
+        sched = sampler.schedule(config, req.steps, **req.schedule_args)  # host tables
         with self._timed(timings, "vae_encoder"):
             lat = self._prepare_latents(call, sched)
             if sampler.draws_noise(req.eta):  # every step's noise, drawn now in diffusers' order

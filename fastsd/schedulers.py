@@ -484,22 +484,28 @@ def _vp(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return torch.stack(alpha), torch.stack(sigma_t), torch.stack(lam)
 
 
-def lcm_timesteps(cfg: SchedulerConfig, steps: int) -> np.ndarray:
+def lcm_timesteps(cfg: SchedulerConfig, steps: int, strength: float = 1.0) -> np.ndarray:
     """LCMScheduler's n timesteps: n evenly skipped from the distillation's grid of
-    original_inference_steps timesteps (k - 1, 2k - 1, ..., high to low)."""
+    original_inference_steps timesteps (k - 1, 2k - 1, ..., high to low). `strength` < 1
+    (img2img of a guidance-distilled UNet, as LatentConsistencyModelImg2ImgPipeline): from
+    the grid's first int(original * strength) timesteps only, all n steps run."""
     n_train, original = cfg.num_train_timesteps, cfg.original_inference_steps
     if not 1 <= original <= n_train:
         raise InvalidArgumentError(f"LCM: original_inference_steps {original} must be in [1, {n_train}]")
     if steps > original:
         raise InvalidArgumentError(f"LCM runs at most original_inference_steps={original} steps, not {steps}")
+    span = int(original * strength)
+    if steps > span:
+        raise InvalidArgumentError(f"LCM img2img: strength {strength:g} leaves {span} of the {original} distillation "
+                                   f"timesteps, fewer than {steps} steps: lower num_inference_steps or raise strength")
     k = n_train // original
-    grid = (np.arange(1, original + 1) * k - 1)[::-1]
+    grid = (np.arange(1, span + 1) * k - 1)[::-1]
     return grid[np.floor(np.linspace(0, len(grid), num=steps, endpoint=False)).astype(np.int64)]
 
 
-def lcm_schedule(cfg: SchedulerConfig, steps: int) -> Schedule:
+def lcm_schedule(cfg: SchedulerConfig, steps: int, strength: float = 1.0) -> Schedule:
     alpha_bar_all = alphas_cumprod(cfg)
-    t = lcm_timesteps(cfg, steps)
+    t = lcm_timesteps(cfg, steps, strength)
     alpha_bar = alpha_bar_all[torch.from_numpy(t)]
     return Schedule(
         timesteps=_tensor(t),
@@ -844,6 +850,8 @@ class Sampler:
     custom_schedule: bool = False  # schedule() takes timesteps= / sigmas= (as its diffusers class's set_timesteps)
     order: int = 1  # diffusers' scheduler.order: img2img starts at schedule index first_step * order
     last_step_noise: bool = True  # False: the last step draws no noise (LCM)
+    strength_schedule: bool = False  # img2img of a guidance-distilled UNet: schedule(strength=) compresses the
+    # schedule instead of skipping its first steps (LCM: LatentConsistencyModelImg2ImgPipeline)
     columns: Columns | None = None  # the names of its row's columns (coefficients() gives (n, len(columns)))
 
 
@@ -870,7 +878,7 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Sampler("unipc", multistep_schedule, unipc_coefficients, unipc_step, draws_noise=lambda eta: False,
             history=UNIPC_HISTORY, columns=UNIPC),
     Sampler("lcm", lcm_schedule, lcm_coefficients, lcm_step, draws_noise=lambda eta: True, last_step_noise=False,
-            columns=LCM),
+            columns=LCM, strength_schedule=True),
 )}
 if tuple(SAMPLERS) != SAMPLER_NAMES:  # the CLI lists SAMPLER_NAMES without importing this module
     raise ImportError(f"fastsd.sampler_names lists {SAMPLER_NAMES}, fastsd.schedulers defines {tuple(SAMPLERS)}")
@@ -887,10 +895,20 @@ def first_step(steps: int, strength: float) -> int:
     return max(steps - init_steps, 0)
 
 
-def start_index(sampler: str, steps: int, strength: float) -> int:
+def start_index(sampler: str, steps: int, strength: float, guidance_embedded: bool = False) -> int:
     """The schedule index an img2img/inpaint run starts at: first_step times the sampler's
-    order (Heun's schedule has two entries per step), as diffusers' get_timesteps."""
+    order (Heun's schedule has two entries per step), as diffusers' get_timesteps; 0 where
+    the schedule itself is compressed by strength (strength_args)."""
+    if strength_args(sampler, strength, guidance_embedded):
+        return 0
     return first_step(steps, strength) * SAMPLERS[sampler].order
+
+
+def strength_args(sampler: str, strength: float, guidance_embedded: bool) -> dict:
+    """{"strength": s} where the sampler's schedule takes img2img's strength (LCM with a
+    guidance-distilled UNet, as LatentConsistencyModelImg2ImgPipeline), else {}: the run
+    skips the schedule's first steps (as StableDiffusionImg2ImgPipeline, LCM-LoRA included)."""
+    return {"strength": strength} if SAMPLERS[sampler].strength_schedule and guidance_embedded and strength < 1 else {}
 
 
 @lru_cache(maxsize=256)  # a server checks each request before queuing and again when it runs

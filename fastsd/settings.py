@@ -17,7 +17,16 @@ import torch
 from . import arguments
 from .arguments import GROUP, SEED_LIMIT, bad_value, check_value, check_values
 from .images import batch_shape, check_images, check_rgb, control_size
-from .schedulers import SAMPLERS, SchedulerChoice, SchedulerConfig, check_run, choose_scheduler, first_step, start_index
+from .schedulers import (
+    SAMPLERS,
+    SchedulerChoice,
+    SchedulerConfig,
+    check_run,
+    choose_scheduler,
+    first_step,
+    start_index,
+    strength_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +104,19 @@ class Request:
     @property
     def loop_steps(self) -> int:
         """UNet calls the denoising loop makes (Heun: two per step but the last; img2img: fewer)."""
-        sampler = SAMPLERS[self.scheduler]
-        return sampler.loop_steps(self.steps) - start_index(self.scheduler, self.steps, self.strength)
+        return SAMPLERS[self.scheduler].loop_steps(self.steps) - self.start
+
+    @property
+    def start(self) -> int:
+        """The schedule index the loop starts at (img2img / inpaint: past the first steps)."""
+        return start_index(self.scheduler, self.steps, self.strength, self.guidance_embedded)
+
+    @property
+    def schedule_args(self) -> dict:
+        """The sampler's schedule() arguments besides config and steps: custom timesteps or
+        sigmas, and the strength where it compresses the schedule (strength_args)."""
+        custom = {k: v for k, v in (("timesteps", self.timesteps), ("sigmas", self.sigmas)) if v is not None}
+        return {**custom, **strength_args(self.scheduler, self.strength, self.guidance_embedded)}
 
     def settings(self) -> dict[str, Any]:
         """The call's settings with every default resolved, by API name (PNG metadata, echoes)."""
@@ -356,12 +376,14 @@ def make_request(info, values: dict[str, Any], *, text_width: int | None = None,
     batch = len(prompts["prompts"]) * v["num_images_per_prompt"]
     images = _image_inputs(v, batch, mode, defaults, control, info)
     steps, strength = schedule["steps"], images["strength"]
-    if strength == 0.0 or first_step(steps, strength) >= steps:
+    embedded = bool(getattr(info, "guidance_embedding_dim", 0))
+    compressed = strength_args(schedule["scheduler"], strength, embedded)  # LCM img2img: all steps, fewer timesteps
+    if strength == 0.0 or (first_step(steps, strength) >= steps and not compressed):
         raise bad_value("strength", f"{strength:g} with {steps} steps denoises nothing: raise strength or "
                                     "num_inference_steps", "num_inference_steps")
     custom = {k: schedule[k] for k in ("timesteps", "sigmas") if schedule[k] is not None}
     check_run(schedule["scheduler"], schedule["scheduler_config"], steps, schedule["eta"],
-              start_index(schedule["scheduler"], steps, strength), **custom)
+              start_index(schedule["scheduler"], steps, strength, embedded), **custom, **compressed)
     default_h, default_w = images.pop("size") or (info.default_size, info.default_size)
     h = check_size(default_h if v["height"] is None else v["height"], info.vae_factor, "height", max_side,
                    v["height"] is not None)
@@ -369,7 +391,6 @@ def make_request(info, values: dict[str, Any], *, text_width: int | None = None,
                    v["width"] is not None)
     f = info.vae_factor
     latents = _latents(v["latents"], (batch, info.latent_channels, h // f, w // f))
-    embedded = bool(getattr(info, "guidance_embedding_dim", 0))
     if embedded and (any(prompts["negative_prompts"]) or v["negative_prompt_embeds"] is not None):
         log.warning("this UNet is guidance-distilled (LCM: it takes the guidance scale as an input) and runs "
                     "without classifier-free guidance: the negative prompt has no effect")

@@ -19,7 +19,7 @@ from . import images as imgs
 from .errors import InvalidArgumentError, NumericalError
 from .families import controlnet_names
 from .previews import Preview
-from .schedulers import add_noise, start_index
+from .schedulers import add_noise
 from .settings import Request
 from .tiling import decode_sliced, decode_tiled, encode_tiled
 
@@ -109,7 +109,7 @@ class Stages:
         b = req.batch
         f, c = self.info.vae_factor, self.info.latent_channels
         shape = (b, c, req.height // f, req.width // f)
-        start = start_index(req.scheduler, req.steps, req.strength)
+        start = req.start
         if req.image is None and self.info.unet_in_channels == c:  # txt2img
             noise = self._randn(shape, gen) if req.latents is None else req.latents.to(self.device).float()
             return Latents(noise * sched.init_noise_sigma, start)

@@ -72,19 +72,25 @@ def test_txt2img_matches_latent_consistency_pipeline(lcm, eager):
 
 
 def test_img2img_and_other_samplers_match_diffusers(lcm, eager):
-    """Img2img as diffusers' StableDiffusionImg2ImgPipeline with LCMScheduler (strength skips
-    the first steps, as for every sampler; diffusers' LatentConsistencyModelImg2ImgPipeline
-    instead runs all steps on a schedule compressed by strength, and differs); another sampler
-    as StableDiffusionPipeline, which gives such a UNet the embedding and skips CFG too."""
-    from diffusers import EulerDiscreteScheduler, LCMScheduler
+    """Img2img with the lcm sampler as LatentConsistencyModelImg2ImgPipeline (every step runs,
+    on the first strength part of the distillation's timesteps; a plain UNet with the lcm
+    sampler, LCM-LoRA's case, skips the first steps as StableDiffusionImg2ImgPipeline with
+    LCMScheduler: test_parity); another sampler as StableDiffusionPipeline, which gives such a
+    UNet the embedding and skips CFG too."""
+    from diffusers import EulerDiscreteScheduler
     from PIL import Image
 
+    from fastsd.errors import InvalidArgumentError
+
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    ref = _diffusers(lcm, "StableDiffusionImg2ImgPipeline")
-    ref.scheduler = LCMScheduler.from_config(ref.scheduler.config)
-    want = ref("a fox", image=image, strength=0.6, generator=torch.Generator().manual_seed(4), **KW).images
-    out = eager("a fox", image=image, strength=0.6, scheduler="lcm", generator=torch.Generator().manual_seed(4), **KW)
-    assert np.abs(out.images - want).max() <= TOL
+    ref = _diffusers(lcm, "LatentConsistencyModelImg2ImgPipeline")
+    for strength in (0.6, 0.1):  # 0.1 x 4 steps would skip every step; LCM runs them on 5 timesteps
+        want = ref("a fox", image=image, strength=strength, generator=torch.Generator().manual_seed(4), **KW)
+        gen = torch.Generator().manual_seed(4)
+        out = eager("a fox", image=image, strength=strength, scheduler="lcm", generator=gen, **KW)
+        assert np.abs(out.images - want.images).max() <= TOL
+    with pytest.raises(InvalidArgumentError, match="strength 0.05 leaves 2 of the 50 distillation timesteps"):
+        eager("a fox", image=image, strength=0.05, scheduler="lcm", seed=1, **KW)
     sd = _diffusers(lcm, "StableDiffusionPipeline")
     sd.scheduler = EulerDiscreteScheduler.from_config(sd.scheduler.config)
     want = sd("a fox", generator=torch.Generator().manual_seed(6), **KW).images
