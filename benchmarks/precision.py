@@ -47,6 +47,9 @@ BOUNDS = {"fp16": {"text_encoder": 1e-2, "text_encoder_2": 1e-2, "unet": 1e-2, "
                    "vae_decoder": 2e-2},
           "bf16": {"text_encoder": 5e-2, "text_encoder_2": 5e-2, "unet": 5e-2, "vae_encoder": 1e-1,
                    "vae_decoder": 1e-1}}
+# int8 (OpenVINO only): the UNet quantized (weights and activations, 8 bits: ~2 decimal digits
+# on calibrated ranges), the other networks bf16; the build's own bound (export/openvino.py)
+BOUNDS["int8"] = {**BOUNDS["bf16"], "unet": 0.2}
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -101,7 +104,7 @@ def check(model: str, device: str, half: str, size: int | None, batch: int = 2) 
 def check_openvino(model: str, half: str, size: int | None, engine_dir: str, batch: int = 2) -> list[dict]:
     """Per network: the OpenVINO entry of precision `half` against the eager fp32 network."""
     from fastsd.backends.openvino import OvRunner
-    from fastsd.engines import Profile, entry_dir, read_manifest
+    from fastsd.engines import QUANTIZED, Profile, entry_dir, graph_file, read_manifest
 
     ckpt = load_checkpoint(model)
     info, family = ckpt.info, family_for(ckpt)
@@ -117,8 +120,9 @@ def check_openvino(model: str, half: str, size: int | None, engine_dir: str, bat
         inputs = spec.sample_inputs(batch, size, size, torch.float32)
         if name == "vae_encoder":
             inputs = (inputs[0].clamp(-1, 1),)
-        runner = OvRunner(entry / f"{name}.onnx", spec, torch.device("cpu"), Profile(**manifest["profile"]), half,
-                          manifest["networks"][name])
+        record = manifest["networks"][name]
+        runner = OvRunner(entry / graph_file(name, record), spec, torch.device("cpu"), Profile(**manifest["profile"]),
+                          QUANTIZED.get(half, half), record)
         with torch.inference_mode():
             want = _outputs(module(*inputs))
         t0 = time.perf_counter()
@@ -204,7 +208,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="synthetic:sd15")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="fp16", choices=sorted(HALF))
+    ap.add_argument("--dtype", default="fp16", choices=sorted(BOUNDS), help="int8: OpenVINO int8 entries only")
     ap.add_argument("--size", type=int, default=None, help="pixels (default: the model's own)")
     ap.add_argument("--backends", default="eager", help="comma list: eager, openvino (CPU, bf16 entries)")
     ap.add_argument("--engine-dir", default=None, help="the store holding the OpenVINO entries")
@@ -217,6 +221,9 @@ def main(argv=None) -> int:
         print("precision: no CUDA device", file=sys.stderr)
         return 2
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.dtype not in HALF and backends != ["openvino"]:
+        print(f"precision: {args.dtype} runs on --backends openvino only", file=sys.stderr)
+        return 2
     with true_fp32() as tf32:
         rows = check(args.model, args.device, args.dtype, args.size) if "eager" in backends else []
         if "openvino" in backends:

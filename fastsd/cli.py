@@ -91,7 +91,7 @@ def _generate_parser(sub_parser) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--backend", default="auto", help=BACKEND_HELP)
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    g.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32")
+    g.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 | int8 (OpenVINO int8 entries)")
     g.add_argument("--engine-dir", default=None,
                    help="engine store (default: $FASTSD_ENGINE_DIR, else ~/.cache/fastsd/engines)")
     g.add_argument("--variant", default=None, help="diffusers folder weight variant, e.g. fp16")
@@ -167,7 +167,8 @@ def _build_parser(sub_parser) -> None:
     c = sub_parser("build", help="build an engine kind's engines into the engine store")
     c.add_argument("--model", required=True, help="as for generate")
     c.add_argument("--backend", required=True, help="an engine kind (`fastsd info` lists them and what each needs)")
-    c.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default: fp16 on cuda, fp32 on cpu)")
+    c.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default: fp16 on cuda, fp32 on cpu) | int8 "
+                   "(openvino: the UNet quantized, calibrated on the checkpoint; needs nncf)")
     c.add_argument("--static", default=None, metavar="HxW", help="image size (default: the checkpoint's)")
     c.add_argument("--device", default=None, help="cuda | cpu: the device the engines are for")
     c.add_argument("--engine-dir", default=None, help="engine store (as for export)")
@@ -219,7 +220,7 @@ def _bench_parser(sub_parser) -> None:
     b.add_argument("--warmup", type=int, default=None, help="untimed calls per configuration")
     b.add_argument("--runs", type=int, default=None, help="timed calls per configuration (median, p90)")
     b.add_argument("--device", default=None, help="cuda | cpu")
-    b.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32")
+    b.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 | int8 (openvino rows only)")
     b.add_argument("--engine-dir", default=None, help="engine store (as for export)")
     b.add_argument("--export-missing", action="store_true",
                    help="export ONNX / build compiled engines a backend lacks (timed)")
@@ -241,7 +242,7 @@ def _serve_parser(sub_parser) -> None:
     v.add_argument("--model", required=True, help="as for generate")
     v.add_argument("--backend", default="auto", help=BACKEND_HELP)
     v.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    v.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32")
+    v.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 | int8 (OpenVINO int8 entries)")
     v.add_argument("--engine-dir", default=None, help="engine store (as for generate)")
     v.add_argument("--variant", default=None, help="diffusers folder weight variant, e.g. fp16")
     v.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
@@ -822,12 +823,12 @@ def cmd_serve(args) -> int:
     from .backends.registry import BACKEND_NAMES
     from .checkpoint import model_source
     from .devices import parse_device
-    from .engines import DTYPES
+    from .engines import PRECISION_NAMES
 
     if args.backend not in BACKEND_NAMES:
         raise FastSDError(f"--backend must be one of {', '.join(BACKEND_NAMES)}, got {args.backend!r}")
-    if args.dtype is not None and args.dtype not in DTYPES:
-        raise FastSDError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    if args.dtype is not None and args.dtype not in PRECISION_NAMES:
+        raise FastSDError(f"--dtype must be one of {', '.join(PRECISION_NAMES)}, got {args.dtype!r}")
     if not args.ray:  # Ray replicas pick their own devices
         parse_device(args.device)
     model = args.model

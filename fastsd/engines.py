@@ -41,12 +41,15 @@ MANIFEST = "manifest.json"
 ENTRY_MARKER = ".fastsd-entry"  # written first into every folder the store makes: proof that prune may remove it
 STAGING_PREFIX = ".staging-"
 RETIRED_PREFIX = ".retired-"
-GRAPH_SUFFIXES = tuple(k.suffix for k in ENGINE_KINDS.values())
+GRAPH_SUFFIXES = tuple(dict.fromkeys(s for k in ENGINE_KINDS.values() for s in (k.suffix, *k.other_suffixes)))
 FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")  # checkpoint fingerprints: 8-byte blake2b, hex
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # precision name -> dtype
 PRECISIONS = {dtype: name for name, dtype in DTYPES.items()}
+# quantized precisions (entries of kinds that quantize at build) -> the precision of what they do not quantize
+QUANTIZED = {"int8": "bf16"}
+PRECISION_NAMES = (*DTYPES, *QUANTIZED)
 # entry folders: <kind>-<precision> (dynamic shapes) or <kind>-<precision>-<H>x<W> (static)
-KIND = re.compile(rf"^({'|'.join(ENGINE_KINDS)})-({'|'.join(PRECISIONS.values())})(?:-([1-9][0-9]*)x([1-9][0-9]*))?$")
+KIND = re.compile(rf"^({'|'.join(ENGINE_KINDS)})-({'|'.join(PRECISION_NAMES)})(?:-([1-9][0-9]*)x([1-9][0-9]*))?$")
 SAFE_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a plain name inside the entry: no "/", "..", or "~"
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MANIFEST_FIELDS = {"format": int, "fastsd": str, "backend": str, "precision": str, "checkpoint": str,
@@ -262,6 +265,11 @@ def base_manifest(info, backend: str, precision: str, profile: Profile, **facts)
 
 
 # ---- what an entry may contain ---------------------------------------------------------
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The torch dtype a precision's unquantized networks, and eager PyTorch, run at."""
+    return DTYPES[QUANTIZED.get(precision, precision)]
+
 
 def graph_file(network: str, record: dict) -> str:
     """The graph (or engine) file of a validated manifest's network record."""

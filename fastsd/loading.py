@@ -10,12 +10,12 @@ import torch
 
 from .backends import Backend
 from .backends.eager import Fp32VaeDecoder
-from .backends.registry import BACKEND_NAMES
+from .backends.registry import BACKEND_NAMES, ENGINE_KINDS
 from .backends.select import make_backend
 from .checkpoint import check_clip_skip, load_checkpoint
 from .controlnet import load_controlnets
 from .devices import parse_device
-from .engines import DTYPES, default_engine_dir
+from .engines import DTYPES, QUANTIZED, compute_dtype, default_engine_dir
 from .errors import InvalidArgumentError
 from .families import family_for
 from .schedulers import PREDICTION_TYPES
@@ -62,7 +62,23 @@ def _check_loading(backend, device, dtype, torch_dtype, cuda_graphs, variant, al
         raise InvalidArgumentError("cuda_graphs needs a CUDA device")
     if variant is not None and not isinstance(variant, str):
         raise InvalidArgumentError(f"must be a string such as 'fp16', got {variant!r}", "variant")
+    check_quantized(name, backend, dev)
     return dev, name or ("fp16" if dev.type == "cuda" else "fp32")
+
+
+def check_quantized(precision: str | None, backend: str, device: torch.device) -> None:
+    """A quantized precision (int8) is that of entries some engine kinds build: refused
+    where none of those kinds could serve it (other precisions pass)."""
+    if precision not in QUANTIZED:
+        return
+    kinds = [k for k in ENGINE_KINDS.values() if precision in k.quantizes]
+    if backend not in ("auto", *(k.name for k in kinds)):
+        raise InvalidArgumentError(f"{precision} is the precision of {' or '.join(k.name for k in kinds)} entries "
+                                   f"(`{kinds[0].build_command} --dtype {precision}`); backend={backend!r} runs "
+                                   f"{', '.join(DTYPES)}", "dtype")
+    if not any(device.type in k.devices for k in kinds):
+        raise InvalidArgumentError(f"{precision} engines run on the {' or '.join(kinds[0].devices)}, not "
+                                   f"{device.type}", "dtype")
 
 
 def from_pretrained(cls, model: str, backend: str = "auto", device: str | None = None,
@@ -96,10 +112,9 @@ def from_pretrained(cls, model: str, backend: str = "auto", device: str | None =
                                 use_safetensors, safety_checker, feature_extractor, unsupported)
     check_memory(memory)
     max_side = check_max_side(max_side)
-    if lora_dir is not None and not Path(lora_dir).is_dir():
-        raise InvalidArgumentError(f"no folder {lora_dir}", "lora_dir")
-    if upscaler_dir is not None and not Path(upscaler_dir).is_dir():
-        raise InvalidArgumentError(f"no folder {upscaler_dir}", "upscaler_dir")
+    for name, folder in (("lora_dir", lora_dir), ("upscaler_dir", upscaler_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise InvalidArgumentError(f"no folder {folder}", name)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise InvalidArgumentError(f"must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}",
                                    "prediction_type")
@@ -112,13 +127,14 @@ def from_pretrained(cls, model: str, backend: str = "auto", device: str | None =
     family = family_for(ckpt, load_controlnets(controlnet, ckpt, allow_pickle, local_files_only))
     vae_fp32 = Fp32VaeDecoder(ckpt.vae)  # the weights as loaded, before any backend casts them
 
-    def remake(dev: torch.device, dt: torch.dtype, graphs: bool, slicing: bool) -> Backend:
-        return make_backend(ckpt, family, backend, dev, dt, store, clip_skip, graphs, attention_slicing=slicing,
-                            vae_fp32=vae_fp32)
+    def remake(dev: torch.device, precision: str, graphs: bool, slicing: bool) -> Backend:
+        check_quantized(precision, backend, dev)
+        return make_backend(ckpt, family, backend, dev, compute_dtype(precision), store, clip_skip, graphs,
+                            attention_slicing=slicing, vae_fp32=vae_fp32, precision=precision)
 
-    pipe = cls(ckpt, remake(dev, DTYPES[dtype], cuda_graphs, bool(memory and memory.attention_slicing)), dev,
-               DTYPES[dtype], memory, cuda_graphs, family)
-    pipe._remake, pipe.clip_skip, pipe.max_side = remake, clip_skip, max_side
+    pipe = cls(ckpt, remake(dev, dtype, cuda_graphs, bool(memory and memory.attention_slicing)), dev,
+               compute_dtype(dtype), memory, cuda_graphs, family)
+    pipe._remake, pipe.clip_skip, pipe.max_side, pipe.precision = remake, clip_skip, max_side, dtype
     pipe.lora_dir = None if lora_dir is None else Path(lora_dir)
     pipe.upscaler_dir, pipe._allow_pickle = upscaler_dir, allow_pickle
     pipe._tiling()  # the tile geometry, checked against this VAE now (not at the first decode)

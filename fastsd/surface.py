@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 
 from .devices import parse_device
-from .engines import DTYPES, PRECISIONS
+from .engines import DTYPES, PRECISION_NAMES, PRECISIONS, compute_dtype
 from .errors import InvalidArgumentError, UnsupportedError
 from .schedulers import SchedulerChoice, choose_scheduler
 
@@ -38,14 +38,14 @@ def dtype_name(dtype, torch_dtype) -> str | None:
             continue
         if isinstance(value, torch.dtype) and value in PRECISIONS:
             names.append(PRECISIONS[value])
-        elif isinstance(value, str) and value in DTYPES:
+        elif isinstance(value, str) and value in (DTYPES if what == "torch_dtype" else PRECISION_NAMES):
             names.append(value)
         elif isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype) and \
                 getattr(torch, value) in PRECISIONS:
             names.append(PRECISIONS[getattr(torch, value)])
         else:
-            raise InvalidArgumentError(f"must be one of {', '.join(DTYPES)} (or torch.float16, torch.bfloat16, "
-                                       f"torch.float32), got {value!r}", what)
+            raise InvalidArgumentError(f"must be one of {', '.join(PRECISION_NAMES)} (or torch.float16, "
+                                       f"torch.bfloat16, torch.float32), got {value!r}", what)
     if len(set(names)) > 1:
         raise InvalidArgumentError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree")
     return names[0] if names else None
@@ -82,15 +82,15 @@ class DiffusersSurface:
         if kwargs:
             raise InvalidArgumentError(f"to() does not take {next(iter(kwargs))!r}")
         for a in args:
-            if isinstance(a, torch.dtype) or (isinstance(a, str) and a in DTYPES):
+            if isinstance(a, torch.dtype) or (isinstance(a, str) and a in PRECISION_NAMES):
                 dtype = a
             elif isinstance(a, (str, torch.device)):
                 device = a
             else:
                 raise InvalidArgumentError(f"to() takes a device and/or a dtype, not {type(a).__name__}")
         dev = self.device if device is None else parse_device(str(device))
-        dt = self.dtype if dtype is None else DTYPES[dtype_name(None, dtype)]
-        if (dev, dt) == (self.device, self.dtype):
+        precision = self.precision if dtype is None else dtype_name(dtype, None)
+        if (dev, precision) == (self.device, self.precision):
             return self
         if self._graphs is not None and dev.type != "cuda":
             raise InvalidArgumentError("this pipeline was loaded with cuda_graphs, which need a CUDA device")
@@ -98,10 +98,10 @@ class DiffusersSurface:
             raise InvalidArgumentError("this pipeline was built around a given backend; load it with "
                                        "Pipeline.from_pretrained(..., device=, dtype=) instead")
         with self._weights_lock.exclusive("pipe.to()"):
-            self.backend = self._remake(dev, dt, self._graphs is not None, self.memory.attention_slicing)
-            self.device, self.dtype = dev, dt
+            self.backend = self._remake(dev, precision, self._graphs is not None, self.memory.attention_slicing)
+            self.device, self.dtype, self.precision = dev, compute_dtype(precision), precision
             if self._preview is not None:
-                self._preview = self._preview.to(dev, dt)
+                self._preview = self._preview.to(dev, self.dtype)
             self._reset_graphs()
             modules = self.family.modules(self.ckpt)
             for network, names in self._loras.overridden().items():  # the new backend's engines take the LoRAs too

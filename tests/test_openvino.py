@@ -12,14 +12,16 @@ from conftest import copy_entries, engine_vs_module
 pytest.importorskip("openvino")
 pytest.importorskip("onnxruntime")
 
-from fastsd.export.openvino import build_openvino  # noqa: E402
+from fastsd.export.openvino import CALIBRATION_PROMPTS, build_openvino  # noqa: E402
 
 from fastsd import Pipeline  # noqa: E402
+from fastsd.backends.kind import RefitUnsupported  # noqa: E402
 from fastsd.backends.openvino import OvRunner, has_bf16  # noqa: E402
 from fastsd.backends.select import candidates  # noqa: E402
 from fastsd.checkpoint import load_checkpoint  # noqa: E402
 from fastsd.cli import main  # noqa: E402
 from fastsd.engines import Profile, entry_dir  # noqa: E402
+from fastsd.errors import InvalidArgumentError  # noqa: E402
 from fastsd.families import family_for  # noqa: E402
 from fastsd.networks import SD_NETWORKS  # noqa: E402
 
@@ -124,7 +126,7 @@ def test_cli_build_exports_first_where_graphs_are_missing(ckpts, pipes, tmp_path
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--dtype", "fp16"], "OpenVINO engines run in fp32 or bf16, not fp16"),
+    (["--dtype", "fp16"], "OpenVINO engines run in fp32, bf16, int8, not fp16"),
     (["--device", "cuda"], "OpenVINO engines run on the CPU, not cuda"),
 ])
 def test_cli_build_errors(ckpts, tmp_path, capsys, args, message):
@@ -195,3 +197,67 @@ def test_build_for_another_clip_skip_exports_its_graphs(ckpts, store, tmp_path, 
     assert "exporting them first" in capsys.readouterr().out
     (manifest,) = [json.loads(p.read_text()) for p in tmp_path.glob("*/openvino-fp32/manifest.json")]
     assert manifest["clip_skip"] == 1 and list(manifest["networks"]) == ["text_encoder"]
+
+
+@pytest.fixture(scope="module")
+def int8_store(ckpts, store):
+    """The int8 entry, built beside the module's bf16 entry (which its calibration runs on)."""
+    pytest.importorskip("nncf")
+    lines = []
+    build_openvino(str(ckpts["eps"]), engine_dir=store, dtype="int8", progress=lines.append)
+    assert not any("building the bf16 entry" in line for line in lines), lines  # it was there: reused
+    assert sum(line.startswith("calibrating: generation") for line in lines) == len(CALIBRATION_PROMPTS)
+    return store
+
+
+def test_int8_entry_quantizes_the_unet_and_runs_end_to_end(ckpts, pipes, int8_store, init_image):
+    """The UNet is quantized (OpenVINO IR whose convolutions run on int8 kernels); the other
+    networks are the bf16 entry's graphs. dtype="int8" runs every network on it, near the fp32
+    image (tiny random networks quantize coarsely: the full-size deviation is in the README)."""
+    ckpt, entry, manifest = _entry(ckpts, int8_store, "int8")
+    unet = manifest["networks"]["unet"]
+    assert sorted(unet["sha256"]) == ["unet.bin", "unet.xml"] and unet["quantized"] == "int8"
+    assert unet["calibration"]["samples"] == len(CALIBRATION_PROMPTS) * 6 - 1  # PNDM: steps + 1 UNet calls each
+    assert manifest["refittable"] is False and "onnx" in "".join(manifest["networks"]["vae_decoder"]["sha256"])
+    spec = family_for(ckpt).specs["unet"]
+    runner = OvRunner(entry / "unet.xml", spec, torch.device("cpu"), Profile(**manifest["profile"]), "bf16", unet)
+    kinds = {(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+             for op in runner.compiled.get_runtime_model().get_ops()}
+    assert {p for t, p in kinds if t == "Convolution"} & {"u8", "i8"}, kinds  # int8 kernels, not bf16 ones
+    with pytest.raises(RefitUnsupported, match="quantized to int8"):
+        runner.set_weights({}, False)
+
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="openvino", dtype="int8", engine_dir=str(int8_store))
+    assert (pipe.precision, pipe.dtype) == ("int8", torch.bfloat16)
+    out = pipe("a lighthouse", **KW)
+    assert set(out.backends.values()) == {"openvino"}
+    want = pipes("eps")("a lighthouse", **KW).images
+    bf16 = Pipeline.from_pretrained(str(ckpts["eps"]), backend="openvino", dtype="bf16", engine_dir=str(int8_store))
+    assert 0 < np.abs(out.images - want).max() <= 0.15
+    assert np.abs(out.images - bf16("a lighthouse", **KW).images).max() > 0  # the int8 UNet ran, not the bf16 one
+    assert pipe("a lighthouse", image=init_image, strength=0.6, **KW).backends["vae_encoder"] == "openvino"
+    pipe.to(dtype="bf16")  # another precision: the bf16 entry
+    assert (pipe.precision, pipe.dtype, pipe.backend.backends["unet"]) == ("bf16", torch.bfloat16, "openvino")
+    auto = Pipeline.from_pretrained(str(ckpts["eps"]), dtype="int8", engine_dir=str(int8_store))
+    assert set(auto.backend.backends.values()) == {"openvino"}
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_int8_is_refused_where_no_engine_runs_it(ckpts, backend, capsys):
+    with pytest.raises(InvalidArgumentError, match="int8 is the precision of openvino entries"):
+        Pipeline.from_pretrained(str(ckpts["eps"]), backend=backend, dtype="int8")
+    assert main(["generate", "a", "--model", str(ckpts["eps"]), "--backend", backend, "--dtype", "int8",
+                 "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "int8 is the precision of openvino entries" in err and len(err.strip().splitlines()) == 1
+
+
+def test_int8_build_without_nncf_says_what_it_needs(ckpts, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nncf", None)
+    assert main(["build", "--backend", "openvino", "--dtype", "int8", "--model", str(ckpts["eps"]),
+                 "--engine-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "nncf, which is not installed (pip install 'fastsd[int8]')" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*/*"))

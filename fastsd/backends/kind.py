@@ -117,6 +117,8 @@ class EngineKind:
     needs: str = ""  # what it takes to run, for `fastsd info`
     details: Callable[[], str] = lambda: ""  # what this installation has (versions, providers), for `fastsd info`
     devices: tuple[str, ...] = ("cpu", "cuda")  # the device types its engines run on
+    other_suffixes: tuple[str, ...] = ()  # graph files it also loads (OpenVINO: a quantized network's IR)
+    quantizes: tuple[str, ...] = ()  # the quantized precisions (engines.QUANTIZED) it builds
 
 
 def export_module(name: str):

@@ -10,6 +10,11 @@ fp32); bf16 entries run the CPU's bf16 instructions (AVX512_BF16, AMX) where it 
 and f32, with a warning, where it does not. Refit (LoRA, another checkpoint's weights)
 compiles the graph again with its weight constants, named as the network's parameters,
 replaced. Inputs and outputs are float32 numpy views of CPU torch tensors.
+
+An `openvino-int8` entry holds the UNet quantized at build (OpenVINO IR, `unet.xml`: int8
+weights and activations, calibrated on the checkpoint's own denoising; export/openvino.py)
+and the other networks as a bf16 entry does; it runs at bf16 around the int8 layers. A
+quantized network takes no other weights: its LoRA calls run eager, with the usual warning.
 """
 
 from __future__ import annotations
@@ -124,6 +129,7 @@ class OvRunner(EngineRunner):
         self.path, self.precision = path, precision
         self.config = compile_config(precision, threads)
         self.by_name = record.get("weights_layout") == WEIGHTS_BY_NAME
+        self.quantized = record.get("quantized")  # "int8": quantized at build (calibrated to its weights)
         self.transposed = set(record.get("transposed", ()))
         self.lock = threading.Lock()
         self._overrides: dict[str, torch.Tensor] = {}  # weights given since the entry's own: compiled in
@@ -143,6 +149,9 @@ class OvRunner(EngineRunner):
         """Compile the graph again with the weights given so far since the last `at_base` (each
         call passes those it changed; the others are the graph's); at base, the entry's own
         compiled model again. A failure keeps the old model and its weights."""
+        if self.quantized:
+            raise RefitUnsupported(f"it was quantized to {self.quantized} for the weights it was built with; "
+                                   "build the int8 entry again for other weights")
         if not self.by_name:
             raise RefitUnsupported("its graph was exported with weights not named as the network's parameters "
                                    "(by an older fastsd); re-export it to refit it")
@@ -156,10 +165,14 @@ class OvRunner(EngineRunner):
         with self.lock:
             self._overrides, self.compiled, self.request = overrides, compiled, compiled.create_infer_request()
 
-    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+    def feeds(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The compiled model's inputs for a call's (optional ones left out filled with zeros)."""
         inputs = self.complete(inputs, lambda t: torch.float32)
-        feeds = {n: np.ascontiguousarray(inputs[n].detach().to("cpu", torch.float32).numpy(), dtype=dtype)
-                 for n, dtype in self.in_types.items()}
+        return {n: np.ascontiguousarray(inputs[n].detach().to("cpu", torch.float32).numpy(), dtype=dtype)
+                for n, dtype in self.in_types.items()}
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        feeds = self.feeds(inputs)
         with self.lock:
             result = self.request.infer(feeds, share_inputs=True)
             outs = tuple(torch.from_numpy(np.array(result[self.compiled.output(n)], dtype=np.float32, copy=True))
@@ -172,6 +185,7 @@ def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile, r
 
 
 def _build(opts: BuildOptions) -> Path:
+    """fp32 and bf16 entries compile the ONNX graphs; int8 ones quantize the UNet (export/openvino.py)."""
     if opts.device not in (None, "cpu"):
         from ..errors import InvalidArgumentError
 
@@ -190,5 +204,6 @@ def _details() -> str:
 KIND = EngineKind("openvino", ".onnx", unavailable, lambda device: {}, _load, _build,
                   build_command="fastsd build --backend openvino", builds_alone=True, refit_optional=False,
                   needs="openvino (pip install 'fastsd[openvino]'), on the CPU; compiles the ONNX graphs of "
-                        "`fastsd export` (exported first where missing)",
-                  details=_details, devices=("cpu",))
+                        "`fastsd export` (exported first where missing); int8 entries also need nncf "
+                        "(pip install 'fastsd[int8]')",
+                  details=_details, devices=("cpu",), other_suffixes=(".xml",), quantizes=("int8",))

@@ -27,12 +27,13 @@ _told_lock = threading.Lock()
 
 
 def _engines(kind: EngineKind, fingerprint: str, specs: dict, device, dtype, engine_dir: Path, facts: dict,
-             loud: bool, what: str = "this checkpoint") -> dict[str, list[LazyRunner]]:
+             loud: bool, what: str = "this checkpoint", precision: str | None = None) -> dict[str, list[LazyRunner]]:
     """Per network, candidates of `kind` among the entries of `fingerprint` (the checkpoint's,
     or a ControlNet's): one per valid entry that holds it. `specs` maps each network's name in
-    the pipeline to its spec, whose name is the one in the entry (controlnet_2 -> controlnet)."""
+    the pipeline to its spec, whose name is the one in the entry (controlnet_2 -> controlnet).
+    `precision`: the entries' (a quantized one, e.g. int8), where it is not `dtype`'s name."""
     facts = {**facts, **kind.runtime_facts(device)}
-    precision = PRECISIONS[dtype]
+    precision = precision or PRECISIONS[dtype]
     entries = kind_entries(engine_dir, fingerprint, kind.name, precision)
     if not entries and loud:
         log.warning("%s: no %s entry for %s in %s; falling back to eager (build one with `%s`)",
@@ -73,9 +74,11 @@ def _warn_unusable(kind: str, problems: dict, loud: bool, exists: bool) -> None:
 
 
 def candidates(ckpt, family, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
-               clip_skip: int = 0) -> dict[str, list[LazyRunner]]:
+               clip_skip: int = 0, precision: str | None = None) -> dict[str, list[LazyRunner]]:
     """Per network, the store's engines that may serve it ("auto": every available kind,
-    fastest first), from the manifests alone: nothing is loaded and no file is hashed yet."""
+    fastest first), from the manifests alone: nothing is loaded and no file is hashed yet.
+    `precision`: the entries' where it is a quantized one (int8; `dtype` is then what the
+    networks they do not hold run at)."""
     kinds = tuple(ENGINE_KINDS.values()) if backend == "auto" else (ENGINE_KINDS[backend],)
     engines: dict[str, list[LazyRunner]] = {}
     loud, specs = backend != "auto", family.specs
@@ -88,10 +91,10 @@ def candidates(ckpt, family, backend: str, device: torch.device, dtype: torch.dt
                 log.warning("%s: %s; falling back to eager", kind.name, why)
             continue
         found = _engines(kind, ckpt.info.fingerprint, {n: s for n, s in specs.items() if n not in owned}, device,
-                         dtype, engine_dir, {"clip_skip": clip_skip}, loud)
+                         dtype, engine_dir, {"clip_skip": clip_skip}, loud, precision=precision)
         for n, cn in owned.items():
             found |= _engines(kind, cn.fingerprint, {n: specs[n]}, device, dtype, engine_dir, {}, loud,
-                              f"the ControlNet {cn.source}")
+                              f"the ControlNet {cn.source}", precision)
         for n, runners in found.items():
             engines.setdefault(n, []).extend(runners)
     return engines
@@ -99,10 +102,11 @@ def candidates(ckpt, family, backend: str, device: torch.device, dtype: torch.dt
 
 def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
                  clip_skip: int = 0, cuda_graphs: bool = False, attention_slicing: bool = False,
-                 vae_fp32: Fp32VaeDecoder | None = None):
+                 vae_fp32: Fp32VaeDecoder | None = None, precision: str | None = None):
     """The backend for `backend` ("auto", "eager" or an engine kind's name) over the
     networks of the checkpoint's model `family`. `vae_fp32`: the pipeline's fp32 VAE decoder
-    (one is made here, from the checkpoint's weights before any cast, where none is given)."""
+    (one is made here, from the checkpoint's weights before any cast, where none is given);
+    `precision`: the engines' where it is a quantized one (see candidates)."""
     vae_fp32 = vae_fp32 or Fp32VaeDecoder(ckpt.vae)
 
     def make_eager():
@@ -110,7 +114,7 @@ def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.
 
     if backend == "eager":
         return make_eager()
-    engines = candidates(ckpt, family, backend, device, dtype, engine_dir, clip_skip)
+    engines = candidates(ckpt, family, backend, device, dtype, engine_dir, clip_skip, precision)
     for runners in engines.values():  # the first choice loads now: its failure is known at load time
         while runners and not runners[0].load():
             runners.pop(0)

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from ..backends.registry import ENGINE_KINDS
-from ..engines import DTYPES, PRECISIONS
+from ..engines import PRECISIONS, QUANTIZED, compute_dtype
 from ..schedulers import CLASS_OF, OPTIONS_OF, SAMPLERS
 from .config import BASELINE, GRAPHS, PROMPT, BenchConfig
 from .machine import ProcessMemory
@@ -93,6 +93,7 @@ class FastSDWorker:
 
         self.cfg, self.backend, self.notes, self.export_s, self.skip = cfg, backend, [], None, None
         self.device, self.dtype, self.pipe = device, dtype, None
+        self.precision = cfg.dtype if cfg.dtype in QUANTIZED else PRECISIONS[dtype]  # the engines' (int8: quantized)
         self.ran: dict | None = None  # what ran each network in the last call
         self.ckpt = load_checkpoint(cfg.model)
         self.info = self.ckpt.info
@@ -105,14 +106,20 @@ class FastSDWorker:
             return
         self.family = family_for(self.ckpt, load_controlnets(list(cfg.controlnets) or None, self.ckpt))
         engine_kind = ENGINE_KINDS.get(self.kind)
-        if engine_kind is None or candidates(self.ckpt, self.family, self.kind, device, dtype, self.root):
+        quantized = self.precision in QUANTIZED
+        if quantized and (engine_kind is None or self.precision not in engine_kind.quantizes):
+            self.skip = f"{backend}: runs no {self.precision} (engines that do: --backends " + \
+                ",".join(k.name for k in ENGINE_KINDS.values() if self.precision in k.quantizes) + "); skipped"
+            return
+        if engine_kind is None or candidates(self.ckpt, self.family, self.kind, device, dtype, self.root,
+                                             precision=self.precision if quantized else None):
             return
         if not (cfg.export_missing and engine_kind.builds_alone):
             how = engine_kind.build_command + (", or bench --export-missing" if engine_kind.builds_alone else "")
             self.skip = f"{backend}: no engines for this checkpoint (run {how}); skipped"
             return
         t0 = time.perf_counter()
-        engine_kind.build(BuildOptions(cfg.model, engine_dir=cfg.engine_dir, dtype=PRECISIONS[dtype],
+        engine_kind.build(BuildOptions(cfg.model, engine_dir=cfg.engine_dir, dtype=self.precision,
                                        device=str(device), controlnets=tuple(cfg.controlnets)))
         self.export_s = time.perf_counter() - t0
         gc.collect()
@@ -126,8 +133,10 @@ class FastSDWorker:
         if self.skip:
             return
         backend = make_backend(self.ckpt, self.family, self.kind, self.device, self.dtype, self.root,
-                               cuda_graphs=self.graphs)
+                               cuda_graphs=self.graphs,
+                               precision=self.precision if self.precision in QUANTIZED else None)
         self.pipe = Pipeline(self.ckpt, backend, self.device, self.dtype, cuda_graphs=self.graphs, family=self.family)
+        self.pipe.precision = self.precision
         self.pipe.max_side = None  # a benchmark's sizes are the user's explicit choice
         if self.kind in ENGINE_KINDS and set(backend.backends.values()) == {"eager"}:
             self.skip = f"{self.backend}: its engines did not load (see the log); skipped"
@@ -146,14 +155,14 @@ class FastSDWorker:
         export = self.export_s
         if export is None and self.backend in ENGINE_KINDS:
             root = Path(self.cfg.engine_dir) if self.cfg.engine_dir else default_engine_dir()
-            for entry in kind_entries(root, self.info.fingerprint, self.backend, PRECISIONS[self.pipe.dtype]):
+            for entry in kind_entries(root, self.info.fingerprint, self.backend, self.precision):
                 manifest, _ = check_entry(entry, self.info.fingerprint, networks=())  # no file is read
                 secs = [n.get("export_seconds") for n in manifest.get("networks", {}).values()]
                 if secs and None not in secs:
                     export = round(sum(secs), 2)
                     break
         return {"ran": self.ran or dict(self.pipe.backend.backends), "export_seconds": export,
-                "checkpoint": self.info.fingerprint, "dtype": PRECISIONS[self.pipe.dtype]}
+                "checkpoint": self.info.fingerprint, "dtype": self.precision}
 
 
 # ---- diffusers baseline -----------------------------------------------------------------
@@ -193,8 +202,12 @@ class DiffusersWorker:
 
     def __init__(self, cfg, device: torch.device, dtype: torch.dtype):
         self.cfg, self.device, self.dtype, self.notes, self.skip = cfg, device, dtype, [], None
+        if cfg.dtype in QUANTIZED:
+            self.skip = f"{BASELINE}: diffusers has no {cfg.dtype}; run it with --dtype {QUANTIZED[cfg.dtype]}; skipped"
 
     def load(self) -> None:
+        if self.skip:
+            return
         import diffusers
 
         from ..checkpoint import resolve
@@ -282,7 +295,7 @@ def serve(cfg_json: str, backend: str) -> None:
     cfg = BenchConfig(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
                          for k, v in json.loads(cfg_json).items()})
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[cfg.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    dtype = compute_dtype(cfg.dtype or ("fp16" if device.type == "cuda" else "fp32"))
     memory = ProcessMemory(device)
     try:  # a fastsd row builds what it lacks first; its memory counts from its load on
         worker = DiffusersWorker(cfg, device, dtype) if backend == BASELINE else FastSDWorker(cfg, backend, device,
