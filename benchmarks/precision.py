@@ -197,7 +197,7 @@ def _outputs(out) -> tuple:
 
 def markdown(rows: list[dict], model: str, device: str, half: str, tf32: dict) -> str:
     flags = ", ".join(f"{k} {v}" for k, v in tf32.items())
-    lines = [f"{half} vs fp32, eager, `{model}` on {device} (fp32 reference: {flags})", "",
+    lines = [f"{half} vs eager fp32, `{model}` on {device} (fp32 reference: {flags})", "",
              "| network | layout | relative error (max abs / max abs ref) | bound | ok |", "|---|---|---|---|---|"]
     lines += [f"| {r['network']} | {r['layout']} | {r['relative_error']:.2e} | {r['bound']:.0e} | "
               f"{'yes' if r['ok'] else 'NO'} |" for r in rows]

@@ -106,6 +106,17 @@ def _sd21() -> dict:
     }
 
 
+def _sd_turbo() -> dict:
+    """SD-Turbo's layout: SD 2.1-base (512, epsilon prediction), adversarially distilled to
+    run in 1-4 steps without CFG; EulerDiscreteScheduler with trailing spacing."""
+    spec = _sd21()
+    spec["unet"] = dict(spec["unet"], sample_size=64)
+    spec["scheduler"] = dict(_SCHEDULER_SD, _class_name="EulerDiscreteScheduler", timestep_spacing="trailing",
+                             prediction_type="epsilon")
+    del spec["scheduler"]["skip_prk_steps"]
+    return spec
+
+
 def _tiny() -> dict:
     """SD 1.x layout at width 32/64: a latent factor of 2 and VAE scale 0.5 on purpose,
     so nothing can silently assume SD's 8 and 0.18215."""
@@ -234,8 +245,8 @@ def _tiny_xl() -> dict:
     }
 
 
-ARCHS = {"tiny": _tiny, "tiny2": _tiny2, "sd15": _sd15, "lcm-sd15": _lcm_sd15, "sd21": _sd21, "sdxl": _sdxl,
-         "tiny-xl": _tiny_xl}
+ARCHS = {"tiny": _tiny, "tiny2": _tiny2, "sd15": _sd15, "lcm-sd15": _lcm_sd15, "sd21": _sd21, "sd-turbo": _sd_turbo,
+         "sdxl": _sdxl, "tiny-xl": _tiny_xl}
 
 
 def arch(name: str) -> dict:

@@ -82,7 +82,7 @@ def _generate_parser(sub_parser) -> None:
     g.add_argument("prompt", help="what to draw")
     g.add_argument("--model", required=True,
                    help="diffusers folder, single .safetensors file, hub id, or "
-                        "synthetic:tiny|sd15|sd21|sdxl|tiny-xl")
+                        "synthetic:tiny|sd15|lcm-sd15|sd21|sd-turbo|sdxl|tiny-xl")
     _call_flags(g)
     g.add_argument("--max-side", type=int, default=2048,
                    help="refuse sizes over this many pixels a side (default 2048; a guard against calls that "

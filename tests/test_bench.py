@@ -273,3 +273,19 @@ def test_cold_start_is_broken_down_by_phase(ckpts, eps_onnx, report, tmp_path):
     line = next(x for x in markdown(data).splitlines() if "cold start (new process to first image)" in x)
     assert f"engine load {ph['engine load']:.1f} s" in line and line.index("imports") < line.index("first call")
 
+
+
+def test_int8_rows_run_only_on_kinds_that_quantize(ckpts, tmp_path):
+    """--dtype int8: eager, diffusers and kinds without int8 entries say why they do not run;
+    openvino looks for its int8 entries (none in this store) and the engines' precision is int8."""
+    import torch
+
+    from fastsd.bench.worker import DiffusersWorker, FastSDWorker
+
+    cfg, cpu = quick(str(ckpts["eps"]), tmp_path, dtype="int8", export_missing=False), torch.device("cpu")
+    for backend in ("eager", "onnxruntime"):
+        worker = FastSDWorker(cfg, backend, cpu, torch.bfloat16)
+        assert worker.skip == f"{backend}: runs no int8 (engines that do: --backends openvino); skipped"
+    assert "diffusers has no int8; run it with --dtype bf16" in DiffusersWorker(cfg, cpu, torch.bfloat16).skip
+    ov = FastSDWorker(cfg, "openvino", cpu, torch.bfloat16)
+    assert "no engines for this checkpoint (run fastsd build --backend openvino" in ov.skip and ov.precision == "int8"
