@@ -198,7 +198,13 @@ def _build(opts: BuildOptions) -> Path:
 
 def _details() -> str:
     facts = cpu_facts()
-    return f"openvino {facts['openvino']}, CPU: {facts['cpu']} ({', '.join(facts['cpu_caps'])})"
+    try:
+        from importlib.metadata import version
+
+        int8 = f"nncf {version('nncf')}: int8 builds"
+    except ImportError:
+        int8 = "no nncf: no int8 builds"
+    return f"openvino {facts['openvino']}, {int8}, CPU: {facts['cpu']} ({', '.join(facts['cpu_caps'])})"
 
 
 KIND = EngineKind("openvino", ".onnx", unavailable, lambda device: {}, _load, _build,
