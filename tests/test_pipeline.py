@@ -173,7 +173,7 @@ def test_engine_backend_falls_back_to_eager(ckpts, caplog, tmp_path):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(backend="vulkan"), "backend must be one of auto, "),
-    (dict(dtype="int8"), "dtype must be one of fp16, bf16, fp32"),
+    (dict(dtype="fp8"), "dtype must be one of fp16, bf16, fp32, int8"),
     (dict(prediction_type="sample"), "prediction_type must be one of epsilon, v_prediction, got 'sample'"),
     (dict(clip_skip=2), r"clip_skip must be an integer in \[0, 1\]"),
     (dict(clip_skip=-1), "clip_skip"),

@@ -640,7 +640,8 @@ def test_cli_errors_are_one_line(ckpts, tmp_path, capsys):
             (run("--model", str(ckpts["eps"]), "--ray", "--autoscaling", "{bad"), "--autoscaling is not JSON"),
             (run("--model", str(ckpts["eps"]), "--port", port), "cannot listen on 127.0.0.1:" + port),
             (run("--model", str(ckpts["eps"]), "--backend", "tensorrtt"), "--backend must be one of auto, "),
-            (run("--model", str(ckpts["eps"]), "--dtype", "fp8"), "--dtype must be one of fp16, bf16, fp32, got 'fp8'"),
+            (run("--model", str(ckpts["eps"]), "--dtype", "fp8"), "--dtype must be one of fp16, bf16, fp32, int8, "
+                                                                   "got 'fp8'"),
             (run("--model", str(ckpts["eps"]), "--drain-seconds", "-1"), "--drain-seconds must be in [0, 3600]"),
         ]
     for proc, text in cases:
