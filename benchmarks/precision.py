@@ -1,4 +1,4 @@
-"""fp16 (or bf16) against fp32, per network and per whole generation: the error a
+"""fp16 (or bf16, or int8) against fp32, per network and per whole generation: the error a
 lower-precision run adds.
 
 Per network: the same sample inputs (fixed seed) through the eager fp32 network and the
@@ -12,6 +12,8 @@ sampler) at fp32 eager and at the lower precision on each of --backends, compare
 final latents (max abs, relative L2) and the images (max abs, relative L2, PSNR in dB).
 Random weights: these figures show how far the arithmetic drifts, not whether a trained
 model's picture still looks right (a trained model's smoother weights usually drift less).
+With --dtype int8 --backends openvino: the OpenVINO int8 entry (its UNet quantized, the
+rest bf16) against eager fp32, per network and per whole generation.
 Writes JSON and a Markdown table; exits 1 if any network is over its bound.
 
     python3 benchmarks/precision.py --model synthetic:sd15 --device cuda --out DIR

@@ -203,7 +203,7 @@ class DiffusersWorker:
     def __init__(self, cfg, device: torch.device, dtype: torch.dtype):
         self.cfg, self.device, self.dtype, self.notes, self.skip = cfg, device, dtype, [], None
         if cfg.dtype in QUANTIZED:
-            self.skip = f"{BASELINE}: diffusers has no {cfg.dtype}; run it with --dtype {QUANTIZED[cfg.dtype]}; skipped"
+            self.skip = f"{BASELINE}: has no {cfg.dtype} (run it with --dtype {QUANTIZED[cfg.dtype]}); skipped"
 
     def load(self) -> None:
         if self.skip:
