@@ -2,7 +2,7 @@
 scratch, and switching a LoRA, on full-size random-weight checkpoints.
 
 1. Two random-weight checkpoints of one architecture (`synthetic:NAME` and the same with
-   another seed). For each engine kind asked (onnxruntime, compiled): the first is built
+   another seed). For each engine kind asked (onnxruntime, compiled, openvino): the first is built
    from scratch into a store (the donor); the second is built into that store (refit: the
    donor's graphs / packages reused, only the weights written) and, for comparison, from
    scratch into a store of its own. Each in a fresh process, timed end to end (loading the
@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-BUILD = {"onnxruntime": ["export"], "compiled": ["build", "--backend", "compiled"]}
+BUILD = {"onnxruntime": ["export"], "compiled": ["build", "--backend", "compiled"],
+         "openvino": ["build", "--backend", "openvino"]}
 
 
 def second_checkpoint(model: str, out: Path) -> Path:
