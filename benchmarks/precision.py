@@ -68,6 +68,21 @@ def true_fp32() -> Iterator[dict]:
         matmul.allow_tf32, cudnn.allow_tf32 = saved
 
 
+def _sample_inputs(spec, batch: int, size: int) -> tuple:
+    """A network's fixed-seed sample inputs at `size` (the VAE encoder's images in [-1, 1], as the
+    pipeline feeds it)."""
+    inputs = spec.sample_inputs(batch, size, size, torch.float32)
+    return (inputs[0].clamp(-1, 1),) if spec.name == "vae_encoder" else inputs
+
+
+def _row(network: str, layout: str, got: tuple, want: tuple, bound: float, seconds: float) -> dict:
+    """One network's report row: the worst relative error of its outputs against the bound."""
+    err = max(relative_error(g, w) for g, w in zip(got, want, strict=True))
+    return {"network": network, "layout": layout, "relative_error": err, "bound": bound, "ok": err <= bound,
+            "finite": bool(torch.isfinite(got[0]).all()), "shape": list(got[0].shape),
+            "half_seconds": round(seconds, 4)}
+
+
 def check(model: str, device: str, half: str, size: int | None, batch: int = 2) -> list[dict]:
     ckpt = load_checkpoint(model)
     info, family = ckpt.info, family_for(ckpt)
@@ -76,9 +91,7 @@ def check(model: str, device: str, half: str, size: int | None, batch: int = 2) 
     rows = []
     for name in family.networks:
         module = family.modules(ckpt)[name].to(device, torch.float32).eval()
-        inputs = specs[name].sample_inputs(batch, size, size, torch.float32)
-        if name == "vae_encoder":  # images in [-1, 1], as the pipeline feeds it
-            inputs = (inputs[0].clamp(-1, 1),)
+        inputs = _sample_inputs(specs[name], batch, size)
         # as eager runs it on this device: channels-last convolutions on CUDA (measured both ways there,
         # so a fault of the layout shows apart from one of the precision)
         layouts = ["contiguous", "channels_last"] if torch.device(device).type == "cuda" and channels_last(name) \
@@ -94,10 +107,7 @@ def check(model: str, device: str, half: str, size: int | None, batch: int = 2) 
                 got = _outputs(module(*(t.to(device, HALF[half]) if spec.kind == FLOAT else t.to(device)
                                         for spec, t in zip(specs[name].inputs, inputs, strict=True))))
                 seconds = time.perf_counter() - t0
-                err = max(relative_error(g, w) for g, w in zip(got, want, strict=True))  # several outputs: the worst
-                rows.append({"network": name, "layout": layout, "relative_error": err, "bound": bound,
-                             "ok": err <= bound, "finite": bool(torch.isfinite(got[0]).all()),
-                             "shape": list(got[0].shape), "half_seconds": round(seconds, 4)})
+                rows.append(_row(name, layout, got, want, bound, seconds))
         module.to("cpu")
         del module
     return rows
@@ -116,12 +126,10 @@ def check_openvino(model: str, half: str, size: int | None, engine_dir: str, bat
     if not manifest:
         raise SystemExit(f"precision: no OpenVINO {half} entry at {entry} (fastsd build --backend openvino --dtype "
                          f"{half})")
-    rows = []
+    rows, modules = [], family.modules(ckpt)
     for name in family.networks:
-        spec, module = family.specs[name], family.modules(ckpt)[name].float().eval()
-        inputs = spec.sample_inputs(batch, size, size, torch.float32)
-        if name == "vae_encoder":
-            inputs = (inputs[0].clamp(-1, 1),)
+        spec, module = family.specs[name], modules[name].float().eval()
+        inputs = _sample_inputs(spec, batch, size)
         record = manifest["networks"][name]
         runner = OvRunner(entry / graph_file(name, record), spec, torch.device("cpu"), Profile(**manifest["profile"]),
                           QUANTIZED.get(half, half), record)
@@ -130,11 +138,7 @@ def check_openvino(model: str, half: str, size: int | None, engine_dir: str, bat
         t0 = time.perf_counter()
         got = _outputs(runner(**dict(zip(spec.input_names, inputs, strict=True))))
         seconds = time.perf_counter() - t0
-        err = max(relative_error(g, w) for g, w in zip(got, want, strict=True))
-        bound = BOUNDS[half][name]
-        rows.append({"network": name, "layout": "openvino", "relative_error": err, "bound": bound,
-                     "ok": err <= bound, "finite": bool(torch.isfinite(got[0]).all()), "shape": list(got[0].shape),
-                     "half_seconds": round(seconds, 4)})
+        rows.append(_row(name, "openvino", got, want, BOUNDS[half][name], seconds))
     return rows
 
 
@@ -212,7 +216,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="fp16", choices=sorted(BOUNDS), help="int8: OpenVINO int8 entries only")
     ap.add_argument("--size", type=int, default=None, help="pixels (default: the model's own)")
-    ap.add_argument("--backends", default="eager", help="comma list: eager, openvino (CPU, bf16 entries)")
+    ap.add_argument("--backends", default="eager", help="comma list: eager, openvino (CPU: the entry of --dtype)")
     ap.add_argument("--engine-dir", default=None, help="the store holding the OpenVINO entries")
     ap.add_argument("--generations", default=None, metavar="SAMPLERS",
                     help="also whole generations with these samplers (comma list)")

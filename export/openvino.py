@@ -64,8 +64,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
 def _make_network(family, modules: dict, src: Path, onnx_manifest: dict, stored: dict, profile: Profile,
                   precision: str, name: str, folder: Path) -> tuple[list[str], dict, str]:
     """One network: its graph files linked in, compiled, checked against eager."""
-    record = onnx_manifest["networks"][stored[name]]
-    spec = family.specs[name].with_inputs(record.get("inputs", family.specs[name].input_names))
+    record, spec = _source_network(family, onnx_manifest, stored, name)
     files = sorted(record["sha256"])
     for f in files:
         link_or_copy(src / f, folder / f)
@@ -81,6 +80,12 @@ def _make_network(family, modules: dict, src: Path, onnx_manifest: dict, stored:
     if record.get("weights_layout") == WEIGHTS_BY_NAME:  # LoRA refits by these names
         extra.update(weights_layout=WEIGHTS_BY_NAME, transposed=record.get("transposed", []))
     return files, extra, f", {runner.config['INFERENCE_PRECISION_HINT']}, relative error vs eager {err:.2e}"
+
+
+def _source_network(family, onnx_manifest: dict, stored: dict, name: str) -> tuple[dict, object]:
+    """A network's record in the ONNX entry and its spec with the inputs that graph takes."""
+    record = onnx_manifest["networks"][stored[name]]
+    return record, family.specs[name].with_inputs(record.get("inputs", family.specs[name].input_names))
 
 
 def _source_entries(root: Path, info, family, networks: tuple[str, ...], size, clip_skip: int,
@@ -198,14 +203,14 @@ def build_openvino(model: str, engine_dir: str | Path | None = None, dtype: str 
 
     samples: list[dict] = []
     if dtype in QUANTIZED and any(n in QUANTIZED_NETWORKS for n in networks):
-        base = QUANTIZED[dtype]
-        held, problems = check_entry(entry_dir(root, info.fingerprint, "openvino", base, Profile.for_model(info, size)),
+        base, profile = QUANTIZED[dtype], Profile.for_model(info, size)
+        held, problems = check_entry(entry_dir(root, info.fingerprint, "openvino", base, profile),
                                      info.fingerprint, {"clip_skip": clip_skip}, networks=QUANTIZED_NETWORKS)
         if not held or problems:
             progress(f"{dtype}: building the {base} entry the calibration runs on first")
             build_openvino(model, **{**options, "engine_dir": root, "dtype": base})
-        samples = calibration_inputs(model, root, Profile.for_model(info, size), progress,
-                                     allow_pickle=allow_pickle, clip_skip=clip_skip, vae=vae)
+        samples = calibration_inputs(model, root, profile, progress, allow_pickle=allow_pickle, clip_skip=clip_skip,
+                                     vae=vae)
     modules: dict = {}
     built = []
     for owner, nets, src, onnx_manifest in _source_entries(root, info, family, networks, size, clip_skip, export):
@@ -230,6 +235,5 @@ def _make_or_quantize(make: Callable, family, modules: dict, src: Path, onnx_man
     UNet), else compiled as `make` does (bf16)."""
     if name not in QUANTIZED_NETWORKS:
         return make(name, folder)
-    record = onnx_manifest["networks"][stored[name]]
-    spec = family.specs[name].with_inputs(record.get("inputs", family.specs[name].input_names))
+    record, spec = _source_network(family, onnx_manifest, stored, name)
     return _quantize_network(modules[name], spec, src, record, profile, samples, folder)

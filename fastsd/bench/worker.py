@@ -112,7 +112,7 @@ class FastSDWorker:
                 ",".join(k.name for k in ENGINE_KINDS.values() if self.precision in k.quantizes) + "); skipped"
             return
         if engine_kind is None or candidates(self.ckpt, self.family, self.kind, device, dtype, self.root,
-                                             precision=self.precision if quantized else None):
+                                             precision=self.precision):
             return
         if not (cfg.export_missing and engine_kind.builds_alone):
             how = engine_kind.build_command + (", or bench --export-missing" if engine_kind.builds_alone else "")
@@ -133,8 +133,7 @@ class FastSDWorker:
         if self.skip:
             return
         backend = make_backend(self.ckpt, self.family, self.kind, self.device, self.dtype, self.root,
-                               cuda_graphs=self.graphs,
-                               precision=self.precision if self.precision in QUANTIZED else None)
+                               cuda_graphs=self.graphs, precision=self.precision)
         self.pipe = Pipeline(self.ckpt, backend, self.device, self.dtype, cuda_graphs=self.graphs, family=self.family)
         self.pipe.precision = self.precision
         self.pipe.max_side = None  # a benchmark's sizes are the user's explicit choice
