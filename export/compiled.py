@@ -11,7 +11,6 @@ runtime checks.
 from __future__ import annotations
 
 import logging
-import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,11 +20,21 @@ import torch
 
 from fastsd.backends.compiled import FOLDED, FROZEN, SEPARATE, runtime_facts, weights_name
 from fastsd.devices import parse_device
-from fastsd.engines import DTYPES, MAX_BATCH, MAX_CHUNKS, Profile, read_manifest, refit_source
+from fastsd.engines import DTYPES, MAX_BATCH, MAX_CHUNKS, WEIGHTS_AT_LOAD, Profile, read_manifest, refit_source
 from fastsd.errors import FastSDError, InvalidArgumentError
 from fastsd.networks import BATCH, TOKENS, NetworkSpec, weights_of
 
-from .common import build_entries, build_spec, check_chunks, donor_record, load_for_build, parse_static, weight_bytes
+from .common import (
+    GIVEN_AT_LOAD,
+    build_entries,
+    build_spec,
+    check_chunks,
+    donor_record,
+    link_files,
+    load_for_build,
+    parse_static,
+    weight_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,27 +123,18 @@ def write_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
     save_file({n: t.detach().to("cpu").contiguous() for n, t in weights.items()}, str(path))
 
 
-def refit_package(src: Path, dst: Path, weights: dict[str, torch.Tensor]) -> None:
-    """`dst` and its weights file from the package `src` of another checkpoint of the same
-    architecture: the code is copied, the weights file written with `weights` under the
-    names, shapes and dtypes of the donor's. Raises FastSDError where they do not match."""
+def check_package_refit(src: Path, weights: dict[str, torch.Tensor]) -> None:
+    """Whether `weights` (this checkpoint's) hold every constant of the package `src` (another
+    checkpoint's of the same architecture) with the donor's shape: a refit shares the donor's
+    files and gives the weights when the engine loads. Reads the weights file's header alone.
+    Raises FastSDError where they do not match."""
     from safetensors import safe_open
 
-    donor = src.parent / weights_name(src.stem)
-    out = {}
-    with safe_open(str(donor), framework="pt") as f:
+    with safe_open(str(src.parent / weights_name(src.stem)), framework="pt") as f:
         for name in f.keys():
-            want = f.get_slice(name)
             tensor = weights.get(name)
-            if tensor is None or list(tensor.shape) != list(want.get_shape()):
+            if tensor is None or list(tensor.shape) != list(f.get_slice(name).get_shape()):
                 raise FastSDError(f"{src.stem}: {name} is not a weight of this checkpoint with the donor's shape")
-            out[name] = tensor.detach().to(_SAFETENSORS_DTYPES[want.get_dtype()])
-    write_weights(dst.parent / weights_name(dst.stem), out)
-    shutil.copyfile(src, dst)
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-                       "I32": torch.int32, "BOOL": torch.bool}
 
 
 def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str | None = None,
@@ -169,9 +169,12 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
             path = folder / f"{spec.name}.pt2"
             inputs = {"inputs": list(spec.input_names)}  # the UNet's may include the ControlNet residuals
             if donor_record(donor_manifest, family, name, SEPARATE) is not None:
-                refit_package(donor / path.name, path, weights_of(modules[name]))
-                extra = {"weights_layout": SEPARATE, "refitted_from": donor_manifest["checkpoint"], **inputs}
-                return [path.name, weights_name(spec.name)], extra, ""
+                check_package_refit(donor / path.name, weights_of(modules[name]))
+                files = [path.name, weights_name(spec.name)]
+                link_files(donor, folder, files)
+                extra = {"weights_layout": SEPARATE, "refitted_from": donor_manifest["checkpoint"],
+                         WEIGHTS_AT_LOAD: True, **inputs}
+                return files, extra, GIVEN_AT_LOAD
             module = modules[name].to(dev, DTYPES[dtype]).eval()
             args = tuple(a.to(dev) for a in spec.sample_inputs(2, *size, DTYPES[dtype]))
             files = compile_network(module, spec, args, path, frozen, profile.max_chunks)

@@ -27,11 +27,21 @@ import numpy as np
 import torch
 
 from fastsd.backends.kind import WEIGHTS_BY_NAME
-from fastsd.engines import MAX_CHUNKS, Profile, read_manifest, refit_source
+from fastsd.engines import MAX_CHUNKS, WEIGHTS_AT_LOAD, Profile, read_manifest, refit_source
 from fastsd.errors import InvalidArgumentError
 from fastsd.networks import FLOAT32, NetworkSpec, weights_of
 
-from .common import build_entries, build_spec, check_chunks, donor_record, load_for_build, parse_static, weight_bytes
+from .common import (
+    GIVEN_AT_LOAD,
+    build_entries,
+    build_spec,
+    check_chunks,
+    donor_record,
+    link_files,
+    load_for_build,
+    parse_static,
+    weight_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,33 +198,54 @@ def topological_sort(graph) -> None:
     graph.node.extend(nodes)
 
 
+def _refit_arrays(model, data: str, weights: dict[str, torch.Tensor], transposed: set[str]):
+    """(initializer, its data offset, this checkpoint's array for it) for every weight of the
+    graph `model` (external data in the file `data`), as the graph holds it. Raises RefitError
+    where a weight is missing or differs in shape."""
+    import onnx
+
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue  # a constant of the graph (not a weight): in the graph file
+        where = {e.key: e.value for e in init.external_data}
+        tensor = weights.get(init.name)
+        if where.get("location") != data or tensor is None:
+            raise RefitError(f"{init.name} is not a weight of this checkpoint")
+        tensor = tensor.detach().t() if init.name in transposed else tensor.detach()
+        if tuple(tensor.shape) != tuple(init.dims):
+            raise RefitError(f"{init.name} is {tuple(tensor.shape)} here, {tuple(init.dims)} in the graph")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        if tensor.numel() * np.dtype(dtype).itemsize != int(where["length"]):
+            raise RefitError(f"{init.name} has {tensor.numel()} values, the graph's has {where['length']} bytes")
+        yield init, int(where["offset"]), lambda t=tensor, d=dtype: np.ascontiguousarray(
+            t.contiguous().numpy().astype(d, copy=False))
+
+
+def check_refit(src: Path, weights: dict[str, torch.Tensor], transposed: set[str]) -> None:
+    """Whether the graph `src` takes `weights` (every weight of it, by name and shape): the
+    check of a refit that shares the donor's files and gives the weights at load. Reads the
+    graph file alone. Raises RefitError."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    for _ in _refit_arrays(model, src.name + ".data", weights, transposed):
+        pass
+
+
 def refit_graph(src: Path, dst: Path, weights: dict[str, torch.Tensor], transposed: set[str]) -> None:
     """Write `dst` (graph) and its data file from the graph `src` of another checkpoint of
     the same architecture, with `weights` instead of its own: the graph is copied as it is
     and every external initializer gets the new weight of its name at the same offset, so
     the copy is exactly the graph an export of this checkpoint would give, without tracing.
+    (What TensorRT and int8 builds compile from an entry whose weights are given at load.)
     Raises RefitError where a weight is missing or differs in shape."""
     import onnx
 
     model = onnx.load(str(src), load_external_data=False)
-    data = src.name + ".data"
     with open(dst.parent / (dst.name + ".data"), "wb") as f:
-        for init in model.graph.initializer:
-            if init.data_location != onnx.TensorProto.EXTERNAL:
-                continue  # a constant of the graph (not a weight): in the graph file
-            where = {e.key: e.value for e in init.external_data}
-            tensor = weights.get(init.name)
-            if where.get("location") != data or tensor is None:
-                raise RefitError(f"{init.name} is not a weight of this checkpoint")
-            tensor = tensor.detach().t() if init.name in transposed else tensor.detach()
-            if tuple(tensor.shape) != tuple(init.dims):
-                raise RefitError(f"{init.name} is {tuple(tensor.shape)} here, {tuple(init.dims)} in the graph")
-            array = np.ascontiguousarray(tensor.contiguous().numpy().astype(
-                onnx.helper.tensor_dtype_to_np_dtype(init.data_type), copy=False))
-            if array.nbytes != int(where["length"]):
-                raise RefitError(f"{init.name} has {array.nbytes} bytes, the graph's has {where['length']}")
-            f.seek(int(where["offset"]))
-            f.write(array.data)  # no bytes copy: 3.3 GB for SD 1.5's fp32 UNet
+        for _, offset, array in _refit_arrays(model, src.name + ".data", weights, transposed):
+            f.seek(offset)
+            f.write(array().data)  # no bytes copy: 3.3 GB for SD 1.5's fp32 UNet
     shutil.copyfile(src, dst)
 
 
@@ -258,10 +289,12 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
             record = donor_record(donor_manifest, family, name, WEIGHTS_BY_NAME)
             if record is not None:
                 try:
-                    refit_graph(donor / path.name, path, weights_of(module), set(record["transposed"]))
+                    check_refit(donor / path.name, weights_of(module), set(record["transposed"]))
+                    files = sorted(record["sha256"])
+                    link_files(donor, folder, files)
                     facts = {"weights_layout": WEIGHTS_BY_NAME, "transposed": record["transposed"],
-                             "refitted_from": donor_manifest["checkpoint"], **inputs}
-                    return [path.name, path.name + ".data"], facts, ""
+                             "refitted_from": donor_manifest["checkpoint"], WEIGHTS_AT_LOAD: True, **inputs}
+                    return files, facts, GIVEN_AT_LOAD
                 except RefitError as e:
                     log.warning("%s: cannot refit from %s (%s); exporting it", name, donor, e)
             args = spec.sample_inputs(*_trace_dims(profile, name, info), torch.float32)

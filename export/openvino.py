@@ -22,8 +22,6 @@ calibrated checkpoint's: the entry takes no refit.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -31,11 +29,37 @@ from typing import Callable
 import torch
 
 from fastsd.backends.kind import WEIGHTS_BY_NAME
-from fastsd.backends.openvino import PRECISION_HINTS, OvRunner, unavailable
-from fastsd.engines import QUANTIZED, Profile, check_entry, entry_dir, graph_file
+from fastsd.backends.openvino import PRECISION_HINTS, OvRunner, unavailable, with_weights
+from fastsd.engines import (
+    MAX_CHUNKS,
+    QUANTIZED,
+    WEIGHTS_AT_LOAD,
+    Profile,
+    check_entry,
+    entry_dir,
+    graph_file,
+    read_manifest,
+    refit_source,
+    weights_at_load,
+)
 from fastsd.errors import FastSDError, InvalidArgumentError
+from fastsd.networks import weights_of
 
-from .common import build_entry, check_engine, entry_groups, entry_profile, load_for_build, onnx_entry, parse_static
+from .common import (
+    GIVEN_AT_LOAD,
+    build_entry,
+    build_spec,
+    check_chunks,
+    check_engine,
+    donor_record,
+    entry_groups,
+    entry_profile,
+    link_files,
+    load_for_build,
+    onnx_entry,
+    parse_static,
+)
+from .onnx_export import RefitError, check_refit
 
 log = logging.getLogger(__name__)
 
@@ -51,25 +75,17 @@ CALIBRATION_PROMPTS = (  # varied subjects and styles: the activation ranges of 
 CALIBRATION_STEPS = 5  # per prompt: the UNet inputs of every step are samples (from pure noise to nearly clean)
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    """`dst` holds `src`'s bytes: a hard link (no space) where the file system allows, else a copy.
-    The store never rewrites a file in place (entries are staged and renamed), and each
-    entry's manifest hashes its files, so a shared inode cannot change one entry unseen."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def _make_network(family, modules: dict, src: Path, onnx_manifest: dict, stored: dict, profile: Profile,
                   precision: str, name: str, folder: Path) -> tuple[list[str], dict, str]:
-    """One network: its graph files linked in, compiled, checked against eager."""
+    """One network: its graph files linked in, compiled, checked against eager. A graph whose
+    weights are given at load (the ONNX entry was a refit) is compiled with them, and so is
+    this entry's."""
     record, spec = _source_network(family, onnx_manifest, stored, name)
     files = sorted(record["sha256"])
-    for f in files:
-        link_or_copy(src / f, folder / f)
+    link_files(src, folder, files)
     graph = folder / graph_file(spec.name, record)
-    runner = OvRunner(graph, spec, torch.device("cpu"), profile, precision, record)
+    given = weights_of(modules[name]) if weights_at_load(record) else None
+    runner = OvRunner(graph, spec, torch.device("cpu"), profile, precision, record, weights=given)
     batch = 2 if spec.cfg_doubled else 1
     inputs = spec.sample_inputs(batch, profile.opt_size, profile.opt_width, torch.float32)
     err = check_engine(f"OpenVINO {precision} {name}", lambda *args: runner(**dict(zip(spec.input_names, args,
@@ -79,7 +95,42 @@ def _make_network(family, modules: dict, src: Path, onnx_manifest: dict, stored:
              "inference_precision": runner.config["INFERENCE_PRECISION_HINT"]}
     if record.get("weights_layout") == WEIGHTS_BY_NAME:  # LoRA refits by these names
         extra.update(weights_layout=WEIGHTS_BY_NAME, transposed=record.get("transposed", []))
+    if given is not None:
+        extra[WEIGHTS_AT_LOAD] = True
     return files, extra, f", {runner.config['INFERENCE_PRECISION_HINT']}, relative error vs eager {err:.2e}"
+
+
+def _linked_network(family, modules: dict, donor: Path, donor_manifest: dict, name: str,
+                    folder: Path) -> tuple[list[str], dict, str]:
+    """A refit from another checkpoint's OpenVINO entry of this architecture: its files
+    hard-linked, this checkpoint's weights checked against the graph by name and shape and
+    given when the engine loads (OpenVINO compiles at load anyway: nothing to compile here)."""
+    record = donor_record(donor_manifest, family, name, WEIGHTS_BY_NAME)
+    spec = build_spec(family, name)
+    try:
+        check_refit(donor / graph_file(spec.name, record), weights_of(modules[name]), set(record["transposed"]))
+    except RefitError as e:
+        raise FastSDError(f"{name}: cannot refit from {donor} ({e}); build it with --no-refit") from None
+    files = sorted(record["sha256"])
+    link_files(donor, folder, files)
+    keep = ("inputs", "inference_precision", "weights_layout", "transposed")
+    extra = {k: record[k] for k in keep if k in record}
+    return files, {**extra, WEIGHTS_AT_LOAD: True, "refitted_from": donor_manifest["checkpoint"]}, GIVEN_AT_LOAD
+
+
+def _refit_groups(root: Path, info, family, networks: tuple[str, ...], dtype: str, profile: Profile,
+                  clip_skip: int) -> list[tuple]:
+    """(owner, its networks, donor entry, its manifest) for each entry group that an OpenVINO
+    entry of another checkpoint of the same architecture (precision, profile, clip_skip) can
+    serve by refit: every network of the group there, built by name and with the same inputs."""
+    found = []
+    for owner, nets, _ in entry_groups(info, family, networks, {}):
+        facts = {"clip_skip": clip_skip} if owner is info else {}
+        donor = refit_source(root, owner, "openvino", dtype, facts, profile)
+        manifest = read_manifest(donor) if donor is not None else None
+        if manifest and all(donor_record(manifest, family, n, WEIGHTS_BY_NAME) is not None for n in nets):
+            found.append((owner, nets, donor, manifest))
+    return found
 
 
 def _source_network(family, onnx_manifest: dict, stored: dict, name: str) -> tuple[dict, object]:
@@ -158,6 +209,8 @@ def _quantize_network(module: torch.nn.Module, spec, src: Path, record: dict, pr
 
     calibrate, held_out = samples[:-1], samples[-1]
     model = core().read_model(str(src / graph_file(spec.name, record)))
+    if weights_at_load(record):  # the ONNX entry's files hold a refit donor's weights: quantize this checkpoint's
+        with_weights(model, weights_of(module), set(record.get("transposed", ())))
     quantized = nncf.quantize(model, nncf.Dataset(calibrate), subset_size=len(calibrate),
                               model_type=nncf.ModelType.TRANSFORMER)
     files = [f"{spec.name}.xml", f"{spec.name}.bin"]
@@ -213,6 +266,19 @@ def build_openvino(model: str, engine_dir: str | Path | None = None, dtype: str 
                                      vae=vae)
     modules: dict = {}
     built = []
+    if refit and not samples:  # another checkpoint's entry of this architecture: its files, these weights
+        profile = Profile.for_model(info, size, max_chunks=check_chunks(max_chunks or MAX_CHUNKS))
+        for owner, nets, donor, donor_manifest in _refit_groups(root, info, family, networks, dtype, profile,
+                                                                clip_skip):
+            modules = modules or family.modules(ckpt, clip_skip)
+            facts = dict(onnx_source=f"onnxruntime-{SOURCE}", weights=owner.fingerprint, refittable=True,
+                         **({"clip_skip": clip_skip} if owner is info else {}))
+            built.append(build_entry(root, owner, "openvino", dtype, profile, nets,
+                                     partial(_linked_network, family, modules, donor, donor_manifest), facts,
+                                     progress, verb="compiled", stored={n: family.specs[n].name for n in nets}))
+            networks = tuple(n for n in networks if n not in nets)
+        if not networks:
+            return built[0]
     for owner, nets, src, onnx_manifest in _source_entries(root, info, family, networks, size, clip_skip, export):
         stored = {n: family.specs[n].name for n in nets}
         profile = entry_profile(onnx_manifest, size, max_chunks)

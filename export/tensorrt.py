@@ -23,6 +23,7 @@ the same TensorRT on the same GPU donates its plans, refitted from the new ONNX 
 from __future__ import annotations
 
 import logging
+import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -31,9 +32,10 @@ import torch
 
 from fastsd.backends.kind import WEIGHTS_BY_NAME
 from fastsd.backends.tensorrt import deserialize, runtime_facts
-from fastsd.engines import Profile, graph_file, read_manifest, refit_source
+from fastsd.engines import Profile, graph_file, read_manifest, refit_source, weights_at_load
 from fastsd.errors import FastSDError
 from fastsd.files import atomic_write
+from fastsd.networks import weights_of
 
 from .common import (
     build_entry,
@@ -45,6 +47,7 @@ from .common import (
     parse_static,
     weight_bytes,
 )
+from .onnx_export import refit_graph
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +141,14 @@ def _make_plan(trt, logger, family, modules: dict, device, root: Path, src: Path
     record = onnx_manifest["networks"][stored[name]]
     spec = family.specs[name].with_inputs(record.get("inputs", family.specs[name].input_names))
     graph = src / graph_file(spec.name, record)
-    if donor is not None:
-        plan = refit_engine(trt, (donor / f"{spec.name}.plan").read_bytes(), graph, logger)
-    else:
-        plan = build_engine(trt, graph, spec.profile_shapes(profile), root / TIMING_CACHE, logger, refitting)
+    with tempfile.TemporaryDirectory(prefix=".fastsd-graph-", dir=root) as scratch:
+        if weights_at_load(record):  # the ONNX entry's files hold a refit donor's weights: write this checkpoint's
+            graph = Path(scratch) / graph.name
+            refit_graph(src / graph.name, graph, weights_of(modules[name]), set(record.get("transposed", ())))
+        if donor is not None:
+            plan = refit_engine(trt, (donor / f"{spec.name}.plan").read_bytes(), graph, logger)
+        else:
+            plan = build_engine(trt, graph, spec.profile_shapes(profile), root / TIMING_CACHE, logger, refitting)
     path = folder / f"{spec.name}.plan"
     path.write_bytes(plan)
     batch = 2 if spec.cfg_doubled else 1

@@ -271,6 +271,30 @@ def compute_dtype(precision: str) -> torch.dtype:
     return DTYPES[QUANTIZED.get(precision, precision)]
 
 
+WEIGHTS_AT_LOAD = "weights_at_load"  # a network record's flag: see weights_at_load()
+
+
+def weights_at_load(record: dict) -> bool:
+    """Whether a network's engine files hold another checkpoint's weights (a refit shares the
+    donor entry's files, hard-linked) and the loaded checkpoint's own weights, named as its
+    parameters, are given to the engine when it loads: such an engine never runs without them."""
+    return record.get(WEIGHTS_AT_LOAD) is True
+
+
+def takes_weights_at_load(engine_dir: Path, fingerprints) -> bool:
+    """Whether any entry of these checkpoints (or ControlNets) in the store has a network whose
+    weights are given at load (from the manifests alone)."""
+    for fp in fingerprints:
+        folder = Path(engine_dir) / fp
+        for entry in (_entries_in(folder) if _real_dir(folder) else ()):
+            manifest = read_manifest(entry)
+            networks = manifest.get("networks") if isinstance(manifest, dict) else None
+            if isinstance(networks, dict) and any(isinstance(r, dict) and weights_at_load(r)
+                                                  for r in networks.values()):
+                return True
+    return False
+
+
 def graph_file(network: str, record: dict) -> str:
     """The graph (or engine) file of a validated manifest's network record."""
     return next(f for f in record["sha256"] if f in {network + s for s in GRAPH_SUFFIXES})
@@ -302,6 +326,8 @@ def _network_problem(network: str, record) -> str | None:
             return f"{network}: file name {name!r} is not one of this network's files in the entry"
         if not (isinstance(digest, str) and SHA256.match(digest)):
             return f"{network}: {name} has no valid sha256"
+    if not isinstance(record.get(WEIGHTS_AT_LOAD, False), bool):
+        return f"{network}: {WEIGHTS_AT_LOAD} is not true or false"
     if sum(name in {network + s for s in GRAPH_SUFFIXES} for name in hashes) != 1:
         return f"{network}: no graph file ({network}.onnx / .pt2 / .plan)"
     return None

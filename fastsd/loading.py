@@ -11,7 +11,7 @@ import torch
 from .backends import Backend
 from .backends.eager import Fp32VaeDecoder
 from .backends.registry import BACKEND_NAMES, ENGINE_KINDS
-from .backends.select import make_backend
+from .backends.select import base_weights, make_backend
 from .checkpoint import check_clip_skip, load_checkpoint
 from .controlnet import load_controlnets
 from .devices import parse_device
@@ -126,11 +126,12 @@ def from_pretrained(cls, model: str, backend: str = "auto", device: str | None =
     store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
     family = family_for(ckpt, load_controlnets(controlnet, ckpt, allow_pickle, local_files_only))
     vae_fp32 = Fp32VaeDecoder(ckpt.vae)  # the weights as loaded, before any backend casts them
+    weights = base_weights(ckpt, family, store)  # likewise, for engines that take the checkpoint's weights at load
 
     def remake(dev: torch.device, precision: str, graphs: bool, slicing: bool) -> Backend:
         check_quantized(precision, backend, dev)
         return make_backend(ckpt, family, backend, dev, compute_dtype(precision), store, clip_skip, graphs,
-                            attention_slicing=slicing, vae_fp32=vae_fp32, precision=precision)
+                            attention_slicing=slicing, vae_fp32=vae_fp32, precision=precision, weights=weights)
 
     pipe = cls(ckpt, remake(dev, dtype, cuda_graphs, bool(memory and memory.attention_slicing)), dev,
                compute_dtype(dtype), memory, cuda_graphs, family)

@@ -18,7 +18,7 @@ import torch
 
 from ..devices import device_key
 from . import as_float, device_index, on_device
-from .kind import BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module
+from .kind import BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module, missing_weights
 
 SEPARATE, FROZEN = "separate", "frozen"  # weights_layout: weights in a file beside the code, or folded into it
 FOLDED = "_FOLDED_CONST_"  # constants a package computes from the weights when they are loaded
@@ -38,7 +38,7 @@ class CompiledRunner(EngineRunner):
     name = "compiled"
 
     def __init__(self, path: Path, spec, device: torch.device, profile, dtype: torch.dtype,
-                 record: dict | None = None):
+                 record: dict | None = None, weights: dict[str, torch.Tensor] | None = None):
         super().__init__(spec, profile)
         self.device, self.dtype = device, dtype
         self.lock = threading.Lock()  # a single-threaded package runs one call at a time
@@ -47,24 +47,32 @@ class CompiledRunner(EngineRunner):
         with on_device(device):  # the pipeline's GPU, not the current one
             self.model = torch._inductor.aoti_load_package(str(path), run_single_threaded=True,
                                                            device_index=device_index(device))
-            if self.separate:  # the package holds code only: its weights are the file beside it
-                from safetensors.torch import load_file
-
-                weights = load_file(str(path.parent / weights_name(spec.name)), device=str(device))
+            if self.separate:  # the package holds code only: its weights are the file beside it, or given
                 self.constants = {n for n in self.model.get_constant_fqns() if not n.startswith(FOLDED)}
-                if set(weights) != self.constants:  # the folded ones are computed from these by the package
-                    raise RuntimeError(f"{spec.name}.weights.safetensors does not hold the package's constants")
+                if weights is None:
+                    from safetensors.torch import load_file
+
+                    weights = load_file(str(path.parent / weights_name(spec.name)), device=str(device))
+                    if set(weights) != self.constants:  # the folded ones are computed from these by the package
+                        raise RuntimeError(f"{spec.name}.weights.safetensors does not hold the package's constants")
+                else:  # the checkpoint's own (the file beside it holds a refit donor's): every constant
+                    missing_weights(dict.fromkeys(self.constants), weights)
+                    weights = {n: self._cast(weights[n]) for n in self.constants}
                 self.model.load_constants(weights, check_full_update=False)
+            elif weights is not None:
+                raise RuntimeError("its package was built --frozen: weights cannot be given at load")
 
     def set_weights(self, weights: dict[str, torch.Tensor], at_base: bool) -> None:
         """Swap those constants of the package (a weight it does not use is skipped)."""
         if not self.separate:
             raise RefitUnsupported("its package was built --frozen (weights folded into the code)")
-        new = {n: t.detach().to(self.device, self.dtype if t.is_floating_point() else t.dtype)
-               for n, t in weights.items() if n in self.constants}
+        new = {n: self._cast(t) for n, t in weights.items() if n in self.constants}
         if new:
             with self.lock, on_device(self.device):
                 self.model.load_constants(new, check_full_update=False)
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(self.device, self.dtype if t.is_floating_point() else t.dtype)
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         inputs = self.complete(inputs, lambda t: t.dtype(self.dtype))
@@ -85,8 +93,8 @@ def _build(opts: BuildOptions) -> Path:
 
 
 def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile,
-          record: dict | None = None) -> CompiledRunner:
-    return CompiledRunner(path, spec, device, profile, dtype, record)
+          record: dict | None = None, weights: dict | None = None) -> CompiledRunner:
+    return CompiledRunner(path, spec, device, profile, dtype, record, weights)
 
 
 def _details() -> str:

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..engines import check_entry
+from ..engines import check_entry, weights_at_load
 from ..errors import InvalidArgumentError
 from ..networks import SD_NETWORKS, NetworkSpec
 from ..phases import ENGINE_FILES, ENGINE_LOAD, phase
@@ -29,10 +29,11 @@ class LazyRunner:
     check_entry); one that fails that, or will not load, is refused from then on."""
 
     def __init__(self, kind: EngineKind, entry: Path, graph: str, spec: NetworkSpec, device, dtype, profile,
-                 fingerprint: str, facts: dict):
+                 fingerprint: str, facts: dict, weights: dict | None = None):
         self.name, self.kind, self.entry, self.path = kind.name, kind, entry, entry / graph
         self.spec, self.device, self.dtype, self.profile = spec, device, dtype, profile
         self.fingerprint, self.facts = fingerprint, facts
+        self.weights = weights  # the network's weights as loaded: given to an engine whose files hold a donor's
         self.runner: Runner | None = None
         self.failed: str | None = None
         self.stale: str | None = None  # why the engine does not hold the network's weights now (a LoRA it cannot take)
@@ -51,9 +52,16 @@ class LazyRunner:
                 try:
                     if problems:
                         raise ValueError(problems[self.spec.name])
+                    held = manifest["networks"][self.spec.name]
+                    given = {}
+                    if weights_at_load(held):  # its files hold the refit donor's weights: never run those
+                        if self.weights is None:
+                            raise ValueError("its engine takes the checkpoint's weights when it loads, and this "
+                                             "pipeline gave none")
+                        given["weights"] = self.weights
                     with phase(ENGINE_LOAD):
                         self.runner = self.kind.load(self.path, self.spec, self.device, self.dtype, self.profile,
-                                                     manifest["networks"][self.spec.name])
+                                                     held, **given)
                 except Exception as e:  # noqa: BLE001 - changed files, no usable provider, an unloadable artifact
                     self._fail(e)
                     log.warning("%s %s: %s; trying the next engine, else eager", self.name, self.spec.name,

@@ -39,6 +39,24 @@ class Runner(Protocol):
         entry's own again. Raises RefitUnsupported where the engine cannot take new weights."""
 
 
+def onnx_weights(path: Path) -> dict[str, tuple]:
+    """An ONNX graph's weights (its initializers kept in external data): name -> (numpy
+    dtype, shape), read from the graph file alone."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {t.name: (onnx.helper.tensor_dtype_to_np_dtype(t.data_type), tuple(t.dims))
+            for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
+def missing_weights(graph: dict, weights: dict) -> None:
+    """Refuse weights given at load (the checkpoint's, for an entry whose files hold a refit
+    donor's) that do not cover every weight of the graph: the file's would be another checkpoint's."""
+    missing = sorted(set(graph) - set(weights))
+    if missing:
+        raise RuntimeError(f"the checkpoint has no weight {missing[0]} of the graph ({len(missing)} missing)")
+
+
 class RefitUnsupported(Exception):
     """An engine that cannot take other weights than those it was built with (a frozen
     compiled package, a non-refittable TensorRT plan, a graph exported before weights were

@@ -22,7 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .kind import WEIGHTS_BY_NAME, BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module
+from .kind import (
+    WEIGHTS_BY_NAME,
+    BuildOptions,
+    EngineKind,
+    EngineRunner,
+    RefitUnsupported,
+    export_module,
+    missing_weights,
+    onnx_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +124,8 @@ class OrtRunner(EngineRunner):
     name = "onnxruntime"
 
     def __init__(self, path: Path, spec, device: torch.device, profile, threads: int = 0,
-                 providers: list | None = None, record: dict | None = None):
+                 providers: list | None = None, record: dict | None = None,
+                 weights: dict[str, torch.Tensor] | None = None):
         import onnxruntime as ort
 
         super().__init__(spec, profile)
@@ -124,7 +134,10 @@ class OrtRunner(EngineRunner):
         self.by_name = bool(record and record.get("weights_layout") == WEIGHTS_BY_NAME)  # named as the parameters
         self.transposed = set(record.get("transposed", ())) if self.by_name else set()
         self._weights: dict[str, tuple] | None = None  # initializer -> (numpy dtype, shape), read on first refit
-        self._overrides: dict[str, np.ndarray] = {}  # weights given at session creation instead of the file's
+        # the weights the engine runs when no LoRA is fused: the file's, or (`weights`: an entry whose files
+        # hold a refit donor's) the checkpoint's own, given at session creation
+        self._base: dict[str, np.ndarray] = {} if weights is None else self._all_weights(weights)
+        self._overrides: dict[str, np.ndarray] = dict(self._base)  # given at session creation instead of the file's
         self._bindings: dict[tuple, tuple] = {}  # input shapes -> (IOBinding, kept output buffers)
         self.lock = threading.Lock()
         self.session = self._session()
@@ -153,30 +166,41 @@ class OrtRunner(EngineRunner):
         session.fastsd_values = values  # the session may read them for its lifetime: they live as long as it
         return session
 
-    def set_weights(self, weights: dict[str, torch.Tensor], at_base: bool) -> None:
-        """A new session whose initializers of those names are the given values (the graph's
-        weights are external data named as the parameters, so ONNX Runtime substitutes them
-        before it optimises the graph). Weights the graph does not use are skipped."""
+    def _graph_weights(self) -> dict[str, tuple]:
+        """The graph's weights (external initializers): name -> (numpy dtype, shape)."""
         if not self.by_name:
             raise RefitUnsupported("its graph was exported with weights not named as the network's parameters "
                                    "(by an older fastsd); re-export it to refit it")
         if self._weights is None:
-            import onnx
+            self._weights = onnx_weights(self.path)
+        return self._weights
 
-            graph = onnx.load(str(self.path), load_external_data=False).graph
-            self._weights = {t.name: (onnx.helper.tensor_dtype_to_np_dtype(t.data_type), tuple(t.dims))
-                             for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-        overrides = {} if at_base else dict(self._overrides)
+    def _array(self, name: str, tensor: torch.Tensor) -> np.ndarray:
+        """A weight as the graph holds it (its dtype; transposed where the graph stores it so).
+        An fp32 CPU tensor stored as it is stays a view: no copy of a memory-mapped checkpoint."""
+        dtype, shape = self._graph_weights()[name]
+        t = tensor.detach().t() if name in self.transposed else tensor.detach()
+        array = np.ascontiguousarray(t.to("cpu", torch.float32).numpy().astype(dtype, copy=False))
+        if array.shape != shape:
+            raise RefitUnsupported(f"{name} is {array.shape}, the graph's is {shape}")
+        return array
+
+    def _all_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Every weight of the graph from `weights` (the checkpoint's); one missing is an error:
+        the file's value would be another checkpoint's."""
+        names = self._graph_weights()
+        missing_weights(names, weights)
+        return {n: self._array(n, weights[n]) for n in names}
+
+    def set_weights(self, weights: dict[str, torch.Tensor], at_base: bool) -> None:
+        """A new session whose initializers of those names are the given values (the graph's
+        weights are external data named as the parameters, so ONNX Runtime substitutes them
+        before it optimises the graph). Weights the graph does not use are skipped. At base:
+        the engine's own weights again (the file's, or those given at load)."""
+        names = self._graph_weights()
+        overrides = dict(self._base if at_base else self._overrides)
         if not at_base:
-            for name, tensor in weights.items():
-                if name not in self._weights:
-                    continue
-                dtype, shape = self._weights[name]
-                t = tensor.detach().t() if name in self.transposed else tensor.detach()
-                array = np.ascontiguousarray(t.to("cpu", torch.float32).numpy().astype(dtype, copy=False))
-                if array.shape != shape:
-                    raise RefitUnsupported(f"{name} is {array.shape}, the graph's is {shape}")
-                overrides[name] = array
+            overrides.update({n: self._array(n, t) for n, t in weights.items() if n in names})
         with self.lock:
             old = self._overrides
             self._overrides = overrides
@@ -238,10 +262,11 @@ class OrtRunner(EngineRunner):
         return tuple(outs) if len(outs) > 1 else outs[0]
 
 
-def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile, record: dict | None = None) -> OrtRunner:
+def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile, record: dict | None = None,
+          weights: dict | None = None) -> OrtRunner:
     shapes = spec.profile_shapes(profile) if device.type == "cuda" and tensorrt_ep_wanted() else None
     return OrtRunner(path, spec, device, profile, providers=providers_for(device, tensorrt_shapes=shapes),
-                     record=record)
+                     record=record, weights=weights)
 
 
 def _build(opts: BuildOptions) -> Path:

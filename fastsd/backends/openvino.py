@@ -27,7 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .kind import WEIGHTS_BY_NAME, BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module
+from .kind import (
+    WEIGHTS_BY_NAME,
+    BuildOptions,
+    EngineKind,
+    EngineRunner,
+    RefitUnsupported,
+    export_module,
+    missing_weights,
+    onnx_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +100,12 @@ def weight_constants(model) -> dict:
     return {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
 
 
-def with_weights(model, weights: dict[str, torch.Tensor], transposed: set[str]) -> int:
+def with_weights(model, weights: dict[str, torch.Tensor], transposed: set[str], keep: list | None = None) -> int:
     """Replace the model's weight constants of those names by the given values (in the
     constant's dtype and shape; `transposed`: stored transposed in the graph). Names the graph
-    does not hold are skipped. Returns how many were replaced."""
+    does not hold are skipped. With `keep` (a list the caller holds as long as the model), the
+    constants share the arrays, which go into it, instead of copying them. Returns how many
+    were replaced."""
     from openvino import opset13 as ops
 
     constants, replaced = weight_constants(model), 0
@@ -107,7 +118,9 @@ def with_weights(model, weights: dict[str, torch.Tensor], transposed: set[str]) 
         array = np.ascontiguousarray(t.to("cpu", torch.float32).numpy().astype(have.dtype, copy=False))
         if array.shape != have.shape:
             raise RefitUnsupported(f"{name} is {array.shape}, the graph's is {have.shape}")
-        new = ops.constant(array, shared_memory=False)
+        if keep is not None:
+            keep.append(array)
+        new = ops.constant(array, shared_memory=keep is not None)
         new.set_friendly_name(name)
         for target in list(old.output(0).get_target_inputs()):
             target.replace_source_output(new.output(0))
@@ -121,7 +134,7 @@ class OvRunner(EngineRunner):
     name = "openvino"
 
     def __init__(self, path: Path, spec, device: torch.device, profile, precision: str = "fp32",
-                 record: dict | None = None, threads: int = 0):
+                 record: dict | None = None, threads: int = 0, weights: dict[str, torch.Tensor] | None = None):
         if device.type != "cpu":
             raise RuntimeError(f"OpenVINO engines run on the CPU, not {device}")
         super().__init__(spec, profile)
@@ -133,13 +146,30 @@ class OvRunner(EngineRunner):
         self.transposed = set(record.get("transposed", ()))
         self.lock = threading.Lock()
         self._overrides: dict[str, torch.Tensor] = {}  # weights given since the entry's own: compiled in
-        self.compiled = self._base()
+        # `weights`: the checkpoint's own, for an entry whose files hold a refit donor's: every
+        # weight of the graph, compiled in whenever the engine runs its own weights
+        self._given = None if weights is None else self._checked(weights)
+        self.compiled, self._kept = self._base()  # _kept: the arrays the compiled model's constants share
         self.request = self.compiled.create_infer_request()
         self.in_types = {i.get_any_name(): i.get_element_type().to_dtype() for i in self.compiled.inputs}
 
-    def _base(self):
-        """The entry's graph, compiled."""
-        return self._compile(core().read_model(str(self.path)))
+    def _checked(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.quantized or not self.by_name:
+            raise RuntimeError("its weights cannot be given at load (a quantized or unnamed-weights graph)")
+        graph = onnx_weights(self.path)
+        missing_weights(graph, weights)
+        return {n: weights[n].detach() for n in graph}
+
+    def _base(self) -> tuple:
+        """The entry's graph with its own weights (the file's, or those given at load), compiled;
+        and the arrays its constants share (kept while it lives)."""
+        return self._with({})
+
+    def _with(self, overrides: dict) -> tuple:
+        model, kept = core().read_model(str(self.path)), []
+        if self._given is not None or overrides:
+            with_weights(model, {**(self._given or {}), **overrides}, self.transposed, kept)
+        return self._compile(model), kept
 
     def _compile(self, model):
         with _core_lock:
@@ -156,14 +186,10 @@ class OvRunner(EngineRunner):
             raise RefitUnsupported("its graph was exported with weights not named as the network's parameters "
                                    "(by an older fastsd); re-export it to refit it")
         overrides = {} if at_base else {**self._overrides, **{n: t.detach().clone() for n, t in weights.items()}}
-        if not overrides:
-            compiled = self._base()
-        else:
-            model = core().read_model(str(self.path))
-            with_weights(model, overrides, self.transposed)
-            compiled = self._compile(model)
+        compiled, kept = self._with(overrides)
         with self.lock:
-            self._overrides, self.compiled, self.request = overrides, compiled, compiled.create_infer_request()
+            self._overrides, self.compiled, self._kept = overrides, compiled, kept
+            self.request = compiled.create_infer_request()
 
     def feeds(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """The compiled model's inputs for a call's (optional ones left out filled with zeros)."""
@@ -180,8 +206,9 @@ class OvRunner(EngineRunner):
         return outs if len(outs) > 1 else outs[0]  # several outputs: a tuple in the spec's order
 
 
-def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile, record: dict | None = None):
-    return OvRunner(path, spec, device, profile, PRECISIONS[dtype], record)
+def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile, record: dict | None = None,
+          weights: dict | None = None):
+    return OvRunner(path, spec, device, profile, PRECISIONS[dtype], record, weights=weights)
 
 
 def _build(opts: BuildOptions) -> Path:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..engines import NOT_IN_ENTRY, PRECISIONS, Profile, check_entry, graph_file, kind_entries
+from ..engines import NOT_IN_ENTRY, PRECISIONS, Profile, check_entry, graph_file, kind_entries, takes_weights_at_load
+from ..networks import weights_of
 from ..phases import ENGINE_FILES, phase
 from .composite import CompositeBackend, LazyRunner
 from .eager import EagerBackend, Fp32VaeDecoder
@@ -26,12 +27,26 @@ _told: set = set()  # (store, checkpoint, networks) already logged as running ea
 _told_lock = threading.Lock()
 
 
+def base_weights(ckpt, family, engine_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Per network, its weights as the checkpoint holds them now (references, no copy): what
+    an engine whose files hold a refit donor's weights is given when it loads. Taken before
+    anything casts or fuses the live ones (a cast or, on the CPU, a LoRA replaces a weight's
+    storage; these keep the loaded values), and only where the store has such an engine for
+    the checkpoint or its ControlNets (they keep the loaded weights alive beside a cast copy)."""
+    fingerprints = [ckpt.info.fingerprint, *(cn.fingerprint for cn in getattr(family, "controlnets", {}).values())]
+    if not takes_weights_at_load(engine_dir, fingerprints):
+        return {}
+    return {n: {k: t.detach() for k, t in weights_of(m).items()} for n, m in family.modules(ckpt).items()}
+
+
 def _engines(kind: EngineKind, fingerprint: str, specs: dict, device, dtype, engine_dir: Path, facts: dict,
-             loud: bool, what: str = "this checkpoint", precision: str | None = None) -> dict[str, list[LazyRunner]]:
+             loud: bool, what: str = "this checkpoint", precision: str | None = None,
+             weights: dict | None = None) -> dict[str, list[LazyRunner]]:
     """Per network, candidates of `kind` among the entries of `fingerprint` (the checkpoint's,
     or a ControlNet's): one per valid entry that holds it. `specs` maps each network's name in
     the pipeline to its spec, whose name is the one in the entry (controlnet_2 -> controlnet).
-    `precision`: the entries' (a quantized one, e.g. int8), where it is not `dtype`'s name."""
+    `precision`: the entries' (a quantized one, e.g. int8), where it is not `dtype`'s name.
+    `weights`: `base_weights`, for the engines that take them at load."""
     facts = {**facts, **kind.runtime_facts(device)}
     precision = precision or PRECISIONS[dtype]
     entries = kind_entries(engine_dir, fingerprint, kind.name, precision)
@@ -58,7 +73,8 @@ def _engines(kind: EngineKind, fingerprint: str, specs: dict, device, dtype, eng
                 _warn_unusable(f"{kind.name} ({entry.name})", {n: str(e)}, True, True)
                 continue
             found.setdefault(n, []).append(LazyRunner(kind, entry, graph_file(spec.name, record), spec, device,
-                                                      dtype, Profile(**manifest["profile"]), fingerprint, facts))
+                                                      dtype, Profile(**manifest["profile"]), fingerprint, facts,
+                                                      (weights or {}).get(n)))
     return found
 
 
@@ -74,11 +90,13 @@ def _warn_unusable(kind: str, problems: dict, loud: bool, exists: bool) -> None:
 
 
 def candidates(ckpt, family, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
-               clip_skip: int = 0, precision: str | None = None) -> dict[str, list[LazyRunner]]:
+               clip_skip: int = 0, precision: str | None = None,
+               weights: dict | None = None) -> dict[str, list[LazyRunner]]:
     """Per network, the store's engines that may serve it ("auto": every available kind,
     fastest first), from the manifests alone: nothing is loaded and no file is hashed yet.
     `precision`: the entries' where it is a quantized one (int8; `dtype` is then what the
-    networks they do not hold run at)."""
+    networks they do not hold run at); `weights`: `base_weights` (taken now where not given)."""
+    weights = weights if weights is not None else base_weights(ckpt, family, engine_dir)
     kinds = tuple(ENGINE_KINDS.values()) if backend == "auto" else (ENGINE_KINDS[backend],)
     engines: dict[str, list[LazyRunner]] = {}
     loud, specs = backend != "auto", family.specs
@@ -91,10 +109,10 @@ def candidates(ckpt, family, backend: str, device: torch.device, dtype: torch.dt
                 log.warning("%s: %s; falling back to eager", kind.name, why)
             continue
         found = _engines(kind, ckpt.info.fingerprint, {n: s for n, s in specs.items() if n not in owned}, device,
-                         dtype, engine_dir, {"clip_skip": clip_skip}, loud, precision=precision)
+                         dtype, engine_dir, {"clip_skip": clip_skip}, loud, precision=precision, weights=weights)
         for n, cn in owned.items():
             found |= _engines(kind, cn.fingerprint, {n: specs[n]}, device, dtype, engine_dir, {}, loud,
-                              f"the ControlNet {cn.source}", precision)
+                              f"the ControlNet {cn.source}", precision, weights)
         for n, runners in found.items():
             engines.setdefault(n, []).extend(runners)
     return engines
@@ -102,11 +120,12 @@ def candidates(ckpt, family, backend: str, device: torch.device, dtype: torch.dt
 
 def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
                  clip_skip: int = 0, cuda_graphs: bool = False, attention_slicing: bool = False,
-                 vae_fp32: Fp32VaeDecoder | None = None, precision: str | None = None):
+                 vae_fp32: Fp32VaeDecoder | None = None, precision: str | None = None, weights: dict | None = None):
     """The backend for `backend` ("auto", "eager" or an engine kind's name) over the
     networks of the checkpoint's model `family`. `vae_fp32`: the pipeline's fp32 VAE decoder
     (one is made here, from the checkpoint's weights before any cast, where none is given);
-    `precision`: the engines' where it is a quantized one (see candidates)."""
+    `precision`: the engines' where it is a quantized one, `weights`: the networks' weights as
+    loaded (see candidates)."""
     vae_fp32 = vae_fp32 or Fp32VaeDecoder(ckpt.vae)
 
     def make_eager():
@@ -114,7 +133,7 @@ def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.
 
     if backend == "eager":
         return make_eager()
-    engines = candidates(ckpt, family, backend, device, dtype, engine_dir, clip_skip, precision)
+    engines = candidates(ckpt, family, backend, device, dtype, engine_dir, clip_skip, precision, weights)
     for runners in engines.values():  # the first choice loads now: its failure is known at load time
         while runners and not runners[0].load():
             runners.pop(0)
