@@ -6,7 +6,8 @@ scratch, and switching a LoRA, on full-size random-weight checkpoints.
    from scratch into a store (the donor); the second is built into that store (refit: the
    donor's graphs / packages reused, only the weights written) and, for comparison, from
    scratch into a store of its own. Each in a fresh process, timed end to end (loading the
-   checkpoint included), with the refitted engine checked against eager on one UNet call.
+   checkpoint included). The refitted entry then runs in a fresh process: its load time and
+   first one-step image, against eager's on the second checkpoint.
 2. A LoRA (kohya layout, rank R, on every attention projection and feed-forward layer of
    the UNet and every text-encoder layer: what a typical SD 1.5 LoRA touches) loaded,
    re-scaled and unloaded on eager and on each engine kind's pipeline: seconds per switch,
@@ -54,6 +55,28 @@ def timed_build(kind: str, model: str, store: Path, extra: list[str]) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{run.stderr[-3000:]}")
     lines = [line for line in run.stdout.splitlines() if line.strip()]
     return {"seconds": round(seconds, 1), "refitted": sum("refitted from" in line for line in lines), "log": lines}
+
+
+def refitted_runs(model: str, kind: str, store: Path, size: int) -> dict:
+    """The refitted entry at work, in a fresh process: seconds to load the pipeline (its
+    engines take the checkpoint's weights at load) and to its first one-step image, and that
+    image against eager's on the same checkpoint."""
+    code = (
+        "import json, sys, time; t0 = time.perf_counter()\n"
+        "import numpy as np; from fastsd import Pipeline\n"
+        "model, kind, store, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])\n"
+        "pipe = Pipeline.from_pretrained(model, backend=kind, engine_dir=store, device='cpu')\n"
+        "t1 = time.perf_counter()\n"
+        "kw = dict(num_inference_steps=1, seed=0, output_type='np', height=size, width=size)\n"
+        "out = pipe('a lighthouse at dusk', **kw); t2 = time.perf_counter()\n"
+        "ref = Pipeline.from_pretrained(model, backend='eager', device='cpu')('a lighthouse at dusk', **kw)\n"
+        "print(json.dumps({'load_s': round(t1 - t0, 1), 'first_image_s': round(t2 - t1, 1), "
+        "'backends': out.backends, 'vs_eager': float(np.abs(out.images - ref.images).max())}))\n")
+    run = subprocess.run([sys.executable, "-c", code, model, kind, str(store), str(size)], capture_output=True,
+                         text=True, cwd=ROOT)
+    if run.returncode != 0:
+        raise SystemExit(f"the refitted {kind} entry did not run:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def make_lora(model: str, out: Path, rank: int) -> Path:
@@ -141,10 +164,11 @@ def main(argv=None) -> int:
                "refit": timed_build(kind, second, store, size),
                "scratch": timed_build(kind, second, scratch, [*size, "--no-refit"])}
         row["ratio"] = round(row["refit"]["seconds"] / row["scratch"]["seconds"], 3)
+        row["runs"] = refitted_runs(second, kind, store, args.size)
         report["builds"][kind] = row
         print(f"{kind}: donor {row['donor']['seconds']} s, second by refit {row['refit']['seconds']} s "
               f"({row['refit']['refitted']} networks refitted), from scratch {row['scratch']['seconds']} s: "
-              f"{100 * row['ratio']:.1f}%", flush=True)
+              f"{100 * row['ratio']:.1f}%; the refitted entry: {row['runs']}", flush=True)
     lora = make_lora(first, work / "lora" / f"rank{args.rank}.safetensors", args.rank)
     report["lora_file_mb"] = round(lora.stat().st_size / 2**20, 1)
     eager = lora_switches(first, "eager", work / "none", lora, args.size)
@@ -161,10 +185,12 @@ def main(argv=None) -> int:
     report["lora"] = rows
     (out / "refit.json").write_text(json.dumps(report, indent=2))
     md = ["| engine kind | donor from scratch (s) | second checkpoint by refit (s) | second from scratch (s) | "
-          "refit / scratch |", "|---|---|---|---|---|"]
+          "refit / scratch | refitted entry: load s, first image s, vs eager |", "|---|---|---|---|---|---|"]
     for kind, row in report["builds"].items():
+        runs = row["runs"]
         md.append(f"| {kind} | {row['donor']['seconds']} | {row['refit']['seconds']} | {row['scratch']['seconds']} "
-                  f"| {100 * row['ratio']:.1f}% |")
+                  f"| {100 * row['ratio']:.1f}% | {runs['load_s']}, {runs['first_image_s']}, "
+                  f"{runs['vs_eager']:.1e} |")
     md += ["", f"LoRA: rank {args.rank}, {report['lora_file_mb']} MiB", "",
            "| pipeline | load (fuse + refit) s | re-scale s | unload s | restored exactly | one step vs eager | "
            "UNet step s |", "|---|---|---|---|---|---|---|"]
