@@ -8,9 +8,11 @@ ONNX Runtime's converter (a trace of the fp16 module on CPU mixes dtypes in CLIP
 LayerNorms and is not a valid graph). Then each weight becomes an initializer under its
 parameter's name, written tensor by tensor into one external-data file beside the graph
 (`attach_weights`). Nothing is ever folded into a weight, so the graph takes another
-checkpoint's weights, or LoRA-fused ones, name for name: `refit_graph` makes a new
-checkpoint's entry from an existing one by writing only the data file, and the ONNX
-Runtime runner overrides initializers at session creation. Everything is written into a
+checkpoint's weights, or LoRA-fused ones, name for name: a new checkpoint's entry is made
+from an existing one by hard-linking its files, once `check_refit` found every weight of
+the graph among the checkpoint's (`weights_at_load`: the runner gives the checkpoint's
+weights as initializers at session creation, as it does a LoRA's), and `refit_graph`
+writes a graph file with a checkpoint's weights where a builder compiles from the file. Everything is written into a
 staging folder that becomes the store entry only once every network and the manifest are done.
 """
 

@@ -6,7 +6,11 @@ missing) -> engine_dir/<fp>/openvino-<fp32|bf16>/: each network's graph and weig
 Each is compiled at the entry's precision and run on its sample inputs against the eager
 fp32 network before the entry is committed. The profile
 (dynamic or static, the longest text) is the ONNX entry's. A new checkpoint of a known
-architecture gets its ONNX graphs by refit (`fastsd export`'s), then its compiled models.
+architecture whose OpenVINO entry (same precision, profile, clip_skip) the store holds is
+refitted from it: its files linked, this checkpoint's weights checked against the graph by
+name and shape and compiled in when the engine loads (`weights_at_load`); nothing is
+exported or compiled. Without such an entry its ONNX graphs come by refit (`fastsd
+export`'s, likewise linked) and compile with its weights given.
 
 int8 (`--dtype int8`, needs nncf): -> engine_dir/<fp>/openvino-int8/. The UNet is quantized
 (weights and activations of its convolutions and matrix products, OpenVINO's int8 kernels:

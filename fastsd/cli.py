@@ -770,8 +770,11 @@ def cmd_engines(args) -> int:
             print(f"no engines in {root}")
         for r in rows:
             state = "ok" if not r["problems"] else "UNUSABLE: " + "; ".join(r["problems"])
+            donors = sorted({rec.get("refitted_from") for rec in r["manifest"].get("networks", {}).values()
+                             if rec.get("weights_at_load")})
+            linked = f"  (refit of {','.join(map(str, donors))}: files shared, weights at load)" if donors else ""
             print(f"{r['checkpoint']}/{r['kind']}  {r['size'] / 2**20:9.1f} MiB  {r['profile']}  "
-                  f"fastsd {r['fastsd']}  {','.join(r['networks'])}  {r['source']}  {state}")
+                  f"fastsd {r['fastsd']}  {','.join(r['networks'])}  {r['source']}  {state}{linked}")
         return 0
     gone = prune(root, everything=args.all, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"

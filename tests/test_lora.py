@@ -296,11 +296,14 @@ def test_frozen_engine_leaves_lora_networks_to_eager(models, files, tmp_path, ca
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "compiled"])
-def test_new_checkpoint_refits_existing_entry(models, engine_store, tiny_controlnet, tmp_path, backend, capsys):
+def test_new_checkpoint_refits_existing_entry(models, files, engine_store, tiny_controlnet, tmp_path, backend,
+                                              capsys):
     """A second checkpoint of an exported architecture: the donor's graphs / packages are
-    reused and only the weights written; the result runs like eager on the new weights. The
-    donor is the module's entry of the first checkpoint, built as this command builds it (the
-    compiled UNet with the residual inputs of the session's tiny ControlNet)."""
+    shared (hard-linked, no weights written) and the checkpoint's own weights are given to the
+    engines at load; the result runs like eager on the new weights, takes a LoRA and returns
+    to the checkpoint's weights (not the donor's) when it is unloaded, and outlives the donor
+    entry. The donor is the module's entry of the first checkpoint, built as this command
+    builds it (the compiled UNet with the residual inputs of the session's tiny ControlNet)."""
     from fastsd.cli import main
     from fastsd.engines import list_entries
 
@@ -322,8 +325,28 @@ def test_new_checkpoint_refits_existing_entry(models, engine_store, tiny_control
     pipe = Pipeline.from_pretrained(str(models["sd_b"]), device="cpu", backend=backend, engine_dir=str(tmp_path))
     out = pipe("a", **kw)
     assert {out.backends[n] for n in new["manifest"]["networks"] if n in out.backends} == {backend}
-    want = Pipeline.from_pretrained(str(models["sd_b"]), device="cpu", backend="eager")("a", **kw).images
-    assert np.abs(out.images - want).max() <= TOL
+    eager = Pipeline.from_pretrained(str(models["sd_b"]), device="cpu", backend="eager")
+    assert np.abs(out.images - eager("a", **kw).images).max() <= TOL
+    assert main(["engines", "list", "--engine-dir", str(tmp_path)]) == 0
+    assert f"(refit of {donor}: files shared, weights at load)" in capsys.readouterr().out
+    for rec in new["manifest"]["networks"].values():
+        assert rec["weights_at_load"] is True
+        assert all((new["path"] / f).stat().st_ino == (rows[donor]["path"] / f).stat().st_ino for f in rec["sha256"])
+    for p in (pipe, eager):
+        p.load_lora(files["sd", "peft"])
+    lora = pipe("a", **kw)
+    assert lora.backends == out.backends and np.abs(lora.images - eager("a", **kw).images).max() <= TOL
+    pipe.unload_lora()
+    assert np.array_equal(pipe("a", **kw).images, out.images)  # the checkpoint's weights, not the donor's
+    shutil.rmtree(rows[donor]["path"])
+    again = Pipeline.from_pretrained(str(models["sd_b"]), device="cpu", backend=backend, engine_dir=str(tmp_path))
+    assert np.array_equal(again("a", **kw).images, out.images)
+    from fastsd.backends.select import candidates
+    from fastsd.families import family_for
+
+    unet = candidates(again.ckpt, family_for(again.ckpt), backend, torch.device("cpu"), torch.float32, tmp_path,
+                      weights={})["unet"][0]
+    assert not unet.load() and "takes the checkpoint's weights when it loads" in unet.failed
     if backend == "onnxruntime":  # (a compiled build from scratch is the path every other compiled test takes)
         assert main([*command, "--model", str(models["sd_b"]), "--engine-dir", str(tmp_path), "--no-refit"]) == 0
         assert "refitted" not in capsys.readouterr().out

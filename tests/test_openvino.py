@@ -173,6 +173,21 @@ def test_new_checkpoint_of_a_known_architecture_is_refitted_then_compiled(ckpts,
     assert np.abs(out.images - pipes("v")("a", **kw).images).max() <= TOL
 
 
+def test_new_checkpoint_refits_an_openvino_entry_of_its_architecture(ckpts, pipes, store, tmp_path, capsys):
+    """Another checkpoint of eps's architecture (v) where the store holds eps's OpenVINO entry:
+    its files are hard-linked and v's weights given when the engines load; no ONNX export and
+    no compile at build."""
+    copy_entries(store, tmp_path, "openvino-fp32")
+    assert main(["build", "--backend", "openvino", "--model", str(ckpts["v"]), "--engine-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("refitted from") == 4 and "exporting" not in printed and ": compiled in" not in printed
+    assert not list(tmp_path.glob("*/onnxruntime-*"))
+    kw = dict(KW, scheduler="euler")
+    out = Pipeline.from_pretrained(str(ckpts["v"]), backend="openvino", engine_dir=str(tmp_path))("a", **kw)
+    assert set(out.backends.values()) == {"openvino"}
+    assert np.abs(out.images - pipes("v")("a", **kw).images).max() <= TOL
+
+
 def test_compiled_models_take_torchs_thread_count(ckpts, store):
     """torch.set_num_threads limits OpenVINO's inference threads too; an explicit count wins."""
     ckpt, entry, manifest = _entry(ckpts, store, "fp32")

@@ -180,6 +180,33 @@ def test_digest_record_follows_the_file_through_a_rename(tmp_path, monkeypatch):
     assert DigestCache("sha256").digest(moved) == want
 
 
+def test_digest_record_follows_a_hard_link_fastsd_makes(tmp_path, monkeypatch):
+    """A refit hard-links the donor entry's files: the link moves the inode's ctime, and the
+    digest recorded just before it carries over (no second read of gigabytes); a file whose
+    bytes changed since its record gets none (read and hashed as any unknown file)."""
+    monkeypatch.setattr(hashing, "SETTLED", -1.0)
+    donor, changed = tmp_path / "a.bin", tmp_path / "b.bin"
+    donor.write_bytes(b"x" * 4096)
+    changed.write_bytes(b"z" * 4096)
+    cache = DigestCache("sha256")
+    want = cache.digest(donor)
+    cache.digest(changed)
+    cache.save()
+    rewrite_in_place(changed, 10)
+    cache = DigestCache("sha256")
+    hashing.link_or_copy(donor, tmp_path / "linked.bin", cache)
+    hashing.link_or_copy(changed, tmp_path / "linked-changed.bin", cache)
+    cache.save()
+    assert (tmp_path / "linked.bin").stat().st_ino == donor.stat().st_ino
+    read = []
+    real = hashing.digest_file
+    monkeypatch.setattr(hashing, "digest_file", lambda path, algo: read.append(Path(path).name) or real(path, algo))
+    fresh = DigestCache("sha256")
+    assert fresh.digest(tmp_path / "linked.bin") == fresh.digest(donor) == want and read == []
+    assert fresh.digest(tmp_path / "linked-changed.bin") == hashlib.sha256(changed.read_bytes()).hexdigest()
+    assert read == ["linked-changed.bin"]
+
+
 def test_a_file_changed_just_now_gets_no_record(tmp_path):
     """On file systems with whole-second timestamps a second rewrite in the same second keeps
     the ctime: a file changed within SETTLED seconds is hashed, never recorded."""
@@ -230,6 +257,10 @@ def test_manifest_names_are_confined_to_the_entry(tmp_path):
         bad = {**manifest, "networks": {"unet": {"sha256": {name: digest}}}}
         assert "not one of this network's files" in manifest_problem(bad, entry), name
     assert manifest_problem(manifest, entry) is None
+    for flag, ok in ((True, True), (False, True), ("yes", False), (1, False)):  # weights given at load: a bool
+        record = {**manifest["networks"]["unet"], "weights_at_load": flag}
+        why = manifest_problem({**manifest, "networks": {"unet": record}}, entry)
+        assert (why is None) if ok else "weights_at_load is not true or false" in why
     (entry / "unet.onnx.data").write_bytes(b"weights nobody hashed")
     assert "unet.onnx.data is in the entry but not hashed" in manifest_problem(manifest, entry)
 

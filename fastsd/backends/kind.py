@@ -36,7 +36,9 @@ class Runner(Protocol):
     def set_weights(self, weights: dict[str, torch.Tensor], at_base: bool) -> None:
         """Refit: give the engine these values of the network's weights (named as the
         network module's parameters; the others keep theirs). `at_base`: every weight is the
-        entry's own again. Raises RefitUnsupported where the engine cannot take new weights."""
+        entry's own again (its files', or for an entry refitted by reference the checkpoint's,
+        given at load: `kind.load(..., weights=)`). Raises RefitUnsupported where the engine
+        cannot take new weights."""
 
 
 def onnx_weights(path: Path) -> dict[str, tuple]:

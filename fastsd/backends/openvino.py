@@ -9,7 +9,9 @@ Precision is OpenVINO's inference precision: fp32 entries pin it to f32 (parity 
 fp32); bf16 entries run the CPU's bf16 instructions (AVX512_BF16, AMX) where it has them,
 and f32, with a warning, where it does not. Refit (LoRA, another checkpoint's weights)
 compiles the graph again with its weight constants, named as the network's parameters,
-replaced. Inputs and outputs are float32 numpy views of CPU torch tensors.
+replaced; an entry refitted by reference (`weights_at_load`: its files are the donor's)
+compiles with the checkpoint's weights given at load, sharing their memory. Inputs and
+outputs are float32 numpy views of CPU torch tensors.
 
 An `openvino-int8` entry holds the UNet quantized at build (OpenVINO IR, `unet.xml`: int8
 weights and activations, calibrated on the checkpoint's own denoising; export/openvino.py)
