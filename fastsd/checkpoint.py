@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import CheckpointError, FastSDError, InvalidArgumentError, ModelNotFoundError, PickleRefusedError
+from .hashing import prefetch
 from .model_files import (
     PICKLE_SUFFIXES,
     Checkpoint,
@@ -27,7 +28,6 @@ from .model_files import (
     load_tokenizer,
     make_checkpoint,
 )
-from .single_file import load_single_file
 from .synthetic import SYNTHETIC_PREFIX, synthetic_path
 
 log = logging.getLogger(__name__)
@@ -295,13 +295,32 @@ def load_checkpoint(model: str, *, allow_pickle: bool = False, variant: str | No
         return ckpt if vae is None else with_vae(ckpt, vae)
 
 
+def prefetch_checkpoint(model: str, allow_pickle: bool = False, variant: str | None = None) -> None:
+    """Start hashing a local checkpoint's files in the background (`hashing.prefetch`), before
+    the libraries that load it are imported: its fingerprint, on first sight seconds of
+    reading, overlaps with them. Best effort and silent: anything unusual is left to the load,
+    which reports it; hub ids and synthetic models not built yet are not looked up here."""
+    try:
+        path = resolve(model) if model_source(model) in ("path", "synthetic") else None
+        if path is None or not path.exists():
+            return
+        files = [path] if path.is_file() else _folder_files(path, allow_pickle, variant)[0]
+        prefetch(files, "blake2b")
+    except Exception:  # noqa: BLE001 - the load itself says what is wrong
+        return
+
+
 def _load_checkpoint(model: str, allow_pickle: bool, variant: str | None, local_files_only: bool) -> Checkpoint:
     path = resolve(model, local_files_only)
     if path.is_file():
         if variant is not None:
             raise InvalidArgumentError(f"variant={variant!r} applies to diffusers folders, not the single file {path}")
+        from .single_file import load_single_file
+
+        prefetch([path], "blake2b")
         return load_single_file(path, source=str(model), allow_pickle=allow_pickle)
     files, variants = _folder_files(path, allow_pickle, variant)
+    prefetch(files, "blake2b")  # hashed while the modules are built
     parts = _load_folder(path, allow_pickle, variants, files)
     sched = _check_json(path / "scheduler" / "scheduler_config.json")
     index = json.loads((path / "model_index.json").read_text())

@@ -966,6 +966,10 @@ def _quiet_libraries(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     phases.since_launch(phases.IMPORTS)  # interpreter start and fastsd's own imports, where the launcher says when
     args = _parser().parse_args(argv)
+    if isinstance(getattr(args, "model", None), str):  # a checkpoint seen for the first time: hashed meanwhile
+        from .checkpoint import prefetch_checkpoint
+
+        prefetch_checkpoint(args.model, bool(getattr(args, "allow_pickle", False)), getattr(args, "variant", None))
     with phases.phase(phases.IMPORTS):  # reaching the libraries' loggers imports them
         _quiet_libraries(args.verbose)
     try:

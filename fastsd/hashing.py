@@ -13,6 +13,10 @@ timestamps are coarse (whole or even seconds), a rewrite within the same tick as
 write before it would keep the ctime, so a file that recent is hashed again next time
 (what git calls "racily clean").
 
+`prefetch` hashes files on a background thread (hashlib and file reads release the GIL):
+a checkpoint seen for the first time is hashed while the libraries import and its modules
+are built, and `digest` waits for that result instead of reading the file again.
+
 A hard link fastsd makes itself (`link_or_copy`: an engine entry sharing another's files)
 moves the inode's ctime without touching its bytes; the digest recorded for the file just
 before the link is carried to its new identity when nothing but the ctime (and the link
@@ -24,8 +28,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 from .paths import cache_dir
@@ -69,8 +76,8 @@ class DigestCache:
         key = _key(path)
         cached = self.table.get(key)
         if not isinstance(cached, str):
-            started = time.time()
-            cached = digest_file(path, self.algo)
+            ahead = _pending.get((self.algo, key))  # hashed in the background (`prefetch`): its result
+            started, cached = ahead.result() if ahead is not None else (time.time(), digest_file(path, self.algo))
             st = os.stat(path)
             # unchanged while it was read, and changed last before the clock's coarsest tick: safe to remember
             if _stat_key(st) == key and started - st.st_ctime > SETTLED:
@@ -88,6 +95,45 @@ class DigestCache:
         except OSError:  # a read-only cache costs speed, never correctness
             pass
         self.dirty = False
+
+
+_pending: dict[tuple[str, str], Future] = {}  # (algo, file identity) -> (started, digest) hashed in the background
+_jobs: queue.Queue = queue.Queue()
+_worker_lock = threading.Lock()
+_worker: threading.Thread | None = None
+
+
+def _work() -> None:
+    while True:
+        path, algo, future = _jobs.get()
+        try:
+            started = time.time()
+            future.set_result((started, digest_file(path, algo)))
+        except BaseException as e:  # noqa: BLE001 - the waiting digest() raises it (a file gone, unreadable)
+            future.set_exception(e)
+
+
+def prefetch(paths, algo: str) -> None:
+    """Start hashing, one after another on a background thread, those of `paths` whose digest
+    is not recorded; a later `DigestCache(algo).digest` of the same, unchanged file (same
+    identity) takes that result, and records it as its own read would. Best effort: a path
+    that cannot be read is left to `digest`."""
+    global _worker
+    table = DigestCache(algo).table
+    for path in paths:
+        try:
+            key = _key(Path(path))
+        except OSError:
+            continue
+        if key in table or (algo, key) in _pending:
+            continue
+        future: Future = Future()
+        _pending[(algo, key)] = future
+        _jobs.put((Path(path), algo, future))
+    with _worker_lock:
+        if _worker is None:  # a daemon: a process that exits early is not held up by a read
+            _worker = threading.Thread(target=_work, name="fastsd-digests", daemon=True)
+            _worker.start()
 
 
 def link_or_copy(src: Path, dst: Path, digests: DigestCache | None = None) -> None:

@@ -16,8 +16,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 from .archs import ARCHS, CONTROLNET_KEYS, arch
 from .errors import ModelNotFoundError
 from .paths import cache_dir
@@ -66,6 +64,7 @@ def build(
     vae_scaling_factor: float | None = None,
 ) -> Path:
     """Write a random-weight checkpoint of `arch_name` to `out` (diffusers format), atomically."""
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -99,6 +98,8 @@ def _trained_norm(clip):
     """A text encoder whose final LayerNorm has a random scale and shift, as a trained one has
     (freshly made, it has none, so every token's embedding averages exactly zero and A1111's
     prompt weighting, which rescales to a chunk's mean, would divide by rounding noise)."""
+    import torch
+
     norm = getattr(clip, "text_model", clip).final_layer_norm
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.1)
@@ -134,6 +135,7 @@ TINY_VAES = {
 
 def build_tiny_vae(out: Path, name: str = "taesd", *, seed: int = 0) -> Path:
     """Write a random-weight tiny autoencoder (a diffusers AutoencoderTiny folder) atomically."""
+    import torch
     from diffusers import AutoencoderTiny
 
     with _atomic_folder(Path(out)) as tmp:
@@ -154,6 +156,7 @@ def build_controlnet(out: Path, arch_name: str = "tiny", *, seed: int = 0) -> Pa
     folder) atomically. Its conditioning embedding reads the image at the VAE's factor (tiny
     architectures: 2), and the layers a trained ControlNet starts from zero (the zero
     convolutions) are random too, so its residuals change the image."""
+    import torch
     from diffusers import ControlNetModel
 
 

@@ -207,6 +207,32 @@ def test_digest_record_follows_a_hard_link_fastsd_makes(tmp_path, monkeypatch):
     assert read == ["linked-changed.bin"]
 
 
+def test_a_prefetched_digest_is_read_once_in_the_background(tmp_path, monkeypatch):
+    """A checkpoint seen for the first time is hashed on a background thread while the
+    libraries import (prefetch); the digest asked for later is that result, recorded as a read
+    of its own would be, and a file changed since then is read again."""
+    import threading
+
+    monkeypatch.setattr(hashing, "SETTLED", -1.0)
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"w" * 8192)
+    readers = []
+    real = hashing.digest_file
+    monkeypatch.setattr(hashing, "digest_file",
+                        lambda path, algo: readers.append(threading.current_thread().name) or real(path, algo))
+    hashing.prefetch([f, tmp_path / "missing.bin"], "sha256")  # a path it cannot stat is left to digest()
+    cache = DigestCache("sha256")
+    assert cache.digest(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert readers == ["fastsd-digests"] and hashing._key(f) in cache.table
+    rewrite_in_place(f, 10)
+    hashing.prefetch([f], "sha256")
+    assert DigestCache("sha256").digest(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert len(readers) == 2
+    f.unlink()
+    with pytest.raises(FileNotFoundError):
+        DigestCache("sha256").digest(f)
+
+
 def test_a_file_changed_just_now_gets_no_record(tmp_path):
     """On file systems with whole-second timestamps a second rewrite in the same second keeps
     the ctime: a file changed within SETTLED seconds is hashed, never recorded."""
