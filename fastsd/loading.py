@@ -125,8 +125,7 @@ def from_pretrained(cls, model: str, backend: str = "auto", device: str | None =
         ckpt.info = replace(ckpt.info, scheduler=dict(ckpt.info.scheduler, prediction_type=prediction_type))
     store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
     family = family_for(ckpt, load_controlnets(controlnet, ckpt, allow_pickle, local_files_only))
-    # the weights as loaded, before any backend casts them: the fp32 decoder's, and those engines take at load
-    vae_fp32, weights = Fp32VaeDecoder(ckpt.vae), base_weights(ckpt, family, store)
+    vae_fp32, weights = Fp32VaeDecoder(ckpt.vae), base_weights(ckpt, family, store)  # as loaded, before any cast
 
     def remake(dev: torch.device, precision: str, graphs: bool, slicing: bool) -> Backend:
         check_quantized(precision, backend, dev)
