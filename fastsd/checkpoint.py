@@ -295,6 +295,18 @@ def load_checkpoint(model: str, *, allow_pickle: bool = False, variant: str | No
         return ckpt if vae is None else with_vae(ckpt, vae)
 
 
+_LOADED_FIRST = ("text_encoder", "text_encoder_2", "unet", "vae")  # _load_folder's order: each waits for its files
+
+
+def _load_order(files: list[Path]) -> list[Path]:
+    """A folder's files in the order the load checks them (small files first, then each
+    component's weights as `_load_folder` builds it)."""
+    def rank(f: Path) -> int:
+        return _LOADED_FIRST.index(f.parent.name) + 1 if f.parent.name in _LOADED_FIRST and \
+            f.suffix in WEIGHT_SUFFIXES else 0
+    return sorted(files, key=rank)
+
+
 def prefetch_checkpoint(model: str, allow_pickle: bool = False, variant: str | None = None) -> None:
     """Start hashing a local checkpoint's files in the background (`hashing.prefetch`), before
     the libraries that load it are imported: its fingerprint, on first sight seconds of
@@ -304,7 +316,7 @@ def prefetch_checkpoint(model: str, allow_pickle: bool = False, variant: str | N
         path = resolve(model) if model_source(model) in ("path", "synthetic") else None
         if path is None or not path.exists():
             return
-        files = [path] if path.is_file() else _folder_files(path, allow_pickle, variant)[0]
+        files = [path] if path.is_file() else _load_order(_folder_files(path, allow_pickle, variant)[0])
         prefetch(files, "blake2b")
     except Exception:  # noqa: BLE001 - the load itself says what is wrong
         return
@@ -320,7 +332,7 @@ def _load_checkpoint(model: str, allow_pickle: bool, variant: str | None, local_
         prefetch([path], "blake2b")
         return load_single_file(path, source=str(model), allow_pickle=allow_pickle)
     files, variants = _folder_files(path, allow_pickle, variant)
-    prefetch(files, "blake2b")  # hashed while the modules are built
+    prefetch(_load_order(files), "blake2b")  # hashed while the modules are built
     parts = _load_folder(path, allow_pickle, variants, files)
     sched = _check_json(path / "scheduler" / "scheduler_config.json")
     index = json.loads((path / "model_index.json").read_text())
