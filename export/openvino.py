@@ -282,7 +282,7 @@ def build_openvino(model: str, engine_dir: str | Path | None = None, dtype: str 
                                      progress, verb="compiled", stored={n: family.specs[n].name for n in nets}))
             networks = tuple(n for n in networks if n not in nets)
         if not networks:
-            return built[0]
+            return _checkpoints_first(built, info)
     for owner, nets, src, onnx_manifest in _source_entries(root, info, family, networks, size, clip_skip, export):
         stored = {n: family.specs[n].name for n in nets}
         profile = entry_profile(onnx_manifest, size, max_chunks)
@@ -296,7 +296,12 @@ def build_openvino(model: str, engine_dir: str | Path | None = None, dtype: str 
             facts["clip_skip"] = onnx_manifest.get("clip_skip", 0)
         built.append(build_entry(root, owner, "openvino", dtype, profile, nets, make, facts, progress,
                                  verb="compiled", stored=stored))
-    return built[0]
+    return _checkpoints_first(built, info)
+
+
+def _checkpoints_first(built: list[Path], info) -> Path:
+    """The checkpoint's entry among those built (else the first: only ControlNets were)."""
+    return next((e for e in built if e.parent.name == info.fingerprint), built[0])
 
 
 def _make_or_quantize(make: Callable, family, modules: dict, src: Path, onnx_manifest: dict, stored: dict,
