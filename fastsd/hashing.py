@@ -113,6 +113,17 @@ def _work() -> None:
             future.set_exception(e)
 
 
+def _forget_after_fork() -> None:
+    """A forked child has no digest thread: reads in flight in the parent would never finish here."""
+    global _jobs, _worker
+    _pending.clear()
+    _jobs, _worker = queue.Queue(), None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def prefetch(paths, algo: str) -> None:
     """Start hashing, one after another on a background thread, those of `paths` whose digest
     is not recorded; a later `DigestCache(algo).digest` of the same, unchanged file (same

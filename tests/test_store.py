@@ -233,6 +233,23 @@ def test_a_prefetched_digest_is_read_once_in_the_background(tmp_path, monkeypatc
         DigestCache("sha256").digest(f)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_hashes_on_a_digest_thread_of_its_own(tmp_path):
+    """A child forked while the parent's digest thread exists (a server's worker, say) gets
+    its own: a prefetch there finishes instead of waiting on a thread the child does not have."""
+    f, g = tmp_path / "a.bin", tmp_path / "b.bin"
+    f.write_bytes(b"a" * (1 << 20))
+    g.write_bytes(b"b" * 4096)
+    hashing.prefetch([f], "sha256")
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 when both digests are right
+        hashing.prefetch([f, g], "sha256")
+        ok = all(DigestCache("sha256").digest(x) == hashlib.sha256(x.read_bytes()).hexdigest() for x in (f, g))
+        os._exit(0 if ok else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert DigestCache("sha256").digest(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
 def test_a_file_changed_just_now_gets_no_record(tmp_path):
     """On file systems with whole-second timestamps a second rewrite in the same second keeps
     the ctime: a file changed within SETTLED seconds is hashed, never recorded."""
