@@ -146,7 +146,8 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
     With `controlnets`, its UNet takes their residuals and each ControlNet is compiled into an
     entry of its own. Not `frozen`, where the store holds a refittable entry of another
     checkpoint (or ControlNet) of the same architecture (same precision, size, clip_skip,
-    torch and device), its packages are reused and only the weights written (`refit`)."""
+    torch and device), its packages are shared (hard-linked) and this checkpoint's weights given
+    when they load (`refit`)."""
     dev = parse_device(device)
     dtype = dtype or ("fp16" if dev.type == "cuda" else "fp32")
     if dtype not in DTYPES:

@@ -264,8 +264,8 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
     With `controlnets`, its UNet takes their residuals and each ControlNet is exported into
     an entry of its own (engine_dir/<its fingerprint>/onnxruntime-<dtype>/). With `refit`,
     where the store holds an intact entry of another checkpoint (or ControlNet) of the same
-    architecture (same precision, profile and clip_skip), its graphs are reused and only
-    the weights are written (seconds, no tracing)."""
+    architecture (same precision, profile and clip_skip), its graphs are shared (hard-linked)
+    and this checkpoint's weights given when they load: nothing traced or written (seconds)."""
     import onnx
     import onnxruntime
 
