@@ -200,10 +200,10 @@ def topological_sort(graph) -> None:
     graph.node.extend(nodes)
 
 
-def _refit_arrays(model, data: str, weights: dict[str, torch.Tensor], transposed: set[str]):
-    """(initializer, its data offset, this checkpoint's array for it) for every weight of the
-    graph `model` (external data in the file `data`), as the graph holds it. Raises RefitError
-    where a weight is missing or differs in shape."""
+def _refit_weights(model, data: str, weights: dict[str, torch.Tensor], transposed: set[str]):
+    """(initializer, its data offset, this checkpoint's tensor for it as the graph lays it out,
+    the graph's numpy dtype) for every weight of the graph `model` (external data in the file
+    `data`). Raises RefitError where a weight is missing or differs in shape."""
     import onnx
 
     for init in model.graph.initializer:
@@ -219,8 +219,7 @@ def _refit_arrays(model, data: str, weights: dict[str, torch.Tensor], transposed
         dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
         if tensor.numel() * np.dtype(dtype).itemsize != int(where["length"]):
             raise RefitError(f"{init.name} has {tensor.numel()} values, the graph's has {where['length']} bytes")
-        yield init, int(where["offset"]), lambda t=tensor, d=dtype: np.ascontiguousarray(
-            t.contiguous().numpy().astype(d, copy=False))
+        yield init, int(where["offset"]), tensor, dtype
 
 
 def check_refit(src: Path, weights: dict[str, torch.Tensor], transposed: set[str]) -> None:
@@ -230,7 +229,7 @@ def check_refit(src: Path, weights: dict[str, torch.Tensor], transposed: set[str
     import onnx
 
     model = onnx.load(str(src), load_external_data=False)
-    for _ in _refit_arrays(model, src.name + ".data", weights, transposed):
+    for _ in _refit_weights(model, src.name + ".data", weights, transposed):
         pass
 
 
@@ -245,9 +244,9 @@ def refit_graph(src: Path, dst: Path, weights: dict[str, torch.Tensor], transpos
 
     model = onnx.load(str(src), load_external_data=False)
     with open(dst.parent / (dst.name + ".data"), "wb") as f:
-        for _, offset, array in _refit_arrays(model, src.name + ".data", weights, transposed):
+        for _, offset, tensor, dtype in _refit_weights(model, src.name + ".data", weights, transposed):
             f.seek(offset)
-            f.write(array().data)  # no bytes copy: 3.3 GB for SD 1.5's fp32 UNet
+            f.write(np.ascontiguousarray(tensor.contiguous().numpy().astype(dtype, copy=False)).data)  # no bytes copy
     shutil.copyfile(src, dst)
 
 

@@ -488,3 +488,26 @@ def test_fp32_vae_retry_on_engines_builds_no_eager_backend(ckpts, store, pipes):
     assert pipe.backend._eager is None and ran == {"vae_decoder": "eager-fp32"}
     want = pipes("eps").backend.vae_decoder(latents / pipe.info.vae_scale)
     assert torch.equal(got, want)
+
+
+def test_refit_graph_writes_the_graph_an_export_gives(ckpts, eps_onnx, tmp_path):
+    """What TensorRT and int8 builds compile from an entry whose weights are given at load:
+    the donor's graph with a checkpoint's weights written in, byte for byte the export's."""
+    import filecmp
+
+    from fastsd.export.onnx_export import RefitError, refit_graph
+
+    from fastsd.backends.kind import onnx_weights
+    from fastsd.networks import weights_of
+
+    ckpt = load_checkpoint(str(ckpts["eps"]))
+    entry = eps_onnx / ckpt.info.fingerprint / "onnxruntime-fp32"
+    record = json.loads((entry / "manifest.json").read_text())["networks"]["text_encoder"]
+    weights = weights_of(family_for(ckpt).modules(ckpt)["text_encoder"])
+    refit_graph(entry / "text_encoder.onnx", tmp_path / "text_encoder.onnx", weights, set(record["transposed"]))
+    for f in ("text_encoder.onnx", "text_encoder.onnx.data"):
+        assert filecmp.cmp(entry / f, tmp_path / f, shallow=False), f
+    name = next(iter(onnx_weights(entry / "text_encoder.onnx")))  # a weight of the graph
+    with pytest.raises(RefitError, match="is not a weight of this checkpoint"):
+        refit_graph(entry / "text_encoder.onnx", tmp_path / "again.onnx",
+                    {k: v for k, v in weights.items() if k != name}, set(record["transposed"]))

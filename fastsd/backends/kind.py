@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 
 from ..networks import NetworkSpec
@@ -49,6 +50,17 @@ def onnx_weights(path: Path) -> dict[str, tuple]:
     graph = onnx.load(str(path), load_external_data=False).graph
     return {t.name: (onnx.helper.tensor_dtype_to_np_dtype(t.data_type), tuple(t.dims))
             for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
+def graph_array(name: str, tensor: torch.Tensor, transposed: bool, dtype, shape: tuple) -> np.ndarray:
+    """A weight as a graph holds it: in `dtype`, transposed where the graph stores it so. An
+    fp32 CPU tensor stored as it is stays a view (no copy of a memory-mapped checkpoint).
+    RefitUnsupported where its shape is not the graph's."""
+    t = tensor.detach().t() if transposed else tensor.detach()
+    array = np.ascontiguousarray(t.to("cpu", torch.float32).numpy().astype(dtype, copy=False))
+    if array.shape != tuple(shape):
+        raise RefitUnsupported(f"{name} is {array.shape}, the graph's is {tuple(shape)}")
+    return array
 
 
 def missing_weights(graph: dict, weights: dict) -> None:

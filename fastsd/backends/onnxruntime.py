@@ -29,6 +29,7 @@ from .kind import (
     EngineRunner,
     RefitUnsupported,
     export_module,
+    graph_array,
     missing_weights,
     onnx_weights,
 )
@@ -176,14 +177,7 @@ class OrtRunner(EngineRunner):
         return self._weights
 
     def _array(self, name: str, tensor: torch.Tensor) -> np.ndarray:
-        """A weight as the graph holds it (its dtype; transposed where the graph stores it so).
-        An fp32 CPU tensor stored as it is stays a view: no copy of a memory-mapped checkpoint."""
-        dtype, shape = self._graph_weights()[name]
-        t = tensor.detach().t() if name in self.transposed else tensor.detach()
-        array = np.ascontiguousarray(t.to("cpu", torch.float32).numpy().astype(dtype, copy=False))
-        if array.shape != shape:
-            raise RefitUnsupported(f"{name} is {array.shape}, the graph's is {shape}")
-        return array
+        return graph_array(name, tensor, name in self.transposed, *self._graph_weights()[name])
 
     def _all_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """Every weight of the graph from `weights` (the checkpoint's); one missing is an error:

@@ -36,6 +36,7 @@ from .kind import (
     EngineRunner,
     RefitUnsupported,
     export_module,
+    graph_array,
     missing_weights,
     onnx_weights,
 )
@@ -115,11 +116,8 @@ def with_weights(model, weights: dict[str, torch.Tensor], transposed: set[str], 
         old = constants.get(name)
         if old is None:
             continue
-        t = tensor.detach().t() if name in transposed else tensor.detach()
         have = old.get_data()
-        array = np.ascontiguousarray(t.to("cpu", torch.float32).numpy().astype(have.dtype, copy=False))
-        if array.shape != have.shape:
-            raise RefitUnsupported(f"{name} is {array.shape}, the graph's is {have.shape}")
+        array = graph_array(name, tensor, name in transposed, have.dtype, have.shape)
         if keep is not None:
             keep.append(array)
         new = ops.constant(array, shared_memory=keep is not None)
