@@ -44,6 +44,7 @@ from fastsd.engines import (
     graph_file,
     read_manifest,
     refit_source,
+    shared_files,
     weights_at_load,
 )
 from fastsd.errors import FastSDError, InvalidArgumentError
@@ -85,7 +86,7 @@ def _make_network(family, modules: dict, src: Path, onnx_manifest: dict, stored:
     weights are given at load (the ONNX entry was a refit) is compiled with them, and so is
     this entry's."""
     record, spec = _source_network(family, onnx_manifest, stored, name)
-    files = sorted(record["sha256"])
+    files = shared_files(record)
     link_files(src, folder, files)
     graph = folder / graph_file(spec.name, record)
     given = weights_of(modules[name]) if weights_at_load(record) else None
@@ -115,7 +116,7 @@ def _linked_network(family, modules: dict, donor: Path, donor_manifest: dict, na
         check_refit(donor / graph_file(spec.name, record), weights_of(modules[name]), set(record["transposed"]))
     except RefitError as e:
         raise FastSDError(f"{name}: cannot refit from {donor} ({e}); build it with --no-refit") from None
-    files = sorted(record["sha256"])
+    files = shared_files(record)
     link_files(donor, folder, files)
     keep = ("inputs", "inference_precision", "weights_layout", "transposed")
     extra = {k: record[k] for k in keep if k in record}

@@ -27,6 +27,7 @@ try:
 except ImportError:  # Windows: no store locks
     fcntl = None
 
+from .backends.kind import CPU_GRAPH
 from .backends.registry import ENGINE_KINDS
 from .errors import OutputPathError
 from .hashing import DigestCache
@@ -281,6 +282,14 @@ def weights_at_load(record: dict) -> bool:
     return record.get(WEIGHTS_AT_LOAD) is True
 
 
+def shared_files(record: dict) -> list[str]:
+    """A network's files that another entry may share (hard-link: a refit, an OpenVINO entry
+    built from an ONNX one): all but its CPU-optimised ONNX Runtime graph, which holds this
+    checkpoint's weights laid out for one machine (fastsd/backends/onnxruntime.py)."""
+    own = (record.get(CPU_GRAPH) or {}).get("file")
+    return sorted(f for f in record["sha256"] if own is None or f not in (own, own + ".data"))
+
+
 def takes_weights_at_load(engine_dir: Path, fingerprints) -> bool:
     """Whether any entry of these checkpoints (or ControlNets) in the store has a network whose
     weights are given at load (from the manifests alone)."""
@@ -328,6 +337,10 @@ def _network_problem(network: str, record) -> str | None:
             return f"{network}: {name} has no valid sha256"
     if not isinstance(record.get(WEIGHTS_AT_LOAD, False), bool):
         return f"{network}: {WEIGHTS_AT_LOAD} is not true or false"
+    cpu = record.get(CPU_GRAPH)
+    if cpu is not None and not (isinstance(cpu, dict) and cpu.get("file") in hashes and
+                                isinstance(cpu.get("for"), str)):
+        return f"{network}: {CPU_GRAPH} does not name one of its files and the machine it was made for"
     if sum(name in {network + s for s in GRAPH_SUFFIXES} for name in hashes) != 1:
         return f"{network}: no graph file ({network}.onnx / .pt2 / .plan)"
     return None

@@ -89,7 +89,7 @@ class DigestCache:
             return
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.file.with_suffix(f".{os.getpid()}.tmp")
+            tmp = self.file.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")  # threads save too
             tmp.write_text(json.dumps({"format": CACHE_FORMAT, "files": self.table}))
             os.replace(tmp, self.file)
         except OSError:  # a read-only cache costs speed, never correctness

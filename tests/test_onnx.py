@@ -79,6 +79,53 @@ def test_sessions_take_torchs_thread_count(ckpts, store):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("network", SD_NETWORKS)
+def test_cpu_graph_loads_optimised_and_runs_the_same(ckpts, store, network, caplog):
+    """An fp32 export keeps each graph as ONNX Runtime optimised it for this CPU; the runner
+    loads that one, with nothing left to optimise, and it gives the exported graph's outputs
+    bit for bit. Only the weights the optimiser changed are in its own data file, the others
+    point into the exported graph's. Made on another machine or onnxruntime: the exported graph."""
+    import onnx
+    import onnxruntime as ort
+
+    from fastsd.backends.onnxruntime import cpu_signature
+
+    caplog.set_level("INFO", "fastsd")
+    ckpt = load_checkpoint(str(ckpts["eps"]))
+    entry = entry_dir(store, ckpt.info.fingerprint, "onnxruntime", "fp32")
+    manifest = json.loads((entry / "manifest.json").read_text())
+    record, profile = manifest["networks"][network], Profile(**manifest["profile"])
+    assert record["cpu_graph"] == {"file": f"{network}.cpu.onnx", "for": cpu_signature()}
+    assert {f"{network}.cpu.onnx", f"{network}.cpu.onnx.data"} <= set(record["sha256"])
+    locations = {e.value for t in onnx.load(str(entry / f"{network}.cpu.onnx"), load_external_data=False
+                                            ).graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {f"{network}.onnx.data", f"{network}.cpu.onnx.data"}
+    spec = family_for(ckpt).specs[network]
+    moved = {**record, "cpu_graph": {**record["cpu_graph"], "for": "onnxruntime 0.1, other"}}
+    cpu, exported, elsewhere = (OrtRunner(entry / f"{network}.onnx", spec, torch.device("cpu"), profile, record=r)
+                                for r in (record, None, moved))
+    levels = ort.GraphOptimizationLevel
+    assert cpu.session.get_session_options().graph_optimization_level == levels.ORT_DISABLE_ALL
+    for other in (exported, elsewhere):
+        assert other.session.get_session_options().graph_optimization_level == levels.ORT_ENABLE_ALL
+    assert "was made for onnxruntime 0.1, other" in caplog.text
+    torch.manual_seed(0)
+    got, want = engine_vs_module(ckpt, network, cpu)
+    torch.manual_seed(0)
+    again, _ = engine_vs_module(ckpt, network, exported)
+    assert torch.equal(got, again) and (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max())
+
+
+def test_cpu_graph_is_not_what_a_refit_links(ckpts, store):
+    """A refitted entry (the v checkpoint's, from eps's entry) links the exported graphs, not
+    the donor's CPU graphs (they hold the donor's weights); fp16 entries have none."""
+    for variant, precision in (("v", "fp32"), ("eps", "fp16")):
+        entry = entry_dir(store, load_checkpoint(str(ckpts[variant])).info.fingerprint, "onnxruntime", precision)
+        manifest = json.loads((entry / "manifest.json").read_text())
+        assert not any("cpu_graph" in r for r in manifest["networks"].values())
+        assert not list(entry.glob("*.cpu.onnx*"))
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
 @pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint4", "inpaint9"])
 def test_pipeline_onnx_matches_eager(ckpts, pipes, store, init_image, mask_image, mode, scheduler):
@@ -148,10 +195,11 @@ def test_other_checkpoint_gets_its_own_entry(ckpts, eps_onnx, tmp_path):
     assert set(pipe.backend.backends.values()) == {"eager"}
 
 
-def test_tampered_engine_refused(ckpts, eps_onnx, tmp_path, caplog):
+@pytest.mark.parametrize("file", ["unet.onnx", "unet.cpu.onnx.data"])
+def test_tampered_engine_refused(ckpts, eps_onnx, tmp_path, caplog, file):
     store = copy_entries(eps_onnx, tmp_path / "engines", "onnxruntime-*")
     (entry,) = store.glob("*/onnxruntime-*")
-    graph = entry / "unet.onnx"
+    graph = entry / file
     data = bytearray(graph.read_bytes())
     data[len(data) // 2] ^= 0xFF
     graph.write_bytes(bytes(data))
@@ -352,9 +400,10 @@ def test_export_argument_errors(ckpts, tmp_path):
 def test_cli_export_list_prune(ckpts, tmp_path, capsys):
     store = tmp_path / "engines"
     assert main(["export", "--model", str(ckpts["eps"]), "--engine-dir", str(store), "--networks",
-                 "text_encoder,vae_decoder"]) == 0
+                 "text_encoder,vae_decoder", "--no-cpu-graph"]) == 0
     out = capsys.readouterr().out
     assert "text_encoder: exported in" in out and "wrote" in out
+    assert not list(store.rglob("*.cpu.onnx*"))
     assert main(["engines", "list", "--engine-dir", str(store)]) == 0
     assert "onnxruntime-fp32" in capsys.readouterr().out
     entry = next(store.glob("*/onnxruntime-fp32"))

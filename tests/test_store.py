@@ -304,6 +304,11 @@ def test_manifest_names_are_confined_to_the_entry(tmp_path):
         record = {**manifest["networks"]["unet"], "weights_at_load": flag}
         why = manifest_problem({**manifest, "networks": {"unet": record}}, entry)
         assert (why is None) if ok else "weights_at_load is not true or false" in why
+    for made, ok in (({"file": "unet.onnx", "for": "onnxruntime 1, x86_64 0"}, True), ({"file": "unet.cpu.onnx",
+                     "for": "x"}, False), ({"file": "unet.onnx"}, False), ("unet.onnx", False)):  # an ORT CPU graph
+        record = {**manifest["networks"]["unet"], "cpu_graph": made}
+        why = manifest_problem({**manifest, "networks": {"unet": record}}, entry)
+        assert (why is None) if ok else "cpu_graph does not name one of its files" in why
     (entry / "unet.onnx.data").write_bytes(b"weights nobody hashed")
     assert "unet.onnx.data is in the entry but not hashed" in manifest_problem(manifest, entry)
 

@@ -21,6 +21,7 @@ from ..networks import NetworkSpec
 
 log = logging.getLogger(__name__)
 
+CPU_GRAPH = "cpu_graph"  # a network record's: {"file": <network>.cpu.onnx, "for": the machine it was made on}
 WEIGHTS_BY_NAME = "by-name"  # weights_layout of a graph (or plan) whose weights are named as the parameters
 
 
@@ -129,6 +130,7 @@ class BuildOptions:
     # (compiled: yes, weights beside the code, False = frozen; TensorRT: no, True = refittable plans)
     refit: bool = True  # a new checkpoint of an architecture the store holds is refitted, not rebuilt
     simplify: bool = True  # ONNX: run onnxslim
+    cpu_graph: bool = True  # ONNX (fp32): also keep each graph as ONNX Runtime optimises it for this CPU
     max_chunks: int | None = None  # the longest text the UNet (and ControlNets) take, in chunks of 77
     # tokens; None: 3 (231 tokens) for a new export, the ONNX entry's for TensorRT
     progress: Callable[[str], None] = log.info  # one line per network built

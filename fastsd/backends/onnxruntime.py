@@ -14,15 +14,19 @@ NOT VERIFIED on a GPU: onnxruntime-gpu is not installed where fastsd is develope
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import threading
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .kind import (
+    CPU_GRAPH,
     WEIGHTS_BY_NAME,
     BuildOptions,
     EngineKind,
@@ -50,6 +54,25 @@ def unavailable() -> str | None:
     except ImportError:
         return "onnxruntime is not installed (pip install 'fastsd[onnx]')"
     return None
+
+
+@lru_cache(maxsize=1)
+def cpu_signature() -> str:
+    """What a graph ONNX Runtime optimised for the CPU depends on: its version and this
+    machine's instruction sets (its CPU kernels and weight layouts, e.g. NCHWc blocks, are
+    chosen per instruction set), as "onnxruntime <version>, <machine> <digest of the CPU flags>"."""
+    import onnxruntime
+
+    flags = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):  # x86, ARM
+                flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                break
+    except OSError:
+        pass
+    digest = hashlib.blake2b(flags.encode(), digest_size=8).hexdigest()
+    return f"onnxruntime {onnxruntime.__version__}, {platform.machine()} {digest}"
 
 
 def tensorrt_ep_wanted() -> bool:
@@ -141,6 +164,7 @@ class OrtRunner(EngineRunner):
         self._overrides: dict[str, np.ndarray] = dict(self._base)  # given at session creation instead of the file's
         self._bindings: dict[tuple, tuple] = {}  # input shapes -> (IOBinding, kept output buffers)
         self.lock = threading.Lock()
+        self.cpu_graph = self._cpu_graph(record or {})
         self.session = self._session()
         self.run_options = ort.RunOptions()
         if device.type == "cuda":  # the work stream orders the next kernels; no device-wide wait per run
@@ -149,11 +173,27 @@ class OrtRunner(EngineRunner):
         self.in_types = {i.name: _ORT_TO_TORCH[i.type] for i in self.session.get_inputs()}
         self.out_types = {o.name: _ORT_TO_TORCH[o.type] for o in self.session.get_outputs()}
 
+    def _cpu_graph(self, record: dict) -> Path | None:
+        """The entry's graph as ONNX Runtime optimised it for this CPU at build (`fastsd export`),
+        where the session runs on the CPU alone and the graph was made for this machine and this
+        onnxruntime: loaded as it is (seconds faster: SD 1.5's UNet in 0.7 s instead of 6 s),
+        for the entry's own weights only (a given weight replaces the exported graph's)."""
+        made = record.get(CPU_GRAPH)
+        if made is None or self.providers != [CPU]:
+            return None
+        if made["for"] != cpu_signature():
+            log.info("%s: its CPU-optimised graph was made for %s, this is %s: optimising the graph at load",
+                     self.path.name, made["for"], cpu_signature())
+            return None
+        return self.path.parent / made["file"]
+
     def _session(self):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        made = self.cpu_graph if not self._overrides else None  # optimised already: nothing left to do at load
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if made else \
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # 0: as many as torch's intra-op pool (by default one per physical core, as ONNX Runtime's own
         # default), so an application's torch.set_num_threads limits both runtimes in one place
         opts.intra_op_num_threads = self.threads or torch.get_num_threads()
@@ -162,7 +202,7 @@ class OrtRunner(EngineRunner):
         values = [ort.OrtValue.ortvalue_from_numpy(self._overrides[n]) for n in names]
         if names:
             opts.add_external_initializers(names, values)
-        session = ort.InferenceSession(str(self.path), opts, providers=self.providers)
+        session = ort.InferenceSession(str(made or self.path), opts, providers=self.providers)
         check_providers(session, self.providers)
         session.fastsd_values = values  # the session may read them for its lifetime: they live as long as it
         return session
@@ -270,7 +310,7 @@ def _build(opts: BuildOptions) -> Path:
         opts.model, engine_dir=opts.engine_dir, dtype=opts.dtype or "fp32", static=opts.static,
         networks=opts.networks, simplify=opts.simplify, allow_pickle=opts.allow_pickle, clip_skip=opts.clip_skip,
         vae=opts.vae, refit=opts.refit, progress=opts.progress,
-        controlnets=opts.controlnets, max_chunks=opts.max_chunks)
+        controlnets=opts.controlnets, max_chunks=opts.max_chunks, cpu_graph=opts.cpu_graph)
 
 
 def _details() -> str:
