@@ -322,6 +322,22 @@ def prefetch_checkpoint(model: str, allow_pickle: bool = False, variant: str | N
         return
 
 
+def early_fingerprint(model: str, allow_pickle: bool = False, variant: str | None = None) -> str | None:
+    """The fingerprint `load_checkpoint` gives a diffusers folder (a synthetic model already
+    built, a hub id already in the hub cache), from its files alone, before any module is
+    built: what engines are loaded ahead by (backends/preload.py). None where it cannot be
+    known so (single files, anything the load itself would refuse)."""
+    try:
+        source = model_source(model)
+        path = {"hub": lambda: _hub_snapshot(model, local_files_only=True), "path": lambda: Path(model).expanduser(),
+                "synthetic": lambda: synthetic_path(model, build_missing=False)}[source]()
+        if not path.is_dir():
+            return None
+        return fingerprint(_folder_files(path, allow_pickle, variant)[0], path, timed=False)
+    except Exception:  # noqa: BLE001 - the load itself says what is wrong
+        return None
+
+
 def _load_checkpoint(model: str, allow_pickle: bool, variant: str | None, local_files_only: bool) -> Checkpoint:
     path = resolve(model, local_files_only)
     if path.is_file():

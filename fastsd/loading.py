@@ -10,9 +10,10 @@ import torch
 
 from .backends import Backend
 from .backends.eager import Fp32VaeDecoder
+from .backends.preload import Preload
 from .backends.registry import BACKEND_NAMES, ENGINE_KINDS
-from .backends.select import base_weights, make_backend
-from .checkpoint import check_clip_skip, load_checkpoint
+from .backends.select import ahead, base_weights, make_backend
+from .checkpoint import check_clip_skip, early_fingerprint, load_checkpoint
 from .controlnet import load_controlnets
 from .devices import parse_device
 from .engines import DTYPES, QUANTIZED, compute_dtype, default_engine_dir
@@ -118,12 +119,40 @@ def from_pretrained(cls, model: str, backend: str = "auto", device: str | None =
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise InvalidArgumentError(f"must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}",
                                    "prediction_type")
+    store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
+    ahead = _load_ahead(model, backend, dev, dtype, store, clip_skip, allow_pickle, variant, vae)
+    try:
+        return _from_pretrained(cls, model, backend, dev, dtype, store, allow_pickle, prediction_type, clip_skip,
+                                memory, cuda_graphs, variant, local_files_only, vae, preview_vae, controlnet,
+                                max_side, lora_dir, upscaler_dir)
+    finally:
+        if ahead is not None:
+            ahead.release()
+
+
+def _load_ahead(model, backend: str, dev: torch.device, precision: str, store: Path, clip_skip: int,
+                allow_pickle: bool, variant, vae) -> Preload | None:
+    """Engines loaded on a background thread while the checkpoint's modules are built (see
+    backends/preload.py), where the checkpoint is a folder whose fingerprint its files give
+    (no VAE replacing its own) and engines may serve it on this device."""
+    if backend == "eager" or dev.type != "cpu" or vae is not None or not isinstance(model, (str, Path)):
+        return None
+
+    def find() -> list:
+        fingerprint = early_fingerprint(str(model), allow_pickle, variant)
+        return [] if fingerprint is None else ahead(fingerprint, backend, dev, precision, store, clip_skip)
+
+    return Preload(find)
+
+
+def _from_pretrained(cls, model, backend, dev, dtype, store, allow_pickle, prediction_type, clip_skip, memory,
+                     cuda_graphs, variant, local_files_only, vae, preview_vae, controlnet, max_side, lora_dir,
+                     upscaler_dir):
     ckpt = load_checkpoint(model, allow_pickle=allow_pickle, variant=variant, local_files_only=local_files_only,
                            vae=vae)
     check_clip_skip(ckpt, clip_skip)
     if prediction_type is not None:
         ckpt.info = replace(ckpt.info, scheduler=dict(ckpt.info.scheduler, prediction_type=prediction_type))
-    store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
     family = family_for(ckpt, load_controlnets(controlnet, ckpt, allow_pickle, local_files_only))
     vae_fp32, weights = Fp32VaeDecoder(ckpt.vae), base_weights(ckpt, family, store)  # as loaded, before any cast
 

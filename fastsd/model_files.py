@@ -109,11 +109,14 @@ def _check_header(header, data_bytes: int) -> int:
     return end
 
 
-def fingerprint(files: list[Path], root: Path) -> str:
+def fingerprint(files: list[Path], root: Path, timed: bool = True) -> str:
     """Content hash over files (names relative to root). Per-file digests are cached by the
-    file's identity (fastsd/hashing.py), so only the first load of a checkpoint reads every byte."""
+    file's identity (fastsd/hashing.py), so only the first load of a checkpoint reads every byte.
+    `timed`: counted in the process's fingerprint phase (fastsd/phases.py; not on other threads)."""
     from .phases import FINGERPRINT, phase
 
+    if not timed:
+        return _fingerprint(files, root)
     with phase(FINGERPRINT):
         return _fingerprint(files, root)
 

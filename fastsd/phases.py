@@ -17,7 +17,8 @@ from typing import Iterator
 
 IMPORTS, CHECKPOINT, FINGERPRINT = "imports", "checkpoint read", "fingerprint"
 ENGINE_FILES, ENGINE_LOAD, FIRST_CALL = "engine-file check", "engine load", "first call"
-ORDER = (IMPORTS, CHECKPOINT, FINGERPRINT, ENGINE_FILES, ENGINE_LOAD, FIRST_CALL)
+ORDER = (IMPORTS, CHECKPOINT, FINGERPRINT, ENGINE_FILES, ENGINE_LOAD, FIRST_CALL)  # one after another
+AHEAD = "engines loaded ahead"  # on the preload thread (backends/preload.py), overlapping the phases above
 PHASES_ENV, T0_ENV = "FASTSD_PHASES", "FASTSD_T0"
 
 _lock = threading.Lock()

@@ -199,8 +199,8 @@ def _model_index(scheduler_class: str, spec: dict) -> dict:
     return index
 
 
-def synthetic_path(model: str) -> Path:
-    """The folder of `synthetic:NAME`, built on first use."""
+def synthetic_path(model: str, build_missing: bool = True) -> Path:
+    """The folder of `synthetic:NAME`, built on first use (unless not `build_missing`)."""
     name = model[len(SYNTHETIC_PREFIX):]
     controlnets = [CONTROLNET + a for a in ARCHS]
     if name not in ARCHS and name not in TINY_VAES and name not in controlnets:
@@ -208,16 +208,16 @@ def synthetic_path(model: str) -> Path:
                                  f"{', '.join([*ARCHS, *TINY_VAES, *controlnets])}")
     path = cache_dir() / "synthetic" / f"{name}-v{SYNTHETIC_VERSION}"
     if name in controlnets:
-        if not (path / "config.json").exists():
+        if not (path / "config.json").exists() and build_missing:
             log.info("building synthetic ControlNet %s at %s (random weights, once)", name, path)
             build_controlnet(path, name[len(CONTROLNET):])
         return path
     if name in TINY_VAES:
-        if not (path / "config.json").exists():
+        if not (path / "config.json").exists() and build_missing:
             log.info("building synthetic tiny autoencoder %s at %s (random weights, once)", name, path)
             build_tiny_vae(path, name)
         return path
-    if not (path / "model_index.json").exists():
+    if not (path / "model_index.json").exists() and build_missing:
         log.info("building synthetic checkpoint %s at %s (random weights, once)", name, path)
         build(path, name)
     return path

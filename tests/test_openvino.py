@@ -276,3 +276,29 @@ def test_int8_build_without_nncf_says_what_it_needs(ckpts, tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert "nncf, which is not installed (pip install 'fastsd[int8]')" in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*/*"))
+
+
+def test_compiled_models_are_made_ahead_once(ckpts, pipes, store, monkeypatch):
+    """from_pretrained compiles each network's model on the preload thread while it builds the
+    checkpoint's modules (fastsd/backends/preload.py); the images are those of eager."""
+    import threading
+
+    import fastsd.loading
+    from fastsd.backends import openvino as ov_kind
+    from fastsd.backends import preload
+
+    where, compile_model, load = [], ov_kind.compile_model, fastsd.loading.load_checkpoint
+    monkeypatch.setattr(ov_kind, "compile_model", lambda *a: where.append(threading.current_thread().name)
+                        or compile_model(*a))
+
+    def late(*args, **kw):  # deterministic: the modules are built once the thread is done
+        for t in threading.enumerate():
+            if t.name == "fastsd-preload":
+                t.join()
+        return load(*args, **kw)
+
+    monkeypatch.setattr(fastsd.loading, "load_checkpoint", late)
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="openvino", engine_dir=str(store))
+    assert where == ["fastsd-preload"] * len(SD_NETWORKS)
+    assert np.abs(pipe("a", **KW).images - pipes("eps")("a", **KW).images).max() <= TOL
+    assert not preload._made and preload._running == 0

@@ -153,6 +153,8 @@ class EngineKind:
     devices: tuple[str, ...] = ("cpu", "cuda")  # the device types its engines run on
     other_suffixes: tuple[str, ...] = ()  # graph files it also loads (OpenVINO: a quantized network's IR)
     quantizes: tuple[str, ...] = ()  # the quantized precisions (engines.QUANTIZED) it builds
+    preload: Callable[..., tuple | None] | None = None  # (path, device, dtype, record) -> (key, make): the engine
+    # a runner of the entry's own weights would load, made ahead (backends/preload.py); None: not made ahead
 
 
 def export_module(name: str):

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import preload
 from .kind import (
     CPU_GRAPH,
     WEIGHTS_BY_NAME,
@@ -139,6 +140,60 @@ def check_providers(session, chain: list) -> None:
                 raise RuntimeError(f"onnxruntime's {name} is not on fastsd's work stream (its options were dropped)")
 
 
+_told: set[str] = set()
+
+
+def cpu_graph(path: Path, record: dict) -> Path | None:
+    """The entry's graph as ONNX Runtime optimised it for this CPU at build (`fastsd export`),
+    where it was made for this machine and this onnxruntime: loaded as it is (seconds faster:
+    SD 1.5's UNet in 0.7 s instead of 6 s), for the entry's own weights, on the CPU alone."""
+    made = record.get(CPU_GRAPH)
+    if made is None:
+        return None
+    if made["for"] != cpu_signature():
+        if str(path) not in _told:
+            _told.add(str(path))
+            log.info("%s: its CPU-optimised graph was made for %s, this is %s: optimising the graph at load",
+                     path.name, made["for"], cpu_signature())
+        return None
+    return path.parent / made["file"]
+
+
+def session_key(graph: Path, threads: int) -> tuple:
+    """What a CPU session of no given weights is made of (`preload.take`'s key)."""
+    return "onnxruntime", str(graph), threads
+
+
+def new_session(graph: Path, threads: int, providers: list, overrides: dict | None = None, optimised: bool = False):
+    """An InferenceSession of `graph` (`optimised`: a CPU graph, loaded with nothing left to
+    optimise) on torch's thread count where `threads` is 0, with `overrides` (initializers by
+    name) given instead of the file's."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if optimised else \
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # 0: as many as torch's intra-op pool (by default one per physical core, as ONNX Runtime's own
+    # default), so an application's torch.set_num_threads limits both runtimes in one place
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.log_severity_level = 3
+    names = list(overrides or {})
+    values = [ort.OrtValue.ortvalue_from_numpy(overrides[n]) for n in names]
+    if names:
+        opts.add_external_initializers(names, values)
+    session = ort.InferenceSession(str(graph), opts, providers=providers)
+    session.fastsd_values = values  # the session may read them for its lifetime: they live as long as it
+    return session
+
+
+def _preload(path: Path, device: torch.device, dtype: torch.dtype, record: dict) -> tuple | None:
+    """(key, make) of the CPU session a runner of this network would make (`preload`)."""
+    if device.type != "cpu":
+        return None
+    made, threads = cpu_graph(path, record), torch.get_num_threads()
+    return session_key(made or path, threads), lambda: new_session(made or path, threads, [CPU], None, made is not None)
+
+
 class OrtRunner(EngineRunner):
     """Runs one network's graph; inputs by name, returns float32 torch tensors. On CUDA one
     I/O binding per input shape is made once and reused (inputs re-bound per call by address;
@@ -164,7 +219,7 @@ class OrtRunner(EngineRunner):
         self._overrides: dict[str, np.ndarray] = dict(self._base)  # given at session creation instead of the file's
         self._bindings: dict[tuple, tuple] = {}  # input shapes -> (IOBinding, kept output buffers)
         self.lock = threading.Lock()
-        self.cpu_graph = self._cpu_graph(record or {})
+        self.cpu_graph = cpu_graph(self.path, record or {}) if self.providers == [CPU] else None
         self.session = self._session()
         self.run_options = ort.RunOptions()
         if device.type == "cuda":  # the work stream orders the next kernels; no device-wide wait per run
@@ -173,38 +228,14 @@ class OrtRunner(EngineRunner):
         self.in_types = {i.name: _ORT_TO_TORCH[i.type] for i in self.session.get_inputs()}
         self.out_types = {o.name: _ORT_TO_TORCH[o.type] for o in self.session.get_outputs()}
 
-    def _cpu_graph(self, record: dict) -> Path | None:
-        """The entry's graph as ONNX Runtime optimised it for this CPU at build (`fastsd export`),
-        where the session runs on the CPU alone and the graph was made for this machine and this
-        onnxruntime: loaded as it is (seconds faster: SD 1.5's UNet in 0.7 s instead of 6 s),
-        for the entry's own weights only (a given weight replaces the exported graph's)."""
-        made = record.get(CPU_GRAPH)
-        if made is None or self.providers != [CPU]:
-            return None
-        if made["for"] != cpu_signature():
-            log.info("%s: its CPU-optimised graph was made for %s, this is %s: optimising the graph at load",
-                     self.path.name, made["for"], cpu_signature())
-            return None
-        return self.path.parent / made["file"]
-
     def _session(self):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
         made = self.cpu_graph if not self._overrides else None  # optimised already: nothing left to do at load
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if made else \
-            ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # 0: as many as torch's intra-op pool (by default one per physical core, as ONNX Runtime's own
-        # default), so an application's torch.set_num_threads limits both runtimes in one place
-        opts.intra_op_num_threads = self.threads or torch.get_num_threads()
-        opts.log_severity_level = 3
-        names = list(self._overrides)
-        values = [ort.OrtValue.ortvalue_from_numpy(self._overrides[n]) for n in names]
-        if names:
-            opts.add_external_initializers(names, values)
-        session = ort.InferenceSession(str(made or self.path), opts, providers=self.providers)
+        if not self._overrides and self.providers == [CPU]:
+            session = preload.take(session_key(made or self.path, self.threads or torch.get_num_threads()))
+            if session is not None:
+                return session
+        session = new_session(made or self.path, self.threads, self.providers, self._overrides, made is not None)
         check_providers(session, self.providers)
-        session.fastsd_values = values  # the session may read them for its lifetime: they live as long as it
         return session
 
     def _graph_weights(self) -> dict[str, tuple]:
@@ -323,4 +354,4 @@ KIND = EngineKind("onnxruntime", ".onnx", unavailable, lambda device: {}, _load,
                   build_command="fastsd export", builds_alone=True, refit_optional=False,
                   needs="onnxruntime (CPU), or onnxruntime-gpu with CUDA / TensorRT execution providers; "
                         "ONNX graphs from `fastsd export`",
-                  details=_details)
+                  details=_details, preload=_preload)

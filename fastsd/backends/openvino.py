@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import preload
 from .kind import (
     WEIGHTS_BY_NAME,
     BuildOptions,
@@ -128,6 +129,24 @@ def with_weights(model, weights: dict[str, torch.Tensor], transposed: set[str], 
     return replaced
 
 
+def compile_model(model, config: dict):
+    with _core_lock:
+        return core().compile_model(model, "CPU", config)
+
+
+def compiled_key(path: Path, config: dict) -> tuple:
+    """What a compiled model of a graph's own weights is made of (`preload.take`'s key)."""
+    return "openvino", str(path), tuple(sorted(config.items()))
+
+
+def _preload(path: Path, device: torch.device, dtype: torch.dtype, record: dict) -> tuple | None:
+    """(key, make) of the compiled model a runner of this network would make (`preload`)."""
+    if device.type != "cpu":
+        return None
+    config = compile_config(PRECISIONS[dtype])
+    return compiled_key(path, config), lambda: compile_model(core().read_model(str(path)), config)
+
+
 class OvRunner(EngineRunner):
     """One compiled model and its infer request, one call at a time (a lock)."""
 
@@ -166,14 +185,14 @@ class OvRunner(EngineRunner):
         return self._with({})
 
     def _with(self, overrides: dict) -> tuple:
+        if self._given is None and not overrides:  # the file's own weights: maybe compiled ahead
+            compiled = preload.take(compiled_key(self.path, self.config))
+            if compiled is not None:
+                return compiled, []
         model, kept = core().read_model(str(self.path)), []
         if self._given is not None or overrides:
             with_weights(model, {**(self._given or {}), **overrides}, self.transposed, kept)
-        return self._compile(model), kept
-
-    def _compile(self, model):
-        with _core_lock:
-            return core().compile_model(model, "CPU", self.config)
+        return compile_model(model, self.config), kept
 
     def set_weights(self, weights: dict[str, torch.Tensor], at_base: bool) -> None:
         """Compile the graph again with the weights given so far since the last `at_base` (each
@@ -239,4 +258,5 @@ KIND = EngineKind("openvino", ".onnx", unavailable, lambda device: {}, _load, _b
                   needs="openvino (pip install 'fastsd[openvino]'), on the CPU; compiles the ONNX graphs of "
                         "`fastsd export` (exported first where missing); int8 entries also need nncf "
                         "(pip install 'fastsd[int8]')",
-                  details=_details, devices=("cpu",), other_suffixes=(".xml",), quantizes=("int8",))
+                  details=_details, devices=("cpu",), other_suffixes=(".xml",), quantizes=("int8",),
+                  preload=_preload)

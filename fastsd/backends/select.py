@@ -14,8 +14,19 @@ from pathlib import Path
 
 import torch
 
-from ..engines import NOT_IN_ENTRY, PRECISIONS, Profile, check_entry, graph_file, kind_entries, takes_weights_at_load
-from ..networks import weights_of
+from ..engines import (
+    NOT_IN_ENTRY,
+    PRECISIONS,
+    Profile,
+    check_entry,
+    compute_dtype,
+    graph_file,
+    kind_entries,
+    read_manifest,
+    takes_weights_at_load,
+    weights_at_load,
+)
+from ..networks import NETWORKS, weights_of
 from ..phases import ENGINE_FILES, phase
 from .composite import CompositeBackend, LazyRunner
 from .eager import EagerBackend, Fp32VaeDecoder
@@ -116,6 +127,31 @@ def candidates(ckpt, family, backend: str, device: torch.device, dtype: torch.dt
         for n, runners in found.items():
             engines.setdefault(n, []).extend(runners)
     return engines
+
+
+def ahead(fingerprint: str, backend: str, device: torch.device, precision: str, engine_dir: Path,
+          clip_skip: int = 0) -> list[tuple]:
+    """(key, make) of each engine a pipeline of this checkpoint will load first (see
+    candidates: per network, the first valid entry of the first kind that has one), from the
+    manifests and the entries' recorded digests: what `preload.Preload` makes ahead. Engines
+    given the checkpoint's weights at load, and kinds that make nothing ahead, are left out."""
+    kinds = tuple(ENGINE_KINDS.values()) if backend == "auto" else (ENGINE_KINDS[backend],)
+    jobs, claimed = [], set()
+    for kind in kinds:
+        if kind.preload is None or device.type not in kind.devices or kind.unavailable():
+            continue
+        facts = {"clip_skip": clip_skip, **kind.runtime_facts(device)}
+        for entry in kind_entries(engine_dir, fingerprint, kind.name, precision):
+            held = (read_manifest(entry) or {}).get("networks")
+            networks = tuple(n for n in NETWORKS if isinstance(held, dict) and n in held and n not in claimed)
+            manifest, problems = check_entry(entry, fingerprint, facts, networks) if networks else ({}, {})
+            for n in (n for n in networks if n not in problems):
+                claimed.add(n)
+                record = manifest["networks"][n]
+                job = None if weights_at_load(record) else kind.preload(entry / graph_file(n, record), device,
+                                                                         compute_dtype(precision), record)
+                jobs.append(job)
+    return [j for j in jobs if j is not None]
 
 
 def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,

@@ -62,6 +62,7 @@ def markdown(result: BenchResult | dict) -> str:
     extras += [f"- {row['backend']}: cold start (new process to first image) {row['cold_start_seconds']:.1f} s"
                + (": " + ", ".join(f"{p} {s:.1f} s" for p, s in row["cold_start_phases"].items())
                   if row.get("cold_start_phases") else "")
+               + "".join(f" ({p} {s:.1f} s, overlapped)" for p, s in row.get("cold_start_overlapped", {}).items() if s)
                for row in r["rows"] if row.get("cold_start_seconds")]
     notes = [f"- {n}" for n in r.get("notes", [])]
     runs = r["config"]
