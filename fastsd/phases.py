@@ -18,11 +18,13 @@ from typing import Iterator
 IMPORTS, CHECKPOINT, FINGERPRINT = "imports", "checkpoint read", "fingerprint"
 ENGINE_FILES, ENGINE_LOAD, FIRST_CALL = "engine-file check", "engine load", "first call"
 ORDER = (IMPORTS, CHECKPOINT, FINGERPRINT, ENGINE_FILES, ENGINE_LOAD, FIRST_CALL)  # one after another
+READY = "ready"  # a mark: seconds from launch to the first call's start (time to ready)
 AHEAD = "engines loaded ahead"  # on the preload thread (backends/preload.py), overlapping the phases above
 PHASES_ENV, T0_ENV = "FASTSD_PHASES", "FASTSD_T0"
 
 _lock = threading.Lock()
 _seconds: dict[str, float] = {}
+_marks: dict[str, float] = {}  # name -> seconds since launch when it was reached
 _open = threading.local()  # this thread's phases in progress: [[name, seconds of the phases inside it]]
 
 
@@ -56,6 +58,14 @@ def since_launch(name: str) -> None:
         pass
 
 
+def mark(name: str) -> None:
+    """Note the seconds since $FASTSD_T0 now, under `name` (not a phase: nothing adds up)."""
+    try:
+        _marks[name] = time.time() - float(os.environ[T0_ENV])
+    except (KeyError, ValueError):
+        pass
+
+
 def seconds() -> dict[str, float]:
     with _lock:
         return dict(_seconds)
@@ -65,4 +75,4 @@ def write_if_asked() -> None:
     """The phases into $FASTSD_PHASES (when set); the launcher measures the total itself."""
     target = os.environ.get(PHASES_ENV)
     if target:
-        Path(target).write_text(json.dumps({"phases": seconds()}))
+        Path(target).write_text(json.dumps({"phases": seconds(), "marks": dict(_marks)}))

@@ -270,10 +270,12 @@ def test_cold_start_is_broken_down_by_phase(ckpts, eps_onnx, report, tmp_path):
     assert abs(sum(ph.values()) - cold["seconds"]) < 0.1 + 0.02 * cold["seconds"]
     data = json.loads(report[1][0].read_text())
     row = next(r for r in data["rows"] if r["backend"] == "onnxruntime")
+    assert 0 < cold["ready"] < cold["seconds"] - ph["first call"] + 0.1  # launch to the first call's start
     row.update(cold_start_seconds=cold["seconds"], cold_start_phases=ph,
-               cold_start_overlapped={"engines loaded ahead": 1.5})
+               cold_start_overlapped={"engines loaded ahead": 1.5}, cold_start_ready=cold["ready"])
     line = next(x for x in markdown(data).splitlines() if "cold start (new process to first image)" in x)
-    assert f"engine load {ph['engine load']:.1f} s" in line and line.index("imports") < line.index("first call")
+    assert f"engine load {ph['engine load']:.1f} s" in line and line.index("imports") < line.rindex("first call")
+    assert f"ready for the first call after {cold['ready']:.1f} s" in line
     assert line.endswith("(engines loaded ahead 1.5 s, overlapped)")
 
 

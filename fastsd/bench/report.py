@@ -60,6 +60,8 @@ def markdown(result: BenchResult | dict) -> str:
     extras = [f"- {row['backend']}: export {row['export_seconds']:.1f} s" for row in r["rows"]
               if row.get("export_seconds")]
     extras += [f"- {row['backend']}: cold start (new process to first image) {row['cold_start_seconds']:.1f} s"
+               + (f", ready for the first call after {row['cold_start_ready']:.1f} s" if row.get("cold_start_ready")
+                  else "")
                + (": " + ", ".join(f"{p} {s:.1f} s" for p, s in row["cold_start_phases"].items())
                   if row.get("cold_start_phases") else "")
                + "".join(f" ({p} {s:.1f} s, overlapped)" for p, s in row.get("cold_start_overlapped", {}).items() if s)

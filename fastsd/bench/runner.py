@@ -294,7 +294,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = print) -> Benc
                             "major_faults": sum(m["faults"]), "min_free_memory_bytes": m["free"],
                             "noisy": steadiness(stages, m["faults"]), **extras[b],
                             **({"cold_start_seconds": cold[b]["seconds"], "cold_start_phases": cold[b]["phases"],
-                                "cold_start_overlapped": cold[b]["overlapped"]} if b in cold else {})})
+                                "cold_start_overlapped": cold[b]["overlapped"], "cold_start_ready": cold[b]["ready"]}
+                               if b in cold else {})})
             except KeyboardInterrupt:
                 result.interrupted = True
                 result.notes.append("interrupted: the rows above are complete, the rest was not run")
@@ -313,8 +314,9 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = print) -> Benc
 def _cold_start(cfg: BenchConfig, backend: str) -> dict:
     """A new process, from launch to its first image written (1 step): {"seconds": wall time,
     "phases": {phase: seconds}} as the process records them (fastsd/phases.py), with "other"
-    for the rest (its exit, writing the PNG, what no phase covers), and "overlapped": the
-    seconds engines took to load on the preload thread, meanwhile (not part of the sum)."""
+    for the rest (its exit, writing the PNG, what no phase covers), "overlapped": the seconds
+    engines took to load on the preload thread, meanwhile (not part of the sum), and "ready":
+    the seconds from launch to the first call's start."""
     from .. import phases
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -328,10 +330,12 @@ def _cold_start(cfg: BenchConfig, backend: str) -> dict:
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, env=env)
         seconds = time.perf_counter() - t0
-        got = json.loads(record.read_text())["phases"] if record.is_file() else {}
+        written = json.loads(record.read_text()) if record.is_file() else {}
+        got, marks = written.get("phases", {}), written.get("marks", {})
     ordered = {p: round(got[p], 2) for p in phases.ORDER if p in got}
     ordered["other"] = round(max(0.0, seconds - sum(got[p] for p in phases.ORDER if p in got)), 2)
-    return {"seconds": seconds, "phases": ordered, "overlapped": {phases.AHEAD: round(got.get(phases.AHEAD, 0.0), 2)}}
+    return {"seconds": seconds, "phases": ordered, "overlapped": {phases.AHEAD: round(got.get(phases.AHEAD, 0.0), 2)},
+            "ready": round(marks[phases.READY], 2) if phases.READY in marks else None}
 
 
 def add_ratios(rows: list[dict]) -> None:
