@@ -161,6 +161,21 @@ def test_console_script_bad_input_no_traceback(model, tmp_path):
     assert r.stderr.strip().splitlines() == ["fastsd: error: --height must be a positive multiple of 2, got 7"]
 
 
+def test_console_script_generate_ends_at_once_with_its_output(model, tmp_path):
+    """`generate` ends without Python's teardown once written (os._exit): its image is whole,
+    its lines reach a pipe, its exit code is 0."""
+    exe = shutil.which("fastsd") or None
+    cmd = [exe] if exe else [sys.executable, "-m", "fastsd"]
+    r = subprocess.run(cmd + gen(model, tmp_path / "o.png"), capture_output=True, text=True,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == f"wrote {tmp_path / 'o.png'}" and r.stdout.splitlines()[-1].startswith("backends:")
+    from PIL import Image
+
+    with Image.open(tmp_path / "o.png") as im:
+        im.load()
+
+
 def test_info(capsys):
     import importlib.util
 
