@@ -30,7 +30,7 @@ except ImportError:  # Windows: no store locks
 from .backends.kind import CPU_GRAPH
 from .backends.registry import ENGINE_KINDS
 from .errors import OutputPathError
-from .hashing import DigestCache
+from .hashing import DigestCache, remove_tree
 from .networks import NETWORKS
 from .paths import default_engine_dir  # noqa: F401 - re-exported: callers take the default from here
 from .version import __version__
@@ -206,7 +206,7 @@ class Staging:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if self.dir.exists():  # not committed: failed or interrupted
-                shutil.rmtree(self.dir, ignore_errors=True)
+                remove_tree(self.dir)
         finally:
             _unlock(self._lock)
             self._lock = None
@@ -230,7 +230,7 @@ class Staging:
             os.replace(self.final, retired)
         os.replace(self.dir, self.final)
         if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
+            remove_tree(retired)
         return self.final
 
     def _keep_other_networks(self, manifest: dict) -> None:
@@ -521,7 +521,7 @@ def prune(engine_dir: Path, everything: bool = False, dry_run: bool = False) -> 
             removed += doomed
             if not dry_run:
                 for p in doomed:
-                    shutil.rmtree(p, ignore_errors=True)  # removes links inside, never what they point to
+                    remove_tree(p)  # removes links inside, never what they point to
                 if doomed and _real_dir(folder) and not any(folder.iterdir()):
                     folder.rmdir()
         except FileNotFoundError:  # removed by another prune meanwhile

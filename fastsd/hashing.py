@@ -20,7 +20,9 @@ are built, and `digest` waits for that result instead of reading the file again.
 A hard link fastsd makes itself (`link_or_copy`: an engine entry sharing another's files)
 moves the inode's ctime without touching its bytes; the digest recorded for the file just
 before the link is carried to its new identity when nothing but the ctime (and the link
-count) changed across the link, so linking costs no second read of gigabytes.
+count) changed across the link, so linking costs no second read of gigabytes. Removing such
+a link (`remove_tree`: fastsd replacing or pruning an entry) moves the ctime of the files that
+live on as well; their records are carried across the unlink the same way.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import os
 import queue
 import shutil
+import stat
 import threading
 import time
 from concurrent.futures import Future
@@ -164,4 +167,42 @@ def link_or_copy(src: Path, dst: Path, digests: DigestCache | None = None) -> No
     same = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns) == \
         (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns)
     if isinstance(known, str) and same and after.st_nlink == before.st_nlink + 1:
+        digests.table[_stat_key(after)], digests.dirty = known, True
+
+
+def remove_tree(folder: Path, algo: str = "sha256") -> None:
+    """shutil.rmtree(folder, ignore_errors=True) for fastsd's own folders (a replaced or pruned
+    entry, a staging folder), keeping valid the digests recorded for its files that live on
+    through other hard links (a refit's or an OpenVINO entry's shared files): an unlink moves
+    the inode's ctime, so each record moves to the file's new identity when nothing but the
+    ctime and the link count changed across the unlink (as `link_or_copy` does for a link)."""
+    folder = Path(folder)
+    if not folder.is_symlink() and folder.is_dir():
+        digests = DigestCache(algo)
+        for path in folder.iterdir():
+            try:
+                _unlink_keeping(path, digests)
+            except OSError:
+                pass
+        digests.save()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _unlink_keeping(path: Path, digests: DigestCache) -> None:
+    """Unlink a regular file with other links and a recorded digest, carrying the record (see remove_tree)."""
+    if path.is_symlink() or not path.is_file():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        before = os.fstat(fd)
+        known = digests.table.get(_stat_key(before))
+        if before.st_nlink < 2 or not stat.S_ISREG(before.st_mode) or not isinstance(known, str):
+            return
+        os.unlink(path)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    same = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns) == \
+        (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns)
+    if same and after.st_nlink == before.st_nlink - 1:
         digests.table[_stat_key(after)], digests.dirty = known, True

@@ -207,6 +207,31 @@ def test_digest_record_follows_a_hard_link_fastsd_makes(tmp_path, monkeypatch):
     assert read == ["linked-changed.bin"]
 
 
+def test_digest_record_survives_fastsd_removing_another_link(tmp_path, monkeypatch):
+    """Removing an entry that shares files (a refit pruned or replaced) unlinks them, which
+    moves the shared inode's ctime: the other links' records carry over (the donor is not
+    read again at its next load); a file that is not shared, or unrecorded, just goes."""
+    monkeypatch.setattr(hashing, "SETTLED", -1.0)
+    donor, doomed = tmp_path / "donor", tmp_path / "doomed"
+    donor.mkdir()
+    doomed.mkdir()
+    (donor / "a.bin").write_bytes(b"x" * 4096)
+    cache = DigestCache("sha256")
+    want = cache.digest(donor / "a.bin")
+    cache.save()
+    cache = DigestCache("sha256")
+    hashing.link_or_copy(donor / "a.bin", doomed / "a.bin", cache)
+    cache.save()
+    (doomed / "own.bin").write_bytes(b"y")
+    (doomed / "link").symlink_to(donor / "a.bin")
+    before = os.stat(donor / "a.bin").st_ctime_ns
+    hashing.remove_tree(doomed)
+    assert not doomed.exists() and (donor / "a.bin").read_bytes() == b"x" * 4096
+    assert os.stat(donor / "a.bin").st_nlink == 1 and os.stat(donor / "a.bin").st_ctime_ns >= before
+    monkeypatch.setattr(hashing, "digest_file", lambda *a: pytest.fail("a recorded file was read again"))
+    assert DigestCache("sha256").digest(donor / "a.bin") == want
+
+
 def test_a_prefetched_digest_is_read_once_in_the_background(tmp_path, monkeypatch):
     """A checkpoint seen for the first time is hashed on a background thread while the
     libraries import (prefetch); the digest asked for later is that result, recorded as a read
