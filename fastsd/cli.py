@@ -599,6 +599,14 @@ def cmd_generate(args) -> int:
                 "model_fingerprint": pipe.info.fingerprint,
                 "fastsd": __version__}
     write_pngs(out.images, paths, settings, args.overwrite)
+    _report(out, paths, preview, args.preview)
+    phases.write_if_asked()
+    _finished.set()
+    return 0
+
+
+def _report(out, paths: list, preview, preview_path) -> None:
+    """generate's lines: what it wrote, the seed and the time per stage, what ran each network."""
     for path in paths:
         print(f"wrote {path}")
     t = out.timings
@@ -606,11 +614,8 @@ def cmd_generate(args) -> int:
           f"({t['unet_per_step'] * 1000:.1f} ms/step) | vae {t['vae']:.3f}s | total {t['total']:.3f}s")
     print("backends: " + ", ".join(f"{k}={v}" for k, v in out.backends.items()))
     if preview:
-        print(f"previews: {preview.written} written to {args.preview} (decoding {t['preview']:.3f}s of the unet's "
+        print(f"previews: {preview.written} written to {preview_path} (decoding {t['preview']:.3f}s of the unet's "
               f"{t['unet']:.3f}s)")
-    phases.write_if_asked()
-    _finished.set()
-    return 0
 
 
 def _check_hires(pipe, hires: dict) -> None:

@@ -120,14 +120,14 @@ def from_pretrained(cls, model: str, backend: str = "auto", device: str | None =
         raise InvalidArgumentError(f"must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}",
                                    "prediction_type")
     store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
-    ahead = _load_ahead(model, backend, dev, dtype, store, clip_skip, allow_pickle, variant, vae)
+    preloading = _load_ahead(model, backend, dev, dtype, store, clip_skip, allow_pickle, variant, vae)
     try:
         return _from_pretrained(cls, model, backend, dev, dtype, store, allow_pickle, prediction_type, clip_skip,
                                 memory, cuda_graphs, variant, local_files_only, vae, preview_vae, controlnet,
                                 max_side, lora_dir, upscaler_dir)
     finally:
-        if ahead is not None:
-            ahead.release()
+        if preloading is not None:
+            preloading.release()
 
 
 def _load_ahead(model, backend: str, dev: torch.device, precision: str, store: Path, clip_skip: int,

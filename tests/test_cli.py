@@ -169,7 +169,8 @@ def test_console_script_generate_ends_at_once_with_its_output(model, tmp_path):
     r = subprocess.run(cmd + gen(model, tmp_path / "o.png"), capture_output=True, text=True,
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[0] == f"wrote {tmp_path / 'o.png'}" and r.stdout.splitlines()[-1].startswith("backends:")
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"wrote {tmp_path / 'o.png'}" and lines[-1].startswith("backends:")
     from PIL import Image
 
     with Image.open(tmp_path / "o.png") as im:
