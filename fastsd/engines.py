@@ -13,7 +13,6 @@ import logging
 import os
 import platform
 import re
-import shutil
 import tempfile
 import time
 import uuid
@@ -30,7 +29,7 @@ except ImportError:  # Windows: no store locks
 from .backends.kind import CPU_GRAPH
 from .backends.registry import ENGINE_KINDS
 from .errors import OutputPathError
-from .hashing import DigestCache, remove_tree
+from .hashing import DigestCache, link_or_copy, remove_tree
 from .networks import NETWORKS
 from .paths import default_engine_dir  # noqa: F401 - re-exported: callers take the default from here
 from .version import __version__
@@ -247,13 +246,12 @@ class Staging:
             log.warning("%s: replacing an entry built with other settings; networks dropped: %s",
                         self.final, ", ".join(sorted(others)))
             return
+        digests = DigestCache("sha256")
         for n, record in others.items():
-            for f in record["sha256"]:
-                try:  # the old entry is retired below; a hard link keeps the file
-                    os.link(self.final / f, self.dir / f)
-                except OSError:
-                    shutil.copy2(self.final / f, self.dir / f)
+            for f in record["sha256"]:  # the old entry is retired below; a hard link keeps the file (and its digest)
+                link_or_copy(self.final / f, self.dir / f, digests)
             self.networks[n] = record
+        digests.save()
 
 
 def base_manifest(info, backend: str, precision: str, profile: Profile, **facts) -> dict:

@@ -258,6 +258,21 @@ def test_reexport_replaces_entry_atomically(ckpts, tmp_path):
     assert list_entries(store)[0]["networks"] == ["text_encoder", "vae_decoder"]
 
 
+def test_a_subset_reexport_keeps_the_other_networks_digests(ckpts, tmp_path, monkeypatch):
+    """Re-exporting one network keeps the entry's others by hard link; their digest records
+    follow the link and the old entry's removal, so the next load reads none of their files."""
+    from fastsd import hashing
+    from fastsd.engines import check_entry
+
+    monkeypatch.setattr(hashing, "SETTLED", -1.0)  # files just written are recorded (see hashing.SETTLED)
+    store = tmp_path / "engines"
+    entry = export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("text_encoder", "vae_decoder"))
+    assert export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("vae_decoder",)) == entry
+    monkeypatch.setattr(hashing, "digest_file", lambda *a: pytest.fail("a recorded engine file was read again"))
+    fingerprint = load_checkpoint(str(ckpts["eps"])).info.fingerprint
+    assert check_entry(entry, fingerprint, networks=("text_encoder", "vae_decoder"))[1] == {}
+
+
 @pytest.fixture(scope="module")
 def static_beside_dynamic(ckpts, eps_onnx, tmp_path_factory):
     """`export --static 24x40` of the eps UNet into a store that holds its dynamic entry:
