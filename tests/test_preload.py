@@ -105,3 +105,19 @@ def test_early_fingerprint_is_the_loads(ckpts, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSD_CACHE", str(tmp_path / "cache"))
     assert early_fingerprint("synthetic:tiny") is None  # not built: nothing is built for it
     assert not (tmp_path / "cache" / "synthetic").exists()
+
+
+def test_engine_files_not_hashed_yet_are_read_once(ckpts, eps_onnx, tmp_path, monkeypatch):
+    """A store whose files have no digest records (just built, or copied from elsewhere): the
+    preload's check and the pipeline's share one read of each file (hashing.prefetch)."""
+    from fastsd import hashing
+
+    store = copy_entries(eps_onnx, tmp_path / "engines", "onnxruntime-fp32")
+    monkeypatch.setenv("FASTSD_CACHE", str(tmp_path / "cache"))  # no digest recorded for anything
+    read, real = [], hashing.digest_file
+    monkeypatch.setattr(hashing, "digest_file", lambda path, algo: read.append(str(path)) or real(path, algo))
+    after_preload(monkeypatch)
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
+    assert set(pipe.backend.backends.values()) == {"onnxruntime"}
+    engine_files = [p for p in read if p.startswith(str(store))]
+    assert engine_files and len(engine_files) == len(set(engine_files)), sorted(engine_files)

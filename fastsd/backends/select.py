@@ -22,10 +22,12 @@ from ..engines import (
     compute_dtype,
     graph_file,
     kind_entries,
+    manifest_problem,
     read_manifest,
     takes_weights_at_load,
     weights_at_load,
 )
+from ..hashing import prefetch
 from ..networks import NETWORKS, weights_of
 from ..phases import ENGINE_FILES, phase
 from .composite import CompositeBackend, LazyRunner
@@ -142,8 +144,12 @@ def ahead(fingerprint: str, backend: str, device: torch.device, precision: str, 
             continue
         facts = {"clip_skip": clip_skip, **kind.runtime_facts(device)}
         for entry in kind_entries(engine_dir, fingerprint, kind.name, precision):
-            held = (read_manifest(entry) or {}).get("networks")
-            networks = tuple(n for n in NETWORKS if isinstance(held, dict) and n in held and n not in claimed)
+            raw = read_manifest(entry)
+            if manifest_problem(raw, entry) is not None:
+                continue  # the pipeline's own load says why
+            networks = tuple(n for n in NETWORKS if n in raw["networks"] and n not in claimed)
+            # files not hashed yet (a store just built or copied): one read, which the pipeline's check shares
+            prefetch([entry / f for n in networks for f in raw["networks"][n]["sha256"]], "sha256")
             manifest, problems = check_entry(entry, fingerprint, facts, networks) if networks else ({}, {})
             for n in (n for n in networks if n not in problems):
                 claimed.add(n)
