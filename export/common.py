@@ -27,7 +27,7 @@ from fastsd.engines import (
 )
 from fastsd.errors import FastSDError, InvalidArgumentError, OutputPathError
 from fastsd.families import family_for
-from fastsd.hashing import DigestCache, link_or_copy
+from fastsd.hashing import link_files  # noqa: F401 - a refit's: the donor entry's files into the staging folder
 from fastsd.networks import NETWORKS, NetworkSpec, relative_error
 
 # make(network, staging folder) -> (files written, extra manifest facts of the network, note for the progress line)
@@ -105,16 +105,6 @@ def donor_record(donor_manifest: dict | None, family, name: str, layout: str) ->
 
 
 GIVEN_AT_LOAD = " (the donor's files, hard-linked; this checkpoint's weights are given when it loads)"
-
-
-def link_files(donor: Path, folder: Path, files: list[str]) -> None:
-    """A refit that writes no weights: the donor entry's `files` hard-linked (copied where the
-    file system cannot link) into the staging `folder`; the network's record says its weights
-    are given at load. The donor's recorded digests carry over (fastsd/hashing.py)."""
-    digests = DigestCache("sha256")
-    for f in files:
-        link_or_copy(donor / f, folder / f, digests)
-    digests.save()
 
 
 def entry_groups(info, family, networks: tuple[str, ...], facts: dict) -> list[tuple]:

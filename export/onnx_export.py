@@ -197,7 +197,7 @@ def write_cpu_graph(graph: Path) -> tuple[list[str], dict]:
     import onnx
     import onnxruntime as ort
 
-    from fastsd.backends.onnxruntime import cpu_signature
+    from fastsd.backends.onnxruntime import CPU, cpu_signature, new_session
 
     out = graph.with_name(graph.stem + ".cpu.onnx")
     with tempfile.TemporaryDirectory(dir=graph.parent, prefix=".cpu-") as scratch:
@@ -225,7 +225,7 @@ def write_cpu_graph(graph: Path) -> tuple[list[str], dict]:
                 for entry in init.external_data:
                     entry.value = same.get(entry.key, entry.value)
         onnx.save(model, str(out))
-    _check_loads(out)
+    new_session(out, 0, [CPU], optimised=True)  # it loads as the runner loads it (nothing left to optimise)
     return [out.name, out.name + ".data"], {CPU_GRAPH: {"file": out.name, "for": cpu_signature()}}
 
 
@@ -240,16 +240,6 @@ def _read(folder: Path, where: dict) -> bytes:
     with open(folder / where["location"], "rb") as f:
         f.seek(int(where.get("offset", 0)))
         return f.read(int(where["length"]))
-
-
-def _check_loads(graph: Path) -> None:
-    """The CPU graph loads as the runner loads it (nothing left to optimise)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
 
 
 def topological_sort(graph) -> None:

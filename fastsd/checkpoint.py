@@ -307,13 +307,22 @@ def _load_order(files: list[Path]) -> list[Path]:
     return sorted(files, key=rank)
 
 
+def _local_path(model: str, hub: bool) -> Path | None:
+    """Where `model` is on this machine without building (a synthetic model) or downloading
+    anything; a hub id only with `hub` (from the hub cache). None where it is not."""
+    source = model_source(model)
+    if source == "hub":
+        return _hub_snapshot(model, local_files_only=True) if hub else None
+    return Path(model).expanduser() if source == "path" else synthetic_path(model, build_missing=False)
+
+
 def prefetch_checkpoint(model: str, allow_pickle: bool = False, variant: str | None = None) -> None:
     """Start hashing a local checkpoint's files in the background (`hashing.prefetch`), before
     the libraries that load it are imported: its fingerprint, on first sight seconds of
     reading, overlaps with them. Best effort and silent: anything unusual is left to the load,
     which reports it; hub ids and synthetic models not built yet are not looked up here."""
     try:
-        path = resolve(model) if model_source(model) in ("path", "synthetic") else None
+        path = _local_path(model, hub=False)
         if path is None or not path.exists():
             return
         files = [path] if path.is_file() else _load_order(_folder_files(path, allow_pickle, variant)[0])
@@ -328,10 +337,8 @@ def early_fingerprint(model: str, allow_pickle: bool = False, variant: str | Non
     built: what engines are loaded ahead by (backends/preload.py). None where it cannot be
     known so (single files, anything the load itself would refuse)."""
     try:
-        source = model_source(model)
-        path = {"hub": lambda: _hub_snapshot(model, local_files_only=True), "path": lambda: Path(model).expanduser(),
-                "synthetic": lambda: synthetic_path(model, build_missing=False)}[source]()
-        if not path.is_dir():
+        path = _local_path(model, hub=True)
+        if path is None or not path.is_dir():
             return None
         return fingerprint(_folder_files(path, allow_pickle, variant)[0], path, timed=False)
     except Exception:  # noqa: BLE001 - the load itself says what is wrong

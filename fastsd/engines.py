@@ -29,7 +29,7 @@ except ImportError:  # Windows: no store locks
 from .backends.kind import CPU_GRAPH
 from .backends.registry import ENGINE_KINDS
 from .errors import OutputPathError
-from .hashing import DigestCache, link_or_copy, remove_tree
+from .hashing import DigestCache, link_files, remove_tree
 from .networks import NETWORKS
 from .paths import default_engine_dir  # noqa: F401 - re-exported: callers take the default from here
 from .version import __version__
@@ -246,12 +246,9 @@ class Staging:
             log.warning("%s: replacing an entry built with other settings; networks dropped: %s",
                         self.final, ", ".join(sorted(others)))
             return
-        digests = DigestCache("sha256")
-        for n, record in others.items():
-            for f in record["sha256"]:  # the old entry is retired below; a hard link keeps the file (and its digest)
-                link_or_copy(self.final / f, self.dir / f, digests)
+        for n, record in others.items():  # the old entry is retired below; a hard link keeps the file (and its digest)
+            link_files(self.final, self.dir, record["sha256"])
             self.networks[n] = record
-        digests.save()
 
 
 def base_manifest(info, backend: str, precision: str, profile: Profile, **facts) -> dict:

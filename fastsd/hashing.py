@@ -163,11 +163,26 @@ def link_or_copy(src: Path, dst: Path, digests: DigestCache | None = None) -> No
     except OSError:
         shutil.copyfile(src, dst)
         return
-    after = os.stat(dst)
+    if isinstance(known, str):
+        _carry(digests, known, before, os.stat(dst), +1)
+
+
+def _carry(digests: DigestCache, known: str, before: os.stat_result, after: os.stat_result, links: int) -> None:
+    """Record `known` (the digest of the file as `before`) for its identity `after` fastsd's own
+    link or unlink, where nothing but the ctime changed and the link count moved by `links`."""
     same = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns) == \
         (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns)
-    if isinstance(known, str) and same and after.st_nlink == before.st_nlink + 1:
+    if same and after.st_nlink == before.st_nlink + links:
         digests.table[_stat_key(after)], digests.dirty = known, True
+
+
+def link_files(src: Path, dst: Path, files) -> None:
+    """Each of `files` of the folder `src` hard-linked into the folder `dst` (`link_or_copy`),
+    the digests recorded for them carried over."""
+    digests = DigestCache("sha256")
+    for f in files:
+        link_or_copy(src / f, dst / f, digests)
+    digests.save()
 
 
 def remove_tree(folder: Path, algo: str = "sha256") -> None:
@@ -199,10 +214,6 @@ def _unlink_keeping(path: Path, digests: DigestCache) -> None:
         if before.st_nlink < 2 or not stat.S_ISREG(before.st_mode) or not isinstance(known, str):
             return
         os.unlink(path)
-        after = os.fstat(fd)
+        _carry(digests, known, before, os.fstat(fd), -1)
     finally:
         os.close(fd)
-    same = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns) == \
-        (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns)
-    if same and after.st_nlink == before.st_nlink - 1:
-        digests.table[_stat_key(after)], digests.dirty = known, True

@@ -50,20 +50,26 @@ def phase(name: str) -> Iterator[None]:
             stack[-1][1] += elapsed
 
 
+def _since_launch() -> float | None:
+    """Seconds since $FASTSD_T0 (the launcher's time.time() when it started the process); None where unset."""
+    try:
+        return time.time() - float(os.environ[T0_ENV])
+    except (KeyError, ValueError):
+        return None
+
+
 def since_launch(name: str) -> None:
     """Add the time since $FASTSD_T0 (set by the launcher) to `name`; nothing where it is unset."""
-    try:
-        add(name, time.time() - float(os.environ[T0_ENV]))
-    except (KeyError, ValueError):
-        pass
+    seconds = _since_launch()
+    if seconds is not None:
+        add(name, seconds)
 
 
 def mark(name: str) -> None:
     """Note the seconds since $FASTSD_T0 now, under `name` (not a phase: nothing adds up)."""
-    try:
-        _marks[name] = time.time() - float(os.environ[T0_ENV])
-    except (KeyError, ValueError):
-        pass
+    seconds = _since_launch()
+    if seconds is not None:
+        _marks[name] = seconds
 
 
 def seconds() -> dict[str, float]:
