@@ -32,8 +32,9 @@ class Widths:
 
 
 def widths_of(ckpt) -> Widths:
-    return Widths(int(ckpt.unet.config.block_out_channels[0]), int(ckpt.vae.config.block_out_channels[0]),
-                  int(ckpt.text_encoder.config.hidden_size))
+    configs = ckpt.configs
+    return Widths(int(configs["unet"]["block_out_channels"][0]), int(configs["vae"]["block_out_channels"][0]),
+                  int(configs["text_encoder"]["hidden_size"]))
 
 
 def available_bytes(device: torch.device) -> int:

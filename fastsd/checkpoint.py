@@ -15,10 +15,21 @@ import math
 import os
 import re
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
+from .components import (
+    Deferred,
+    check_unchanged,
+    config_of,
+    loaded_key,
+    model_class,
+    read_token_table,
+    record_loaded,
+    recorded_config,
+)
 from .errors import CheckpointError, FastSDError, InvalidArgumentError, ModelNotFoundError, PickleRefusedError
-from .hashing import prefetch
+from .hashing import DigestCache, prefetch
 from .model_files import (
     PICKLE_SUFFIXES,
     Checkpoint,
@@ -356,27 +367,64 @@ def _load_checkpoint(model: str, allow_pickle: bool, variant: str | None, local_
         return load_single_file(path, source=str(model), allow_pickle=allow_pickle)
     files, variants = _folder_files(path, allow_pickle, variant)
     prefetch(_load_order(files), "blake2b")  # hashed while the modules are built
-    parts = _load_folder(path, allow_pickle, variants, files)
+    parts, built = _load_folder(path, allow_pickle, variants, files)
+    digests: dict[Path, str] = {}
+    fp = fingerprint(files, path, digests=digests)
+    record_loaded({loaded_key(n, variants.get(n), _named(digests, _files_of(path / n, files))): config_of(parts[n])
+                   for n in built})
     sched = _check_json(path / "scheduler" / "scheduler_config.json")
     index = json.loads((path / "model_index.json").read_text())
-    return make_checkpoint(parts, sched, fingerprint(files, path), str(model), index)
+    return make_checkpoint(parts, sched, fp, str(model), index)
 
 
-def _load_folder(root: Path, allow_pickle: bool, variants: dict, files: list[Path] = ()) -> dict:
-    """The folder's components; `files` (its validated files, `_folder_files`): each
-    component's weights among them are what its finite check may remember."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+def _files_of(folder: Path, files: list[Path]) -> list[Path]:
+    """A network's files among a folder's validated ones: its config and the weights it loads."""
+    return [f for f in files if f.parent == folder and (f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES)]
 
+
+def _named(digests: dict[Path, str], files: list[Path]) -> dict[str, str]:
+    return {f.name: digests[f] for f in files}
+
+
+def _load_folder(root: Path, allow_pickle: bool, variants: dict, files: list[Path] = ()) -> tuple[dict, list[str]]:
+    """The folder's components, and the networks among them built now. `files`: its validated
+    files (`_folder_files`); a network whose files were built on this machine before (by
+    digest, as far as the digest cache already knows them: nothing is read for this) is
+    deferred (components.py), the others are built and checked now."""
     parts = {"tokenizer": load_tokenizer(root / "tokenizer")}
-    classes = [("text_encoder", CLIPTextModel), ("unet", UNet2DConditionModel), ("vae", AutoencoderKL)]
+    networks = ["text_encoder", "unet", "vae"]
     if "text_encoder_2" in variants:  # SD-XL
         parts["tokenizer_2"] = load_tokenizer(root / "tokenizer_2")
-        classes.insert(1, ("text_encoder_2", CLIPTextModelWithProjection))
-    for name, cls in classes:
-        weights = [f for f in files if f.parent == root / name and f.suffix in WEIGHT_SUFFIXES]
-        parts[name] = load_component(cls, root / name, variants.get(name), allow_pickle, weights)
-    return parts
+        networks.insert(1, "text_encoder_2")
+    known, built = DigestCache("blake2b"), []
+    for name in networks:
+        mine = _files_of(root / name, files)
+        weights = [f for f in mine if f.suffix in WEIGHT_SUFFIXES]
+        parts[name] = _deferred(name, root / name, variants.get(name), allow_pickle, mine, known)
+        if parts[name] is None:
+            parts[name] = load_component(model_class(name), root / name, variants.get(name), allow_pickle, weights)
+            built.append(name)
+    return parts, built
+
+
+def _deferred(name: str, folder: Path, variant: str | None, allow_pickle: bool, files: list[Path],
+              known: DigestCache) -> Deferred | None:
+    """The network as a Deferred where its files (config and safetensors weights, digests
+    already recorded) were built on this machine before; None where it must be built now."""
+    digests = {f: known.recorded(f) for f in files}
+    if any(d is None for d in digests.values()) or any(f.suffix in PICKLE_SUFFIXES for f in files):
+        return None
+    config = recorded_config(loaded_key(name, variant, {f.name: d for f, d in digests.items()}))
+    if config is None:
+        return None
+    weights = [f for f in files if f.suffix in WEIGHT_SUFFIXES]
+
+    def build():
+        check_unchanged(digests, name)
+        return load_component(model_class(name), folder, variant, allow_pickle, weights)
+
+    table = partial(read_token_table, weights) if name.startswith("text_encoder") else None
+    return Deferred(config, build, table)
 
 
 def load_component(cls, folder: Path, variant: str | None, allow_pickle: bool, weights: list[Path] = ()):
@@ -490,20 +538,20 @@ def with_vae(ckpt: Checkpoint, vae) -> Checkpoint:
     the fingerprint covers both, so engines are kept apart from the original VAE's."""
     from .model_files import architecture_of
 
-    model, vae_fp, source = load_vae(vae, ckpt.vae.config)
+    model, vae_fp, source = load_vae(vae, ckpt.configs["vae"])
     check_vae_fits(model, ckpt.info, source)
     info = replace(ckpt.info, vae_scale=float(model.config.scaling_factor),
                    vae_shift=float(getattr(model.config, "shift_factor", None) or 0.0),
                    tiny_vae=is_tiny_vae(model),
                    fingerprint=hashlib.blake2b(f"{ckpt.info.fingerprint}+vae:{vae_fp}".encode(),
                                                digest_size=8).hexdigest(),
-                   architecture=architecture_of(ckpt.unet, model, ckpt.text_encoder, ckpt.text_encoder_2))
+                   architecture=architecture_of({**ckpt.configs, "vae": config_of(model)}))
     log.info("VAE replaced by %s", source)
-    return replace(ckpt, info=info, vae=model)
+    return ckpt.replaced(info=info, vae=model)
 
 
 def check_clip_skip(ckpt: Checkpoint, clip_skip) -> None:
-    layers = ckpt.text_encoder.config.num_hidden_layers
+    layers = ckpt.configs["text_encoder"]["num_hidden_layers"]
     if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
         raise InvalidArgumentError(f"must be an integer in [0, {layers - 1}], got {clip_skip!r}", "clip_skip")
 

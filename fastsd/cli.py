@@ -550,11 +550,8 @@ def _load_embeddings(pipe, specs: list[str], allow_pickle: bool) -> list[dict]:
 
 
 def cmd_generate(args) -> int:
-    with phases.phase(phases.IMPORTS):  # the libraries a pipeline loads with, timed apart from loading
-        import diffusers  # noqa: F401
-        import transformers  # noqa: F401
-
-        from . import pipeline  # noqa: F401
+    with phases.phase(phases.IMPORTS):  # fastsd's runtime and torch, timed apart from loading (diffusers'
+        from . import pipeline  # noqa: F401 - and transformers' model classes load with the networks they build)
     values = _call_values(args)
     _check_generate(args, values)
     paths = output_paths(args.out, values.get("num_images_per_prompt", 1), args.overwrite)
@@ -961,18 +958,24 @@ def cmd_info(args) -> int:
     return 0
 
 
+QUIET_LIBRARIES = {"DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error",
+                   "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # where the user's environment does not say
+
+
 def _quiet_libraries(verbose: bool) -> None:
+    """fastsd's own lines on stderr; diffusers' and transformers' warnings (fastsd says what it
+    does) and progress bars off. Through the settings they read from the environment when first
+    imported: their logging functions would import them (~2 s) where engines serve every network
+    and nothing else needs them. Libraries imported already are quieted directly."""
     logging.basicConfig(format="fastsd: %(levelname)s: %(message)s",
                         level=logging.INFO if verbose else logging.WARNING)
-    try:
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
-
-        for lib in (dlog, tlog):
+    for name, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(name, value)
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        lib = sys.modules.get(name)
+        if lib is not None:
             lib.set_verbosity_error()
             lib.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -982,8 +985,7 @@ def main(argv: list[str] | None = None) -> int:
         from .checkpoint import prefetch_checkpoint
 
         prefetch_checkpoint(args.model, bool(getattr(args, "allow_pickle", False)), getattr(args, "variant", None))
-    with phases.phase(phases.IMPORTS):  # reaching the libraries' loggers imports them
-        _quiet_libraries(args.verbose)
+    _quiet_libraries(args.verbose)
     try:
         return args.func(args)
     except FastSDError as e:

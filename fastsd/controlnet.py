@@ -175,8 +175,8 @@ def load_controlnets(value, ckpt, allow_pickle: bool = False, local_files_only: 
         raise InvalidArgumentError("controlnet= is an empty list")
     out = []
     for item in items:
-        cn = load_controlnet(item, ckpt.unet.config, allow_pickle, local_files_only)
-        check_controlnet_fits(cn, ckpt.unet.config, ckpt.info)
+        cn = load_controlnet(item, ckpt.configs["unet"], allow_pickle, local_files_only)
+        check_controlnet_fits(cn, ckpt.configs["unet"], ckpt.info)
         log.info("ControlNet %s loaded", cn.source)
         out.append(cn)
     return out

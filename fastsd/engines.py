@@ -299,6 +299,17 @@ def takes_weights_at_load(engine_dir: Path, fingerprints) -> bool:
     return False
 
 
+def record_bytes(entry: Path, record: dict) -> int:
+    """The bytes of a network's files in an entry (how long its engine takes to load, roughly)."""
+    total = 0
+    for f in record["sha256"]:
+        try:
+            total += (entry / f).stat().st_size
+        except OSError:
+            pass
+    return total
+
+
 def graph_file(network: str, record: dict) -> str:
     """The graph (or engine) file of a validated manifest's network record."""
     return next(f for f in record["sha256"] if f in {network + s for s in GRAPH_SUFFIXES})

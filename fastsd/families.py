@@ -113,10 +113,10 @@ class StableDiffusion:
         vectors reach every backend) and how it finds the end of text for its pooled output."""
         self.token_tables, self._eos = {}, {}
         for net in ("text_encoder", "text_encoder_2"):
-            clip = getattr(ckpt, net, None)
-            if clip is not None:
-                self.token_tables[net] = getattr(clip, "text_model", clip).embeddings.token_embedding
-                eos = clip.config.eos_token_id
+            config = ckpt.configs.get(net)
+            if config is not None:  # neither builds a text encoder not built yet (fastsd/components.py)
+                self.token_tables[net] = ckpt.token_table(net)
+                eos = config["eos_token_id"]
                 self._eos[net] = (eos, eos == 2)  # 2: transformers' legacy configs read the highest id
 
     def text_inputs(self, network: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -325,11 +325,12 @@ def controlnet_names(count: int) -> tuple[str, ...]:
 def family_for(ckpt, controlnets=()) -> StableDiffusion:
     """The family of a loaded checkpoint: SD-XL where it has a second text encoder, else
     SD 1.x/2.x; with `controlnets` (LoadedControlNet, checked to fit) as networks of it."""
-    unet_config = ckpt.unet.config if ckpt.unet is not None else None
+    configs = ckpt.configs
+    unet_config = configs.get("unet")
     if ckpt.info.family == "sdxl":
-        widths = {"text_encoder": (int(ckpt.text_encoder.config.hidden_size), 0),
-                  "text_encoder_2": (int(ckpt.text_encoder_2.config.hidden_size),
-                                     int(ckpt.text_encoder_2.config.projection_dim))}
+        widths = {"text_encoder": (int(configs["text_encoder"]["hidden_size"]), 0),
+                  "text_encoder_2": (int(configs["text_encoder_2"]["hidden_size"]),
+                                     int(configs["text_encoder_2"]["projection_dim"]))}
         family = StableDiffusionXL(ckpt.info, ckpt.tokenizer, ckpt.tokenizer_2, widths, unet_config, controlnets)
     else:
         family = StableDiffusion(ckpt.info, ckpt.tokenizer, None, unet_config, controlnets)

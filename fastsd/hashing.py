@@ -75,6 +75,14 @@ class DigestCache:
         self.table: dict[str, str] = table["files"] if ok else {}
         self.dirty = False
 
+    def recorded(self, path: Path) -> str | None:
+        """The digest recorded for the file as it is now, without reading it (None: not known)."""
+        try:
+            cached = self.table.get(_key(path))
+        except OSError:
+            return None
+        return cached if isinstance(cached, str) else None
+
     def digest(self, path: Path) -> str:
         key = _key(path)
         cached = self.table.get(key)

@@ -154,7 +154,8 @@ def _from_pretrained(cls, model, backend, dev, dtype, store, allow_pickle, predi
     if prediction_type is not None:
         ckpt.info = replace(ckpt.info, scheduler=dict(ckpt.info.scheduler, prediction_type=prediction_type))
     family = family_for(ckpt, load_controlnets(controlnet, ckpt, allow_pickle, local_files_only))
-    vae_fp32, weights = Fp32VaeDecoder(ckpt.vae), base_weights(ckpt, family, store)  # as loaded, before any cast
+    vae_fp32 = Fp32VaeDecoder(ckpt.as_loaded("vae"))  # as loaded, before any cast
+    weights = base_weights(ckpt, family, store)
 
     def remake(dev: torch.device, precision: str, graphs: bool, slicing: bool) -> Backend:
         check_quantized(precision, backend, dev)

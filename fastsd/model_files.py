@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .components import Config, Deferred, config_of
 from .errors import CheckpointError
 from .hashing import DigestCache
 from .paths import cache_dir
+
+log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
@@ -51,15 +56,90 @@ class ModelInfo:
         return self.sample_size * self.vae_factor
 
 
-@dataclass
+NETWORK_PARTS = ("text_encoder", "text_encoder_2", "unet", "vae")  # a checkpoint's modules
+
+
+def _network(name: str) -> property:
+    def get(self):
+        return self.module(name)
+
+    def put(self, value) -> None:
+        self._put(name, value)
+
+    return property(get, put, doc=f"The {name} module (built now where it was deferred; see components.py).")
+
+
 class Checkpoint:
-    info: ModelInfo
-    tokenizer: Any
-    text_encoder: Any  # transformers CLIPTextModel
-    unet: Any  # diffusers UNet2DConditionModel
-    vae: Any  # diffusers AutoencoderKL
-    tokenizer_2: Any = None  # SD-XL's second tokenizer and text encoder (CLIPTextModelWithProjection)
-    text_encoder_2: Any = None
+    """A loaded checkpoint: its ModelInfo, tokenizers, and per network its config (`configs`,
+    plain values with diffusers' defaults filled in) and PyTorch module (`unet`: diffusers'
+    UNet2DConditionModel, `vae`: AutoencoderKL, `text_encoder`: CLIPTextModel, SD-XL's
+    `text_encoder_2`: CLIPTextModelWithProjection). A network given as a `Deferred` is built the
+    first time its module is read; `configs`, `built` and `token_table` never build one."""
+
+    def __init__(self, info: ModelInfo, tokenizer, text_encoder, unet, vae, tokenizer_2=None, text_encoder_2=None):
+        self.info, self.tokenizer, self.tokenizer_2 = info, tokenizer, tokenizer_2
+        self.configs: dict[str, Config] = {}
+        self._parts: dict[str, Any] = {}
+        self._tables: dict[str, Any] = {}  # token tables read from files (deferred text encoders)
+        self._lock = threading.RLock()
+        for name, value in zip(NETWORK_PARTS, (text_encoder, text_encoder_2, unet, vae), strict=True):
+            self._put(name, value)
+
+    text_encoder = _network("text_encoder")
+    text_encoder_2 = _network("text_encoder_2")
+    unet = _network("unet")
+    vae = _network("vae")
+
+    def _put(self, name: str, value) -> None:
+        """Set a network's module (or Deferred); None drops the module and keeps its config."""
+        with self._lock:
+            self._parts[name] = value
+            self._tables.pop(name, None)
+            if value is not None:
+                self.configs[name] = value.config if isinstance(value, Deferred) else config_of(value)
+
+    def module(self, name: str):
+        """The network's module, built now if it was deferred (None: the checkpoint has none)."""
+        with self._lock:
+            part = self._parts.get(name)
+            if isinstance(part, Deferred):
+                from .phases import CHECKPOINT, phase
+
+                log.info("building the %s's PyTorch module", name)
+                with phase(CHECKPOINT):  # reading the checkpoint, whenever it happens
+                    part = part.build().eval().requires_grad_(False)
+                self._parts[name] = part
+            return part
+
+    def built(self, name: str):
+        """The network's module if it is built, else None (nothing is built)."""
+        part = self._parts.get(name)
+        return None if isinstance(part, Deferred) else part
+
+    def as_loaded(self, name: str):
+        """The network's module if built, else a function building a fresh one from its files:
+        what keeps the weights as loaded where the live module may be cast later."""
+        part = self._parts.get(name)
+        return part.build if isinstance(part, Deferred) else part
+
+    def token_table(self, name: str):
+        """A text encoder's token embedding (nn.Embedding): the module's where it is built, else
+        read from its weights file without building it."""
+        with self._lock:
+            part = self._parts.get(name)
+            if not isinstance(part, Deferred):
+                return getattr(part, "text_model", part).embeddings.token_embedding
+            if name not in self._tables and part.token_table is not None:
+                self._tables[name] = part.token_table()
+            if self._tables.get(name) is None:  # not readable from the files: the module's
+                return self.module(name).text_model.embeddings.token_embedding
+            return self._tables[name]
+
+    def replaced(self, **changes) -> Checkpoint:
+        """A copy with some of info, tokenizers and networks replaced (the others shared)."""
+        values = {"info": self.info, "tokenizer": self.tokenizer, "tokenizer_2": self.tokenizer_2,
+                  **{n: self._parts.get(n) for n in NETWORK_PARTS}, **changes}
+        return Checkpoint(**values)
 
 
 SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
@@ -109,24 +189,28 @@ def _check_header(header, data_bytes: int) -> int:
     return end
 
 
-def fingerprint(files: list[Path], root: Path, timed: bool = True) -> str:
+def fingerprint(files: list[Path], root: Path, timed: bool = True, digests: dict | None = None) -> str:
     """Content hash over files (names relative to root). Per-file digests are cached by the
     file's identity (fastsd/hashing.py), so only the first load of a checkpoint reads every byte.
-    `timed`: counted in the process's fingerprint phase (fastsd/phases.py; not on other threads)."""
+    `timed`: counted in the process's fingerprint phase (fastsd/phases.py; not on other threads);
+    `digests`: filled with each file's digest."""
     from .phases import FINGERPRINT, phase
 
     if not timed:
-        return _fingerprint(files, root)
+        return _fingerprint(files, root, digests)
     with phase(FINGERPRINT):
-        return _fingerprint(files, root)
+        return _fingerprint(files, root, digests)
 
 
-def _fingerprint(files: list[Path], root: Path) -> str:
+def _fingerprint(files: list[Path], root: Path, digests: dict | None) -> str:
     cache = DigestCache("blake2b")
     h = hashlib.blake2b(digest_size=8)
     for f in sorted(files):
         rel = f.name if f == root else str(f.relative_to(root))
-        h.update(f"{rel}={cache.digest(f)};".encode())
+        digest = cache.digest(f)
+        if digests is not None:
+            digests[f] = digest
+        h.update(f"{rel}={digest};".encode())
     cache.save()
     return h.hexdigest()
 
@@ -153,57 +237,61 @@ def architecture_hash(*configs) -> str:
     return hashlib.blake2b(json.dumps(clean, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
-def architecture_of(unet, vae, text_encoder, text_encoder_2=None) -> str:
-    """The architecture hash of a checkpoint's networks (SD-XL: the second encoder too)."""
-    text = [t.config.to_dict() for t in (text_encoder, text_encoder_2) if t is not None]
-    return architecture_hash(unet.config, vae.config, *text)
+def architecture_of(configs: dict) -> str:
+    """The architecture hash of a checkpoint's networks from their configs (`Checkpoint.configs`;
+    SD-XL: the second encoder too)."""
+    text = [configs[t] for t in ("text_encoder", "text_encoder_2") if t in configs]
+    return architecture_hash(configs["unet"], configs["vae"], *text)
 
 
 def make_checkpoint(parts: dict, scheduler: dict, fp: str, source: str,
                     pipeline_config: dict | None = None) -> Checkpoint:
     """A Checkpoint from loaded parts (tokenizer, text_encoder, unet, vae; SD-XL also
-    tokenizer_2 and text_encoder_2). `pipeline_config` is model_index.json's settings
-    (force_zeros_for_empty_prompt; diffusers' default True for SD-XL where absent)."""
-    unet, vae, tok = parts["unet"], parts["vae"], parts["tokenizer"]
-    text_2 = parts.get("text_encoder_2")
-    for m in (parts["text_encoder"], unet, vae, text_2):
-        if m is not None:
-            m.eval().requires_grad_(False)
-    xl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+    tokenizer_2 and text_encoder_2), each network a module or a `Deferred`. `pipeline_config`
+    is model_index.json's settings (force_zeros_for_empty_prompt; diffusers' default True for
+    SD-XL where absent)."""
+    for name in NETWORK_PARTS:
+        if parts.get(name) is not None and not isinstance(parts[name], Deferred):
+            parts[name].eval().requires_grad_(False)
+    ckpt = Checkpoint(None, parts["tokenizer"], parts["text_encoder"], parts["unet"], parts["vae"],
+                      parts.get("tokenizer_2"), parts.get("text_encoder_2"))
+    cfg = ckpt.configs
+    unet, vae, text, text_2 = cfg["unet"], cfg["vae"], cfg["text_encoder"], cfg.get("text_encoder_2")
+    xl = unet.get("addition_embed_type") == "text_time"
     if xl != (text_2 is not None):
         raise CheckpointError("an SD-XL UNet (text_time added embedding) needs text_encoder_2 and tokenizer_2, "
                               "and only it takes them" if xl else
                               "text_encoder_2 is given but the UNet is not an SD-XL one (no text_time embedding)")
     if xl:
-        want = unet.config.addition_time_embed_dim * 6 + text_2.config.projection_dim
-        if unet.config.projection_class_embeddings_input_dim != want:
+        want = unet["addition_time_embed_dim"] * 6 + text_2["projection_dim"]
+        if unet["projection_class_embeddings_input_dim"] != want:
             raise CheckpointError(f"the UNet's added embedding takes "
-                                  f"{unet.config.projection_class_embeddings_input_dim} features, but 6 time ids "
+                                  f"{unet['projection_class_embeddings_input_dim']} features, but 6 time ids "
                                   f"and text_encoder_2's pooled output make {want}")
-        width = parts["text_encoder"].config.hidden_size + text_2.config.hidden_size
-        if width != unet.config.cross_attention_dim:
+        width = text["hidden_size"] + text_2["hidden_size"]
+        if width != unet["cross_attention_dim"]:
             raise CheckpointError(f"the two text encoders give {width} features; the UNet takes "
-                                  f"{unet.config.cross_attention_dim}")
-    info = ModelInfo(
-        vae_scale=float(vae.config.scaling_factor),
-        vae_shift=float(getattr(vae.config, "shift_factor", None) or 0.0),
-        vae_factor=2 ** (len(vae.config.block_out_channels) - 1),
-        latent_channels=int(vae.config.latent_channels),
-        unet_in_channels=int(unet.config.in_channels),
-        sample_size=int(unet.config.sample_size),
-        cross_attention_dim=int(unet.config.cross_attention_dim),
-        max_tokens=int(min(tok.model_max_length, parts["text_encoder"].config.max_position_embeddings)),
+                                  f"{unet['cross_attention_dim']}")
+    ckpt.info = ModelInfo(
+        vae_scale=float(vae["scaling_factor"]),
+        vae_shift=float(vae.get("shift_factor") or 0.0),
+        vae_factor=2 ** (len(vae["block_out_channels"]) - 1),
+        latent_channels=int(vae["latent_channels"]),
+        unet_in_channels=int(unet["in_channels"]),
+        sample_size=int(unet["sample_size"]),
+        cross_attention_dim=int(unet["cross_attention_dim"]),
+        max_tokens=int(min(parts["tokenizer"].model_max_length, text["max_position_embeddings"])),
         scheduler=scheduler,
         fingerprint=fp,
         source=source,
-        architecture=architecture_of(unet, vae, parts["text_encoder"], text_2),
+        architecture=architecture_of(cfg),
         family="sdxl" if xl else "sd",
         force_zeros_for_empty_prompt=xl and bool((pipeline_config or {}).get("force_zeros_for_empty_prompt", True)),
-        guidance_embedding_dim=int(getattr(unet.config, "time_cond_proj_dim", None) or 0),
+        guidance_embedding_dim=int(unet.get("time_cond_proj_dim") or 0),
     )
-    if info.unet_in_channels not in (info.latent_channels, 2 * info.latent_channels + 1):
-        raise CheckpointError(f"unsupported UNet with {info.unet_in_channels} input channels")
-    return Checkpoint(info, tok, parts["text_encoder"], unet, vae, parts.get("tokenizer_2"), text_2)
+    if ckpt.info.unet_in_channels not in (ckpt.info.latent_channels, 2 * ckpt.info.latent_channels + 1):
+        raise CheckpointError(f"unsupported UNet with {ckpt.info.unet_in_channels} input channels")
+    return ckpt
 
 
 FINITE_TABLE = "finite-weights.json"  # in the cache folder: digests of weight files found finite

@@ -187,7 +187,7 @@ class Stages:
         seconds of an fp32 decode, when there was one."""
         z = latents / self.info.vae_scale + self.info.vae_shift
         fp32 = partial(self.backend.vae_decoder_fp32, ran=ran)
-        if self.dtype == torch.float16 and getattr(self.ckpt.vae.config, "force_upcast", False):
+        if self.dtype == torch.float16 and self.ckpt.configs["vae"].get("force_upcast", False):
             with self._timed(timings, "vae_decoder_fp32"):
                 images = self._decode_with(fp32, z)
         else:
@@ -204,10 +204,10 @@ class Stages:
         """(tile, overlap) in latent pixels when VAE tiling is on (MemoryOptions.vae_tiling or
         diffusers' pipe.vae.enable_tiling()): by default diffusers' own geometry, the VAE's
         sample size and a quarter of it."""
-        m, vae = self.memory, self.ckpt.vae
+        m, vae = self.memory, self.ckpt.built("vae")  # pipe.vae.enable_tiling() builds it
         if not (m.vae_tiling or getattr(vae, "use_tiling", False)):
             return None
-        size = vae.config.sample_size
+        size = self.ckpt.configs["vae"]["sample_size"]
         size = size[0] if isinstance(size, (list, tuple)) else size
         tile = m.tile or max(int(size / self.info.vae_factor), 1)
         overlap = m.tile_overlap if m.tile_overlap is not None else tile - int(tile * 0.75)
@@ -217,7 +217,7 @@ class Stages:
 
     def _decode_with(self, decoder, z: torch.Tensor) -> torch.Tensor:
         tiling = self._tiling()
-        if self.memory.vae_slicing or getattr(self.ckpt.vae, "use_slicing", False):  # one image at a time
+        if self.memory.vae_slicing or getattr(self.ckpt.built("vae"), "use_slicing", False):  # one image at a time
             return decode_sliced(lambda one: self._decode_one(decoder, one, tiling), z)
         return self._decode_one(decoder, z, tiling)
 

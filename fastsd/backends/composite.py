@@ -34,6 +34,7 @@ class LazyRunner:
         self.spec, self.device, self.dtype, self.profile = spec, device, dtype, profile
         self.fingerprint, self.facts = fingerprint, facts
         self.weights = weights  # the network's weights as loaded: given to an engine whose files hold a donor's
+        self.size = 0  # the bytes of its files, where known (the order first choices load in)
         self.runner: Runner | None = None
         self.failed: str | None = None
         self.stale: str | None = None  # why the engine does not hold the network's weights now (a LoRA it cannot take)

@@ -47,15 +47,25 @@ class Fp32VaeDecoder:
     """The VAE decoder in fp32 made from the weights as loaded: made for a pipeline before any
     backend casts the checkpoint's modules, it keeps those weights (the fp32 tensors on the CPU:
     references, no copy, while nothing casts the live ones) and builds the fp32 module on the
-    device of the first latents it decodes (again if they come on another device), once."""
+    device of the first latents it decodes (again if they come on another device), once. A VAE
+    not built yet (`Checkpoint.as_loaded`: a function building one from its files) is built
+    for it then, apart from the live one, which may have been cast meanwhile."""
 
     def __init__(self, vae):
+        self.vae, self.weights = None, None
+        self._source = vae if callable(vae) and not isinstance(vae, torch.nn.Module) else None
+        if self._source is None:
+            self._keep(vae)
+        self._module, self._lock = None, threading.Lock()
+
+    def _keep(self, vae) -> None:
         self.vae = vae
         self.weights = {k: v.detach() for k, v in vae_modules(vae)[1].state_dict().items()}
-        self._module, self._lock = None, threading.Lock()
 
     def __call__(self, latent: torch.Tensor) -> torch.Tensor:
         with self._lock:
+            if self.vae is None:
+                self._keep(self._source().float().eval().requires_grad_(False))
             if self._module is None or next(self._module.parameters()).device != latent.device:
                 module = copy.deepcopy(vae_modules(self.vae)[1]).to(latent.device, torch.float32)
                 module.load_state_dict(self.weights)  # the original values, not a cast copy's
@@ -68,7 +78,7 @@ class EagerBackend(Networks):
     def __init__(self, ckpt, family, device: torch.device, dtype: torch.dtype, clip_skip: int = 0,
                  cuda_graphs: bool = False, attention_slicing: bool = False, vae_fp32: Fp32VaeDecoder | None = None):
         """`vae_fp32`: the pipeline's fp32 VAE decoder (made here, before the cast, if not given)."""
-        self.vae_fp32 = vae_fp32 or Fp32VaeDecoder(ckpt.vae)
+        self.vae_fp32 = vae_fp32 or Fp32VaeDecoder(ckpt.as_loaded("vae"))
         self.ckpt, self.specs, self.device, self.dtype = ckpt, family.specs, device, dtype
         self.clip_skip = clip_skip
         if attention_slicing:  # attention computed in slices (diffusers' "auto"): less memory, slower

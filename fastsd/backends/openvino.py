@@ -130,8 +130,10 @@ def with_weights(model, weights: dict[str, torch.Tensor], transposed: set[str], 
 
 
 def compile_model(model, config: dict):
-    with _core_lock:
-        return core().compile_model(model, "CPU", config)
+    """Compiled for the CPU. Not under the core's lock: OpenVINO compiles models on one Core from
+    several threads (its maintainers call compile_model thread-safe), so a network the preload
+    thread compiles does not hold up another the pipeline compiles meanwhile."""
+    return core().compile_model(model, "CPU", config)
 
 
 def compiled_key(path: Path, config: dict) -> tuple:

@@ -1,7 +1,8 @@
-"""Engines loaded ahead: while `Pipeline.from_pretrained` builds the checkpoint's modules, a
-background thread finds, from the store's manifests alone, the engine each network's first
-choice will load and loads it (ONNX Runtime's session, OpenVINO's compiled model; both
-release the GIL while they work), so the engine load overlaps the checkpoint read.
+"""Engines loaded ahead: while `Pipeline.from_pretrained` reads the checkpoint, a background
+thread finds, from the store's manifests alone, the engine each network's first choice will
+load and loads it, largest first (ONNX Runtime's session, OpenVINO's compiled model; both
+release the GIL while they work), so the engine load overlaps the checkpoint read; the
+pipeline, done reading, loads the rest smallest first (select.make_backend).
 
 Nothing here decides what runs: the runner that loads an engine asks `take` for one made
 with exactly its own settings (a key of the file and every option that shapes it) and makes

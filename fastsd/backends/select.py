@@ -24,6 +24,7 @@ from ..engines import (
     kind_entries,
     manifest_problem,
     read_manifest,
+    record_bytes,
     takes_weights_at_load,
     weights_at_load,
 )
@@ -85,9 +86,10 @@ def _engines(kind: EngineKind, fingerprint: str, specs: dict, device, dtype, eng
             except ValueError as e:
                 _warn_unusable(f"{kind.name} ({entry.name})", {n: str(e)}, True, True)
                 continue
-            found.setdefault(n, []).append(LazyRunner(kind, entry, graph_file(spec.name, record), spec, device,
-                                                      dtype, Profile(**manifest["profile"]), fingerprint, facts,
-                                                      (weights or {}).get(n)))
+            runner = LazyRunner(kind, entry, graph_file(spec.name, record), spec, device, dtype,
+                                Profile(**manifest["profile"]), fingerprint, facts, (weights or {}).get(n))
+            runner.size = record_bytes(entry, record)
+            found.setdefault(n, []).append(runner)
     return found
 
 
@@ -135,8 +137,9 @@ def ahead(fingerprint: str, backend: str, device: torch.device, precision: str, 
           clip_skip: int = 0) -> list[tuple]:
     """(key, make) of each engine a pipeline of this checkpoint will load first (see
     candidates: per network, the first valid entry of the first kind that has one), from the
-    manifests and the entries' recorded digests: what `preload.Preload` makes ahead. Engines
-    given the checkpoint's weights at load, and kinds that make nothing ahead, are left out."""
+    manifests and the entries' recorded digests: what `preload.Preload` makes ahead, largest
+    first (make_backend loads smallest first: the two meet in the middle). Engines given the
+    checkpoint's weights at load, and kinds that make nothing ahead, are left out."""
     kinds = tuple(ENGINE_KINDS.values()) if backend == "auto" else (ENGINE_KINDS[backend],)
     jobs, claimed = [], set()
     for kind in kinds:
@@ -154,10 +157,10 @@ def ahead(fingerprint: str, backend: str, device: torch.device, precision: str, 
             for n in (n for n in networks if n not in problems):
                 claimed.add(n)
                 record = manifest["networks"][n]
-                job = None if weights_at_load(record) else kind.preload(entry / graph_file(n, record), device,
-                                                                         compute_dtype(precision), record)
-                jobs.append(job)
-    return [j for j in jobs if j is not None]
+                if not weights_at_load(record):
+                    job = kind.preload(entry / graph_file(n, record), device, compute_dtype(precision), record)
+                    jobs.append((record_bytes(entry, record), job))
+    return [job for _, job in sorted(jobs, key=lambda j: -j[0]) if job is not None]
 
 
 def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
@@ -168,7 +171,7 @@ def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.
     (one is made here, from the checkpoint's weights before any cast, where none is given);
     `precision`: the engines' where it is a quantized one, `weights`: the networks' weights as
     loaded (see candidates)."""
-    vae_fp32 = vae_fp32 or Fp32VaeDecoder(ckpt.vae)
+    vae_fp32 = vae_fp32 or Fp32VaeDecoder(ckpt.as_loaded("vae"))
 
     def make_eager():
         return EagerBackend(ckpt, family, device, dtype, clip_skip, cuda_graphs, attention_slicing, vae_fp32)
@@ -176,7 +179,9 @@ def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.
     if backend == "eager":
         return make_eager()
     engines = candidates(ckpt, family, backend, device, dtype, engine_dir, clip_skip, precision, weights)
-    for runners in engines.values():  # the first choice loads now: its failure is known at load time
+    # the first choice loads now (its failure is known at load time), smallest first: engines
+    # loaded ahead come largest first, so the two threads meet in the middle (see ahead)
+    for runners in sorted(engines.values(), key=lambda rs: rs[0].size if rs else 0):
         while runners and not runners[0].load():
             runners.pop(0)
     missing = [n for n in family.networks if not engines.get(n)]

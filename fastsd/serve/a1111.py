@@ -565,7 +565,7 @@ class _Api:
     def context(self) -> Context:
         state = self.state
         names = (*state.options.served_names, *model_identity(state)[::2])
-        layers = state.pipe.ckpt.text_encoder.config.num_hidden_layers
+        layers = state.pipe.ckpt.configs["text_encoder"]["num_hidden_layers"]
         return Context(state.pipe.info.vae_factor, state.options.limits, names, state.a1111,
                        state.options.upscaler_dir, layers, state.pipe.upscaler)
 
