@@ -104,9 +104,25 @@ def test_negative_prompt_is_said_to_do_nothing(eager, caplog):
     assert "negative prompt has no effect" in caplog.text
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "compiled"])
 def test_engines_take_the_embedding(lcm, eager, tmp_path_factory, backend):
-    """The embedding is a UNet input of the spec: ONNX Runtime and OpenVINO engines serve it (2e-3)."""
+    """The embedding is a UNet input of the spec: ONNX Runtime, OpenVINO and compiled
+    (AOTInductor) engines serve it (2e-3)."""
+    if backend == "compiled":
+        from fastsd.export.compiled import build_compiled
+
+        store = tmp_path_factory.mktemp("lcm-compiled")  # the checkpoint's size, static
+        build_compiled(str(lcm), engine_dir=store, networks=("unet",))
+    else:
+        store = _onnx_store(lcm, tmp_path_factory, backend)
+    pipe = Pipeline.from_pretrained(str(lcm), device="cpu", backend=backend, engine_dir=str(store))
+    out = pipe("a fox", scheduler="lcm", seed=2, **KW)
+    assert out.backends["unet"] == backend
+    assert np.abs(out.images - eager("a fox", scheduler="lcm", seed=2, **KW).images).max() <= 2e-3
+
+
+def _onnx_store(lcm, tmp_path_factory, backend: str):
+    """The LCM UNet's ONNX Runtime entry (exported once per worker), or an OpenVINO entry built from it."""
     pytest.importorskip("onnxruntime")
     if backend == "openvino":
         pytest.importorskip("openvino")
@@ -120,7 +136,4 @@ def test_engines_take_the_embedding(lcm, eager, tmp_path_factory, backend):
 
         store = copy_entries(store, tmp_path_factory.mktemp("lcm-openvino"), "onnxruntime-fp32")
         build_openvino(str(lcm), engine_dir=store, networks=("unet",))
-    pipe = Pipeline.from_pretrained(str(lcm), device="cpu", backend=backend, engine_dir=str(store))
-    out = pipe("a fox", scheduler="lcm", seed=2, **KW)
-    assert out.backends["unet"] == backend
-    assert np.abs(out.images - eager("a fox", scheduler="lcm", seed=2, **KW).images).max() <= 2e-3
+    return store
