@@ -23,6 +23,7 @@ from .components import (
     check_unchanged,
     config_of,
     loaded_key,
+    loading_bars,
     model_class,
     read_token_table,
     record_loaded,
@@ -430,6 +431,7 @@ def _deferred(name: str, folder: Path, variant: str | None, allow_pickle: bool, 
 def load_component(cls, folder: Path, variant: str | None, allow_pickle: bool, weights: list[Path] = ()):
     """One diffusers/transformers component from its folder, refused when weights are missing
     or not finite (`weights`: the files it loads, whose finite check is remembered)."""
+    loading_bars()
     try:
         model, loading = cls.from_pretrained(str(folder), use_safetensors=None if allow_pickle else True,
                                              variant=variant, output_loading_info=True, local_files_only=True)

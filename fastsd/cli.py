@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 
 from . import phases
+from .components import quiet_loading_bars
 from .errors import FastSDError, InvalidArgumentError, OutputPathError
 from .files import created_mode
 from .sampler_names import SAMPLER_NAMES
@@ -958,15 +959,14 @@ def cmd_info(args) -> int:
     return 0
 
 
-QUIET_LIBRARIES = {"DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error",
-                   "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # where the user's environment does not say
+QUIET_LIBRARIES = {"DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error"}  # unless the user says
 
 
 def _quiet_libraries(verbose: bool) -> None:
     """fastsd's own lines on stderr; diffusers' and transformers' warnings (fastsd says what it
-    does) and progress bars off. Through the settings they read from the environment when first
-    imported: their logging functions would import them (~2 s) where engines serve every network
-    and nothing else needs them. Libraries imported already are quieted directly."""
+    does) and their bars over loading a model off, without importing them (~2 s, where engines
+    serve every network and nothing else needs them): the warnings through the level they read
+    from the environment when first imported, the bars where fastsd builds a model with them."""
     logging.basicConfig(format="fastsd: %(levelname)s: %(message)s",
                         level=logging.INFO if verbose else logging.WARNING)
     for name, value in QUIET_LIBRARIES.items():
@@ -975,7 +975,7 @@ def _quiet_libraries(verbose: bool) -> None:
         lib = sys.modules.get(name)
         if lib is not None:
             lib.set_verbosity_error()
-            lib.disable_progress_bar()
+    quiet_loading_bars()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import mmap
 import os
+import sys
 from dataclasses import dataclass
 from importlib import import_module, metadata
 from pathlib import Path
@@ -33,8 +33,6 @@ from typing import Any, Callable
 from .errors import CheckpointError
 from .hashing import DigestCache
 from .paths import cache_dir
-
-log = logging.getLogger(__name__)
 
 LOADED_TABLE = "loaded-components.json"
 TABLE_FORMAT = 1
@@ -67,14 +65,29 @@ def config_of(module) -> Config:
 
 
 def model_class(network: str):
-    """The diffusers / transformers class of a checkpoint folder's network (imported now).
-    HF_HUB_DISABLE_PROGRESS_BARS turns off diffusers' bar over a sharded file's parts too, as it
-    does the hub's and transformers' bars."""
+    """The diffusers / transformers class of a checkpoint folder's network (imported now)."""
     library, name = CLASSES[network]
-    cls = getattr(import_module(library), name)
-    if library == "diffusers" and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes"):
-        import_module("diffusers.utils.logging").disable_progress_bar()
-    return cls
+    return getattr(import_module(library), name)
+
+
+_quiet_bars = False  # set by the CLI: no library bars over loading a model
+
+
+def quiet_loading_bars() -> None:
+    """diffusers' and transformers' progress bars off for the models fastsd loads from now on
+    (the CLI, which says what it does itself), without importing either library now: each is
+    quieted once imported, when fastsd loads a model with it (`loading_bars`)."""
+    global _quiet_bars
+    _quiet_bars = True
+    loading_bars()
+
+
+def loading_bars() -> None:
+    """Apply `quiet_loading_bars` to the libraries imported so far (called before each load)."""
+    if _quiet_bars:
+        for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+            if name in sys.modules:
+                sys.modules[name].disable_progress_bar()
 
 
 @dataclass

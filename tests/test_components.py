@@ -142,3 +142,15 @@ def test_the_fp32_decoder_of_a_deferred_vae_decodes_the_same(ckpts, fresh_cache)
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(decoder(latent), Fp32VaeDecoder(first.vae)(latent))
     assert ckpt.built("vae") is None  # its own VAE, apart from the live one
+
+
+def test_the_cli_shows_no_library_bar_where_it_builds_networks(ckpts, fresh_cache, tmp_path):
+    """First sight (every network built): fastsd's own lines only, no diffusers or transformers
+    progress bar, although neither library is imported before the build."""
+    args = ["generate", "a", "--model", str(ckpts["eps"]), "--backend", "eager", "--steps", "1", "--no-progress",
+            "--out", str(tmp_path / "x.png")]
+    code = "import sys, fastsd.cli; sys.exit(fastsd.cli.main(sys.argv[1:]))"
+    env = dict(os.environ, FASTSD_CACHE=str(fresh_cache))
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Loading" not in out.stderr and "it/s]" not in out.stderr, out.stderr
