@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 
 from .components import (
+    READ_KEYS,
     Deferred,
     check_unchanged,
     config_of,
@@ -416,7 +417,7 @@ def _deferred(name: str, folder: Path, variant: str | None, allow_pickle: bool, 
     if any(d is None for d in digests.values()) or any(f.suffix in PICKLE_SUFFIXES for f in files):
         return None
     config = recorded_config(loaded_key(name, variant, {f.name: d for f, d in digests.items()}))
-    if config is None:
+    if config is None or not _recorded_usable(name, config, folder):
         return None
     weights = [f for f in files if f.suffix in WEIGHT_SUFFIXES]
 
@@ -426,6 +427,18 @@ def _deferred(name: str, folder: Path, variant: str | None, allow_pickle: bool, 
 
     table = partial(read_token_table, weights) if name.startswith("text_encoder") else None
     return Deferred(config, build, table)
+
+
+def _recorded_usable(name: str, config: dict, folder: Path) -> bool:
+    """Whether a recorded config holds, well typed, every value fastsd reads before a build (a
+    hand-edited or damaged record costs a build, never an error or a wrong value)."""
+    if any(key not in config for key in READ_KEYS[name]):
+        return False
+    try:
+        check_config(folder / "config.json", config, name)
+    except CheckpointError:
+        return False
+    return True
 
 
 def load_component(cls, folder: Path, variant: str | None, allow_pickle: bool, weights: list[Path] = ()):

@@ -41,6 +41,13 @@ CLASSES = {"text_encoder": ("transformers", "CLIPTextModel"),
            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
            "unet": ("diffusers", "UNet2DConditionModel"),
            "vae": ("diffusers", "AutoencoderKL")}
+_TEXT_KEYS = ("hidden_size", "num_hidden_layers", "max_position_embeddings", "projection_dim", "eos_token_id")
+READ_KEYS = {  # what fastsd reads from a network's config before building it: a record must hold them all
+    "unet": ("sample_size", "in_channels", "cross_attention_dim", "block_out_channels", "layers_per_block",
+             "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+             "time_cond_proj_dim"),
+    "vae": ("scaling_factor", "shift_factor", "block_out_channels", "latent_channels", "sample_size", "force_upcast"),
+    "text_encoder": _TEXT_KEYS, "text_encoder_2": _TEXT_KEYS}
 # a CLIP text encoder's token table in its file: as trained checkpoints name it, as transformers >= 5 saves it
 TOKEN_TABLES = ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight")
 

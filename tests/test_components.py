@@ -154,3 +154,18 @@ def test_the_cli_shows_no_library_bar_where_it_builds_networks(ckpts, fresh_cach
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Loading" not in out.stderr and "it/s]" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("damage", [lambda c: c.pop("sample_size"), lambda c: c.update(block_out_channels="x")])
+def test_a_damaged_record_costs_a_build(ckpts, fresh_cache, damage):
+    load_checkpoint(str(ckpts["eps"]))
+    path = fresh_cache / fastsd.components.LOADED_TABLE
+    table = json.loads(path.read_text())
+    for config in table["records"].values():
+        if "sample_size" in config:  # the UNet's and the VAE's
+            damage(config)
+    path.write_text(json.dumps(table))
+    ckpt = load_checkpoint(str(ckpts["eps"]))
+    assert ckpt.built("unet") is not None and ckpt.built("vae") is not None
+    assert ckpt.built("text_encoder") is None  # its record is intact
+    assert ckpt.info == load_checkpoint(str(ckpts["eps"])).info
