@@ -14,7 +14,7 @@ import threading
 from functools import partial
 from pathlib import Path
 
-from . import phases
+from . import phases, status
 from .components import quiet_loading_bars
 from .errors import FastSDError, InvalidArgumentError, OutputPathError
 from .files import created_mode
@@ -959,6 +959,18 @@ def cmd_info(args) -> int:
     return 0
 
 
+class _Lines(logging.Formatter):
+    """`fastsd: LEVEL: message`; a status line (fastsd/status.py) as `fastsd: message`."""
+
+    def __init__(self):
+        super().__init__("fastsd: %(levelname)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == status.LOGGER and record.levelno == logging.INFO:
+            return f"fastsd: {record.getMessage()}"
+        return super().format(record)
+
+
 QUIET_LIBRARIES = {"DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error"}  # unless the user says
 
 
@@ -967,8 +979,10 @@ def _quiet_libraries(verbose: bool) -> None:
     does) and their bars over loading a model off, without importing them (~2 s, where engines
     serve every network and nothing else needs them): the warnings through the level they read
     from the environment when first imported, the bars where fastsd builds a model with them."""
-    logging.basicConfig(format="fastsd: %(levelname)s: %(message)s",
-                        level=logging.INFO if verbose else logging.WARNING)
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Lines())
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+    logging.getLogger(status.LOGGER).setLevel(logging.INFO)  # what a step taking seconds is doing: always shown
     for name, value in QUIET_LIBRARIES.items():
         os.environ.setdefault(name, value)
     for name in ("diffusers.utils.logging", "transformers.utils.logging"):

@@ -32,6 +32,7 @@ from .errors import OutputPathError
 from .hashing import DigestCache, link_files, remove_tree
 from .networks import NETWORKS
 from .paths import default_engine_dir  # noqa: F401 - re-exported: callers take the default from here
+from .status import LONG_BYTES, file_bytes, gigabytes, say_once
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -411,6 +412,8 @@ def check_entry(entry: Path, fingerprint: str, runtime_facts: dict | None = None
     problems = {}
     whole = _entry_problem(manifest, fingerprint, runtime_facts or {})
     digests = DigestCache("sha256")
+    if not whole:
+        _say_unread(entry, manifest, networks, digests)
     for n in networks:
         net = manifest["networks"].get(n)
         if whole:
@@ -427,6 +430,15 @@ def check_entry(entry: Path, fingerprint: str, runtime_facts: dict | None = None
                                           f"engine file {f} does not match its manifest hash (modified or corrupt)")
     digests.save()
     return manifest, problems
+
+
+def _say_unread(entry: Path, manifest: dict, networks, digests: DigestCache) -> None:
+    """One line where the networks' files not hashed before take long to read (once per entry)."""
+    files = [entry / f for n in networks for f in manifest["networks"].get(n, {}).get("sha256", {})]
+    unread = file_bytes(f for f in files if digests.recorded(f) is None)
+    if unread >= LONG_BYTES:
+        say_once(("engine files", str(entry)), "checking %s of engine files in %s not read before (their manifest "
+                 "hashes; once)", gigabytes(unread), entry)
 
 
 def _entry_problem(manifest: dict, fingerprint: str, runtime_facts: dict) -> Problem | None:

@@ -19,6 +19,7 @@ from .components import Config, Deferred, config_of
 from .errors import CheckpointError
 from .hashing import DigestCache
 from .paths import cache_dir
+from .status import LONG_BYTES, file_bytes, gigabytes, say
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,10 @@ def fingerprint(files: list[Path], root: Path, timed: bool = True, digests: dict
 
     if not timed:
         return _fingerprint(files, root, digests)
+    known = DigestCache("blake2b")
+    unread = file_bytes(f for f in files if known.recorded(f) is None)
+    if unread >= LONG_BYTES:
+        say("reading %s of %s seen for the first time (its fingerprint; once)", gigabytes(unread), root)
     with phase(FINGERPRINT):
         return _fingerprint(files, root, digests)
 

@@ -17,8 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .archs import ARCHS, CONTROLNET_KEYS, arch
+from .components import loading_bars
 from .errors import ModelNotFoundError
 from .paths import cache_dir
+from .status import say
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ def build(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    loading_bars()  # the libraries' bars over writing the files, off where the CLI asked
     spec = arch(arch_name)
     if unet_in_channels is not None:
         spec["unet"]["in_channels"] = unet_in_channels
@@ -209,15 +212,16 @@ def synthetic_path(model: str, build_missing: bool = True) -> Path:
     path = cache_dir() / "synthetic" / f"{name}-v{SYNTHETIC_VERSION}"
     if name in controlnets:
         if not (path / "config.json").exists() and build_missing:
-            log.info("building synthetic ControlNet %s at %s (random weights, once)", name, path)
+            say("building the synthetic ControlNet %s at %s (random weights, once)", name, path)
             build_controlnet(path, name[len(CONTROLNET):])
         return path
     if name in TINY_VAES:
         if not (path / "config.json").exists() and build_missing:
-            log.info("building synthetic tiny autoencoder %s at %s (random weights, once)", name, path)
+            say("building the synthetic tiny autoencoder %s at %s (random weights, once)", name, path)
             build_tiny_vae(path, name)
         return path
     if not (path / "model_index.json").exists() and build_missing:
-        log.info("building synthetic checkpoint %s at %s (random weights, once)", name, path)
+        say("building the synthetic checkpoint %s at %s (random weights, once; a full-size one takes minutes "
+            "and several GB)", name, path)
         build(path, name)
     return path

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..status import LONG_BYTES, file_bytes, say
 from . import preload
 from .kind import (
     CPU_GRAPH,
@@ -181,6 +182,9 @@ def new_session(graph: Path, threads: int, providers: list, overrides: dict | No
     values = [ort.OrtValue.ortvalue_from_numpy(overrides[n]) for n in names]
     if names:
         opts.add_external_initializers(names, values)
+    if not optimised and file_bytes([graph, f"{graph}.data"]) >= LONG_BYTES:
+        say("ONNX Runtime is optimising %s for this CPU at load (seconds; `fastsd export` on this machine keeps an "
+            "optimised copy for the checkpoint's own weights)", graph.name)
     session = ort.InferenceSession(str(graph), opts, providers=providers)
     session.fastsd_values = values  # the session may read them for its lifetime: they live as long as it
     return session

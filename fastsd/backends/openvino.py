@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..status import LONG_BYTES, file_bytes, say
 from . import preload
 from .kind import (
     WEIGHTS_BY_NAME,
@@ -136,6 +137,13 @@ def compile_model(model, config: dict):
     return core().compile_model(model, "CPU", config)
 
 
+def read_graph(path: Path):
+    """The graph as an OpenVINO model, about to be compiled (a line where that takes seconds)."""
+    if file_bytes([path, f"{path}.data"]) >= LONG_BYTES:
+        say("OpenVINO is compiling %s", path.name)
+    return core().read_model(str(path))
+
+
 def compiled_key(path: Path, config: dict) -> tuple:
     """What a compiled model of a graph's own weights is made of (`preload.take`'s key)."""
     return "openvino", str(path), tuple(sorted(config.items()))
@@ -146,7 +154,7 @@ def _preload(path: Path, device: torch.device, dtype: torch.dtype, record: dict)
     if device.type != "cpu":
         return None
     config = compile_config(PRECISIONS[dtype])
-    return compiled_key(path, config), lambda: compile_model(core().read_model(str(path)), config)
+    return compiled_key(path, config), lambda: compile_model(read_graph(path), config)
 
 
 class OvRunner(EngineRunner):
@@ -191,7 +199,7 @@ class OvRunner(EngineRunner):
             compiled = preload.take(compiled_key(self.path, self.config))
             if compiled is not None:
                 return compiled, []
-        model, kept = core().read_model(str(self.path)), []
+        model, kept = read_graph(self.path), []
         if self._given is not None or overrides:
             with_weights(model, {**(self._given or {}), **overrides}, self.transposed, kept)
         return compile_model(model, self.config), kept

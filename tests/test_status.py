@@ -1,0 +1,93 @@
+"""Steps that take seconds say what they do (fastsd/status.py): building a synthetic model,
+reading files seen for the first time, optimising or compiling a large graph at load. The
+size threshold is lowered here so the tiny test models count as large."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import copy_entries
+
+import fastsd.engines
+import fastsd.hashing
+import fastsd.model_files
+import fastsd.status
+from fastsd.checkpoint import load_checkpoint
+from fastsd.engines import check_entry, read_manifest
+from fastsd.synthetic import synthetic_path
+
+
+@pytest.fixture()
+def lines(caplog, tmp_path, monkeypatch):
+    """The status lines logged, with a cache of its own (nothing hashed yet) and every file large."""
+    monkeypatch.setenv("FASTSD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fastsd.hashing, "SETTLED", -1.0)
+    monkeypatch.setattr(fastsd.status, "_said", set())
+    for module in (fastsd.model_files, fastsd.engines):
+        monkeypatch.setattr(module, "LONG_BYTES", 1)
+    caplog.set_level(logging.INFO, logger=fastsd.status.LOGGER)
+
+    def said() -> list[str]:
+        out = [r.getMessage() for r in caplog.records if r.name == fastsd.status.LOGGER]
+        caplog.clear()
+        return out
+
+    return said
+
+
+def test_a_synthetic_build_says_so(lines):
+    synthetic_path("synthetic:tiny")
+    assert any(line.startswith("building the synthetic checkpoint tiny") for line in lines())
+    synthetic_path("synthetic:tiny")  # built: nothing to say
+    assert lines() == []
+
+
+def test_a_first_fingerprint_says_so_once(ckpts, lines):
+    load_checkpoint(str(ckpts["eps"]))
+    assert [line for line in lines() if "seen for the first time (its fingerprint" in line]
+    load_checkpoint(str(ckpts["eps"]))  # its digests recorded: nothing read
+    assert lines() == []
+
+
+def test_engine_files_not_read_before_say_so_once(eps_onnx, tmp_path, lines):
+    store = copy_entries(eps_onnx, tmp_path / "store", "onnxruntime-fp32")
+    entry = next(store.glob("*/onnxruntime-fp32"))
+    fingerprint = read_manifest(entry)["checkpoint"]
+    check_entry(entry, fingerprint)
+    assert [line for line in lines() if line.startswith("checking ") and str(entry) in line]
+    check_entry(entry, fingerprint)
+    assert lines() == []
+
+
+def test_optimising_and_compiling_at_load_say_so(eps_onnx, lines, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from fastsd.backends import onnxruntime as ort_kind
+
+    monkeypatch.setattr(ort_kind, "LONG_BYTES", 1)
+    graph = next(eps_onnx.glob("*/onnxruntime-fp32/unet.onnx"))
+    ort_kind.new_session(graph, 1, ["CPUExecutionProvider"], optimised=True)
+    assert lines() == []
+    ort_kind.new_session(graph, 1, ["CPUExecutionProvider"])
+    assert lines() == ["ONNX Runtime is optimising unet.onnx for this CPU at load (seconds; `fastsd export` on "
+                       "this machine keeps an optimised copy for the checkpoint's own weights)"]
+    pytest.importorskip("openvino")
+    from fastsd.backends import openvino as ov_kind
+
+    monkeypatch.setattr(ov_kind, "LONG_BYTES", 1)
+    ov_kind.read_graph(graph)
+    assert lines() == ["OpenVINO is compiling unet.onnx"]
+
+
+def test_the_cli_shows_status_lines_without_verbose(tmp_path):
+    env = dict(os.environ, FASTSD_CACHE=str(tmp_path / "cache"))
+    args = ["generate", "a", "--model", "synthetic:tiny", "--steps", "1", "--no-progress", "--out",
+            str(tmp_path / "x.png")]
+    out = subprocess.run([sys.executable, "-m", "fastsd", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    first = out.stderr.splitlines()[0]
+    assert first.startswith("fastsd: building the synthetic checkpoint tiny at "), out.stderr
+    assert "INFO" not in out.stderr and "it/s]" not in out.stderr, out.stderr
