@@ -158,6 +158,9 @@ def build_entries(root: Path, info, family, kind: str, precision: str, profile: 
     return built[0]
 
 
+STARTING = {"exported": "exporting", "built": "building", "compiled": "compiling", "refitted": "refitting"}
+
+
 def build_entry(root: Path, info, kind: str, precision: str, profile: Profile, networks: tuple[str, ...],
                 make: MakeNetwork, facts: dict, progress: Callable[[str], None], verb: str = "built",
                 stored: dict[str, str] | None = None, need: int | None = None) -> Path:
@@ -170,7 +173,8 @@ def build_entry(root: Path, info, kind: str, precision: str, profile: Profile, n
     try:
         with Staging(entry_dir(root, info.fingerprint, kind, precision, profile)) as stage:
             try:
-                for name in networks:
+                for name in networks:  # a line as each starts (a UNet takes minutes) and one when done
+                    progress(f"{name}: {STARTING.get(verb, verb)}...")
                     t0 = time.perf_counter()
                     files, extra, note = make(name, stage.dir)
                     seconds = time.perf_counter() - t0

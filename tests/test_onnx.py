@@ -418,6 +418,7 @@ def test_cli_export_list_prune(ckpts, tmp_path, capsys):
                  "text_encoder,vae_decoder", "--no-cpu-graph"]) == 0
     out = capsys.readouterr().out
     assert "text_encoder: exported in" in out and "wrote" in out
+    assert out.index("text_encoder: exporting...") < out.index("text_encoder: exported in")  # said as it starts
     assert not list(store.rglob("*.cpu.onnx*"))
     assert main(["engines", "list", "--engine-dir", str(store)]) == 0
     assert "onnxruntime-fp32" in capsys.readouterr().out
