@@ -26,9 +26,8 @@ from .components import (
     loaded_key,
     loading_bars,
     model_class,
-    read_token_table,
     record_loaded,
-    recorded_config,
+    recorded_configs,
 )
 from .errors import CheckpointError, FastSDError, InvalidArgumentError, ModelNotFoundError, PickleRefusedError
 from .hashing import DigestCache, prefetch
@@ -40,6 +39,7 @@ from .model_files import (
     fingerprint,
     load_tokenizer,
     make_checkpoint,
+    read_token_table,
 )
 from .synthetic import SYNTHETIC_PREFIX, synthetic_path
 
@@ -398,11 +398,11 @@ def _load_folder(root: Path, allow_pickle: bool, variants: dict, files: list[Pat
     if "text_encoder_2" in variants:  # SD-XL
         parts["tokenizer_2"] = load_tokenizer(root / "tokenizer_2")
         networks.insert(1, "text_encoder_2")
-    known, built = DigestCache("blake2b"), []
+    known, records, built = DigestCache("blake2b"), recorded_configs(), []
     for name in networks:
         mine = _files_of(root / name, files)
         weights = [f for f in mine if f.suffix in WEIGHT_SUFFIXES]
-        parts[name] = _deferred(name, root / name, variants.get(name), allow_pickle, mine, known)
+        parts[name] = _deferred(name, root / name, variants.get(name), allow_pickle, mine, known, records)
         if parts[name] is None:
             parts[name] = load_component(model_class(name), root / name, variants.get(name), allow_pickle, weights)
             built.append(name)
@@ -410,13 +410,14 @@ def _load_folder(root: Path, allow_pickle: bool, variants: dict, files: list[Pat
 
 
 def _deferred(name: str, folder: Path, variant: str | None, allow_pickle: bool, files: list[Path],
-              known: DigestCache) -> Deferred | None:
+              known: DigestCache, records: dict) -> Deferred | None:
     """The network as a Deferred where its files (config and safetensors weights, digests
-    already recorded) were built on this machine before; None where it must be built now."""
+    already recorded) were built on this machine before (`records`: components.recorded_configs);
+    None where it must be built now."""
     digests = {f: known.recorded(f) for f in files}
     if any(d is None for d in digests.values()) or any(f.suffix in PICKLE_SUFFIXES for f in files):
         return None
-    config = recorded_config(loaded_key(name, variant, {f.name: d for f, d in digests.items()}))
+    config = records.get(loaded_key(name, variant, {f.name: d for f, d in digests.items()}))
     if config is None or not _recorded_usable(name, config, folder):
         return None
     weights = [f for f in files if f.suffix in WEIGHT_SUFFIXES]

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
-import os
 import sys
 from dataclasses import dataclass
 from importlib import import_module, metadata
@@ -31,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import CheckpointError
+from .files import atomic_write
 from .hashing import DigestCache
 from .paths import cache_dir
 
@@ -48,8 +47,6 @@ READ_KEYS = {  # what fastsd reads from a network's config before building it: a
              "time_cond_proj_dim"),
     "vae": ("scaling_factor", "shift_factor", "block_out_channels", "latent_channels", "sample_size", "force_upcast"),
     "text_encoder": _TEXT_KEYS, "text_encoder_2": _TEXT_KEYS}
-# a CLIP text encoder's token table in its file: as trained checkpoints name it, as transformers >= 5 saves it
-TOKEN_TABLES = ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight")
 
 
 class Config(dict):
@@ -131,10 +128,9 @@ def _table() -> dict:
     return table["records"] if ok else {}
 
 
-def recorded_config(key: str) -> Config | None:
-    """The config recorded for `key`, if these files were built on this machine before."""
-    config = _table().get(key)
-    return Config(config) if isinstance(config, dict) else None
+def recorded_configs() -> dict[str, Config]:
+    """The configs recorded (key -> config) of the files built on this machine before."""
+    return {k: Config(v) for k, v in _table().items() if isinstance(v, dict)}
 
 
 def record_loaded(records: dict[str, Config]) -> None:
@@ -146,9 +142,7 @@ def record_loaded(records: dict[str, Config]) -> None:
         table = dict(list(table.items())[-MOST_RECORDS:])
         path = cache_dir() / LOADED_TABLE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"format": TABLE_FORMAT, "records": table}))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps({"format": TABLE_FORMAT, "records": table}).encode())
     except OSError:
         pass
 
@@ -167,29 +161,3 @@ def check_unchanged(digests: dict[Path, str], what: str) -> None:
             from None
     finally:
         cache.save()
-
-
-# ---- a token table from the weights file ------------------------------------------------
-
-
-def read_token_table(files: list[Path]):
-    """A CLIP text encoder's token table (nn.Embedding, float32) from its .safetensors files
-    (headers checked at load: model_files.check_safetensors), memory-mapped copy-on-write: the
-    rows a prompt uses are read, nothing else, and the encoder is not built. None where no
-    file names it as expected (the encoder is then built for it)."""
-    import torch
-    from torch import nn
-
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    for path in files:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-            entry = next((header[k] for k in TOKEN_TABLES if k in header), None)
-            if entry is None or entry["dtype"] not in dtypes:
-                continue
-            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        (begin, end), dtype = entry["data_offsets"], dtypes[entry["dtype"]]
-        table = torch.frombuffer(buffer, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=8 + size + begin)
-        return nn.Embedding.from_pretrained(table.view(*entry["shape"]).float(), freeze=True)
-    return None

@@ -302,13 +302,7 @@ def takes_weights_at_load(engine_dir: Path, fingerprints) -> bool:
 
 def record_bytes(entry: Path, record: dict) -> int:
     """The bytes of a network's files in an entry (how long its engine takes to load, roughly)."""
-    total = 0
-    for f in record["sha256"]:
-        try:
-            total += (entry / f).stat().st_size
-        except OSError:
-            pass
-    return total
+    return file_bytes(entry / f for f in record["sha256"])
 
 
 def graph_file(network: str, record: dict) -> str:

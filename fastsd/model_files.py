@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -147,22 +148,28 @@ SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "
                       "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
+def _read_header(f, size: int) -> tuple[dict, int]:
+    """(header, offset of the data) of an open .safetensors file of `size` bytes (ValueError,
+    struct.error or UnicodeDecodeError where its header is unreadable)."""
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n <= 0 or 8 + n > size:
+        raise ValueError("header length past end of file")
+    return json.loads(f.read(n)), 8 + n
+
+
 def check_safetensors(path: Path) -> dict:
     """Parse a .safetensors header and check it describes the file exactly (every tensor's
     dtype, shape and byte range, nothing past the end); returns the header."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n <= 0 or 8 + n > size:
-                raise ValueError("header length past end of file")
-            header = json.loads(f.read(n))
-        end = _check_header(header, size - 8 - n)
+            header, start = _read_header(f, size)
+        end = _check_header(header, size - start)
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupt safetensors file {path}: {e}") from None
-    if 8 + n + end != size:
+    if start + end != size:
         raise CheckpointError(f"truncated or corrupt safetensors file {path}: "
-                              f"{size} bytes, header says {8 + n + end}")
+                              f"{size} bytes, header says {start + end}")
     return header
 
 
@@ -190,6 +197,32 @@ def _check_header(header, data_bytes: int) -> int:
     return end
 
 
+# a CLIP text encoder's token table in its file: as trained checkpoints name it, as transformers >= 5 saves it
+TOKEN_TABLES = ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight")
+
+
+def read_token_table(files: list[Path]):
+    """A CLIP text encoder's token table (nn.Embedding, float32) from its .safetensors files
+    (checked at load: check_safetensors), memory-mapped copy-on-write: the rows a prompt uses
+    are read, nothing else, and the encoder is not built. None where no file names it as
+    expected (the encoder is then built for it)."""
+    import torch
+    from torch import nn
+
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    for path in files:
+        with open(path, "rb") as f:
+            header, start = _read_header(f, path.stat().st_size)
+            entry = next((header[k] for k in TOKEN_TABLES if k in header), None)
+            if entry is None or entry["dtype"] not in dtypes:
+                continue
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        (begin, end), dtype = entry["data_offsets"], dtypes[entry["dtype"]]
+        table = torch.frombuffer(buffer, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
+        return nn.Embedding.from_pretrained(table.view(*entry["shape"]).float(), freeze=True)
+    return None
+
+
 def fingerprint(files: list[Path], root: Path, timed: bool = True, digests: dict | None = None) -> str:
     """Content hash over files (names relative to root). Per-file digests are cached by the
     file's identity (fastsd/hashing.py), so only the first load of a checkpoint reads every byte.
@@ -197,18 +230,17 @@ def fingerprint(files: list[Path], root: Path, timed: bool = True, digests: dict
     `digests`: filled with each file's digest."""
     from .phases import FINGERPRINT, phase
 
+    cache = DigestCache("blake2b")
     if not timed:
-        return _fingerprint(files, root, digests)
-    known = DigestCache("blake2b")
-    unread = file_bytes(f for f in files if known.recorded(f) is None)
+        return _fingerprint(files, root, digests, cache)
+    unread = file_bytes(f for f in files if cache.recorded(f) is None)
     if unread >= LONG_BYTES:
         say("reading %s of %s seen for the first time (its fingerprint; once)", gigabytes(unread), root)
     with phase(FINGERPRINT):
-        return _fingerprint(files, root, digests)
+        return _fingerprint(files, root, digests, cache)
 
 
-def _fingerprint(files: list[Path], root: Path, digests: dict | None) -> str:
-    cache = DigestCache("blake2b")
+def _fingerprint(files: list[Path], root: Path, digests: dict | None, cache: DigestCache) -> str:
     h = hashlib.blake2b(digest_size=8)
     for f in sorted(files):
         rel = f.name if f == root else str(f.relative_to(root))

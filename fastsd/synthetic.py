@@ -9,7 +9,6 @@ merges (one token per character): same tokenizer class and special tokens as SD'
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -21,8 +20,6 @@ from .components import loading_bars
 from .errors import ModelNotFoundError
 from .paths import cache_dir
 from .status import say
-
-log = logging.getLogger(__name__)
 
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_VERSION = 2  # bump when what build() writes changes (2: text encoders' final LayerNorm bias)
