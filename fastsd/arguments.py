@@ -147,6 +147,10 @@ ARGS: tuple[Arg, ...] = (
         flag="--control-start", http="control_guidance_start", batch_key=True, group="control"),
     Arg("control_guidance_end", "scales", 1.0, "the fraction of steps after which it stops", lo=0.0, hi=1.0,
         flag="--control-end", http="control_guidance_end", batch_key=True, group="control"),
+    Arg("ip_adapter_image", "any", doc="the image prompt of each IP-Adapter (pipe.load_ip_adapter)",
+        flag="--ip-image", http="ip_adapter_image", group="ip"),
+    Arg("ip_adapter_image_embeds", "any", doc="precomputed image prompt features, one tensor per IP-Adapter",
+        group="ip"),
     Arg("prompt_syntax", "choice", "plain", "how prompts are read: plain (diffusers: literal text, 77 tokens) | "
         "a1111 (AUTOMATIC1111's: (word:1.2) weights, BREAK, prompts past 77 tokens)", choices=("plain", "a1111"),
         flag="--prompt-syntax", http="prompt_syntax", batch_key=True,
@@ -154,7 +158,7 @@ ARGS: tuple[Arg, ...] = (
 )
 BY_NAME: dict[str, Arg] = {a.name: a for a in ARGS}
 GROUP: dict[str, tuple[str, ...]] = {g: tuple(a.name for a in ARGS if a.group == g)
-                                     for g in ("call", "run", "xl", "control")}
+                                     for g in ("call", "run", "xl", "control", "ip")}
 
 
 def defaults() -> dict[str, Any]:

@@ -24,6 +24,7 @@ import torch
 
 from .backends.cuda_graphs import capture
 from .guidance import blend, cfg_denoiser, control_residuals, unet_denoiser
+from .networks import IP_PREFIXES
 from .schedulers import SAMPLERS, Schedule, SchedulerConfig, vp_x0
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,8 @@ def make_step(unet: Callable, key: StepKey, inputs: StepInputs, controlnet: Call
     guidance window, whose residuals would all be zeros: the UNet runs without them)."""
     sampler = SAMPLERS[key.sampler]
     k = len(key.controlnets)
-    residuals = control_residuals(controlnet, key.controlnets, inputs.control, inputs.unet_inputs,
-                                  key.residuals) if k else None
+    text = {n: t for n, t in inputs.unet_inputs.items() if not n.startswith(IP_PREFIXES)}  # not the image prompt's
+    residuals = control_residuals(controlnet, key.controlnets, inputs.control, text, key.residuals) if k else None
     denoise = unet_denoiser(unet, inputs.unet_inputs, inputs.conditioning, residuals)
     if key.do_cfg:
         denoise = cfg_denoiser(denoise, key.guidance_scale, key.guidance_rescale)

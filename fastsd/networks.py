@@ -102,11 +102,22 @@ class XLTextEncoder(TextEncoder):
         return hidden, projection(pooled)
 
 
-def _residual_kwargs(residuals: tuple) -> dict:
+def _residual_kwargs(residuals) -> dict:
     """ControlNet residuals (down ..., mid) as diffusers' UNet takes them (none: no ControlNet)."""
     if not residuals:
         return {}
-    return {"down_block_additional_residuals": residuals[:-1], "mid_block_additional_residual": residuals[-1]}
+    return {"down_block_additional_residuals": tuple(residuals[:-1]), "mid_block_additional_residual": residuals[-1]}
+
+
+def _ip_kwargs(named: dict) -> dict:
+    """IP-Adapter image tokens and per-layer scales (ip_tokens_k, ip_scale_k), as the
+    cross-attention processors of fastsd/ip_adapter.py read them (none: no image prompt)."""
+    count = sum(1 for n in named if n.startswith(IP_TOKENS))
+    if not count:
+        return {}
+    tokens = tuple(named[f"{IP_TOKENS}{k}"] for k in range(count))
+    scales = tuple(named[f"{IP_SCALE}{k}"] for k in range(count))
+    return {"cross_attention_kwargs": {"ip_hidden_states": (tokens, scales)}}
 
 
 class UNet(nn.Module):
@@ -114,29 +125,48 @@ class UNet(nn.Module):
     -> noise prediction (B, C_latent, h, w) (eps or v, per the scheduler config). After the
     family's inputs, a guidance-distilled UNet's timestep_cond (B, time_cond_proj_dim), the
     guidance scale's embedding; then optionally the ControlNet residuals (down_residual_0 ...,
-    mid_residual), added to the skip connections and the mid block's output."""
+    mid_residual), added to the skip connections and the mid block's output, and the
+    IP-Adapters' image tokens and scales (ip_tokens_k, ip_scale_k). Positional inputs past the
+    family's are read as residuals; a module `with_names(spec.input_names)` reads them by name."""
 
-    def __init__(self, unet):
+    extra: tuple[str, ...] = ()  # the family's inputs after encoder_hidden_states
+
+    def __init__(self, unet, names: tuple[str, ...] | None = None):
         super().__init__()
-        self.unet = unet
+        self.unet, self.names = unet, names
         self.guidance_embedded = getattr(unet.config, "time_cond_proj_dim", None) is not None
 
-    def _call(self, sample, timestep, encoder_hidden_states, rest: tuple, **kwargs):
-        cond, residuals = (rest[0], rest[1:]) if self.guidance_embedded else (None, rest)
-        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=cond, return_dict=False,
-                         **kwargs, **_residual_kwargs(residuals))[0]
+    def with_names(self, names) -> "UNet":
+        """The same network (same weights) taking its inputs in the order of `names`."""
+        return type(self)(self.unet, tuple(names))
 
-    def forward(self, sample, timestep, encoder_hidden_states, *rest):
-        return self._call(sample, timestep, encoder_hidden_states, rest)
+    def _named(self, args: tuple) -> tuple[dict, list]:
+        if self.names is not None:
+            named = dict(zip(self.names, args, strict=True))
+            return named, [t for n, t in named.items() if n.startswith(RESIDUAL_PREFIXES)]
+        fixed = ("sample", "timestep", "encoder_hidden_states", *self.extra) + (
+            ("timestep_cond",) if self.guidance_embedded else ())
+        return dict(zip(fixed, args)), list(args[len(fixed):])
+
+    def added(self, named: dict) -> dict | None:
+        """diffusers' added_cond_kwargs of the family's inputs (SD: none)."""
+        return None
+
+    def forward(self, *args):
+        named, residuals = self._named(args)
+        return self.unet(named["sample"], named["timestep"], named["encoder_hidden_states"],
+                         timestep_cond=named.get("timestep_cond"), added_cond_kwargs=self.added(named),
+                         return_dict=False, **_residual_kwargs(residuals), **_ip_kwargs(named))[0]
 
 
 class XLUNet(UNet):
     """SD-XL's UNet: also text_embeds (B, P), the pooled text embedding, and time_ids (B, 6),
     (original h, w, crop top, left, target h, w), through its "text_time" added embedding."""
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *rest):
-        return self._call(sample, timestep, encoder_hidden_states, rest,
-                          added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
+    extra = ("text_embeds", "time_ids")
+
+    def added(self, named: dict) -> dict:
+        return {"text_embeds": named["text_embeds"], "time_ids": named["time_ids"]}
 
 
 class ControlNet(nn.Module):
@@ -364,9 +394,15 @@ class NetworkSpec:
         profile, or gives an input the engine does not take (None if the engine serves it)."""
         unknown = [n for n in inputs if n not in self.input_names]
         if unknown:
-            residual = unknown[0].startswith(RESIDUAL_PREFIXES)
-            return ("built without the ControlNet residual inputs (export it with --controlnet)" if residual
-                    else f"it takes no input {unknown[0]!r}")
+            if unknown[0].startswith(RESIDUAL_PREFIXES):
+                return "built without the ControlNet residual inputs (export it with --controlnet)"
+            if unknown[0].startswith(IP_PREFIXES):
+                return "built without the inputs of this many IP-Adapters (export it with --ip-adapter)"
+            return f"it takes no input {unknown[0]!r}"
+        for t in self.inputs:  # fixed axes (an IP-Adapter's token count)
+            shape = inputs[t.name].shape if t.name in inputs else None
+            if shape is not None and any(isinstance(d, int) and d != n for d, n in zip(t.shape, shape, strict=False)):
+                return f"its input {t.name} is {tuple(t.shape)}, not {tuple(shape)}"
         sizes = self._sizes(inputs)
         batch, height, width, _ = self._dims(sizes)
         most = profile.max_batch * (2 if self.cfg_doubled else 1)
@@ -401,6 +437,29 @@ class NetworkSpec:
 
 DOWN_RESIDUAL, MID_RESIDUAL = "down_residual_", "mid_residual"  # the ControlNet residuals' names
 RESIDUAL_PREFIXES = (DOWN_RESIDUAL, MID_RESIDUAL)
+IP_TOKENS, IP_SCALE = "ip_tokens_", "ip_scale_"  # the IP-Adapters' UNet inputs, one of each per adapter
+IP_PREFIXES = (IP_TOKENS, IP_SCALE)
+
+
+def ip_adapter_specs(tokens: tuple[int, ...], layers: int, width: int) -> tuple[TensorSpec, ...]:
+    """The UNet inputs of IP-Adapters giving `tokens[k]` image tokens each (optional inputs):
+    ip_tokens_k (B, tokens[k], width), the projected image prompt, and ip_scale_k (layers,)
+    float32, its scale at each of the UNet's `layers` cross-attention layers (zeros: no image
+    prompt, exactly)."""
+    out: tuple[TensorSpec, ...] = ()
+    for k, n in enumerate(tokens):
+        out += (TensorSpec(f"{IP_TOKENS}{k}", (BATCH, n, width), optional=True),
+                TensorSpec(f"{IP_SCALE}{k}", (layers,), FLOAT32, sample=1.0, optional=True))
+    return out
+
+
+def image_encoder_spec(name: str, size: int, embeds: int, tokens: int, hidden: int) -> NetworkSpec:
+    """A CLIP vision encoder's: pixel_values (B, 3, size, size), CLIP-normalised -> image_embeds
+    (B, embeds), the projected pooled output, and image_hidden_states (B, tokens, hidden), the
+    penultimate layer's hidden states (what IP-Adapter Plus reads)."""
+    return NetworkSpec(name, (TensorSpec("pixel_values", (BATCH, 3, size, size)),),
+                       (TensorSpec("image_embeds", (BATCH, embeds)),
+                        TensorSpec("image_hidden_states", (BATCH, tokens, hidden))), False, 1)
 
 
 def guidance_embedding_spec(width: int) -> TensorSpec:

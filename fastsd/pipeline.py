@@ -31,6 +31,7 @@ from .engines import PRECISIONS
 from .errors import InvalidArgumentError, NumericalError
 from .families import family_for
 from .hires import HiresMethods
+from .image_prompts import ImagePromptMethods
 from .loading import MemoryOptions, from_pretrained
 from .locks import SharedLock
 from .loop import StepGraphs, StepInputs, StepKey, initial_state, make_step, run_steps, step_rows
@@ -74,7 +75,8 @@ class _Loop:
     control: tuple[bool, ...] | None  # per step: whether the ControlNets run (None without ControlNets)
 
 
-class Pipeline(DiffusersSurface, LoraMethods, EmbeddingMethods, HiresMethods, Previews, Stages):
+class Pipeline(DiffusersSurface, LoraMethods, ImagePromptMethods, EmbeddingMethods, HiresMethods, Previews,
+               Stages):
     """A Stable Diffusion pipeline (SD 1.x/2.x, SD-XL, inpainting UNets, ControlNets) over
     whichever engines exist, with eager PyTorch for the rest. Load one with from_pretrained;
     call it as a diffusers pipeline (txt2img; img2img with image=; inpainting with image= and
@@ -116,7 +118,8 @@ class Pipeline(DiffusersSurface, LoraMethods, EmbeddingMethods, HiresMethods, Pr
                  crops_coords_top_left=None, target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=None, negative_target_size=None, preview_every: int | None = None,
                  control_image=None, controlnet_conditioning_scale=None, control_guidance_start=0.0,
-                 control_guidance_end=1.0, prompt_syntax: str = "plain", **unsupported):
+                 control_guidance_end=1.0, ip_adapter_image=None, ip_adapter_image_embeds=None,
+                 prompt_syntax: str = "plain", **unsupported):
         """Generate images; keyword names and defaults are diffusers' (see the README): a None
         guidance_scale or strength is the model family's default for the mode, as its diffusers
         pipelines (SD: guidance 7.5, strength img2img 0.8, inpaint 1.0; SD-XL: guidance 5.0,
@@ -131,6 +134,9 @@ class Pipeline(DiffusersSurface, LoraMethods, EmbeddingMethods, HiresMethods, Pr
         inpaint 1.0), `control_guidance_start` / `end` (fractions of the steps run; each a
         number or one per ControlNet); txt2img takes its size from the control image, inpaint
         from the image. Without control_image the call runs without them.
+        With IP-Adapters loaded (load_ip_adapter), `ip_adapter_image` (one per adapter: a list for
+        several) is an image prompt, as diffusers' pipelines take it; `ip_adapter_image_embeds`
+        its precomputed features instead. Without either the call runs without them.
         `prompt_syntax`: "plain" reads prompts as diffusers (literal text, 77 tokens); "a1111"
         as AUTOMATIC1111 (`(word:1.2)` weights, `[word]`, BREAK, prompts past 77 tokens in
         chunks: fastsd/prompts.py).
@@ -187,7 +193,7 @@ class Pipeline(DiffusersSurface, LoraMethods, EmbeddingMethods, HiresMethods, Pr
                                else choose_scheduler(values["scheduler"], self._scheduler.config))
         req = make_request(self.info, values, text_width=self.info.cross_attention_dim,
                            defaults=self.family.defaults, controlnets=len(self.family.controlnets),
-                           max_side=check_max_side(self.max_side))
+                           max_side=check_max_side(self.max_side), ip_adapters=len(self._ip))
         self._tiling()  # the decode's tile geometry (MemoryOptions, pipe.vae.enable_tiling()), checked now
         text_encoders = self.backend.text_encoders_for(req.clip_skip)  # refuses a clip_skip an engine cannot give
         check_fits(self.info, self._widths, req, self.dtype, self.device, self.memory)
@@ -199,6 +205,9 @@ class Pipeline(DiffusersSurface, LoraMethods, EmbeddingMethods, HiresMethods, Pr
         with self._timed(timings, "text_encoder"):
             encoders = {n: partial(f, ran=call.ran) for n, f in call.text_encoders.items()}
             unet_inputs = self.family.encode(encoders, req, self.device)
+        if req.ip_images or req.ip_embeds:
+            with self._timed(timings, "image_encoder"):  # an image prompt's tokens (IP-Adapter), once per call
+                unet_inputs |= self._ip_inputs(req, unet_inputs["encoder_hidden_states"].shape[0], self.device)
         config = req.scheduler_config
         sampler = SAMPLERS[req.scheduler]
         sched = sampler.schedule(config, req.steps, **req.schedule_args)  # host tables

@@ -17,6 +17,7 @@ import torch
 from . import arguments
 from .arguments import GROUP, SEED_LIMIT, bad_value, check_value, check_values
 from .images import batch_shape, check_images, check_rgb, control_size
+from .image_prompts import ip_options
 from .schedulers import (
     SAMPLERS,
     SchedulerChoice,
@@ -90,6 +91,9 @@ class Request:
     control_scales: tuple[float, ...] = ()  # controlnet_conditioning_scale
     control_start: tuple[float, ...] = ()  # control_guidance_start: the fraction of steps before it is off
     control_end: tuple[float, ...] = ()  # control_guidance_end: the fraction after which it is off
+    # IP-Adapters (one entry per adapter loaded, or none: a call without an image prompt)
+    ip_images: tuple = ()  # each adapter's images (a list of PIL images) or CLIP pixel values (N, 3, S, S)
+    ip_embeds: tuple = ()  # or each adapter's precomputed features, as diffusers' ip_adapter_image_embeds
 
     guidance_embedded: bool = False  # the UNet takes the guidance scale as an input (LCM-distilled): no CFG
 
@@ -357,7 +361,7 @@ def _latents(latents, shape: tuple[int, ...]):
 
 
 def make_request(info, values: dict[str, Any], *, text_width: int | None = None, defaults: Defaults = Defaults(),
-                 controlnets: int = 0, max_side: int | None = None) -> Request:
+                 controlnets: int = 0, max_side: int | None = None, ip_adapters: int = 0) -> Request:
     """The call's Request from its arguments (API names; any left out take the table's
     defaults): the table's checks, then the rules between arguments and the checkpoint."""
     v = check_values({**arguments.defaults(), **values})
@@ -394,7 +398,8 @@ def make_request(info, values: dict[str, Any], *, text_width: int | None = None,
     if embedded and (any(prompts["negative_prompts"]) or v["negative_prompt_embeds"] is not None):
         log.warning("this UNet is guidance-distilled (LCM: it takes the guidance scale as an input) and runs "
                     "without classifier-free guidance: the negative prompt has no effect")
-    return Request(**prompts, **xl, **control, **schedule, **images, guidance_scale=guidance,
+    ip = ip_options(v, ip_adapters, len(prompts["prompts"]), guidance > 1.0 and not embedded)
+    return Request(**prompts, **xl, **control, **ip, **schedule, **images, guidance_scale=guidance,
                    guidance_embedded=embedded,
                    guidance_rescale=v["guidance_rescale"], height=h, width=w, n=v["num_images_per_prompt"],
                    output_type=v["output_type"], clip_skip=v["clip_skip"], latents=latents,

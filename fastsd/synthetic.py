@@ -176,6 +176,75 @@ def build_controlnet(out: Path, arch_name: str = "tiny", *, seed: int = 0) -> Pa
     return Path(out)
 
 
+IP_ADAPTER, IP_ADAPTER_PLUS = "ip-adapter-", "ip-adapter-plus-"  # synthetic:ip-adapter[-plus]-<arch>
+IMAGE_ENCODERS = {  # CLIP vision towers: h94/IP-Adapter's models/image_encoder (ViT-H/14), and a tiny one
+    "vit-h": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                  image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu"),
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                 patch_size=8, projection_dim=16),
+}
+PLUS_RESAMPLERS = {"vit-h": dict(hidden_dims=768, heads=12, num_queries=16),  # h94's ip-adapter-plus_sd15
+                   "tiny": dict(hidden_dims=64, heads=1, num_queries=4)}
+
+
+def build_ip_adapter(out: Path, arch_name: str = "tiny", plus: bool = False, *, seed: int = 0) -> Path:
+    """Write a random-weight IP-Adapter for `arch_name`'s UNet in the reference layout (as
+    h94/IP-Adapter's files: ip-adapter[-plus].safetensors with image_proj.* and ip_adapter.N.*
+    keys) with its CLIP image encoder in image_encoder/ (ViT-H/14 for full-size architectures;
+    a tiny tower for tiny ones), atomically."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    loading_bars()
+    unet_config, tower = arch(arch_name)["unet"], "tiny" if arch_name.startswith("tiny") else "vit-h"
+    vision, width = IMAGE_ENCODERS[tower], unet_config["cross_attention_dim"]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+    layers = [unet.get_submodule(n[:-len(".processor")]) for n in unet.attn_processors if n.endswith("attn2.processor")]
+    with _atomic_folder(Path(out)) as tmp, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)).save_pretrained(tmp / "image_encoder")
+        if plus:
+            proj = _reference_resampler(IPAdapterPlusImageProjection(
+                embed_dims=vision["hidden_size"], output_dims=width, **PLUS_RESAMPLERS[tower]).state_dict())
+        else:
+            proj = {k.replace("image_embeds.", "proj."): v for k, v in ImageProjection(
+                cross_attention_dim=width, image_embed_dim=vision["projection_dim"], num_image_text_embeds=4
+            ).state_dict().items()}
+        weights = {f"image_proj.{k}": v.contiguous() for k, v in proj.items()}
+        for i, attn in enumerate(layers):
+            for part in ("to_k_ip", "to_v_ip"):
+                weights[f"ip_adapter.{2 * i + 1}.{part}.weight"] = torch.nn.Linear(
+                    attn.to_k.in_features, attn.to_k.out_features, bias=False).weight.detach()
+        save_file(weights, str(tmp / f"ip-adapter{'-plus' if plus else ''}.safetensors"))
+    return Path(out)
+
+
+def _reference_resampler(sd: dict) -> dict:
+    """A diffusers IPAdapterPlusImageProjection's weights in the reference Resampler's names."""
+    import torch
+
+    names = (("ln0.", "0.norm1."), ("ln1.", "0.norm2."), ("attn.to_q.", "0.to_q."), ("attn.to_out.0.", "0.to_out."),
+             ("ff.0.", "1.0."), ("ff.1.net.0.proj.", "1.1."), ("ff.1.net.2.", "1.3."))
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith("layers."):
+            out[k] = v
+            continue
+        head, rest = k.split(".", 2)[:2], k.split(".", 2)[2]
+        if rest.startswith("attn.to_v."):
+            continue
+        if rest.startswith("attn.to_k."):
+            out[f"{'.'.join(head)}.0.to_kv.weight"] = torch.cat([v, sd[k.replace("to_k.", "to_v.")]])
+            continue
+        new = next(n + rest[len(o):] for o, n in names if rest.startswith(o))
+        out[f"{'.'.join(head)}.{new}"] = v
+    return out
+
+
 def _model_index(scheduler_class: str, spec: dict) -> dict:
     index = {
         "_class_name": "StableDiffusionPipeline",
@@ -203,10 +272,17 @@ def synthetic_path(model: str, build_missing: bool = True) -> Path:
     """The folder of `synthetic:NAME`, built on first use (unless not `build_missing`)."""
     name = model[len(SYNTHETIC_PREFIX):]
     controlnets = [CONTROLNET + a for a in ARCHS]
-    if name not in ARCHS and name not in TINY_VAES and name not in controlnets:
+    adapters = [p + a for a in ARCHS for p in (IP_ADAPTER, IP_ADAPTER_PLUS) if a in ("tiny", "tiny2", "tiny-xl", "sd15")]
+    if name not in ARCHS and name not in TINY_VAES and name not in controlnets and name not in adapters:
         raise ModelNotFoundError(f"unknown synthetic model {name!r}; choose one of "
-                                 f"{', '.join([*ARCHS, *TINY_VAES, *controlnets])}")
+                                 f"{', '.join([*ARCHS, *TINY_VAES, *controlnets, *adapters])}")
     path = cache_dir() / "synthetic" / f"{name}-v{SYNTHETIC_VERSION}"
+    if name in adapters:
+        plus = name.startswith(IP_ADAPTER_PLUS)
+        if not (path / "image_encoder" / "config.json").exists() and build_missing:
+            say("building the synthetic IP-Adapter %s at %s (random weights, once)", name, path)
+            build_ip_adapter(path, name[len(IP_ADAPTER_PLUS if plus else IP_ADAPTER):], plus)
+        return path
     if name in controlnets:
         if not (path / "config.json").exists() and build_missing:
             say("building the synthetic ControlNet %s at %s (random weights, once)", name, path)

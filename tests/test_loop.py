@@ -231,7 +231,7 @@ def test_whole_step_graphs_match_plain_loop(ckpts, name, init_image, mask_image)
         got = graphed(["a cat", "a dog"], num_inference_steps=steps, **kw).images
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (steps, (got - want).abs().max())
     assert len(graphed._graphs.graphs) == 1 and not graphed._graphs.refused
-    assert graphed.backend._graphed_unet.graphs == {}  # the step's capture holds the UNet: no second graph
+    assert not any(g.graphs for g in graphed.backend._graphed.values())  # the step's capture holds the UNet
     again = graphed(["a cat", "a dog"], num_inference_steps=6, **kw)
     assert torch.equal(again.images, got)
     assert again.backends["unet"] == "eager"  # a replay reports what ran at its capture
@@ -256,7 +256,7 @@ def test_whole_step_graph_fp16_and_unet_graph_fallback(ckpts, caplog):
     broken.backend.unet = refuses_capture
     out = broken("a cat", **kw).images
     assert "cannot capture the denoising step" in caplog.text and len(broken._graphs.refused) == 1
-    assert len(broken.backend._graphed_unet.graphs) == 1  # the UNet-only graph, made after the refusal
+    assert sum(len(g.graphs) for g in broken.backend._graphed.values()) == 1  # UNet-only, after the refusal
     assert np.abs(out - plain).max() < 1e-2
 
 

@@ -89,30 +89,36 @@ class EagerBackend(Networks):
                 if channels_last(k):
                     self.modules[k].to(memory_format=torch.channels_last)
         self.static_shapes = cuda_graphs  # graphs replay one shape: a one-time cuDNN search per shape pays
-        self._graphed_unet = None
-        if cuda_graphs:  # one graph per input shape, captured on first use outside a whole-step capture
+        self._graphed: dict = {}  # UNet module -> its graphs, one per input shape, captured on first use
+        self.backends = {k: "eager" for k in family.networks}
+        self._with_inputs: dict = {}  # (network, input names) -> its spec and module with those optional inputs
+
+    def _forward(self, module, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        with torch.inference_mode(), _conv_search(self.static_shapes):
+            return module(*args)
+
+    def _graphed_unet(self, module, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The UNet as CUDA graphs (cuda_graphs, outside a whole-step capture): one per shape."""
+        if module not in self._graphed:
             from .cuda_graphs import GraphedCall
 
-            self._graphed_unet = GraphedCall(lambda *args: self._forward("unet", args))
-        self.backends = {k: "eager" for k in family.networks}
-        self._with_inputs: dict = {}  # (network, input names) -> its spec with those optional inputs
-
-    def _forward(self, network: str, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        with torch.inference_mode(), _conv_search(self.static_shapes):
-            return self.modules[network](*args)
+            self._graphed[module] = GraphedCall(lambda *a: self._forward(module, a))
+        return self._graphed[module](*args)
 
     def run(self, network: str, inputs: dict[str, torch.Tensor], ran: dict | None = None) -> torch.Tensor:
         record(ran, network, "eager")
-        spec = self.specs[network]
-        if len(inputs) != len(spec.inputs):  # the UNet given ControlNet residuals too
+        spec, module = self.specs[network], self.modules[network]
+        if len(inputs) != len(spec.inputs):  # the UNet given ControlNet residuals or image tokens too
             key = (network, frozenset(inputs))
             if key not in self._with_inputs:
-                self._with_inputs[key] = spec.with_inputs(inputs)
-            spec = self._with_inputs[key]
+                named = spec.with_inputs(inputs)
+                self._with_inputs[key] = (named, module.with_names(named.input_names) if hasattr(module, "with_names")
+                                          else module)
+            spec, module = self._with_inputs[key]
         args = tuple(spec.cast(inputs, self.device, self.dtype).values())
-        if network == "unet" and self._graphed_unet is not None and not capturing():
-            return self._graphed_unet(*args)  # a whole step being captured (or warmed up) holds the UNet
-        return as_float(self._forward(network, args))
+        if network == "unet" and self.static_shapes and not capturing():
+            return self._graphed_unet(module, args)  # a whole step being captured (or warmed up) holds the UNet
+        return as_float(self._forward(module, args))
 
     def set_weights(self, network: str, weights: dict, at_base: bool) -> None:
         """Nothing to do: the modules are the checkpoint's, whose weights were changed (on a
