@@ -86,7 +86,8 @@ def read_adapters(paths, subfolder, weight_name, image_encoder, unet, width: int
     for path, sub, name, enc in zip(paths, subs, names, encoders, strict=True):
         if isinstance(path, dict):
             raise InvalidArgumentError("fastsd loads IP-Adapters from files (a state dict cannot be fingerprinted "
-                                       "for the engine store): save it as .safetensors", "pretrained_model_name_or_path")
+                                       "for the engine store): save it as .safetensors",
+                                       "pretrained_model_name_or_path_or_dict")
         file = adapter_file(path, sub, name, local_files_only)
         proj_sd, layers = read_adapter(file, allow_pickle)
         variant = variant_of(proj_sd, layers, file)

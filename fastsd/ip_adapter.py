@@ -112,7 +112,7 @@ _PLUS_KEYS = ((r"\.0\.norm1\.", ".ln0."), (r"\.0\.norm2\.", ".ln1."), (r"\.0\.to
 def projection(variant: str, sd: dict) -> nn.Module:
     """The image projection as diffusers' module of the variant (fp32), its weights renamed from
     the adapter file's (the reference implementation's) layout."""
-    from diffusers.models.embeddings import IPAdapterFullImageProjection, IPAdapterPlusImageProjection, ImageProjection
+    from diffusers.models.embeddings import ImageProjection, IPAdapterFullImageProjection, IPAdapterPlusImageProjection
 
     if variant == PLAIN:
         width = sd["norm.weight"].shape[0]
@@ -144,7 +144,8 @@ def projection(variant: str, sd: dict) -> nn.Module:
     try:
         module.load_state_dict(renamed, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"the IP-Adapter's {variant} projection does not load: {str(e).splitlines()[0]}") from None
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"the IP-Adapter's {variant} projection does not load: {first}") from None
     return module.float().eval().requires_grad_(False)
 
 

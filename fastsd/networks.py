@@ -146,7 +146,7 @@ class UNet(nn.Module):
             return named, [t for n, t in named.items() if n.startswith(RESIDUAL_PREFIXES)]
         fixed = ("sample", "timestep", "encoder_hidden_states", *self.extra) + (
             ("timestep_cond",) if self.guidance_embedded else ())
-        return dict(zip(fixed, args)), list(args[len(fixed):])
+        return dict(zip(fixed, args[:len(fixed)], strict=True)), list(args[len(fixed):])
 
     def added(self, named: dict) -> dict | None:
         """diffusers' added_cond_kwargs of the family's inputs (SD: none)."""

@@ -16,8 +16,8 @@ import torch
 
 from . import arguments
 from .arguments import GROUP, SEED_LIMIT, bad_value, check_value, check_values
-from .images import batch_shape, check_images, check_rgb, control_size
 from .image_prompts import ip_options
+from .images import batch_shape, check_images, check_rgb, control_size
 from .schedulers import (
     SAMPLERS,
     SchedulerChoice,

@@ -272,7 +272,7 @@ def synthetic_path(model: str, build_missing: bool = True) -> Path:
     """The folder of `synthetic:NAME`, built on first use (unless not `build_missing`)."""
     name = model[len(SYNTHETIC_PREFIX):]
     controlnets = [CONTROLNET + a for a in ARCHS]
-    adapters = [p + a for a in ARCHS for p in (IP_ADAPTER, IP_ADAPTER_PLUS) if a in ("tiny", "tiny2", "tiny-xl", "sd15")]
+    adapters = [p + a for a in ("tiny", "tiny2", "tiny-xl", "sd15") for p in (IP_ADAPTER, IP_ADAPTER_PLUS)]
     if name not in ARCHS and name not in TINY_VAES and name not in controlnets and name not in adapters:
         raise ModelNotFoundError(f"unknown synthetic model {name!r}; choose one of "
                                  f"{', '.join([*ARCHS, *TINY_VAES, *controlnets, *adapters])}")
