@@ -99,8 +99,9 @@ def read_adapters(paths, subfolder, weight_name, image_encoder, unet, width: int
             raise CheckpointError(f"the IP-Adapter {file.name} gives {out_width}-wide image tokens; this UNet "
                                   f"attends to {width}-wide text (an adapter for another model family?)")
         key = (str(enc) if isinstance(enc, (str, Path)) else id(enc)) if enc is not None else str(file.parent)
-        if key not in seen:  # adapters sharing an encoder share one
-            seen[key] = load_image_encoder(enc, file, sub, allow_pickle, local_files_only)
+        if key not in seen:  # adapters sharing an encoder (the same files) share one
+            new = load_image_encoder(enc, file, sub, allow_pickle, local_files_only)
+            seen[key] = next((e for e in seen.values() if e.fingerprint == new.fingerprint), new)
         encoder = seen[key]
         config = encoder.model.config
         feature = int(config.projection_dim) if variant == PLAIN else int(config.hidden_size)

@@ -37,6 +37,7 @@ from .locks import SharedLock
 from .loop import StepGraphs, StepInputs, StepKey, initial_state, make_step, run_steps, step_rows
 from .lora import LoraMethods, LoraWeights
 from .model_files import Checkpoint
+from .networks import RESIDUAL_PREFIXES
 from .previews import Previews
 from .schedulers import SAMPLERS, choose_scheduler, default_scheduler, pipeline_scheduler_config
 from .settings import MAX_SIDE, Request, check_max_side, check_seed, draw_seed, make_request
@@ -261,7 +262,8 @@ class Pipeline(DiffusersSurface, LoraMethods, ImagePromptMethods, EmbeddingMetho
         inputs = StepInputs(unet_inputs, lat.conditioning, lat.x0, lat.noise, lat.mask, self._control_images(req))
         shapes = tuple((n, tuple(t.shape)) for n, t in {"x": lat.x, **inputs.tensors()}.items())
         previews = call.preview is not None
-        residuals = tuple(t.name for t in self.family.specs["unet"].optional_inputs) if names else ()
+        residuals = tuple(t.name for t in self.family.specs["unet"].optional_inputs
+                          if t.name.startswith(RESIDUAL_PREFIXES)) if names else ()
         key = StepKey(req.scheduler, config, req.guidance_scale, req.do_cfg, lat.step_noise is not None, shapes,
                       req.guidance_rescale, previews, names, residuals)
         return _Loop(key, inputs, initial_state(req.scheduler, lat.x, previews), rows, lat.step_noise,

@@ -1,0 +1,169 @@
+"""IP-Adapter (image prompts): parity with diffusers' load_ip_adapter / ip_adapter_image on
+the same random-weight adapters and image encoders (IP-Adapter and Plus, SD and SD-XL,
+txt2img / img2img / inpaint, two adapters, per-block scales, ControlNet), engines, the CLI, the
+server and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastsd import Pipeline
+from fastsd.errors import CheckpointError, FastSDError, InvalidArgumentError, PickleRefusedError
+from fastsd.synthetic import build, build_controlnet, build_ip_adapter
+
+TOL = 1e-3
+STEPS = 4
+PLAIN, PLUS = "ip-adapter.safetensors", "ip-adapter-plus.safetensors"
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Random-weight adapters in h94/IP-Adapter's layout, each with its image encoder."""
+    root = tmp_path_factory.mktemp("ip-adapters")
+    return {"plain": build_ip_adapter(root / "plain", "tiny", seed=5),
+            "plus": build_ip_adapter(root / "plus", "tiny", plus=True, seed=6),
+            "xl": build_ip_adapter(root / "xl", "tiny-xl", seed=7)}
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("xl") / "xl", "tiny-xl")
+
+
+@pytest.fixture(scope="module")
+def prompt_image():
+    rng = np.random.default_rng(3)
+    return Image.fromarray(rng.integers(0, 256, (36, 52, 3), dtype=np.uint8))
+
+
+_REFS: dict = {}
+
+
+def theirs(cls: str, model, folders: list, names: list, controlnet=None):
+    """diffusers' pipeline `cls` with the adapters loaded (its image encoder: the first's)."""
+    import diffusers
+
+    key = (cls, str(model), tuple(map(str, folders)), tuple(names), str(controlnet))
+    if key not in _REFS:
+        extra = {} if "XL" in cls else {"safety_checker": None, "requires_safety_checker": False}
+        if controlnet is not None:
+            extra["controlnet"] = diffusers.ControlNetModel.from_pretrained(str(controlnet))
+        pipe = getattr(diffusers, cls).from_pretrained(str(model), **extra)
+        pipe.load_ip_adapter([str(f) for f in folders], subfolder=[""] * len(folders), weight_name=names)
+        pipe.set_progress_bar_config(disable=True)
+        _REFS[key] = pipe
+    return _REFS[key]
+
+
+def ours(model, folders: list, names: list, **kw) -> Pipeline:
+    key = ("ours", str(model), tuple(map(str, folders)), tuple(names), tuple(sorted(kw.items())))
+    if key not in _REFS:
+        pipe = Pipeline.from_pretrained(str(model), **kw)
+        pipe.load_ip_adapter([str(f) for f in folders], weight_name=names,
+                             image_encoder=str(folders[0] / "image_encoder"))
+        _REFS[key] = pipe
+    return _REFS[key]
+
+
+def compare(cls, model, folders, names, scale=1.0, seed=0, pipe=None, controlnet=None, **kw):
+    """max |fastsd - diffusers| for the same call (diffusers' argument names) and fastsd's output."""
+    ref = theirs(cls, model, folders, names, controlnet)
+    ref.set_ip_adapter_scale(scale)
+    pipe = pipe or ours(model, folders, names)
+    pipe.set_ip_adapter_scale(scale)
+    mine = dict(kw)
+    if "ControlNetPipeline" in cls:
+        mine["control_image"] = mine.pop("image")
+    a = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", **mine)
+    b = ref(generator=torch.Generator().manual_seed(seed), output_type="np", **kw).images
+    assert a.images.shape == b.shape
+    return float(np.abs(a.images - b).max()), a
+
+
+# ---- parity with diffusers (eager fp32) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_txt2img_parity(ckpts, adapters, prompt_image, guidance):
+    diff, out = compare("StableDiffusionPipeline", ckpts["eps"], [adapters["plain"]], [PLAIN], scale=0.7,
+                        prompt="a cat", ip_adapter_image=prompt_image, num_inference_steps=STEPS,
+                        guidance_scale=guidance)
+    assert diff <= TOL and out.backends["unet"] == "eager" and "image_encoder" in out.timings
+    plain = ours(ckpts["eps"], [adapters["plain"]], [PLAIN])("a cat", num_inference_steps=STEPS, output_type="np",
+                                                            guidance_scale=guidance, seed=0)
+    assert np.abs(out.images - plain.images).max() > 0.01  # the image prompt changes the image
+
+
+def test_img2img_and_inpaint_parity(ckpts, adapters, prompt_image, init_image, mask_image):
+    kw = dict(prompt="a cat", ip_adapter_image=prompt_image, image=init_image, num_inference_steps=STEPS)
+    diff, _ = compare("StableDiffusionImg2ImgPipeline", ckpts["eps"], [adapters["plain"]], [PLAIN], scale=0.6,
+                      strength=0.7, **kw)
+    assert diff <= TOL
+    diff, _ = compare("StableDiffusionInpaintPipeline", ckpts["eps"], [adapters["plain"]], [PLAIN], scale=0.6,
+                      mask_image=mask_image, **kw)
+    assert diff <= TOL
+
+
+def test_plus_parity(ckpts, adapters, prompt_image):
+    """IP-Adapter Plus: the penultimate hidden states through the resampler; the unconditional
+    prompt a black image's."""
+    diff, _ = compare("StableDiffusionPipeline", ckpts["eps"], [adapters["plus"]], [PLUS], scale=0.8, prompt="a cat",
+                      ip_adapter_image=prompt_image, num_inference_steps=STEPS)
+    assert diff <= TOL
+
+
+def test_two_adapters_and_per_block_scales(ckpts, adapters, prompt_image, init_image):
+    folders, names = [adapters["plain"], adapters["plus"]], [PLAIN, PLUS]
+    images = [prompt_image, init_image]
+    diff, _ = compare("StableDiffusionPipeline", ckpts["eps"], folders, names, scale=[0.5, 0.9], prompt="a cat",
+                      ip_adapter_image=images, num_inference_steps=STEPS)
+    assert diff <= TOL
+    style = {"up": {"block_1": [0.0, 1.0]}, "mid": 0.3}  # InstantStyle's per-block form
+    diff, _ = compare("StableDiffusionPipeline", ckpts["eps"], folders, names, scale=[style, 0.6], prompt="a cat",
+                      ip_adapter_image=images, num_inference_steps=STEPS)
+    assert diff <= TOL
+
+
+def test_scale_zero_is_the_plain_pipeline(ckpts, adapters, prompt_image, pipes):
+    pipe = ours(ckpts["eps"], [adapters["plain"]], [PLAIN])
+    pipe.set_ip_adapter_scale(0.0)
+    got = pipe("a cat", ip_adapter_image=prompt_image, num_inference_steps=STEPS, seed=2, output_type="np")
+    want = pipes("eps")("a cat", num_inference_steps=STEPS, seed=2, output_type="np")
+    assert np.array_equal(got.images, want.images)
+    diff, _ = compare("StableDiffusionPipeline", ckpts["eps"], [adapters["plain"]], [PLAIN], scale=0.0,
+                      prompt="a cat", ip_adapter_image=prompt_image, num_inference_steps=STEPS)
+    assert diff <= TOL
+
+
+def test_sdxl_parity(xl, adapters, prompt_image, init_image):
+    diff, _ = compare("StableDiffusionXLPipeline", xl, [adapters["xl"]], [PLAIN], scale=0.7, prompt="a cat",
+                      ip_adapter_image=prompt_image, num_inference_steps=STEPS)
+    assert diff <= TOL
+    diff, _ = compare("StableDiffusionXLImg2ImgPipeline", xl, [adapters["xl"]], [PLAIN], scale=0.7, prompt="a cat",
+                      ip_adapter_image=prompt_image, image=init_image, strength=0.6, num_inference_steps=STEPS)
+    assert diff <= TOL
+
+
+def test_with_controlnet_parity(ckpts, adapters, prompt_image, init_image, tmp_path_factory):
+    cn = build_controlnet(tmp_path_factory.mktemp("ip-cn") / "cn", "tiny", seed=8)
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), controlnet=str(cn))
+    pipe.load_ip_adapter(str(adapters["plain"]), weight_name=PLAIN)
+    diff, out = compare("StableDiffusionControlNetPipeline", ckpts["eps"], [adapters["plain"]], [PLAIN], scale=0.7,
+                        pipe=pipe, controlnet=cn, prompt="a cat", image=init_image, ip_adapter_image=prompt_image,
+                        num_inference_steps=STEPS)
+    assert diff <= TOL and out.backends["controlnet"] == "eager"
+
+
+def test_precomputed_embeds_equal_the_image(ckpts, adapters, prompt_image):
+    """ip_adapter_image_embeds as diffusers' prepare_ip_adapter_image_embeds gives them."""
+    ref = theirs("StableDiffusionPipeline", ckpts["eps"], [adapters["plus"]], [PLUS])
+    embeds = ref.prepare_ip_adapter_image_embeds(prompt_image, None, torch.device("cpu"), 1, True)
+    pipe = ours(ckpts["eps"], [adapters["plus"]], [PLUS])
+    pipe.set_ip_adapter_scale(1.0)
+    kw = dict(num_inference_steps=STEPS, seed=1, output_type="np")
+    a = pipe("a cat", ip_adapter_image_embeds=embeds, **kw).images
+    b = pipe("a cat", ip_adapter_image=prompt_image, **kw).images
+    assert np.abs(a - b).max() <= 1e-5
