@@ -291,7 +291,7 @@ def ip_options(v: dict, count: int, prompts: int, cfg: bool) -> dict:
     if count == 0:
         raise bad_value(what, "needs an IP-Adapter: pipe.load_ip_adapter(...) first")
     if image is not None:
-        items = image if isinstance(image, (list, tuple)) and (count > 1 or len(image) == 1) else [image]
+        items = list(image) if isinstance(image, (list, tuple)) else [image]  # as diffusers: a list is per adapter
         if len(items) != count:
             raise bad_value(what, f"holds {len(items)} entries for {count} IP-Adapters: one per adapter (a list of "
                                   "images for one adapter goes inside its entry)")

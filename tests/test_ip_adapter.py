@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from fastsd import Pipeline
-from fastsd.errors import CheckpointError, FastSDError, InvalidArgumentError, PickleRefusedError
+from fastsd.errors import CheckpointError, InvalidArgumentError, PickleRefusedError
 from fastsd.synthetic import build, build_controlnet, build_ip_adapter
 
 TOL = 1e-3
@@ -167,3 +167,71 @@ def test_precomputed_embeds_equal_the_image(ckpts, adapters, prompt_image):
     a = pipe("a cat", ip_adapter_image_embeds=embeds, **kw).images
     b = pipe("a cat", ip_adapter_image=prompt_image, **kw).images
     assert np.abs(a - b).max() <= 1e-5
+
+
+def test_unload_restores_the_plain_pipeline(ckpts, adapters, prompt_image, pipes):
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]))
+    kw = dict(num_inference_steps=STEPS, seed=3, output_type="np")
+    before = pipe("a cat", **kw).images
+    pipe.load_ip_adapter(str(adapters["plain"] / PLAIN))  # the file itself: its image_encoder/ beside it
+    assert pipe.ip_adapters[0]["tokens"] == 4 and pipe.ip_adapters[0]["variant"] == "ip-adapter"
+    assert np.array_equal(pipe("a cat", **kw).images, before)  # no image prompt: the plain call
+    assert not np.array_equal(pipe("a cat", ip_adapter_image=prompt_image, **kw).images, before)
+    pipe.unload_ip_adapter()
+    assert np.array_equal(pipe("a cat", **kw).images, before) and pipe.ip_adapters == []
+    with pytest.raises(InvalidArgumentError, match="needs an IP-Adapter") as e:
+        pipe("a cat", ip_adapter_image=prompt_image, **kw)
+    assert e.value.param == "ip_adapter_image"
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+def test_adapters_that_do_not_fit_are_refused(ckpts, adapters, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]))
+    with pytest.raises(CheckpointError, match="cross-attention layers"):  # SD-XL's adapter on SD
+        pipe.load_ip_adapter(str(adapters["xl"]), weight_name=PLAIN)
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    other = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                           num_attention_heads=4, image_size=32, patch_size=8,
+                                                           projection_dim=24))
+    with pytest.raises(CheckpointError, match="reads 16-wide image features; the image encoder .* gives 24"):
+        pipe.load_ip_adapter(str(adapters["plain"]), weight_name=PLAIN, image_encoder=other)
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / PLAIN).write_bytes((adapters["plain"] / PLAIN).read_bytes())
+    with pytest.raises(CheckpointError, match="no image encoder"):
+        pipe.load_ip_adapter(str(lone / PLAIN))
+    faceid = load_file(str(adapters["plain"] / PLAIN))
+    faceid["ip_adapter.1.to_k_lora.down.weight"] = torch.zeros(4, 4)
+    save_file(faceid, str(lone / "faceid.safetensors"))
+    with pytest.raises(CheckpointError, match="Face-ID"):
+        pipe.load_ip_adapter(str(lone / "faceid.safetensors"), image_encoder=str(adapters["plain"] / "image_encoder"))
+    torch.save({"image_proj": {}, "ip_adapter": {}}, lone / "old.bin")
+    with pytest.raises(PickleRefusedError):
+        pipe.load_ip_adapter(str(lone / "old.bin"))
+    with pytest.raises(CheckpointError, match="3 weight files .* pass weight_name="):
+        pipe.load_ip_adapter(str(lone))
+    assert pipe.ip_adapters == []  # nothing half-loaded
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(ip_adapter_image=[Image.new("RGB", (8, 8))] * 2), "2 entries for 1 IP-Adapters"),
+    (dict(ip_adapter_image=3), "must be a PIL image"),
+    (dict(ip_adapter_image_embeds=[torch.zeros(3, 1, 16)]), "has 3 rows"),
+    (dict(ip_adapter_image_embeds=torch.zeros(2, 1, 16)), "list of 1 tensors"),
+])
+def test_bad_calls_are_refused_before_work(ckpts, adapters, kw, match):
+    pipe = ours(ckpts["eps"], [adapters["plain"]], [PLAIN])
+    with pytest.raises(InvalidArgumentError, match=match):
+        pipe.check_call("a cat", **kw)
+    with pytest.raises(InvalidArgumentError, match="pass one, not both"):
+        pipe.check_call("a cat", ip_adapter_image=Image.new("RGB", (8, 8)),
+                        ip_adapter_image_embeds=[torch.zeros(2, 1, 16)])
+    with pytest.raises(InvalidArgumentError, match="per-block IP-Adapter scales take the keys"):
+        pipe.set_ip_adapter_scale({"left": 1.0})
+    with pytest.raises(InvalidArgumentError, match="2 values for 1 IP-Adapters"):
+        pipe.set_ip_adapter_scale([1.0, 0.5])
