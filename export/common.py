@@ -28,7 +28,8 @@ from fastsd.engines import (
 from fastsd.errors import FastSDError, InvalidArgumentError, OutputPathError
 from fastsd.families import family_for
 from fastsd.hashing import link_files  # noqa: F401 - a refit's: the donor entry's files into the staging folder
-from fastsd.networks import NETWORKS, NetworkSpec, relative_error
+from fastsd.image_prompts import attach_adapters, ip_facts, record_ip_inputs
+from fastsd.networks import NETWORKS, RESIDUAL_PREFIXES, NetworkSpec, relative_error
 
 # make(network, staging folder) -> (files written, extra manifest facts of the network, note for the progress line)
 MakeNetwork = Callable[[str, Path], tuple[list[str], dict, str]]
@@ -59,10 +60,12 @@ def check_chunks(max_chunks) -> int:
 
 
 def load_for_build(model: str, networks: tuple[str, ...] | None, allow_pickle: bool, clip_skip: int,
-                   engine_dir: str | Path | None, vae: str | None = None, controlnets: tuple = ()):
+                   engine_dir: str | Path | None, vae: str | None = None, controlnets: tuple = (),
+                   ip_adapters: tuple = ()):
     """Check a build's arguments and the store, then load the checkpoint (with `vae`
-    replacing its VAE) and the `controlnets`. Returns (checkpoint, its model family with the
-    ControlNets, store root, the networks to build: `networks`, or None for all of the family's)."""
+    replacing its VAE), the `controlnets` and the `ip_adapters` (whose inputs its UNet then
+    takes). Returns (checkpoint, its model family with the ControlNets, store root, the
+    networks to build: `networks`, or None for all of the family's)."""
     if networks is not None:
         unknown = {n for n in networks if not re.fullmatch(r"controlnet_[2-9][0-9]*", n)} - set(NETWORKS)
         if unknown:
@@ -73,6 +76,8 @@ def load_for_build(model: str, networks: tuple[str, ...] | None, allow_pickle: b
     ckpt = load_checkpoint(model, allow_pickle=allow_pickle, vae=vae)
     check_clip_skip(ckpt, clip_skip)
     family = family_for(ckpt, load_controlnets(list(controlnets) or None, ckpt, allow_pickle))
+    if ip_adapters:
+        attach_adapters(ckpt, family, ip_adapters, allow_pickle)
     if networks is None:
         networks = family.networks
     other = [n for n in networks if n not in family.networks]
@@ -83,12 +88,41 @@ def load_for_build(model: str, networks: tuple[str, ...] | None, allow_pickle: b
 
 
 def build_spec(family, name: str) -> NetworkSpec:
-    """The spec a network is built with: with ControlNets, the UNet takes their residuals too
-    (zeros when a call has none: such an engine serves every call)."""
+    """The spec a network is built with: with ControlNets, the UNet takes their residuals too,
+    with IP-Adapters their image tokens and scales (zeros when a call has none: such an engine
+    serves every call)."""
     spec = family.specs[name]
-    if name == "unet" and family.controlnets:
-        spec = spec.with_inputs(t.name for t in spec.optional_inputs)
+    if name == "unet":
+        spec = spec.with_inputs(t.name for t in spec.optional_inputs
+                                if family.controlnets or not t.name.startswith(RESIDUAL_PREFIXES))
     return spec
+
+
+def build_module(module: torch.nn.Module, spec: NetworkSpec) -> torch.nn.Module:
+    """The network module taking the spec's inputs by name (a UNet with optional inputs)."""
+    return module.with_names(spec.input_names) if hasattr(module, "with_names") else module
+
+
+IP_FACTS = ("ip_tokens", "ip_layers", "ip_adapters")  # a UNet record's facts about its IP-Adapter inputs
+
+
+def source_spec(family, name: str, record: dict) -> NetworkSpec:
+    """The spec of a network as its ONNX entry's record says the graph takes it (ControlNet
+    residuals, IP-Adapter inputs): what an engine built from that graph takes. A UNet graph
+    holding IP-Adapters is built only with the same adapters loaded (the eager check runs them)."""
+    spec = family.specs[name]
+    if record.get("ip_tokens"):
+        have = [a.fingerprint for a in getattr(family, "ip_adapters", ())]
+        if list(record.get("ip_adapters", ())) != have:
+            raise FastSDError(f"the ONNX {name} was exported with {len(record['ip_tokens'])} IP-Adapter(s); build "
+                              "its engines with the same --ip-adapter flags as that export")
+        spec = record_ip_inputs(spec, record)
+    return spec.with_inputs(record.get("inputs", spec.input_names))
+
+
+def build_facts(family, name: str, spec: NetworkSpec) -> dict:
+    """A network's manifest facts about its inputs: their names, and a UNet's IP-Adapter inputs."""
+    return {"inputs": list(spec.input_names), **(ip_facts(family, spec) if name == "unet" else {})}
 
 
 def donor_record(donor_manifest: dict | None, family, name: str, layout: str) -> dict | None:

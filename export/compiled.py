@@ -27,6 +27,8 @@ from fastsd.networks import BATCH, TOKENS, NetworkSpec, weights_of
 from .common import (
     GIVEN_AT_LOAD,
     build_entries,
+    build_facts,
+    build_module,
     build_spec,
     check_chunks,
     donor_record,
@@ -141,7 +143,7 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
                    static: str | None = None, device: str | None = None, networks: tuple[str, ...] | None = None,
                    allow_pickle: bool = False, clip_skip: int = 0, vae: str | None = None, frozen: bool = False,
                    refit: bool = True, progress: Callable[[str], None] = log.info, controlnets: tuple = (),
-                   max_chunks: int | None = None) -> Path:
+                   max_chunks: int | None = None, ip_adapters: tuple = ()) -> Path:
     """Compile `model` into engine_dir/<fingerprint>/compiled-<dtype>/; returns that folder.
     With `controlnets`, its UNet takes their residuals and each ControlNet is compiled into an
     entry of its own. Not `frozen`, where the store holds a refittable entry of another
@@ -153,7 +155,7 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     ckpt, family, root, networks = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir, vae,
-                                                  controlnets)
+                                                  controlnets, ip_adapters)
     info = ckpt.info
     size = parse_static(static, info.vae_factor) or (info.default_size, info.default_size)
     profile = Profile.for_model(info, size, max_chunks=check_chunks(max_chunks or MAX_CHUNKS))
@@ -168,7 +170,7 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
         def make(name: str, folder: Path) -> tuple[list[str], dict, str]:
             spec = build_spec(family, name)
             path = folder / f"{spec.name}.pt2"
-            inputs = {"inputs": list(spec.input_names)}  # the UNet's may include the ControlNet residuals
+            inputs = build_facts(family, name, spec)  # the UNet's may include ControlNet and IP-Adapter inputs
             if donor_record(donor_manifest, family, name, SEPARATE) is not None:
                 check_package_refit(donor / path.name, weights_of(modules[name]))
                 files = [path.name, weights_name(spec.name)]
@@ -176,7 +178,7 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
                 extra = {"weights_layout": SEPARATE, "refitted_from": donor_manifest["checkpoint"],
                          WEIGHTS_AT_LOAD: True, **inputs}
                 return files, extra, GIVEN_AT_LOAD
-            module = modules[name].to(dev, DTYPES[dtype]).eval()
+            module = build_module(modules[name], spec).to(dev, DTYPES[dtype]).eval()
             args = tuple(a.to(dev) for a in spec.sample_inputs(2, *size, DTYPES[dtype]))
             files = compile_network(module, spec, args, path, frozen, profile.max_chunks)
             return files, {"weights_layout": FROZEN if frozen else SEPARATE, **inputs}, ""

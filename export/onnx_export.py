@@ -36,6 +36,8 @@ from fastsd.networks import FLOAT32, NetworkSpec, weights_of
 from .common import (
     GIVEN_AT_LOAD,
     build_entries,
+    build_facts,
+    build_module,
     build_spec,
     check_chunks,
     donor_record,
@@ -322,7 +324,7 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
                       static: str | None = None, networks: tuple[str, ...] | None = None, simplify: bool = True,
                       allow_pickle: bool = False, clip_skip: int = 0, vae: str | None = None, refit: bool = True,
                       progress: Callable[[str], None] = log.info, controlnets: tuple = (),
-                      max_chunks: int | None = None, cpu_graph: bool = True) -> Path:
+                      max_chunks: int | None = None, cpu_graph: bool = True, ip_adapters: tuple = ()) -> Path:
     """Export `model` to engine_dir/<fingerprint>/onnxruntime-<dtype>/; returns that folder.
     With `cpu_graph` (fp32), each network's graph as ONNX Runtime optimises it for this CPU
     is kept beside it (`write_cpu_graph`): its sessions load in a fraction of the time.
@@ -337,7 +339,7 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"unknown export dtype {dtype!r}; choose fp32 or fp16")
     ckpt, family, root, networks = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir, vae,
-                                                  controlnets)
+                                                  controlnets, ip_adapters)
     info = ckpt.info
     profile = Profile.for_model(info, parse_static(static, info.vae_factor),
                                 max_chunks=check_chunks(max_chunks or MAX_CHUNKS))
@@ -351,8 +353,8 @@ def export_checkpoint(model: str, engine_dir: str | Path | None = None, dtype: s
         def make(name: str, folder: Path) -> tuple[list[str], dict, str]:
             spec = build_spec(family, name)
             path = folder / f"{spec.name}.onnx"
-            module = modules.pop(name).eval()
-            inputs = {"inputs": list(spec.input_names)}  # the UNet's may include the ControlNet residuals
+            module = build_module(modules.pop(name), spec).eval()
+            inputs = build_facts(family, name, spec)  # the UNet's may include ControlNet and IP-Adapter inputs
             record = donor_record(donor_manifest, family, name, WEIGHTS_BY_NAME)
             if record is not None:
                 try:

@@ -52,7 +52,9 @@ from fastsd.networks import weights_of
 
 from .common import (
     GIVEN_AT_LOAD,
+    IP_FACTS,
     build_entry,
+    build_module,
     build_spec,
     check_chunks,
     check_engine,
@@ -63,6 +65,7 @@ from .common import (
     load_for_build,
     onnx_entry,
     parse_static,
+    source_spec,
 )
 from .onnx_export import RefitError, check_refit
 
@@ -95,9 +98,10 @@ def _make_network(family, modules: dict, src: Path, onnx_manifest: dict, stored:
     inputs = spec.sample_inputs(batch, profile.opt_size, profile.opt_width, torch.float32)
     err = check_engine(f"OpenVINO {precision} {name}", lambda *args: runner(**dict(zip(spec.input_names, args,
                                                                                      strict=True))),
-                       modules[name].float().eval(), inputs, TOLERANCE[precision])
+                       build_module(modules[name], spec).float().eval(), inputs, TOLERANCE[precision])
     extra = {"relative_error": round(err, 6), "inputs": list(spec.input_names),
-             "inference_precision": runner.config["INFERENCE_PRECISION_HINT"]}
+             "inference_precision": runner.config["INFERENCE_PRECISION_HINT"],
+             **{k: record[k] for k in IP_FACTS if k in record}}
     if record.get("weights_layout") == WEIGHTS_BY_NAME:  # LoRA refits by these names
         extra.update(weights_layout=WEIGHTS_BY_NAME, transposed=record.get("transposed", []))
     if given is not None:
@@ -118,7 +122,7 @@ def _linked_network(family, modules: dict, donor: Path, donor_manifest: dict, na
         raise FastSDError(f"{name}: cannot refit from {donor} ({e}); build it with --no-refit") from None
     files = shared_files(record)
     link_files(donor, folder, files)
-    keep = ("inputs", "inference_precision", "weights_layout", "transposed")
+    keep = ("inputs", "inference_precision", "weights_layout", "transposed", *IP_FACTS)
     extra = {k: record[k] for k in keep if k in record}
     return files, {**extra, WEIGHTS_AT_LOAD: True, "refitted_from": donor_manifest["checkpoint"]}, GIVEN_AT_LOAD
 
@@ -141,7 +145,7 @@ def _refit_groups(root: Path, info, family, networks: tuple[str, ...], dtype: st
 def _source_network(family, onnx_manifest: dict, stored: dict, name: str) -> tuple[dict, object]:
     """A network's record in the ONNX entry and its spec with the inputs that graph takes."""
     record = onnx_manifest["networks"][stored[name]]
-    return record, family.specs[name].with_inputs(record.get("inputs", family.specs[name].input_names))
+    return record, source_spec(family, name, record)
 
 
 def _source_entries(root: Path, info, family, networks: tuple[str, ...], size, clip_skip: int,
@@ -236,7 +240,7 @@ def _quantize_network(module: torch.nn.Module, spec, src: Path, record: dict, pr
 def build_openvino(model: str, engine_dir: str | Path | None = None, dtype: str = "fp32", static: str | None = None,
                    networks: tuple[str, ...] | None = None, allow_pickle: bool = False, clip_skip: int = 0,
                    vae: str | None = None, refit: bool = True, progress: Callable[[str], None] = log.info,
-                   controlnets: tuple = (), max_chunks: int | None = None) -> Path:
+                   controlnets: tuple = (), max_chunks: int | None = None, ip_adapters: tuple = ()) -> Path:
     """OpenVINO entries (the checkpoint's, each ControlNet's) at `dtype` (fp32, bf16, or int8:
     see the module's docstring), compiled from the fp32 ONNX entries, which `fastsd export`
     makes first where missing (and an int8 build, the bf16 entry it calibrates on)."""
@@ -247,9 +251,9 @@ def build_openvino(model: str, engine_dir: str | Path | None = None, dtype: str 
         raise FastSDError(why)
     options = dict(engine_dir=engine_dir, static=static, networks=networks, allow_pickle=allow_pickle,
                    clip_skip=clip_skip, vae=vae, refit=refit, progress=progress, controlnets=controlnets,
-                   max_chunks=max_chunks)
+                   max_chunks=max_chunks, ip_adapters=ip_adapters)
     ckpt, family, root, networks = load_for_build(model, networks, allow_pickle, clip_skip, engine_dir, vae,
-                                                  controlnets)
+                                                  controlnets, ip_adapters)
     info = ckpt.info
     size = parse_static(static, info.vae_factor)
 

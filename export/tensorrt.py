@@ -38,13 +38,16 @@ from fastsd.files import atomic_write
 from fastsd.networks import weights_of
 
 from .common import (
+    IP_FACTS,
     build_entry,
+    build_module,
     check_engine,
     entry_groups,
     entry_profile,
     load_for_build,
     onnx_entry,
     parse_static,
+    source_spec,
     weight_bytes,
 )
 from .onnx_export import refit_graph
@@ -139,7 +142,7 @@ def _make_plan(trt, logger, family, modules: dict, device, root: Path, src: Path
     from fastsd.backends.tensorrt import TrtRunner
 
     record = onnx_manifest["networks"][stored[name]]
-    spec = family.specs[name].with_inputs(record.get("inputs", family.specs[name].input_names))
+    spec = source_spec(family, name, record)
     graph = src / graph_file(spec.name, record)
     with tempfile.TemporaryDirectory(prefix=".fastsd-graph-", dir=root) as scratch:
         if weights_at_load(record):  # the ONNX entry's files hold a refit donor's weights: write this checkpoint's
@@ -156,9 +159,11 @@ def _make_plan(trt, logger, family, modules: dict, device, root: Path, src: Path
                                                             torch.float32))
     runner = TrtRunner(path, spec, device, profile, cuda_graphs=False)
     err = check_engine(f"TensorRT {name}", lambda *args: runner(**dict(zip(spec.input_names, args, strict=True))),
-                       modules[name].to(device, torch.float32).eval(), inputs, ENGINE_TOLERANCE)
+                       build_module(modules[name], spec).to(device, torch.float32).eval(), inputs,
+                       ENGINE_TOLERANCE)
     modules[name].to("cpu")
-    extra = {"relative_error": round(err, 6), "inputs": list(spec.input_names)}
+    extra = {"relative_error": round(err, 6), "inputs": list(spec.input_names),
+             **{k: record[k] for k in IP_FACTS if k in record}}
     if refitting and record.get("weights_layout") == WEIGHTS_BY_NAME:  # LoRA refits by these names
         extra.update(weights_layout=WEIGHTS_BY_NAME, transposed=record.get("transposed", []))
     if donor is not None:
@@ -170,7 +175,7 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
                    networks: tuple[str, ...] | None = None, allow_pickle: bool = False,
                    refittable: bool | None = None, vae: str | None = None, refit: bool = True,
                    progress: Callable[[str], None] = log.info, controlnets: tuple = (),
-                   max_chunks: int | None = None) -> Path:
+                   max_chunks: int | None = None, ip_adapters: tuple = ()) -> Path:
     """Refit the engines of a same-architecture entry if one exists, else build them. With
     `controlnets`, each ControlNet's engine goes into its own entry (from its ONNX entry), and
     the UNet is built from its graph with the ControlNet residual inputs. The profile, the
@@ -178,7 +183,8 @@ def build_tensorrt(model: str, engine_dir: str | Path | None = None, static: str
     trt = _trt()
     logger = trt.Logger(trt.Logger.WARNING)
     mode, source = build_mode(trt)
-    ckpt, family, root, networks = load_for_build(model, networks, allow_pickle, 0, engine_dir, vae, controlnets)
+    ckpt, family, root, networks = load_for_build(model, networks, allow_pickle, 0, engine_dir, vae, controlnets,
+                                                  ip_adapters)
     info = ckpt.info
     size = parse_static(static, info.vae_factor)
     device = torch.device("cuda", torch.cuda.current_device())

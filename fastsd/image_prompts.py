@@ -123,6 +123,45 @@ def _token_count(variant: str, proj, config) -> int:
     return (int(config.image_size) // int(config.patch_size)) ** 2 + 1  # every patch token and the class token
 
 
+def with_ip_inputs(spec, tokens: tuple[int, ...], layers: int):
+    """The UNet spec whose optional inputs are the ControlNet residuals, then the inputs of
+    adapters giving `tokens` image tokens each (none: no adapter)."""
+    residuals = tuple(t for t in spec.optional_inputs if not t.name.startswith(IP_PREFIXES))
+    width = spec.inputs[2].shape[-1]  # encoder_hidden_states (B, T, D): the tokens' width
+    return replace(spec, optional_inputs=residuals + ip_adapter_specs(tokens, layers, width))
+
+
+def record_ip_inputs(spec, record: dict):
+    """The UNet spec with the IP-Adapter inputs an engine's manifest record says it takes."""
+    if not record.get("ip_tokens"):
+        return spec
+    return with_ip_inputs(spec, tuple(record["ip_tokens"]), int(record["ip_layers"]))
+
+
+def ip_facts(family, spec) -> dict:
+    """A UNet engine's manifest facts about its IP-Adapter inputs: each adapter's token count,
+    the cross-attention layers, and the adapters whose projections its files hold."""
+    adapters = getattr(family, "ip_adapters", ())
+    if not adapters or not any(n.startswith(IP_TOKENS) for n in spec.input_names):
+        return {}
+    layers = next(t.shape[0] for t in spec.inputs if t.name.startswith(IP_SCALE))
+    return {"ip_tokens": [a.tokens for a in adapters], "ip_layers": layers,
+            "ip_adapters": [a.fingerprint for a in adapters]}
+
+
+def attach_adapters(ckpt, family, paths, allow_pickle: bool = False) -> tuple[LoadedAdapter, ...]:
+    """IP-Adapters (files or folders with one adapter each) installed in the checkpoint's UNet
+    and the family's UNet spec, for a build: its UNet takes their inputs."""
+    unet = ckpt.unet
+    loaded = read_adapters(list(paths), None, None, None, unet, ckpt.info.cross_attention_dim, allow_pickle, False)
+    install(unet, [layers for _, layers in loaded])
+    names = cross_attention_layers(unet)
+    family.ip_adapters = tuple(replace(a, scale=layer_scales(1.0, names)) for a, _ in loaded)
+    family.specs["unet"] = with_ip_inputs(family.specs["unet"], tuple(a.tokens for a in family.ip_adapters),
+                                          len(names))
+    return family.ip_adapters
+
+
 class ImagePromptMethods:
     """Pipeline's IP-Adapter methods (a mixin of fastsd/pipeline.py's Pipeline)."""
 
@@ -191,12 +230,9 @@ class ImagePromptMethods:
         return encoder
 
     def _ip_specs(self) -> None:
-        """The UNet spec's optional inputs: the ControlNet residuals, then the adapters'."""
-        spec = self.family.specs["unet"]
-        residuals = tuple(t for t in spec.optional_inputs if not t.name.startswith(IP_PREFIXES))
-        layers = len(cross_attention_layers(self.ckpt.unet))
-        extra = ip_adapter_specs(tuple(a.tokens for a in self._ip), layers, self.info.cross_attention_dim)
-        self.family.specs["unet"] = replace(spec, optional_inputs=residuals + extra)
+        self.family.specs["unet"] = with_ip_inputs(self.family.specs["unet"], tuple(a.tokens for a in self._ip),
+                                                   len(cross_attention_layers(self.ckpt.unet)))
+        self.family.ip_adapters = self._ip
 
     def _ip_refit(self) -> None:
         """Engines built with IP-Adapter inputs take the loaded adapters' projections (by refit);

@@ -353,10 +353,15 @@ def install(unet, per_adapter: list[list[tuple[torch.Tensor, torch.Tensor]]]) ->
     unet.set_attn_processor(procs)
 
 
+def is_ip_weight(name: str) -> bool:
+    """Whether a UNet network weight is an IP-Adapter's key or value projection."""
+    return ".processor.to_k_ip." in name or ".processor.to_v_ip." in name
+
+
 def ip_weights(unet) -> dict[str, torch.Tensor]:
     """The adapters' projections in the UNet network's weights, by the names engines know them
     (networks.UNet holds diffusers' UNet as `unet`)."""
-    return {f"unet.{n}": p.detach() for n, p in unet.named_parameters() if ".processor.to_" in n}
+    return {f"unet.{n}": p.detach() for n, p in unet.named_parameters() if is_ip_weight(n)}
 
 
 def layer_scales(scale, names: list[str], what: str = "scale") -> torch.Tensor:

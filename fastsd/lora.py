@@ -543,4 +543,6 @@ class LoraMethods:
         overridden = self._loras.overridden()
         for network, weights in changed.items():
             self.backend.set_weights(network, weights, network not in overridden)
+        if "unet" in changed and "unet" not in overridden and getattr(self, "_ip", ()):
+            self._ip_refit()  # back at the entry's own weights: its adapters' projections are the loaded ones again
         self._reset_graphs()

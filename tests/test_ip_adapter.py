@@ -235,3 +235,61 @@ def test_bad_calls_are_refused_before_work(ckpts, adapters, kw, match):
         pipe.set_ip_adapter_scale({"left": 1.0})
     with pytest.raises(InvalidArgumentError, match="2 values for 1 IP-Adapters"):
         pipe.set_ip_adapter_scale([1.0, 0.5])
+
+
+# ---- engines ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ip_store(ckpts, adapters, tmp_path_factory):
+    """The eps checkpoint exported (ONNX fp32) with the plain adapter's inputs in its UNet."""
+    pytest.importorskip("onnxruntime")
+    from fastsd.export import export_checkpoint
+
+    store = tmp_path_factory.mktemp("ip-engines")
+    export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("text_encoder", "unet", "vae_decoder"),
+                      ip_adapters=(str(adapters["plain"]),))
+    return store
+
+
+def test_onnxruntime_engine_takes_the_image_prompt(ckpts, adapters, ip_store, prompt_image, pipes):
+    import json
+
+    (entry,) = ip_store.glob("*/onnxruntime-fp32")
+    record = json.loads((entry / "manifest.json").read_text())["networks"]["unet"]
+    assert record["ip_tokens"] == [4] and "ip_tokens_0" in record["inputs"] and "ip_scale_0" in record["inputs"]
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=ip_store)
+    kw = dict(num_inference_steps=STEPS, seed=1, output_type="np")
+    plain = pipe("a cat", **kw)  # no adapter loaded: the engine runs with zero scales
+    assert plain.backends["unet"] == "onnxruntime"
+    assert np.abs(plain.images - pipes("eps")("a cat", **kw).images).max() <= 2e-3
+    pipe.load_ip_adapter(str(adapters["plain"]), weight_name=PLAIN)
+    pipe.set_ip_adapter_scale(0.7)
+    diff, out = compare("StableDiffusionPipeline", ckpts["eps"], [adapters["plain"]], [PLAIN], scale=0.7, pipe=pipe,
+                        prompt="a cat", ip_adapter_image=prompt_image, num_inference_steps=STEPS)
+    assert out.backends["unet"] == "onnxruntime" and diff <= 2e-3
+    # another adapter of the same shapes (the Plus one gives 4 tokens too): a refit, not a rebuild
+    pipe.load_ip_adapter(str(adapters["plus"]), weight_name=PLUS)
+    got = pipe("a cat", ip_adapter_image=prompt_image, **kw)
+    want = ours(ckpts["eps"], [adapters["plus"]], [PLUS])
+    want.set_ip_adapter_scale(1.0)
+    assert got.backends["unet"] == "onnxruntime"
+    assert np.abs(got.images - want("a cat", ip_adapter_image=prompt_image, **kw).images).max() <= 2e-3
+
+
+def test_engine_without_the_inputs_runs_the_call_eager(ckpts, adapters, eps_onnx, prompt_image, tmp_path, caplog):
+    """A UNet engine exported without IP-Adapter inputs serves plain calls; a call with an image
+    prompt runs its UNet in eager PyTorch, and says why."""
+    from conftest import copy_entries
+
+    copy_entries(eps_onnx, tmp_path, "onnxruntime-*")
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=tmp_path)
+    pipe.load_ip_adapter(str(adapters["plain"]), weight_name=PLAIN)
+    kw = dict(num_inference_steps=2, seed=0, output_type="np")
+    assert pipe("a cat", **kw).backends["unet"] == "onnxruntime"
+    with caplog.at_level("WARNING"):
+        got = pipe("a cat", ip_adapter_image=prompt_image, **kw)
+    assert got.backends["unet"] == "eager" and "without the inputs of this many IP-Adapters" in caplog.text
+    want = ours(ckpts["eps"], [adapters["plain"]], [PLAIN])
+    want.set_ip_adapter_scale(1.0)
+    assert np.abs(got.images - want("a cat", ip_adapter_image=prompt_image, **kw).images).max() <= TOL

@@ -89,7 +89,7 @@ def _build(opts: BuildOptions) -> Path:
         opts.model, engine_dir=opts.engine_dir, dtype=opts.dtype, static=opts.static, device=opts.device,
         networks=opts.networks, allow_pickle=opts.allow_pickle, clip_skip=opts.clip_skip, vae=opts.vae,
         frozen=opts.refittable is False, refit=opts.refit, progress=opts.progress,
-        controlnets=opts.controlnets, max_chunks=opts.max_chunks)
+        controlnets=opts.controlnets, ip_adapters=opts.ip_adapters, max_chunks=opts.max_chunks)
 
 
 def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile,

@@ -13,7 +13,8 @@ import torch
 
 from ..engines import check_entry, weights_at_load
 from ..errors import InvalidArgumentError
-from ..networks import SD_NETWORKS, NetworkSpec
+from ..ip_adapter import is_ip_weight
+from ..networks import IP_TOKENS, SD_NETWORKS, NetworkSpec
 from ..phases import ENGINE_FILES, ENGINE_LOAD, phase
 from . import Networks, record
 from .kind import EngineKind, RefitUnsupported, Runner
@@ -76,10 +77,16 @@ class LazyRunner:
         cannot take them serves no call until the weights are the entry's own again. Before
         the engine is loaded, the weights wait for it (every change passes the new tensors,
         so the latest of each is what it gets)."""
+        if not at_base and not self.spec_takes_ip and weights and all(map(is_ip_weight, weights)):
+            return  # an IP-Adapter's projections: weights of no graph built without its inputs
         with self._lock:
             self._pending = {} if at_base else {**self._pending, **weights}
             if self.runner is not None and self.failed is None:
                 self._refit(weights, at_base)
+
+    @property
+    def spec_takes_ip(self) -> bool:
+        return any(n.startswith(IP_TOKENS) for n in self.spec.input_names)
 
     def _refit(self, weights: dict, at_base: bool) -> None:
         try:

@@ -126,6 +126,7 @@ class BuildOptions:
     clip_skip: int = 0
     vae: str | None = None  # a VAE (folder or file) replacing the checkpoint's
     controlnets: tuple[str, ...] = ()  # ControlNets: each into an entry of its own; the UNet takes their residuals
+    ip_adapters: tuple[str, ...] = ()  # IP-Adapters (files or folders): the UNet takes their image tokens and scales
     refittable: bool | None = None  # engines that take other weights by refit; None: the kind's default
     # (compiled: yes, weights beside the code, False = frozen; TensorRT: no, True = refittable plans)
     refit: bool = True  # a new checkpoint of an architecture the store holds is refitted, not rebuilt

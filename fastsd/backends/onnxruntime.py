@@ -267,6 +267,8 @@ class OrtRunner(EngineRunner):
         before it optimises the graph). Weights the graph does not use are skipped. At base:
         the engine's own weights again (the file's, or those given at load)."""
         names = self._graph_weights()
+        if not at_base and not any(n in names for n in weights):
+            return  # none of its weights (an IP-Adapter's projections, for a UNet built without them)
         overrides = dict(self._base if at_base else self._overrides)
         if not at_base:
             overrides.update({n: self._array(n, t) for n, t in weights.items() if n in names})
@@ -345,7 +347,8 @@ def _build(opts: BuildOptions) -> Path:
         opts.model, engine_dir=opts.engine_dir, dtype=opts.dtype or "fp32", static=opts.static,
         networks=opts.networks, simplify=opts.simplify, allow_pickle=opts.allow_pickle, clip_skip=opts.clip_skip,
         vae=opts.vae, refit=opts.refit, progress=opts.progress,
-        controlnets=opts.controlnets, max_chunks=opts.max_chunks, cpu_graph=opts.cpu_graph)
+        controlnets=opts.controlnets, ip_adapters=opts.ip_adapters, max_chunks=opts.max_chunks,
+        cpu_graph=opts.cpu_graph)
 
 
 def _details() -> str:

@@ -249,7 +249,8 @@ def _build(opts: BuildOptions) -> Path:
     return export_module("openvino").build_openvino(
         opts.model, engine_dir=opts.engine_dir, dtype=opts.dtype or "fp32", static=opts.static,
         networks=opts.networks, allow_pickle=opts.allow_pickle, clip_skip=opts.clip_skip, vae=opts.vae,
-        refit=opts.refit, progress=opts.progress, controlnets=opts.controlnets, max_chunks=opts.max_chunks)
+        refit=opts.refit, progress=opts.progress, controlnets=opts.controlnets, ip_adapters=opts.ip_adapters,
+        max_chunks=opts.max_chunks)
 
 
 def _details() -> str:

@@ -29,6 +29,7 @@ from ..engines import (
     weights_at_load,
 )
 from ..hashing import prefetch
+from ..image_prompts import record_ip_inputs
 from ..networks import NETWORKS, weights_of
 from ..phases import ENGINE_FILES, phase
 from .composite import CompositeBackend, LazyRunner
@@ -81,8 +82,8 @@ def _engines(kind: EngineKind, fingerprint: str, specs: dict, device, dtype, eng
                 _warn_unusable(f"{kind.name} ({entry.name})", {n: "built to take token ids (before fastsd's text "
                                "encoders took token embeddings); rebuild the entry to run it there"}, True, True)
                 continue
-            try:  # a UNet built with the ControlNet residual inputs takes those too
-                spec = spec.with_inputs(record.get("inputs", spec.input_names))
+            try:  # a UNet built with the ControlNet residual or IP-Adapter inputs takes those too
+                spec = record_ip_inputs(spec, record).with_inputs(record.get("inputs", spec.input_names))
             except ValueError as e:
                 _warn_unusable(f"{kind.name} ({entry.name})", {n: str(e)}, True, True)
                 continue

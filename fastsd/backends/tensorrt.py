@@ -209,7 +209,7 @@ def _build(opts: BuildOptions) -> Path:
     return export_module("tensorrt").build_tensorrt(
         opts.model, engine_dir=opts.engine_dir, static=opts.static, networks=opts.networks,
         allow_pickle=opts.allow_pickle, refittable=opts.refittable, vae=opts.vae, refit=opts.refit,
-        progress=opts.progress, controlnets=opts.controlnets, max_chunks=opts.max_chunks)
+        progress=opts.progress, controlnets=opts.controlnets, ip_adapters=opts.ip_adapters, max_chunks=opts.max_chunks)
 
 
 KIND = EngineKind("tensorrt", ".plan", unavailable, runtime_facts,
