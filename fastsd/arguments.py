@@ -62,7 +62,8 @@ class Arg:
     flag: str | None = None  # `fastsd generate` flag (None: the CLI has none)
     http: str | None = None  # the field over HTTP (None: not accepted there)
     batch_key: bool = False  # requests share a server batch only where they agree on it
-    group: str = "call"  # call: a Request field; run: how the call runs; xl: SD-XL only; control: ControlNets
+    group: str = "call"  # call: a Request field; run: how the call runs; xl: SD-XL only; control: ControlNets;
+    # ip: IP-Adapters
     default_doc: str | None = None  # the help's words for the default, where the value alone does not say it
 
     def __post_init__(self):
@@ -147,7 +148,7 @@ ARGS: tuple[Arg, ...] = (
         flag="--control-start", http="control_guidance_start", batch_key=True, group="control"),
     Arg("control_guidance_end", "scales", 1.0, "the fraction of steps after which it stops", lo=0.0, hi=1.0,
         flag="--control-end", http="control_guidance_end", batch_key=True, group="control"),
-    Arg("ip_adapter_image", "any", doc="the image prompt of each IP-Adapter (pipe.load_ip_adapter)",
+    Arg("ip_adapter_image", "images", doc="the image prompt of each IP-Adapter (pipe.load_ip_adapter)",
         flag="--ip-image", http="ip_adapter_image", group="ip"),
     Arg("ip_adapter_image_embeds", "any", doc="precomputed image prompt features, one tensor per IP-Adapter",
         group="ip"),

@@ -66,7 +66,8 @@ def _call_flags(g) -> None:
         if arg.kind == "sampler":
             help_text = _sampler_help(arg)
         else:
-            repeat = "; repeatable, in --controlnet order" if kind.get("action") == "append" else ""
+            order = "--ip-adapter" if arg.group == "ip" else "--controlnet"
+            repeat = f"; repeatable, in {order} order" if kind.get("action") == "append" else ""
             help_text = arg.help() + repeat
         g.add_argument(arg.flag, dest=arg.name, default=None, help=help_text, **kind)
 
@@ -110,6 +111,14 @@ def _generate_parser(sub_parser) -> None:
     g.add_argument("--controlnet", action="append", default=[], metavar="M",
                    help="a ControlNet (diffusers folder, .safetensors file, hub id or synthetic:controlnet-<arch>); "
                         "repeatable (multi-ControlNet), one --control-image each, in the same order")
+    g.add_argument("--ip-adapter", action="append", default=[], metavar="M",
+                   help="an IP-Adapter (its .safetensors file, or a folder holding one, with image_encoder/ beside it; "
+                        "synthetic:ip-adapter[-plus]-<arch>): --ip-image is then an image prompt; repeatable, one "
+                        "--ip-image each, in the same order")
+    g.add_argument("--ip-scale", type=float, action="append", default=[], metavar="S",
+                   help="the IP-Adapter's scale (default 1.0): one for all or one per --ip-adapter")
+    g.add_argument("--image-encoder", default=None, metavar="DIR",
+                   help="the CLIP image encoder of the IP-Adapters (default: the image_encoder/ folder beside each)")
     g.add_argument("--hires", type=float, default=None, metavar="SCALE",
                    help="hires fix: generate at the size asked, upscale by SCALE, repaint with img2img "
                         "(Pipeline.hires_fix)")
@@ -156,6 +165,9 @@ def _export_parser(sub_parser) -> None:
     e.add_argument("--controlnet", action="append", default=[], metavar="M",
                    help="also export this ControlNet (into an entry of its own) and the UNet with its residual "
                         "inputs; repeatable")
+    e.add_argument("--ip-adapter", action="append", default=[], metavar="M",
+                   help="the UNet takes this IP-Adapter's image tokens and scale too (its projections as weights: "
+                        "another adapter of the same shapes is a refit at load); repeatable")
     e.add_argument("--no-refit", action="store_true",
                    help="trace from scratch even where an entry of the same architecture could be refitted")
     e.add_argument("--no-cpu-graph", action="store_true",
@@ -195,6 +207,9 @@ def _build_parser(sub_parser) -> None:
     c.add_argument("--controlnet", action="append", default=[], metavar="M",
                    help="also build this ControlNet (into an entry of its own) and the UNet with its residual "
                         "inputs; repeatable")
+    c.add_argument("--ip-adapter", action="append", default=[], metavar="M",
+                   help="the UNet takes this IP-Adapter's image tokens and scale too (its projections as weights: "
+                        "another adapter of the same shapes is a refit at load); repeatable")
     c.set_defaults(func=cmd_build)
 
 
@@ -263,6 +278,9 @@ def _serve_parser(sub_parser) -> None:
     v.add_argument("--controlnet", action="append", default=[], metavar="M",
                    help="a ControlNet; requests then may pass `control_image` (one per --controlnet, in order); "
                         "repeatable")
+    v.add_argument("--ip-adapter", action="append", default=[], metavar="M",
+                   help="an IP-Adapter (as for generate); requests then may pass `ip_adapter_image` (one per "
+                        "--ip-adapter, in order); repeatable")
     v.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="every .safetensors LoRA in DIR, by stem, may be named in requests")
     v.add_argument("--embeddings-dir", default=None, metavar="DIR",
@@ -448,7 +466,8 @@ def _check_generate(args, values: dict) -> None:
     from .lora import parse_lora_arg
     from .settings import check_max_side, check_size
 
-    check_values({k: v for k, v in values.items() if k not in ("image", "mask_image", "control_image")})
+    check_values({k: v for k, v in values.items() if k not in ("image", "mask_image", "control_image",
+                                                                "ip_adapter_image")})
     if args.preview_every < 1:
         raise FastSDError(f"--preview-every must be >= 1, got {args.preview_every}")
     if args.preview is not None:
@@ -469,6 +488,7 @@ def _check_generate(args, values: dict) -> None:
         if not Path(path).is_file():
             raise FastSDError(f"--lora {path}: no such file")
     _check_control(args, values)
+    _check_ip(args, values)
     check_max_side(args.max_side)
     factor = peek_vae_factor(args.model) or 1
     for name in ("height", "width"):
@@ -496,6 +516,36 @@ def _check_control(args, values: dict) -> None:
             raise FastSDError(f"--control-image {path}: no such file")
 
 
+def _check_ip(args, values: dict) -> None:
+    """The IP-Adapter flags: one --ip-image per --ip-adapter; --ip-scale one for all or one each."""
+    n, images = len(args.ip_adapter), values.get("ip_adapter_image", [])
+    if images and not n:
+        raise FastSDError("--ip-image needs --ip-adapter")
+    if n and len(images) != n:
+        raise FastSDError(f"{n} --ip-adapter need {n} --ip-image (one each, in the same order), got {len(images)}")
+    if args.ip_scale and not n:
+        raise FastSDError("--ip-scale needs --ip-adapter")
+    if len(args.ip_scale) not in (0, 1, n):
+        raise FastSDError(f"--ip-scale: give one value for all IP-Adapters or one per --ip-adapter ({n})")
+    if args.image_encoder is not None and not n:
+        raise FastSDError("--image-encoder is for --ip-adapter")
+    for path in images:
+        if not Path(path).is_file():
+            raise FastSDError(f"--ip-image {path}: no such file")
+
+
+def _load_ip_adapters(pipe, args) -> list[dict]:
+    """--ip-adapter ...: loaded (with --image-encoder) at --ip-scale; what the PNG records."""
+    if not args.ip_adapter:
+        return []
+    pipe.load_ip_adapter(list(args.ip_adapter), image_encoder=args.image_encoder, allow_pickle=args.allow_pickle)
+    scales = args.ip_scale or [1.0]
+    pipe.set_ip_adapter_scale(scales if len(scales) > 1 else scales[0])
+    scales = scales * len(args.ip_adapter) if len(scales) == 1 else scales
+    return [{"model": m, "image": i, "scale": s}
+            for m, i, s in zip(args.ip_adapter, args.ip_adapter_image, scales, strict=True)]
+
+
 def _read_images(values: dict) -> dict:
     """The image flags' files read as images (one control image per --controlnet)."""
     from .images import load_image
@@ -504,9 +554,10 @@ def _read_images(values: dict) -> dict:
     for name in ("image", "mask_image"):
         if name in out:
             out[name] = load_image(out[name])
-    if "control_image" in out:
-        images = [load_image(p) for p in out["control_image"]]
-        out["control_image"] = images[0] if len(images) == 1 else images
+    for name in ("control_image", "ip_adapter_image"):
+        if name in out:
+            images = [load_image(p) for p in out[name]]
+            out[name] = images[0] if len(images) == 1 else images
     return out
 
 
@@ -560,6 +611,7 @@ def cmd_generate(args) -> int:
     pipe = _load(args)
     loras = _load_loras(pipe, args.lora)
     embeddings = _load_embeddings(pipe, args.embedding, args.allow_pickle)
+    ip_adapters = _load_ip_adapters(pipe, args)
     preview = None
     if args.preview:
         pipe.load_preview_vae(args.preview_vae or _default_preview_vae(args.model, pipe.info))
@@ -594,6 +646,7 @@ def cmd_generate(args) -> int:
                 **({"embeddings": embeddings} if embeddings else {}),
                 **({"controlnets": [{"model": m, "image": i} for m, i in zip(args.controlnet, args.control_image,
                                                                              strict=True)]} if args.controlnet else {}),
+                **({"ip_adapters": ip_adapters} if ip_adapters else {}),
                 "model_fingerprint": pipe.info.fingerprint,
                 "fastsd": __version__}
     write_pngs(out.images, paths, settings, args.overwrite)
@@ -608,7 +661,8 @@ def _report(out, paths: list, preview, preview_path) -> None:
     for path in paths:
         print(f"wrote {path}")
     t = out.timings
-    print(f"seed {out.seed} | text_encoder {t['text_encoder']:.3f}s | unet {t['unet']:.3f}s "
+    image = f" | image_encoder {t['image_encoder']:.3f}s" if "image_encoder" in t else ""
+    print(f"seed {out.seed} | text_encoder {t['text_encoder']:.3f}s{image} | unet {t['unet']:.3f}s "
           f"({t['unet_per_step'] * 1000:.1f} ms/step) | vae {t['vae']:.3f}s | total {t['total']:.3f}s")
     print("backends: " + ", ".join(f"{k}={v}" for k, v in out.backends.items()))
     if preview:
@@ -757,8 +811,8 @@ def _build(kind_name: str, args, **options) -> int:
 
 def cmd_export(args) -> int:
     return _build("onnxruntime", args, dtype=args.dtype, simplify=not args.no_simplify, vae=args.vae,
-                  refit=not args.no_refit, controlnets=tuple(args.controlnet), max_chunks=args.max_prompt_chunks,
-                  cpu_graph=not args.no_cpu_graph)
+                  refit=not args.no_refit, controlnets=tuple(args.controlnet), ip_adapters=tuple(args.ip_adapter),
+                  max_chunks=args.max_prompt_chunks, cpu_graph=not args.no_cpu_graph)
 
 
 def cmd_build(args) -> int:
@@ -767,6 +821,7 @@ def cmd_build(args) -> int:
     refittable = True if args.refittable else False if args.frozen else None
     return _build(args.backend, args, dtype=args.dtype, device=args.device, refittable=refittable,
                   vae=args.vae, refit=not args.no_refit, controlnets=tuple(args.controlnet),
+                  ip_adapters=tuple(args.ip_adapter),
                   max_chunks=args.max_prompt_chunks)
 
 
@@ -867,6 +922,7 @@ def cmd_serve(args) -> int:
                            max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
                            max_queue=args.max_queue, limits=limits, model_name=args.model_name,
                            loras=_serve_loras(args.lora, args.lora_dir), controlnets=tuple(args.controlnet),
+                           ip_adapters=tuple(args.ip_adapter),
                            lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
                            upscaler_dir=args.upscaler_dir, preview_vae=args.preview_vae, output_dir=args.output_dir,
                            auth=auth)

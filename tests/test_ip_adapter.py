@@ -293,3 +293,92 @@ def test_engine_without_the_inputs_runs_the_call_eager(ckpts, adapters, eps_onnx
     want = ours(ckpts["eps"], [adapters["plain"]], [PLAIN])
     want.set_ip_adapter_scale(1.0)
     assert np.abs(got.images - want("a cat", ip_adapter_image=prompt_image, **kw).images).max() <= TOL
+
+
+def test_compiled_engine_takes_the_image_prompt(ckpts, adapters, prompt_image, tmp_path):
+    """An AOTInductor UNet package with the adapter's inputs: within 2e-3 of eager."""
+    from fastsd.export.compiled import build_compiled
+
+    build_compiled(str(ckpts["eps"]), engine_dir=tmp_path, networks=("unet",), ip_adapters=(str(adapters["plain"]),))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="compiled", engine_dir=tmp_path)
+    pipe.load_ip_adapter(str(adapters["plain"]), weight_name=PLAIN)
+    pipe.set_ip_adapter_scale(0.8)
+    kw = dict(num_inference_steps=STEPS, seed=2, output_type="np")
+    got = pipe("a cat", ip_adapter_image=prompt_image, **kw)
+    want = ours(ckpts["eps"], [adapters["plain"]], [PLAIN])
+    want.set_ip_adapter_scale(0.8)
+    assert got.backends["unet"] == "compiled"
+    assert np.abs(got.images - want("a cat", ip_adapter_image=prompt_image, **kw).images).max() <= 2e-3
+
+
+# ---- CLI and server ----------------------------------------------------------------------
+
+
+def test_cli_generate_and_export(ckpts, adapters, prompt_image, tmp_path, capsys):
+    import json
+
+    from fastsd.cli import main
+
+    prompt_image.save(tmp_path / "style.png")
+    out = tmp_path / "o.png"
+    base = ["generate", "a cat", "--model", str(ckpts["eps"]), "--steps", "2", "--no-progress", "--seed", "3"]
+    assert main([*base, "--out", str(out), "--ip-adapter", str(adapters["plain"]), "--ip-image",
+                 str(tmp_path / "style.png"), "--ip-scale", "0.6"]) == 0
+    assert "image_encoder" in capsys.readouterr().out
+    im = Image.open(out)
+    settings = json.loads(im.text["fastsd"])
+    assert settings["ip_adapters"] == [{"model": str(adapters["plain"]), "image": str(tmp_path / "style.png"),
+                                        "scale": 0.6}]
+    want = ours(ckpts["eps"], [adapters["plain"]], [PLAIN])
+    want.set_ip_adapter_scale(0.6)
+    want = want("a cat", ip_adapter_image=prompt_image, num_inference_steps=2, prompt_syntax="a1111",
+                generator=torch.Generator().manual_seed(3))
+    assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(want.images[0]))
+    for bad in (["--ip-image", str(tmp_path / "style.png")],  # no --ip-adapter
+                ["--ip-adapter", str(adapters["plain"])],  # no --ip-image
+                ["--ip-adapter", str(adapters["plain"]), "--ip-image", str(tmp_path / "missing.png")],
+                ["--ip-adapter", str(adapters["plain"]), "--ip-image", str(tmp_path / "style.png"),
+                 "--ip-scale", "1", "--ip-scale", "2"],
+                ["--ip-adapter", str(adapters["xl"]), "--ip-image", str(tmp_path / "style.png")]):  # SD-XL's
+        assert main([*base, "--out", str(tmp_path / "bad.png"), *bad]) == 2
+        assert not (tmp_path / "bad.png").exists()
+    pytest.importorskip("onnxruntime")
+    assert main(["export", "--model", str(ckpts["eps"]), "--engine-dir", str(tmp_path / "store"), "--networks",
+                 "unet", "--ip-adapter", str(adapters["plain"])]) == 0
+    (entry,) = (tmp_path / "store").glob("*/onnxruntime-fp32")
+    assert json.loads((entry / "manifest.json").read_text())["networks"]["unet"]["ip_tokens"] == [4]
+
+
+def test_server_takes_an_image_prompt(ckpts, adapters, prompt_image):
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from fastsd.serve import ServeOptions, create_app
+
+    pipe = ours(ckpts["eps"], [adapters["plain"]], [PLAIN])
+    pipe.set_ip_adapter_scale(1.0)
+    buf = io.BytesIO()
+    prompt_image.save(buf, "PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    with TestClient(create_app(ServeOptions(model=str(ckpts["eps"])), pipeline=pipe)) as c:
+        r = c.post("/v1/images/generations", json={"prompt": "a cat", "seed": 7, "num_inference_steps": 2,
+                                                   "ip_adapter_image": b64})
+        assert r.status_code == 200, r.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))))
+        want = pipe("a cat", ip_adapter_image=prompt_image, num_inference_steps=2, prompt_syntax="a1111",
+                    generator=torch.Generator().manual_seed(7))
+        assert np.abs(got.astype(int) - np.asarray(want.images[0]).astype(int)).max() <= 1
+        files = {"image": ("i.png", buf.getvalue(), "image/png"),
+                 "ip_adapter_image": ("s.png", buf.getvalue(), "image/png")}
+        r = c.post("/v1/images/edits", data={"prompt": "a cat", "num_inference_steps": "2"}, files=files)
+        assert r.status_code == 200, r.text
+        for body in ({"ip_adapter_image": "not base64!"}, {"ip_adapter_image": [b64, b64]}):
+            r = c.post("/v1/images/generations", json={"prompt": "a cat", "num_inference_steps": 2, **body})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "ip_adapter_image", r.text
+    with TestClient(create_app(ServeOptions(model=str(ckpts["eps"])), pipeline=Pipeline.from_pretrained(
+            str(ckpts["eps"])))) as c:
+        r = c.post("/v1/images/generations", json={"prompt": "a cat", "ip_adapter_image": b64})
+        assert r.status_code == 400 and "needs an IP-Adapter" in r.json()["error"]["message"]

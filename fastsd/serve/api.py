@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import re
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ class ImageRequest:
     mask: Image.Image | None = None  # edits: L, white = repaint
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale) of the server's LoRAs to fuse, in order
     control_image: tuple[Image.Image, ...] = ()  # one per ControlNet of the server (none: no ControlNet)
+    ip_image: tuple[Image.Image, ...] = ()  # ip_adapter_image: one per IP-Adapter of the server (none: no image prompt)
     hires: Any = None  # a hires fix (fastsd.hires.Hires): the batch runs Pipeline.hires_fix
 
     @property
@@ -104,6 +106,18 @@ class ImageRequest:
         return {"control_image": per_net[0] if len(per_net) == 1 else per_net}
 
 
+    @property
+    def ip_key(self) -> tuple:
+        """Its image prompts' pixels, hashed: a batch shares one image prompt per adapter."""
+        return tuple(hashlib.sha256(im.tobytes()).hexdigest() for im in self.ip_image)
+
+    def ip_kwargs(self) -> dict:
+        """ip_adapter_image for the pipeline (the batch's: every request of it has the same)."""
+        if not self.ip_image:
+            return {}
+        return {"ip_adapter_image": self.ip_image[0] if len(self.ip_image) == 1 else list(self.ip_image)}
+
+
 def argument_error(e: InvalidArgumentError) -> APIError:
     """A pipeline argument's error as OpenAI's 400, naming the field the client sent."""
     return bad(e.named(lambda name: f"'{field(name)}'"), field(e.param) if e.param else None, "invalid_value")
@@ -111,9 +125,10 @@ def argument_error(e: InvalidArgumentError) -> APIError:
 
 # ---- fields ------------------------------------------------------------------------------
 
-_OWN = ("prompt", "n", "size", "image", "mask", "control_image")  # the table's fields read with OpenAI's own rules
+# the table's fields read with OpenAI's own rules (or as uploads)
+_OWN = ("prompt", "n", "size", "image", "mask", "control_image", "ip_adapter_image")
 _TABLE = tuple(a for a in ARGS if a.http is not None and a.http not in _OWN)  # read by the table's kinds
-_FASTSD = tuple(a.http for a in _TABLE) + ("lora", "control_image")
+_FASTSD = tuple(a.http for a in _TABLE) + ("lora", "control_image", "ip_adapter_image")
 MAX_LORA_SCALE = 10.0
 _OPENAI = ("prompt", "n", "size", "response_format", "output_format", "output_compression", "model", "user",
            "quality", "style", "background", "moderation", "stream", "partial_images", "input_fidelity")
@@ -229,20 +244,22 @@ def parse_loras(value, form: bool, available: tuple[str, ...]) -> tuple[tuple[st
     return tuple(out)
 
 
-def parse_control(f: "_Fields", form: bool, limits: Limits, uploads: list[bytes] | None = None) -> tuple:
-    """`control_image`: in JSON a base64 image, or a data URL, or a list of them, one per
-    ControlNet; in a form, the uploaded files, in order (its settings are table fields)."""
-    raw = f.raw("control_image")
+def parse_control(f: "_Fields", form: bool, limits: Limits, uploads: list[bytes] | None = None,
+                  name: str = "control_image") -> tuple:
+    """`control_image` (or `ip_adapter_image`): in JSON a base64 image, or a data URL, or a list
+    of them, one per ControlNet (IP-Adapter); in a form, the uploaded files, in order (its
+    settings are table fields)."""
+    raw = f.raw(name)
     if form:
         if raw is not None:
-            raise bad("'control_image' must be a file upload", "control_image", "invalid_type")
-        images = [read_upload(data, "control_image", limits) for data in uploads or ()]
+            raise bad(f"'{name}' must be a file upload", name, "invalid_type")
+        images = [read_upload(data, name, limits) for data in uploads or ()]
     else:
         encoded = raw if isinstance(raw, list) else [] if raw is None else [raw]
         if not all(isinstance(e, str) for e in encoded) or (isinstance(raw, list) and not raw):
-            raise bad("'control_image' must be a base64-encoded image (or a data URL), or a list of them",
-                      "control_image", "invalid_type")
-        images = [read_upload(decode_base64(e, "control_image"), "control_image", limits) for e in encoded]
+            raise bad(f"'{name}' must be a base64-encoded image (or a data URL), or a list of them", name,
+                      "invalid_type")
+        images = [read_upload(decode_base64(e, name), name, limits) for e in encoded]
     return tuple(as_rgb(im) for im in images)
 
 
@@ -285,9 +302,11 @@ def decode_base64(text: str, param: str) -> bytes:
 
 def parse_request(data, *, form: bool, limits: Limits, factor: int, model_names: tuple[str, ...],
                   image: Image.Image | None = None, mask: Image.Image | None = None,
-                  loras: tuple[str, ...] = (), control_uploads: list[bytes] | None = None) -> ImageRequest:
+                  loras: tuple[str, ...] = (), control_uploads: list[bytes] | None = None,
+                  ip_uploads: list[bytes] | None = None) -> ImageRequest:
     """Check a generations (JSON) or edits (form) body; `image` / `mask` are the decoded
-    uploads, `control_uploads` the control_image files of an edits body."""
+    uploads, `control_uploads` / `ip_uploads` the control_image / ip_adapter_image files of an
+    edits body."""
     if not isinstance(data, dict):
         raise bad(f"the request body must be a JSON object, got {_kind(data)}")
     unknown = [k for k in data if k not in _OPENAI and k not in _FASTSD]
@@ -325,11 +344,12 @@ def parse_request(data, *, form: bool, limits: Limits, factor: int, model_names:
     seed = args.pop("seed", None)
     lora = parse_loras(f.raw("lora"), form, loras)
     control_image = parse_control(f, form, limits, control_uploads)
+    ip_image = parse_control(f, form, limits, ip_uploads, "ip_adapter_image")
     negative = args.pop("negative_prompt", None)
     width, height = args.pop("width", None), args.pop("height", None)
     settings = tuple((k, v) for k, v in args.items() if BY_NAME[k].batch_key)
     return ImageRequest(prompt, negative, n, width, height, draw_seed(n) if seed is None else seed, settings, out,
-                        compression, image, mask, lora, control_image)
+                        compression, image, mask, lora, control_image, ip_image)
 
 
 def _sizes(f: "_Fields", form: bool, factor: int, limits: Limits, args: dict) -> int:

@@ -67,6 +67,7 @@ class ServeOptions:
     loras: tuple[tuple[str, str], ...] = ()  # (name, file) of the LoRAs requests may name
     lora_dir: str | None = None  # the folder <lora:NAME:W> prompt tags name files of
     controlnets: tuple[str, ...] = ()  # ControlNets: requests may pass a control_image (one per ControlNet)
+    ip_adapters: tuple[str, ...] = ()  # IP-Adapters: requests may pass an ip_adapter_image (one per adapter)
     embeddings_dir: str | None = None  # textual inversions loaded at start, each FILE as the token FILE's stem
     upscaler_dir: str | None = None  # model upscalers (ESRGAN, ...) the hires fix may name
     preview_vae: str | None = None  # a TAESD: /sdapi/v1/progress then shows the running batch's image
@@ -93,6 +94,8 @@ class ServeOptions:
                                         allow_pickle=self.allow_pickle, controlnet=list(self.controlnets) or None,
                                         max_side=self.limits.max_side, lora_dir=self.lora_dir,
                                         upscaler_dir=self.upscaler_dir, preview_vae=self.preview_vae)
+        if self.ip_adapters:
+            pipe.load_ip_adapter(list(self.ip_adapters), allow_pickle=self.allow_pickle)
         modules = pipe.family.modules(pipe.ckpt)
         for name, path in self.loras:  # a LoRA that does not fit the model fails the start, not a request
             read_lora(path, modules, name, 1.0)
@@ -177,24 +180,26 @@ class _State:
     def key(self, req: ImageRequest) -> tuple:
         """What must match for requests to share a UNet batch: the call arguments the table
         marks as batch keys, the size they resolve to, the LoRAs (a batch runs on one set of
-        weights) and how many control images."""
+        weights), how many control images and the image prompts."""
         w, h = req.width, req.height
         if req.image is not None and w is None:
             w, h = req.image.size
         elif req.control_image and w is None:  # txt2img with a ControlNet: the control image's size
             w, h = req.control_image[0].size
-        return (req.mode, w, h, req.settings, req.loras, req.lora_tags, len(req.control_image), req.hires)
+        return (req.mode, w, h, req.settings, req.loras, req.lora_tags, len(req.control_image), req.hires,
+                req.ip_key)
 
     def check(self, req: ImageRequest) -> None:
         """The pipeline's own checks, on the batch this request may be part of."""
         try:
             self.pipe.check_call(req.prompt, negative_prompt=req.negative_prompt, image=req.image,
                                  mask_image=req.mask, num_images_per_prompt=min(req.n, self.options.max_batch),
-                                 seed=req.seed, **req.call_kwargs(), **req.control_kwargs())
+                                 seed=req.seed, **req.call_kwargs(), **req.control_kwargs(), **req.ip_kwargs())
         except InvalidArgumentError as e:
             raise argument_error(e) from None
         except ImageError as e:
-            raise bad(str(e), "control_image" if "control_image" in str(e) else "image", "invalid_image") from None
+            where = next((n for n in ("control_image", "ip_adapter_image") if n in str(e)), "image")
+            raise bad(str(e), where, "invalid_image") from None
         except FastSDError as e:
             raise bad(str(e), code="invalid_value") from None
 
@@ -282,7 +287,7 @@ class _State:
                       mask_image=None if first.mask is None else [r.mask for r in reqs],
                       generator=[torch.Generator().manual_seed(s.job.payload.seed + s.index) for s in slots],
                       callback=step, output_type="pil", **first.call_kwargs(),
-                      **first.control_kwargs([r.control_image for r in reqs]), **previews)
+                      **first.control_kwargs([r.control_image for r in reqs]), **first.ip_kwargs(), **previews)
         finally:
             self.progress.end()
         return out.images, out.timings
@@ -544,17 +549,18 @@ def _image_routes(app: FastAPI, state: _State, options: ServeOptions) -> None:
         unterminated = _unterminated(await request.body(), request.headers["content-type"])
         if unterminated:
             raise bad(f"the multipart body could not be read ({unterminated})", code="invalid_multipart")
-        image, mask, fields, control = await _read_edits(request, limits)
+        image, mask, fields, uploads = await _read_edits(request, limits)
         image, mask = edit_inputs(image, mask)
         req = parse_request(fields, form=True, limits=limits, factor=state.pipe.info.vae_factor,
                             model_names=options.served_names, image=image, mask=mask, loras=options.lora_names,
-                            control_uploads=control)
+                            control_uploads=uploads["control_image"], ip_uploads=uploads["ip_adapter_image"])
         return await state.generate(request, req)
 
 
 
 async def _read_edits(request: Request, limits: Limits):
-    """An edits body's uploads decoded (image, mask) and its text fields and control_image files."""
+    """An edits body's uploads decoded (image, mask), its text fields, and its control_image and
+    ip_adapter_image files (by name)."""
     try:
         form = await request.form(max_files=10, max_fields=64, max_part_size=limits.max_upload_bytes)
     except _TooLarge:
@@ -562,14 +568,14 @@ async def _read_edits(request: Request, limits: Limits):
     except Exception as e:  # noqa: BLE001 - starlette's multipart errors: a malformed body
         raise bad(f"the multipart body could not be read ({e})", code="invalid_multipart") from None
     try:
-        fields, files, control = {}, {}, []
+        fields, files, listed = {}, {}, {"control_image": [], "ip_adapter_image": []}
         for name, value in form.multi_items():
             if isinstance(value, str):
                 fields[name] = value
             else:
                 key = name[:-2] if name.endswith("[]") else name
-                if key == "control_image":  # one per ControlNet, in order
-                    control.append(await value.read())
+                if key in listed:  # one per ControlNet / IP-Adapter, in order
+                    listed[key].append(await value.read())
                     continue
                 if key in files:
                     raise bad(f"one '{key}' file per request, please (got several)", key)
@@ -587,4 +593,4 @@ async def _read_edits(request: Request, limits: Limits):
         mask = read_upload(files["mask"], "mask", limits) if "mask" in files else None
     finally:
         await form.close()
-    return image, mask, fields, control
+    return image, mask, fields, listed
