@@ -28,8 +28,8 @@ from fastsd.engines import (
 from fastsd.errors import FastSDError, InvalidArgumentError, OutputPathError
 from fastsd.families import family_for
 from fastsd.hashing import link_files  # noqa: F401 - a refit's: the donor entry's files into the staging folder
-from fastsd.image_prompts import attach_adapters, ip_facts, record_ip_inputs
-from fastsd.networks import NETWORKS, RESIDUAL_PREFIXES, NetworkSpec, relative_error
+from fastsd.image_prompts import attach_adapters, ip_facts
+from fastsd.networks import NETWORKS, RESIDUAL_PREFIXES, NetworkSpec, record_ip_inputs, relative_error
 
 # make(network, staging folder) -> (files written, extra manifest facts of the network, note for the progress line)
 MakeNetwork = Callable[[str, Path], tuple[list[str], dict, str]]
@@ -67,7 +67,8 @@ def load_for_build(model: str, networks: tuple[str, ...] | None, allow_pickle: b
     takes). Returns (checkpoint, its model family with the ControlNets, store root, the
     networks to build: `networks`, or None for all of the family's)."""
     if networks is not None:
-        unknown = {n for n in networks if not re.fullmatch(r"controlnet_[2-9][0-9]*", n)} - set(NETWORKS)
+        numbered = r"(controlnet|image_encoder)_[2-9][0-9]*"  # a second ControlNet, image encoder, ...
+        unknown = {n for n in networks if not re.fullmatch(numbered, n)} - set(NETWORKS)
         if unknown:
             raise InvalidArgumentError(f"unknown networks {sorted(unknown)}; choose from {', '.join(NETWORKS)}")
         if not networks:
@@ -141,17 +142,23 @@ def donor_record(donor_manifest: dict | None, family, name: str, layout: str) ->
 GIVEN_AT_LOAD = " (the donor's files, hard-linked; this checkpoint's weights are given when it loads)"
 
 
+def owned_networks(family) -> dict:
+    """The networks with entries of their own (ControlNets, IP-Adapters' image encoders) by name:
+    each keyed by its own weights, it serves beside any checkpoint it fits."""
+    return {**family.controlnets, **getattr(family, "image_encoders", {})}
+
+
 def entry_groups(info, family, networks: tuple[str, ...], facts: dict) -> list[tuple]:
     """What a build writes: (whose entry, its networks, its manifest facts). The checkpoint's
-    networks go into its entry; each ControlNet into an entry of its own, keyed by its weights
-    (it serves beside any checkpoint it fits), without the text encoder's clip_skip."""
-    own = tuple(n for n in networks if n not in family.controlnets)
+    networks go into its entry; each ControlNet and image encoder into an entry of its own,
+    keyed by its weights, without the text encoder's clip_skip."""
+    owned = owned_networks(family)
+    own = tuple(n for n in networks if n not in owned)
     groups = [(info, own, facts)] if own else []
     for n in networks:
-        if n in family.controlnets:
-            cn = family.controlnets[n]
-            own_facts = {k: v for k, v in facts.items() if k != "clip_skip"} | {"weights": cn.fingerprint}
-            groups.append((cn, (n,), own_facts))
+        if n in owned:
+            own_facts = {k: v for k, v in facts.items() if k != "clip_skip"} | {"weights": owned[n].fingerprint}
+            groups.append((owned[n], (n,), own_facts))
     return groups
 
 

@@ -24,6 +24,7 @@ from .networks import (
     FLOAT32,
     SD_NETWORKS,
     ControlNet,
+    ImageEncoder,
     NetworkSpec,
     TensorSpec,
     TextEncoder,
@@ -76,6 +77,8 @@ class StableDiffusion:
         self._lock = threading.Lock()  # tokenizers keep truncation/padding state between calls
         self._vocabs = {n: Vocab.of(t) for n, t in self.tokenizers.items() if t is not None}
         self.embeddings = TextualInversions()  # loaded by the pipeline (load_textual_inversion)
+        self.ip_adapters: tuple = ()  # a build's IP-Adapters (image_prompts.attach_adapters): the UNet takes their
+        self.image_encoders: dict = {}  # inputs, and their image encoders are networks with entries of their own
 
     @property
     def tokenizer(self):
@@ -89,7 +92,8 @@ class StableDiffusion:
         """The networks as modules named and ordered like their specs."""
         extra = tuple(t.name for t in self.extra_unet_inputs)
         return wrap(ckpt, clip_skip, self.unet_module, self.text_module) | {
-            name: ControlNet(cn.model, extra) for name, cn in self.controlnets.items()}
+            name: ControlNet(cn.model, extra) for name, cn in self.controlnets.items()} | {
+            name: ImageEncoder(e.model) for name, e in self.image_encoders.items()}
 
     def token_ids(self, texts: list[str], device: torch.device, network: str = "text_encoder") -> torch.Tensor:
         """(len(texts), 77) int64, padded with the tokenizer's own pad token, truncated with a

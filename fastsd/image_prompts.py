@@ -22,11 +22,12 @@ from PIL import Image
 
 from .arguments import bad_value
 from .errors import CheckpointError, InvalidArgumentError
+from .image_encoders import ImageEncoders, encoder_names
 from .images import load_image
 from .ip_adapter import (
     PLAIN,
     PLUS,
-    ImageEncoder,
+    LoadedEncoder,
     adapter_file,
     clip_pixels,
     cross_attention_layers,
@@ -41,7 +42,7 @@ from .ip_adapter import (
     variant_of,
 )
 from .model_files import fingerprint
-from .networks import IP_PREFIXES, IP_SCALE, IP_TOKENS, ip_adapter_specs
+from .networks import IP_SCALE, IP_TOKENS, with_ip_inputs
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,10 @@ class LoadedAdapter:
     fingerprint: str  # of its weight file
     variant: str  # ip_adapter.PLAIN | PLUS | FULL
     projection: torch.nn.Module
-    encoder: ImageEncoder
+    encoder: LoadedEncoder
     tokens: int  # image tokens per image prompt
     scale: torch.Tensor  # (L,) float32: its scale at each cross-attention layer
+    network: str = "image_encoder"  # its encoder's network (image_encoder_2, ... for another encoder)
 
     def describe(self) -> dict:
         return {"source": self.source, "variant": self.variant, "tokens": self.tokens,
@@ -123,21 +125,6 @@ def _token_count(variant: str, proj, config) -> int:
     return (int(config.image_size) // int(config.patch_size)) ** 2 + 1  # every patch token and the class token
 
 
-def with_ip_inputs(spec, tokens: tuple[int, ...], layers: int):
-    """The UNet spec whose optional inputs are the ControlNet residuals, then the inputs of
-    adapters giving `tokens` image tokens each (none: no adapter)."""
-    residuals = tuple(t for t in spec.optional_inputs if not t.name.startswith(IP_PREFIXES))
-    width = spec.inputs[2].shape[-1]  # encoder_hidden_states (B, T, D): the tokens' width
-    return replace(spec, optional_inputs=residuals + ip_adapter_specs(tokens, layers, width))
-
-
-def record_ip_inputs(spec, record: dict):
-    """The UNet spec with the IP-Adapter inputs an engine's manifest record says it takes."""
-    if not record.get("ip_tokens"):
-        return spec
-    return with_ip_inputs(spec, tuple(record["ip_tokens"]), int(record["ip_layers"]))
-
-
 def ip_facts(family, spec) -> dict:
     """A UNet engine's manifest facts about its IP-Adapter inputs: each adapter's token count,
     the cross-attention layers, and the adapters whose projections its files hold."""
@@ -159,13 +146,24 @@ def attach_adapters(ckpt, family, paths, allow_pickle: bool = False) -> tuple[Lo
     family.ip_adapters = tuple(replace(a, scale=layer_scales(1.0, names)) for a, _ in loaded)
     family.specs["unet"] = with_ip_inputs(family.specs["unet"], tuple(a.tokens for a in family.ip_adapters),
                                           len(names))
+    family.image_encoders = distinct_encoders(family.ip_adapters)
+    family.specs.update((n, e.spec(n)) for n, e in family.image_encoders.items())
+    family.networks = tuple(n for n in family.networks if n not in family.image_encoders) + tuple(
+        family.image_encoders)
     return family.ip_adapters
+
+
+def distinct_encoders(adapters) -> dict:
+    """The adapters' image encoders by network name (adapters sharing one share the network)."""
+    by_print = {a.encoder.fingerprint: a.encoder for a in adapters}
+    return dict(zip(encoder_names(len(by_print)), by_print.values(), strict=True))
 
 
 class ImagePromptMethods:
     """Pipeline's IP-Adapter methods (a mixin of fastsd/pipeline.py's Pipeline)."""
 
     _ip: tuple[LoadedAdapter, ...] = ()
+    _image_encoders: ImageEncoders | None = None  # the adapters' image encoder networks
 
     def load_ip_adapter(self, pretrained_model_name_or_path_or_dict, subfolder=None, weight_name=None,
                         image_encoder=None, image_encoder_folder=None, allow_pickle: bool | None = None,
@@ -190,11 +188,14 @@ class ImagePromptMethods:
         loaded = read_adapters(paths, subfolder, weight_name, image_encoder, unet, self.info.cross_attention_dim,
                                allow_pickle, local_files_only)
         names = cross_attention_layers(unet)
+        encoders = distinct_encoders([a for a, _ in loaded])
+        network = {e.fingerprint: n for n, e in encoders.items()}
+        networks = ImageEncoders(encoders, self.device, self.dtype, getattr(self, "_store", None), self.precision)
         with self._weights_lock.exclusive("load_ip_adapter"):
             install(unet, [layers for _, layers in loaded])
-            self._ip = tuple(replace(a, scale=layer_scales(1.0, names),
-                                     projection=a.projection.to(self.device, self.dtype),
-                                     encoder=self._encoder_on_device(a.encoder)) for a, _ in loaded)
+            self._ip = tuple(replace(a, scale=layer_scales(1.0, names), network=network[a.encoder.fingerprint],
+                                     projection=a.projection.to(self.device, self.dtype)) for a, _ in loaded)
+            self._image_encoders = networks
             self._ip_specs()
             self._ip_refit()
         log.info("IP-Adapter %s loaded in %.2fs", ", ".join(a.source for a in self._ip), time.perf_counter() - t0)
@@ -214,20 +215,13 @@ class ImagePromptMethods:
             return
         with self._weights_lock.exclusive("unload_ip_adapter"):
             install(self.ckpt.unet, [])
-            self._ip = ()
+            self._ip, self._image_encoders = (), None
             self._ip_specs()
             self._reset_graphs()
 
     @property
     def ip_adapters(self) -> list[dict]:
         return [a.describe() for a in self._ip]
-
-    def _encoder_on_device(self, encoder: ImageEncoder) -> ImageEncoder:
-        for a in self._ip:
-            if a.encoder.fingerprint == encoder.fingerprint:
-                return a.encoder
-        encoder.model.to(self.device, self.dtype)
-        return encoder
 
     def _ip_specs(self) -> None:
         self.family.specs["unet"] = with_ip_inputs(self.family.specs["unet"], tuple(a.tokens for a in self._ip),
@@ -241,7 +235,7 @@ class ImagePromptMethods:
             self.backend.set_weights("unet", ip_weights(self.ckpt.unet), False)
         self._reset_graphs()
 
-    def _ip_inputs(self, req, rows: int, device: torch.device) -> dict[str, torch.Tensor]:
+    def _ip_inputs(self, req, rows: int, device: torch.device, ran: dict | None = None) -> dict[str, torch.Tensor]:
         """The UNet's ip_tokens_k / ip_scale_k for a call with an image prompt (none without):
         (rows, tokens, D) each, [uncond; cond] halves with CFG."""
         if not req.ip_images and not req.ip_embeds:
@@ -251,7 +245,7 @@ class ImagePromptMethods:
             if req.ip_embeds:
                 cond, uncond = _given_embeds(req.ip_embeds[k], req.do_cfg)
             else:
-                cond, uncond = self._encode(adapter, req.ip_images[k], req.do_cfg)
+                cond, uncond = self._encode(adapter, req.ip_images[k], req.do_cfg, ran)
             half = rows // 2 if req.do_cfg else rows
             embeds = _rows(cond, half, req.n)
             if req.do_cfg:
@@ -263,15 +257,18 @@ class ImagePromptMethods:
             out[f"{IP_SCALE}{k}"] = adapter.scale.to(device)
         return out
 
-    def _encode(self, adapter: LoadedAdapter, image, cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(cond, uncond) image features (1, m, ...) of one adapter's m images."""
-        encoder = adapter.encoder
-        pixels = image if isinstance(image, torch.Tensor) else torch.cat([clip_pixels(i, encoder.size) for i in image])
-        pixels = pixels.to(self.device, self.dtype)
-        hidden = adapter.variant != PLAIN
-        cond = encoder.run(pixels, hidden)
-        uncond = (encoder.uncond(pixels).expand_as(cond) if hidden else torch.zeros_like(cond)) if cfg else None
-        return cond[None], (None if uncond is None else uncond[None])
+    def _encode(self, adapter: LoadedAdapter, image, cfg: bool, ran: dict | None) -> tuple:
+        """(cond, uncond) image features (1, m, ...) of one adapter's m images: the pooled
+        embeddings (uncond: zeros), or for Plus / Full-face the penultimate hidden states
+        (uncond: a black image's), as diffusers' encode_image."""
+        encoders, size = self._image_encoders, adapter.encoder.size
+        pixels = image if isinstance(image, torch.Tensor) else torch.cat([clip_pixels(i, size) for i in image])
+        pixels = pixels.to(self.device)
+        embeds, hidden = encoders.run(adapter.network, pixels, ran)
+        if adapter.variant == PLAIN:
+            return embeds[None], (torch.zeros_like(embeds)[None] if cfg else None)
+        uncond = encoders.uncond(adapter.network, pixels, ran).expand_as(hidden) if cfg else None
+        return hidden[None], (None if uncond is None else uncond[None])
 
 
 def _given_embeds(embeds: torch.Tensor, cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

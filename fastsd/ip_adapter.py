@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ from torch.nn import functional as F
 
 from .checkpoint import component_folder, component_weights, load_component, resolve_component
 from .errors import CheckpointError, InvalidArgumentError, PickleRefusedError
-from .model_files import PICKLE_SUFFIXES, check_safetensors, fingerprint
+from .model_files import PICKLE_SUFFIXES, architecture_hash, check_safetensors, fingerprint
+from .networks import image_encoder_spec
 
 log = logging.getLogger(__name__)
 
@@ -161,36 +162,35 @@ def projection_input(variant: str, proj: nn.Module) -> int:
 # ---- the image encoder ---------------------------------------------------------------------
 
 @dataclass
-class ImageEncoder:
-    """A CLIP vision encoder (transformers' CLIPVisionModelWithProjection) and what identifies it."""
+class LoadedEncoder:
+    """A CLIP image encoder (transformers' CLIPVisionModelWithProjection) and what identifies
+    it: the store keeps its engines under its own fingerprint (network "image_encoder")."""
 
     model: Any
-    fingerprint: str
-    source: str
-    _uncond: dict = field(default_factory=dict)  # (device, dtype) -> hidden states of a black image
+    fingerprint: str  # content hash of its files
+    source: str  # what the user passed (or where it was found)
+
+    @property
+    def config(self):
+        return self.model.config
 
     @property
     def size(self) -> int:
-        return int(self.model.config.image_size)
+        return int(self.config.image_size)
 
-    def run(self, pixels: torch.Tensor, hidden: bool) -> torch.Tensor:
-        """The pooled projected embeddings (B, P), or with `hidden` the penultimate layer's hidden
-        states (B, tokens, H), as diffusers' encode_image reads them."""
-        with torch.inference_mode():
-            if hidden:
-                return self.model(pixels, output_hidden_states=True).hidden_states[-2]
-            return self.model(pixels).image_embeds
+    @property
+    def architecture(self) -> str:
+        return architecture_hash(self.config.to_dict())
 
-    def uncond(self, like: torch.Tensor) -> torch.Tensor:
-        """The hidden states of an all-zero image (Plus' unconditional image prompt), once."""
-        key = (like.device, like.dtype)
-        if key not in self._uncond:
-            self._uncond[key] = self.run(torch.zeros_like(like[:1]), True)
-        return self._uncond[key]
+    def spec(self, name: str = "image_encoder"):
+        """Its NetworkSpec (network `name`: image_encoder, image_encoder_2, ...)."""
+        c = self.config
+        return image_encoder_spec(name, self.size, int(c.projection_dim), (self.size // int(c.patch_size)) ** 2 + 1,
+                                  int(c.hidden_size))
 
 
 def load_image_encoder(value, adapter: Path, subfolder: str | None, allow_pickle: bool,
-                       local_files_only: bool) -> ImageEncoder:
+                       local_files_only: bool) -> LoadedEncoder:
     """The CLIP image encoder: `value` (a folder, a hub id, or a CLIPVisionModelWithProjection),
     else the adapter's own: image_encoder/ beside its file or in the folder given."""
     from transformers import CLIPVisionModelWithProjection
@@ -199,7 +199,7 @@ def load_image_encoder(value, adapter: Path, subfolder: str | None, allow_pickle
 
     if isinstance(value, CLIPVisionModelWithProjection):
         model = value.float().eval().requires_grad_(False)
-        return ImageEncoder(model, state_digest(model), f"a {type(value).__name__} object")
+        return LoadedEncoder(model, state_digest(model), f"a {type(value).__name__} object")
     if value is None:
         near = [adapter.parent / "image_encoder", adapter.parent.parent / "image_encoder"]
         if subfolder:
@@ -221,8 +221,8 @@ def load_image_encoder(value, adapter: Path, subfolder: str | None, allow_pickle
     weights, variant = component_weights(folder, sorted(p for p in folder.iterdir() if p.is_file()), None,
                                          allow_pickle)
     model = load_component(CLIPVisionModelWithProjection, folder, variant, allow_pickle, weights)
-    return ImageEncoder(model.float().eval().requires_grad_(False),
-                        fingerprint([folder / "config.json", *weights], folder), str(value))
+    return LoadedEncoder(model.float().eval().requires_grad_(False),
+                         fingerprint([folder / "config.json", *weights], folder), str(value))
 
 
 def clip_pixels(image: Image.Image, size: int) -> torch.Tensor:

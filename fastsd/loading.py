@@ -167,6 +167,7 @@ def _from_pretrained(cls, model, backend, dev, dtype, store, allow_pickle, predi
     pipe._remake, pipe.clip_skip, pipe.max_side, pipe.precision = remake, clip_skip, max_side, dtype
     pipe.lora_dir = None if lora_dir is None else Path(lora_dir)
     pipe.upscaler_dir, pipe._allow_pickle = upscaler_dir, allow_pickle
+    pipe._store = (backend, store)  # where networks loaded later (IP-Adapters' image encoders) find engines
     pipe._tiling()  # the tile geometry, checked against this VAE now (not at the first decode)
     if preview_vae is not None:
         pipe.load_preview_vae(preview_vae)

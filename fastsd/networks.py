@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder",  # every network fastsd knows
-            "controlnet")  # a ControlNet's entry holds only this one (keyed by the ControlNet's own weights)
+            "controlnet",  # a ControlNet's entry holds only this one (keyed by the ControlNet's own weights)
+            "image_encoder")  # an IP-Adapter's CLIP image encoder: an entry of its own too
 SD_NETWORKS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")  # a model family has its own subset
 
 
@@ -185,6 +186,21 @@ class ControlNet(nn.Module):
         down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond,
                                     conditioning_scale.to(sample.dtype), added_cond_kwargs=added, return_dict=False)
         return (*down, mid)
+
+
+class ImageEncoder(nn.Module):
+    """A CLIP vision encoder (transformers' CLIPVisionModelWithProjection): pixel_values (B, 3,
+    S, S), CLIP-normalised -> image_embeds (B, P), the projected pooled output, and
+    image_hidden_states (B, tokens, H), the penultimate layer's hidden states (IP-Adapter
+    Plus reads those, the plain adapter the embeddings), from one forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        out = self.model(pixel_values, output_hidden_states=True)
+        return out.image_embeds, out.hidden_states[-2]
 
 
 class VaeEncoder(nn.Module):
@@ -451,6 +467,21 @@ def ip_adapter_specs(tokens: tuple[int, ...], layers: int, width: int) -> tuple[
         out += (TensorSpec(f"{IP_TOKENS}{k}", (BATCH, n, width), optional=True),
                 TensorSpec(f"{IP_SCALE}{k}", (layers,), FLOAT32, sample=1.0, optional=True))
     return out
+
+
+def with_ip_inputs(spec, tokens: tuple[int, ...], layers: int):
+    """The UNet spec whose optional inputs are the ControlNet residuals, then the inputs of
+    adapters giving `tokens` image tokens each (none: no adapter)."""
+    residuals = tuple(t for t in spec.optional_inputs if not t.name.startswith(IP_PREFIXES))
+    width = spec.inputs[2].shape[-1]  # encoder_hidden_states (B, T, D): the tokens' width
+    return replace(spec, optional_inputs=residuals + ip_adapter_specs(tokens, layers, width))
+
+
+def record_ip_inputs(spec, record: dict):
+    """The UNet spec with the IP-Adapter inputs an engine's manifest record says it takes."""
+    if not record.get("ip_tokens"):
+        return spec
+    return with_ip_inputs(spec, tuple(record["ip_tokens"]), int(record["ip_layers"]))
 
 
 def image_encoder_spec(name: str, size: int, embeds: int, tokens: int, hidden: int) -> NetworkSpec:

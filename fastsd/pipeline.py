@@ -208,7 +208,8 @@ class Pipeline(DiffusersSurface, LoraMethods, ImagePromptMethods, EmbeddingMetho
             unet_inputs = self.family.encode(encoders, req, self.device)
         if req.ip_images or req.ip_embeds:
             with self._timed(timings, "image_encoder"):  # an image prompt's tokens (IP-Adapter), once per call
-                unet_inputs |= self._ip_inputs(req, unet_inputs["encoder_hidden_states"].shape[0], self.device)
+                unet_inputs |= self._ip_inputs(req, unet_inputs["encoder_hidden_states"].shape[0], self.device,
+                                               call.ran)
         config = req.scheduler_config
         sampler = SAMPLERS[req.scheduler]
         sched = sampler.schedule(config, req.steps, **req.schedule_args)  # host tables
@@ -232,7 +233,8 @@ class Pipeline(DiffusersSurface, LoraMethods, ImagePromptMethods, EmbeddingMetho
         if req.output_type in ("pil", "np"):
             out = imgs.to_numpy(out)
             out = imgs.to_pil(out) if req.output_type == "pil" else out
-        return PipelineOutput(out, timings, {n: call.ran[n] for n in self.backend.backends if n in call.ran})
+        networks = (*self.backend.backends, *(self._image_encoders.networks if self._image_encoders else ()))
+        return PipelineOutput(out, timings, {n: call.ran[n] for n in networks if n in call.ran})
 
     @staticmethod
     def _generator(generator, seed, batch: int) -> tuple[torch.Generator | list[torch.Generator], int | None]:

@@ -247,7 +247,8 @@ def ip_store(ckpts, adapters, tmp_path_factory):
     from fastsd.export import export_checkpoint
 
     store = tmp_path_factory.mktemp("ip-engines")
-    export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("text_encoder", "unet", "vae_decoder"),
+    export_checkpoint(str(ckpts["eps"]), engine_dir=store,
+                      networks=("text_encoder", "unet", "vae_decoder", "image_encoder"),
                       ip_adapters=(str(adapters["plain"]),))
     return store
 
@@ -255,7 +256,11 @@ def ip_store(ckpts, adapters, tmp_path_factory):
 def test_onnxruntime_engine_takes_the_image_prompt(ckpts, adapters, ip_store, prompt_image, pipes):
     import json
 
-    (entry,) = ip_store.glob("*/onnxruntime-fp32")
+    entries = {e.name: e for e in ip_store.glob("*/onnxruntime-fp32/unet.onnx")}, list(
+        ip_store.glob("*/onnxruntime-fp32/image_encoder.onnx"))
+    assert len(entries[0]) == 1 and len(entries[1]) == 1  # the image encoder in an entry of its own
+    entry = next(iter(entries[0].values())).parent
+    assert entries[1][0].parent.parent != entry.parent
     record = json.loads((entry / "manifest.json").read_text())["networks"]["unet"]
     assert record["ip_tokens"] == [4] and "ip_tokens_0" in record["inputs"] and "ip_scale_0" in record["inputs"]
     pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=ip_store)
@@ -267,13 +272,13 @@ def test_onnxruntime_engine_takes_the_image_prompt(ckpts, adapters, ip_store, pr
     pipe.set_ip_adapter_scale(0.7)
     diff, out = compare("StableDiffusionPipeline", ckpts["eps"], [adapters["plain"]], [PLAIN], scale=0.7, pipe=pipe,
                         prompt="a cat", ip_adapter_image=prompt_image, num_inference_steps=STEPS)
-    assert out.backends["unet"] == "onnxruntime" and diff <= 2e-3
+    assert out.backends["unet"] == out.backends["image_encoder"] == "onnxruntime" and diff <= 2e-3
     # another adapter of the same shapes (the Plus one gives 4 tokens too): a refit, not a rebuild
     pipe.load_ip_adapter(str(adapters["plus"]), weight_name=PLUS)
     got = pipe("a cat", ip_adapter_image=prompt_image, **kw)
     want = ours(ckpts["eps"], [adapters["plus"]], [PLUS])
     want.set_ip_adapter_scale(1.0)
-    assert got.backends["unet"] == "onnxruntime"
+    assert got.backends["unet"] == "onnxruntime" and got.backends["image_encoder"] == "eager"  # Plus' own encoder
     assert np.abs(got.images - want("a cat", ip_adapter_image=prompt_image, **kw).images).max() <= 2e-3
 
 

@@ -29,8 +29,7 @@ from ..engines import (
     weights_at_load,
 )
 from ..hashing import prefetch
-from ..image_prompts import record_ip_inputs
-from ..networks import NETWORKS, weights_of
+from ..networks import NETWORKS, record_ip_inputs, weights_of
 from ..phases import ENGINE_FILES, phase
 from .composite import CompositeBackend, LazyRunner
 from .eager import EagerBackend, Fp32VaeDecoder
@@ -132,6 +131,25 @@ def candidates(ckpt, family, backend: str, device: torch.device, dtype: torch.dt
         for n, runners in found.items():
             engines.setdefault(n, []).extend(runners)
     return engines
+
+
+def owned_engines(owner, specs: dict, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
+                  what: str, precision: str | None = None) -> dict[str, list[LazyRunner]]:
+    """Per network of `specs`, the engines of the entries keyed by `owner.fingerprint` (a
+    network with entries of its own, loaded after the pipeline: an IP-Adapter's image encoder),
+    fastest kind first; none for "eager"."""
+    if backend == "eager":
+        return {}
+    kinds = tuple(ENGINE_KINDS.values()) if backend == "auto" else (ENGINE_KINDS[backend],)
+    out: dict[str, list[LazyRunner]] = {}
+    for kind in kinds:
+        if kind.unavailable() or device.type not in kind.devices:
+            continue
+        found = _engines(kind, owner.fingerprint, specs, device, dtype, engine_dir, {}, backend != "auto", what,
+                         precision)
+        for n, runners in found.items():
+            out.setdefault(n, []).extend(runners)
+    return out
 
 
 def ahead(fingerprint: str, backend: str, device: torch.device, precision: str, engine_dir: Path,
