@@ -108,17 +108,7 @@ def _generate_parser(sub_parser) -> None:
     g.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="a textual inversion embedding; its token (default: the file's name) is a word of prompts; "
                         "repeatable")
-    g.add_argument("--controlnet", action="append", default=[], metavar="M",
-                   help="a ControlNet (diffusers folder, .safetensors file, hub id or synthetic:controlnet-<arch>); "
-                        "repeatable (multi-ControlNet), one --control-image each, in the same order")
-    g.add_argument("--ip-adapter", action="append", default=[], metavar="M",
-                   help="an IP-Adapter (its .safetensors file, or a folder holding one, with image_encoder/ beside it; "
-                        "synthetic:ip-adapter[-plus]-<arch>): --ip-image is then an image prompt; repeatable, one "
-                        "--ip-image each, in the same order")
-    g.add_argument("--ip-scale", type=float, action="append", default=[], metavar="S",
-                   help="the IP-Adapter's scale (default 1.0): one for all or one per --ip-adapter")
-    g.add_argument("--image-encoder", default=None, metavar="DIR",
-                   help="the CLIP image encoder of the IP-Adapters (default: the image_encoder/ folder beside each)")
+    _guide_flags(g)
     g.add_argument("--hires", type=float, default=None, metavar="SCALE",
                    help="hires fix: generate at the size asked, upscale by SCALE, repaint with img2img "
                         "(Pipeline.hires_fix)")
@@ -147,6 +137,21 @@ def _generate_parser(sub_parser) -> None:
                    help="capture each denoising step (UNet, CFG, sampler update) as a CUDA graph and replay it")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate)
+
+
+def _guide_flags(g) -> None:
+    """generate's ControlNet and IP-Adapter flags (--control-image, --ip-image: the table's)."""
+    g.add_argument("--controlnet", action="append", default=[], metavar="M",
+                   help="a ControlNet (diffusers folder, .safetensors file, hub id or synthetic:controlnet-<arch>); "
+                        "repeatable (multi-ControlNet), one --control-image each, in the same order")
+    g.add_argument("--ip-adapter", action="append", default=[], metavar="M",
+                   help="an IP-Adapter (its .safetensors file, or a folder holding one, with image_encoder/ beside it; "
+                        "synthetic:ip-adapter[-plus]-<arch>): --ip-image is then an image prompt; repeatable, one "
+                        "--ip-image each, in the same order")
+    g.add_argument("--ip-scale", type=float, action="append", default=[], metavar="S",
+                   help="the IP-Adapter's scale (default 1.0): one for all or one per --ip-adapter")
+    g.add_argument("--image-encoder", default=None, metavar="DIR",
+                   help="the CLIP image encoder of the IP-Adapters (default: the image_encoder/ folder beside each)")
 
 
 def _export_parser(sub_parser) -> None:

@@ -223,6 +223,24 @@ class ImagePromptMethods:
     def ip_adapters(self) -> list[dict]:
         return [a.describe() for a in self._ip]
 
+    def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds=None, device=None,
+                                        num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = True):
+        """diffusers' method: each adapter's image features, (n, m, ...) or with guidance (2n, m,
+        ...) [uncond; cond], to pass back as ip_adapter_image_embeds (embeds given: repeated so)."""
+        req = ip_options({"ip_adapter_image": ip_adapter_image, "ip_adapter_image_embeds": ip_adapter_image_embeds},
+                         len(self._ip), 1, do_classifier_free_guidance)
+        out = []
+        for k, adapter in enumerate(self._ip):
+            if ip_adapter_image_embeds is not None:
+                cond, uncond = _given_embeds(req["ip_embeds"][k], do_classifier_free_guidance)
+            else:
+                cond, uncond = self._encode(adapter, req["ip_images"][k], do_classifier_free_guidance, None)
+            rows = [cond] * num_images_per_prompt
+            if do_classifier_free_guidance:
+                rows = [uncond] * num_images_per_prompt + rows
+            out.append(torch.cat(rows).to(device or self.device))
+        return out
+
     def _ip_specs(self) -> None:
         self.family.specs["unet"] = with_ip_inputs(self.family.specs["unet"], tuple(a.tokens for a in self._ip),
                                                    len(cross_attention_layers(self.ckpt.unet)))

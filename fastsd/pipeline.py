@@ -134,10 +134,8 @@ class Pipeline(DiffusersSurface, LoraMethods, ImagePromptMethods, EmbeddingMetho
         `controlnet_conditioning_scale` (None: 1.0 txt2img, 0.8 img2img, 0.5 inpaint; SD-XL
         inpaint 1.0), `control_guidance_start` / `end` (fractions of the steps run; each a
         number or one per ControlNet); txt2img takes its size from the control image, inpaint
-        from the image. Without control_image the call runs without them.
-        With IP-Adapters loaded (load_ip_adapter), `ip_adapter_image` (one per adapter: a list for
-        several) is an image prompt, as diffusers' pipelines take it; `ip_adapter_image_embeds`
-        its precomputed features instead. Without either the call runs without them.
+        from the image. With IP-Adapters loaded (load_ip_adapter), `ip_adapter_image` (one per
+        adapter) is an image prompt, or `ip_adapter_image_embeds` its features, as in diffusers.
         `prompt_syntax`: "plain" reads prompts as diffusers (literal text, 77 tokens); "a1111"
         as AUTOMATIC1111 (`(word:1.2)` weights, `[word]`, BREAK, prompts past 77 tokens in
         chunks: fastsd/prompts.py).

@@ -24,7 +24,7 @@ _DIFFUSERS_ONLY = {  # diffusers pipeline methods fastsd does not have, and what
     "unfuse_lora": "use pipe.unload_lora(name) (None: all), which restores the base weights exactly",
     "unload_lora_weights": "use pipe.unload_lora() (restores the base weights exactly)",
     "load_textual_inversion": "not supported",
-    "load_ip_adapter": "not supported", "enable_freeu": "not supported", "save_pretrained": "not supported",
+    "enable_freeu": "not supported", "save_pretrained": "not supported",
     "components": "fastsd's networks are pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer",
     "encode_prompt": "pass prompt_embeds= computed with pipe.text_encoder, or prompts",
 }

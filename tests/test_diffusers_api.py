@@ -149,7 +149,7 @@ def test_unknown_arguments_are_named(pipes):
     pipe = pipes("eps")
     with pytest.raises(InvalidArgumentError, match="'cross_attention_kwargs'"):
         pipe("a", cross_attention_kwargs={"scale": 0.5}, **FAST)
-    with pytest.raises(InvalidArgumentError, match="'ip_adapter_image'"):
+    with pytest.raises(InvalidArgumentError, match="ip_adapter_image needs an IP-Adapter"):
         pipe("a", ip_adapter_image=Image.new("RGB", (8, 8)), **FAST)
     with pytest.raises(InvalidArgumentError, match="only 'latents'"):
         pipe("a", callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["prompt_embeds"], **FAST)

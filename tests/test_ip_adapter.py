@@ -167,6 +167,8 @@ def test_precomputed_embeds_equal_the_image(ckpts, adapters, prompt_image):
     a = pipe("a cat", ip_adapter_image_embeds=embeds, **kw).images
     b = pipe("a cat", ip_adapter_image=prompt_image, **kw).images
     assert np.abs(a - b).max() <= 1e-5
+    mine = pipe.prepare_ip_adapter_image_embeds(prompt_image, None, torch.device("cpu"), 1, True)
+    assert len(mine) == 1 and mine[0].shape == embeds[0].shape and torch.allclose(mine[0], embeds[0], atol=1e-6)
 
 
 def test_unload_restores_the_plain_pipeline(ckpts, adapters, prompt_image, pipes):

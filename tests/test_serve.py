@@ -786,7 +786,7 @@ SWEEP = {"strength": 1.5, "num_inference_steps": 0, "guidance_scale": 101.0, "sc
 NO_COMMON_BAD_VALUE = {  # the table's rows on both front ends whose bad values differ by front end
     "prompt": "any text is a prompt on the command line and over HTTP",
     "negative_prompt": "as prompt", "image": "a file on the CLI, an upload over HTTP", "mask_image": "as image",
-    "control_image": "as image"}
+    "control_image": "as image", "ip_adapter_image": "as image"}
 
 
 def test_every_argument_gets_one_message_in_the_api_the_cli_and_the_server(server, pipe, ckpts, tmp_path, capsys):
