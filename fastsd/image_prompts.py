@@ -250,7 +250,7 @@ class ImagePromptMethods:
         """Engines built with IP-Adapter inputs take the loaded adapters' projections (by refit);
         others hold no such weights and are left as they are."""
         if self._ip:
-            self.backend.set_weights("unet", ip_weights(self.ckpt.unet), False)
+            self.backend.set_weights("unet", ip_weights(self.ckpt.unet), False, tuple(a.fingerprint for a in self._ip))
         self._reset_graphs()
 
     def _ip_inputs(self, req, rows: int, device: torch.device, ran: dict | None = None) -> dict[str, torch.Tensor]:

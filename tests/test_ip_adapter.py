@@ -271,12 +271,15 @@ def test_onnxruntime_engine_takes_the_image_prompt(ckpts, adapters, ip_store, pr
     assert plain.backends["unet"] == "onnxruntime"
     assert np.abs(plain.images - pipes("eps")("a cat", **kw).images).max() <= 2e-3
     pipe.load_ip_adapter(str(adapters["plain"]), weight_name=PLAIN)
+    (unet,) = pipe.backend.engines["unet"]
+    assert unet.ip_now == unet.ip_held and unet.runner._overrides == {}  # the adapter its files hold: no refit
     pipe.set_ip_adapter_scale(0.7)
     diff, out = compare("StableDiffusionPipeline", ckpts["eps"], [adapters["plain"]], [PLAIN], scale=0.7, pipe=pipe,
                         prompt="a cat", ip_adapter_image=prompt_image, num_inference_steps=STEPS)
     assert out.backends["unet"] == out.backends["image_encoder"] == "onnxruntime" and diff <= 2e-3
     # another adapter of the same shapes (the Plus one gives 4 tokens too): a refit, not a rebuild
     pipe.load_ip_adapter(str(adapters["plus"]), weight_name=PLUS)
+    assert unet.ip_now != unet.ip_held and any(".to_k_ip." in n for n in unet.runner._overrides)  # refitted
     got = pipe("a cat", ip_adapter_image=prompt_image, **kw)
     want = ours(ckpts["eps"], [adapters["plus"]], [PLUS])
     want.set_ip_adapter_scale(1.0)
@@ -389,3 +392,26 @@ def test_server_takes_an_image_prompt(ckpts, adapters, prompt_image):
             str(ckpts["eps"])))) as c:
         r = c.post("/v1/images/generations", json={"prompt": "a cat", "ip_adapter_image": b64})
         assert r.status_code == 400 and "needs an IP-Adapter" in r.json()["error"]["message"]
+
+
+def test_lora_beside_an_adapter_on_the_engine(ckpts, adapters, ip_store, prompt_image, tmp_path):
+    """A LoRA fused and unloaded on a UNet engine refitted to another adapter: the engine keeps
+    that adapter's projections (the LoRA's unload puts the entry's own weights back, then the
+    loaded adapter's), and its images stay within 2e-3 of eager."""
+    from test_lora import peft_lora
+
+    lora = str(peft_lora(ckpts["eps"], tmp_path, seed=3))
+    kw = dict(num_inference_steps=3, seed=4, output_type="np", ip_adapter_image=prompt_image)
+    pipes = [Pipeline.from_pretrained(str(ckpts["eps"]), backend=b, engine_dir=ip_store)
+             for b in ("onnxruntime", "eager")]
+    for pipe in pipes:
+        pipe.load_ip_adapter(str(adapters["plus"]), weight_name=PLUS)
+        pipe.load_lora(lora)
+    got, want = (pipe("a cat", **kw) for pipe in pipes)
+    assert got.backends["unet"] == "onnxruntime" and np.abs(got.images - want.images).max() <= 2e-3
+    for pipe in pipes:
+        pipe.unload_lora()
+    (unet,) = pipes[0].backend.engines["unet"]
+    assert unet.ip_now == (pipes[0].ip_adapters[0]["fingerprint"],)
+    got, want = (pipe("a cat", **kw) for pipe in pipes)
+    assert got.backends["unet"] == "onnxruntime" and np.abs(got.images - want.images).max() <= 2e-3

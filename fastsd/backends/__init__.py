@@ -93,10 +93,13 @@ class Backend(Protocol):
     def vae_decoder_fp32(self, latent: torch.Tensor, *, ran: dict | None = None) -> torch.Tensor:
         """The VAE decoder in eager fp32: the retry when a lower precision overflows."""
 
-    def set_weights(self, network: str, weights: dict[str, torch.Tensor], at_base: bool) -> None:
+    def set_weights(self, network: str, weights: dict[str, torch.Tensor], at_base: bool,
+                    held: tuple | None = None) -> None:
         """The network's weights changed in place (LoRA): `weights` are the changed ones by
         parameter name; engines are refitted to them, or stop serving the network until
-        `at_base` (its weights are the checkpoint's own again)."""
+        `at_base` (its weights are the checkpoint's own again). `held`: the weights are the
+        projections of these IP-Adapters (fingerprints): only engines built with IP-Adapter
+        inputs take them, and one holding exactly those already is left as it is."""
 
     def text_encoders_for(self, clip_skip: int | None) -> dict:
         """Each text encoder's call (by network name) for a per-call clip_skip (None: the

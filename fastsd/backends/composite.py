@@ -13,7 +13,6 @@ import torch
 
 from ..engines import check_entry, weights_at_load
 from ..errors import InvalidArgumentError
-from ..ip_adapter import is_ip_weight
 from ..networks import IP_TOKENS, SD_NETWORKS, NetworkSpec
 from ..phases import ENGINE_FILES, ENGINE_LOAD, phase
 from . import Networks, record
@@ -40,6 +39,8 @@ class LazyRunner:
         self.failed: str | None = None
         self.stale: str | None = None  # why the engine does not hold the network's weights now (a LoRA it cannot take)
         self._pending: dict = {}  # weights set before the engine loaded: given to it when it does
+        self.ip_held: tuple = ()  # the IP-Adapters (fingerprints) whose projections its files hold
+        self.ip_now: tuple = ()  # ... and those it holds now (after refits)
         self._lock = threading.Lock()
 
     def fits(self, inputs) -> str | None:
@@ -72,13 +73,19 @@ class LazyRunner:
                     self._refit(self._pending, False)
             return self.runner is not None and self.stale is None
 
-    def set_weights(self, weights: dict, at_base: bool) -> None:
+    def set_weights(self, weights: dict, at_base: bool, held: tuple | None = None) -> None:
         """Refit the engine to the network's weights now (see Runner.set_weights); one that
         cannot take them serves no call until the weights are the entry's own again. Before
         the engine is loaded, the weights wait for it (every change passes the new tensors,
-        so the latest of each is what it gets)."""
-        if not at_base and not self.spec_takes_ip and weights and all(map(is_ip_weight, weights)):
-            return  # an IP-Adapter's projections: weights of no graph built without its inputs
+        so the latest of each is what it gets). `held`: the weights are these IP-Adapters'
+        projections, which only a UNet built with their inputs takes, and needs only where it
+        holds others now."""
+        if held is not None:
+            if not self.spec_takes_ip or tuple(held) == self.ip_now:
+                return
+            self.ip_now = tuple(held)
+        elif at_base:
+            self.ip_now = self.ip_held
         with self._lock:
             self._pending = {} if at_base else {**self._pending, **weights}
             if self.runner is not None and self.failed is None:
@@ -147,12 +154,15 @@ class CompositeBackend(Networks):
                 log.warning("no %s engine fits this call (%s); running it in eager PyTorch", network, why)
         return self.eager.run(network, inputs, ran)
 
-    def set_weights(self, network: str, weights: dict, at_base: bool) -> None:
-        """The network's weights changed (a LoRA loaded, re-scaled or unloaded): refit its
-        engines; the eager modules share the weights already."""
+    def set_weights(self, network: str, weights: dict, at_base: bool, held: tuple | None = None) -> None:
+        """The network's weights changed (a LoRA loaded, re-scaled or unloaded; IP-Adapters
+        loaded: `held`): refit its engines; the eager modules share the weights already."""
         for engine in list(self.engines.get(network, ())):
             try:
-                engine.set_weights(weights, at_base)  # a LazyRunner handles refusals itself
+                if isinstance(engine, LazyRunner):
+                    engine.set_weights(weights, at_base, held)  # it handles refusals itself
+                elif held is None:
+                    engine.set_weights(weights, at_base)
             except RefitUnsupported as e:
                 log.warning("%s %s cannot take the new weights (%s); it is dropped", engine.name, network, e)
                 self.engines[network].remove(engine)

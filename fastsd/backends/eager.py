@@ -120,7 +120,7 @@ class EagerBackend(Networks):
             return self._graphed_unet(module, args)  # a whole step being captured (or warmed up) holds the UNet
         return as_float(self._forward(module, args))
 
-    def set_weights(self, network: str, weights: dict, at_base: bool) -> None:
+    def set_weights(self, network: str, weights: dict, at_base: bool, held: tuple | None = None) -> None:
         """Nothing to do: the modules are the checkpoint's, whose weights were changed (on a
         GPU in place, where a captured UNet graph reads them)."""
 

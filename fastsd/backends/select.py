@@ -89,6 +89,7 @@ def _engines(kind: EngineKind, fingerprint: str, specs: dict, device, dtype, eng
             runner = LazyRunner(kind, entry, graph_file(spec.name, record), spec, device, dtype,
                                 Profile(**manifest["profile"]), fingerprint, facts, (weights or {}).get(n))
             runner.size = record_bytes(entry, record)
+            runner.ip_held = runner.ip_now = tuple(record.get("ip_adapters", ()))
             found.setdefault(n, []).append(runner)
     return found
 
