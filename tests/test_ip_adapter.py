@@ -70,14 +70,24 @@ def ours(model, folders: list, names: list, **kw) -> Pipeline:
 
 def compare(cls, model, folders, names, scale=1.0, seed=0, pipe=None, controlnet=None, **kw):
     """max |fastsd - diffusers| for the same call (diffusers' argument names) and fastsd's output."""
+    import diffusers
+    from conftest import DIFFUSERS_SCHEDULERS
+
     ref = theirs(cls, model, folders, names, controlnet)
     ref.set_ip_adapter_scale(scale)
+    scheduler = kw.pop("scheduler", None)
+    config = _REFS.setdefault(("config", id(ref)), dict(ref.scheduler.config))
+    if scheduler is None:
+        ref.scheduler = type(ref.scheduler).from_config(config)
+    else:
+        name, options = DIFFUSERS_SCHEDULERS[scheduler]
+        ref.scheduler = getattr(diffusers, name).from_config(config, **options)
     pipe = pipe or ours(model, folders, names)
     pipe.set_ip_adapter_scale(scale)
     mine = dict(kw)
     if "ControlNetPipeline" in cls:
         mine["control_image"] = mine.pop("image")
-    a = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", **mine)
+    a = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", scheduler=scheduler, **mine)
     b = ref(generator=torch.Generator().manual_seed(seed), output_type="np", **kw).images
     assert a.images.shape == b.shape
     return float(np.abs(a.images - b).max()), a
@@ -86,11 +96,11 @@ def compare(cls, model, folders, names, scale=1.0, seed=0, pipe=None, controlnet
 # ---- parity with diffusers (eager fp32) ------------------------------------------------------
 
 
-@pytest.mark.parametrize("guidance", [7.5, 1.0])
-def test_txt2img_parity(ckpts, adapters, prompt_image, guidance):
+@pytest.mark.parametrize("guidance, scheduler", [(7.5, None), (1.0, None), (7.5, "euler_a"), (5.0, "dpmpp_2m")])
+def test_txt2img_parity(ckpts, adapters, prompt_image, guidance, scheduler):
     diff, out = compare("StableDiffusionPipeline", ckpts["eps"], [adapters["plain"]], [PLAIN], scale=0.7,
                         prompt="a cat", ip_adapter_image=prompt_image, num_inference_steps=STEPS,
-                        guidance_scale=guidance)
+                        guidance_scale=guidance, scheduler=scheduler)
     assert diff <= TOL and out.backends["unet"] == "eager" and "image_encoder" in out.timings
     plain = ours(ckpts["eps"], [adapters["plain"]], [PLAIN])("a cat", num_inference_steps=STEPS, output_type="np",
                                                             guidance_scale=guidance, seed=0)
@@ -415,3 +425,29 @@ def test_lora_beside_an_adapter_on_the_engine(ckpts, adapters, ip_store, prompt_
     assert unet.ip_now == (pipes[0].ip_adapters[0]["fingerprint"],)
     got, want = (pipe("a cat", **kw) for pipe in pipes)
     assert got.backends["unet"] == "onnxruntime" and np.abs(got.images - want.images).max() <= 2e-3
+
+
+def test_openvino_engine_takes_the_image_prompt(ckpts, adapters, ip_store, prompt_image, tmp_path):
+    """OpenVINO compiled from the ONNX UNet with the adapter's inputs (built with the same
+    --ip-adapter, as the export's record asks), and the image encoder's own entry."""
+    pytest.importorskip("openvino")
+    import shutil
+
+    from fastsd.export.openvino import build_openvino
+
+    from fastsd.errors import FastSDError
+
+    store = tmp_path / "store"
+    shutil.copytree(ip_store, store)
+    with pytest.raises(FastSDError, match="same --ip-adapter"):
+        build_openvino(str(ckpts["eps"]), engine_dir=store, networks=("unet",))
+    build_openvino(str(ckpts["eps"]), engine_dir=store, networks=("unet", "image_encoder"),
+                   ip_adapters=(str(adapters["plain"]),))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="openvino", engine_dir=store)
+    pipe.load_ip_adapter(str(adapters["plain"]), weight_name=PLAIN)
+    kw = dict(num_inference_steps=STEPS, seed=2, output_type="np", ip_adapter_image=prompt_image)
+    got = pipe("a cat", **kw)
+    want = ours(ckpts["eps"], [adapters["plain"]], [PLAIN])
+    want.set_ip_adapter_scale(1.0)
+    assert got.backends["unet"] == got.backends["image_encoder"] == "openvino"
+    assert np.abs(got.images - want("a cat", **kw).images).max() <= 2e-3
