@@ -1,22 +1,20 @@
 """The IP-Adapters' CLIP image encoders as networks of a pipeline: image_encoder,
-image_encoder_2, ... (one per distinct encoder), each run on the first engine of its own store
+image_encoder_2, ... (one per distinct encoder). Each runs as the backend runs the
+checkpoint's networks (a CompositeBackend of their own): on the first engine of its own store
 entries (keyed by the encoder's weights, as a ControlNet's) whose profile fits the call, else
-in eager PyTorch, as the backend runs the checkpoint's networks."""
+in eager PyTorch."""
 
 from __future__ import annotations
 
-import logging
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .backends import as_float, record
+from .backends.composite import CompositeBackend
 from .backends.select import owned_engines
 from .networks import ImageEncoder
-
-log = logging.getLogger(__name__)
 
 
 def encoder_names(count: int) -> tuple[str, ...]:
@@ -24,15 +22,16 @@ def encoder_names(count: int) -> tuple[str, ...]:
     return tuple("image_encoder" if i == 0 else f"image_encoder_{i + 1}" for i in range(count))
 
 
-@dataclass
-class EncoderNetwork:
-    """One image encoder network: the loaded encoder, its eager module (on the pipeline's
-    device and dtype) and its engines, fastest first."""
+class EagerEncoders:
+    """The image encoders in eager PyTorch, on the pipeline's device and dtype."""
 
-    encoder: object  # ip_adapter.LoadedEncoder
-    module: torch.nn.Module
-    engines: list = field(default_factory=list)
-    uncond: dict = field(default_factory=dict)  # what served it -> the hidden states of a black image
+    def __init__(self, modules: dict, device: torch.device, dtype: torch.dtype):
+        self.modules, self.device, self.dtype = modules, device, dtype
+
+    def run(self, network: str, inputs: dict, ran: dict | None = None):
+        record(ran, network, "eager")
+        with torch.inference_mode():
+            return as_float(self.modules[network](inputs["pixel_values"].to(self.device, self.dtype)))
 
 
 class ImageEncoders:
@@ -40,54 +39,32 @@ class ImageEncoders:
 
     def __init__(self, encoders: dict, device: torch.device, dtype: torch.dtype, store: tuple | None,
                  precision: str | None = None):
-        """`encoders`: name -> LoadedEncoder; `store`: (backend, engine_dir) the engines come from
-        (None: eager only)."""
-        self.device, self.dtype = device, dtype
-        self.networks: dict[str, EncoderNetwork] = {}
-        self._warned: set = set()
+        """`encoders`: name -> ip_adapter.LoadedEncoder; `store`: (backend, engine_dir) the
+        engines come from (None: eager only)."""
+        modules = {n: ImageEncoder(e.model).to(device, dtype).eval() for n, e in encoders.items()}
+        engines = {}
+        for name, encoder in encoders.items() if store is not None else ():
+            engines |= owned_engines(encoder, {name: encoder.spec()}, store[0], device, dtype, Path(store[1]),
+                                     f"the image encoder {encoder.source}", precision)
+        eager = EagerEncoders(modules, device, dtype)
+        self.networks = tuple(encoders)
+        self.backend = CompositeBackend(engines, lambda: eager, None, networks=self.networks)
+        self._uncond: dict = {}  # (network, what serves it) -> the hidden states of a black image
         self._lock = threading.Lock()
-        for name, encoder in encoders.items():
-            module = ImageEncoder(encoder.model).to(device, dtype).eval()
-            engines = []
-            if store is not None:
-                backend, engine_dir = store
-                engines = owned_engines(encoder, {name: encoder.spec()}, backend, device, dtype, Path(engine_dir),
-                                        f"the image encoder {encoder.source}", precision).get(name, [])
-            self.networks[name] = EncoderNetwork(encoder, module, engines)
 
     def run(self, name: str, pixels: torch.Tensor, ran: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(image_embeds, image_hidden_states) of CLIP pixel values (B, 3, S, S), float32."""
-        net = self.networks[name]
-        inputs = {"pixel_values": pixels}
-        refusals = []
-        for engine in net.engines:
-            why = engine.fits(inputs)
-            if why is None and engine.load():
-                record(ran, name, engine.name)
-                return as_float(engine(**inputs))
-            refusals.append(f"{engine.name}: {why or engine.fits(inputs)}")
-        if refusals:
-            with self._lock:
-                first = (name, tuple(refusals)) not in self._warned
-                self._warned.add((name, tuple(refusals)))
-            if first:
-                log.warning("no %s engine fits this call (%s); running it in eager PyTorch", name, "; ".join(refusals))
-        record(ran, name, "eager")
-        with torch.inference_mode():
-            return as_float(net.module(pixels.to(self.device, self.dtype)))
+        return self.backend.run(name, {"pixel_values": pixels}, ran)
 
-    def uncond(self, name: str, like: torch.Tensor, ran: dict | None = None) -> torch.Tensor:
+    def uncond(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The penultimate hidden states of an all-zero image (IP-Adapter Plus' unconditional
         image prompt), once per network and what serves it."""
-        net = self.networks[name]
-        seen: dict = {}
-        hidden = None
-        key = next((e.name for e in net.engines if e.fits({"pixel_values": like[:1]}) is None), "eager")
+        zeros = {"pixel_values": torch.zeros_like(like[:1])}
+        key = (name, next((e.name for e in self.backend.engines.get(name, ()) if e.fits(zeros) is None), "eager"))
         with self._lock:
-            hidden = net.uncond.get(key)
+            hidden = self._uncond.get(key)
         if hidden is None:
-            hidden = self.run(name, torch.zeros_like(like[:1]), seen)[1]
+            hidden = self.run(name, zeros["pixel_values"])[1]
             with self._lock:
-                net.uncond[key] = hidden
-        record(ran, name, seen.get(name, key))
+                self._uncond[key] = hidden
         return hidden

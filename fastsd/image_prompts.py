@@ -285,7 +285,7 @@ class ImagePromptMethods:
         embeds, hidden = encoders.run(adapter.network, pixels, ran)
         if adapter.variant == PLAIN:
             return embeds[None], (torch.zeros_like(embeds)[None] if cfg else None)
-        uncond = encoders.uncond(adapter.network, pixels, ran).expand_as(hidden) if cfg else None
+        uncond = encoders.uncond(adapter.network, pixels).expand_as(hidden) if cfg else None
         return hidden[None], (None if uncond is None else uncond[None])
 
 

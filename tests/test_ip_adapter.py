@@ -76,9 +76,9 @@ def compare(cls, model, folders, names, scale=1.0, seed=0, pipe=None, controlnet
     ref = theirs(cls, model, folders, names, controlnet)
     ref.set_ip_adapter_scale(scale)
     scheduler = kw.pop("scheduler", None)
-    config = _REFS.setdefault(("config", id(ref)), dict(ref.scheduler.config))
+    own, config = _REFS.setdefault(("scheduler", id(ref)), (type(ref.scheduler), dict(ref.scheduler.config)))
     if scheduler is None:
-        ref.scheduler = type(ref.scheduler).from_config(config)
+        ref.scheduler = own.from_config(config)
     else:
         name, options = DIFFUSERS_SCHEDULERS[scheduler]
         ref.scheduler = getattr(diffusers, name).from_config(config, **options)
