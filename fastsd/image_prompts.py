@@ -258,6 +258,9 @@ class ImagePromptMethods:
         (rows, tokens, D) each, [uncond; cond] halves with CFG."""
         if not req.ip_images and not req.ip_embeds:
             return {}
+        if len(req.ip_images or req.ip_embeds) != len(self._ip):  # load_ip_adapter ran since the call was checked
+            raise InvalidArgumentError(f"the call has {len(req.ip_images or req.ip_embeds)} image prompts; "
+                                       f"{len(self._ip)} IP-Adapters are loaded now", "ip_adapter_image")
         out = {}
         for k, adapter in enumerate(self._ip):
             if req.ip_embeds:
