@@ -451,3 +451,19 @@ def test_openvino_engine_takes_the_image_prompt(ckpts, adapters, ip_store, promp
     want.set_ip_adapter_scale(1.0)
     assert got.backends["unet"] == got.backends["image_encoder"] == "openvino"
     assert np.abs(got.images - want("a cat", **kw).images).max() <= 2e-3
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_with_an_image_prompt(ckpts, adapters, prompt_image):
+    """The whole-step CUDA graph takes the image tokens and scales as static inputs: the same
+    images as the plain loop, and a new image prompt (same shapes) replays the same graph."""
+    kw = dict(num_inference_steps=4, seed=0, output_type="np")
+    pipes = [Pipeline.from_pretrained(str(ckpts["eps"]), device="cuda", dtype="fp32", cuda_graphs=graphs)
+             for graphs in (False, True)]
+    for pipe in pipes:
+        pipe.load_ip_adapter(str(adapters["plain"]), weight_name=PLAIN)
+    plain, graphed = pipes
+    for image in (prompt_image, prompt_image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)):
+        want = plain("a cat", ip_adapter_image=image, **kw).images
+        assert np.abs(graphed("a cat", ip_adapter_image=image, **kw).images - want).max() <= TOL
+    assert len(graphed._graphs.graphs) == 1 and not graphed._graphs.refused
