@@ -47,7 +47,7 @@ class ImageEncoders:
             engines |= owned_engines(encoder, {name: encoder.spec()}, store[0], device, dtype, Path(store[1]),
                                      f"the image encoder {encoder.source}", precision)
         eager = EagerEncoders(modules, device, dtype)
-        self.networks = tuple(encoders)
+        self.encoders, self.networks = dict(encoders), tuple(encoders)
         self.backend = CompositeBackend(engines, lambda: eager, None, networks=self.networks)
         self._uncond: dict = {}  # (network, what serves it) -> the hidden states of a black image
         self._lock = threading.Lock()

@@ -241,6 +241,16 @@ class ImagePromptMethods:
             out.append(torch.cat(rows).to(device or self.device))
         return out
 
+    def _ip_moved(self) -> None:
+        """After pipe.to(): the adapters' projections and image encoders on the new device and
+        dtype (the UNet's processors moved with it), the new backend's engines given them."""
+        if not self._ip:
+            return
+        self._ip = tuple(replace(a, projection=a.projection.to(self.device, self.dtype)) for a in self._ip)
+        self._image_encoders = ImageEncoders(self._image_encoders.encoders, self.device, self.dtype,
+                                             getattr(self, "_store", None), self.precision)
+        self._ip_refit()
+
     def _ip_specs(self) -> None:
         self.family.specs["unet"] = with_ip_inputs(self.family.specs["unet"], tuple(a.tokens for a in self._ip),
                                                    len(cross_attention_layers(self.ckpt.unet)))

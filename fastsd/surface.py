@@ -107,6 +107,7 @@ class DiffusersSurface:
             for network, names in self._loras.overridden().items():  # the new backend's engines take the LoRAs too
                 params = dict(modules[network].named_parameters())
                 self.backend.set_weights(network, {n: params[n].detach() for n in names}, False)
+            self._ip_moved()
         return self
 
     @property

@@ -196,6 +196,20 @@ def test_unload_restores_the_plain_pipeline(ckpts, adapters, prompt_image, pipes
     assert e.value.param == "ip_adapter_image"
 
 
+def test_moving_the_pipeline_moves_the_adapters(ckpts, adapters, prompt_image):
+    """pipe.to(another dtype): the projections, the image encoder and the UNet's processors
+    follow; the image stays the image (within bf16's rounding)."""
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]))
+    pipe.load_ip_adapter(str(adapters["plain"]), weight_name=PLAIN)
+    kw = dict(num_inference_steps=2, seed=5, output_type="np", ip_adapter_image=prompt_image)
+    want = pipe("a cat", **kw).images
+    pipe.to(torch.bfloat16)
+    got = pipe("a cat", **kw)
+    assert got.backends["image_encoder"] == "eager" and np.abs(got.images - want).max() < 0.1
+    encoder = pipe._image_encoders.backend.eager.modules["image_encoder"]
+    assert {next(m.parameters()).dtype for m in (encoder, pipe._ip[0].projection)} == {torch.bfloat16}
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 
