@@ -17,7 +17,6 @@ once per call. Face-ID adapters (insightface embeddings, LoRAs) are refused.
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,6 @@ from .checkpoint import component_folder, component_weights, load_component, res
 from .errors import CheckpointError, InvalidArgumentError, PickleRefusedError
 from .model_files import PICKLE_SUFFIXES, architecture_hash, check_safetensors, fingerprint
 from .networks import image_encoder_spec
-
-log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ["*.safetensors", "*.bin", "image_encoder/*", "*/image_encoder/*", "*/*.safetensors"]
 PLAIN, PLUS, FULL = "ip-adapter", "ip-adapter-plus", "ip-adapter-full-face"
