@@ -501,42 +501,40 @@ def _check_generate(args, values: dict) -> None:
             check_size(values[name], factor, name, args.max_side)
 
 
+def _check_one_each(n: int, images: list, model_flag: str, image_flag: str) -> None:
+    """One image flag per model flag (a ControlNet's, an IP-Adapter's), each an existing file."""
+    if images and not n:
+        raise FastSDError(f"{image_flag} needs {model_flag}")
+    if n and len(images) != n:
+        raise FastSDError(f"{n} {model_flag} need {n} {image_flag} (one each, in the same order), got {len(images)}")
+    for path in images:
+        if not Path(path).is_file():
+            raise FastSDError(f"{image_flag} {path}: no such file")
+
+
 def _check_control(args, values: dict) -> None:
     """The ControlNet flags: one --control-image per --controlnet; scales and the window one
     for all or one per ControlNet (their ranges are the table's)."""
-    n, images = len(args.controlnet), values.get("control_image", [])
-    if images and not n:
-        raise FastSDError("--control-image needs --controlnet")
-    if n and len(images) != n:
-        raise FastSDError(f"{n} --controlnet need {n} --control-image (one each, in the same order), "
-                          f"got {len(images)}")
+    n = len(args.controlnet)
+    _check_one_each(n, values.get("control_image", []), "--controlnet", "--control-image")
     for name in ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"):
         value = values.get(name)
         if value is not None and not n:
             raise FastSDError(f"{flag_label(name)} needs --controlnet")
         if isinstance(value, list) and len(value) != n:
             raise FastSDError(f"{flag_label(name)}: give one value for all ControlNets or one per --controlnet ({n})")
-    for path in images:
-        if not Path(path).is_file():
-            raise FastSDError(f"--control-image {path}: no such file")
 
 
 def _check_ip(args, values: dict) -> None:
     """The IP-Adapter flags: one --ip-image per --ip-adapter; --ip-scale one for all or one each."""
-    n, images = len(args.ip_adapter), values.get("ip_adapter_image", [])
-    if images and not n:
-        raise FastSDError("--ip-image needs --ip-adapter")
-    if n and len(images) != n:
-        raise FastSDError(f"{n} --ip-adapter need {n} --ip-image (one each, in the same order), got {len(images)}")
+    n = len(args.ip_adapter)
+    _check_one_each(n, values.get("ip_adapter_image", []), "--ip-adapter", "--ip-image")
     if args.ip_scale and not n:
         raise FastSDError("--ip-scale needs --ip-adapter")
     if len(args.ip_scale) not in (0, 1, n):
         raise FastSDError(f"--ip-scale: give one value for all IP-Adapters or one per --ip-adapter ({n})")
     if args.image_encoder is not None and not n:
         raise FastSDError("--image-encoder is for --ip-adapter")
-    for path in images:
-        if not Path(path).is_file():
-            raise FastSDError(f"--ip-image {path}: no such file")
 
 
 def _load_ip_adapters(pipe, args) -> list[dict]:

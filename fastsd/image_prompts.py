@@ -37,7 +37,7 @@ from .ip_adapter import (
     layer_weights,
     load_image_encoder,
     projection,
-    projection_input,
+    projection_widths,
     read_adapter,
     variant_of,
 )
@@ -95,8 +95,7 @@ def read_adapters(paths, subfolder, weight_name, image_encoder, unet, width: int
         variant = variant_of(proj_sd, layers, file)
         proj = projection(variant, proj_sd)
         per_layer = layer_weights(layers, unet, file)
-        out_width = proj_sd["norm.weight" if variant == PLAIN else "proj.3.weight" if "proj.3.weight" in proj_sd
-                            else "proj_out.weight"].shape[0]
+        reads, out_width = projection_widths(variant, proj)
         if out_width != width:
             raise CheckpointError(f"the IP-Adapter {file.name} gives {out_width}-wide image tokens; this UNet "
                                   f"attends to {width}-wide text (an adapter for another model family?)")
@@ -107,8 +106,8 @@ def read_adapters(paths, subfolder, weight_name, image_encoder, unet, width: int
         encoder = seen[key]
         config = encoder.model.config
         feature = int(config.projection_dim) if variant == PLAIN else int(config.hidden_size)
-        if projection_input(variant, proj) != feature:
-            raise CheckpointError(f"the IP-Adapter {file.name} reads {projection_input(variant, proj)}-wide image "
+        if reads != feature:
+            raise CheckpointError(f"the IP-Adapter {file.name} reads {reads}-wide image "
                                   f"features; the image encoder {encoder.source} gives {feature} (pass the encoder "
                                   "it was trained with: image_encoder=)")
         tokens = _token_count(variant, proj, config)
@@ -142,10 +141,9 @@ def attach_adapters(ckpt, family, paths, allow_pickle: bool = False) -> tuple[Lo
     unet = ckpt.unet
     loaded = read_adapters(list(paths), None, None, None, unet, ckpt.info.cross_attention_dim, allow_pickle, False)
     install(unet, [layers for _, layers in loaded])
-    names = cross_attention_layers(unet)
-    family.ip_adapters = tuple(replace(a, scale=layer_scales(1.0, names)) for a, _ in loaded)
+    family.ip_adapters = tuple(a for a, _ in loaded)
     family.specs["unet"] = with_ip_inputs(family.specs["unet"], tuple(a.tokens for a in family.ip_adapters),
-                                          len(names))
+                                          len(cross_attention_layers(unet)))
     family.image_encoders = distinct_encoders(family.ip_adapters)
     family.specs.update((n, e.spec(n)) for n, e in family.image_encoders.items())
     family.networks = tuple(n for n in family.networks if n not in family.image_encoders) + tuple(
@@ -164,6 +162,7 @@ class ImagePromptMethods:
 
     _ip: tuple[LoadedAdapter, ...] = ()
     _image_encoders: ImageEncoders | None = None  # the adapters' image encoder networks
+    _store: tuple | None = None  # (backend, engine_dir) from_pretrained loaded from: where their engines are
 
     def load_ip_adapter(self, pretrained_model_name_or_path_or_dict, subfolder=None, weight_name=None,
                         image_encoder=None, image_encoder_folder=None, allow_pickle: bool | None = None,
@@ -190,7 +189,7 @@ class ImagePromptMethods:
         names = cross_attention_layers(unet)
         encoders = distinct_encoders([a for a, _ in loaded])
         network = {e.fingerprint: n for n, e in encoders.items()}
-        networks = ImageEncoders(encoders, self.device, self.dtype, getattr(self, "_store", None), self.precision)
+        networks = ImageEncoders(encoders, self.device, self.dtype, self._store, self.precision)
         with self._weights_lock.exclusive("load_ip_adapter"):
             install(unet, [layers for _, layers in loaded])
             self._ip = tuple(replace(a, scale=layer_scales(1.0, names), network=network[a.encoder.fingerprint],
@@ -248,13 +247,12 @@ class ImagePromptMethods:
             return
         self._ip = tuple(replace(a, projection=a.projection.to(self.device, self.dtype)) for a in self._ip)
         self._image_encoders = ImageEncoders(self._image_encoders.encoders, self.device, self.dtype,
-                                             getattr(self, "_store", None), self.precision)
+                                             self._store, self.precision)
         self._ip_refit()
 
     def _ip_specs(self) -> None:
         self.family.specs["unet"] = with_ip_inputs(self.family.specs["unet"], tuple(a.tokens for a in self._ip),
                                                    len(cross_attention_layers(self.ckpt.unet)))
-        self.family.ip_adapters = self._ip
 
     def _ip_refit(self) -> None:
         """Engines built with IP-Adapter inputs take the loaded adapters' projections (by refit);

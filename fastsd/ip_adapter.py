@@ -30,8 +30,9 @@ from torch.nn import functional as F
 
 from .checkpoint import component_folder, component_weights, load_component, resolve_component
 from .errors import CheckpointError, InvalidArgumentError, PickleRefusedError
-from .model_files import PICKLE_SUFFIXES, architecture_hash, check_safetensors, fingerprint
+from .model_files import PICKLE_SUFFIXES, architecture_hash, fingerprint
 from .networks import image_encoder_spec
+from .single_file import read_state_dict
 
 ADAPTER_FILES = ["*.safetensors", "*.bin", "image_encoder/*", "*/image_encoder/*", "*/*.safetensors"]
 PLAIN, PLUS, FULL = "ip-adapter", "ip-adapter-plus", "ip-adapter-full-face"
@@ -65,10 +66,7 @@ def read_adapter(path: Path, allow_pickle: bool) -> tuple[dict, dict]:
     """(image_proj, ip_adapter) weights of an adapter file (safetensors; .bin only with
     allow_pickle), each by its key without the part's prefix."""
     if path.suffix == ".safetensors":
-        check_safetensors(path)
-        from safetensors.torch import load_file
-
-        flat = load_file(str(path))
+        flat = read_state_dict(path, allow_pickle)  # checked against its header; a corrupt file: CheckpointError
         parts: dict[str, dict] = {"image_proj": {}, "ip_adapter": {}}
         for key, t in flat.items():
             part, _, rest = key.partition(".")
@@ -102,9 +100,23 @@ def variant_of(proj: dict, layers: dict, path: Path) -> str:
     raise CheckpointError(f"{path}: unknown IP-Adapter projection (keys {sorted(proj)[:4]})")
 
 
-_PLUS_KEYS = ((r"\.0\.norm1\.", ".ln0."), (r"\.0\.norm2\.", ".ln1."), (r"\.0\.to_q\.", ".attn.to_q."),
-              (r"\.0\.to_out\.", ".attn.to_out.0."), (r"\.1\.0\.", ".ff.0."), (r"\.1\.1\.", ".ff.1.net.0.proj."),
-              (r"\.1\.3\.", ".ff.1.net.2."))
+_PLUS_KEYS = {"0.norm1": "ln0", "0.norm2": "ln1", "0.to_q": "attn.to_q", "0.to_out": "attn.to_out.0",
+              "1.0": "ff.0", "1.1": "ff.1.net.0.proj", "1.3": "ff.1.net.2"}  # a resampler layer's parts
+
+
+def _plus_names(sd: dict) -> dict:
+    """A reference Resampler's weights under diffusers' IPAdapterPlusImageProjection names
+    (layers.i.0: attention, its key and value projections as one to_kv; layers.i.1: feed-forward)."""
+    renamed = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r"(layers\.\d+)\.(\d\.\w+)\.(weight|bias)", k)
+        if m and m[2] == "0.to_kv":
+            renamed[f"{m[1]}.attn.to_k.{m[3]}"], renamed[f"{m[1]}.attn.to_v.{m[3]}"] = v.chunk(2)
+        elif m and m[2] in _PLUS_KEYS:
+            renamed[f"{m[1]}.{_PLUS_KEYS[m[2]]}.{m[3]}"] = v
+        else:
+            renamed[k] = v
+    return renamed
 
 
 def projection(variant: str, sd: dict) -> nn.Module:
@@ -123,17 +135,7 @@ def projection(variant: str, sd: dict) -> nn.Module:
         names = {"proj.0.": "ff.net.0.proj.", "proj.2.": "ff.net.2.", "proj.3.": "norm."}
         renamed = {names.get(k[:7], k[:7]) + k[7:]: v for k, v in sd.items()}
     else:
-        renamed = {}
-        for k, v in sd.items():
-            if re.search(r"\.0\.to_kv\.", k):
-                half = v.shape[0] // 2
-                base = re.sub(r"\.0\.to_kv\.", ".attn.to_", k)
-                renamed[base.replace("to_weight", "to_k.weight")], renamed[base.replace("to_weight", "to_v.weight")] = (
-                    v[:half], v[half:])
-                continue
-            for pattern, repl in _PLUS_KEYS:
-                k = re.sub(r"^(layers\.\d+)" + pattern, r"\1" + repl, k)
-            renamed[k] = v
+        renamed = _plus_names(sd)
         depth = len({k.split(".")[1] for k in renamed if k.startswith("layers.")})
         module = IPAdapterPlusImageProjection(
             embed_dims=sd["proj_in.weight"].shape[1], output_dims=sd["proj_out.weight"].shape[0],
@@ -147,13 +149,13 @@ def projection(variant: str, sd: dict) -> nn.Module:
     return module.float().eval().requires_grad_(False)
 
 
-def projection_input(variant: str, proj: nn.Module) -> int:
-    """The width of the image features a projection reads."""
+def projection_widths(variant: str, proj: nn.Module) -> tuple[int, int]:
+    """(the width of the image features a projection reads, the width of the tokens it gives)."""
     if variant == PLAIN:
-        return proj.image_embeds.in_features
+        return proj.image_embeds.in_features, proj.norm.normalized_shape[0]
     if variant == FULL:
-        return proj.ff.net[0].proj.in_features
-    return proj.proj_in.in_features
+        return proj.ff.net[0].proj.in_features, proj.norm.normalized_shape[0]
+    return proj.proj_in.in_features, proj.proj_out.out_features
 
 
 # ---- the image encoder ---------------------------------------------------------------------

@@ -126,19 +126,19 @@ def candidates(ckpt, family, backend: str, device: torch.device, dtype: torch.dt
             continue
         found = _engines(kind, ckpt.info.fingerprint, {n: s for n, s in specs.items() if n not in owned}, device,
                          dtype, engine_dir, {"clip_skip": clip_skip}, loud, precision=precision, weights=weights)
-        for n, cn in owned.items():
-            found |= _engines(kind, cn.fingerprint, {n: specs[n]}, device, dtype, engine_dir, {}, loud,
-                              f"the ControlNet {cn.source}", precision, weights)
         for n, runners in found.items():
             engines.setdefault(n, []).extend(runners)
+    for n, cn in owned.items():  # each kind's unavailability is said above, once
+        engines |= owned_engines(cn, {n: specs[n]}, backend, device, dtype, engine_dir, f"the ControlNet {cn.source}",
+                                 precision, weights)
     return engines
 
 
 def owned_engines(owner, specs: dict, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
-                  what: str, precision: str | None = None) -> dict[str, list[LazyRunner]]:
+                  what: str, precision: str | None = None, weights: dict | None = None) -> dict[str, list[LazyRunner]]:
     """Per network of `specs`, the engines of the entries keyed by `owner.fingerprint` (a
-    network with entries of its own, loaded after the pipeline: an IP-Adapter's image encoder),
-    fastest kind first; none for "eager"."""
+    network with entries of its own: a ControlNet, an IP-Adapter's image encoder), fastest
+    kind first; none for "eager". `weights`: as for candidates."""
     if backend == "eager":
         return {}
     kinds = tuple(ENGINE_KINDS.values()) if backend == "auto" else (ENGINE_KINDS[backend],)
@@ -147,7 +147,7 @@ def owned_engines(owner, specs: dict, backend: str, device: torch.device, dtype:
         if kind.unavailable() or device.type not in kind.devices:
             continue
         found = _engines(kind, owner.fingerprint, specs, device, dtype, engine_dir, {}, backend != "auto", what,
-                         precision)
+                         precision, weights)
         for n, runners in found.items():
             out.setdefault(n, []).extend(runners)
     return out
