@@ -16,11 +16,11 @@ import torch
 from fastsd.checkpoint import check_clip_skip, load_checkpoint
 from fastsd.controlnet import load_controlnets
 from fastsd.engines import (
-    DTYPES,
     Profile,
     Staging,
     base_manifest,
     check_entry,
+    compute_dtype,
     default_engine_dir,
     entry_dir,
     writable_store,
@@ -164,7 +164,7 @@ def entry_groups(info, family, networks: tuple[str, ...], facts: dict) -> list[t
 
 def weight_bytes(modules: dict, networks: tuple[str, ...], precision: str) -> int:
     """The networks' weights at `precision`: about what their engines take on disk."""
-    size = DTYPES[precision].itemsize
+    size = compute_dtype(precision).itemsize
     return sum(p.numel() * size for n in networks if n in modules for p in modules[n].parameters())
 
 

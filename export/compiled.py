@@ -20,7 +20,16 @@ import torch
 
 from fastsd.backends.compiled import FOLDED, FROZEN, SEPARATE, runtime_facts, weights_name
 from fastsd.devices import parse_device
-from fastsd.engines import DTYPES, MAX_BATCH, MAX_CHUNKS, WEIGHTS_AT_LOAD, Profile, read_manifest, refit_source
+from fastsd.engines import (
+    DTYPES,
+    MAX_BATCH,
+    MAX_CHUNKS,
+    WEIGHTS_AT_LOAD,
+    Profile,
+    compute_dtype,
+    read_manifest,
+    refit_source,
+)
 from fastsd.errors import FastSDError, InvalidArgumentError
 from fastsd.networks import BATCH, TOKENS, NetworkSpec, weights_of
 
@@ -178,8 +187,8 @@ def build_compiled(model: str, engine_dir: str | Path | None = None, dtype: str 
                 extra = {"weights_layout": SEPARATE, "refitted_from": donor_manifest["checkpoint"],
                          WEIGHTS_AT_LOAD: True, **inputs}
                 return files, extra, GIVEN_AT_LOAD
-            module = build_module(modules[name], spec).to(dev, DTYPES[dtype]).eval()
-            args = tuple(a.to(dev) for a in spec.sample_inputs(2, *size, DTYPES[dtype]))
+            module = build_module(modules[name], spec).to(dev, compute_dtype(dtype)).eval()
+            args = tuple(a.to(dev) for a in spec.sample_inputs(2, *size, compute_dtype(dtype)))
             files = compile_network(module, spec, args, path, frozen, profile.max_chunks)
             return files, {"weights_layout": FROZEN if frozen else SEPARATE, **inputs}, ""
 

@@ -981,22 +981,16 @@ def _check_port(host: str, port: int) -> None:
 
 
 def cmd_info(args) -> int:
-    import os
-
-    import torch
-
-    from .backends.registry import ENGINE_KINDS
-    from .devices import cpu_name
+    """What this installation has and can run, read without importing torch or loading a model."""
+    from .catalog import KINDS, cpu_name, cuda_devices, installed
     from .engines import default_engine_dir, list_entries
 
-    print(f"fastsd {__version__} | python {platform.python_version()} | torch {torch.__version__}")
+    print(f"fastsd {__version__} | python {platform.python_version()} | torch {installed('torch') or 'not installed'}")
     print("devices:")
     print(f"  cpu: {cpu_name()}, {os.cpu_count()} cores")
-    if torch.cuda.is_available():
-        for k in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(k)
-            print(f"  cuda:{k} {p.name} sm_{p.major}{p.minor} {p.total_memory / 2**30:.1f} GiB")
-    else:
+    for k, gpu in enumerate(cuda_devices()):
+        print(f"  cuda:{k} {gpu['name']} sm_{gpu['sm']} {gpu['memory'] / 2**30:.1f} GiB")
+    if not cuda_devices():
         print("  cuda: not available (cpu only)")
     store = default_engine_dir()
     origin = "$FASTSD_ENGINE_DIR" if os.environ.get("FASTSD_ENGINE_DIR") else "default; set $FASTSD_ENGINE_DIR"
@@ -1004,17 +998,13 @@ def cmd_info(args) -> int:
     print(f"engine store: {store} ({origin} or --engine-dir to use another); {len(entries)} entr"
           f"{'y' if len(entries) == 1 else 'ies'}")
     print("engine kinds (auto tries them in this order, then eager PyTorch):")
-    for kind in ENGINE_KINDS.values():
+    for kind in KINDS.values():
         why = kind.unavailable()
         state = f"not available: {why}" if why else f"available ({kind.details()})"
         print(f"  {kind.name}: {state}")
         print(f"    needs: {kind.needs}; built by `{kind.build_command}`")
-    for mod in ("diffusers", "transformers", "onnx", "onnxruntime", "onnxslim", "openvino", "tensorrt"):
-        try:
-            m = __import__(mod)
-            print(f"{mod} {getattr(m, '__version__', '?')}")
-        except ImportError:
-            print(f"{mod}: not installed")
+    for package in ("diffusers", "transformers", "onnx", "onnxruntime", "onnxslim", "openvino", "tensorrt"):
+        print(f"{package} {installed(package)}" if installed(package) else f"{package}: not installed")
     return 0
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import platform
-from pathlib import Path
-
 import torch
 
+from .catalog import cpu_name
 from .errors import InvalidArgumentError
 
 
@@ -26,16 +24,6 @@ def parse_device(device) -> torch.device:
         raise InvalidArgumentError(f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)",
                                    "device")
     return dev
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_key(device: torch.device) -> str:

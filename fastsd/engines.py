@@ -19,18 +19,14 @@ import uuid
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
-import torch
-
 try:
     import fcntl
 except ImportError:  # Windows: no store locks
     fcntl = None
 
-from .backends.kind import CPU_GRAPH
-from .backends.registry import ENGINE_KINDS
+from .catalog import CPU_GRAPH, GRAPH_SUFFIXES, KINDS, NETWORKS
 from .errors import OutputPathError
 from .hashing import DigestCache, link_files, remove_tree
-from .networks import NETWORKS
 from .paths import default_engine_dir  # noqa: F401 - re-exported: callers take the default from here
 from .status import LONG_BYTES, file_bytes, gigabytes, say_once
 from .version import __version__
@@ -42,15 +38,13 @@ MANIFEST = "manifest.json"
 ENTRY_MARKER = ".fastsd-entry"  # written first into every folder the store makes: proof that prune may remove it
 STAGING_PREFIX = ".staging-"
 RETIRED_PREFIX = ".retired-"
-GRAPH_SUFFIXES = tuple(dict.fromkeys(s for k in ENGINE_KINDS.values() for s in (k.suffix, *k.other_suffixes)))
 FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")  # checkpoint fingerprints: 8-byte blake2b, hex
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # precision name -> dtype
-PRECISIONS = {dtype: name for name, dtype in DTYPES.items()}
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # precision name -> torch dtype's name
 # quantized precisions (entries of kinds that quantize at build) -> the precision of what they do not quantize
 QUANTIZED = {"int8": "bf16"}
 PRECISION_NAMES = (*DTYPES, *QUANTIZED)
 # entry folders: <kind>-<precision> (dynamic shapes) or <kind>-<precision>-<H>x<W> (static)
-KIND = re.compile(rf"^({'|'.join(ENGINE_KINDS)})-({'|'.join(PRECISION_NAMES)})(?:-([1-9][0-9]*)x([1-9][0-9]*))?$")
+KIND = re.compile(rf"^({'|'.join(KINDS)})-({'|'.join(PRECISION_NAMES)})(?:-([1-9][0-9]*)x([1-9][0-9]*))?$")
 SAFE_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a plain name inside the entry: no "/", "..", or "~"
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MANIFEST_FIELDS = {"format": int, "fastsd": str, "backend": str, "precision": str, "checkpoint": str,
@@ -263,9 +257,18 @@ def base_manifest(info, backend: str, precision: str, profile: Profile, **facts)
 
 # ---- what an entry may contain ---------------------------------------------------------
 
-def compute_dtype(precision: str) -> torch.dtype:
+def compute_dtype(precision: str):
     """The torch dtype a precision's unquantized networks, and eager PyTorch, run at."""
-    return DTYPES[QUANTIZED.get(precision, precision)]
+    import torch  # here: listing the store does not import torch
+
+    return getattr(torch, DTYPES[QUANTIZED.get(precision, precision)])
+
+
+def precision_of(dtype) -> str | None:
+    """The precision name of a torch dtype, None for one fastsd does not run at."""
+    import torch
+
+    return next((name for name, t in DTYPES.items() if getattr(torch, t) == dtype), None)
 
 
 WEIGHTS_AT_LOAD = "weights_at_load"  # a network record's flag: see weights_at_load()

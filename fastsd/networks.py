@@ -11,9 +11,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder",  # every network fastsd knows
-            "controlnet",  # a ControlNet's entry holds only this one (keyed by the ControlNet's own weights)
-            "image_encoder")  # an IP-Adapter's CLIP image encoder: an entry of its own too
+from .catalog import NETWORKS  # noqa: F401 - every network fastsd knows (re-exported)
+
 SD_NETWORKS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")  # a model family has its own subset
 
 

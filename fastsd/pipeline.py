@@ -27,7 +27,7 @@ from .backends import Backend, on_work_stream
 from .budget import check_fits, widths_of
 from .checkpoint import check_clip_skip
 from .embeddings import EmbeddingMethods
-from .engines import PRECISIONS
+from .engines import precision_of
 from .errors import InvalidArgumentError, NumericalError
 from .families import family_for
 from .hires import HiresMethods
@@ -92,7 +92,7 @@ class Pipeline(DiffusersSurface, LoraMethods, ImagePromptMethods, EmbeddingMetho
         self.family = family or family_for(ckpt)  # the one the backend was made for, when given
         self._graphs = StepGraphs() if cuda_graphs else None  # whole-step graphs, one per shape and setting
         self.backend, self.device, self.dtype = backend, device, dtype
-        self.precision = PRECISIONS[dtype]  # the engines' precision name: from_pretrained sets a quantized one (int8)
+        self.precision = precision_of(dtype)  # the engines' precision name: from_pretrained sets a quantized one (int8)
         self._widths = widths_of(ckpt)
         self.memory = memory or MemoryOptions()
         self.max_side: int | None = MAX_SIDE  # pixels a side a call may ask for (None: no limit)

@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 
 from .devices import parse_device
-from .engines import DTYPES, PRECISION_NAMES, PRECISIONS, compute_dtype
+from .engines import DTYPES, PRECISION_NAMES, compute_dtype, precision_of
 from .errors import InvalidArgumentError, UnsupportedError
 from .schedulers import SchedulerChoice, choose_scheduler
 
@@ -36,13 +36,13 @@ def dtype_name(dtype, torch_dtype) -> str | None:
     for what, value in (("dtype", dtype), ("torch_dtype", torch_dtype)):
         if value is None:
             continue
-        if isinstance(value, torch.dtype) and value in PRECISIONS:
-            names.append(PRECISIONS[value])
+        if isinstance(value, torch.dtype) and precision_of(value):
+            names.append(precision_of(value))
         elif isinstance(value, str) and value in (DTYPES if what == "torch_dtype" else PRECISION_NAMES):
             names.append(value)
         elif isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype) and \
-                getattr(torch, value) in PRECISIONS:
-            names.append(PRECISIONS[getattr(torch, value)])
+                precision_of(getattr(torch, value)):
+            names.append(precision_of(getattr(torch, value)))
         else:
             raise InvalidArgumentError(f"must be one of {', '.join(PRECISION_NAMES)} (or torch.float16, "
                                        f"torch.bfloat16, torch.float32), got {value!r}", what)

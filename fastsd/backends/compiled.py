@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .. import catalog
 from ..devices import device_key
 from . import as_float, device_index, on_device
 from .kind import BuildOptions, EngineKind, EngineRunner, RefitUnsupported, export_module, missing_weights
@@ -97,15 +98,4 @@ def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile,
     return CompiledRunner(path, spec, device, profile, dtype, record, weights)
 
 
-def _details() -> str:
-    import shutil
-
-    cxx = next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
-    return f"torch {torch.__version__} AOTInductor; C++ compiler: {cxx or 'none found (CPU builds need one)'}"
-
-
-KIND = EngineKind("compiled", ".pt2", lambda: None, runtime_facts, _load, _build,
-                  build_command="fastsd build --backend compiled", builds_alone=True, refit_optional=True,
-                  needs="torch's AOTInductor (torch >= 2.6) and, to build on CPU, a C++ compiler; packages are "
-                        "tied to the torch version and device they were built with",
-                  details=_details)
+KIND = EngineKind(catalog.COMPILED, runtime_facts, _load, _build, builds_alone=True, refit_optional=True)

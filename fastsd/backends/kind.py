@@ -17,11 +17,11 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from ..catalog import CPU_GRAPH, About  # noqa: F401 - CPU_GRAPH re-exported for the kinds
 from ..networks import NetworkSpec
 
 log = logging.getLogger(__name__)
 
-CPU_GRAPH = "cpu_graph"  # a network record's: {"file": <network>.cpu.onnx, "for": the machine it was made on}
 WEIGHTS_BY_NAME = "by-name"  # weights_layout of a graph (or plan) whose weights are named as the parameters
 
 
@@ -139,23 +139,25 @@ class BuildOptions:
 
 @dataclass(frozen=True)
 class EngineKind:
-    name: str  # also the store's folder prefix: <name>-<precision>
-    suffix: str  # the graph / engine file of a network: <network><suffix>
-    unavailable: Callable[[], str | None]  # why this installation cannot run it (None: it can)
+    about: About  # its name, files, needs and availability (fastsd/catalog.py: read without torch)
     runtime_facts: Callable[[torch.device], dict]  # manifest facts an entry must match to run here
     load: Callable[..., Runner]  # (path, spec, device, dtype, profile, record) -> a runner; record: the
     # network's manifest record (its files and facts, e.g. how its weights are named)
     build: Callable[[BuildOptions], Path]  # builds (or refits) an entry; returns its folder
-    build_command: str  # how a user builds this kind's entries
     builds_alone: bool  # builds from the checkpoint alone (bench --export-missing may build it)
     refit_optional: bool  # whether its engines take other weights is a build choice (--refittable / --frozen)
-    needs: str = ""  # what it takes to run, for `fastsd info`
-    details: Callable[[], str] = lambda: ""  # what this installation has (versions, providers), for `fastsd info`
-    devices: tuple[str, ...] = ("cpu", "cuda")  # the device types its engines run on
-    other_suffixes: tuple[str, ...] = ()  # graph files it also loads (OpenVINO: a quantized network's IR)
     quantizes: tuple[str, ...] = ()  # the quantized precisions (engines.QUANTIZED) it builds
     preload: Callable[..., tuple | None] | None = None  # (path, device, dtype, record) -> (key, make): the engine
     # a runner of the entry's own weights would load, made ahead (backends/preload.py); None: not made ahead
+
+    name = property(lambda self: self.about.name)
+    suffix = property(lambda self: self.about.suffix)
+    other_suffixes = property(lambda self: self.about.other_suffixes)
+    unavailable = property(lambda self: self.about.unavailable)
+    details = property(lambda self: self.about.details)
+    needs = property(lambda self: self.about.needs)
+    build_command = property(lambda self: self.about.build_command)
+    devices = property(lambda self: self.about.devices)
 
 
 def export_module(name: str):

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import catalog
 from ..status import LONG_BYTES, file_bytes, say
 from . import preload
 from .kind import (
@@ -50,12 +51,7 @@ TENSORRT_EP_ENV = "FASTSD_ORT_TENSORRT"  # "1": ONNX Runtime's TensorRT executio
 CUDA, TENSORRT, CPU = "CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"
 
 
-def unavailable() -> str | None:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return "onnxruntime is not installed (pip install 'fastsd[onnx]')"
-    return None
+unavailable = catalog.ONNXRUNTIME.unavailable
 
 
 @lru_cache(maxsize=1)
@@ -351,14 +347,5 @@ def _build(opts: BuildOptions) -> Path:
         cpu_graph=opts.cpu_graph)
 
 
-def _details() -> str:
-    import onnxruntime
-
-    return f"onnxruntime {onnxruntime.__version__}, providers: {', '.join(onnxruntime.get_available_providers())}"
-
-
-KIND = EngineKind("onnxruntime", ".onnx", unavailable, lambda device: {}, _load, _build,
-                  build_command="fastsd export", builds_alone=True, refit_optional=False,
-                  needs="onnxruntime (CPU), or onnxruntime-gpu with CUDA / TensorRT execution providers; "
-                        "ONNX graphs from `fastsd export`",
-                  details=_details, preload=_preload)
+KIND = EngineKind(catalog.ONNXRUNTIME, lambda device: {}, _load, _build, builds_alone=True, refit_optional=False,
+                  preload=_preload)

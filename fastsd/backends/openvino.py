@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import catalog
 from ..status import LONG_BYTES, file_bytes, say
 from . import preload
 from .kind import (
@@ -47,35 +47,12 @@ log = logging.getLogger(__name__)
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}  # entry precision -> INFERENCE_PRECISION_HINT
 PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_core_lock = threading.Lock()
 _warned: set[str] = set()
 
 
-def unavailable() -> str | None:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return "openvino is not installed (pip install 'fastsd[openvino]')"
-    return None
-
-
-@lru_cache(maxsize=1)
-def core():
-    """The process's one OpenVINO Core (plugins load once)."""
-    import openvino as ov
-
-    return ov.Core()
-
-
-@lru_cache(maxsize=1)
-def cpu_facts() -> dict:
-    """The OpenVINO version and the CPU: its name and the precisions OpenVINO runs natively on it."""
-    import openvino as ov
-
-    with _core_lock:
-        c = core()
-        caps = sorted(c.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-        return {"openvino": ov.get_version(), "cpu": c.get_property("CPU", "FULL_DEVICE_NAME"), "cpu_caps": caps}
+unavailable = catalog.OPENVINO.unavailable
+core = catalog.openvino_core  # the process's one OpenVINO Core
+cpu_facts = catalog.openvino_cpu  # the OpenVINO version, the CPU and what it runs natively
 
 
 def has_bf16() -> bool:
@@ -253,21 +230,5 @@ def _build(opts: BuildOptions) -> Path:
         max_chunks=opts.max_chunks)
 
 
-def _details() -> str:
-    facts = cpu_facts()
-    try:
-        from importlib.metadata import version
-
-        int8 = f"nncf {version('nncf')}: int8 builds"
-    except ImportError:
-        int8 = "no nncf: no int8 builds"
-    return f"openvino {facts['openvino']}, {int8}, CPU: {facts['cpu']} ({', '.join(facts['cpu_caps'])})"
-
-
-KIND = EngineKind("openvino", ".onnx", unavailable, lambda device: {}, _load, _build,
-                  build_command="fastsd build --backend openvino", builds_alone=True, refit_optional=False,
-                  needs="openvino (pip install 'fastsd[openvino]'), on the CPU; compiles the ONNX graphs of "
-                        "`fastsd export` (exported first where missing); int8 entries also need nncf "
-                        "(pip install 'fastsd[int8]')",
-                  details=_details, devices=("cpu",), other_suffixes=(".xml",), quantizes=("int8",),
-                  preload=_preload)
+KIND = EngineKind(catalog.OPENVINO, lambda device: {}, _load, _build, builds_alone=True, refit_optional=False,
+                  quantizes=("int8",), preload=_preload)

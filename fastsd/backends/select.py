@@ -16,13 +16,13 @@ import torch
 
 from ..engines import (
     NOT_IN_ENTRY,
-    PRECISIONS,
     Profile,
     check_entry,
     compute_dtype,
     graph_file,
     kind_entries,
     manifest_problem,
+    precision_of,
     read_manifest,
     record_bytes,
     takes_weights_at_load,
@@ -62,7 +62,7 @@ def _engines(kind: EngineKind, fingerprint: str, specs: dict, device, dtype, eng
     `precision`: the entries' (a quantized one, e.g. int8), where it is not `dtype`'s name.
     `weights`: `base_weights`, for the engines that take them at load."""
     facts = {**facts, **kind.runtime_facts(device)}
-    precision = precision or PRECISIONS[dtype]
+    precision = precision or precision_of(dtype)
     entries = kind_entries(engine_dir, fingerprint, kind.name, precision)
     if not entries and loud:
         log.warning("%s: no %s entry for %s in %s; falling back to eager (build one with `%s`)",

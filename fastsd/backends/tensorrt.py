@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .. import catalog
 from ..devices import device_key
 from . import on_device
 from .cuda_graphs import capturing, stream_capturing
@@ -32,12 +33,7 @@ log = logging.getLogger(__name__)
 CAPTURE_AFTER = 2  # launches of a shape before its graph is captured (shape setup and tactics are warm)
 
 
-def unavailable() -> str | None:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "TensorRT engines need the tensorrt package and a CUDA device"
-    return None if torch.cuda.is_available() else "TensorRT engines need a CUDA device"
+unavailable = catalog.TENSORRT.unavailable
 
 
 def runtime_facts(device: torch.device) -> dict:
@@ -212,11 +208,7 @@ def _build(opts: BuildOptions) -> Path:
         progress=opts.progress, controlnets=opts.controlnets, ip_adapters=opts.ip_adapters, max_chunks=opts.max_chunks)
 
 
-KIND = EngineKind("tensorrt", ".plan", unavailable, runtime_facts,
+KIND = EngineKind(catalog.TENSORRT, runtime_facts,
                   lambda path, spec, device, dtype, profile, record=None: TrtRunner(path, spec, device, profile,
                                                                                     record=record), _build,
-                  build_command="fastsd export --dtype fp16, then fastsd build --backend tensorrt",
-                  builds_alone=False, refit_optional=True,
-                  needs="the tensorrt Python package (TensorRT 10+) and a CUDA GPU; engines are tied to the "
-                        "TensorRT version and GPU model",
-                  details=lambda: f"tensorrt {__import__('tensorrt').__version__}")
+                  builds_alone=False, refit_optional=True)

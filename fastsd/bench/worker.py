@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from ..backends.registry import ENGINE_KINDS
-from ..engines import PRECISIONS, QUANTIZED, compute_dtype
+from ..engines import QUANTIZED, compute_dtype, precision_of
 from ..schedulers import CLASS_OF, OPTIONS_OF, SAMPLERS
 from .config import BASELINE, GRAPHS, PROMPT, BenchConfig
 from .machine import ProcessMemory
@@ -93,7 +93,7 @@ class FastSDWorker:
 
         self.cfg, self.backend, self.notes, self.export_s, self.skip = cfg, backend, [], None, None
         self.device, self.dtype, self.pipe = device, dtype, None
-        self.precision = cfg.dtype if cfg.dtype in QUANTIZED else PRECISIONS[dtype]  # the engines' (int8: quantized)
+        self.precision = cfg.dtype if cfg.dtype in QUANTIZED else precision_of(dtype)  # the engines' (int8: quantized)
         self.ran: dict | None = None  # what ran each network in the last call
         self.ckpt = load_checkpoint(cfg.model)
         self.info = self.ckpt.info
