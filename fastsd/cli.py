@@ -36,6 +36,10 @@ LOAD_FLAGS = {"clip_skip": "--clip-skip", "prediction_type": "--prediction-type"
               "vae": "--vae", "controlnet": "--controlnet"}
 
 
+FALLBACK_HELP = ("with --backend KIND: run eager PyTorch (with a warning) where that kind has no engine for any "
+                 "network, instead of exiting with an error (auto always falls back)")
+
+
 def flag_label(name: str) -> str:
     """An argument as the CLI user typed it: a call argument's flag, else a load flag."""
     from .arguments import BY_NAME, label
@@ -92,12 +96,7 @@ def _generate_parser(sub_parser) -> None:
                         "would run for hours)")
     g.add_argument("--out", default="fastsd.png", help="output PNG; N images get -0, -1, ... suffixes")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    g.add_argument("--backend", default="auto", help=BACKEND_HELP)
-    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    g.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 | int8 (OpenVINO int8 entries)")
-    g.add_argument("--engine-dir", default=None,
-                   help="engine store (default: $FASTSD_ENGINE_DIR, else ~/.cache/fastsd/engines)")
-    g.add_argument("--variant", default=None, help="diffusers folder weight variant, e.g. fp16")
+    _runtime_flags(g)
     g.add_argument("--vae", default=None,
                    help="a VAE folder, .safetensors file or hub id replacing the checkpoint's (e.g. an fp16-safe "
                         "SD-XL VAE, or TAESD for a fast final decode)")
@@ -137,6 +136,17 @@ def _generate_parser(sub_parser) -> None:
                    help="capture each denoising step (UNet, CFG, sampler update) as a CUDA graph and replay it")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate)
+
+
+def _runtime_flags(g) -> None:
+    """What runs the model (generate and serve): backend, device, precision, store, variant."""
+    g.add_argument("--backend", default="auto", help=BACKEND_HELP)
+    g.add_argument("--allow-fallback", action="store_true", help=FALLBACK_HELP)
+    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    g.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 | int8 (OpenVINO int8 entries)")
+    g.add_argument("--engine-dir", default=None,
+                   help="engine store (default: $FASTSD_ENGINE_DIR, else ~/.cache/fastsd/engines)")
+    g.add_argument("--variant", default=None, help="diffusers folder weight variant, e.g. fp16")
 
 
 def _guide_flags(g) -> None:
@@ -265,11 +275,7 @@ def _serve_parser(sub_parser) -> None:
     v = sub_parser("serve", help="serve OpenAI's images API and AUTOMATIC1111's /sdapi/v1 over HTTP (dynamic "
                    "batching; Ray Serve with --ray)")
     v.add_argument("--model", required=True, help="as for generate")
-    v.add_argument("--backend", default="auto", help=BACKEND_HELP)
-    v.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    v.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 | int8 (OpenVINO int8 entries)")
-    v.add_argument("--engine-dir", default=None, help="engine store (as for generate)")
-    v.add_argument("--variant", default=None, help="diffusers folder weight variant, e.g. fp16")
+    _runtime_flags(v)
     v.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle checkpoints")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     v.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -575,7 +581,8 @@ def _load(args):
                                     prediction_type=args.prediction_type, clip_skip=args.clip_skip,
                                     variant=args.variant, vae=args.vae, controlnet=args.controlnet or None,
                                     max_side=args.max_side, lora_dir=args.lora_dir,
-                                    upscaler_dir=getattr(args, "upscaler_dir", None))
+                                    upscaler_dir=getattr(args, "upscaler_dir", None),
+                                    fallback=True if args.allow_fallback else None)
 
 
 def _load_loras(pipe, files: list[str]) -> list[dict]:
@@ -920,7 +927,8 @@ def cmd_serve(args) -> int:
             raise FastSDError(f"{flag} {folder}: no such folder")
     limits = Limits(max_n=args.max_n, max_side=args.max_side, max_steps=args.max_steps,
                     max_upload_bytes=int(args.max_upload_mb * 2**20))
-    options = ServeOptions(model=model, backend=args.backend, device=args.device, dtype=args.dtype,
+    options = ServeOptions(model=model, backend=args.backend, fallback=args.allow_fallback, device=args.device,
+                           dtype=args.dtype,
                            engine_dir=args.engine_dir, variant=args.variant, allow_pickle=args.allow_pickle,
                            max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
                            max_queue=args.max_queue, limits=limits, model_name=args.model_name,

@@ -38,6 +38,12 @@ class InvalidArgumentError(FastSDError, ValueError):
         return text if self.param is None else f"{label(self.param)} {text}"
 
 
+class EngineUnavailableError(FastSDError):
+    """An engine kind asked for by name (backend="onnxruntime", ...) has no engine that serves
+    any network of the checkpoint here, and running eager PyTorch instead was not allowed
+    (from_pretrained(fallback=True), the CLI's --allow-fallback)."""
+
+
 class ImageError(FastSDError):
     """An input image or mask that cannot be read."""
 

@@ -90,7 +90,8 @@ def from_pretrained(cls, model: str, backend: str = "auto", device: str | None =
                     safety_checker=None, requires_safety_checker: bool | None = None,
                     feature_extractor=None, use_safetensors: bool | None = None,
                     local_files_only: bool = False, vae=None, preview_vae=None, controlnet=None,
-                    max_side: int | None = MAX_SIDE, lora_dir=None, upscaler_dir=None, **unsupported):
+                    max_side: int | None = MAX_SIDE, lora_dir=None, upscaler_dir=None, fallback: bool | None = None,
+                    **unsupported):
     """Load `model` (see the README). `allow_pickle` permits .ckpt/.bin files;
     `prediction_type` ("epsilon" | "v_prediction") overrides the checkpoint's scheduler
     config, for single files whose config cannot be known (SD 2.x 512-base vs 768-v);
@@ -108,7 +109,10 @@ def from_pretrained(cls, model: str, backend: str = "auto", device: str | None =
     `max_side`: the pixels a side a call may ask for (None: no limit); `lora_dir`: the folder
     (searched below too) whose NAME.safetensors files `<lora:NAME:W>` prompt tags name, with
     prompt_syntax="a1111"; `upscaler_dir`: the folder whose upscaler models (ESRGAN, ...)
-    hires_fix's hr_upscaler names by file stem; others raise InvalidArgumentError."""
+    hires_fix's hr_upscaler names by file stem; `fallback`: whether a backend that serves no
+    network here runs eager PyTorch (with a warning) or raises EngineUnavailableError (None:
+    True for "auto", False for an engine kind asked for by name, so a script that asks for
+    onnxruntime never measures eager unawares); others raise InvalidArgumentError."""
     dev, dtype = _check_loading(backend, device, dtype, torch_dtype, cuda_graphs, variant, allow_pickle,
                                 use_safetensors, safety_checker, feature_extractor, unsupported)
     check_memory(memory)
@@ -119,12 +123,15 @@ def from_pretrained(cls, model: str, backend: str = "auto", device: str | None =
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise InvalidArgumentError(f"must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}",
                                    "prediction_type")
+    if fallback is not None and not isinstance(fallback, bool):
+        raise InvalidArgumentError(f"must be True, False or None, got {fallback!r}", "fallback")
+    fallback = backend in ("auto", "eager") if fallback is None else fallback
     store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
     preloading = _load_ahead(model, backend, dev, dtype, store, clip_skip, allow_pickle, variant, vae)
     try:
         return _from_pretrained(cls, model, backend, dev, dtype, store, allow_pickle, prediction_type, clip_skip,
                                 memory, cuda_graphs, variant, local_files_only, vae, preview_vae, controlnet,
-                                max_side, lora_dir, upscaler_dir)
+                                max_side, lora_dir, upscaler_dir, fallback)
     finally:
         if preloading is not None:
             preloading.release()
@@ -147,7 +154,7 @@ def _load_ahead(model, backend: str, dev: torch.device, precision: str, store: P
 
 def _from_pretrained(cls, model, backend, dev, dtype, store, allow_pickle, prediction_type, clip_skip, memory,
                      cuda_graphs, variant, local_files_only, vae, preview_vae, controlnet, max_side, lora_dir,
-                     upscaler_dir):
+                     upscaler_dir, fallback):
     ckpt = load_checkpoint(model, allow_pickle=allow_pickle, variant=variant, local_files_only=local_files_only,
                            vae=vae)
     check_clip_skip(ckpt, clip_skip)
@@ -160,7 +167,8 @@ def _from_pretrained(cls, model, backend, dev, dtype, store, allow_pickle, predi
     def remake(dev: torch.device, precision: str, graphs: bool, slicing: bool) -> Backend:
         check_quantized(precision, backend, dev)
         return make_backend(ckpt, family, backend, dev, compute_dtype(precision), store, clip_skip, graphs,
-                            attention_slicing=slicing, vae_fp32=vae_fp32, precision=precision, weights=weights)
+                            attention_slicing=slicing, vae_fp32=vae_fp32, precision=precision, weights=weights,
+                            fallback=fallback)
 
     pipe = cls(ckpt, remake(dev, dtype, cuda_graphs, bool(memory and memory.attention_slicing)), dev,
                compute_dtype(dtype), memory, cuda_graphs, family)

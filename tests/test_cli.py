@@ -290,6 +290,19 @@ def test_cheap_checks_come_before_the_model_loads(model, tmp_path, monkeypatch, 
         assert "--" in capsys.readouterr().err.split("error: ", 1)[1]
 
 
+def test_explicit_backend_without_engines(model, tmp_path, capsys, caplog):
+    """--backend onnxruntime with no engine for the checkpoint: one line and exit 2 (no image,
+    no eager run); --allow-fallback runs eager with the warning; auto falls back by itself."""
+    store = ["--engine-dir", str(tmp_path / "store")]
+    assert main(gen(model, tmp_path / "a.png", "--backend", "onnxruntime", *store)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fastsd: error: backend='onnxruntime' serves no network" in err
+    assert "--allow-fallback" in err and not (tmp_path / "a.png").exists()
+    assert main(gen(model, tmp_path / "b.png", "--backend", "onnxruntime", "--allow-fallback", *store)) == 0
+    assert "falling back to eager" in caplog.text and "unet=eager" in capsys.readouterr().out
+    assert main(gen(model, tmp_path / "c.png", *store)) == 0
+
+
 def test_api_names_become_flags():
     """Errors carry the argument; the CLI names it by the flag (no message parsing)."""
     from fastsd.cli import flag_label

@@ -166,7 +166,7 @@ def test_auto_picks_onnxruntime_when_engines_exist(ckpts, store):
 
 
 def test_missing_engines_fall_back(ckpts, tmp_path, caplog):
-    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(tmp_path))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(tmp_path), fallback=True)
     out = pipe("a", num_inference_steps=2, output_type="np")
     assert set(out.backends.values()) == {"eager"}
     assert "no fp32 entry for this checkpoint" in caplog.text
@@ -191,7 +191,7 @@ def test_other_checkpoint_gets_its_own_entry(ckpts, eps_onnx, tmp_path):
     # an entry moved under another checkpoint's fingerprint is refused
     shutil.rmtree(b_dir)
     shutil.copytree(a_dir, b_dir)
-    pipe = Pipeline.from_pretrained(str(other), backend="onnxruntime", engine_dir=str(store))
+    pipe = Pipeline.from_pretrained(str(other), backend="onnxruntime", engine_dir=str(store), fallback=True)
     assert set(pipe.backend.backends.values()) == {"eager"}
 
 
@@ -216,9 +216,10 @@ def test_manifest_without_clip_skip_means_zero(ckpts, tmp_path):
     manifest = json.loads((entry / "manifest.json").read_text())
     del manifest["clip_skip"]
     (entry / "manifest.json").write_text(json.dumps(manifest))
-    assert Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store)
+    assert Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store), fallback=True
                                     ).backend.backends["text_encoder"] == "onnxruntime"
-    assert Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store), clip_skip=1
+    assert Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime",
+                                    engine_dir=str(store), fallback=True, clip_skip=1
                                     ).backend.backends["text_encoder"] == "eager"
 
 
@@ -227,7 +228,7 @@ def test_other_fastsd_version_refused(ckpts, tmp_path):
     entry = export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("text_encoder",))
     manifest = json.loads((entry / "manifest.json").read_text())
     (entry / "manifest.json").write_text(json.dumps({**manifest, "fastsd": "0.0.1"}))
-    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store), fallback=True)
     assert pipe.backend.backends["text_encoder"] == "eager"
 
 
@@ -245,7 +246,7 @@ def test_interrupted_export_leaves_nothing(ckpts, tmp_path, monkeypatch):
         export_checkpoint(str(ckpts["eps"]), engine_dir=store)
     leftovers = [p for p in store.rglob("*") if p.is_file()]
     assert leftovers == []
-    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store), fallback=True)
     assert set(pipe.backend.backends.values()) == {"eager"}
 
 
@@ -437,10 +438,12 @@ def test_cli_export_list_prune(ckpts, tmp_path, capsys):
 def test_clip_skip_entries(ckpts, tmp_path):
     store = tmp_path / "engines"
     export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("text_encoder",))
-    skip1 = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store), clip_skip=1)
+    skip1 = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime",
+                                     engine_dir=str(store), fallback=True, clip_skip=1)
     assert skip1.backend.backends["text_encoder"] == "eager"  # the entry holds clip_skip 0
     export_checkpoint(str(ckpts["eps"]), engine_dir=store, networks=("text_encoder",), clip_skip=1)
-    skip1 = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store), clip_skip=1)
+    skip1 = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime",
+                                     engine_dir=str(store), fallback=True, clip_skip=1)
     eager = Pipeline.from_pretrained(str(ckpts["eps"]), backend="eager", clip_skip=1)
     embeds = skip1.family.text_inputs("text_encoder", torch.randint(0, 500, (2, 77)))["inputs_embeds"]
     assert skip1.backend.backends["text_encoder"] == "onnxruntime"
@@ -521,7 +524,7 @@ def test_provider_fallback_runs_eager(ckpts, store, monkeypatch, caplog):
 
     chain = [("CUDAExecutionProvider", {"device_id": "0", "user_compute_stream": "1234"}), "CPUExecutionProvider"]
     monkeypatch.setattr(ort_kind, "providers_for", lambda device, **kw: chain)
-    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store), fallback=True)
     out = pipe("a fox", num_inference_steps=2, output_type="latent", seed=0)
     assert set(out.backends.values()) == {"eager"}
     assert "instead of CUDAExecutionProvider" in caplog.text

@@ -164,9 +164,23 @@ def test_nine_channel_txt2img_and_img2img(pipes, init_image):
 
 
 def test_engine_backend_falls_back_to_eager(ckpts, caplog, tmp_path):
+    """An engine kind asked for by name that serves no network is an error (a script asking
+    for onnxruntime never measures eager unawares); with fallback=True it runs eager PyTorch,
+    with a warning; "auto" falls back by itself."""
+    from fastsd.errors import EngineUnavailableError
+
+    with pytest.raises(EngineUnavailableError, match="backend='onnxruntime' serves no network of this checkpoint: "
+                       "no usable engine .* fallback=True"):
+        Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", device="cpu", engine_dir=str(tmp_path))
+    with pytest.raises(EngineUnavailableError, match="TensorRT engines need"):
+        Pipeline.from_pretrained(str(ckpts["eps"]), backend="tensorrt", device="cpu", engine_dir=str(tmp_path))
+    with pytest.raises(InvalidArgumentError, match="fallback must be True, False or None"):
+        Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(tmp_path), fallback="yes")
+    assert set(Pipeline.from_pretrained(str(ckpts["eps"]), backend="auto", engine_dir=str(tmp_path)).backend
+               .backends.values()) == {"eager"}
     with caplog.at_level(logging.WARNING):
         pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", device="cpu",
-                                        engine_dir=str(tmp_path))
+                                        engine_dir=str(tmp_path), fallback=True)
     assert "falling back to eager" in caplog.text
     assert set(pipe("a", **FAST).backends.values()) == {"eager"}
 

@@ -67,7 +67,8 @@ def test_nothing_is_made_ahead_for_other_settings(ckpts, eps_onnx, tmp_path, mon
     where = made_where(monkeypatch, ort_kind, "new_session")
     after_preload(monkeypatch)
     Pipeline.from_pretrained(str(ckpts["eps"]), backend="eager", engine_dir=str(store))
-    Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store), dtype="bf16")
+    Pipeline.from_pretrained(str(ckpts["eps"]), backend="onnxruntime", engine_dir=str(store), fallback=True,
+                             dtype="bf16")
     assert "fastsd-preload" not in where
 
 

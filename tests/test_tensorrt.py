@@ -83,7 +83,8 @@ def test_without_tensorrt(ckpts, tmp_path, caplog, capsys):
         pytest.skip("tensorrt is installed")
     except ImportError:
         pass
-    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="tensorrt", device="cpu", engine_dir=str(tmp_path))
+    pipe = Pipeline.from_pretrained(str(ckpts["eps"]), backend="tensorrt", device="cpu", engine_dir=str(tmp_path),
+                                    fallback=True)
     assert set(pipe.backend.backends.values()) == {"eager"}
     assert "need the tensorrt package" in caplog.text
     assert main(["build", "--model", str(ckpts["eps"]), "--backend", "tensorrt", "--engine-dir", str(tmp_path)]) == 2

@@ -28,6 +28,7 @@ from ..engines import (
     takes_weights_at_load,
     weights_at_load,
 )
+from ..errors import EngineUnavailableError
 from ..hashing import prefetch
 from ..networks import NETWORKS, record_ip_inputs, weights_of
 from ..phases import ENGINE_FILES, phase
@@ -183,14 +184,29 @@ def ahead(fingerprint: str, backend: str, device: torch.device, precision: str, 
     return [job for _, job in sorted(jobs, key=lambda j: -j[0]) if job is not None]
 
 
+def _no_engine(backend: str, device: torch.device, engine_dir: Path) -> str:
+    """Why `backend` serves no network here, and what to do."""
+    kinds = tuple(ENGINE_KINDS.values()) if backend == "auto" else (ENGINE_KINDS[backend],)
+    whys = [kind.unavailable() or (None if device.type in kind.devices else
+                                   f"its engines run on the {' or '.join(kind.devices)}, not {device.type}")
+            for kind in kinds]
+    why = next((w for w in whys if w), None) or (
+        f"no usable engine for this checkpoint in {engine_dir} (built by `{kinds[0].build_command}`; "
+        "the warnings above say why an entry was not used)")
+    return (f"backend={backend!r} serves no network of this checkpoint: {why}. Pass fallback=True "
+            "(CLI: --allow-fallback) to run eager PyTorch instead")
+
+
 def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
                  clip_skip: int = 0, cuda_graphs: bool = False, attention_slicing: bool = False,
-                 vae_fp32: Fp32VaeDecoder | None = None, precision: str | None = None, weights: dict | None = None):
+                 vae_fp32: Fp32VaeDecoder | None = None, precision: str | None = None, weights: dict | None = None,
+                 fallback: bool = True):
     """The backend for `backend` ("auto", "eager" or an engine kind's name) over the
     networks of the checkpoint's model `family`. `vae_fp32`: the pipeline's fp32 VAE decoder
     (one is made here, from the checkpoint's weights before any cast, where none is given);
     `precision`: the engines' where it is a quantized one, `weights`: the networks' weights as
-    loaded (see candidates)."""
+    loaded (see candidates); `fallback`: False refuses a backend where no engine serves any network
+    (EngineUnavailableError) rather than running every network in eager PyTorch."""
     vae_fp32 = vae_fp32 or Fp32VaeDecoder(ckpt.as_loaded("vae"))
 
     def make_eager():
@@ -215,5 +231,7 @@ def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.
                     "with `fastsd export --model ...` or `fastsd build`)", engine_dir, ", ".join(missing),
                     "it" if len(missing) == 1 else "them")
     if not any(engines.values()):
+        if not fallback:
+            raise EngineUnavailableError(_no_engine(backend, device, engine_dir))
         return make_eager()
     return CompositeBackend(engines, make_eager, vae_fp32, clip_skip, family.networks)

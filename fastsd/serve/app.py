@@ -54,6 +54,7 @@ class ServeOptions:
 
     model: str
     backend: str = "auto"
+    fallback: bool = False  # an engine kind by name with no engine here: eager PyTorch (True) or an error
     device: str | None = None
     dtype: str | None = None
     engine_dir: str | None = None
@@ -93,7 +94,8 @@ class ServeOptions:
                                         engine_dir=self.engine_dir, variant=self.variant,
                                         allow_pickle=self.allow_pickle, controlnet=list(self.controlnets) or None,
                                         max_side=self.limits.max_side, lora_dir=self.lora_dir,
-                                        upscaler_dir=self.upscaler_dir, preview_vae=self.preview_vae)
+                                        upscaler_dir=self.upscaler_dir, preview_vae=self.preview_vae,
+                                        fallback=True if self.fallback else None)
         if self.ip_adapters:
             pipe.load_ip_adapter(list(self.ip_adapters), allow_pickle=self.allow_pickle)
         modules = pipe.family.modules(pipe.ckpt)
