@@ -632,7 +632,7 @@ def cmd_generate(args) -> int:
         "denoising_strength": args.hires_strength}
     if hires:
         _check_hires(pipe, hires)
-    bar = None if args.no_progress else _Bar(None if hires else req.loop_steps)
+    bar = None if args.no_progress else _Bar(None if hires else req)
     on_step_end = None
     if bar or preview:
         def on_step_end(_pipe, step, t, kwargs):
@@ -773,17 +773,22 @@ def _argv_text(text: str | None) -> str | None:
 
 
 class _Bar:
-    """A tqdm bar opened on the first step, so input errors never leave an empty bar."""
+    """A tqdm bar opened on the first step, so input errors never leave an empty bar. It counts
+    the sampler's steps, as diffusers' bar does (`--steps 20` under PNDM: 20, not its 21 UNet
+    calls; Heun: a step per two calls), from the UNet calls made (`req.steps_done`); a hires
+    fix's two passes (no request known ahead) count UNet calls."""
 
-    def __init__(self, total: int):
-        self.total, self.bar = total, None
+    def __init__(self, req=None):
+        self.req, self.calls, self.bar = req, 0, None
 
     def update(self):
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, desc="denoising", unit="step", file=sys.stderr, leave=False)
-        self.bar.update(1)
+            total = None if self.req is None else self.req.sampler_steps
+            self.bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr, leave=False)
+        self.calls += 1
+        self.bar.update((self.calls if self.req is None else self.req.steps_done(self.calls)) - self.bar.n)
 
     def close(self):
         if self.bar is not None:

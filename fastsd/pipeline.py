@@ -148,11 +148,9 @@ class Pipeline(DiffusersSurface, LoraMethods, ImagePromptMethods, EmbeddingMetho
         tags = self._prompt_loras(values)  # a1111: <lora:NAME:W> tags cut out of the texts
         req, text_encoders = self._request(values)
         gen, seed = self._generator(values["generator"], values["seed"], req.batch)
-        total = req.loop_steps
         preview = self._check_preview(preview_every, callback_on_step_end)
         step_callback, bar = self._step_callback(callback, callback_steps, callback_on_step_end,
-                                                 callback_on_step_end_tensor_inputs, total,
-                                                 SAMPLERS[req.scheduler].order, preview)
+                                                 callback_on_step_end_tensor_inputs, req, preview)
         try:
             with self._lora_state(tags), on_work_stream(self.device):  # on CUDA: fastsd's one work stream
                 out = self._generate(Call(req, gen, text_encoders, preview=preview), step_callback)

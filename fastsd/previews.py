@@ -10,6 +10,7 @@ import torch
 
 from . import images as imgs
 from .errors import InvalidArgumentError
+from .schedulers import SAMPLERS
 
 
 @dataclass
@@ -61,24 +62,25 @@ class Previews:
             images = self._preview((x0 / scale + shift).to(self.device, self.dtype)).float()
         return imgs.to_pil(imgs.to_numpy((images / 2 + 0.5).clamp(0, 1)))
 
-    def _step_callback(self, callback, callback_steps, on_step_end, tensor_inputs, total: int, order: int = 1,
-                       preview: Preview | None = None):
+    def _step_callback(self, callback, callback_steps, on_step_end, tensor_inputs, req, preview: Preview | None = None):
         """One per-step callback of the loop, callback(k, t, latents) -> new latents or None,
         from diffusers' two kinds: the legacy callback(step, t, latents) every `callback_steps`
         loop steps that complete a sampler step (Heun: every second UNet call, step = k // 2),
         and callback_on_step_end(pipe, k, t, {"latents": ...}) -> dict after every UNet call,
-        whose "latents" replace the loop's. Also returns the progress bar (None unless enabled)."""
+        whose "latents" replace the loop's. Also returns the progress bar (None unless enabled),
+        which counts the sampler's steps (req.sampler_steps), as diffusers' does, not UNet calls."""
+        total, order = req.loop_steps, SAMPLERS[req.scheduler].order
         names = [tensor_inputs] if isinstance(tensor_inputs, str) else list(tensor_inputs or ())
         if any(n != "latents" for n in names):
             raise InvalidArgumentError(f"callback_on_step_end_tensor_inputs: fastsd passes only 'latents', "
                                        f"not {', '.join(repr(n) for n in names if n != 'latents')}")
-        bar = self._progress_bar(total)
+        bar = self._progress_bar(req.sampler_steps)
         if callback is None and on_step_end is None and bar is None:
             return None, None
 
         def step_callback(k, t, latents, x0=None):
             if bar is not None:
-                bar.update(1)
+                bar.update(req.steps_done(k + 1) - bar.n)
             completes = (k + 1) % order == 0 or k == total - 1
             if callback is not None and completes and k % callback_steps == 0:
                 callback(k // order, t, latents)

@@ -111,6 +111,16 @@ class Request:
         return SAMPLERS[self.scheduler].loop_steps(self.steps) - self.start
 
     @property
+    def sampler_steps(self) -> int:
+        """The sampler's steps the loop runs, as diffusers' progress bar counts them: `steps`, or
+        fewer for img2img; PNDM's extra first call and Heun's second calls are not steps."""
+        return max(self.steps - self.start // SAMPLERS[self.scheduler].order, 1)
+
+    def steps_done(self, calls: int) -> int:
+        """The sampler steps done after `calls` UNet calls of the loop (0 .. sampler_steps)."""
+        return calls * self.sampler_steps // self.loop_steps
+
+    @property
     def start(self) -> int:
         """The schedule index the loop starts at (img2img / inpaint: past the first steps)."""
         return start_index(self.scheduler, self.steps, self.strength, self.guidance_embedded)

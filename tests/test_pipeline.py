@@ -270,3 +270,23 @@ def test_call_signature_is_the_table():
     names = [n for n, p in params.items() if n != "self" and p.kind != p.VAR_KEYWORD]
     assert names == [a.name for a in ARGS]
     assert {n: params[n].default for n in names} == {a.name: a.api_default for a in ARGS}
+
+
+def test_progress_counts_sampler_steps(pipe, init_image, capsys):
+    """The progress bar counts the sampler's steps, as diffusers' does: PNDM's 6 UNet calls
+    for 5 steps show 5/5, Heun's 9 calls 5/5, img2img at strength 0.5 of 10 steps 5/5."""
+    for kwargs, calls, steps in ((dict(scheduler="pndm"), 6, 5), (dict(scheduler="heun"), 9, 5),
+                                 (dict(scheduler="euler"), 5, 5),
+                                 (dict(scheduler="pndm", image=init_image, strength=0.5,
+                                       num_inference_steps=10), 6, 5)):
+        req = pipe.check_call("a", **{"num_inference_steps": 5, **kwargs})
+        assert (req.loop_steps, req.sampler_steps) == (calls, steps), kwargs
+        done = [req.steps_done(c) for c in range(calls + 1)]
+        assert done[0] == 0 and done[-1] == steps and done == sorted(done), kwargs
+    pipe.set_progress_bar_config(disable=False)
+    try:
+        pipe("a", num_inference_steps=5, scheduler="pndm", output_type="np")
+    finally:
+        pipe.set_progress_bar_config(disable=True)
+    err = capsys.readouterr().err
+    assert "5/5" in err and "/6" not in err and "6/" not in err, err

@@ -8,7 +8,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -468,6 +470,58 @@ class _SlowLoad(ServeOptions):
     def load(self):
         assert self.gate.wait(60)
         return super().load()
+
+
+def test_access_lines_request_ids_and_large_size_warnings(server, caplog):
+    """One access line per request (id, endpoint, size, n, steps, status, queue and run time),
+    the id echoed in X-Request-Id (the client's own kept); /healthz polls only at debug; a size
+    far above the checkpoint's native one is warned of, with its time estimated from the pace
+    measured on earlier batches."""
+    caplog.set_level(logging.INFO, logger="fastsd.serve")
+    body = json.dumps({"prompt": "x", "size": "64x64", "num_inference_steps": 3}).encode()
+    req = urllib.request.Request(server.url + "/v1/images/generations", data=body, method="POST",
+                                 headers={"Content-Type": "application/json", "X-Request-Id": "abc-123"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.status == 200 and r.headers["x-request-id"] == "abc-123"
+    status, _ = http(server.url + "/healthz")
+    assert status == 200
+    bad = http(server.url + "/v1/images/generations", "POST", b'{"prompt": "x", "size": "7x7"}',
+               {"Content-Type": "application/json"})
+    assert bad[0] == 400
+    lines = [r.getMessage() for r in caplog.records if r.name == "fastsd.serve" and " -> " in r.getMessage()]
+    ok = next(x for x in lines if x.startswith("fastsd serve: abc-123 POST /v1/images/generations "))
+    assert re.fullmatch(r"fastsd serve: abc-123 POST /v1/images/generations 64x64 n=1 steps=3 -> 200 "
+                        r"queue \d+\.\d\ds run \d+\.\d\ds total \d+\.\d\ds", ok), ok
+    assert any(re.fullmatch(r"fastsd serve: [0-9a-f]{12} POST /v1/images/generations -> 400 total .*", x)
+               for x in lines), lines
+    assert not any("/healthz" in x for x in lines)  # polled: debug only
+
+    caplog.clear()
+    pace = server.app.state.fastsd.pace
+    assert pace.per_step is not None and pace.pixels <= 64 * 64  # measured on the batches
+    client(server.url).images.generate(prompt="x", size="256x256", extra_body={"num_inference_steps": 1})
+    warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert re.search(r"a 256x256 request is 64x the checkpoint's native 32x32 pixels: about \d+\.\d minutes "
+                     r"of denoising at this server's measured pace \(1 steps, 1 image\(s\)\)", warning), warning
+
+
+def test_a_cancelled_batch_stops_at_the_next_unet_call(ckpts, pipe, monkeypatch):
+    """A batch whose every client went away stops after the UNet call running when it was
+    noticed, whatever the sampler (Heun's legacy callback comes only every second call)."""
+    from fastsd.serve.api import ImageRequest
+    from fastsd.serve.app import _State
+    from fastsd.serve.batcher import Cancelled, Job, Slot
+
+    state = _State(ServeOptions(model=str(ckpts["eps"])), pipe, None)
+    calls = []
+    unet = pipe.backend.unet
+    monkeypatch.setattr(pipe.backend, "unet", lambda **kw: calls.append(1) or unet(**kw))
+    req = ImageRequest(prompt="x", negative_prompt=None, n=1, width=None, height=None, seed=1,
+                       settings=(("num_inference_steps", 6), ("scheduler", "heun")), output_format="png",
+                       output_compression=100)
+    with pytest.raises(Cancelled):
+        state._run_batch([Slot(Job("k", 1, req), 0)], stopped=lambda: len(calls) >= 1)
+    assert len(calls) == 1
 
 
 def test_503_while_loading_then_ready(ckpts):

@@ -26,6 +26,7 @@ from ..errors import FastSDError, ImageError, InvalidArgumentError
 from ..version import __version__
 from .a1111 import ENDPOINTS as A1111_ENDPOINTS
 from .a1111 import register as register_a1111
+from .access import Pace, access_line, request_id, warn_if_large
 from .api import (
     APIError,
     ImageRequest,
@@ -152,6 +153,7 @@ class _State:
                                options.max_queue, on_batch=self._on_batch)
         self.metrics = _Metrics(self.batcher, options.max_batch)
         self.progress = Progress()
+        self.pace = Pace()  # seconds per UNet step, measured on the batches: estimates a large request's time
         self.a1111 = None  # the web UI's options (fastsd/serve/a1111.py), once the model is loaded
 
     # ---- model -----------------------------------------------------------------------
@@ -183,13 +185,23 @@ class _State:
         """What must match for requests to share a UNet batch: the call arguments the table
         marks as batch keys, the size they resolve to, the LoRAs (a batch runs on one set of
         weights), how many control images and the image prompts."""
-        w, h = req.width, req.height
-        if req.image is not None and w is None:
-            w, h = req.image.size
-        elif req.control_image and w is None:  # txt2img with a ControlNet: the control image's size
-            w, h = req.control_image[0].size
+        w, h = self.given_size(req)
         return (req.mode, w, h, req.settings, req.loras, req.lora_tags, len(req.control_image), req.hires,
                 req.ip_key)
+
+    @staticmethod
+    def given_size(req: ImageRequest) -> tuple[int | None, int | None]:
+        """The (width, height) a request asks for, or its image's (None, None: the checkpoint's)."""
+        if req.image is not None and req.width is None:
+            return req.image.size
+        if req.control_image and req.width is None:  # txt2img with a ControlNet: the control image's size
+            return req.control_image[0].size
+        return req.width, req.height
+
+    def size(self, req: ImageRequest) -> tuple[int, int]:
+        w, h = self.given_size(req)
+        native = self.pipe.info.default_size
+        return (w or native, h or native)
 
     def check(self, req: ImageRequest) -> None:
         """The pipeline's own checks, on the batch this request may be part of."""
@@ -226,6 +238,10 @@ class _State:
         """Check and queue a request, wait for its images (None for any an interrupt or skip
         dropped); a client that goes away cancels it."""
         self.check(req)
+        (w, h), steps = self.size(req), self._steps(req)
+        facts = request.scope.setdefault("fastsd", {})  # the access line's (fastsd/serve/access.py)
+        facts.update(size=(w, h), n=req.n, steps=steps)
+        warn_if_large(w, h, self.pipe.info.default_size, steps, req.n, self.pace)
         job = Job(self.key(req), req.n, req)
         task = asyncio.ensure_future(self.batcher.submit(job))
         try:
@@ -256,6 +272,7 @@ class _State:
                            code="internal_error") from None
         if job.started is not None:
             self.metrics.stage.labels("queue").observe(job.started - job.arrival)
+            facts.update(queue=job.started - job.arrival, run=time.monotonic() - job.started)
         return images
 
     def _run_batch(self, slots: list[Slot], stopped: Callable[[], bool]) -> tuple[list, dict]:
@@ -271,17 +288,18 @@ class _State:
         progress = self.progress.begin(slots, self._steps(first))
 
         def step(k, t, latents):
-            if stopped():
-                raise Cancelled()
             progress.step()
 
-        def on_step_end(_pipe, k, t, kwargs):
+        def on_step_end(_pipe, k, t, kwargs):  # after every UNet call (Heun's half steps too)
+            if stopped():  # every client of the batch went away: stop before the next UNet call or the decode
+                raise Cancelled()
             if "preview" in kwargs:
                 progress.preview = kwargs["preview"][0]
             return {}
 
-        previews = {} if self.pipe.preview_vae is None else {"preview_every": self.options.preview_every,
-                                                             "callback_on_step_end": on_step_end}
+        previews = {"callback_on_step_end": on_step_end}
+        if self.pipe.preview_vae is not None:
+            previews["preview_every"] = self.options.preview_every
         run = self.pipe if first.hires is None else partial(self.pipe.hires_fix, **first.hires.call_kwargs(len(reqs)))
         try:  # from here on the progress is this batch's until it ends, however it ends
             out = run([r.prompt for r in reqs], negative_prompt=[r.negative_prompt or "" for r in reqs],
@@ -292,6 +310,8 @@ class _State:
                       **first.control_kwargs([r.control_image for r in reqs]), **first.ip_kwargs(), **previews)
         finally:
             self.progress.end()
+        if out.images and "unet_per_step" in out.timings:
+            self.pace.record(out.timings["unet_per_step"], len(slots), *out.images[0].size)
         return out.images, out.timings
 
     def _steps(self, req: ImageRequest) -> int:
@@ -375,20 +395,23 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"]
+        path, t0 = scope["path"], time.perf_counter()
         endpoint = path if path in self.endpoints else "other"
         status = {"code": 500}
+        headers = dict(scope.get("headers") or [])
+        facts = scope.setdefault("fastsd", {})
+        facts["id"] = request_id(headers)
 
         async def send_counted(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                extra = [(b"x-request-id", facts["id"].encode())]
                 if self.state.replica:
-                    message = dict(message, headers=[*message.get("headers", []),
-                                                     (b"x-fastsd-replica", self.state.replica.encode())])
+                    extra.append((b"x-fastsd-replica", self.state.replica.encode()))
+                message = dict(message, headers=[*message.get("headers", []), *extra])
             await send(message)
 
         limit = self._limit(path)
-        headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         auth = self.state.options.auth
         try:
@@ -417,6 +440,7 @@ class _Guard:
             await self.app(scope, receive_capped, send_counted)
         finally:
             self.state.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            access_line(scope.get("method", "-"), path, status["code"], time.perf_counter() - t0, facts)
 
 
 async def _drain(receive, budget: int) -> None:
