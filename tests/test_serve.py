@@ -524,12 +524,16 @@ def test_a_cancelled_batch_stops_at_the_next_unet_call(ckpts, pipe, monkeypatch)
     assert len(calls) == 1
 
 
-def test_503_while_loading_then_ready(ckpts):
+def test_503_while_loading_then_ready(ckpts, caplog):
+    """Requests get 503 while the model loads; the log says it is loading, then what loaded and
+    in how long."""
+    caplog.set_level(logging.INFO, logger="fastsd.serve")
     options = _SlowLoad(model=str(ckpts["eps"]), device="cpu")
     running = Running(create_app(options))
     try:
         status, body = http(running.url + "/healthz")
         assert status == 503 and body["status"] == "loading"
+        assert f"fastsd serve: loading {ckpts['eps']} (backend auto)" in caplog.text
         with pytest.raises(openai.InternalServerError) as e:  # the openai client's class for 503
             client(running.url).images.generate(prompt="x")
         assert e.value.status_code == 503 and "loading" in e.value.message
@@ -539,6 +543,7 @@ def test_503_while_loading_then_ready(ckpts):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert len(client(running.url).images.generate(prompt="x", extra_body={"num_inference_steps": 2}).data) == 1
+        assert re.search(rf"fastsd serve: {re.escape(str(ckpts['eps']))} loaded in \d+\.\ds \(backends: ", caplog.text)
     finally:
         running.stop()
 

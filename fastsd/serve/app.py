@@ -98,8 +98,11 @@ class ServeOptions:
                                         upscaler_dir=self.upscaler_dir, preview_vae=self.preview_vae,
                                         fallback=True if self.fallback else None)
         if self.ip_adapters:
+            log.info("fastsd serve: loading IP-Adapters %s", ", ".join(self.ip_adapters))
             pipe.load_ip_adapter(list(self.ip_adapters), allow_pickle=self.allow_pickle)
         modules = pipe.family.modules(pipe.ckpt)
+        if self.loras:
+            log.info("fastsd serve: checking LoRAs %s against the model", ", ".join(n for n, _ in self.loras))
         for name, path in self.loras:  # a LoRA that does not fit the model fails the start, not a request
             read_lora(path, modules, name, 1.0)
         for path in embedding_files(self.embeddings_dir, self.allow_pickle):
@@ -159,9 +162,12 @@ class _State:
     # ---- model -----------------------------------------------------------------------
 
     async def load(self, background: bool) -> None:
+        t0 = time.perf_counter()
+        log.info("fastsd serve: loading %s (backend %s); requests get 503 \"model_loading\" until it is ready",
+                 self.options.model, self.options.backend)
         try:
             self.pipe = await asyncio.to_thread(self.options.load)
-            log.info("fastsd serve: %s loaded (backends: %s)", self.options.model,
+            log.info("fastsd serve: %s loaded in %.1fs (backends: %s)", self.options.model, time.perf_counter() - t0,
                      ", ".join(f"{k}={v}" for k, v in self.pipe.backend.backends.items()))
         except BaseException as e:  # noqa: BLE001 - reported on /healthz and to the runner
             self.error = e
