@@ -32,6 +32,7 @@ from fastsd.backends.kind import WEIGHTS_BY_NAME
 from fastsd.engines import CPU_GRAPH, MAX_CHUNKS, WEIGHTS_AT_LOAD, Profile, read_manifest, refit_source, shared_files
 from fastsd.errors import InvalidArgumentError
 from fastsd.networks import FLOAT32, NetworkSpec, weights_of
+from fastsd.status import LONG_BYTES, file_bytes, say
 
 from .common import (
     GIVEN_AT_LOAD,
@@ -77,6 +78,9 @@ def export_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, path
     transposed)."""
     import onnx
 
+    large = sum(p.numel() * p.element_size() for p in module.parameters()) >= LONG_BYTES
+    step = say if large else log.debug  # a full-size UNet's steps take minutes each: each says so
+    step("%s: tracing it into an ONNX graph", spec.name)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), input_names=list(spec.input_names),
@@ -88,6 +92,7 @@ def export_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, path
     if simplify:
         import onnxslim
 
+        step("%s: simplifying the graph (onnxslim)", spec.name)
         model = onnxslim.slim(model)
     if fp16:  # ORT's converter keeps precision-critical ops in fp32 behind casts; weights become fp16 inputs
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -95,6 +100,7 @@ def export_network(module: torch.nn.Module, spec: NetworkSpec, args: tuple, path
         keep = [t.name for t in spec.inputs if t.kind == FLOAT32]
         model = convert_float_to_float16(model, keep_io_types=keep, disable_shape_infer=True)
         topological_sort(model.graph)  # the converter appends its casts at the end
+    step("%s: writing the graph and its weights", spec.name)
     transposed = attach_weights(model, module, path)
     onnx.save(model, str(path))
     onnx.checker.check_model(str(path), full_check=False)  # by path: works past 2 GB
@@ -202,6 +208,8 @@ def write_cpu_graph(graph: Path) -> tuple[list[str], dict]:
     from fastsd.backends.onnxruntime import CPU, cpu_signature, new_session
 
     out = graph.with_name(graph.stem + ".cpu.onnx")
+    step = say if file_bytes([graph.with_name(graph.name + ".data")]) >= LONG_BYTES else log.debug
+    step("%s: optimising the graph for this CPU (ONNX Runtime; loads then take a fraction of the time)", graph.stem)
     with tempfile.TemporaryDirectory(dir=graph.parent, prefix=".cpu-") as scratch:
         made = Path(scratch) / out.name
         opts = ort.SessionOptions()

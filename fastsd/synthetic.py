@@ -74,17 +74,18 @@ def build(
     if vae_scaling_factor is not None:
         spec["vae"]["scaling_factor"] = vae_scaling_factor
     sched = dict(spec["scheduler"], **(scheduler or {}))
+    ids = {"bos_token_id": len(_bytes_to_unicode()) * 2, "eos_token_id": len(_bytes_to_unicode()) * 2 + 1}
+    makers = {"unet": lambda: UNet2DConditionModel(**spec["unet"]), "vae": lambda: AutoencoderKL(**spec["vae"]),
+              "text_encoder": lambda: _trained_norm(CLIPTextModel(CLIPTextConfig(**spec["text_encoder"], **ids)))}
+    if "text_encoder_2" in spec:  # SD-XL: the second tower returns its projected pooled output too
+        makers["text_encoder_2"] = lambda: _trained_norm(
+            CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"], **ids)))
     with _atomic_folder(Path(out)) as tmp:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            UNet2DConditionModel(**spec["unet"]).save_pretrained(tmp / "unet")
-            AutoencoderKL(**spec["vae"]).save_pretrained(tmp / "vae")
-            ids = {"bos_token_id": len(_bytes_to_unicode()) * 2, "eos_token_id": len(_bytes_to_unicode()) * 2 + 1}
-            _trained_norm(CLIPTextModel(CLIPTextConfig(**spec["text_encoder"], **ids))).save_pretrained(
-                tmp / "text_encoder")
-            if "text_encoder_2" in spec:  # SD-XL: the second tower returns its projected pooled output too
-                _trained_norm(CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"], **ids))
-                              ).save_pretrained(tmp / "text_encoder_2")
+            for k, (name, make) in enumerate(makers.items(), 1):  # in this order: the weights depend on it
+                say("synthetic %s: making and writing its %s (%d of %d)", arch_name, name, k, len(makers))
+                make().save_pretrained(tmp / name)
         write_tokenizer(tmp / "tokenizer", spec["pad_token"])
         if "text_encoder_2" in spec:
             write_tokenizer(tmp / "tokenizer_2", spec["pad_token_2"])

@@ -146,14 +146,18 @@ def test_the_fp32_decoder_of_a_deferred_vae_decodes_the_same(ckpts, fresh_cache)
 
 def test_the_cli_shows_no_library_bar_where_it_builds_networks(ckpts, fresh_cache, tmp_path):
     """First sight (every network built): fastsd's own lines only, no diffusers or transformers
-    progress bar, although neither library is imported before the build."""
-    args = ["generate", "a", "--model", str(ckpts["eps"]), "--backend", "eager", "--steps", "1", "--no-progress",
-            "--out", str(tmp_path / "x.png")]
+    progress bar, although neither library is imported before the build; a prompt over 77
+    tokens read literally gets fastsd's line saying what was dropped, not transformers'
+    "will result in indexing errors" (it will not: fastsd truncates)."""
+    args = ["generate", "a lighthouse " * 60, "--model", str(ckpts["eps"]), "--backend", "eager", "--steps", "1",
+            "--no-progress", "--prompt-syntax", "plain", "--out", str(tmp_path / "x.png")]
     code = "import sys, fastsd.cli; sys.exit(fastsd.cli.main(sys.argv[1:]))"
     env = dict(os.environ, FASTSD_CACHE=str(fresh_cache))
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Loading" not in out.stderr and "it/s]" not in out.stderr, out.stderr
+    assert "fastsd: WARNING: prompt longer than 77 tokens was truncated" in out.stderr
+    assert "indexing errors" not in out.stderr and "Token indices" not in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("damage", [lambda c: c.pop("sample_size"), lambda c: c.update(block_out_channels="x")])

@@ -41,9 +41,29 @@ def lines(caplog, tmp_path, monkeypatch):
 
 def test_a_synthetic_build_says_so(lines):
     synthetic_path("synthetic:tiny")
-    assert any(line.startswith("building the synthetic checkpoint tiny") for line in lines())
+    said = lines()
+    assert said[0].startswith("building the synthetic checkpoint tiny")
+    assert said[1:] == [f"synthetic tiny: making and writing its {n} ({k} of 3)"  # minutes each, full size
+                        for k, n in enumerate(("unet", "vae", "text_encoder"), 1)]
     synthetic_path("synthetic:tiny")  # built: nothing to say
     assert lines() == []
+
+
+def test_an_export_says_each_step_of_a_large_network(ckpts, tmp_path, lines, monkeypatch):
+    """A full-size UNet's export takes minutes in each of its steps: each says what it does
+    (networks under LONG_BYTES, a GiB, say only the line `fastsd export` prints per network)."""
+    pytest.importorskip("onnxruntime")
+    from fastsd.export import export_checkpoint, onnx_export
+
+    monkeypatch.setattr(onnx_export, "LONG_BYTES", 1)
+    export_checkpoint(str(ckpts["eps"]), engine_dir=tmp_path / "s", networks=("unet",))
+    assert [x for x in lines() if x.startswith("unet: ")] == [
+        "unet: tracing it into an ONNX graph", "unet: simplifying the graph (onnxslim)",
+        "unet: writing the graph and its weights",
+        "unet: optimising the graph for this CPU (ONNX Runtime; loads then take a fraction of the time)"]
+    monkeypatch.setattr(onnx_export, "LONG_BYTES", 1 << 40)
+    export_checkpoint(str(ckpts["eps"]), engine_dir=tmp_path / "s2", networks=("unet",))
+    assert not [x for x in lines() if x.startswith("unet: ")]
 
 
 def test_a_first_fingerprint_says_so_once(ckpts, lines):
