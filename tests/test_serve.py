@@ -230,6 +230,17 @@ def test_edits_img2img_inpaint_and_openai_alpha_masks(server, pipe):
     r = c.images.edit(image=("in.png", png(holed), "image/png"), prompt="a window",
                       extra_body={"seed": 4, "num_inference_steps": STEPS})
     assert close(decoded(r.data[0]), alone(pipe, "a window", 4, image=holed.convert("RGB"), mask_image=mask))
+    # an edit is the image's size, with a mask as without (OpenAI's; the Python API's inpaint, as
+    # diffusers', defaults to the checkpoint's), down to a multiple of the VAE factor
+    wide = Image.fromarray(rng.integers(0, 256, (41, 50, 3), dtype=np.uint8))
+    hole = Image.new("L", wide.size, 0)
+    hole.paste(255, (8, 8, 24, 24))
+    f = pipe.info.vae_factor
+    for extra in ({"mask": ("m.png", png(hole), "image/png")}, {}):
+        r = c.images.edit(image=("in.png", png(wide), "image/png"), prompt="a window", **extra,
+                          extra_body={"seed": 4, "num_inference_steps": STEPS})
+        assert r.size == f"{50 // f * f}x{41 // f * f}" and decoded(r.data[0]).shape[:2] == (41 // f * f, 50 // f * f)
+    assert close(decoded(r.data[0]), alone(pipe, "a window", 4, image=wide, strength=0.8))
 
 
 def test_sixteen_concurrent_clients_batch_and_each_gets_its_own_images(server, pipe):

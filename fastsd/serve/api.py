@@ -347,6 +347,9 @@ def parse_request(data, *, form: bool, limits: Limits, factor: int, model_names:
     ip_image = parse_control(f, form, limits, ip_uploads, "ip_adapter_image")
     negative = args.pop("negative_prompt", None)
     width, height = args.pop("width", None), args.pop("height", None)
+    if image is not None and width is None:  # an edit is the image's size, with a mask too, as OpenAI's (the
+        # Python API's inpaint defaults to the checkpoint's, as diffusers'), down to a multiple of the VAE factor
+        width, height = (max(side // factor * factor, factor) for side in image.size)
     settings = tuple((k, v) for k, v in args.items() if BY_NAME[k].batch_key)
     return ImageRequest(prompt, negative, n, width, height, draw_seed(n) if seed is None else seed, settings, out,
                         compression, image, mask, lora, control_image, ip_image)
