@@ -269,14 +269,21 @@ def _model_index(scheduler_class: str, spec: dict) -> dict:
     return index
 
 
+def synthetic_names() -> dict[str, list[str]]:
+    """Every `synthetic:NAME` there is, by what it is."""
+    return {"checkpoints": list(ARCHS), "tiny autoencoders": list(TINY_VAES),
+            "ControlNets": [CONTROLNET + a for a in ARCHS],
+            "IP-Adapters": [p + a for a in ("tiny", "tiny2", "tiny-xl", "sd15") for p in (IP_ADAPTER, IP_ADAPTER_PLUS)]}
+
+
 def synthetic_path(model: str, build_missing: bool = True) -> Path:
     """The folder of `synthetic:NAME`, built on first use (unless not `build_missing`)."""
     name = model[len(SYNTHETIC_PREFIX):]
-    controlnets = [CONTROLNET + a for a in ARCHS]
-    adapters = [p + a for a in ("tiny", "tiny2", "tiny-xl", "sd15") for p in (IP_ADAPTER, IP_ADAPTER_PLUS)]
-    if name not in ARCHS and name not in TINY_VAES and name not in controlnets and name not in adapters:
+    names = synthetic_names()
+    controlnets, adapters = names["ControlNets"], names["IP-Adapters"]
+    if not any(name in group for group in names.values()):
         raise ModelNotFoundError(f"unknown synthetic model {name!r}; choose one of "
-                                 f"{', '.join([*ARCHS, *TINY_VAES, *controlnets, *adapters])}")
+                                 f"{', '.join(n for group in names.values() for n in group)}")
     path = cache_dir() / "synthetic" / f"{name}-v{SYNTHETIC_VERSION}"
     if name in adapters:
         plus = name.startswith(IP_ADAPTER_PLUS)
