@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 from conftest import copy_entries
+from PIL import Image
 
 from fastsd.bench import compare, default_config, markdown, run_bench, write_reports
 from fastsd.bench.runner import SCHEMA, add_ratios, steadiness, summarize
@@ -94,7 +99,33 @@ def test_reports_written(report):
     assert isinstance(data["machine"]["cpu_flags"], list) and "openvino" in data["machine"]
     text = md.read_text()
     assert "| onnxruntime | 32x32 | 1 | 2 | ddim |" in text and "baseline" in text and "export" in text
+    assert "During the timed runs other processes kept at most " in text
+    for row in data["rows"]:  # what the machine did during each row's runs
+        assert set(row["machine_load"]) == {"others_cpus", "steal", "mhz"} and row["machine_load"]["steal"] >= 0
+        assert row["stages"]["end_to_end"]["p10"] <= row["stages"]["end_to_end"]["median"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as im:
+        assert im.size[0] >= 720 and im.size[1] >= 600  # 9-10 pt labels at 120 dpi: readable at 100%
+
+
+def test_the_chart_draws_ranges_and_marks_noisy_rows(report):
+    """The PNG: a p10-p90 range per row and, on a noisy row, the mark "noisy" (with hatching)."""
+    import matplotlib.pyplot as plt
+
+    from fastsd.bench.report import figure
+
+    result, _ = report
+    noisy = copy.deepcopy(result)
+    noisy.rows[0]["noisy"] = "other processes kept 1.30 CPUs busy during its runs"
+    noisy.rows[1]["noisy"] = None
+    fig = figure(noisy)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == ["noisy"]
+    assert any(c.get_label().startswith("end to end: median, p10-p90") for c in ax.containers)
+    hatches = [p.get_hatch() for p in ax.patches]
+    assert "//" in hatches and any(not h for h in hatches)
+    assert min(t.get_fontsize() for t in ax.get_xticklabels()) >= 9
+    plt.close(fig)
 
 
 def _steady(data: dict, scale: float = 1.0, spread: float = 1.01) -> dict:
@@ -162,9 +193,43 @@ def test_a_worker_that_crashes_is_named_by_signal_and_frame(tmp_path):
     assert exit_reason(1, bars) == "worker exited (code 1); ValueError: no such file"
 
 
-def test_summarize_median_p90():
+def test_summarize_median_p10_p90():
     s = summarize([{"end_to_end": v} for v in (1.0, 2.0, 3.0, 4.0, 10.0)])
-    assert s["end_to_end"] == {"median": 3.0, "p90": 10.0, "n": 5}
+    assert s["end_to_end"] == {"median": 3.0, "p10": 1.0, "p90": 10.0, "n": 5}
+
+
+def test_a_machine_that_is_not_quiet_gives_no_ratio():
+    """Another process busy, hypervisor steal or a moving CPU clock during a row's runs: the
+    row is noisy, says why, and gets no ratio; a quiet machine's row gets one."""
+    from fastsd.bench import quiet
+
+    stages = {s: {"median": 1.0, "p90": 1.01, "n": 3} for s in ("unet_per_step", "end_to_end")}
+    calm = {"others_cpus": 0.02, "steal": 0.001, "mhz": [2400, 2450]}
+    assert steadiness(stages, [0], calm) is None
+    for load, why in (({"others_cpus": 1.3}, "other processes kept 1.30 CPUs busy during its runs"),
+                      ({"steal": 0.12}, "the hypervisor took 12% of the CPU time (steal)"),
+                      ({"mhz": [1500, 2450]}, "the CPU clock moved between 1500 and 2450 MHz")):
+        assert steadiness(stages, [0], {**calm, **load}) == why
+        rows = [dict(_row("eager", 1.0, 1.01), noisy=steadiness(stages, [0], {**calm, **load})),
+                _row("diffusers", 2.0, 2.02)]
+        add_ratios(rows)
+        assert rows[0]["vs_diffusers"] == {"noisy": why}
+
+    # measured: a busy loop in another process between two samples is another process's CPU
+    pids = [os.getpid()]
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"])
+    try:
+        time.sleep(0.3)  # it has started spinning
+        before = quiet.sample(pids)
+        time.sleep(0.8)
+        after = quiet.sample(pids)
+    finally:
+        busy.wait()
+    activity = quiet.Activity()
+    activity.add(before, after)
+    facts = activity.facts()
+    assert facts["others_cpus"] > 0.5, facts  # about one CPU
+    assert quiet.unquiet(facts).startswith("other processes kept")
 
 
 @pytest.mark.slow

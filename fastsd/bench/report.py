@@ -73,8 +73,19 @@ def markdown(result: BenchResult | dict) -> str:
     kinds = sorted({kind.get(row["memory_kind"], row["memory_kind"]) for row in r["rows"]})
     order = "backends one after another" if runs.get("sequential") else "runs interleaved"
     lines += ["", f"{runs['warmup']} warm-up + {runs['runs']} timed runs per row, each backend in its own process, "
-              f"{order}; guidance {runs['guidance']}; memory: {', '.join(kinds) or '-'}."]
+              f"{order}; guidance {runs['guidance']}; memory: {', '.join(kinds) or '-'}." + _quietness(r["rows"])]
     return "\n".join(lines + ([""] + sorted(set(extras)) if extras else []) + ([""] + notes if notes else []))
+
+
+def _quietness(rows: list[dict]) -> str:
+    """The machine during the timed runs, over every row (fastsd/bench/quiet.py)."""
+    loads = [row["machine_load"] for row in rows if row.get("machine_load")]
+    if not loads:
+        return " The machine's load was not measured (no /proc/stat)."
+    clocks = [m for load in loads if load.get("mhz") for m in load["mhz"]]
+    clock = f", CPU clock {min(clocks)}-{max(clocks)} MHz" if clocks else ", CPU clock not readable"
+    return (f" During the timed runs other processes kept at most {max(x['others_cpus'] for x in loads):.2f} CPUs "
+            f"busy, steal at most {max(x['steal'] for x in loads):.1%}{clock}.")
 
 
 def write_reports(result: BenchResult, out_dir: Path) -> list[Path]:
@@ -88,32 +99,58 @@ def write_reports(result: BenchResult, out_dir: Path) -> list[Path]:
 
 
 def chart(result: BenchResult) -> bytes:
-    """Stacked bars: latency per stage for each backend and configuration."""
+    """The figure (`figure`) as PNG."""
     import io
 
+    import matplotlib.pyplot as plt
+
+    fig = figure(result)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def figure(result: BenchResult):
+    """Stacked bars of each row's stage medians, its end-to-end median (a dot) with the p10-p90
+    range of its runs (a line), and noisy rows hatched and marked "noisy" (no ratio). Sized so
+    that its labels read at 100% (9-10 pt at 120 dpi)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result.rows
-    labels = [f"{r['backend']}\n{r['height']}x{r['width']} b{r['batch']} {r['steps']}st" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(rows) + 2), 4), dpi=100)
+    x = list(range(len(rows)))
+    labels = [f"{r['backend']}\n{r['height']}x{r['width']} b{r['batch']}\n{r['steps']} st {r['scheduler']}"
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(rows) + 2) + 3, 5.5), dpi=120)  # + the legend beside
     bottom = [0.0] * len(rows)
     for stage in CHART_STAGES:
         vals = [r["stages"][stage]["median"] for r in rows]
-        ax.bar(labels, vals, bottom=bottom, label=stage)
+        ax.bar(x, vals, bottom=bottom, label=f"{stage} (median)", width=0.6,
+               hatch=["//" if r.get("noisy") else "" for r in rows], edgecolor="white")
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    ax.set_ylabel("seconds (median)")
-    ax.set_title(f"fastsd bench: {result.config['model']} ({result.machine.get('gpu') or result.machine['cpu']})",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    ax.tick_params(axis="x", labelsize=7)
+    e2e = [r["stages"]["end_to_end"] for r in rows]
+    lows = [s["median"] - s.get("p10", s["median"]) for s in e2e]
+    highs = [s["p90"] - s["median"] for s in e2e]
+    ax.errorbar(x, [s["median"] for s in e2e], yerr=[lows, highs], fmt="o", color="black", capsize=5,
+                label="end to end: median, p10-p90 of the runs")
+    top = max((s["p90"] for s in e2e), default=1.0)
+    for k, r in enumerate(rows):
+        if r.get("noisy"):
+            ax.annotate("noisy", (k, e2e[k]["p90"]), xytext=(0, 6), textcoords="offset points", ha="center",
+                        color="crimson", fontsize=10, fontweight="bold")
+    ax.set_ylim(0, top * 1.2)
+    ax.set_xticks(x, labels, fontsize=9)
+    ax.set_ylabel("seconds", fontsize=10)
+    ax.tick_params(axis="y", labelsize=9)
+    title = f"fastsd bench: {result.config['model']} ({result.machine.get('gpu') or result.machine['cpu']})"
+    ax.set_title(title + ("\nhatched, 'noisy': runs not steady or machine not quiet, no ratio"
+                          if any(r.get("noisy") for r in rows) else ""), fontsize=10)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return fig
 
 
 def load_report(path: str | Path) -> dict:

@@ -4,15 +4,16 @@ Each backend runs in a worker process of its own (fastsd/bench/worker.py): no ba
 competes with another inside one process, and each row's peak memory is its own. Every
 configuration gets warm-up runs, then N timed runs taken round-robin across the workers
 (run r of each backend, then run r + 1), one worker computing at a time, so drift in the
-machine's speed hits all backends alike. Stages are summarized by median and p90.
+machine's speed hits all backends alike. Stages are summarized by median, p10 and p90.
 fastsd's stage times come from `out.timings`; diffusers' from forward hooks, which on
 CUDA add two synchronisations per UNet step, so there diffusers is timed end to end
 without them and its stage figures come from one separate hooked run. End to end is
 timed around the whole call: CUDA events on GPU, perf_counter on CPU.
 
 A row whose runs were not steady (p90 above NOISY_SPREAD x median, or major page faults
-during its timed runs: the machine was paging) gets no speed-up ratio: "noisy" instead,
-with the reason. A benchmark that overstates a lead is worse than none.
+during its timed runs: the machine was paging) or whose machine was not quiet (other
+processes busy, hypervisor steal or the CPU clock moving during its runs: quiet.py) gets no
+speed-up ratio: "noisy" instead, with the reason. A benchmark that overstates a lead is worse than none.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Callable
 import torch
 
 from ..backends.registry import ENGINE_KINDS
+from . import quiet
 from .config import BASELINE, GRAPHS, PROMPT, BenchConfig
 from .machine import machine_facts, mem_available
 
@@ -66,14 +68,19 @@ def default_config(model: str, device: torch.device, **overrides) -> BenchConfig
     return BenchConfig(model=model, device=device.type, **base)
 
 
+def _rank(values: list[float], q: float) -> float:
+    """The nearest-rank q-quantile of sorted `values`."""
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
 def summarize(samples: list[dict]) -> dict:
-    """{stage: {"median": s, "p90": s}} over the timed runs."""
+    """{stage: {"median": s, "p10": s, "p90": s}} over the timed runs (nearest-rank percentiles)."""
     out = {}
     for stage in STAGES:
         values = sorted(s[stage] for s in samples if stage in s)
         if values:
-            p90 = values[min(len(values) - 1, round(0.9 * (len(values) - 1)))]
-            out[stage] = {"median": statistics.median(values), "p90": p90, "n": len(values)}
+            out[stage] = {"median": statistics.median(values), "p10": _rank(values, 0.1), "p90": _rank(values, 0.9),
+                          "n": len(values)}
     return out
 
 
@@ -165,17 +172,21 @@ class Worker:
 def _measure(workers: dict[str, Worker], cfg: BenchConfig, call: dict, progress: Callable[[str], None],
              label: str, device: torch.device, notes: list) -> dict[str, dict]:
     """Warm-ups for every worker, then the timed runs round-robin. Returns per backend its
-    samples, peak memory, major faults and the least free memory seen before its runs."""
+    samples, peak memory, major faults, the least free memory seen before its runs and what
+    the machine did meanwhile (fastsd/bench/quiet.py: other processes' CPU, steal, clock)."""
     for i in range(cfg.warmup):
         for w in workers.values():
             w.ask(op="run", seed=i, **call)
-    got = {b: {"samples": [], "memory": 0, "faults": [], "free": None} for b in workers}
+    got = {b: {"samples": [], "memory": 0, "faults": [], "free": None, "activity": quiet.Activity()} for b in workers}
+    pids = [os.getpid(), *(w.proc.pid for w in workers.values())]  # the bench's own CPU time is not "others"
     for r in range(cfg.runs):
         progress(f"{label}: timed run {r + 1}/{cfg.runs}")
         for b, w in workers.items():
             free = mem_available()
+            before = quiet.sample(pids)
             msg = w.ask(op="run", seed=cfg.warmup + r, **call)
             g = got[b]
+            g["activity"].add(before, quiet.sample(pids))
             g["samples"].append(msg["stages"])
             g["memory"] = max(g["memory"], msg["memory"])
             g["faults"].append(msg["major_faults"])
@@ -190,8 +201,12 @@ def _measure(workers: dict[str, Worker], cfg: BenchConfig, call: dict, progress:
     return got
 
 
-def steadiness(stages: dict, faults: list[int]) -> str | None:
-    """Why a row's timings cannot be trusted for a ratio (None if they can)."""
+def steadiness(stages: dict, faults: list[int], machine: dict | None = None) -> str | None:
+    """Why a row's timings cannot be trusted for a ratio (None if they can): spread runs,
+    paging, or a machine that was not quiet (`machine`: quiet.Activity.facts)."""
+    why = quiet.unquiet(machine)
+    if why:
+        return why
     e2e = stages["end_to_end"]
     if e2e["median"] > 0 and e2e["p90"] / e2e["median"] > NOISY_SPREAD:
         return f"p90 {e2e['p90'] / e2e['median']:.2f}x the median"
@@ -285,14 +300,14 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = print) -> Benc
                             extras[b] = workers[b].ask(op="extra")
                             if extras[b].get("checkpoint"):  # the weights every row ran (compare matches on it)
                                 result.config.setdefault("checkpoint", extras[b]["checkpoint"])
-                        stages = summarize(m["samples"])
+                        stages, machine = summarize(m["samples"]), m["activity"].facts()
                         result.rows.append({
                             "backend": b, "height": h, "width": w, "batch": batch, "steps": steps,
                             "scheduler": sched, "guidance": cfg.guidance, "stages": stages,
                             "images_per_s": batch / stages["end_to_end"]["median"],
                             "peak_memory_bytes": m["memory"], "memory_kind": workers[b].memory_kind,
                             "major_faults": sum(m["faults"]), "min_free_memory_bytes": m["free"],
-                            "noisy": steadiness(stages, m["faults"]), **extras[b],
+                            "machine_load": machine, "noisy": steadiness(stages, m["faults"], machine), **extras[b],
                             **({"cold_start_seconds": cold[b]["seconds"], "cold_start_phases": cold[b]["phases"],
                                 "cold_start_overlapped": cold[b]["overlapped"], "cold_start_ready": cold[b]["ready"]}
                                if b in cold else {})})
