@@ -644,6 +644,8 @@ def cmd_generate(args) -> int:
     try:
         run = partial(pipe.hires_fix, **hires) if hires else pipe
         phases.mark(phases.READY)
+        if bar:
+            bar.open()
         with phases.phase(phases.FIRST_CALL):
             out = run(**call, callback_on_step_end=on_step_end, preview_every=args.preview_every if preview else None)
     finally:
@@ -773,7 +775,8 @@ def _argv_text(text: str | None) -> str | None:
 
 
 class _Bar:
-    """A tqdm bar opened on the first step, so input errors never leave an empty bar. It counts
+    """A tqdm bar, opened when the call starts (its arguments checked, so an input error never
+    leaves an empty bar; the text encoder and the first step show as 0 of N). It counts
     the sampler's steps, as diffusers' bar does (`--steps 20` under PNDM: 20, not its 21 UNet
     calls; Heun: a step per two calls), from the UNet calls made (`req.steps_done`); a hires
     fix's two passes (no request known ahead) count UNet calls."""
@@ -781,18 +784,27 @@ class _Bar:
     def __init__(self, req=None):
         self.req, self.calls, self.bar = req, 0, None
 
-    def update(self):
+    def open(self):
         if self.bar is None:
             from tqdm import tqdm
 
+            status.said()
             total = None if self.req is None else self.req.sampler_steps
             self.bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr, leave=False)
+
+    def update(self):
+        self.open()
         self.calls += 1
         self.bar.update((self.calls if self.req is None else self.req.steps_done(self.calls)) - self.bar.n)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def _progress_line(line: str) -> None:
+    status.said()
+    print(line, flush=True)
 
 
 def _build(kind_name: str, args, **options) -> int:
@@ -813,10 +825,10 @@ def _build(kind_name: str, args, **options) -> int:
     t0 = time.perf_counter()
     networks = tuple(n.strip() for n in args.networks.split(",") if n.strip()) if args.networks else None
     opts = BuildOptions(args.model, engine_dir=args.engine_dir, networks=networks, allow_pickle=args.allow_pickle,
-                        clip_skip=args.clip_skip, static=args.static, progress=lambda line: print(line, flush=True),
-                        **options)
+                        clip_skip=args.clip_skip, static=args.static, progress=_progress_line, **options)
     try:
-        out = kind.build(opts)
+        with status.slow("loading %s for the build", args.model):
+            out = kind.build(opts)
     except ImportError as e:
         raise FastSDError(f"building {kind.name} engines needs packages that are not installed ({e}); "
                           "for ONNX: pip install 'fastsd[onnx]'") from None

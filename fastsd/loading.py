@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from . import status
 from .backends import Backend
 from .backends.eager import Fp32VaeDecoder
 from .backends.preload import Preload
@@ -129,9 +130,10 @@ def from_pretrained(cls, model: str, backend: str = "auto", device: str | None =
     store = Path(engine_dir) if engine_dir is not None else default_engine_dir()
     preloading = _load_ahead(model, backend, dev, dtype, store, clip_skip, allow_pickle, variant, vae)
     try:
-        return _from_pretrained(cls, model, backend, dev, dtype, store, allow_pickle, prediction_type, clip_skip,
-                                memory, cuda_graphs, variant, local_files_only, vae, preview_vae, controlnet,
-                                max_side, lora_dir, upscaler_dir, fallback)
+        with status.slow("loading %s (backend %s, %s %s): its weights and engines", model, backend, dev, dtype):
+            return _from_pretrained(cls, model, backend, dev, dtype, store, allow_pickle, prediction_type, clip_skip,
+                                    memory, cuda_graphs, variant, local_files_only, vae, preview_vae, controlnet,
+                                    max_side, lora_dir, upscaler_dir, fallback)
     finally:
         if preloading is not None:
             preloading.release()

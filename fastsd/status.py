@@ -8,18 +8,35 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 LOGGER = "fastsd.status"
 LONG_BYTES = 1 << 30  # reading or compiling this much takes a second or more on the machines measured
+SLOW_SECONDS = 2.0  # a step still running after this long says what it is (`slow`)
 
 log = logging.getLogger(LOGGER)
 _said: set = set()
 _lock = threading.Lock()
 
 
+_waiting: set = set()  # the timers of `slow` blocks that have not said their line yet
+
+
 def say(message: str, *args) -> None:
+    said()
     log.info(message, *args)
+
+
+def said() -> None:
+    """Something was just shown (a status line, a build's progress line): the `slow` blocks
+    running need not say theirs."""
+    with _lock:
+        waiting = list(_waiting)
+        _waiting.clear()
+    for timer in waiting:
+        timer.cancel()
 
 
 def say_once(key, message: str, *args) -> None:
@@ -29,6 +46,25 @@ def say_once(key, message: str, *args) -> None:
             return
         _said.add(key)
     say(message, *args)
+
+
+@contextmanager
+def slow(message: str, *args, after: float | None = None) -> Iterator[None]:
+    """`say` the message if the block is still running `after` seconds in (SLOW_SECONDS) and
+    nothing else was said meanwhile: a step whose time is not known ahead (loading a model:
+    imports, weights, engines) says what it is only when it takes long enough for a user to
+    wonder."""
+    timer = threading.Timer(SLOW_SECONDS if after is None else after, lambda: say(message, *args))
+    timer.daemon = True
+    with _lock:
+        _waiting.add(timer)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        with _lock:
+            _waiting.discard(timer)
 
 
 def file_bytes(paths) -> int:

@@ -111,3 +111,30 @@ def test_the_cli_shows_status_lines_without_verbose(tmp_path):
     first = out.stderr.splitlines()[0]
     assert first.startswith("fastsd: building the synthetic checkpoint tiny at "), out.stderr
     assert "INFO" not in out.stderr and "it/s]" not in out.stderr, out.stderr
+
+
+def test_a_slow_step_says_what_it_is_only_when_slow(lines):
+    """status.slow: said once the block has run `after` seconds, unless something else was
+    said meanwhile; a quick block says nothing. from_pretrained and builds use it."""
+    import time
+
+    with fastsd.status.slow("loading %s", "m", after=0.2):
+        time.sleep(0.5)
+    assert lines() == ["loading m"]
+    with fastsd.status.slow("loading %s", "m", after=0.3):
+        pass
+    time.sleep(0.4)
+    assert lines() == []
+    with fastsd.status.slow("loading %s", "m", after=0.3):
+        fastsd.status.say("reading the weights")
+        time.sleep(0.5)
+    assert lines() == ["reading the weights"]
+
+
+def test_loading_a_model_says_so_when_it_takes_seconds(ckpts, lines, monkeypatch):
+    from fastsd import Pipeline
+
+    monkeypatch.setattr(fastsd.status, "SLOW_SECONDS", 0.0)
+    Pipeline.from_pretrained(str(ckpts["eps"]), backend="eager")
+    assert [x for x in lines() if x.startswith("loading ")] == [f"loading {ckpts['eps']} (backend eager, cpu fp32): "
+                                                                 "its weights and engines"]

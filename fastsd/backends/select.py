@@ -54,26 +54,30 @@ def base_weights(ckpt, family, engine_dir: Path) -> dict[str, dict[str, torch.Te
     return {n: {k: t.detach() for k, t in weights_of(m).items()} for n, m in family.modules(ckpt).items()}
 
 
+FALLING_BACK, NOT_USED = "falling back to eager", "not used"  # what a warning says happens instead
+
+
 def _engines(kind: EngineKind, fingerprint: str, specs: dict, device, dtype, engine_dir: Path, facts: dict,
              loud: bool, what: str = "this checkpoint", precision: str | None = None,
-             weights: dict | None = None) -> dict[str, list[LazyRunner]]:
+             weights: dict | None = None, then: str = FALLING_BACK) -> dict[str, list[LazyRunner]]:
     """Per network, candidates of `kind` among the entries of `fingerprint` (the checkpoint's,
     or a ControlNet's): one per valid entry that holds it. `specs` maps each network's name in
     the pipeline to its spec, whose name is the one in the entry (controlnet_2 -> controlnet).
     `precision`: the entries' (a quantized one, e.g. int8), where it is not `dtype`'s name.
-    `weights`: `base_weights`, for the engines that take them at load."""
+    `weights`: `base_weights`, for the engines that take them at load; `then`: what the
+    warnings say happens instead (eager, or nothing: a backend that may not fall back)."""
     facts = {**facts, **kind.runtime_facts(device)}
     precision = precision or precision_of(dtype)
     entries = kind_entries(engine_dir, fingerprint, kind.name, precision)
     if not entries and loud:
-        log.warning("%s: no %s entry for %s in %s; falling back to eager (build one with `%s`)",
-                    kind.name, precision, what, engine_dir, kind.build_command)
+        log.warning("%s: no %s entry for %s in %s; %s (build one with `%s`)",
+                    kind.name, precision, what, engine_dir, then, kind.build_command)
     found: dict[str, list[LazyRunner]] = {}
     for entry in entries:  # files are checked against the manifest when an engine loads (LazyRunner.load)
         stored = {n: spec.name for n, spec in specs.items()}
         with phase(ENGINE_FILES):
             manifest, problems = check_entry(entry, fingerprint, facts, networks=tuple(set(stored.values())))
-        _warn_unusable(f"{kind.name} ({entry.name})", problems, loud, True)
+        _warn_unusable(f"{kind.name} ({entry.name})", problems, loud, True, then)
         for n, spec in specs.items():
             record = manifest.get("networks", {}).get(spec.name)
             if spec.name in problems or record is None:
@@ -95,7 +99,7 @@ def _engines(kind: EngineKind, fingerprint: str, specs: dict, device, dtype, eng
     return found
 
 
-def _warn_unusable(kind: str, problems: dict, loud: bool, exists: bool) -> None:
+def _warn_unusable(kind: str, problems: dict, loud: bool, exists: bool, then: str = FALLING_BACK) -> None:
     """One warning per distinct reason. Under auto (not `loud`), only for an entry that
     exists, and not for networks it does not hold: both are the normal case there."""
     by_reason: dict[str, list[str]] = {}
@@ -103,30 +107,32 @@ def _warn_unusable(kind: str, problems: dict, loud: bool, exists: bool) -> None:
         if loud or (exists and why.code != NOT_IN_ENTRY):
             by_reason.setdefault(str(why), []).append(n)
     for why, nets in by_reason.items():
-        log.warning("%s %s: %s; falling back to eager", kind, ", ".join(nets), why)
+        log.warning("%s %s: %s; %s", kind, ", ".join(nets), why, then)
 
 
 def candidates(ckpt, family, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
                clip_skip: int = 0, precision: str | None = None,
-               weights: dict | None = None) -> dict[str, list[LazyRunner]]:
+               weights: dict | None = None, fallback: bool = True) -> dict[str, list[LazyRunner]]:
     """Per network, the store's engines that may serve it ("auto": every available kind,
     fastest first), from the manifests alone: nothing is loaded and no file is hashed yet.
     `precision`: the entries' where it is a quantized one (int8; `dtype` is then what the
-    networks they do not hold run at); `weights`: `base_weights` (taken now where not given)."""
+    networks they do not hold run at); `weights`: `base_weights` (taken now where not given);
+    `fallback`: whether the warnings may say eager runs instead (see make_backend)."""
     weights = weights if weights is not None else base_weights(ckpt, family, engine_dir)
     kinds = tuple(ENGINE_KINDS.values()) if backend == "auto" else (ENGINE_KINDS[backend],)
     engines: dict[str, list[LazyRunner]] = {}
-    loud, specs = backend != "auto", family.specs
+    loud, specs, then = backend != "auto", family.specs, FALLING_BACK if fallback else NOT_USED
     owned = getattr(family, "controlnets", {})  # networks with store entries of their own (ControlNets)
     for kind in kinds:  # fastest kind first
         why = kind.unavailable() or (None if device.type in kind.devices else
                                      f"its engines run on the {' or '.join(kind.devices)}, not {device.type}")
         if why:
             if loud:
-                log.warning("%s: %s; falling back to eager", kind.name, why)
+                log.warning("%s: %s; %s", kind.name, why, then)
             continue
         found = _engines(kind, ckpt.info.fingerprint, {n: s for n, s in specs.items() if n not in owned}, device,
-                         dtype, engine_dir, {"clip_skip": clip_skip}, loud, precision=precision, weights=weights)
+                         dtype, engine_dir, {"clip_skip": clip_skip}, loud, precision=precision, weights=weights,
+                         then=then)
         for n, runners in found.items():
             engines.setdefault(n, []).extend(runners)
     for n, cn in owned.items():  # each kind's unavailability is said above, once
@@ -214,7 +220,7 @@ def make_backend(ckpt, family, backend: str, device: torch.device, dtype: torch.
 
     if backend == "eager":
         return make_eager()
-    engines = candidates(ckpt, family, backend, device, dtype, engine_dir, clip_skip, precision, weights)
+    engines = candidates(ckpt, family, backend, device, dtype, engine_dir, clip_skip, precision, weights, fallback)
     # the first choice loads now (its failure is known at load time), smallest first: engines
     # loaded ahead come largest first, so the two threads meet in the middle (see ahead)
     for runners in sorted(engines.values(), key=lambda rs: rs[0].size if rs else 0):
