@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -21,7 +22,7 @@ _said: set = set()
 _lock = threading.Lock()
 
 
-_waiting: set = set()  # the timers of `slow` blocks that have not said their line yet
+_last = [0.0]  # time.monotonic() of the last line said (a status line, a build's progress line)
 
 
 def say(message: str, *args) -> None:
@@ -30,13 +31,8 @@ def say(message: str, *args) -> None:
 
 
 def said() -> None:
-    """Something was just shown (a status line, a build's progress line): the `slow` blocks
-    running need not say theirs."""
-    with _lock:
-        waiting = list(_waiting)
-        _waiting.clear()
-    for timer in waiting:
-        timer.cancel()
+    """Something was just shown: a `slow` block waits SLOW_SECONDS from now before it speaks."""
+    _last[0] = time.monotonic()
 
 
 def say_once(key, message: str, *args) -> None:
@@ -50,21 +46,27 @@ def say_once(key, message: str, *args) -> None:
 
 @contextmanager
 def slow(message: str, *args, after: float | None = None) -> Iterator[None]:
-    """`say` the message if the block is still running `after` seconds in (SLOW_SECONDS) and
-    nothing else was said meanwhile: a step whose time is not known ahead (loading a model:
-    imports, weights, engines) says what it is only when it takes long enough for a user to
-    wonder."""
-    timer = threading.Timer(SLOW_SECONDS if after is None else after, lambda: say(message, *args))
-    timer.daemon = True
-    with _lock:
-        _waiting.add(timer)
-    timer.start()
+    """`say` the message once nothing has been said for `after` seconds (SLOW_SECONDS) while
+    the block runs: a step whose time is not known ahead (loading a model: imports, weights,
+    engines) says what it is only when a user would otherwise wait that long in silence."""
+    wait, done = SLOW_SECONDS if after is None else after, threading.Event()
+    start = time.monotonic()
+
+    def watch():
+        while True:
+            left = wait - (time.monotonic() - max(start, _last[0]))
+            if left <= 0:
+                say(message, *args)
+                return
+            if done.wait(left):
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True, name="fastsd-status")
+    watcher.start()
     try:
         yield
     finally:
-        timer.cancel()
-        with _lock:
-            _waiting.discard(timer)
+        done.set()
 
 
 def file_bytes(paths) -> int:

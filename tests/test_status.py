@@ -114,8 +114,8 @@ def test_the_cli_shows_status_lines_without_verbose(tmp_path):
 
 
 def test_a_slow_step_says_what_it_is_only_when_slow(lines):
-    """status.slow: said once the block has run `after` seconds, unless something else was
-    said meanwhile; a quick block says nothing. from_pretrained and builds use it."""
+    """status.slow: said once the block has run `after` seconds with nothing said (another
+    line said restarts the wait); a quick block says nothing. from_pretrained and builds use it."""
     import time
 
     with fastsd.status.slow("loading %s", "m", after=0.2):
@@ -125,10 +125,15 @@ def test_a_slow_step_says_what_it_is_only_when_slow(lines):
         pass
     time.sleep(0.4)
     assert lines() == []
-    with fastsd.status.slow("loading %s", "m", after=0.3):
+    with fastsd.status.slow("loading %s", "m", after=0.4):
+        time.sleep(0.25)
+        fastsd.status.say("reading the weights")
+        time.sleep(0.25)  # 0.5 s in, but only 0.25 s since a line was said
+    assert lines() == ["reading the weights"]
+    with fastsd.status.slow("loading %s", "m", after=0.2):
         fastsd.status.say("reading the weights")
         time.sleep(0.5)
-    assert lines() == ["reading the weights"]
+    assert lines() == ["reading the weights", "loading m"]
 
 
 def test_loading_a_model_says_so_when_it_takes_seconds(ckpts, lines, monkeypatch):
