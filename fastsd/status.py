@@ -48,18 +48,24 @@ def say_once(key, message: str, *args) -> None:
 def slow(message: str, *args, after: float | None = None) -> Iterator[None]:
     """`say` the message once nothing has been said for `after` seconds (SLOW_SECONDS) while
     the block runs: a step whose time is not known ahead (loading a model: imports, weights,
-    engines) says what it is only when a user would otherwise wait that long in silence."""
+    engines) says what it is only when a user would otherwise wait that long in silence.
+    Silent again, it says so again ("... still, 9 s so far"), each time after twice as long."""
     wait, done = SLOW_SECONDS if after is None else after, threading.Event()
     start = time.monotonic()
 
     def watch():
-        while True:
-            left = wait - (time.monotonic() - max(start, _last[0]))
-            if left <= 0:
+        silence, times = wait, 0
+        while not done.is_set():
+            left = silence - (time.monotonic() - max(start, _last[0]))
+            if left > 0:
+                if done.wait(left):
+                    return
+                continue
+            if times:
+                say(message + " (still, %.0f s so far)", *args, time.monotonic() - start)
+            else:
                 say(message, *args)
-                return
-            if done.wait(left):
-                return
+            silence, times = max(silence * 2, 0.1), times + 1
 
     watcher = threading.Thread(target=watch, daemon=True, name="fastsd-status")
     watcher.start()

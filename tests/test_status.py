@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -141,5 +142,16 @@ def test_loading_a_model_says_so_when_it_takes_seconds(ckpts, lines, monkeypatch
 
     monkeypatch.setattr(fastsd.status, "SLOW_SECONDS", 0.0)
     Pipeline.from_pretrained(str(ckpts["eps"]), backend="eager")
-    assert [x for x in lines() if x.startswith("loading ")] == [f"loading {ckpts['eps']} (backend eager, cpu fp32): "
-                                                                 "its weights and engines"]
+    said = [x for x in lines() if x.startswith("loading ")]
+    assert said[0] == f"loading {ckpts['eps']} (backend eager, cpu fp32): its weights and engines"
+    assert all("(still, " in x for x in said[1:])
+
+
+def test_a_long_silence_is_said_again_less_and_less_often(lines):
+    import time
+
+    with fastsd.status.slow("loading %s", "m", after=0.15):
+        time.sleep(0.15 + 0.3 + 0.6 + 0.3)  # said at 0.15 s, again 0.3 s later, again 0.6 s after that
+    said = lines()
+    assert said[0] == "loading m" and len(said) == 3, said
+    assert all(re.fullmatch(r"loading m \(still, \d+ s so far\)", x) for x in said[1:]), said
