@@ -802,7 +802,8 @@ class _Bar:
             self.bar.close()
 
 
-def _progress_line(line: str) -> None:
+def _progress_line(loaded: threading.Event, line: str) -> None:
+    loaded.set()
     status.said()
     print(line, flush=True)
 
@@ -824,10 +825,11 @@ def _build(kind_name: str, args, **options) -> int:
                           "(whose engines always take other weights)")
     t0 = time.perf_counter()
     networks = tuple(n.strip() for n in args.networks.split(",") if n.strip()) if args.networks else None
-    opts = BuildOptions(args.model, engine_dir=args.engine_dir, networks=networks, allow_pickle=args.allow_pickle,
-                        clip_skip=args.clip_skip, static=args.static, progress=_progress_line, **options)
     try:
-        with status.slow("loading %s for the build", args.model):
+        with status.slow("loading %s for the build", args.model) as loaded:  # until the build's first line
+            opts = BuildOptions(args.model, engine_dir=args.engine_dir, networks=networks,
+                                allow_pickle=args.allow_pickle, clip_skip=args.clip_skip, static=args.static,
+                                progress=partial(_progress_line, loaded), **options)
             out = kind.build(opts)
     except ImportError as e:
         raise FastSDError(f"building {kind.name} engines needs packages that are not installed ({e}); "

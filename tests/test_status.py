@@ -147,11 +147,15 @@ def test_loading_a_model_says_so_when_it_takes_seconds(ckpts, lines, monkeypatch
     assert all("(still, " in x for x in said[1:])
 
 
-def test_a_long_silence_is_said_again_less_and_less_often(lines):
+def test_a_long_silence_is_said_again(lines):
     import time
 
-    with fastsd.status.slow("loading %s", "m", after=0.15):
-        time.sleep(0.15 + 0.3 + 0.6 + 0.3)  # said at 0.15 s, again 0.3 s later, again 0.6 s after that
+    with fastsd.status.slow("loading %s", "m", after=0.2):
+        time.sleep(1.2)  # said at 0.2 s, again 0.4 s later (twice as long), and every 0.4 s: 0.6, 1.0
     said = lines()
     assert said[0] == "loading m" and len(said) == 3, said
+    with fastsd.status.slow("loading %s", "m", after=0.2) as over:
+        over.set()  # the step is over (a build's first line): nothing more to say
+        time.sleep(0.3)
+    assert lines() == []
     assert all(re.fullmatch(r"loading m \(still, \d+ s so far\)", x) for x in said[1:]), said
