@@ -28,7 +28,7 @@ from .catalog import CPU_GRAPH, GRAPH_SUFFIXES, KINDS, NETWORKS
 from .errors import OutputPathError
 from .hashing import DigestCache, link_files, remove_tree
 from .paths import default_engine_dir  # noqa: F401 - re-exported: callers take the default from here
-from .status import LONG_BYTES, file_bytes, gigabytes, say_once
+from .status import LONG_BYTES, file_bytes, gigabytes, say, say_once
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,9 @@ class Staging:
 
     def commit(self, manifest: dict) -> Path:
         digests = DigestCache("sha256")
+        size = file_bytes(self.dir / f for net in self.networks.values() for f in net["files"])
+        if size >= LONG_BYTES:
+            say("recording the digests of the entry's %s of files (what a load checks them against)", gigabytes(size))
         for net in self.networks.values():
             net["sha256"] = {f: digests.digest(self.dir / f) for f in net.pop("files")}
         digests.save()
