@@ -489,7 +489,7 @@ def test_access_lines_request_ids_and_large_size_warnings(server, caplog):
     far above the checkpoint's native one is warned of, with its time estimated from the pace
     measured on earlier batches."""
     caplog.set_level(logging.INFO, logger="fastsd.serve")
-    body = json.dumps({"prompt": "x", "size": "64x64", "num_inference_steps": 3}).encode()
+    body = json.dumps({"prompt": "x", "size": "32x32", "num_inference_steps": 3}).encode()
     req = urllib.request.Request(server.url + "/v1/images/generations", data=body, method="POST",
                                  headers={"Content-Type": "application/json", "X-Request-Id": "abc-123"})
     with urllib.request.urlopen(req, timeout=120) as r:
@@ -501,7 +501,7 @@ def test_access_lines_request_ids_and_large_size_warnings(server, caplog):
     assert bad[0] == 400
     lines = [r.getMessage() for r in caplog.records if r.name == "fastsd.serve" and " -> " in r.getMessage()]
     ok = next(x for x in lines if x.startswith("fastsd serve: abc-123 POST /v1/images/generations "))
-    assert re.fullmatch(r"fastsd serve: abc-123 POST /v1/images/generations 64x64 n=1 steps=3 -> 200 "
+    assert re.fullmatch(r"fastsd serve: abc-123 POST /v1/images/generations 32x32 n=1 steps=3 -> 200 "
                         r"queue \d+\.\d\ds run \d+\.\d\ds total \d+\.\d\ds", ok), ok
     assert any(re.fullmatch(r"fastsd serve: [0-9a-f]{12} POST /v1/images/generations -> 400 total .*", x)
                for x in lines), lines
@@ -509,10 +509,10 @@ def test_access_lines_request_ids_and_large_size_warnings(server, caplog):
 
     caplog.clear()
     pace = server.app.state.fastsd.pace
-    assert pace.per_step is not None and pace.pixels <= 64 * 64  # measured on the batches
-    client(server.url).images.generate(prompt="x", size="256x256", extra_body={"num_inference_steps": 1})
+    assert pace.per_step is not None and pace.pixels <= 32 * 32  # measured on the batches
+    client(server.url).images.generate(prompt="x", size="64x64", extra_body={"num_inference_steps": 1})
     warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert re.search(r"a 256x256 request is 64x the checkpoint's native 32x32 pixels: about \d+\.\d minutes "
+    assert re.search(r"a 64x64 request is 4x the checkpoint's native 32x32 pixels: about \d+\.\d minutes "
                      r"of denoising at this server's measured pace \(1 steps, 1 image\(s\)\)", warning), warning
 
 
