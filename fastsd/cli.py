@@ -947,8 +947,8 @@ def cmd_serve(args) -> int:
     limits = Limits(max_n=args.max_n, max_side=args.max_side, max_steps=args.max_steps,
                     max_upload_bytes=int(args.max_upload_mb * 2**20))
     options = ServeOptions(model=model, backend=args.backend, fallback=args.allow_fallback, device=args.device,
-                           dtype=args.dtype,
-                           engine_dir=args.engine_dir, variant=args.variant, allow_pickle=args.allow_pickle,
+                           dtype=args.dtype, engine_dir=args.engine_dir, variant=args.variant,
+                           allow_pickle=args.allow_pickle,
                            max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
                            max_queue=args.max_queue, limits=limits, model_name=args.model_name,
                            loras=_serve_loras(args.lora, args.lora_dir), controlnets=tuple(args.controlnet),
@@ -1015,9 +1015,10 @@ def cmd_info(args) -> int:
     print(f"fastsd {__version__} | python {platform.python_version()} | torch {installed('torch') or 'not installed'}")
     print("devices:")
     print(f"  cpu: {cpu_name()}, {os.cpu_count()} cores")
-    for k, gpu in enumerate(cuda_devices()):
+    gpus = cuda_devices()
+    for k, gpu in enumerate(gpus):
         print(f"  cuda:{k} {gpu['name']} sm_{gpu['sm']} {gpu['memory'] / 2**30:.1f} GiB")
-    if not cuda_devices():
+    if not gpus:
         print("  cuda: not available (cpu only)")
     store = default_engine_dir()
     origin = "$FASTSD_ENGINE_DIR" if os.environ.get("FASTSD_ENGINE_DIR") else "default; set $FASTSD_ENGINE_DIR"

@@ -22,8 +22,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import status
 from ..errors import FastSDError, ImageError, InvalidArgumentError
+from ..status import said
 from ..version import __version__
 from .a1111 import ENDPOINTS as A1111_ENDPOINTS
 from .a1111 import register as register_a1111
@@ -166,7 +166,7 @@ class _State:
         t0 = time.perf_counter()
         log.info("fastsd serve: loading %s (backend %s); requests get 503 \"model_loading\" until it is ready",
                  self.options.model, self.options.backend)
-        status.said()  # the loading is said: fastsd's own "loading ..." line only after 2 s more of silence
+        said()  # the loading is said: fastsd's own "loading ..." line only after 2 s more of silence
         try:
             self.pipe = await asyncio.to_thread(self.options.load)
             log.info("fastsd serve: %s loaded in %.1fs (backends: %s)", self.options.model, time.perf_counter() - t0,
