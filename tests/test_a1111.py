@@ -496,3 +496,14 @@ def test_skip_drops_the_running_batch_only(ckpts, pipe):
         assert done["o"][0] == 400 and done["o"][1]["error"]["code"] == "interrupted"
     finally:
         running.stop()
+
+
+def test_progress_never_passes_the_steps():
+    """/progress's sampling_step counts the sampler's steps: PNDM's extra first UNet call does not
+    make it "21 of 20"."""
+    from fastsd.serve.progress import Run
+
+    run = Run([], 20)
+    for _ in range(21):
+        run.step()
+    assert (run.done, run.steps, run.fraction) == (20, 20, 1.0)

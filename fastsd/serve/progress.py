@@ -19,7 +19,7 @@ class Run:
         self.stop: str | None = None  # "interrupt" (the batch and the rest of its requests) or "skip" (the batch)
 
     def step(self) -> None:
-        self.done += 1
+        self.done = min(self.done + 1, self.steps)  # PNDM's extra first call: never "21 of 20"
         if self.stop is not None:
             raise Interrupted(whole_jobs=self.stop == "interrupt")
 
