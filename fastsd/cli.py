@@ -612,13 +612,14 @@ def _load_embeddings(pipe, specs: list[str], allow_pickle: bool) -> list[dict]:
 
 
 def cmd_generate(args) -> int:
-    with phases.phase(phases.IMPORTS):  # fastsd's runtime and torch, timed apart from loading (diffusers'
-        from . import pipeline  # noqa: F401 - and transformers' model classes load with the networks they build)
-    values = _call_values(args)
-    _check_generate(args, values)
-    paths = output_paths(args.out, values.get("num_images_per_prompt", 1), args.overwrite)
-    call = _read_images(values)
-    pipe = _load(args)
+    with status.slow("loading %s (backend %s): its weights and engines", args.model, args.backend):  # from launch
+        with phases.phase(phases.IMPORTS):  # fastsd's runtime and torch, timed apart from loading (diffusers' and
+            from . import pipeline  # noqa: F401 - transformers' model classes load with the networks they build)
+        values = _call_values(args)
+        _check_generate(args, values)
+        paths = output_paths(args.out, values.get("num_images_per_prompt", 1), args.overwrite)
+        call = _read_images(values)
+        pipe = _load(args)
     loras = _load_loras(pipe, args.lora)
     embeddings = _load_embeddings(pipe, args.embedding, args.allow_pickle)
     ip_adapters = _load_ip_adapters(pipe, args)
@@ -809,7 +810,14 @@ def _progress_line(loaded: threading.Event, line: str) -> None:
 
 
 def _build(kind_name: str, args, **options) -> int:
-    """Build (or export) an entry of one engine kind, with the options the command has."""
+    """Build (or export) an entry of one engine kind, with the options the command has. Until
+    the build's first line, what it does (importing, loading the checkpoint) is said once it
+    takes 2 s."""
+    with status.slow("loading %s for the build", args.model) as loaded:
+        return _build_entry(kind_name, args, loaded, **options)
+
+
+def _build_entry(kind_name: str, args, loaded: threading.Event, **options) -> int:
     import time
 
     from .backends.kind import BuildOptions
@@ -825,12 +833,11 @@ def _build(kind_name: str, args, **options) -> int:
                           "(whose engines always take other weights)")
     t0 = time.perf_counter()
     networks = tuple(n.strip() for n in args.networks.split(",") if n.strip()) if args.networks else None
+    opts = BuildOptions(args.model, engine_dir=args.engine_dir, networks=networks, allow_pickle=args.allow_pickle,
+                        clip_skip=args.clip_skip, static=args.static, progress=partial(_progress_line, loaded),
+                        **options)
     try:
-        with status.slow("loading %s for the build", args.model) as loaded:  # until the build's first line
-            opts = BuildOptions(args.model, engine_dir=args.engine_dir, networks=networks,
-                                allow_pickle=args.allow_pickle, clip_skip=args.clip_skip, static=args.static,
-                                progress=partial(_progress_line, loaded), **options)
-            out = kind.build(opts)
+        out = kind.build(opts)
     except ImportError as e:
         raise FastSDError(f"building {kind.name} engines needs packages that are not installed ({e}); "
                           "for ONNX: pip install 'fastsd[onnx]'") from None

@@ -23,6 +23,7 @@ _lock = threading.Lock()
 
 
 _last = [0.0]  # time.monotonic() of the last line said (a status line, a build's progress line)
+_active = [0]  # `slow` blocks running (an inner one leaves the speaking to the outer)
 
 
 def say(message: str, *args) -> None:
@@ -54,6 +55,9 @@ def slow(message: str, *args, after: float | None = None) -> Iterator[None]:
     Event: set, the block's step is over (what follows says its own lines)."""
     wait, done = SLOW_SECONDS if after is None else after, threading.Event()
     start = time.monotonic()
+    if _active[0]:  # inside another slow block (the CLI's, around the library's): that one speaks
+        yield done
+        return
 
     def watch():
         silence, times = wait, 0
@@ -71,9 +75,11 @@ def slow(message: str, *args, after: float | None = None) -> Iterator[None]:
 
     watcher = threading.Thread(target=watch, daemon=True, name="fastsd-status")
     watcher.start()
+    _active[0] += 1
     try:
         yield done
     finally:
+        _active[0] -= 1
         done.set()
 
 

@@ -159,3 +159,14 @@ def test_a_long_silence_is_said_again(lines):
         time.sleep(0.3)
     assert lines() == []
     assert all(re.fullmatch(r"loading m \(still, \d+ s so far\)", x) for x in said[1:]), said
+
+
+def test_an_inner_slow_step_leaves_the_speaking_to_the_outer(lines):
+    """The CLI's block (from launch: imports, then the library's load) speaks; from_pretrained's
+    own block inside it stays quiet, so a slow load is said once, not twice."""
+    import time
+
+    with fastsd.status.slow("loading %s", "outer", after=0.2):
+        with fastsd.status.slow("loading %s", "inner", after=0.2):
+            time.sleep(0.35)
+    assert lines() == ["loading outer"]
