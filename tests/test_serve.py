@@ -918,3 +918,16 @@ def test_guidance_rescale_timesteps_and_sigmas_in_the_cli_and_the_server(server,
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(Image.open(path).convert("RGB")))
     assert again.settings == {**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()
                                  if k in again.settings}}
+
+
+def test_the_pace_scales_from_the_smallest_size_at_its_fastest():
+    from fastsd.serve.access import Pace
+
+    pace = Pace()
+    assert pace.estimate(64, 64, 10, 1) is None  # nothing measured yet
+    pace.record(1.3, 1, 256, 256)  # a first call: slower than a step
+    pace.record(0.93, 1, 256, 256)
+    pace.record(4.0, 1, 512, 512)  # a larger size: the smaller one stays the reference
+    pace.record(2.0, 2, 256, 256)  # two images: 1.0 s each, slower than 0.93
+    assert (pace.per_step, pace.pixels) == (0.93, 256 * 256)
+    assert pace.estimate(1024, 1024, 20, 1) == pytest.approx(0.93 * 20 * 16 ** 1.5)

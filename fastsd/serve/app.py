@@ -300,6 +300,8 @@ class _State:
 
         def on_step_end(_pipe, k, t, kwargs):  # after every UNet call (Heun's half steps too)
             if stopped():  # every client of the batch went away: stop before the next UNet call or the decode
+                log.info("fastsd serve: a batch whose clients all went away stopped after %d UNet call(s), %.1fs "
+                         "in", k + 1, time.time() - progress.started)
                 raise Cancelled()
             if "preview" in kwargs:
                 progress.preview = kwargs["preview"][0]
