@@ -66,7 +66,7 @@ def cuda_devices() -> list[dict]:
     return found
 
 
-_core_lock = threading.Lock()  # OpenVINO's Core is shared; its property reads and model reads hold this
+_core_lock = threading.Lock()  # OpenVINO's Core is shared; reading its CPU properties holds this
 
 
 @lru_cache(maxsize=1)

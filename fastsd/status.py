@@ -50,9 +50,8 @@ def slow(message: str, *args, after: float | None = None) -> Iterator[None]:
     """`say` the message once nothing has been said for `after` seconds (SLOW_SECONDS) while
     the block runs: a step whose time is not known ahead (loading a model: imports, weights,
     engines) says what it is only when a user would otherwise wait that long in silence.
-    Silent again, it says so again ("... (still, 9 s so far)") after twice as long (4 s), and
-    every 4 s of silence after that. Yields an
-    Event: set, the block's step is over (what follows says its own lines)."""
+    Silent again, it says so again ("... (still, 9 s so far)") after every twice as long (4 s)
+    of silence. Yields an Event: set, the block's step is over (what follows says its own lines)."""
     wait, done = SLOW_SECONDS if after is None else after, threading.Event()
     start = time.monotonic()
     if _active[0]:  # inside another slow block (the CLI's, around the library's): that one speaks
@@ -71,7 +70,7 @@ def slow(message: str, *args, after: float | None = None) -> Iterator[None]:
                 say(message + " (still, %.0f s so far)", *args, time.monotonic() - start)
             else:
                 say(message, *args)
-            silence, times = min(max(silence * 2, 0.1), 2 * wait), times + 1
+            silence, times = max(2 * wait, 0.1), times + 1  # never 0 (after=0 would spin)
 
     watcher = threading.Thread(target=watch, daemon=True, name="fastsd-status")
     watcher.start()

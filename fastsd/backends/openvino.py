@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .. import catalog
+from ..engines import precision_of
 from ..status import LONG_BYTES, file_bytes, say
 from . import preload
 from .kind import (
@@ -46,7 +47,6 @@ from .kind import (
 log = logging.getLogger(__name__)
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}  # entry precision -> INFERENCE_PRECISION_HINT
-PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _warned: set[str] = set()
 
 
@@ -130,7 +130,7 @@ def _preload(path: Path, device: torch.device, dtype: torch.dtype, record: dict)
     """(key, make) of the compiled model a runner of this network would make (`preload`)."""
     if device.type != "cpu":
         return None
-    config = compile_config(PRECISIONS[dtype])
+    config = compile_config(precision_of(dtype))
     return compiled_key(path, config), lambda: compile_model(read_graph(path), config)
 
 
@@ -214,7 +214,7 @@ class OvRunner(EngineRunner):
 
 def _load(path: Path, spec, device: torch.device, dtype: torch.dtype, profile, record: dict | None = None,
           weights: dict | None = None):
-    return OvRunner(path, spec, device, profile, PRECISIONS[dtype], record, weights=weights)
+    return OvRunner(path, spec, device, profile, precision_of(dtype), record, weights=weights)
 
 
 def _build(opts: BuildOptions) -> Path:

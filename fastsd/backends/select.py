@@ -57,6 +57,17 @@ def base_weights(ckpt, family, engine_dir: Path) -> dict[str, dict[str, torch.Te
 FALLING_BACK, NOT_USED = "falling back to eager", "not used"  # what a warning says happens instead
 
 
+def _kinds(backend: str) -> tuple[EngineKind, ...]:
+    """The engine kinds `backend` ("auto" or a kind's name) tries, fastest first."""
+    return tuple(ENGINE_KINDS.values()) if backend == "auto" else (ENGINE_KINDS[backend],)
+
+
+def _cannot_run(kind: EngineKind, device: torch.device) -> str | None:
+    """Why `kind`'s engines cannot run on `device` with this installation (None: they can)."""
+    return kind.unavailable() or (None if device.type in kind.devices else
+                                  f"its engines run on the {' or '.join(kind.devices)}, not {device.type}")
+
+
 def _engines(kind: EngineKind, fingerprint: str, specs: dict, device, dtype, engine_dir: Path, facts: dict,
              loud: bool, what: str = "this checkpoint", precision: str | None = None,
              weights: dict | None = None, then: str = FALLING_BACK) -> dict[str, list[LazyRunner]]:
@@ -119,13 +130,11 @@ def candidates(ckpt, family, backend: str, device: torch.device, dtype: torch.dt
     networks they do not hold run at); `weights`: `base_weights` (taken now where not given);
     `fallback`: whether the warnings may say eager runs instead (see make_backend)."""
     weights = weights if weights is not None else base_weights(ckpt, family, engine_dir)
-    kinds = tuple(ENGINE_KINDS.values()) if backend == "auto" else (ENGINE_KINDS[backend],)
     engines: dict[str, list[LazyRunner]] = {}
     loud, specs, then = backend != "auto", family.specs, FALLING_BACK if fallback else NOT_USED
     owned = getattr(family, "controlnets", {})  # networks with store entries of their own (ControlNets)
-    for kind in kinds:  # fastest kind first
-        why = kind.unavailable() or (None if device.type in kind.devices else
-                                     f"its engines run on the {' or '.join(kind.devices)}, not {device.type}")
+    for kind in _kinds(backend):  # fastest kind first
+        why = _cannot_run(kind, device)
         if why:
             if loud:
                 log.warning("%s: %s; %s", kind.name, why, then)
@@ -137,24 +146,24 @@ def candidates(ckpt, family, backend: str, device: torch.device, dtype: torch.dt
             engines.setdefault(n, []).extend(runners)
     for n, cn in owned.items():  # each kind's unavailability is said above, once
         engines |= owned_engines(cn, {n: specs[n]}, backend, device, dtype, engine_dir, f"the ControlNet {cn.source}",
-                                 precision, weights)
+                                 precision, weights, then)
     return engines
 
 
 def owned_engines(owner, specs: dict, backend: str, device: torch.device, dtype: torch.dtype, engine_dir: Path,
-                  what: str, precision: str | None = None, weights: dict | None = None) -> dict[str, list[LazyRunner]]:
+                  what: str, precision: str | None = None, weights: dict | None = None,
+                  then: str = FALLING_BACK) -> dict[str, list[LazyRunner]]:
     """Per network of `specs`, the engines of the entries keyed by `owner.fingerprint` (a
     network with entries of its own: a ControlNet, an IP-Adapter's image encoder), fastest
-    kind first; none for "eager". `weights`: as for candidates."""
+    kind first; none for "eager". `weights`, `then`: as for candidates and _engines."""
     if backend == "eager":
         return {}
-    kinds = tuple(ENGINE_KINDS.values()) if backend == "auto" else (ENGINE_KINDS[backend],)
     out: dict[str, list[LazyRunner]] = {}
-    for kind in kinds:
-        if kind.unavailable() or device.type not in kind.devices:
+    for kind in _kinds(backend):
+        if _cannot_run(kind, device):
             continue
         found = _engines(kind, owner.fingerprint, specs, device, dtype, engine_dir, {}, backend != "auto", what,
-                         precision, weights)
+                         precision, weights, then)
         for n, runners in found.items():
             out.setdefault(n, []).extend(runners)
     return out
@@ -167,10 +176,9 @@ def ahead(fingerprint: str, backend: str, device: torch.device, precision: str, 
     manifests and the entries' recorded digests: what `preload.Preload` makes ahead, largest
     first (make_backend loads smallest first: the two meet in the middle). Engines given the
     checkpoint's weights at load, and kinds that make nothing ahead, are left out."""
-    kinds = tuple(ENGINE_KINDS.values()) if backend == "auto" else (ENGINE_KINDS[backend],)
     jobs, claimed = [], set()
-    for kind in kinds:
-        if kind.preload is None or device.type not in kind.devices or kind.unavailable():
+    for kind in _kinds(backend):
+        if kind.preload is None or _cannot_run(kind, device):
             continue
         facts = {"clip_skip": clip_skip, **kind.runtime_facts(device)}
         for entry in kind_entries(engine_dir, fingerprint, kind.name, precision):
@@ -192,11 +200,8 @@ def ahead(fingerprint: str, backend: str, device: torch.device, precision: str, 
 
 def _no_engine(backend: str, device: torch.device, engine_dir: Path) -> str:
     """Why `backend` serves no network here, and what to do."""
-    kinds = tuple(ENGINE_KINDS.values()) if backend == "auto" else (ENGINE_KINDS[backend],)
-    whys = [kind.unavailable() or (None if device.type in kind.devices else
-                                   f"its engines run on the {' or '.join(kind.devices)}, not {device.type}")
-            for kind in kinds]
-    why = next((w for w in whys if w), None) or (
+    kinds = _kinds(backend)
+    why = next((w for w in (_cannot_run(kind, device) for kind in kinds) if w), None) or (
         f"no usable engine for this checkpoint in {engine_dir} (built by `{kinds[0].build_command}`; "
         "the warnings above say why an entry was not used)")
     return (f"backend={backend!r} serves no network of this checkpoint: {why}. Pass fallback=True "
